@@ -1,0 +1,361 @@
+//! The retention journal: a per-disk write-ahead log of every record applied.
+//!
+//! The journal is the master target's source of truth. A batch of records is appended
+//! and `fdatasync`ed **before** it is acknowledged; the disk image is then updated in
+//! place and only flushed at checkpoints, and recovery re-applies the journal from the
+//! last checkpoint. Because it keeps every record, any recovery point can be
+//! materialised by replaying it up to that point ([`replay`]).
+//!
+//! ## Format (version 1, little-endian; `docs/JOURNAL-FORMAT.md` has the byte tables)
+//!
+//! ```text
+//! file   = header entry*
+//! header = magic "FBRJOURN" (8) | version u32 = 1 | reserved u32 = 0        (16 bytes)
+//! entry  = frame_len u32 | crc32c(frame) u32 | frame (frame_len bytes)
+//! ```
+//!
+//! `frame` is the record's wire encoding (`fbr_protocol`), header included, so the
+//! journal needs no second record format. Do not change this layout without bumping
+//! [`JOURNAL_VERSION`]; `tests/golden.rs` pins it.
+//!
+//! ## Invariants
+//! - Entries hold `Write`, `Zero` and `Tag` records with sequence numbers increasing by
+//!   exactly one.
+//! - A reader stops at the first entry that is incomplete or fails its CRC and reports
+//!   its offset; the writer's owner truncates there (a torn tail from a crash).
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use bytes::{BufMut, BytesMut};
+use fbr_protocol::{decode_frame, encode_frame, Frame, Record, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD};
+
+/// First eight bytes of every journal file.
+pub const JOURNAL_MAGIC: [u8; 8] = *b"FBRJOURN";
+/// The journal format version written by this code.
+pub const JOURNAL_VERSION: u32 = 1;
+/// Bytes before the first entry.
+pub const JOURNAL_HEADER_LEN: u64 = 16;
+/// Bytes of an entry before its frame.
+pub const ENTRY_HEADER_LEN: usize = 8;
+const MAX_ENTRY_FRAME: usize = FRAME_HEADER_LEN + MAX_FRAME_PAYLOAD;
+
+/// The 16-byte file header.
+pub fn encode_header() -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&JOURNAL_MAGIC);
+    h[8..12].copy_from_slice(&JOURNAL_VERSION.to_le_bytes());
+    h
+}
+
+/// Appends one entry for `record` to `out`.
+pub fn encode_entry(record: &Record, out: &mut BytesMut) {
+    let start = out.len();
+    out.put_u64_le(0); // frame_len and crc, patched below
+    encode_frame(&Frame::Record(record.clone()), out);
+    let frame = &out[start + ENTRY_HEADER_LEN..];
+    let len = frame.len() as u32;
+    let crc = crc32c::crc32c(frame);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why reading stopped before the end of the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalDamage {
+    #[error("incomplete entry at offset {offset} (torn tail)")]
+    Incomplete { offset: u64 },
+    #[error("entry at offset {offset}: {reason}")]
+    Corrupt { offset: u64, reason: String },
+}
+
+impl JournalDamage {
+    pub fn offset(&self) -> u64 {
+        match self {
+            JournalDamage::Incomplete { offset } | JournalDamage::Corrupt { offset, .. } => *offset,
+        }
+    }
+}
+
+/// Errors opening or reading a journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a journal (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("{path}: journal version {version} is not supported (this build reads {JOURNAL_VERSION})")]
+    Version { path: PathBuf, version: u32 },
+}
+
+/// Decodes one entry from the front of `bytes`.
+///
+/// Returns the record and the entry's length, `Ok(None)` if `bytes` holds only part of an
+/// entry, or the damage found.
+pub fn decode_entry(bytes: &[u8], offset: u64) -> Result<Option<(Record, usize)>, JournalDamage> {
+    if bytes.len() < ENTRY_HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    if !(FRAME_HEADER_LEN..=MAX_ENTRY_FRAME).contains(&len) {
+        return Err(JournalDamage::Corrupt {
+            offset,
+            reason: format!("entry length {len} is out of range"),
+        });
+    }
+    if bytes.len() < ENTRY_HEADER_LEN + len {
+        return Ok(None);
+    }
+    let frame = &bytes[ENTRY_HEADER_LEN..ENTRY_HEADER_LEN + len];
+    let actual = crc32c::crc32c(frame);
+    if actual != crc {
+        return Err(JournalDamage::Corrupt {
+            offset,
+            reason: format!("CRC32C mismatch (stored {crc:#010x}, computed {actual:#010x})"),
+        });
+    }
+    let mut buf = BytesMut::from(frame);
+    match decode_frame(&mut buf) {
+        Ok(Some(Frame::Record(r))) if buf.is_empty() => Ok(Some((r, ENTRY_HEADER_LEN + len))),
+        Ok(_) => Err(JournalDamage::Corrupt {
+            offset,
+            reason: "entry does not hold exactly one record frame".into(),
+        }),
+        Err(e) => Err(JournalDamage::Corrupt {
+            offset,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Reads a journal's entries in order, from the header or from a given offset.
+#[derive(Debug)]
+pub struct JournalReader {
+    path: PathBuf,
+    file: BufReader<File>,
+    /// Offset of the next entry.
+    offset: u64,
+    buf: Vec<u8>,
+    /// Where reading stopped, if the file did not end cleanly.
+    damage: Option<JournalDamage>,
+}
+
+impl JournalReader {
+    /// Opens `path`, checks the header and positions at `start` (an entry boundary;
+    /// [`JOURNAL_HEADER_LEN`] for the first entry).
+    pub fn open(path: &Path, start: u64) -> Result<Self, JournalError> {
+        let io_err = |source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io_err)?;
+        let mut header = [0u8; 16];
+        file.read_exact(&mut header).map_err(io_err)?;
+        if header[..8] != JOURNAL_MAGIC {
+            return Err(JournalError::BadMagic {
+                path: path.to_owned(),
+            });
+        }
+        let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        if version != JOURNAL_VERSION {
+            return Err(JournalError::Version {
+                path: path.to_owned(),
+                version,
+            });
+        }
+        use std::io::Seek;
+        let start = start.max(JOURNAL_HEADER_LEN);
+        file.seek(io::SeekFrom::Start(start)).map_err(io_err)?;
+        Ok(JournalReader {
+            path: path.to_owned(),
+            file: BufReader::with_capacity(1 << 20, file),
+            offset: start,
+            buf: Vec::new(),
+            damage: None,
+        })
+    }
+
+    /// The next record and the offset just past it; `Ok(None)` at the end of the valid
+    /// entries (see [`Self::damage`] for why, if not a clean end).
+    pub fn next_record(&mut self) -> Result<Option<(Record, u64)>, JournalError> {
+        if self.damage.is_some() {
+            return Ok(None);
+        }
+        self.buf.resize(ENTRY_HEADER_LEN, 0);
+        let got = read_full(&mut self.file, &mut self.buf[..]).map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if got < ENTRY_HEADER_LEN {
+            self.damage = Some(JournalDamage::Incomplete { offset: self.offset });
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize;
+        if len <= MAX_ENTRY_FRAME {
+            self.buf.resize(ENTRY_HEADER_LEN + len, 0);
+            let got = read_full(&mut self.file, &mut self.buf[ENTRY_HEADER_LEN..]).map_err(|source| {
+                JournalError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+            if got < len {
+                self.damage = Some(JournalDamage::Incomplete { offset: self.offset });
+                return Ok(None);
+            }
+        }
+        match decode_entry(&self.buf, self.offset) {
+            Ok(Some((record, used))) => {
+                self.offset += used as u64;
+                Ok(Some((record, self.offset)))
+            }
+            Ok(None) => {
+                self.damage = Some(JournalDamage::Incomplete { offset: self.offset });
+                Ok(None)
+            }
+            Err(d) => {
+                self.damage = Some(d);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Offset of the next entry (the end of the valid prefix once reading has stopped).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Why reading stopped early, if it did.
+    pub fn damage(&self) -> Option<&JournalDamage> {
+        self.damage.as_ref()
+    }
+}
+
+/// Reads until `buf` is full or end of file; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Something a journal can be replayed into: a file, or memory in the verifier.
+pub trait ImageSink {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Applies one record to `sink` (tags change nothing).
+pub fn apply_record(record: &Record, sink: &mut impl ImageSink) -> io::Result<()> {
+    match record {
+        Record::Write { offset, data, .. } => sink.write_at(*offset, data),
+        Record::Zero { offset, len, .. } => sink.zero(*offset, *len),
+        Record::Tag { .. } => Ok(()),
+    }
+}
+
+/// Replays `path` into `sink` up to and including sequence number `upto_seq`; returns
+/// the last sequence number applied. Errors if the journal ends (or is damaged) before
+/// `upto_seq`.
+pub fn replay(path: &Path, upto_seq: u64, sink: &mut impl ImageSink) -> Result<u64, String> {
+    let mut reader = JournalReader::open(path, JOURNAL_HEADER_LEN).map_err(|e| e.to_string())?;
+    let mut last = 0;
+    while last < upto_seq {
+        match reader.next_record().map_err(|e| e.to_string())? {
+            Some((record, _)) => {
+                if record.seq() != last + 1 {
+                    return Err(format!(
+                        "{}: sequence {} follows {last}",
+                        path.display(),
+                        record.seq()
+                    ));
+                }
+                apply_record(&record, sink).map_err(|e| format!("applying record {}: {e}", record.seq()))?;
+                last = record.seq();
+            }
+            None => {
+                let why = reader
+                    .damage()
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "end of journal".into());
+                return Err(format!(
+                    "{}: {why} before sequence {upto_seq} (last {last})",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(last)
+}
+
+/// An in-memory disk image, for verification and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryImage(pub Vec<u8>);
+
+impl ImageSink for MemoryImage {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let start = offset as usize;
+        let end = start
+            .checked_add(data.len())
+            .filter(|&e| e <= self.0.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write beyond image end"))?;
+        self.0[start..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let start = offset as usize;
+        let end = start
+            .checked_add(len as usize)
+            .filter(|&e| e <= self.0.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "zero beyond image end"))?;
+        self.0[start..end].fill(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn entry_round_trips_and_detects_corruption() {
+        let r = Record::Write {
+            seq: 1,
+            offset: 512,
+            data: Bytes::from(vec![7; 512]),
+        };
+        let mut buf = BytesMut::new();
+        encode_entry(&r, &mut buf);
+        let (back, used) = decode_entry(&buf, 16).unwrap().unwrap();
+        assert_eq!(back, r);
+        assert_eq!(used, buf.len());
+        assert_eq!(decode_entry(&buf[..buf.len() - 1], 16), Ok(None));
+        let mut bad = buf.to_vec();
+        bad[100] ^= 1;
+        assert!(matches!(decode_entry(&bad, 16), Err(JournalDamage::Corrupt { offset: 16, .. })));
+    }
+
+    #[test]
+    fn memory_image_refuses_out_of_range() {
+        let mut m = MemoryImage(vec![0; 1024]);
+        assert!(m.write_at(1024, &[1]).is_err());
+        assert!(m.zero(512, 1024).is_err());
+        m.write_at(512, &[1; 512]).unwrap();
+        m.zero(512, 256).unwrap();
+        assert_eq!(&m.0[512..768], &[0; 256][..]);
+        assert_eq!(&m.0[768..1024], &[1; 256][..]);
+    }
+}

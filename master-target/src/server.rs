@@ -1,0 +1,394 @@
+//! The master target's network side: accepts relays over QUIC + mutual TLS, one stream
+//! per disk, and applies each disk's records in order through its [`DiskReplica`].
+//!
+//! Per disk stream, two tasks form a pipeline:
+//! - the *reader* decodes frames, checks them (sequence, alignment, bounds) and queues
+//!   valid records; a duplicate (sequence below the next expected) is skipped, anything
+//!   invalid ends the stream with a coded `Error` after the records before it;
+//! - the *applier* takes everything queued as one batch (group commit: one `fdatasync`
+//!   for many records), makes it durable, then acknowledges the batch's last sequence.
+//!
+//! Only one session owns a disk at a time. A new `Hello` for a disk supersedes the old
+//! session (a relay that reconnected); the new one waits until the old one has finished
+//! its batch, so the high-water mark it announces is exact.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fbr_protocol::{ErrorCode, Frame, Record, StreamId};
+use fbr_transport::{peer_identity, FrameReader, FrameWriter, PeerIdentity, ReadError, Role};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::replica::{DiskReplica, ReplicaError};
+use crate::store::Store;
+
+/// How long a new stream may take to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes one batch may hold.
+const MAX_BATCH_BYTES: usize = 32 << 20;
+
+/// Counters a later issue exports to Prometheus; logged at shutdown for now.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub records_applied: AtomicU64,
+    pub logical_bytes_applied: AtomicU64,
+    pub duplicates_skipped: AtomicU64,
+    pub batches: AtomicU64,
+    pub handshakes_refused: AtomicU64,
+    /// Streams refused or closed with an error, by wire code.
+    pub stream_errors: Mutex<HashMap<u16, u64>>,
+}
+
+impl Counters {
+    fn count_error(&self, code: ErrorCode) {
+        let mut m = self.stream_errors.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(code.as_u16()).or_default() += 1;
+    }
+}
+
+/// Everything the master target's sessions share.
+#[derive(Debug)]
+pub struct MasterTarget {
+    pub data_dir: PathBuf,
+    pub store: Arc<Store>,
+    /// Credit granted to each stream (bytes of records that may be unacknowledged).
+    pub credit_bytes: u64,
+    pub counters: Counters,
+    slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
+}
+
+/// The one-owner-at-a-time cell of a disk.
+#[derive(Debug)]
+struct DiskSlot {
+    replica: Arc<tokio::sync::Mutex<Option<DiskReplica>>>,
+    /// Bumped by every new session; older sessions see the change and stop.
+    generation: watch::Sender<u64>,
+}
+
+impl MasterTarget {
+    pub fn new(data_dir: PathBuf, store: Store, credit_bytes: u64) -> Arc<Self> {
+        Arc::new(MasterTarget {
+            data_dir,
+            store: Arc::new(store),
+            credit_bytes,
+            counters: Counters::default(),
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slot(&self, id: &StreamId) -> Arc<DiskSlot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(id.clone())
+            .or_insert_with(|| {
+                Arc::new(DiskSlot {
+                    replica: Arc::new(tokio::sync::Mutex::new(None)),
+                    generation: watch::channel(0).0,
+                })
+            })
+            .clone()
+    }
+
+    /// Accepts connections on `endpoint` until it is closed.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let mt = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        mt.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%remote, "connection refused during handshake: {e}");
+                        return;
+                    }
+                };
+                mt.serve_connection(conn, remote).await;
+            });
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, remote: SocketAddr) {
+        let peer = match peer_identity(&conn) {
+            Ok(p) if p.has_role(Role::Relay) => p,
+            Ok(p) => {
+                self.counters.count_error(ErrorCode::Unauthenticated);
+                tracing::warn!(%remote, cn = %p.common_name, "refusing peer without the relay role");
+                conn.close(
+                    quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
+                    b"certificate lacks urn:fbr:role:relay",
+                );
+                return;
+            }
+            Err(e) => {
+                self.counters.count_error(ErrorCode::Unauthenticated);
+                conn.close(quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32), e.as_bytes());
+                return;
+            }
+        };
+        tracing::info!(%remote, cn = %peer.common_name, "relay connected");
+        let peer = Arc::new(peer);
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let mt = self.clone();
+                    let peer = peer.clone();
+                    tokio::spawn(async move { mt.serve_stream(peer, send, recv).await });
+                }
+                Err(e) => {
+                    tracing::info!(%remote, "relay connection ended: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn serve_stream(
+        self: Arc<Self>,
+        peer: Arc<PeerIdentity>,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let mut reader = FrameReader::new(recv);
+        let mut writer = FrameWriter::new(send);
+        let (id, disk_size) = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+            Ok(Ok(Some(Frame::Hello { stream, disk_size }))) => (stream, disk_size),
+            Ok(Ok(Some(other))) => {
+                return self
+                    .refuse(&mut writer, ErrorCode::UnexpectedFrame, format!("expected Hello, got {:?}", other.frame_type()))
+                    .await
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return self.refuse(&mut writer, read_error_code(&e), e.to_string()).await,
+            Err(_) => return self.refuse(&mut writer, ErrorCode::UnexpectedFrame, "no Hello within 10 s").await,
+        };
+        if !peer.may_write(&id.vm) {
+            return self
+                .refuse(&mut writer, ErrorCode::NotEntitled, format!("certificate does not entitle writing VM {}", id.vm))
+                .await;
+        }
+        let span = tracing::info_span!("stream", stream = %id);
+        let _enter = span.enter();
+        drop(_enter);
+
+        // Take ownership of the disk, superseding any older session.
+        let slot = self.slot(&id);
+        let mut my_generation = 0;
+        slot.generation.send_modify(|g| {
+            *g += 1;
+            my_generation = *g;
+        });
+        let mut generation_rx = slot.generation.subscribe();
+        let mut owned = slot.replica.clone().lock_owned().await;
+        if *generation_rx.borrow_and_update() != my_generation {
+            return; // an even newer session took over while we waited
+        }
+        let replica = match owned.take() {
+            Some(r) if r.disk_size == disk_size => r,
+            Some(r) => {
+                let msg = format!("disk {id} has size {} on record, Hello says {disk_size}", r.disk_size);
+                *owned = Some(r);
+                return self.refuse(&mut writer, ErrorCode::DiskSizeMismatch, msg).await;
+            }
+            None => {
+                let (data_dir, store, id2) = (self.data_dir.clone(), self.store.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || DiskReplica::open(&data_dir, &store, &id2, disk_size)).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e @ ReplicaError::DiskSizeMismatch { .. })) => {
+                        return self.refuse(&mut writer, ErrorCode::DiskSizeMismatch, e.to_string()).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(stream = %id, "cannot open replica: {e}");
+                        return self.refuse(&mut writer, ErrorCode::Internal, e.to_string()).await;
+                    }
+                    Err(e) => return self.refuse(&mut writer, ErrorCode::Internal, e.to_string()).await,
+                }
+            }
+        };
+        let next_seq = replica.hwm() + 1;
+        tracing::info!(stream = %id, next_seq, "stream accepted");
+        if writer
+            .send(&Frame::Accept { next_seq, credit_bytes: self.credit_bytes })
+            .await
+            .is_err()
+        {
+            *owned = Some(replica);
+            return;
+        }
+
+        // Reader: decode and check, queue valid records; bytes queued are bounded.
+        let budget = Arc::new(Semaphore::new(MAX_BATCH_BYTES * 2));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Item>();
+        let counters_mt = self.clone();
+        let reader_task = tokio::spawn(read_records(reader, tx, budget.clone(), next_seq, disk_size, counters_mt));
+
+        // Applier: batch, make durable, acknowledge.
+        let mut replica = Some(replica);
+        let mut failure: Option<(ErrorCode, String)> = None;
+        'session: loop {
+            let first = tokio::select! {
+                item = rx.recv() => item,
+                _ = generation_rx.changed() => {
+                    tracing::info!(stream = %id, "superseded by a newer session");
+                    break 'session;
+                }
+            };
+            let mut batch = Vec::new();
+            let mut permits = Vec::new();
+            let mut batch_bytes = 0usize;
+            let mut end = false;
+            let mut next = first;
+            loop {
+                match next {
+                    Some(Item::Record(r, p)) => {
+                        batch_bytes += r.encoded_len();
+                        batch.push(r);
+                        permits.push(p);
+                    }
+                    Some(Item::Fail(code, msg)) => {
+                        failure = Some((code, msg));
+                        end = true;
+                        break;
+                    }
+                    None => {
+                        end = true;
+                        break;
+                    }
+                }
+                if batch_bytes >= MAX_BATCH_BYTES {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(item) => next = Some(item),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                let mut r = replica.take().expect("replica present between batches");
+                let store = self.store.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    let res = r.apply_batch(&store, &batch);
+                    (r, res, batch)
+                })
+                .await;
+                match result {
+                    Ok((r, Ok(()), batch)) => {
+                        let hwm = r.hwm();
+                        replica = Some(r);
+                        let logical: u64 = batch.iter().map(Record::logical_bytes).sum();
+                        self.counters.records_applied.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        self.counters.logical_bytes_applied.fetch_add(logical, Ordering::Relaxed);
+                        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                        drop(permits);
+                        if writer.send(&Frame::Ack { seq: hwm }).await.is_err() {
+                            break 'session;
+                        }
+                    }
+                    Ok((_, Err(e), _)) => {
+                        // The replica is dropped: the next session recovers it from disk.
+                        tracing::error!(stream = %id, "apply failed: {e}");
+                        failure = Some((ErrorCode::Internal, e.to_string()));
+                        break 'session;
+                    }
+                    Err(e) => {
+                        failure = Some((ErrorCode::Internal, format!("apply task: {e}")));
+                        break 'session;
+                    }
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        reader_task.abort();
+        *owned = replica;
+        if let Some((code, msg)) = failure {
+            tracing::warn!(stream = %id, "closing stream: {code}: {msg}");
+            self.counters.count_error(code);
+            writer.refuse(&Frame::error(code, msg)).await;
+        } else {
+            writer.finish();
+        }
+    }
+
+    async fn refuse(&self, writer: &mut FrameWriter, code: ErrorCode, msg: impl Into<String>) {
+        let msg = msg.into();
+        tracing::warn!("refusing stream: {code}: {msg}");
+        self.counters.count_error(code);
+        writer.refuse(&Frame::error(code, msg)).await;
+    }
+}
+
+/// What the reader hands the applier.
+enum Item {
+    Record(Record, OwnedSemaphorePermit),
+    Fail(ErrorCode, String),
+}
+
+/// The wire code that answers a read failure.
+pub fn read_error_code(e: &ReadError) -> ErrorCode {
+    match e {
+        ReadError::Decode(d) => d.code(),
+        ReadError::Truncated(_) => ErrorCode::MalformedFrame,
+        ReadError::Stream(_) => ErrorCode::Internal,
+    }
+}
+
+async fn read_records(
+    mut reader: FrameReader,
+    tx: mpsc::UnboundedSender<Item>,
+    budget: Arc<Semaphore>,
+    mut expected: u64,
+    disk_size: u64,
+    mt: Arc<MasterTarget>,
+) {
+    loop {
+        let record = match reader.next().await {
+            Ok(Some(Frame::Record(r))) => r,
+            Ok(Some(other)) => {
+                let _ = tx.send(Item::Fail(
+                    ErrorCode::UnexpectedFrame,
+                    format!("{:?} frame in the middle of a stream", other.frame_type()),
+                ));
+                return;
+            }
+            Ok(None) => return,
+            Err(ReadError::Stream(e)) => {
+                tracing::debug!("stream read ended: {e}");
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Item::Fail(read_error_code(&e), e.to_string()));
+                return;
+            }
+        };
+        let seq = record.seq();
+        if seq < expected {
+            mt.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if seq > expected {
+            let _ = tx.send(Item::Fail(
+                ErrorCode::SequenceGap,
+                format!("expected sequence {expected}, got {seq}"),
+            ));
+            return;
+        }
+        if let Err((code, msg)) = record.check_against_disk(disk_size) {
+            let _ = tx.send(Item::Fail(code, msg));
+            return;
+        }
+        let cost = record.encoded_len().min(MAX_BATCH_BYTES) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+            return;
+        };
+        expected += 1;
+        if tx.send(Item::Record(record, permit)).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The master target's index: an embedded transactional database (`redb`).
+//!
+//! It holds, per disk, the last *checkpoint* (journal offset and sequence number up to
+//! which the disk image is known flushed) and, per tag, where it landed. The journals
+//! remain the source of truth: anything the index lacks after a crash is rebuilt by
+//! scanning the journals from their checkpoints, so index commits need only be durable
+//! where an acknowledgement depends on them (tags, checkpoints).
+//!
+//! Tables (do not change key or value types without a migration):
+//! - `disks`: `"vm/disk"` -> `(disk_size, checkpoint_offset, checkpoint_seq)`
+//! - `tags`: `(group, tag_id, "vm/disk")` -> `(seq, kind, members, journal_end)`
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use fbr_protocol::{StreamId, TagKind};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::Serialize;
+
+const DISKS: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("disks");
+const TAGS: TableDefinition<(&str, u64, &str), (u64, u8, u32, u64)> = TableDefinition::new("tags");
+
+/// Errors from the index.
+#[derive(Debug, thiserror::Error)]
+#[error("master-target index: {0}")]
+pub struct StoreError(String);
+
+fn e(err: impl std::fmt::Display) -> StoreError {
+    StoreError(err.to_string())
+}
+
+/// Where a disk's image is known to be flushed up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskCheckpoint {
+    pub disk_size: u64,
+    pub journal_offset: u64,
+    pub seq: u64,
+}
+
+/// A tag as it landed on one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagLanding {
+    pub group: String,
+    pub id: u64,
+    pub stream: StreamId,
+    pub seq: u64,
+    pub kind: TagKind,
+    pub members: u32,
+    /// Journal offset just past the tag's entry.
+    pub journal_end: u64,
+}
+
+/// One recovery point of a replication group, as known to this master target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecoveryPoint {
+    pub group: String,
+    pub tag_id: u64,
+    pub kind: &'static str,
+    /// Disks the tag was inserted on.
+    pub members: u32,
+    /// Disks on which the tag is durable here, with the tag's sequence number on each.
+    pub landed: Vec<LandedOn>,
+    /// `landed.len() == members`: the point can be failed over to.
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LandedOn {
+    pub vm: String,
+    pub disk: u32,
+    pub seq: u64,
+}
+
+pub fn stream_key(id: &StreamId) -> String {
+    format!("{}/{}", id.vm, id.disk)
+}
+
+fn parse_stream_key(key: &str) -> Option<StreamId> {
+    let (vm, disk) = key.rsplit_once('/')?;
+    Some(StreamId {
+        vm: vm.to_owned(),
+        disk: disk.parse().ok()?,
+    })
+}
+
+/// The index database of one data directory (exclusively locked while open).
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens or creates `<data>/index.redb`. Fails if another process holds it.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("index.redb");
+        let db = Database::create(&path).map_err(|err| {
+            StoreError(format!(
+                "{}: {err} (is another master-target using this data directory?)",
+                path.display()
+            ))
+        })?;
+        let tx = db.begin_write().map_err(e)?;
+        tx.open_table(DISKS).map_err(e)?;
+        tx.open_table(TAGS).map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(Store { db })
+    }
+
+    pub fn checkpoint(&self, id: &StreamId) -> Result<Option<DiskCheckpoint>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(DISKS).map_err(e)?;
+        Ok(t.get(stream_key(id).as_str()).map_err(e)?.map(|v| {
+            let (disk_size, journal_offset, seq) = v.value();
+            DiskCheckpoint {
+                disk_size,
+                journal_offset,
+                seq,
+            }
+        }))
+    }
+
+    /// Durably records a checkpoint (and any tags found with it) in one transaction.
+    pub fn commit(
+        &self,
+        id: &StreamId,
+        checkpoint: Option<DiskCheckpoint>,
+        tags: &[TagLanding],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            if let Some(c) = checkpoint {
+                let mut t = tx.open_table(DISKS).map_err(e)?;
+                t.insert(stream_key(id).as_str(), (c.disk_size, c.journal_offset, c.seq))
+                    .map_err(e)?;
+            }
+            let mut t = tx.open_table(TAGS).map_err(e)?;
+            for tag in tags {
+                let key = stream_key(&tag.stream);
+                t.insert(
+                    (tag.group.as_str(), tag.id, key.as_str()),
+                    (tag.seq, tag.kind as u8, tag.members, tag.journal_end),
+                )
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every disk known to this master target.
+    pub fn disks(&self) -> Result<Vec<(StreamId, DiskCheckpoint)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(DISKS).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            if let Some(id) = parse_stream_key(k.value()) {
+                let (disk_size, journal_offset, seq) = v.value();
+                out.push((
+                    id,
+                    DiskCheckpoint {
+                        disk_size,
+                        journal_offset,
+                        seq,
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every recovery point, complete or not, ordered by group then tag id.
+    pub fn recovery_points(&self) -> Result<Vec<RecoveryPoint>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(TAGS).map_err(e)?;
+        let mut points: BTreeMap<(String, u64), RecoveryPoint> = BTreeMap::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            let (group, id, stream) = k.value();
+            let (seq, kind, members, _) = v.value();
+            let Some(stream) = parse_stream_key(stream) else {
+                continue;
+            };
+            let p = points
+                .entry((group.to_owned(), id))
+                .or_insert_with(|| RecoveryPoint {
+                    group: group.to_owned(),
+                    tag_id: id,
+                    kind: if kind == TagKind::App as u8 { "app" } else { "crash" },
+                    members,
+                    landed: vec![],
+                    complete: false,
+                });
+            p.landed.push(LandedOn {
+                vm: stream.vm,
+                disk: stream.disk,
+                seq,
+            });
+        }
+        Ok(points
+            .into_values()
+            .map(|mut p| {
+                p.complete = p.landed.len() == p.members as usize;
+                p
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,625 @@
+//! Frames: the header, every frame type, the encoder and the decoder.
+//!
+//! ```text
+//! frame  = header payload
+//! header = magic "FB" (2) | version u8 (1) | type u8 (1) | payload_len u32 LE (4)
+//! ```
+//!
+//! One QUIC stream carries one disk (a *stream* in the data model). Its first frame from
+//! the sender is `Hello`; the receiver answers `Accept` (or `Error` and closes). Then the
+//! sender sends records (`Write`, `Zero`, `Tag`) with sequence numbers increasing by one,
+//! and the receiver sends cumulative `Ack`s and, when it changes its mind about how much
+//! may be in flight, `Credit`. See `docs/PROTOCOL.md` for the byte tables.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::error::{DecodeError, ErrorCode};
+use crate::names::validate_name;
+
+/// The two bytes every frame starts with.
+pub const MAGIC: [u8; 2] = *b"FB";
+/// The protocol version this crate speaks. A peer speaking another is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Bytes in a frame header.
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Disk writes are aligned to, and sized in multiples of, this many bytes.
+pub const SECTOR_SIZE: u64 = 512;
+/// The largest payload of one `Write` record (1 MiB).
+pub const MAX_WRITE_BYTES: usize = 1 << 20;
+/// The largest frame payload: a maximal `Write` plus its 16 bytes of fields.
+pub const MAX_FRAME_PAYLOAD: usize = MAX_WRITE_BYTES + 16;
+/// The longest message an `Error` frame may carry, in bytes.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// The frame type byte. Do not renumber: it is on the wire and in journals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 0x01,
+    Accept = 0x02,
+    Write = 0x10,
+    Zero = 0x11,
+    Tag = 0x12,
+    Ack = 0x20,
+    Credit = 0x21,
+    Error = 0x30,
+}
+
+impl FrameType {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            0x01 => FrameType::Hello,
+            0x02 => FrameType::Accept,
+            0x10 => FrameType::Write,
+            0x11 => FrameType::Zero,
+            0x12 => FrameType::Tag,
+            0x20 => FrameType::Ack,
+            0x21 => FrameType::Credit,
+            0x30 => FrameType::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// One source disk: the unit of ordering. Sequence numbers are per `StreamId`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId {
+    /// The VM the disk belongs to (a name checked by [`validate_name`]).
+    pub vm: String,
+    /// The disk's index within the VM.
+    pub disk: u32,
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/disk{}", self.vm, self.disk)
+    }
+}
+
+/// Whether a recovery point is crash-consistent or application-consistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TagKind {
+    Crash = 1,
+    App = 2,
+}
+
+impl TagKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TagKind::Crash => "crash",
+            TagKind::App => "app",
+        }
+    }
+}
+
+/// A change to a disk, or a recovery-point marker, at one position of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// `data` written at byte `offset`.
+    Write { seq: u64, offset: u64, data: Bytes },
+    /// `len` bytes from `offset` are now zero (trim, or a zeroing write).
+    Zero { seq: u64, offset: u64, len: u64 },
+    /// A recovery-point marker: tag `id` of replication group `group`, inserted at one
+    /// consistent cut across the group's `members` disks.
+    Tag {
+        seq: u64,
+        id: u64,
+        kind: TagKind,
+        members: u32,
+        group: String,
+    },
+}
+
+impl Record {
+    /// The record's position in its stream.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Record::Write { seq, .. } | Record::Zero { seq, .. } | Record::Tag { seq, .. } => *seq,
+        }
+    }
+
+    /// Bytes of disk content this record changes (what "logical churn" counts).
+    pub fn logical_bytes(&self) -> u64 {
+        match self {
+            Record::Write { data, .. } => data.len() as u64,
+            Record::Zero { len, .. } => *len,
+            Record::Tag { .. } => 0,
+        }
+    }
+
+    /// Bytes this record occupies encoded as a frame (header included). Credit (the
+    /// window of unacknowledged bytes) is counted in these.
+    pub fn encoded_len(&self) -> usize {
+        FRAME_HEADER_LEN
+            + match self {
+                Record::Write { data, .. } => 16 + data.len(),
+                Record::Zero { .. } => 24,
+                Record::Tag { group, .. } => 22 + group.len(),
+            }
+    }
+
+    /// Checks the record against the disk it targets: 512-byte alignment and the end of
+    /// the disk. Structural validity is the decoder's job; this is the receiver's.
+    pub fn check_against_disk(&self, disk_size: u64) -> Result<(), (ErrorCode, String)> {
+        let (offset, len) = match self {
+            Record::Write { offset, data, .. } => (*offset, data.len() as u64),
+            Record::Zero { offset, len, .. } => (*offset, *len),
+            Record::Tag { .. } => return Ok(()),
+        };
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            return Err((
+                ErrorCode::Misaligned,
+                format!(
+                    "record {} at offset {offset} length {len} is not aligned to {SECTOR_SIZE} bytes",
+                    self.seq()
+                ),
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= disk_size => Ok(()),
+            _ => Err((
+                ErrorCode::OutOfBounds,
+                format!(
+                    "record {} at offset {offset} length {len} ends beyond the disk size {disk_size}",
+                    self.seq()
+                ),
+            )),
+        }
+    }
+}
+
+/// Everything that can travel on a disk stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Sender -> receiver, first frame of a stream: which disk, and how large it is.
+    Hello { stream: StreamId, disk_size: u64 },
+    /// Receiver -> sender, answer to `Hello`: the next sequence number it expects
+    /// (its durable high-water mark plus one) and the initial credit.
+    Accept { next_seq: u64, credit_bytes: u64 },
+    /// Sender -> receiver: a change or a tag.
+    Record(Record),
+    /// Receiver -> sender: every record with a sequence number `<= seq` is durable.
+    Ack { seq: u64 },
+    /// Receiver -> sender: from now on at most `credit_bytes` of encoded records may be
+    /// unacknowledged. Zero withholds all credit (backpressure).
+    Credit { credit_bytes: u64 },
+    /// Either way: the stream is refused or closed, and why.
+    Error { code: ErrorCode, message: String },
+}
+
+impl Frame {
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello { .. } => FrameType::Hello,
+            Frame::Accept { .. } => FrameType::Accept,
+            Frame::Record(Record::Write { .. }) => FrameType::Write,
+            Frame::Record(Record::Zero { .. }) => FrameType::Zero,
+            Frame::Record(Record::Tag { .. }) => FrameType::Tag,
+            Frame::Ack { .. } => FrameType::Ack,
+            Frame::Credit { .. } => FrameType::Credit,
+            Frame::Error { .. } => FrameType::Error,
+        }
+    }
+
+    /// Builds an `Error` frame, truncating the message to the limit on a char boundary.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Frame {
+        let mut message = message.into();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut cut = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Frame::Error { code, message }
+    }
+}
+
+/// Appends the encoding of `frame` to `out`.
+///
+/// Panics only on a caller bug: a name longer than 255 bytes or a write larger than
+/// [`MAX_WRITE_BYTES`] (names and sizes are validated where they enter the program).
+pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
+    let start = out.len();
+    out.put_slice(&MAGIC);
+    out.put_u8(PROTOCOL_VERSION);
+    out.put_u8(frame.frame_type() as u8);
+    out.put_u32_le(0); // patched below
+    match frame {
+        Frame::Hello { stream, disk_size } => {
+            out.put_u32_le(stream.disk);
+            out.put_u64_le(*disk_size);
+            put_short_str(out, &stream.vm);
+        }
+        Frame::Accept {
+            next_seq,
+            credit_bytes,
+        } => {
+            out.put_u64_le(*next_seq);
+            out.put_u64_le(*credit_bytes);
+        }
+        Frame::Record(Record::Write { seq, offset, data }) => {
+            assert!(data.len() <= MAX_WRITE_BYTES, "write larger than the limit");
+            out.put_u64_le(*seq);
+            out.put_u64_le(*offset);
+            out.put_slice(data);
+        }
+        Frame::Record(Record::Zero { seq, offset, len }) => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(*offset);
+            out.put_u64_le(*len);
+        }
+        Frame::Record(Record::Tag {
+            seq,
+            id,
+            kind,
+            members,
+            group,
+        }) => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(*id);
+            out.put_u8(*kind as u8);
+            out.put_u32_le(*members);
+            put_short_str(out, group);
+        }
+        Frame::Ack { seq } => out.put_u64_le(*seq),
+        Frame::Credit { credit_bytes } => out.put_u64_le(*credit_bytes),
+        Frame::Error { code, message } => {
+            out.put_u16_le(code.as_u16());
+            out.put_slice(message.as_bytes());
+        }
+    }
+    let payload_len = (out.len() - start - FRAME_HEADER_LEN) as u32;
+    out[start + 4..start + 8].copy_from_slice(&payload_len.to_le_bytes());
+}
+
+/// Encodes one frame into a fresh buffer.
+pub fn encode_to_bytes(frame: &Frame) -> Bytes {
+    let mut out = BytesMut::new();
+    encode_frame(frame, &mut out);
+    out.freeze()
+}
+
+fn put_short_str(out: &mut BytesMut, s: &str) {
+    let len = u8::try_from(s.len()).expect("names are validated to at most 64 bytes");
+    out.put_u8(len);
+    out.put_slice(s.as_bytes());
+}
+
+/// Decodes the frame at the front of `buf`, removing its bytes.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call
+/// again), and an error as soon as the bytes cannot become a valid frame: the header is
+/// checked (magic, version, type, length limit) before the payload is waited for.
+/// `Write` data is a zero-copy slice of `buf`'s allocation.
+pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        // Even a partial header can be refused early when its first bytes are wrong.
+        if !buf.is_empty() && buf[0] != MAGIC[0] || buf.len() >= 2 && buf[1] != MAGIC[1] {
+            return Err(bad_magic(&buf[..buf.len().min(2)]));
+        }
+        return Ok(None);
+    }
+    if buf[0..2] != MAGIC {
+        return Err(bad_magic(&buf[0..2]));
+    }
+    if buf[2] != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(buf[2]));
+    }
+    let ty = FrameType::from_u8(buf[3]).ok_or(DecodeError::UnknownType(buf[3]))?;
+    let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len as usize > MAX_FRAME_PAYLOAD {
+        return Err(DecodeError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_PAYLOAD as u32,
+        });
+    }
+    let total = FRAME_HEADER_LEN + len as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut frame_bytes = buf.split_to(total).freeze();
+    frame_bytes.advance(FRAME_HEADER_LEN);
+    decode_payload(ty, frame_bytes).map(Some)
+}
+
+fn bad_magic(seen: &[u8]) -> DecodeError {
+    let mut b = [0u8; 2];
+    b[..seen.len()].copy_from_slice(seen);
+    DecodeError::BadMagic {
+        found: u16::from_be_bytes(b),
+        expected: u16::from_be_bytes(MAGIC),
+    }
+}
+
+fn malformed(frame: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::Malformed {
+        frame,
+        reason: reason.into(),
+    }
+}
+
+/// Checks that a fixed-size payload has exactly `want` bytes.
+fn exact(frame: &'static str, p: &Bytes, want: usize) -> Result<(), DecodeError> {
+    if p.len() != want {
+        return Err(malformed(
+            frame,
+            format!("payload is {} bytes, expected {want}", p.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn get_short_str(frame: &'static str, p: &mut Bytes) -> Result<String, DecodeError> {
+    if p.remaining() < 1 {
+        return Err(malformed(frame, "missing name length"));
+    }
+    let len = p.get_u8() as usize;
+    if p.remaining() != len {
+        return Err(malformed(
+            frame,
+            format!("name length {len} but {} bytes remain", p.remaining()),
+        ));
+    }
+    let s = std::str::from_utf8(&p[..]).map_err(|_| malformed(frame, "name is not UTF-8"))?;
+    validate_name(s).map_err(|reason| malformed(frame, reason))?;
+    let s = s.to_owned();
+    p.advance(len);
+    Ok(s)
+}
+
+fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
+    Ok(match ty {
+        FrameType::Hello => {
+            const F: &str = "Hello";
+            if p.len() < 13 {
+                return Err(malformed(F, format!("payload is {} bytes, at least 13 expected", p.len())));
+            }
+            let disk = p.get_u32_le();
+            let disk_size = p.get_u64_le();
+            let vm = get_short_str(F, &mut p)?;
+            if disk_size == 0 || disk_size % SECTOR_SIZE != 0 {
+                return Err(malformed(
+                    F,
+                    format!("disk size {disk_size} is not a positive multiple of {SECTOR_SIZE}"),
+                ));
+            }
+            Frame::Hello {
+                stream: StreamId { vm, disk },
+                disk_size,
+            }
+        }
+        FrameType::Accept => {
+            exact("Accept", &p, 16)?;
+            let next_seq = p.get_u64_le();
+            let credit_bytes = p.get_u64_le();
+            if next_seq == 0 {
+                return Err(malformed("Accept", "next sequence number is 0 (sequences start at 1)"));
+            }
+            Frame::Accept {
+                next_seq,
+                credit_bytes,
+            }
+        }
+        FrameType::Write => {
+            const F: &str = "Write";
+            if p.len() < 16 + 1 {
+                return Err(malformed(F, format!("payload is {} bytes, at least 17 expected", p.len())));
+            }
+            let seq = p.get_u64_le();
+            let offset = p.get_u64_le();
+            check_seq(F, seq)?;
+            Frame::Record(Record::Write {
+                seq,
+                offset,
+                data: p,
+            })
+        }
+        FrameType::Zero => {
+            exact("Zero", &p, 24)?;
+            let seq = p.get_u64_le();
+            let offset = p.get_u64_le();
+            let len = p.get_u64_le();
+            check_seq("Zero", seq)?;
+            if len == 0 {
+                return Err(malformed("Zero", "length is 0"));
+            }
+            Frame::Record(Record::Zero { seq, offset, len })
+        }
+        FrameType::Tag => {
+            const F: &str = "Tag";
+            if p.len() < 22 {
+                return Err(malformed(F, format!("payload is {} bytes, at least 22 expected", p.len())));
+            }
+            let seq = p.get_u64_le();
+            let id = p.get_u64_le();
+            let kind = match p.get_u8() {
+                1 => TagKind::Crash,
+                2 => TagKind::App,
+                k => return Err(malformed(F, format!("unknown tag kind {k}"))),
+            };
+            let members = p.get_u32_le();
+            let group = get_short_str(F, &mut p)?;
+            check_seq(F, seq)?;
+            if members == 0 {
+                return Err(malformed(F, "a tag must name at least one member disk"));
+            }
+            Frame::Record(Record::Tag {
+                seq,
+                id,
+                kind,
+                members,
+                group,
+            })
+        }
+        FrameType::Ack => {
+            exact("Ack", &p, 8)?;
+            Frame::Ack { seq: p.get_u64_le() }
+        }
+        FrameType::Credit => {
+            exact("Credit", &p, 8)?;
+            Frame::Credit {
+                credit_bytes: p.get_u64_le(),
+            }
+        }
+        FrameType::Error => {
+            const F: &str = "Error";
+            if p.len() < 2 {
+                return Err(malformed(F, "missing error code"));
+            }
+            let code = ErrorCode::from_u16(p.get_u16_le());
+            if p.len() > MAX_ERROR_MESSAGE {
+                return Err(malformed(F, format!("message is {} bytes, limit {MAX_ERROR_MESSAGE}", p.len())));
+            }
+            let message = std::str::from_utf8(&p)
+                .map_err(|_| malformed(F, "message is not UTF-8"))?
+                .to_owned();
+            Frame::Error { code, message }
+        }
+    })
+}
+
+fn check_seq(frame: &'static str, seq: u64) -> Result<(), DecodeError> {
+    if seq == 0 {
+        return Err(malformed(frame, "sequence number 0 (sequences start at 1)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(frame: Frame) {
+        let mut buf = BytesMut::new();
+        encode_frame(&frame, &mut buf);
+        // Feeding byte by byte must give None until the last byte.
+        let full = buf.clone();
+        let mut partial = BytesMut::new();
+        for (i, b) in full.iter().enumerate() {
+            partial.put_u8(*b);
+            let got = decode_frame(&mut partial).expect("valid prefix");
+            if i + 1 < full.len() {
+                assert!(got.is_none(), "decoded early at byte {i}");
+            } else {
+                assert_eq!(got, Some(frame.clone()));
+                assert!(partial.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        round_trip(Frame::Hello {
+            stream: StreamId {
+                vm: "vm-1".into(),
+                disk: 3,
+            },
+            disk_size: 1 << 30,
+        });
+        round_trip(Frame::Accept {
+            next_seq: 7,
+            credit_bytes: 1 << 20,
+        });
+        round_trip(Frame::Record(Record::Write {
+            seq: 1,
+            offset: 4096,
+            data: Bytes::from(vec![0xAB; 1024]),
+        }));
+        round_trip(Frame::Record(Record::Zero {
+            seq: 2,
+            offset: 0,
+            len: 8192,
+        }));
+        round_trip(Frame::Record(Record::Tag {
+            seq: 3,
+            id: 42,
+            kind: TagKind::App,
+            members: 6,
+            group: "payroll".into(),
+        }));
+        round_trip(Frame::Ack { seq: 99 });
+        round_trip(Frame::Credit { credit_bytes: 0 });
+        round_trip(Frame::error(ErrorCode::SequenceGap, "expected 5, got 9"));
+    }
+
+    #[test]
+    fn encoded_len_matches_encoding() {
+        let records = [
+            Record::Write {
+                seq: 1,
+                offset: 0,
+                data: Bytes::from(vec![1; 512]),
+            },
+            Record::Zero {
+                seq: 2,
+                offset: 0,
+                len: 512,
+            },
+            Record::Tag {
+                seq: 3,
+                id: 1,
+                kind: TagKind::Crash,
+                members: 2,
+                group: "g".into(),
+            },
+        ];
+        for r in records {
+            let mut buf = BytesMut::new();
+            encode_frame(&Frame::Record(r.clone()), &mut buf);
+            assert_eq!(buf.len(), r.encoded_len());
+        }
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_the_payload_arrives() {
+        let mut buf = BytesMut::from(&b"FB\x01\x10"[..]);
+        buf.put_u32_le(MAX_FRAME_PAYLOAD as u32 + 1);
+        assert!(matches!(
+            decode_frame(&mut buf),
+            Err(DecodeError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_magic_is_refused_from_the_first_byte() {
+        let mut buf = BytesMut::from(&b"G"[..]);
+        assert!(matches!(decode_frame(&mut buf), Err(DecodeError::BadMagic { .. })));
+    }
+
+    #[test]
+    fn wrong_version_and_type_are_refused() {
+        let mut buf = BytesMut::from(&b"FB\x02\x10\0\0\0\0"[..]);
+        assert_eq!(decode_frame(&mut buf), Err(DecodeError::UnsupportedVersion(2)));
+        let mut buf = BytesMut::from(&b"FB\x01\x77\0\0\0\0"[..]);
+        assert_eq!(decode_frame(&mut buf), Err(DecodeError::UnknownType(0x77)));
+    }
+
+    #[test]
+    fn fixed_frames_with_trailing_bytes_are_malformed() {
+        let mut buf = BytesMut::from(&b"FB\x01\x20\x09\0\0\0"[..]);
+        buf.put_slice(&[0; 9]);
+        assert!(matches!(decode_frame(&mut buf), Err(DecodeError::Malformed { .. })));
+    }
+
+    #[test]
+    fn record_checks_against_disk() {
+        let w = |offset, len| Record::Write {
+            seq: 1,
+            offset,
+            data: Bytes::from(vec![0; len]),
+        };
+        assert!(w(0, 512).check_against_disk(1024).is_ok());
+        assert!(w(512, 512).check_against_disk(1024).is_ok());
+        assert_eq!(w(1024, 512).check_against_disk(1024).unwrap_err().0, ErrorCode::OutOfBounds);
+        assert_eq!(w(100, 512).check_against_disk(1024).unwrap_err().0, ErrorCode::Misaligned);
+        assert_eq!(w(0, 100).check_against_disk(1024).unwrap_err().0, ErrorCode::Misaligned);
+        let z = Record::Zero {
+            seq: 1,
+            offset: u64::MAX - 511,
+            len: 1024,
+        };
+        assert_eq!(z.check_against_disk(u64::MAX).unwrap_err().0, ErrorCode::OutOfBounds);
+    }
+}

@@ -1,0 +1,32 @@
+//! # fbr-protocol: the wire format of the failback relay
+//!
+//! Every byte that crosses a network between a source agent, the relay and the master
+//! target is a *frame* defined here. The crate is **sans-IO**: it encodes frames into
+//! buffers and decodes them out of buffers, and knows nothing about sockets, QUIC or
+//! tokio. The async shells (`fbr-transport`, the daemons) feed it bytes.
+//!
+//! The byte tables live in `docs/PROTOCOL.md`; `tests/golden.rs` pins them.
+//!
+//! ## Layout
+//! - [`frame`]: the frame header, every frame type, the encoder and the decoder.
+//! - [`error`]: numeric error codes carried by `Error` frames, and decode errors.
+//! - [`names`]: validation of VM and replication-group names.
+//!
+//! ## Invariants
+//! - A frame is decoded only once it is completely buffered; "not enough bytes yet" is
+//!   `Ok(None)`, never an error (as in mini-redis's `parse_frame`).
+//! - A header announcing more than [`MAX_FRAME_PAYLOAD`] bytes is rejected as soon as
+//!   the 8 header bytes arrive, so a hostile peer cannot make a receiver buffer more.
+//! - Decoding never panics on any input (fuzzed by `fuzz/fuzz_targets/decode_frame.rs`).
+//! - All integers are little-endian.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod frame;
+pub mod names;
+
+pub use error::{DecodeError, ErrorCode};
+pub use frame::{
+    decode_frame, encode_frame, encode_to_bytes, Frame, FrameType, Record, StreamId, TagKind, FRAME_HEADER_LEN,
+    MAGIC, MAX_FRAME_PAYLOAD, MAX_WRITE_BYTES, PROTOCOL_VERSION, SECTOR_SIZE,
+};

@@ -1,0 +1,106 @@
+//! Golden bytes: these tests pin the wire format documented in `docs/PROTOCOL.md`.
+//! If one fails, the format changed: bump `PROTOCOL_VERSION` and update the document,
+//! never just the expected bytes.
+
+use bytes::{Bytes, BytesMut};
+use fbr_protocol::{decode_frame, encode_frame, ErrorCode, Frame, Record, StreamId, TagKind};
+
+fn encode(frame: &Frame) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    encode_frame(frame, &mut buf);
+    buf.to_vec()
+}
+
+fn check(frame: Frame, golden: &[u8]) {
+    assert_eq!(encode(&frame), golden, "encoding of {frame:?}");
+    let mut buf = BytesMut::from(golden);
+    assert_eq!(decode_frame(&mut buf).unwrap(), Some(frame));
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn hello() {
+    check(
+        Frame::Hello {
+            stream: StreamId { vm: "vm1".into(), disk: 2 },
+            disk_size: 0x4000_0000,
+        },
+        &[
+            b'F', b'B', 0x01, 0x01, 16, 0, 0, 0, // header: magic, version 1, Hello, len 16
+            2, 0, 0, 0, // disk 2
+            0, 0, 0, 0x40, 0, 0, 0, 0, // disk size 1 GiB
+            3, b'v', b'm', b'1', // vm name
+        ],
+    );
+}
+
+#[test]
+fn accept() {
+    check(
+        Frame::Accept { next_seq: 5, credit_bytes: 0x0100_0000 },
+        &[
+            b'F', b'B', 1, 0x02, 16, 0, 0, 0, //
+            5, 0, 0, 0, 0, 0, 0, 0, //
+            0, 0, 0, 1, 0, 0, 0, 0,
+        ],
+    );
+}
+
+#[test]
+fn write() {
+    let mut golden = vec![b'F', b'B', 1, 0x10, 0x10, 0x02, 0, 0]; // len 16 + 512 = 0x210
+    golden.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]); // seq 1
+    golden.extend_from_slice(&[0, 0x10, 0, 0, 0, 0, 0, 0]); // offset 4096
+    golden.extend_from_slice(&[0x5A; 512]);
+    check(
+        Frame::Record(Record::Write { seq: 1, offset: 4096, data: Bytes::from(vec![0x5A; 512]) }),
+        &golden,
+    );
+}
+
+#[test]
+fn zero() {
+    check(
+        Frame::Record(Record::Zero { seq: 2, offset: 512, len: 1024 }),
+        &[
+            b'F', b'B', 1, 0x11, 24, 0, 0, 0, //
+            2, 0, 0, 0, 0, 0, 0, 0, //
+            0, 2, 0, 0, 0, 0, 0, 0, //
+            0, 4, 0, 0, 0, 0, 0, 0,
+        ],
+    );
+}
+
+#[test]
+fn tag() {
+    check(
+        Frame::Record(Record::Tag {
+            seq: 3,
+            id: 7,
+            kind: TagKind::Crash,
+            members: 6,
+            group: "g1".into(),
+        }),
+        &[
+            b'F', b'B', 1, 0x12, 24, 0, 0, 0, //
+            3, 0, 0, 0, 0, 0, 0, 0, // seq
+            7, 0, 0, 0, 0, 0, 0, 0, // tag id
+            1, // crash
+            6, 0, 0, 0, // members
+            2, b'g', b'1',
+        ],
+    );
+}
+
+#[test]
+fn ack_credit_error() {
+    check(Frame::Ack { seq: 258 }, &[b'F', b'B', 1, 0x20, 8, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
+    check(
+        Frame::Credit { credit_bytes: 1 },
+        &[b'F', b'B', 1, 0x21, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+    );
+    check(
+        Frame::error(ErrorCode::SequenceGap, "gap"),
+        &[b'F', b'B', 1, 0x30, 5, 0, 0, 0, 20, 0, b'g', b'a', b'p'],
+    );
+}

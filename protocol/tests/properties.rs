@@ -1,0 +1,74 @@
+//! Property tests: every frame survives encode -> decode, in any split of the bytes, and
+//! no byte string makes the decoder panic or over-read.
+
+use bytes::{Bytes, BytesMut};
+use fbr_protocol::{decode_frame, encode_frame, ErrorCode, Frame, Record, StreamId, TagKind};
+use proptest::prelude::*;
+
+fn name() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,63}"
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (name(), any::<u32>(), 1u64..1 << 40).prop_map(|(vm, disk, s)| Frame::Hello {
+            stream: StreamId { vm, disk },
+            disk_size: s * 512
+        }),
+        (1u64.., any::<u64>()).prop_map(|(n, c)| Frame::Accept { next_seq: n, credit_bytes: c }),
+        (1u64.., any::<u64>(), prop::collection::vec(any::<u8>(), 1..4096)).prop_map(
+            |(seq, offset, d)| Frame::Record(Record::Write { seq, offset, data: Bytes::from(d) })
+        ),
+        (1u64.., any::<u64>(), 1u64..).prop_map(|(seq, offset, len)| Frame::Record(Record::Zero {
+            seq,
+            offset,
+            len
+        })),
+        (1u64.., any::<u64>(), any::<bool>(), 1u32.., name()).prop_map(
+            |(seq, id, app, members, group)| Frame::Record(Record::Tag {
+                seq,
+                id,
+                kind: if app { TagKind::App } else { TagKind::Crash },
+                members,
+                group
+            })
+        ),
+        any::<u64>().prop_map(|seq| Frame::Ack { seq }),
+        any::<u64>().prop_map(|credit_bytes| Frame::Credit { credit_bytes }),
+        (any::<u16>(), "\\PC{0,100}")
+            .prop_map(|(c, m)| Frame::error(ErrorCode::from_u16(c), m)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn frames_round_trip_in_any_split(frames in prop::collection::vec(frame(), 1..8), cut in any::<prop::sample::Index>()) {
+        let mut wire = BytesMut::new();
+        for f in &frames { encode_frame(f, &mut wire); }
+        let cut = cut.index(wire.len() + 1);
+        let mut buf = BytesMut::from(&wire[..cut]);
+        let mut decoded = Vec::new();
+        while let Some(f) = decode_frame(&mut buf).unwrap() { decoded.push(f); }
+        buf.extend_from_slice(&wire[cut..]);
+        while let Some(f) = decode_frame(&mut buf).unwrap() { decoded.push(f); }
+        prop_assert_eq!(decoded, frames);
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        while let Ok(Some(_)) = decode_frame(&mut buf) {}
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(f in frame(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut wire = BytesMut::new();
+        encode_frame(&f, &mut wire);
+        let i = pos.index(wire.len());
+        wire[i] = byte;
+        while let Ok(Some(_)) = decode_frame(&mut wire) {}
+    }
+}

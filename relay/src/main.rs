@@ -1,0 +1,193 @@
+//! `relay`: the failback process server daemon, and the site PKI tool.
+//!
+//! Thin: parses flags, sets up logging, and calls the library.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fbr_relay::{MasterTargetLink, Relay, RelayConfig};
+use fbr_transport::pki::{self, IssueRequest};
+use fbr_transport::{any_addr_for, client_endpoint, server_endpoint, Credentials, QuicTuning, Role};
+
+/// Exit code for bad configuration or usage (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "relay", version, about = "Failback relay (process server): forwards Azure VM disk writes to the master target")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay.
+    Run(RunArgs),
+    /// Manage the site's certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Create a new CA (ca.pem, ca.key) in a directory. Refuses to overwrite.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "failback-relay site CA")]
+        common_name: String,
+    },
+    /// Issue a certificate signed by the CA in --dir. Refuses to overwrite.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// File stem and common name, e.g. `relay-1` or `agent-payroll`.
+        #[arg(long)]
+        name: String,
+        /// agent, relay or master-target.
+        #[arg(long)]
+        role: String,
+        /// A VM the holder may write (repeat; `*` for any).
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+        /// A DNS name the holder serves under (repeat).
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
+        /// An IP address the holder serves under (repeat).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// UDP address to listen on for agents.
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    listen: SocketAddr,
+    /// UDP address of the master target.
+    #[arg(long)]
+    master_target: SocketAddr,
+    /// DNS name in the master target's certificate.
+    #[arg(long, default_value = "master-target")]
+    master_target_name: String,
+    /// Directory holding ca.pem and this relay's certificate and key.
+    #[arg(long)]
+    pki_dir: PathBuf,
+    /// File stem of this relay's certificate in --pki-dir.
+    #[arg(long, default_value = "relay")]
+    cert_name: String,
+    /// Write the bound address here once listening (for scripts and tests).
+    #[arg(long)]
+    port_file: Option<PathBuf>,
+    /// Bytes each stream may hold between ingest and forwarder, in MiB.
+    #[arg(long, default_value_t = 16)]
+    queue_mib: u32,
+    /// Largest UDP payload MTU discovery may use.
+    #[arg(long, default_value_t = 1452)]
+    max_udp_payload: u16,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Run(args) => {
+            if args.queue_mib == 0 || args.queue_mib > 4096 {
+                eprintln!("relay: invalid --queue-mib {}: must be 1..=4096", args.queue_mib);
+                return ExitCode::from(EX_USAGE);
+            }
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("relay: cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            report(rt.block_on(run(args)))
+        }
+        Command::Pki(PkiCommand::Init { dir, common_name }) => {
+            report(pki::init_ca(&dir, &common_name).map_err(Into::into))
+        }
+        Command::Pki(PkiCommand::Issue { dir, name, role, vms, dns_names, ips }) => {
+            let Some(role) = Role::parse(&role) else {
+                eprintln!("relay: invalid --role {role:?}: expected agent, relay or master-target");
+                return ExitCode::from(EX_USAGE);
+            };
+            let req = IssueRequest { name, role, vms, dns_names, ip_addresses: ips };
+            report(pki::issue(&dir, &req).map_err(Into::into))
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let tuning = QuicTuning { max_udp_payload: args.max_udp_payload, ..QuicTuning::default() };
+    let server_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
+    let client_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
+    let agents = server_endpoint(args.listen, server_creds, &tuning)?;
+    let upstream_endpoint = client_endpoint(any_addr_for(args.master_target), client_creds, &tuning)?;
+    let link = MasterTargetLink::new(upstream_endpoint.clone(), args.master_target, args.master_target_name.clone());
+    // Connect eagerly so a wrong address or certificate shows up in the log at start;
+    // a master target that is down is not fatal (streams get UpstreamUnavailable).
+    if let Err(e) = link.connection().await {
+        tracing::warn!("master target not reachable yet: {e}");
+    }
+    let local = agents.local_addr()?;
+    if let Some(pf) = &args.port_file {
+        let tmp = pf.with_extension("tmp");
+        std::fs::write(&tmp, local.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, pf).with_context(|| format!("renaming to {}", pf.display()))?;
+    }
+    tracing::info!(listen = %local, master_target = %args.master_target, "relay listening");
+    let relay = Relay::new(RelayConfig { queue_bytes_per_stream: args.queue_mib << 20 }, link);
+    let server = tokio::spawn(relay.clone().serve(agents.clone()));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    agents.close(0u32.into(), b"relay shutting down");
+    upstream_endpoint.close(0u32.into(), b"relay shutting down");
+    server.abort();
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &relay.counters;
+    tracing::info!(
+        records = c.records_ingested.load(Relaxed),
+        bytes = c.logical_bytes_ingested.load(Relaxed),
+        duplicates_skipped = c.duplicates_skipped.load(Relaxed),
+        "final counters"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

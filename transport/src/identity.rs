@@ -1,0 +1,114 @@
+//! Who is on the other end of a connection, read from its (already verified) certificate.
+//!
+//! rustls has checked the chain against our CA before any of this runs; here we only read
+//! the URI SANs described in [`crate::pki`] to learn the peer's role and entitlements.
+
+use rustls_pki_types::CertificateDer;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// URI SAN prefix naming a role.
+pub const ROLE_URI_PREFIX: &str = "urn:fbr:role:";
+/// URI SAN prefix naming a VM the holder may write.
+pub const VM_URI_PREFIX: &str = "urn:fbr:vm:";
+
+/// The part a certificate holder plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Relay,
+    MasterTarget,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Relay => "relay",
+            Role::MasterTarget => "master-target",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "agent" => Some(Role::Agent),
+            "relay" => Some(Role::Relay),
+            "master-target" => Some(Role::MasterTarget),
+            _ => None,
+        }
+    }
+}
+
+/// A verified peer: its roles and the VMs it may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub common_name: String,
+    pub roles: Vec<Role>,
+    /// VM names the peer may write; see [`PeerIdentity::may_write`].
+    pub vms: Vec<String>,
+    /// `urn:fbr:vm:*`: the peer may write any VM.
+    pub all_vms: bool,
+}
+
+impl PeerIdentity {
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// Whether the peer's certificate entitles it to write disks of `vm`.
+    pub fn may_write(&self, vm: &str) -> bool {
+        self.all_vms || self.vms.iter().any(|v| v == vm)
+    }
+}
+
+/// Reads the identity out of a DER certificate.
+pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unparseable certificate: {e}"))?;
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let mut id = PeerIdentity {
+        common_name,
+        roles: vec![],
+        vms: vec![],
+        all_vms: false,
+    };
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX) {
+                    if let Some(r) = Role::parse(role) {
+                        id.roles.push(r);
+                    }
+                } else if let Some(vm) = uri.strip_prefix(VM_URI_PREFIX) {
+                    if vm == "*" {
+                        id.all_vms = true;
+                    } else {
+                        id.vms.push(vm.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    Ok(id)
+}
+
+/// The identity of the peer of an established QUIC connection (mutual TLS, so there is
+/// always a client certificate once the handshake completed).
+pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, String> {
+    let any = conn
+        .peer_identity()
+        .ok_or_else(|| "peer presented no certificate".to_string())?;
+    let chain = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| "peer identity is not a certificate chain".to_string())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| "empty certificate chain".to_string())?;
+    identity_from_der(leaf)
+}
