@@ -9,7 +9,6 @@
 //! - [`session`]: one disk stream: ingest (checks), queue, forwarder, acks.
 //! - [`queue`]: the bounded buffer between ingest and forwarder, where the durable cache
 //!   slots in.
-//! - [`upstream`]: the shared, self-healing connection to the master target.
 //!
 //! ## Invariants
 //! - A record is acknowledged to its source only once it is durable downstream (today:
@@ -22,7 +21,5 @@
 pub mod queue;
 pub mod server;
 pub mod session;
-pub mod upstream;
 
 pub use server::{Relay, RelayConfig};
-pub use upstream::MasterTargetLink;

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fbr_relay::{MasterTargetLink, Relay, RelayConfig};
+use fbr_relay::{Relay, RelayConfig};
 use fbr_transport::pki::{self, IssueRequest};
-use fbr_transport::{any_addr_for, client_endpoint, server_endpoint, Credentials, QuicTuning, Role};
+use fbr_transport::{any_addr_for, client_endpoint, server_endpoint, Credentials, PeerLink, QuicTuning, Role};
 
 /// Exit code for bad configuration or usage (EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -152,7 +152,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
     let agents = server_endpoint(args.listen, server_creds, &tuning)?;
     let upstream_endpoint = client_endpoint(any_addr_for(args.master_target), client_creds, &tuning)?;
-    let link = MasterTargetLink::new(upstream_endpoint.clone(), args.master_target, args.master_target_name.clone());
+    let link = PeerLink::new(
+        upstream_endpoint.clone(),
+        args.master_target,
+        args.master_target_name.clone(),
+        Role::MasterTarget,
+    );
     // Connect eagerly so a wrong address or certificate shows up in the log at start;
     // a master target that is down is not fatal (streams get UpstreamUnavailable).
     if let Err(e) = link.connection().await {

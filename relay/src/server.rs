@@ -7,10 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fbr_protocol::{ErrorCode, Frame, StreamId};
-use fbr_transport::{peer_identity, FrameWriter, Role};
+use fbr_transport::{peer_identity, FrameWriter, PeerLink, Role};
 use tokio::sync::watch;
 
-use crate::upstream::MasterTargetLink;
 
 /// Settings of a running relay.
 #[derive(Debug, Clone)]
@@ -35,14 +34,15 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Relay {
     pub config: RelayConfig,
-    pub upstream: MasterTargetLink,
+    /// The shared connection to the master target.
+    pub upstream: PeerLink,
     pub counters: Counters,
     /// One generation counter per disk: a new session bumps it, older ones stop.
     generations: Mutex<HashMap<StreamId, watch::Sender<u64>>>,
 }
 
 impl Relay {
-    pub fn new(config: RelayConfig, upstream: MasterTargetLink) -> Arc<Self> {
+    pub fn new(config: RelayConfig, upstream: PeerLink) -> Arc<Self> {
         Arc::new(Relay {
             config,
             upstream,

@@ -8,6 +8,7 @@
 //! - [`identity`]: reads a verified peer's role and entitlements from its certificate.
 //! - [`quic`]: `quinn` endpoints over `rustls` TLS 1.3, client certificates required,
 //!   flow-control windows and UDP buffers sized for a high bandwidth-delay product.
+//! - [`link`]: a self-healing client connection to a peer of a given role.
 //! - [`framed`]: reading and writing [`fbr_protocol::Frame`]s on a QUIC stream.
 //!
 //! Invariant: no endpoint built here accepts a peer whose certificate does not chain to
@@ -16,9 +17,11 @@
 
 pub mod framed;
 pub mod identity;
+pub mod link;
 pub mod pki;
 pub mod quic;
 
 pub use framed::{FrameReader, FrameWriter, ReadError};
 pub use identity::{peer_identity, PeerIdentity, Role};
+pub use link::PeerLink;
 pub use quic::{any_addr_for, client_endpoint, server_endpoint, Credentials, QuicTuning};

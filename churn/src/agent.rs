@@ -1,0 +1,545 @@
+//! The agent emulator: streams many emulated disks to a relay, like the source agents on
+//! failed-over Azure VMs.
+//!
+//! Per disk, one task owns a QUIC stream to the relay (one connection per VM). It draws
+//! changes from the disk's [`ChangeSource`], numbers them, and sends them while the
+//! unacknowledged bytes stay under the receiver's credit (backpressure). Every record is
+//! kept until acknowledged; after a lost connection or a relay restart the task
+//! reconnects, learns from `Accept` what the master target already holds, and resends
+//! the rest, so nothing is lost and nothing is applied twice.
+//!
+//! **Consistent cuts.** A tag coordinator inserts a tag on every disk of a replication
+//! group while holding all of those disks' generator locks at once: no disk can draw a
+//! change during the cut, so the tag positions form one consistent cut.
+//!
+//! **Lag** is measured per change from the moment it is drawn (the source write) to the
+//! acknowledgement, which the relay passes on once the master target has made the change
+//! durable.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fbr_protocol::{ErrorCode, Frame, Record, StreamId, TagKind};
+use fbr_transport::{any_addr_for, client_endpoint, Credentials, FrameReader, FrameWriter, PeerLink, QuicTuning, Role};
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+
+use crate::source::{ChangeSource, DiskManifest, Manifest, SourceSpec, TagRecord, MANIFEST_VERSION};
+use crate::workload::ContentPools;
+
+/// Flush the send buffer once it holds this much.
+const SEND_FLUSH_BYTES: usize = 1 << 20;
+
+/// How to reach the relay and how to behave.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub relay: SocketAddr,
+    /// The DNS name in the relay's certificate.
+    pub relay_name: String,
+    pub pki_dir: PathBuf,
+    pub cert_name: String,
+    pub tuning: QuicTuning,
+    /// A crash-consistent tag on every group this often.
+    pub tag_interval: Duration,
+    /// Every n-th tag is application-consistent (0: never).
+    pub app_tag_every: u64,
+    /// Stop drawing changes after this long (`None`: when every source is exhausted).
+    pub duration: Option<Duration>,
+    /// After stopping, how long to wait for everything to be acknowledged.
+    pub drain_timeout: Duration,
+    /// Give up on a disk after failing to reconnect for this long.
+    pub reconnect_timeout: Duration,
+}
+
+/// One disk to emulate.
+#[derive(Debug, Clone)]
+pub struct DiskPlan {
+    pub id: StreamId,
+    pub disk_size: u64,
+    pub group: String,
+    pub source: SourceSpec,
+}
+
+/// Live counters, readable while the run goes on (progress display, benchmarks).
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub logical_bytes_acked: AtomicU64,
+    pub records_acked: AtomicU64,
+    pub logical_bytes_sent: AtomicU64,
+    pub tags_inserted: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Source-write to acknowledgement, microseconds.
+    pub lag_us: Mutex<Option<Histogram<u64>>>,
+}
+
+impl RunStats {
+    fn new() -> Arc<Self> {
+        let h = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
+        Arc::new(RunStats { lag_us: Mutex::new(Some(h)), ..Default::default() })
+    }
+
+    /// `(p50, p99, max)` lag in milliseconds so far.
+    pub fn lag_ms(&self) -> (f64, f64, f64) {
+        let g = self.lag_us.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some(h) if !h.is_empty() => (
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                h.max() as f64 / 1000.0,
+            ),
+            _ => (0.0, 0.0, 0.0),
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunReport {
+    pub manifest: Manifest,
+    pub elapsed: Duration,
+    /// Disks that failed, with the reason (a refused stream, a lost acknowledged write).
+    pub failures: Vec<String>,
+}
+
+/// The generator side of a disk, locked briefly per change and by the tag coordinator.
+#[derive(Debug)]
+struct GenState {
+    source: ChangeSource,
+    next_seq: u64,
+    /// Tags numbered by a cut but not yet sent.
+    pending: VecDeque<Record>,
+    tags: Vec<TagRecord>,
+    exhausted: bool,
+}
+
+/// A record sent (or about to be) and not yet acknowledged.
+#[derive(Debug)]
+struct InFlight {
+    record: Record,
+    drawn_at: Instant,
+    encoded: u64,
+}
+
+#[derive(Debug)]
+struct Window {
+    unacked: VecDeque<InFlight>,
+    unacked_bytes: u64,
+    acked_seq: u64,
+    credit: u64,
+}
+
+#[derive(Debug)]
+struct DiskRuntime {
+    plan: DiskPlan,
+    gen: Mutex<GenState>,
+    window: Mutex<Window>,
+    /// Bumped on every ack or credit change; senders wait on it.
+    window_changed: watch::Sender<u64>,
+}
+
+impl DiskRuntime {
+    /// Drops everything up to `seq` from the window, recording lag; returns whether
+    /// anything changed.
+    fn acknowledge(&self, seq: u64, stats: &RunStats) {
+        let now = Instant::now();
+        let mut lags = Vec::new();
+        {
+            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            while w.unacked.front().is_some_and(|f| f.record.seq() <= seq) {
+                let f = w.unacked.pop_front().expect("front checked");
+                w.unacked_bytes -= f.encoded;
+                if !matches!(f.record, Record::Tag { .. }) {
+                    stats.logical_bytes_acked.fetch_add(f.record.logical_bytes(), Ordering::Relaxed);
+                    stats.records_acked.fetch_add(1, Ordering::Relaxed);
+                    lags.push(now.duration_since(f.drawn_at).as_micros() as u64);
+                }
+            }
+            w.acked_seq = w.acked_seq.max(seq);
+        }
+        if !lags.is_empty() {
+            let mut h = stats.lag_us.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(h) = h.as_mut() {
+                for l in lags {
+                    h.saturating_record(l.max(1));
+                }
+            }
+        }
+        self.window_changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// Why a stream session ended.
+enum SessionEnd {
+    /// Everything drawn was acknowledged and the source stopped.
+    Done,
+    /// Transient: reconnect and resume.
+    Retry(String),
+    /// The receiver refused us for a reason reconnecting cannot fix.
+    Fatal(String),
+}
+
+fn classify(code: ErrorCode, message: String) -> SessionEnd {
+    let text = format!("{code}: {message}");
+    match code {
+        ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => SessionEnd::Retry(text),
+        _ => SessionEnd::Fatal(text),
+    }
+}
+
+/// A running emulation: start it, watch [`RunHandle::stats`], then [`RunHandle::finish`].
+#[derive(Debug)]
+pub struct RunHandle {
+    pub stats: Arc<RunStats>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<RunReport, String>>,
+}
+
+impl RunHandle {
+    /// Asks the run to stop drawing changes now (a final tag is still inserted).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the run has ended (every disk done or failed).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits for the run to end and returns its report.
+    pub async fn finish(self) -> Result<RunReport, String> {
+        self.task.await.map_err(|e| format!("run task: {e}"))?
+    }
+}
+
+/// Starts emulating `disks` against the relay in `opts`.
+pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunHandle, String> {
+    if disks.is_empty() {
+        return Err("nothing to emulate: no disks".into());
+    }
+    let creds = Credentials::load(&opts.pki_dir, &opts.cert_name).map_err(|e| e.to_string())?;
+    let endpoint = client_endpoint(any_addr_for(opts.relay), creds, &opts.tuning).map_err(|e| e.to_string())?;
+    let pools = ContentPools::new(seed);
+    let stats = RunStats::new();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // One connection per VM, as one agent per VM would have.
+    let mut links: BTreeMap<String, Arc<PeerLink>> = BTreeMap::new();
+    let mut runtimes = Vec::new();
+    for plan in disks {
+        links.entry(plan.id.vm.clone()).or_insert_with(|| {
+            Arc::new(PeerLink::new(endpoint.clone(), opts.relay, opts.relay_name.clone(), Role::Relay))
+        });
+        let source = ChangeSource::open(&plan.source, plan.disk_size, &pools)?;
+        runtimes.push(Arc::new(DiskRuntime {
+            plan,
+            gen: Mutex::new(GenState { source, next_seq: 1, pending: VecDeque::new(), tags: vec![], exhausted: false }),
+            window: Mutex::new(Window { unacked: VecDeque::new(), unacked_bytes: 0, acked_seq: 0, credit: 0 }),
+            window_changed: watch::channel(0).0,
+        }));
+    }
+    let task = tokio::spawn(run(opts, runtimes, links, stats.clone(), stop.clone(), seed, endpoint));
+    Ok(RunHandle { stats, stop, task })
+}
+
+async fn run(
+    opts: AgentOptions,
+    disks: Vec<Arc<DiskRuntime>>,
+    links: BTreeMap<String, Arc<PeerLink>>,
+    stats: Arc<RunStats>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    endpoint: quinn::Endpoint,
+) -> Result<RunReport, String> {
+    let started = Instant::now();
+    let drawing_stopped = Arc::new(AtomicBool::new(false));
+    let mut groups: BTreeMap<String, Vec<Arc<DiskRuntime>>> = BTreeMap::new();
+    for d in &disks {
+        groups.entry(d.plan.group.clone()).or_default().push(d.clone());
+    }
+
+    let mut tasks = Vec::new();
+    for d in &disks {
+        let link = links[&d.plan.id.vm].clone();
+        tasks.push(tokio::spawn(drive_disk(d.clone(), link, stats.clone(), drawing_stopped.clone(), opts.clone())));
+    }
+
+    // Tag coordinator; also decides when to stop drawing.
+    let mut tag_id = 0u64;
+    let mut ticker = tokio::time::interval(opts.tag_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut failed_early = false;
+    loop {
+        let deadline_passed = opts.duration.is_some_and(|d| started.elapsed() >= d);
+        let all_exhausted = disks.iter().all(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted);
+        if tasks.iter().all(|t| t.is_finished()) {
+            failed_early = true;
+            break;
+        }
+        if deadline_passed || all_exhausted || stop.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::select! {
+            _ = ticker.tick() => {
+                tag_id += 1;
+                for (group, members) in &groups {
+                    cut(group, members, tag_id, opts.app_tag_every, &stats);
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    // The final state is a recovery point too.
+    if !failed_early {
+        tag_id += 1;
+        for (group, members) in &groups {
+            cut(group, members, tag_id, opts.app_tag_every, &stats);
+        }
+    }
+    drawing_stopped.store(true, Ordering::SeqCst);
+
+    let mut failures = Vec::new();
+    for (t, d) in tasks.into_iter().zip(&disks) {
+        match tokio::time::timeout(opts.drain_timeout + opts.reconnect_timeout, t).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => failures.push(format!("{}: {e}", d.plan.id)),
+            Ok(Err(e)) => failures.push(format!("{}: task failed: {e}", d.plan.id)),
+            Err(_) => failures.push(format!("{}: not fully acknowledged within the drain timeout", d.plan.id)),
+        }
+    }
+    endpoint.close(0u32.into(), b"run finished");
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        seed,
+        disks: disks
+            .iter()
+            .map(|d| {
+                let g = d.gen.lock().unwrap_or_else(|p| p.into_inner());
+                let w = d.window.lock().unwrap_or_else(|p| p.into_inner());
+                DiskManifest {
+                    vm: d.plan.id.vm.clone(),
+                    disk: d.plan.id.disk,
+                    disk_size: d.plan.disk_size,
+                    group: d.plan.group.clone(),
+                    source: d.plan.source.clone(),
+                    last_seq: g.next_seq - 1,
+                    acked_seq: w.acked_seq,
+                    tags: g.tags.clone(),
+                }
+            })
+            .collect(),
+    };
+    Ok(RunReport { manifest, elapsed: started.elapsed(), failures })
+}
+
+/// Inserts tag `id` on every disk of `group` at one consistent cut.
+fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats: &RunStats) {
+    let app = app_every > 0 && id % app_every == 0;
+    let kind = if app { TagKind::App } else { TagKind::Crash };
+    // Lock every member (always in the same order) so no disk draws during the cut.
+    let mut guards: Vec<_> = members.iter().map(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner())).collect();
+    for g in guards.iter_mut() {
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        g.pending.push_back(Record::Tag { seq, id, kind, members: members.len() as u32, group: group.to_owned() });
+        g.tags.push(TagRecord { id, seq, app });
+    }
+    stats.tags_inserted.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Runs sessions for one disk until it is done, reconnecting on transient failures.
+async fn drive_disk(
+    disk: Arc<DiskRuntime>,
+    link: Arc<PeerLink>,
+    stats: Arc<RunStats>,
+    drawing_stopped: Arc<AtomicBool>,
+    opts: AgentOptions,
+) -> Result<(), String> {
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut accepted = false;
+        let end = session(&disk, &link, &stats, &drawing_stopped, &mut accepted).await;
+        if accepted {
+            // The receiver answered: whatever fails next is a new failure.
+            failing_since = None;
+            backoff = Duration::from_millis(100);
+        }
+        match end {
+            SessionEnd::Done => return Ok(()),
+            SessionEnd::Fatal(e) => {
+                // Stop drawing for this disk so the run can finish.
+                disk.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted = true;
+                return Err(e);
+            }
+            SessionEnd::Retry(e) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > opts.reconnect_timeout {
+                    disk.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted = true;
+                    return Err(format!("gave up reconnecting after {:?}: {e}", opts.reconnect_timeout));
+                }
+                tracing::info!(stream = %disk.plan.id, "reconnecting in {backoff:?}: {e}");
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// One stream session: Hello, reconcile with Accept, resend, then send and collect acks.
+async fn session(
+    disk: &Arc<DiskRuntime>,
+    link: &PeerLink,
+    stats: &Arc<RunStats>,
+    drawing_stopped: &AtomicBool,
+    accepted: &mut bool,
+) -> SessionEnd {
+    let (send, recv) = match link.open_stream().await {
+        Ok(s) => s,
+        Err(e) => return SessionEnd::Retry(e),
+    };
+    let mut reader = FrameReader::new(recv);
+    let mut writer = FrameWriter::new(send);
+    if let Err(e) = writer.send(&Frame::Hello { stream: disk.plan.id.clone(), disk_size: disk.plan.disk_size }).await {
+        return SessionEnd::Retry(format!("sending Hello: {e}"));
+    }
+    let (next_seq, credit) = match tokio::time::timeout(Duration::from_secs(15), reader.next()).await {
+        Ok(Ok(Some(Frame::Accept { next_seq, credit_bytes }))) => (next_seq, credit_bytes),
+        Ok(Ok(Some(Frame::Error { code, message }))) => return classify(code, message),
+        Ok(Ok(other)) => return SessionEnd::Retry(format!("unexpected answer to Hello: {other:?}")),
+        Ok(Err(e)) => return SessionEnd::Retry(format!("reading Accept: {e}")),
+        Err(_) => return SessionEnd::Retry("no Accept within 15 s".into()),
+    };
+    *accepted = true;
+
+    // Reconcile: whatever the master target holds is acknowledged; the rest is resent.
+    let resend: Vec<Record> = {
+        let assigned = disk.gen.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1;
+        let acked = disk.window.lock().unwrap_or_else(|p| p.into_inner()).acked_seq;
+        let held = next_seq - 1;
+        if held < acked {
+            return SessionEnd::Fatal(format!(
+                "INVARIANT VIOLATED: the master target holds up to sequence {held}, but {acked} was acknowledged"
+            ));
+        }
+        if held > assigned {
+            return SessionEnd::Fatal(format!(
+                "the master target already holds {held} records of {}, more than this source produced ({assigned}); \
+                 start from a fresh master-target data directory or other VM names",
+                disk.plan.id
+            ));
+        }
+        disk.acknowledge(held, stats);
+        let mut w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.credit = credit.max(1);
+        w.unacked.iter().map(|f| f.record.clone()).collect()
+    };
+    let mut window_rx = disk.window_changed.subscribe();
+
+    // Acks arrive concurrently with sending.
+    let ack_disk = disk.clone();
+    let ack_stats = stats.clone();
+    let mut acks = tokio::spawn(async move {
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::Ack { seq })) => ack_disk.acknowledge(seq, &ack_stats),
+                Ok(Some(Frame::Credit { credit_bytes })) => {
+                    ack_disk.window.lock().unwrap_or_else(|p| p.into_inner()).credit = credit_bytes;
+                    ack_disk.window_changed.send_modify(|v| *v += 1);
+                }
+                Ok(Some(Frame::Error { code, message })) => return classify(code, message),
+                Ok(Some(other)) => return SessionEnd::Fatal(format!("unexpected {:?} frame from the relay", other.frame_type())),
+                Ok(None) => return SessionEnd::Retry("relay closed the stream".into()),
+                Err(e) => return SessionEnd::Retry(format!("reading acks: {e}")),
+            }
+        }
+    });
+
+    for r in &resend {
+        writer.push(&Frame::Record(r.clone()));
+        if writer.pending() >= SEND_FLUSH_BYTES {
+            if let Err(e) = writer.flush().await {
+                acks.abort();
+                return SessionEnd::Retry(format!("resending: {e}"));
+            }
+        }
+    }
+
+    loop {
+        // Draw and send while credit allows.
+        let mut sent_any = false;
+        loop {
+            let (unacked, credit) = {
+                let w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
+                (w.unacked_bytes, w.credit)
+            };
+            if unacked >= credit || writer.pending() >= SEND_FLUSH_BYTES {
+                break;
+            }
+            let next = {
+                let mut g = disk.gen.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(tag) = g.pending.pop_front() {
+                    Some(tag)
+                } else if drawing_stopped.load(Ordering::SeqCst) || g.exhausted {
+                    None
+                } else {
+                    match g.source.next_change() {
+                        Ok(Some(change)) => {
+                            let seq = g.next_seq;
+                            g.next_seq += 1;
+                            Some(change.into_record(seq))
+                        }
+                        Ok(None) => {
+                            g.exhausted = true;
+                            None
+                        }
+                        Err(e) => {
+                            g.exhausted = true;
+                            acks.abort();
+                            return SessionEnd::Fatal(format!("source: {e}"));
+                        }
+                    }
+                }
+            };
+            let Some(record) = next else { break };
+            let encoded = record.encoded_len() as u64;
+            stats.logical_bytes_sent.fetch_add(record.logical_bytes(), Ordering::Relaxed);
+            writer.push(&Frame::Record(record.clone()));
+            let mut w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
+            w.unacked_bytes += encoded;
+            w.unacked.push_back(InFlight { record, drawn_at: Instant::now(), encoded });
+            sent_any = true;
+        }
+        if writer.pending() > 0 {
+            if let Err(e) = writer.flush().await {
+                acks.abort();
+                return SessionEnd::Retry(format!("sending: {e}"));
+            }
+        }
+        if !sent_any {
+            let finished = {
+                let g = disk.gen.lock().unwrap_or_else(|p| p.into_inner());
+                let w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
+                g.pending.is_empty() && (drawing_stopped.load(Ordering::SeqCst) || g.exhausted) && w.unacked.is_empty()
+            };
+            if finished {
+                writer.finish();
+                acks.abort();
+                return SessionEnd::Done;
+            }
+            // Wait for an ack / credit, a stop, or the session's end.
+            tokio::select! {
+                _ = window_rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                end = &mut acks => {
+                    return end.unwrap_or_else(|e| SessionEnd::Retry(format!("ack task: {e}")));
+                }
+            }
+        }
+    }
+}

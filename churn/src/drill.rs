@@ -1,0 +1,238 @@
+//! `churn drill` and `churn bench`: the whole replication path on loopback, end to end.
+//!
+//! A fresh site ([`crate::harness::Site`]) with real `master-target` and `relay`
+//! processes, emulated VMs churning through them for a while, then both daemons stopped
+//! and every recovery point verified byte for byte ([`crate::verify`]). The bench is the
+//! same run with sizes for throughput, reporting rates and the relay's CPU time.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fbr_protocol::StreamId;
+use fbr_transport::QuicTuning;
+use serde::Serialize;
+
+use crate::agent::{self, AgentOptions, DiskPlan, RunStats};
+use crate::harness::{process_cpu_seconds, Site, SiteOptions};
+use crate::source::SourceSpec;
+use crate::verify;
+use crate::workload::{Content, Profile};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DrillOptions {
+    pub vms: u32,
+    pub disks_per_vm: u32,
+    pub disk_size: u64,
+    pub duration: Duration,
+    pub tag_interval: Duration,
+    /// `None`: every profile, cycled over the disks.
+    pub profile: Option<Profile>,
+    pub content: Content,
+    pub seed: u64,
+    /// VMs are spread round-robin over this many replication groups.
+    pub groups: u32,
+    pub progress: bool,
+    /// Keep the site directory here instead of a temporary one.
+    pub keep: Option<PathBuf>,
+    pub max_udp_payload: u16,
+    pub relay_queue_mib: u32,
+    pub credit_mib: u64,
+}
+
+/// The lag figures, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct LagMs {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// What a drill or bench found.
+#[derive(Debug, Serialize)]
+pub struct DrillSummary {
+    pub verified: bool,
+    pub recovery_points_verified: usize,
+    pub recovery_points_complete: usize,
+    pub streams: usize,
+    pub logical_bytes: u64,
+    pub records: u64,
+    pub elapsed_s: f64,
+    pub logical_mb_per_s: f64,
+    pub records_per_s: f64,
+    pub lag_ms: LagMs,
+    pub relay_cpu_s: f64,
+    pub master_target_cpu_s: f64,
+    pub reconnects: u64,
+    pub verify_s: f64,
+    pub errors: Vec<String>,
+    /// Where the site was kept (logs, data, manifest), if it was.
+    pub site_dir: Option<PathBuf>,
+}
+
+/// The disks of a drill: `vm1..vmN`, disks `0..D`, profiles cycled, groups round-robin.
+pub fn plan_disks(opts: &DrillOptions) -> Vec<DiskPlan> {
+    let mut plans = Vec::new();
+    let mut n = 0usize;
+    for v in 0..opts.vms {
+        for d in 0..opts.disks_per_vm {
+            let profile = opts.profile.unwrap_or(Profile::ALL[n % Profile::ALL.len()]);
+            n += 1;
+            plans.push(DiskPlan {
+                id: StreamId { vm: format!("vm{}", v + 1), disk: d },
+                disk_size: opts.disk_size,
+                group: format!("group{}", v % opts.groups.max(1) + 1),
+                source: SourceSpec::Generated {
+                    seed: opts.seed,
+                    vm_index: v,
+                    disk_index: d,
+                    profile,
+                    content: opts.content,
+                },
+            });
+        }
+    }
+    plans
+}
+
+/// Runs a whole drill and verifies it.
+pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
+    let plans = plan_disks(&opts);
+    let vms: Vec<String> = (1..=opts.vms).map(|v| format!("vm{v}")).collect();
+    let site_opts = SiteOptions {
+        agent_vms: vms,
+        relay_queue_mib: opts.relay_queue_mib,
+        mt_credit_mib: opts.credit_mib,
+        max_udp_payload: opts.max_udp_payload,
+    };
+    let mut site = Site::create(opts.keep.clone(), site_opts)?;
+    site.start_master_target()?;
+    let relay_addr = site.start_relay()?;
+    let relay_pid = site.relay_pid().context("relay pid")?;
+    let mt_pid = site.master_target_pid().context("master target pid")?;
+    let tuning = QuicTuning { max_udp_payload: opts.max_udp_payload, ..QuicTuning::default() };
+    let agent_opts = AgentOptions {
+        relay: relay_addr,
+        relay_name: "relay".into(),
+        pki_dir: site.pki_dir.clone(),
+        cert_name: "agent".into(),
+        tuning,
+        tag_interval: opts.tag_interval,
+        app_tag_every: 5,
+        duration: Some(opts.duration),
+        drain_timeout: Duration::from_secs(60),
+        reconnect_timeout: Duration::from_secs(30),
+    };
+    let streams = plans.len();
+    let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let mut last_bytes = 0u64;
+    while !handle.is_finished() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if opts.progress && started.elapsed().as_millis() % 1000 < 250 {
+            last_bytes = print_progress(&handle.stats, started, last_bytes);
+        }
+    }
+    let stats = handle.stats.clone();
+    let report = handle.finish().await.map_err(anyhow::Error::msg)?;
+    let relay_cpu_s = process_cpu_seconds(relay_pid).unwrap_or(f64::NAN);
+    let master_target_cpu_s = process_cpu_seconds(mt_pid).unwrap_or(f64::NAN);
+    site.stop_relay(false)?;
+    site.stop_master_target(false)?;
+
+    let manifest_path = site.root.join("manifest.json");
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&report.manifest)?)?;
+    if opts.progress {
+        eprintln!("verifying every recovery point against the sources...");
+    }
+    let verify_started = Instant::now();
+    let manifest = report.manifest.clone();
+    let mt_data = site.mt_data.clone();
+    let verification = tokio::task::spawn_blocking(move || verify::verify(&manifest, &mt_data))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let verify_s = verify_started.elapsed().as_secs_f64();
+
+    let mut errors = report.failures.clone();
+    errors.extend(verification.errors.iter().cloned());
+    let logical_bytes = stats.logical_bytes_acked.load(std::sync::atomic::Ordering::Relaxed);
+    let records = stats.records_acked.load(std::sync::atomic::Ordering::Relaxed);
+    let elapsed_s = report.elapsed.as_secs_f64();
+    let (p50, p99, max) = stats.lag_ms();
+    let site_dir = if opts.keep.is_some() || !errors.is_empty() { Some(site.keep()) } else { None };
+    Ok(DrillSummary {
+        verified: verification.verified && report.failures.is_empty(),
+        recovery_points_verified: verification.recovery_points_verified,
+        recovery_points_complete: verification.recovery_points_complete,
+        streams,
+        logical_bytes,
+        records,
+        elapsed_s,
+        logical_mb_per_s: logical_bytes as f64 / 1e6 / elapsed_s,
+        records_per_s: records as f64 / elapsed_s,
+        lag_ms: LagMs { p50, p99, max },
+        relay_cpu_s,
+        master_target_cpu_s,
+        reconnects: stats.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        verify_s,
+        errors,
+        site_dir,
+    })
+}
+
+fn print_progress(stats: &RunStats, started: Instant, last_bytes: u64) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let bytes = stats.logical_bytes_acked.load(Relaxed);
+    let (p50, p99, _) = stats.lag_ms();
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "[{:>5.1}s] acked {:>8.1} MB ({:>6.1} MB/s)  records {:>9}  lag p50 {:>6.1} ms p99 {:>7.1} ms  tags {:>4}  reconnects {}",
+        started.elapsed().as_secs_f64(),
+        bytes as f64 / 1e6,
+        (bytes - last_bytes) as f64 / 1e6,
+        stats.records_acked.load(Relaxed),
+        p50,
+        p99,
+        stats.tags_inserted.load(Relaxed),
+        stats.reconnects.load(Relaxed),
+    );
+    bytes
+}
+
+/// Prints a human summary to stderr.
+pub fn print_summary(s: &DrillSummary) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "--------------------------------------------------------------");
+    let _ = writeln!(
+        err,
+        "{}: {} of {} recovery points byte-identical across {} disks",
+        if s.verified { "VERIFIED" } else { "FAILED" },
+        s.recovery_points_verified,
+        s.recovery_points_complete,
+        s.streams
+    );
+    let _ = writeln!(
+        err,
+        "churn {:.1} MB in {} records over {:.1} s: {:.1} MB/s, {:.0} records/s",
+        s.logical_bytes as f64 / 1e6,
+        s.records,
+        s.elapsed_s,
+        s.logical_mb_per_s,
+        s.records_per_s
+    );
+    let _ = writeln!(
+        err,
+        "lag source write -> durable at master target: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        s.lag_ms.p50, s.lag_ms.p99, s.lag_ms.max
+    );
+    let _ = writeln!(err, "CPU: relay {:.2} s, master target {:.2} s; verification {:.1} s", s.relay_cpu_s, s.master_target_cpu_s, s.verify_s);
+    for e in &s.errors {
+        let _ = writeln!(err, "error: {e}");
+    }
+    if let Some(d) = &s.site_dir {
+        let _ = writeln!(err, "site kept at {} (logs/, master-target/, manifest.json)", d.display());
+    }
+}

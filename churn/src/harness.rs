@@ -1,0 +1,235 @@
+//! A whole site on loopback: a fresh PKI and `master-target` and `relay` started as real
+//! child processes. Used by `churn drill`, `churn bench` and the end-to-end tests, which
+//! also stop, kill and restart the daemons through it.
+//!
+//! Daemons bind `127.0.0.1:0` the first time and report the port through a port file;
+//! restarts reuse the same port, so peers reconnect to the address they know. Each
+//! daemon's stderr is appended to `<root>/logs/<name>.log`.
+
+use std::fs::{self, OpenOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Finds a sibling binary: `$FBR_BIN_DIR/<name>`, else next to the running executable
+/// (or one level up, for test executables in `target/<profile>/deps`).
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("FBR_BIN_DIR") {
+        let p = Path::new(&dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+        bail!("{} does not exist (FBR_BIN_DIR)", p.display());
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+        dir = if d.ends_with("deps") { d.parent().map(Path::to_path_buf) } else { None };
+    }
+    bail!("cannot find the `{name}` binary next to {}; build the workspace (cargo build --workspace) or set FBR_BIN_DIR", exe.display())
+}
+
+/// Knobs of the daemons a [`Site`] starts.
+#[derive(Debug, Clone)]
+pub struct SiteOptions {
+    /// VMs the agent certificate is entitled to write.
+    pub agent_vms: Vec<String>,
+    pub relay_queue_mib: u32,
+    pub mt_credit_mib: u64,
+    pub max_udp_payload: u16,
+}
+
+/// One daemon: how to start it and where it listens.
+#[derive(Debug)]
+struct Daemon {
+    name: &'static str,
+    child: Option<Child>,
+    addr: Option<SocketAddr>,
+}
+
+/// A PKI, a master target and a relay on loopback.
+#[derive(Debug)]
+pub struct Site {
+    pub root: PathBuf,
+    pub pki_dir: PathBuf,
+    pub mt_data: PathBuf,
+    opts: SiteOptions,
+    mt: Daemon,
+    relay: Daemon,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Site {
+    /// Creates the site's directory (a temporary one unless `root` is given) and its PKI.
+    pub fn create(root: Option<PathBuf>, opts: SiteOptions) -> anyhow::Result<Site> {
+        let (root, tmp) = match root {
+            Some(r) => {
+                fs::create_dir_all(&r).with_context(|| format!("creating {}", r.display()))?;
+                (r, None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("fbr-site-").tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let pki_dir = root.join("pki");
+        fbr_transport::pki::init_loopback_site(&pki_dir, &opts.agent_vms)?;
+        fs::create_dir_all(root.join("logs"))?;
+        Ok(Site {
+            mt_data: root.join("master-target"),
+            pki_dir,
+            root,
+            opts,
+            mt: Daemon { name: "master-target", child: None, addr: None },
+            relay: Daemon { name: "relay", child: None, addr: None },
+            _tmp: tmp,
+        })
+    }
+
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay.addr
+    }
+
+    pub fn relay_pid(&self) -> Option<u32> {
+        self.relay.child.as_ref().map(Child::id)
+    }
+
+    pub fn master_target_pid(&self) -> Option<u32> {
+        self.mt.child.as_ref().map(Child::id)
+    }
+
+    /// Starts (or restarts, on the same port) the master target.
+    pub fn start_master_target(&mut self) -> anyhow::Result<SocketAddr> {
+        let listen = self.mt.addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let mut cmd = Command::new(bin_path("master-target")?);
+        cmd.arg("run")
+            .arg("--listen").arg(listen.to_string())
+            .arg("--data").arg(&self.mt_data)
+            .arg("--pki-dir").arg(&self.pki_dir)
+            .arg("--credit-mib").arg(self.opts.mt_credit_mib.to_string())
+            .arg("--max-udp-payload").arg(self.opts.max_udp_payload.to_string());
+        let root = self.root.clone();
+        start_daemon(&mut self.mt, &root, cmd)
+    }
+
+    /// Starts (or restarts, on the same port) the relay. The master target must have
+    /// been started once, so its address is known.
+    pub fn start_relay(&mut self) -> anyhow::Result<SocketAddr> {
+        let mt = self.mt.addr.context("start the master target before the relay")?;
+        let listen = self.relay.addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let mut cmd = Command::new(bin_path("relay")?);
+        cmd.arg("run")
+            .arg("--listen").arg(listen.to_string())
+            .arg("--master-target").arg(mt.to_string())
+            .arg("--pki-dir").arg(&self.pki_dir)
+            .arg("--queue-mib").arg(self.opts.relay_queue_mib.to_string())
+            .arg("--max-udp-payload").arg(self.opts.max_udp_payload.to_string());
+        let root = self.root.clone();
+        start_daemon(&mut self.relay, &root, cmd)
+    }
+
+    /// Stops the master target: SIGTERM and wait, or SIGKILL (`kill9`).
+    pub fn stop_master_target(&mut self, kill9: bool) -> anyhow::Result<()> {
+        stop_daemon(&mut self.mt, kill9)
+    }
+
+    /// Stops the relay: SIGTERM and wait, or SIGKILL (`kill9`).
+    pub fn stop_relay(&mut self, kill9: bool) -> anyhow::Result<()> {
+        stop_daemon(&mut self.relay, kill9)
+    }
+
+    /// Keeps the site directory after this value is dropped; returns its path.
+    pub fn keep(&mut self) -> PathBuf {
+        if let Some(t) = self._tmp.take() {
+            let _ = t.keep();
+        }
+        self.root.clone()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = stop_daemon(&mut self.relay, true);
+        let _ = stop_daemon(&mut self.mt, true);
+    }
+}
+
+fn start_daemon(d: &mut Daemon, root: &Path, mut cmd: Command) -> anyhow::Result<SocketAddr> {
+    if d.child.is_some() {
+        bail!("{} is already running", d.name);
+    }
+    let port_file = root.join(format!("{}.addr", d.name));
+    let _ = fs::remove_file(&port_file);
+    let log_path = root.join("logs").join(format!("{}.log", d.name));
+    let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
+    cmd.arg("--port-file").arg(&port_file).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", d.name))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(s) = fs::read_to_string(&port_file) {
+            if let Ok(addr) = s.trim().parse() {
+                d.addr = Some(addr);
+                d.child = Some(child);
+                return Ok(addr);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited at start ({status}); log:\n{}", d.name, log_tail(&log_path));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{} did not start listening within 20 s; log:\n{}", d.name, log_tail(&log_path));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop_daemon(d: &mut Daemon, kill9: bool) -> anyhow::Result<()> {
+    let Some(mut child) = d.child.take() else { return Ok(()) };
+    if kill9 {
+        let _ = child.kill();
+        child.wait()?;
+        return Ok(());
+    }
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Term);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            child.wait()?;
+            bail!("{} ignored SIGTERM for 15 s and was killed", d.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last lines of a log file, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    let s = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// CPU seconds (user + system) used so far by process `pid`, from `/proc`.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    Some((utime + stime) as f64 / ticks)
+}

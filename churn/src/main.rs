@@ -1,0 +1,416 @@
+//! `churn`: agent emulator, load generator, verifier, drill and benchmark.
+//!
+//! Thin: parses flags and calls the library. Exit status: 0 when everything verified,
+//! 1 on a failed verification or run, 64 on bad usage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use fbr_churn::agent::{self, AgentOptions, DiskPlan};
+use fbr_churn::drill::{self, DrillOptions, DrillSummary};
+use fbr_churn::source::{Manifest, SourceSpec};
+use fbr_churn::workload::{Content, ContentPools, DiskGenerator, Profile};
+use fbr_churn::writelog::{self, LogRecord, LogWriter};
+use fbr_churn::{parse_size, verify};
+use fbr_protocol::StreamId;
+use fbr_transport::QuicTuning;
+
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "churn", version, about = "Failback agent emulator: churns emulated VM disks through a relay and verifies the replicas")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// A workload profile, or all of them cycled over the disks.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProfileChoice {
+    All,
+    Random,
+    Sequential,
+    Mixed,
+    Trim,
+}
+
+impl ProfileChoice {
+    fn profile(self) -> Option<Profile> {
+        match self {
+            ProfileChoice::All => None,
+            ProfileChoice::Random => Some(Profile::Random),
+            ProfileChoice::Sequential => Some(Profile::Sequential),
+            ProfileChoice::Mixed => Some(Profile::Mixed),
+            ProfileChoice::Trim => Some(Profile::Trim),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct WorkloadArgs {
+    /// Number of emulated VMs.
+    #[arg(long, default_value_t = 3)]
+    vms: u32,
+    /// Disks per VM.
+    #[arg(long, default_value_t = 2)]
+    disks: u32,
+    /// Size of each disk (e.g. 64MiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    disk_size: u64,
+    /// Where writes land.
+    #[arg(long, value_enum, default_value_t = ProfileChoice::All)]
+    profile: ProfileChoice,
+    /// What the written bytes look like.
+    #[arg(long, value_enum, default_value_t = Content::Mixed)]
+    content: Content,
+    /// Seed of every random choice: the same seed gives the same churn.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Replication groups the VMs are spread over (tags are cut per group).
+    #[arg(long, default_value_t = 1)]
+    groups: u32,
+    /// Milliseconds between crash-consistent tags.
+    #[arg(long, default_value_t = 500)]
+    tag_interval_ms: u64,
+    /// Largest UDP payload MTU discovery may use.
+    #[arg(long, default_value_t = 1452)]
+    max_udp_payload: u16,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RelayArgs {
+    /// UDP address of the relay.
+    #[arg(long)]
+    relay: SocketAddr,
+    /// DNS name in the relay's certificate.
+    #[arg(long, default_value = "relay")]
+    relay_name: String,
+    /// Directory with ca.pem and the agent certificate.
+    #[arg(long)]
+    pki_dir: PathBuf,
+    /// File stem of the agent certificate in --pki-dir.
+    #[arg(long, default_value = "agent")]
+    cert_name: String,
+    /// Where to write the run manifest (needed by `churn verify`).
+    #[arg(long)]
+    manifest: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the whole path locally (fresh PKI, master target, relay), churn, verify.
+    Drill {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        /// How long to churn, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Keep the site (logs, data, manifest) in this directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Print one JSON summary object as the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmark the path: like the drill, sized for throughput, with rates and CPU.
+    Bench {
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 2)]
+        vms: u32,
+        #[arg(long, default_value_t = 2)]
+        disks: u32,
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        disk_size: u64,
+        #[arg(long, value_enum, default_value_t = ProfileChoice::Mixed)]
+        profile: ProfileChoice,
+        #[arg(long, value_enum, default_value_t = Content::Mixed)]
+        content: Content,
+        #[arg(long, default_value_t = 1000)]
+        tag_interval_ms: u64,
+        /// Largest UDP payload MTU discovery may use (loopback allows more than a WAN).
+        #[arg(long, default_value_t = 1452)]
+        max_udp_payload: u16,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drive an already running relay with generated churn.
+    Run {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// How long to churn, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Replay a recorded write log through a running relay.
+    Replay {
+        /// The write log (see docs/WRITE-LOG-FORMAT.md).
+        #[arg(long)]
+        log: PathBuf,
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// Replication group of every disk in the log.
+        #[arg(long, default_value = "replay")]
+        group: String,
+        #[arg(long, default_value_t = 500)]
+        tag_interval_ms: u64,
+        #[arg(long, default_value_t = 1452)]
+        max_udp_payload: u16,
+    },
+    /// Write a write log from generated churn (for replay tests and demos).
+    MakeLog {
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        /// Changes in the log, interleaved round-robin over the disks.
+        #[arg(long, default_value_t = 2000)]
+        records: u64,
+    },
+    /// Verify a master target's data directory against a run manifest (daemon stopped).
+    Verify {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        master_data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Some(msg) = usage_error(&cli.command) {
+        eprintln!("churn: {msg}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("churn: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("churn: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks values clap cannot; `Some(message)` means exit 64.
+fn usage_error(cmd: &Command) -> Option<String> {
+    let w = match cmd {
+        Command::Drill { workload, .. } | Command::Run { workload, .. } | Command::MakeLog { workload, .. } => Some(workload),
+        _ => None,
+    };
+    if let Some(w) = w {
+        if w.vms == 0 || w.disks == 0 {
+            return Some("--vms and --disks must be at least 1".into());
+        }
+        if w.disk_size < 1 << 20 || w.disk_size % 4096 != 0 {
+            return Some(format!("invalid --disk-size {}: must be at least 1 MiB and a multiple of 4 KiB", w.disk_size));
+        }
+        if w.tag_interval_ms == 0 {
+            return Some("--tag-interval-ms must be at least 1".into());
+        }
+    }
+    match cmd {
+        Command::Bench { disk_size, .. } if *disk_size < 1 << 20 || disk_size % 4096 != 0 => {
+            Some(format!("invalid --disk-size {disk_size}: must be at least 1 MiB and a multiple of 4 KiB"))
+        }
+        Command::Drill { seconds, .. } | Command::Run { seconds, .. } | Command::Bench { seconds, .. }
+            if !(*seconds > 0.0 && seconds.is_finite()) =>
+        {
+            Some(format!("invalid --seconds {seconds}: must be a positive number"))
+        }
+        _ => None,
+    }
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
+    match cmd {
+        Command::Drill { workload: w, seconds, keep, json } => {
+            let opts = DrillOptions {
+                vms: w.vms,
+                disks_per_vm: w.disks,
+                disk_size: w.disk_size,
+                duration: Duration::from_secs_f64(seconds),
+                tag_interval: Duration::from_millis(w.tag_interval_ms),
+                profile: w.profile.profile(),
+                content: w.content,
+                seed: w.seed,
+                groups: w.groups,
+                progress: true,
+                keep,
+                max_udp_payload: w.max_udp_payload,
+                relay_queue_mib: 16,
+                credit_mib: 64,
+            };
+            eprintln!(
+                "drill: {} VMs x {} disks of {} MiB, {:?} profile, {:?} content, {seconds} s, a tag every {} ms",
+                w.vms, w.disks, w.disk_size >> 20, w.profile, w.content, w.tag_interval_ms
+            );
+            finish_drill(drill::run_drill(opts).await?, json)
+        }
+        Command::Bench { seconds, vms, disks, disk_size, profile, content, tag_interval_ms, max_udp_payload, json } => {
+            let opts = DrillOptions {
+                vms,
+                disks_per_vm: disks,
+                disk_size,
+                duration: Duration::from_secs_f64(seconds),
+                tag_interval: Duration::from_millis(tag_interval_ms),
+                profile: profile.profile(),
+                content,
+                seed: 1,
+                groups: 1,
+                progress: true,
+                keep: None,
+                max_udp_payload,
+                relay_queue_mib: 32,
+                credit_mib: 64,
+            };
+            finish_drill(drill::run_drill(opts).await?, json)
+        }
+        Command::Run { workload: w, relay, seconds } => {
+            let plans = drill::plan_disks(&DrillOptions {
+                vms: w.vms,
+                disks_per_vm: w.disks,
+                disk_size: w.disk_size,
+                duration: Duration::from_secs_f64(seconds),
+                tag_interval: Duration::from_millis(w.tag_interval_ms),
+                profile: w.profile.profile(),
+                content: w.content,
+                seed: w.seed,
+                groups: w.groups,
+                progress: false,
+                keep: None,
+                max_udp_payload: w.max_udp_payload,
+                relay_queue_mib: 0,
+                credit_mib: 0,
+            });
+            let opts = agent_options(&relay, w.tag_interval_ms, w.max_udp_payload, Some(Duration::from_secs_f64(seconds)));
+            run_agent(opts, plans, w.seed, &relay.manifest).await
+        }
+        Command::Replay { log, relay, group, tag_interval_ms, max_udp_payload } => {
+            let log = std::fs::canonicalize(&log).with_context(|| format!("{}", log.display()))?;
+            let disks = writelog::scan_disks(&log)?;
+            anyhow::ensure!(!disks.is_empty(), "{} declares no disks", log.display());
+            let plans = disks
+                .into_iter()
+                .map(|(index, id, size)| DiskPlan {
+                    id,
+                    disk_size: size,
+                    group: group.clone(),
+                    source: SourceSpec::Log { path: log.clone(), index },
+                })
+                .collect();
+            let opts = agent_options(&relay, tag_interval_ms, max_udp_payload, None);
+            run_agent(opts, plans, 0, &relay.manifest).await
+        }
+        Command::MakeLog { out, workload: w, records } => {
+            make_log(&out, &w, records)?;
+            eprintln!("wrote {records} changes over {} disks to {}", w.vms * w.disks, out.display());
+            Ok(true)
+        }
+        Command::Verify { manifest, master_data, json } => {
+            let m: Manifest = serde_json::from_slice(
+                &std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?,
+            )
+            .with_context(|| format!("parsing {}", manifest.display()))?;
+            let report = tokio::task::spawn_blocking(move || verify::verify(&m, &master_data))
+                .await?
+                .map_err(anyhow::Error::msg)?;
+            for e in &report.errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!(
+                "{}: {} of {} complete recovery points byte-identical",
+                if report.verified { "VERIFIED" } else { "FAILED" },
+                report.recovery_points_verified,
+                report.recovery_points_complete
+            );
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            Ok(report.verified)
+        }
+    }
+}
+
+fn finish_drill(summary: DrillSummary, json: bool) -> anyhow::Result<bool> {
+    drill::print_summary(&summary);
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(summary.verified)
+}
+
+fn agent_options(relay: &RelayArgs, tag_interval_ms: u64, max_udp_payload: u16, duration: Option<Duration>) -> AgentOptions {
+    AgentOptions {
+        relay: relay.relay,
+        relay_name: relay.relay_name.clone(),
+        pki_dir: relay.pki_dir.clone(),
+        cert_name: relay.cert_name.clone(),
+        tuning: QuicTuning { max_udp_payload, ..QuicTuning::default() },
+        tag_interval: Duration::from_millis(tag_interval_ms.max(1)),
+        app_tag_every: 5,
+        duration,
+        drain_timeout: Duration::from_secs(120),
+        reconnect_timeout: Duration::from_secs(120),
+    }
+}
+
+async fn run_agent(opts: AgentOptions, plans: Vec<DiskPlan>, seed: u64, manifest_path: &std::path::Path) -> anyhow::Result<bool> {
+    let handle = agent::start(opts, plans, seed).map_err(anyhow::Error::msg)?;
+    let stats = handle.stats.clone();
+    let report = handle.finish().await.map_err(anyhow::Error::msg)?;
+    std::fs::write(manifest_path, serde_json::to_vec_pretty(&report.manifest)?)
+        .with_context(|| format!("writing {}", manifest_path.display()))?;
+    let (p50, p99, max) = stats.lag_ms();
+    let bytes = stats.logical_bytes_acked.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "acknowledged {:.1} MB in {:.1} s; lag p50 {p50:.1} ms p99 {p99:.1} ms max {max:.1} ms; manifest {}",
+        bytes as f64 / 1e6,
+        report.elapsed.as_secs_f64(),
+        manifest_path.display()
+    );
+    for f in &report.failures {
+        eprintln!("error: {f}");
+    }
+    Ok(report.failures.is_empty())
+}
+
+fn make_log(out: &std::path::Path, w: &WorkloadArgs, records: u64) -> anyhow::Result<()> {
+    let pools = ContentPools::new(w.seed);
+    let mut log = LogWriter::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut gens = Vec::new();
+    let mut index = 0u32;
+    for v in 0..w.vms {
+        for d in 0..w.disks {
+            let profile = w.profile.profile().unwrap_or(Profile::ALL[index as usize % Profile::ALL.len()]);
+            log.append(&LogRecord::Disk { index, size: w.disk_size, id: StreamId { vm: format!("vm{}", v + 1), disk: d } })?;
+            gens.push(DiskGenerator::new(w.seed, v, d, profile, w.content, w.disk_size, pools.clone()));
+            index += 1;
+        }
+    }
+    for i in 0..records {
+        let disk = (i % gens.len() as u64) as usize;
+        let change = gens[disk].next_change();
+        log.append(&LogRecord::Change { index: disk as u32, change })?;
+    }
+    log.finish()?;
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Where a source disk's changes come from, and the run manifest that records them.
+//!
+//! A disk's changes are either generated ([`crate::workload`]) or read from a write log
+//! ([`crate::writelog`]). Either way they are reproducible, so the [`Manifest`] of a run
+//! only needs to say *which* source each disk had and at which sequence numbers the tags
+//! were inserted; the verifier rebuilds every source disk from that.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::workload::{Change, Content, ContentPools, DiskGenerator, Profile};
+use crate::writelog::LogDiskSource;
+
+/// Manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// How to reproduce one disk's changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SourceSpec {
+    Generated {
+        seed: u64,
+        vm_index: u32,
+        disk_index: u32,
+        profile: Profile,
+        content: Content,
+    },
+    Log {
+        path: PathBuf,
+        index: u32,
+    },
+}
+
+/// An open source of changes.
+#[derive(Debug)]
+pub enum ChangeSource {
+    Generated(DiskGenerator),
+    Log(LogDiskSource),
+}
+
+impl ChangeSource {
+    pub fn open(spec: &SourceSpec, disk_size: u64, pools: &Arc<ContentPools>) -> Result<Self, String> {
+        Ok(match spec {
+            SourceSpec::Generated { seed, vm_index, disk_index, profile, content } => {
+                ChangeSource::Generated(DiskGenerator::new(
+                    *seed,
+                    *vm_index,
+                    *disk_index,
+                    *profile,
+                    *content,
+                    disk_size,
+                    pools.clone(),
+                ))
+            }
+            SourceSpec::Log { path, index } => {
+                ChangeSource::Log(LogDiskSource::open(path, *index).map_err(|e| e.to_string())?)
+            }
+        })
+    }
+
+    /// The next change; `Ok(None)` when a log is exhausted (generators never are).
+    pub fn next_change(&mut self) -> Result<Option<Change>, String> {
+        match self {
+            ChangeSource::Generated(g) => Ok(Some(g.next_change())),
+            ChangeSource::Log(l) => l.next_change().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// What a run did: enough to rebuild every source disk at every tag.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    /// Seed of the shared content pools (dup blocks, text corpus).
+    pub seed: u64,
+    pub disks: Vec<DiskManifest>,
+}
+
+/// One source disk of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskManifest {
+    pub vm: String,
+    pub disk: u32,
+    pub disk_size: u64,
+    pub group: String,
+    pub source: SourceSpec,
+    /// Highest sequence number assigned (changes and tags).
+    pub last_seq: u64,
+    /// Highest sequence number the relay acknowledged (durable downstream).
+    pub acked_seq: u64,
+    /// Tags inserted on this disk, in sequence order.
+    pub tags: Vec<TagRecord>,
+}
+
+/// A tag as inserted by the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub id: u64,
+    pub seq: u64,
+    pub app: bool,
+}

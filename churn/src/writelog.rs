@@ -1,0 +1,298 @@
+//! The write-log format: a recorded workload that `churn replay` feeds through the path.
+//!
+//! Captured from a real system (or made by `churn make-log`), it lists, in the order they
+//! happened, every change to every disk. Version 1, little-endian
+//! (`docs/WRITE-LOG-FORMAT.md` has the byte tables; `tests/golden.rs` pins them):
+//!
+//! ```text
+//! file   = header record*
+//! header = magic "FBRWLOG1" (8) | version u32 = 1 | reserved u32 = 0     (16 bytes)
+//! record = kind u8, then by kind:
+//!   1 DISK  : index u32 | size u64 | vm_len u8 | vm | disk u32   declares disk `index`
+//!   2 WRITE : index u32 | offset u64 | len u32 | data[len]       len <= 1 MiB
+//!   3 ZERO  : index u32 | offset u64 | len u64
+//! ```
+//!
+//! A disk must be declared before it is written. Offsets and lengths must be multiples
+//! of 512 and stay inside the declared size; [`LogReader`] checks all of it and names the
+//! record that breaks a rule.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fbr_protocol::{names::validate_name, StreamId, MAX_WRITE_BYTES, SECTOR_SIZE};
+
+use crate::workload::Change;
+
+pub const LOG_MAGIC: [u8; 8] = *b"FBRWLOG1";
+pub const LOG_VERSION: u32 = 1;
+const KIND_DISK: u8 = 1;
+const KIND_WRITE: u8 = 2;
+const KIND_ZERO: u8 = 3;
+
+/// One record of a write log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogRecord {
+    Disk { index: u32, size: u64, id: StreamId },
+    Change { index: u32, change: Change },
+}
+
+/// A malformed log, with the position of the offending record.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("write log: {0}")]
+    Io(#[from] io::Error),
+    #[error("write log record {record} (byte {offset}): {reason}")]
+    Invalid { record: u64, offset: u64, reason: String },
+}
+
+/// The 16-byte header.
+pub fn encode_header() -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&LOG_MAGIC);
+    h[8..12].copy_from_slice(&LOG_VERSION.to_le_bytes());
+    h
+}
+
+/// Appends one record's encoding to `out`.
+pub fn encode_record(r: &LogRecord, out: &mut BytesMut) {
+    match r {
+        LogRecord::Disk { index, size, id } => {
+            out.put_u8(KIND_DISK);
+            out.put_u32_le(*index);
+            out.put_u64_le(*size);
+            out.put_u8(id.vm.len() as u8);
+            out.put_slice(id.vm.as_bytes());
+            out.put_u32_le(id.disk);
+        }
+        LogRecord::Change { index, change: Change::Write { offset, data } } => {
+            out.put_u8(KIND_WRITE);
+            out.put_u32_le(*index);
+            out.put_u64_le(*offset);
+            out.put_u32_le(data.len() as u32);
+            out.put_slice(data);
+        }
+        LogRecord::Change { index, change: Change::Zero { offset, len } } => {
+            out.put_u8(KIND_ZERO);
+            out.put_u32_le(*index);
+            out.put_u64_le(*offset);
+            out.put_u64_le(*len);
+        }
+    }
+}
+
+/// Decodes one record from the front of `b` (structure only; [`LogReader`] checks the
+/// rules that need context). `Ok(None)`: `b` holds only part of a record.
+pub fn decode_record(b: &[u8]) -> Result<Option<(LogRecord, usize)>, String> {
+    let mut p = b;
+    if p.is_empty() {
+        return Ok(None);
+    }
+    let kind = p.get_u8();
+    let need = |p: &[u8], n: usize| p.len() >= n;
+    let rec = match kind {
+        KIND_DISK => {
+            if !need(p, 13) {
+                return Ok(None);
+            }
+            let index = p.get_u32_le();
+            let size = p.get_u64_le();
+            let vm_len = p.get_u8() as usize;
+            if !need(p, vm_len + 4) {
+                return Ok(None);
+            }
+            let vm = std::str::from_utf8(&p[..vm_len]).map_err(|_| "VM name is not UTF-8".to_string())?.to_owned();
+            validate_name(&vm)?;
+            p.advance(vm_len);
+            let disk = p.get_u32_le();
+            LogRecord::Disk { index, size, id: StreamId { vm, disk } }
+        }
+        KIND_WRITE => {
+            if !need(p, 16) {
+                return Ok(None);
+            }
+            let index = p.get_u32_le();
+            let offset = p.get_u64_le();
+            let len = p.get_u32_le() as usize;
+            if len == 0 || len > MAX_WRITE_BYTES {
+                return Err(format!("write length {len} is not in 1..={MAX_WRITE_BYTES}"));
+            }
+            if !need(p, len) {
+                return Ok(None);
+            }
+            let data = Bytes::copy_from_slice(&p[..len]);
+            p.advance(len);
+            LogRecord::Change { index, change: Change::Write { offset, data } }
+        }
+        KIND_ZERO => {
+            if !need(p, 20) {
+                return Ok(None);
+            }
+            let index = p.get_u32_le();
+            let offset = p.get_u64_le();
+            let len = p.get_u64_le();
+            if len == 0 {
+                return Err("zero length is 0".into());
+            }
+            LogRecord::Change { index, change: Change::Zero { offset, len } }
+        }
+        k => return Err(format!("unknown record kind {k}")),
+    };
+    Ok(Some((rec, b.len() - p.len())))
+}
+
+/// Writes a log file.
+#[derive(Debug)]
+pub struct LogWriter {
+    out: BufWriter<File>,
+    buf: BytesMut,
+}
+
+impl LogWriter {
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let mut out = BufWriter::new(File::create(path)?);
+        out.write_all(&encode_header())?;
+        Ok(LogWriter { out, buf: BytesMut::new() })
+    }
+
+    pub fn append(&mut self, r: &LogRecord) -> io::Result<()> {
+        self.buf.clear();
+        encode_record(r, &mut self.buf);
+        self.out.write_all(&self.buf)
+    }
+
+    pub fn finish(mut self) -> io::Result<()> {
+        self.out.flush()?;
+        self.out.get_ref().sync_all()
+    }
+}
+
+/// Reads and checks a log file record by record.
+#[derive(Debug)]
+pub struct LogReader {
+    input: BufReader<File>,
+    buf: BytesMut,
+    offset: u64,
+    record: u64,
+    disks: HashMap<u32, (StreamId, u64)>,
+    eof: bool,
+}
+
+impl LogReader {
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let mut input = BufReader::with_capacity(1 << 20, File::open(path)?);
+        let mut header = [0u8; 16];
+        input.read_exact(&mut header).map_err(|_| invalid(0, 0, "file shorter than the 16-byte header"))?;
+        if header[..8] != LOG_MAGIC {
+            return Err(invalid(0, 0, "bad magic: not a write log"));
+        }
+        let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        if version != LOG_VERSION {
+            return Err(invalid(0, 8, &format!("unsupported version {version}")));
+        }
+        Ok(LogReader { input, buf: BytesMut::new(), offset: 16, record: 0, disks: HashMap::new(), eof: false })
+    }
+
+    /// The next checked record; `Ok(None)` at the end of the file.
+    pub fn next_record(&mut self) -> Result<Option<LogRecord>, LogError> {
+        loop {
+            match decode_record(&self.buf).map_err(|r| invalid(self.record, self.offset, &r))? {
+                Some((rec, used)) => {
+                    self.check(&rec)?;
+                    self.buf.advance(used);
+                    self.offset += used as u64;
+                    self.record += 1;
+                    return Ok(Some(rec));
+                }
+                None if self.eof => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(invalid(self.record, self.offset, "file ends in the middle of a record"));
+                }
+                None => {
+                    let mut chunk = vec![0u8; 256 * 1024];
+                    let n = self.input.read(&mut chunk)?;
+                    if n == 0 {
+                        self.eof = true;
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+
+    fn check(&mut self, rec: &LogRecord) -> Result<(), LogError> {
+        let (record, offset) = (self.record, self.offset);
+        match rec {
+            LogRecord::Disk { index, size, id } => {
+                if *size == 0 || size % 4096 != 0 || *size < 1 << 20 {
+                    return Err(invalid(record, offset, &format!("disk size {size} must be a multiple of 4096 and at least 1 MiB")));
+                }
+                if self.disks.insert(*index, (id.clone(), *size)).is_some() {
+                    return Err(invalid(record, offset, &format!("disk index {index} declared twice")));
+                }
+            }
+            LogRecord::Change { index, change } => {
+                let Some((_, size)) = self.disks.get(index) else {
+                    return Err(invalid(record, offset, &format!("disk index {index} used before it is declared")));
+                };
+                let (o, l) = match change {
+                    Change::Write { offset, data } => (*offset, data.len() as u64),
+                    Change::Zero { offset, len } => (*offset, *len),
+                };
+                if o % SECTOR_SIZE != 0 || l % SECTOR_SIZE != 0 {
+                    return Err(invalid(record, offset, &format!("offset {o} / length {l} not aligned to 512 bytes")));
+                }
+                if o.checked_add(l).is_none_or(|end| end > *size) {
+                    return Err(invalid(record, offset, &format!("range {o}+{l} ends beyond the disk size {size}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(record: u64, offset: u64, reason: &str) -> LogError {
+    LogError::Invalid { record, offset, reason: reason.to_owned() }
+}
+
+/// Every disk declared in a log, with its index and size (reads the whole log once, so
+/// it is also a full validation pass).
+pub fn scan_disks(path: &Path) -> Result<Vec<(u32, StreamId, u64)>, LogError> {
+    let mut r = LogReader::open(path)?;
+    let mut disks = Vec::new();
+    while let Some(rec) = r.next_record()? {
+        if let LogRecord::Disk { index, size, id } = rec {
+            disks.push((index, id, size));
+        }
+    }
+    Ok(disks)
+}
+
+/// The changes of one disk of a log, in order.
+#[derive(Debug)]
+pub struct LogDiskSource {
+    reader: LogReader,
+    index: u32,
+}
+
+impl LogDiskSource {
+    pub fn open(path: &Path, index: u32) -> Result<Self, LogError> {
+        Ok(LogDiskSource { reader: LogReader::open(path)?, index })
+    }
+
+    pub fn next_change(&mut self) -> Result<Option<Change>, LogError> {
+        while let Some(rec) = self.reader.next_record()? {
+            if let LogRecord::Change { index, change } = rec {
+                if index == self.index {
+                    return Ok(Some(change));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
