@@ -13,10 +13,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fbr_churn::agent::{self, AgentOptions, DiskPlan};
 use fbr_churn::drill::{self, DrillOptions, DrillSummary};
 use fbr_churn::source::{Manifest, SourceSpec};
-use fbr_churn::workload::{Content, ContentPools, DiskGenerator, Profile};
-use fbr_churn::writelog::{self, LogRecord, LogWriter};
+use fbr_churn::workload::{Content, Profile};
+use fbr_churn::writelog;
 use fbr_churn::{parse_size, verify};
-use fbr_protocol::StreamId;
 use fbr_transport::QuicTuning;
 
 const EX_USAGE: u8 = 64;
@@ -321,7 +320,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             run_agent(opts, plans, 0, &relay.manifest).await
         }
         Command::MakeLog { out, workload: w, records } => {
-            make_log(&out, &w, records)?;
+            let profile = w.profile.profile();
+            writelog::generate_log(&out, w.vms, w.disks, w.disk_size, profile, w.content, w.seed, records)
+                .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {records} changes over {} disks to {}", w.vms * w.disks, out.display());
             Ok(true)
         }
@@ -391,26 +392,4 @@ async fn run_agent(opts: AgentOptions, plans: Vec<DiskPlan>, seed: u64, manifest
         eprintln!("error: {f}");
     }
     Ok(report.failures.is_empty())
-}
-
-fn make_log(out: &std::path::Path, w: &WorkloadArgs, records: u64) -> anyhow::Result<()> {
-    let pools = ContentPools::new(w.seed);
-    let mut log = LogWriter::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut gens = Vec::new();
-    let mut index = 0u32;
-    for v in 0..w.vms {
-        for d in 0..w.disks {
-            let profile = w.profile.profile().unwrap_or(Profile::ALL[index as usize % Profile::ALL.len()]);
-            log.append(&LogRecord::Disk { index, size: w.disk_size, id: StreamId { vm: format!("vm{}", v + 1), disk: d } })?;
-            gens.push(DiskGenerator::new(w.seed, v, d, profile, w.content, w.disk_size, pools.clone()));
-            index += 1;
-        }
-    }
-    for i in 0..records {
-        let disk = (i % gens.len() as u64) as usize;
-        let change = gens[disk].next_change();
-        log.append(&LogRecord::Change { index: disk as u32, change })?;
-    }
-    log.finish()?;
-    Ok(())
 }

@@ -25,7 +25,7 @@ use std::path::Path;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fbr_protocol::{names::validate_name, StreamId, MAX_WRITE_BYTES, SECTOR_SIZE};
 
-use crate::workload::Change;
+use crate::workload::{Change, Content, ContentPools, DiskGenerator, Profile};
 
 pub const LOG_MAGIC: [u8; 8] = *b"FBRWLOG1";
 pub const LOG_VERSION: u32 = 1;
@@ -295,4 +295,37 @@ impl LogDiskSource {
         }
         Ok(None)
     }
+}
+
+/// Writes a log of `records` generated changes over `vms` x `disks` disks named
+/// `vm<N>`/`<disk>`, interleaved round-robin (`profile: None` cycles every profile).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_log(
+    out: &Path,
+    vms: u32,
+    disks: u32,
+    disk_size: u64,
+    profile: Option<Profile>,
+    content: Content,
+    seed: u64,
+    records: u64,
+) -> io::Result<()> {
+    let pools = ContentPools::new(seed);
+    let mut log = LogWriter::create(out)?;
+    let mut gens = Vec::new();
+    for v in 0..vms {
+        for d in 0..disks {
+            let index = gens.len() as u32;
+            let p = profile.unwrap_or(Profile::ALL[index as usize % Profile::ALL.len()]);
+            let id = StreamId { vm: format!("vm{}", v + 1), disk: d };
+            log.append(&LogRecord::Disk { index, size: disk_size, id })?;
+            gens.push(DiskGenerator::new(seed, v, d, p, content, disk_size, pools.clone()));
+        }
+    }
+    for i in 0..records {
+        let index = (i % gens.len() as u64) as usize;
+        let change = gens[index].next_change();
+        log.append(&LogRecord::Change { index: index as u32, change })?;
+    }
+    log.finish()
 }

@@ -1,1 +1,188 @@
+//! # fbr-tests: helpers for the end-to-end tests
+//!
+//! The tests in `tests/tests/` start real `master-target` and `relay` processes through
+//! [`fbr_churn::harness::Site`] (binaries found next to the test executable, so run
+//! them with `cargo test --workspace`, which builds them) and drive them with the agent
+//! emulator or with [`RawAgent`], a bare QUIC client for sending hostile input.
+#![forbid(unsafe_code)]
 
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fbr_churn::agent::{self, AgentOptions, DiskPlan};
+use fbr_churn::harness::{Site, SiteOptions};
+use fbr_churn::source::SourceSpec;
+use fbr_churn::workload::{Content, Profile};
+use fbr_protocol::{decode_frame, encode_frame, Frame, StreamId};
+use fbr_transport::{any_addr_for, client_endpoint, Credentials, QuicTuning};
+
+/// A site with the master target and relay running, the agent entitled to `vms`.
+pub fn start_site(vms: &[&str]) -> Site {
+    let mut site = Site::create(
+        None,
+        SiteOptions {
+            agent_vms: vms.iter().map(|s| s.to_string()).collect(),
+            relay_queue_mib: 8,
+            mt_credit_mib: 8,
+            max_udp_payload: 1452,
+        },
+    )
+    .expect("create site");
+    site.start_master_target().expect("start master target");
+    site.start_relay().expect("start relay");
+    site
+}
+
+/// Agent options for tests: short timeouts, fast tags.
+pub fn agent_options(site: &Site, duration: Duration, tag_interval: Duration) -> AgentOptions {
+    AgentOptions {
+        relay: site.relay_addr().expect("relay running"),
+        relay_name: "relay".into(),
+        pki_dir: site.pki_dir.clone(),
+        cert_name: "agent".into(),
+        tuning: QuicTuning::default(),
+        tag_interval,
+        app_tag_every: 4,
+        duration: Some(duration),
+        drain_timeout: Duration::from_secs(60),
+        reconnect_timeout: Duration::from_secs(60),
+    }
+}
+
+/// `vms` x `disks` generated disks of `disk_size`, every profile cycled, one group.
+pub fn plans(vms: u32, disks: u32, disk_size: u64, content: Content, seed: u64) -> Vec<DiskPlan> {
+    let mut out = Vec::new();
+    for v in 0..vms {
+        for d in 0..disks {
+            let n = (v * disks + d) as usize;
+            out.push(DiskPlan {
+                id: StreamId { vm: format!("vm{}", v + 1), disk: d },
+                disk_size,
+                group: "group1".into(),
+                source: SourceSpec::Generated {
+                    seed,
+                    vm_index: v,
+                    disk_index: d,
+                    profile: Profile::ALL[n % Profile::ALL.len()],
+                    content,
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Runs the agent emulator to completion and returns its report; panics on failures.
+pub async fn churn(opts: AgentOptions, plans: Vec<DiskPlan>, seed: u64) -> agent::RunReport {
+    let handle = agent::start(opts, plans, seed).expect("start agent");
+    let report = handle.finish().await.expect("run");
+    assert!(report.failures.is_empty(), "disk failures: {:?}", report.failures);
+    report
+}
+
+/// A bare QUIC client speaking frames, for sending whatever a test wants.
+#[derive(Debug)]
+pub struct RawAgent {
+    pub conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+/// One raw stream: write bytes or frames, read frames.
+#[derive(Debug)]
+pub struct RawStream {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl RawAgent {
+    /// Connects to the site's relay with `creds`.
+    pub async fn connect_with(site: &Site, creds: Credentials) -> anyhow::Result<RawAgent> {
+        let addr = site.relay_addr().expect("relay running");
+        let endpoint = client_endpoint(any_addr_for(addr), creds, &QuicTuning::default())?;
+        let conn = endpoint.connect(addr, "relay")?.await?;
+        Ok(RawAgent { conn, _endpoint: endpoint })
+    }
+
+    /// Connects with the site's agent certificate.
+    pub async fn connect(site: &Site) -> RawAgent {
+        let creds = Credentials::load(&site.pki_dir, "agent").expect("agent credentials");
+        Self::connect_with(site, creds).await.expect("connect")
+    }
+
+    pub async fn open(&self) -> RawStream {
+        let (send, recv) = self.conn.open_bi().await.expect("open stream");
+        RawStream { send, recv, buf: BytesMut::new() }
+    }
+
+    /// Opens a stream and completes Hello/Accept; returns the stream and next_seq.
+    pub async fn open_disk(&self, vm: &str, disk: u32, disk_size: u64) -> (RawStream, u64) {
+        let mut s = self.open().await;
+        s.send_frame(&Frame::Hello { stream: StreamId { vm: vm.into(), disk }, disk_size }).await;
+        match s.next_frame().await {
+            Some(Frame::Accept { next_seq, .. }) => (s, next_seq),
+            other => panic!("expected Accept for {vm}/{disk}, got {other:?}"),
+        }
+    }
+}
+
+impl RawStream {
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.expect("write");
+    }
+
+    pub async fn send_frame(&mut self, frame: &Frame) {
+        let mut b = BytesMut::new();
+        encode_frame(frame, &mut b);
+        self.send_bytes(&b).await;
+    }
+
+    /// The next frame, or `None` when the stream ends or fails; panics after 20 s.
+    pub async fn next_frame(&mut self) -> Option<Frame> {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match decode_frame(&mut self.buf) {
+                    Ok(Some(f)) => return Some(f),
+                    Ok(None) => {}
+                    Err(e) => panic!("peer sent an undecodable frame: {e}"),
+                }
+                match self.recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                    _ => return None,
+                }
+            }
+        })
+        .await
+        .expect("no frame within 20 s")
+    }
+
+    /// Reads until an `Error` frame (returned) or the end of the stream (`None`),
+    /// collecting the highest `Ack` seen.
+    pub async fn until_error(&mut self) -> (Option<Frame>, u64) {
+        let mut acked = 0;
+        loop {
+            match self.next_frame().await {
+                Some(Frame::Ack { seq }) => acked = acked.max(seq),
+                Some(e @ Frame::Error { .. }) => return (Some(e), acked),
+                Some(_) => {}
+                None => return (None, acked),
+            }
+        }
+    }
+
+    /// Waits until an `Ack` of at least `seq` arrives; panics on anything else.
+    pub async fn wait_ack(&mut self, seq: u64) {
+        loop {
+            match self.next_frame().await {
+                Some(Frame::Ack { seq: s }) if s >= seq => return,
+                Some(Frame::Ack { .. }) | Some(Frame::Credit { .. }) => {}
+                other => panic!("waiting for ack {seq}, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// A write record frame of `len` bytes of `fill` at `offset`.
+pub fn write(seq: u64, offset: u64, len: usize, fill: u8) -> Frame {
+    Frame::Record(fbr_protocol::Record::Write { seq, offset, data: Bytes::from(vec![fill; len]) })
+}
