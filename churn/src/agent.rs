@@ -24,11 +24,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fbr_protocol::{ErrorCode, Frame, Record, StreamId, TagKind};
-use fbr_transport::{any_addr_for, client_endpoint, Credentials, FrameReader, FrameWriter, PeerLink, QuicTuning, Role};
+use fbr_transport::{
+    any_addr_for, client_endpoint, Credentials, FrameReader, FrameWriter, PeerLink, QuicTuning,
+    Role,
+};
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 
-use crate::source::{ChangeSource, DiskManifest, Manifest, SourceSpec, TagRecord, MANIFEST_VERSION};
+use crate::source::{
+    ChangeSource, DiskManifest, Manifest, SourceSpec, TagRecord, MANIFEST_VERSION,
+};
 use crate::workload::ContentPools;
 
 /// Flush the send buffer once it holds this much.
@@ -79,7 +84,10 @@ pub struct RunStats {
 impl RunStats {
     fn new() -> Arc<Self> {
         let h = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
-        Arc::new(RunStats { lag_us: Mutex::new(Some(h)), ..Default::default() })
+        Arc::new(RunStats {
+            lag_us: Mutex::new(Some(h)),
+            ..Default::default()
+        })
     }
 
     /// `(p50, p99, max)` lag in milliseconds so far.
@@ -153,7 +161,9 @@ impl DiskRuntime {
                 let f = w.unacked.pop_front().expect("front checked");
                 w.unacked_bytes -= f.encoded;
                 if !matches!(f.record, Record::Tag { .. }) {
-                    stats.logical_bytes_acked.fetch_add(f.record.logical_bytes(), Ordering::Relaxed);
+                    stats
+                        .logical_bytes_acked
+                        .fetch_add(f.record.logical_bytes(), Ordering::Relaxed);
                     stats.records_acked.fetch_add(1, Ordering::Relaxed);
                     lags.push(now.duration_since(f.drawn_at).as_micros() as u64);
                 }
@@ -185,7 +195,9 @@ enum SessionEnd {
 fn classify(code: ErrorCode, message: String) -> SessionEnd {
     let text = format!("{code}: {message}");
     match code {
-        ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => SessionEnd::Retry(text),
+        ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => {
+            SessionEnd::Retry(text)
+        }
         _ => SessionEnd::Fatal(text),
     }
 }
@@ -221,7 +233,8 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
         return Err("nothing to emulate: no disks".into());
     }
     let creds = Credentials::load(&opts.pki_dir, &opts.cert_name).map_err(|e| e.to_string())?;
-    let endpoint = client_endpoint(any_addr_for(opts.relay), creds, &opts.tuning).map_err(|e| e.to_string())?;
+    let endpoint = client_endpoint(any_addr_for(opts.relay), creds, &opts.tuning)
+        .map_err(|e| e.to_string())?;
     let pools = ContentPools::new(seed);
     let stats = RunStats::new();
     let stop = Arc::new(AtomicBool::new(false));
@@ -231,17 +244,41 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
     let mut runtimes = Vec::new();
     for plan in disks {
         links.entry(plan.id.vm.clone()).or_insert_with(|| {
-            Arc::new(PeerLink::new(endpoint.clone(), opts.relay, opts.relay_name.clone(), Role::Relay))
+            Arc::new(PeerLink::new(
+                endpoint.clone(),
+                opts.relay,
+                opts.relay_name.clone(),
+                Role::Relay,
+            ))
         });
         let source = ChangeSource::open(&plan.source, plan.disk_size, &pools)?;
         runtimes.push(Arc::new(DiskRuntime {
             plan,
-            gen: Mutex::new(GenState { source, next_seq: 1, pending: VecDeque::new(), tags: vec![], exhausted: false }),
-            window: Mutex::new(Window { unacked: VecDeque::new(), unacked_bytes: 0, acked_seq: 0, credit: 0 }),
+            gen: Mutex::new(GenState {
+                source,
+                next_seq: 1,
+                pending: VecDeque::new(),
+                tags: vec![],
+                exhausted: false,
+            }),
+            window: Mutex::new(Window {
+                unacked: VecDeque::new(),
+                unacked_bytes: 0,
+                acked_seq: 0,
+                credit: 0,
+            }),
             window_changed: watch::channel(0).0,
         }));
     }
-    let task = tokio::spawn(run(opts, runtimes, links, stats.clone(), stop.clone(), seed, endpoint));
+    let task = tokio::spawn(run(
+        opts,
+        runtimes,
+        links,
+        stats.clone(),
+        stop.clone(),
+        seed,
+        endpoint,
+    ));
     Ok(RunHandle { stats, stop, task })
 }
 
@@ -258,13 +295,22 @@ async fn run(
     let drawing_stopped = Arc::new(AtomicBool::new(false));
     let mut groups: BTreeMap<String, Vec<Arc<DiskRuntime>>> = BTreeMap::new();
     for d in &disks {
-        groups.entry(d.plan.group.clone()).or_default().push(d.clone());
+        groups
+            .entry(d.plan.group.clone())
+            .or_default()
+            .push(d.clone());
     }
 
     let mut tasks = Vec::new();
     for d in &disks {
         let link = links[&d.plan.id.vm].clone();
-        tasks.push(tokio::spawn(drive_disk(d.clone(), link, stats.clone(), drawing_stopped.clone(), opts.clone())));
+        tasks.push(tokio::spawn(drive_disk(
+            d.clone(),
+            link,
+            stats.clone(),
+            drawing_stopped.clone(),
+            opts.clone(),
+        )));
     }
 
     // Tag coordinator; also decides when to stop drawing.
@@ -275,7 +321,9 @@ async fn run(
     let mut failed_early = false;
     loop {
         let deadline_passed = opts.duration.is_some_and(|d| started.elapsed() >= d);
-        let all_exhausted = disks.iter().all(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted);
+        let all_exhausted = disks
+            .iter()
+            .all(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted);
         if tasks.iter().all(|t| t.is_finished()) {
             failed_early = true;
             break;
@@ -308,7 +356,10 @@ async fn run(
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => failures.push(format!("{}: {e}", d.plan.id)),
             Ok(Err(e)) => failures.push(format!("{}: task failed: {e}", d.plan.id)),
-            Err(_) => failures.push(format!("{}: not fully acknowledged within the drain timeout", d.plan.id)),
+            Err(_) => failures.push(format!(
+                "{}: not fully acknowledged within the drain timeout",
+                d.plan.id
+            )),
         }
     }
     endpoint.close(0u32.into(), b"run finished");
@@ -333,7 +384,11 @@ async fn run(
             })
             .collect(),
     };
-    Ok(RunReport { manifest, elapsed: started.elapsed(), failures })
+    Ok(RunReport {
+        manifest,
+        elapsed: started.elapsed(),
+        failures,
+    })
 }
 
 /// Inserts tag `id` on every disk of `group` at one consistent cut.
@@ -341,11 +396,20 @@ fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats
     let app = app_every > 0 && id % app_every == 0;
     let kind = if app { TagKind::App } else { TagKind::Crash };
     // Lock every member (always in the same order) so no disk draws during the cut.
-    let mut guards: Vec<_> = members.iter().map(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner())).collect();
+    let mut guards: Vec<_> = members
+        .iter()
+        .map(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner()))
+        .collect();
     for g in guards.iter_mut() {
         let seq = g.next_seq;
         g.next_seq += 1;
-        g.pending.push_back(Record::Tag { seq, id, kind, members: members.len() as u32, group: group.to_owned() });
+        g.pending.push_back(Record::Tag {
+            seq,
+            id,
+            kind,
+            members: members.len() as u32,
+            group: group.to_owned(),
+        });
         g.tags.push(TagRecord { id, seq, app });
     }
     stats.tags_inserted.fetch_add(1, Ordering::Relaxed);
@@ -380,7 +444,10 @@ async fn drive_disk(
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > opts.reconnect_timeout {
                     disk.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted = true;
-                    return Err(format!("gave up reconnecting after {:?}: {e}", opts.reconnect_timeout));
+                    return Err(format!(
+                        "gave up reconnecting after {:?}: {e}",
+                        opts.reconnect_timeout
+                    ));
                 }
                 tracing::info!(stream = %disk.plan.id, "reconnecting in {backoff:?}: {e}");
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -405,22 +472,38 @@ async fn session(
     };
     let mut reader = FrameReader::new(recv);
     let mut writer = FrameWriter::new(send);
-    if let Err(e) = writer.send(&Frame::Hello { stream: disk.plan.id.clone(), disk_size: disk.plan.disk_size }).await {
+    if let Err(e) = writer
+        .send(&Frame::Hello {
+            stream: disk.plan.id.clone(),
+            disk_size: disk.plan.disk_size,
+        })
+        .await
+    {
         return SessionEnd::Retry(format!("sending Hello: {e}"));
     }
-    let (next_seq, credit) = match tokio::time::timeout(Duration::from_secs(15), reader.next()).await {
-        Ok(Ok(Some(Frame::Accept { next_seq, credit_bytes }))) => (next_seq, credit_bytes),
-        Ok(Ok(Some(Frame::Error { code, message }))) => return classify(code, message),
-        Ok(Ok(other)) => return SessionEnd::Retry(format!("unexpected answer to Hello: {other:?}")),
-        Ok(Err(e)) => return SessionEnd::Retry(format!("reading Accept: {e}")),
-        Err(_) => return SessionEnd::Retry("no Accept within 15 s".into()),
-    };
+    let (next_seq, credit) =
+        match tokio::time::timeout(Duration::from_secs(15), reader.next()).await {
+            Ok(Ok(Some(Frame::Accept {
+                next_seq,
+                credit_bytes,
+            }))) => (next_seq, credit_bytes),
+            Ok(Ok(Some(Frame::Error { code, message }))) => return classify(code, message),
+            Ok(Ok(other)) => {
+                return SessionEnd::Retry(format!("unexpected answer to Hello: {other:?}"))
+            }
+            Ok(Err(e)) => return SessionEnd::Retry(format!("reading Accept: {e}")),
+            Err(_) => return SessionEnd::Retry("no Accept within 15 s".into()),
+        };
     *accepted = true;
 
     // Reconcile: whatever the master target holds is acknowledged; the rest is resent.
     let resend: Vec<Record> = {
         let assigned = disk.gen.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1;
-        let acked = disk.window.lock().unwrap_or_else(|p| p.into_inner()).acked_seq;
+        let acked = disk
+            .window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .acked_seq;
         let held = next_seq - 1;
         if held < acked {
             return SessionEnd::Fatal(format!(
@@ -449,11 +532,20 @@ async fn session(
             match reader.next().await {
                 Ok(Some(Frame::Ack { seq })) => ack_disk.acknowledge(seq, &ack_stats),
                 Ok(Some(Frame::Credit { credit_bytes })) => {
-                    ack_disk.window.lock().unwrap_or_else(|p| p.into_inner()).credit = credit_bytes;
+                    ack_disk
+                        .window
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .credit = credit_bytes;
                     ack_disk.window_changed.send_modify(|v| *v += 1);
                 }
                 Ok(Some(Frame::Error { code, message })) => return classify(code, message),
-                Ok(Some(other)) => return SessionEnd::Fatal(format!("unexpected {:?} frame from the relay", other.frame_type())),
+                Ok(Some(other)) => {
+                    return SessionEnd::Fatal(format!(
+                        "unexpected {:?} frame from the relay",
+                        other.frame_type()
+                    ))
+                }
                 Ok(None) => return SessionEnd::Retry("relay closed the stream".into()),
                 Err(e) => return SessionEnd::Retry(format!("reading acks: {e}")),
             }
@@ -508,11 +600,17 @@ async fn session(
             };
             let Some(record) = next else { break };
             let encoded = record.encoded_len() as u64;
-            stats.logical_bytes_sent.fetch_add(record.logical_bytes(), Ordering::Relaxed);
+            stats
+                .logical_bytes_sent
+                .fetch_add(record.logical_bytes(), Ordering::Relaxed);
             writer.push(&Frame::Record(record.clone()));
             let mut w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
             w.unacked_bytes += encoded;
-            w.unacked.push_back(InFlight { record, drawn_at: Instant::now(), encoded });
+            w.unacked.push_back(InFlight {
+                record,
+                drawn_at: Instant::now(),
+                encoded,
+            });
             sent_any = true;
         }
         if writer.pending() > 0 {
@@ -525,7 +623,9 @@ async fn session(
             let finished = {
                 let g = disk.gen.lock().unwrap_or_else(|p| p.into_inner());
                 let w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
-                g.pending.is_empty() && (drawing_stopped.load(Ordering::SeqCst) || g.exhausted) && w.unacked.is_empty()
+                g.pending.is_empty()
+                    && (drawing_stopped.load(Ordering::SeqCst) || g.exhausted)
+                    && w.unacked.is_empty()
             };
             if finished {
                 writer.finish();

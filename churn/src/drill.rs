@@ -81,7 +81,10 @@ pub fn plan_disks(opts: &DrillOptions) -> Vec<DiskPlan> {
             let profile = opts.profile.unwrap_or(Profile::ALL[n % Profile::ALL.len()]);
             n += 1;
             plans.push(DiskPlan {
-                id: StreamId { vm: format!("vm{}", v + 1), disk: d },
+                id: StreamId {
+                    vm: format!("vm{}", v + 1),
+                    disk: d,
+                },
                 disk_size: opts.disk_size,
                 group: format!("group{}", v % opts.groups.max(1) + 1),
                 source: SourceSpec::Generated {
@@ -112,7 +115,10 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     let relay_addr = site.start_relay()?;
     let relay_pid = site.relay_pid().context("relay pid")?;
     let mt_pid = site.master_target_pid().context("master target pid")?;
-    let tuning = QuicTuning { max_udp_payload: opts.max_udp_payload, ..QuicTuning::default() };
+    let tuning = QuicTuning {
+        max_udp_payload: opts.max_udp_payload,
+        ..QuicTuning::default()
+    };
     let agent_opts = AgentOptions {
         relay: relay_addr,
         relay_name: "relay".into(),
@@ -157,11 +163,19 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
 
     let mut errors = report.failures.clone();
     errors.extend(verification.errors.iter().cloned());
-    let logical_bytes = stats.logical_bytes_acked.load(std::sync::atomic::Ordering::Relaxed);
-    let records = stats.records_acked.load(std::sync::atomic::Ordering::Relaxed);
+    let logical_bytes = stats
+        .logical_bytes_acked
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let records = stats
+        .records_acked
+        .load(std::sync::atomic::Ordering::Relaxed);
     let elapsed_s = report.elapsed.as_secs_f64();
     let (p50, p99, max) = stats.lag_ms();
-    let site_dir = if opts.keep.is_some() || !errors.is_empty() { Some(site.keep()) } else { None };
+    let site_dir = if opts.keep.is_some() || !errors.is_empty() {
+        Some(site.keep())
+    } else {
+        None
+    };
     Ok(DrillSummary {
         verified: verification.verified && report.failures.is_empty(),
         recovery_points_verified: verification.recovery_points_verified,
@@ -205,7 +219,10 @@ fn print_progress(stats: &RunStats, started: Instant, last_bytes: u64) -> u64 {
 /// Prints a human summary to stderr.
 pub fn print_summary(s: &DrillSummary) {
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "--------------------------------------------------------------");
+    let _ = writeln!(
+        err,
+        "--------------------------------------------------------------"
+    );
     let _ = writeln!(
         err,
         "{}: {} of {} recovery points byte-identical across {} disks",
@@ -228,11 +245,19 @@ pub fn print_summary(s: &DrillSummary) {
         "lag source write -> durable at master target: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         s.lag_ms.p50, s.lag_ms.p99, s.lag_ms.max
     );
-    let _ = writeln!(err, "CPU: relay {:.2} s, master target {:.2} s; verification {:.1} s", s.relay_cpu_s, s.master_target_cpu_s, s.verify_s);
+    let _ = writeln!(
+        err,
+        "CPU: relay {:.2} s, master target {:.2} s; verification {:.1} s",
+        s.relay_cpu_s, s.master_target_cpu_s, s.verify_s
+    );
     for e in &s.errors {
         let _ = writeln!(err, "error: {e}");
     }
     if let Some(d) = &s.site_dir {
-        let _ = writeln!(err, "site kept at {} (logs/, master-target/, manifest.json)", d.display());
+        let _ = writeln!(
+            err,
+            "site kept at {} (logs/, master-target/, manifest.json)",
+            d.display()
+        );
     }
 }

@@ -31,7 +31,11 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
         if p.is_file() {
             return Ok(p);
         }
-        dir = if d.ends_with("deps") { d.parent().map(Path::to_path_buf) } else { None };
+        dir = if d.ends_with("deps") {
+            d.parent().map(Path::to_path_buf)
+        } else {
+            None
+        };
     }
     bail!("cannot find the `{name}` binary next to {}; build the workspace (cargo build --workspace) or set FBR_BIN_DIR", exe.display())
 }
@@ -87,8 +91,16 @@ impl Site {
             pki_dir,
             root,
             opts,
-            mt: Daemon { name: "master-target", child: None, addr: None },
-            relay: Daemon { name: "relay", child: None, addr: None },
+            mt: Daemon {
+                name: "master-target",
+                child: None,
+                addr: None,
+            },
+            relay: Daemon {
+                name: "relay",
+                child: None,
+                addr: None,
+            },
             _tmp: tmp,
         })
     }
@@ -107,14 +119,22 @@ impl Site {
 
     /// Starts (or restarts, on the same port) the master target.
     pub fn start_master_target(&mut self) -> anyhow::Result<SocketAddr> {
-        let listen = self.mt.addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let listen = self
+            .mt
+            .addr
+            .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
         let mut cmd = Command::new(bin_path("master-target")?);
         cmd.arg("run")
-            .arg("--listen").arg(listen.to_string())
-            .arg("--data").arg(&self.mt_data)
-            .arg("--pki-dir").arg(&self.pki_dir)
-            .arg("--credit-mib").arg(self.opts.mt_credit_mib.to_string())
-            .arg("--max-udp-payload").arg(self.opts.max_udp_payload.to_string());
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--data")
+            .arg(&self.mt_data)
+            .arg("--pki-dir")
+            .arg(&self.pki_dir)
+            .arg("--credit-mib")
+            .arg(self.opts.mt_credit_mib.to_string())
+            .arg("--max-udp-payload")
+            .arg(self.opts.max_udp_payload.to_string());
         let root = self.root.clone();
         start_daemon(&mut self.mt, &root, cmd)
     }
@@ -122,15 +142,26 @@ impl Site {
     /// Starts (or restarts, on the same port) the relay. The master target must have
     /// been started once, so its address is known.
     pub fn start_relay(&mut self) -> anyhow::Result<SocketAddr> {
-        let mt = self.mt.addr.context("start the master target before the relay")?;
-        let listen = self.relay.addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let mt = self
+            .mt
+            .addr
+            .context("start the master target before the relay")?;
+        let listen = self
+            .relay
+            .addr
+            .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
         let mut cmd = Command::new(bin_path("relay")?);
         cmd.arg("run")
-            .arg("--listen").arg(listen.to_string())
-            .arg("--master-target").arg(mt.to_string())
-            .arg("--pki-dir").arg(&self.pki_dir)
-            .arg("--queue-mib").arg(self.opts.relay_queue_mib.to_string())
-            .arg("--max-udp-payload").arg(self.opts.max_udp_payload.to_string());
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--master-target")
+            .arg(mt.to_string())
+            .arg("--pki-dir")
+            .arg(&self.pki_dir)
+            .arg("--queue-mib")
+            .arg(self.opts.relay_queue_mib.to_string())
+            .arg("--max-udp-payload")
+            .arg(self.opts.max_udp_payload.to_string());
         let root = self.root.clone();
         start_daemon(&mut self.relay, &root, cmd)
     }
@@ -168,9 +199,18 @@ fn start_daemon(d: &mut Daemon, root: &Path, mut cmd: Command) -> anyhow::Result
     let port_file = root.join(format!("{}.addr", d.name));
     let _ = fs::remove_file(&port_file);
     let log_path = root.join("logs").join(format!("{}.log", d.name));
-    let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
-    cmd.arg("--port-file").arg(&port_file).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", d.name))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    cmd.arg("--port-file")
+        .arg(&port_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", d.name))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(s) = fs::read_to_string(&port_file) {
@@ -181,18 +221,28 @@ fn start_daemon(d: &mut Daemon, root: &Path, mut cmd: Command) -> anyhow::Result
             }
         }
         if let Some(status) = child.try_wait()? {
-            bail!("{} exited at start ({status}); log:\n{}", d.name, log_tail(&log_path));
+            bail!(
+                "{} exited at start ({status}); log:\n{}",
+                d.name,
+                log_tail(&log_path)
+            );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("{} did not start listening within 20 s; log:\n{}", d.name, log_tail(&log_path));
+            bail!(
+                "{} did not start listening within 20 s; log:\n{}",
+                d.name,
+                log_tail(&log_path)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn stop_daemon(d: &mut Daemon, kill9: bool) -> anyhow::Result<()> {
-    let Some(mut child) = d.child.take() else { return Ok(()) };
+    let Some(mut child) = d.child.take() else {
+        return Ok(());
+    };
     if kill9 {
         let _ = child.kill();
         child.wait()?;

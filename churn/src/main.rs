@@ -21,7 +21,11 @@ use fbr_transport::QuicTuning;
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "churn", version, about = "Failback agent emulator: churns emulated VM disks through a relay and verifies the replicas")]
+#[command(
+    name = "churn",
+    version,
+    about = "Failback agent emulator: churns emulated VM disks through a relay and verifies the replicas"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -187,7 +191,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if let Some(msg) = usage_error(&cli.command) {
         eprintln!("churn: {msg}");
         return ExitCode::from(EX_USAGE);
@@ -212,7 +219,9 @@ fn main() -> ExitCode {
 /// Checks values clap cannot; `Some(message)` means exit 64.
 fn usage_error(cmd: &Command) -> Option<String> {
     let w = match cmd {
-        Command::Drill { workload, .. } | Command::Run { workload, .. } | Command::MakeLog { workload, .. } => Some(workload),
+        Command::Drill { workload, .. }
+        | Command::Run { workload, .. }
+        | Command::MakeLog { workload, .. } => Some(workload),
         _ => None,
     };
     if let Some(w) = w {
@@ -220,7 +229,10 @@ fn usage_error(cmd: &Command) -> Option<String> {
             return Some("--vms and --disks must be at least 1".into());
         }
         if w.disk_size < 1 << 20 || w.disk_size % 4096 != 0 {
-            return Some(format!("invalid --disk-size {}: must be at least 1 MiB and a multiple of 4 KiB", w.disk_size));
+            return Some(format!(
+                "invalid --disk-size {}: must be at least 1 MiB and a multiple of 4 KiB",
+                w.disk_size
+            ));
         }
         if w.tag_interval_ms == 0 {
             return Some("--tag-interval-ms must be at least 1".into());
@@ -228,12 +240,18 @@ fn usage_error(cmd: &Command) -> Option<String> {
     }
     match cmd {
         Command::Bench { disk_size, .. } if *disk_size < 1 << 20 || disk_size % 4096 != 0 => {
-            Some(format!("invalid --disk-size {disk_size}: must be at least 1 MiB and a multiple of 4 KiB"))
+            Some(format!(
+                "invalid --disk-size {disk_size}: must be at least 1 MiB and a multiple of 4 KiB"
+            ))
         }
-        Command::Drill { seconds, .. } | Command::Run { seconds, .. } | Command::Bench { seconds, .. }
+        Command::Drill { seconds, .. }
+        | Command::Run { seconds, .. }
+        | Command::Bench { seconds, .. }
             if !(*seconds > 0.0 && seconds.is_finite()) =>
         {
-            Some(format!("invalid --seconds {seconds}: must be a positive number"))
+            Some(format!(
+                "invalid --seconds {seconds}: must be a positive number"
+            ))
         }
         _ => None,
     }
@@ -241,7 +259,12 @@ fn usage_error(cmd: &Command) -> Option<String> {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
     match cmd {
-        Command::Drill { workload: w, seconds, keep, json } => {
+        Command::Drill {
+            workload: w,
+            seconds,
+            keep,
+            json,
+        } => {
             let opts = DrillOptions {
                 vms: w.vms,
                 disks_per_vm: w.disks,
@@ -256,7 +279,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 keep,
                 max_udp_payload: w.max_udp_payload,
                 relay_queue_mib: 16,
-                credit_mib: 64,
+                credit_mib: 16,
             };
             eprintln!(
                 "drill: {} VMs x {} disks of {} MiB, {:?} profile, {:?} content, {seconds} s, a tag every {} ms",
@@ -264,7 +287,17 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             );
             finish_drill(drill::run_drill(opts).await?, json)
         }
-        Command::Bench { seconds, vms, disks, disk_size, profile, content, tag_interval_ms, max_udp_payload, json } => {
+        Command::Bench {
+            seconds,
+            vms,
+            disks,
+            disk_size,
+            profile,
+            content,
+            tag_interval_ms,
+            max_udp_payload,
+            json,
+        } => {
             let opts = DrillOptions {
                 vms,
                 disks_per_vm: disks,
@@ -279,11 +312,15 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 keep: None,
                 max_udp_payload,
                 relay_queue_mib: 32,
-                credit_mib: 64,
+                credit_mib: 16,
             };
             finish_drill(drill::run_drill(opts).await?, json)
         }
-        Command::Run { workload: w, relay, seconds } => {
+        Command::Run {
+            workload: w,
+            relay,
+            seconds,
+        } => {
             let plans = drill::plan_disks(&DrillOptions {
                 vms: w.vms,
                 disks_per_vm: w.disks,
@@ -300,10 +337,21 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 relay_queue_mib: 0,
                 credit_mib: 0,
             });
-            let opts = agent_options(&relay, w.tag_interval_ms, w.max_udp_payload, Some(Duration::from_secs_f64(seconds)));
+            let opts = agent_options(
+                &relay,
+                w.tag_interval_ms,
+                w.max_udp_payload,
+                Some(Duration::from_secs_f64(seconds)),
+            );
             run_agent(opts, plans, w.seed, &relay.manifest).await
         }
-        Command::Replay { log, relay, group, tag_interval_ms, max_udp_payload } => {
+        Command::Replay {
+            log,
+            relay,
+            group,
+            tag_interval_ms,
+            max_udp_payload,
+        } => {
             let log = std::fs::canonicalize(&log).with_context(|| format!("{}", log.display()))?;
             let disks = writelog::scan_disks(&log)?;
             anyhow::ensure!(!disks.is_empty(), "{} declares no disks", log.display());
@@ -313,22 +361,47 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                     id,
                     disk_size: size,
                     group: group.clone(),
-                    source: SourceSpec::Log { path: log.clone(), index },
+                    source: SourceSpec::Log {
+                        path: log.clone(),
+                        index,
+                    },
                 })
                 .collect();
             let opts = agent_options(&relay, tag_interval_ms, max_udp_payload, None);
             run_agent(opts, plans, 0, &relay.manifest).await
         }
-        Command::MakeLog { out, workload: w, records } => {
+        Command::MakeLog {
+            out,
+            workload: w,
+            records,
+        } => {
             let profile = w.profile.profile();
-            writelog::generate_log(&out, w.vms, w.disks, w.disk_size, profile, w.content, w.seed, records)
-                .with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("wrote {records} changes over {} disks to {}", w.vms * w.disks, out.display());
+            writelog::generate_log(
+                &out,
+                w.vms,
+                w.disks,
+                w.disk_size,
+                profile,
+                w.content,
+                w.seed,
+                records,
+            )
+            .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!(
+                "wrote {records} changes over {} disks to {}",
+                w.vms * w.disks,
+                out.display()
+            );
             Ok(true)
         }
-        Command::Verify { manifest, master_data, json } => {
+        Command::Verify {
+            manifest,
+            master_data,
+            json,
+        } => {
             let m: Manifest = serde_json::from_slice(
-                &std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?,
+                &std::fs::read(&manifest)
+                    .with_context(|| format!("reading {}", manifest.display()))?,
             )
             .with_context(|| format!("parsing {}", manifest.display()))?;
             let report = tokio::task::spawn_blocking(move || verify::verify(&m, &master_data))
@@ -339,7 +412,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             }
             eprintln!(
                 "{}: {} of {} complete recovery points byte-identical",
-                if report.verified { "VERIFIED" } else { "FAILED" },
+                if report.verified {
+                    "VERIFIED"
+                } else {
+                    "FAILED"
+                },
                 report.recovery_points_verified,
                 report.recovery_points_complete
             );
@@ -359,13 +436,21 @@ fn finish_drill(summary: DrillSummary, json: bool) -> anyhow::Result<bool> {
     Ok(summary.verified)
 }
 
-fn agent_options(relay: &RelayArgs, tag_interval_ms: u64, max_udp_payload: u16, duration: Option<Duration>) -> AgentOptions {
+fn agent_options(
+    relay: &RelayArgs,
+    tag_interval_ms: u64,
+    max_udp_payload: u16,
+    duration: Option<Duration>,
+) -> AgentOptions {
     AgentOptions {
         relay: relay.relay,
         relay_name: relay.relay_name.clone(),
         pki_dir: relay.pki_dir.clone(),
         cert_name: relay.cert_name.clone(),
-        tuning: QuicTuning { max_udp_payload, ..QuicTuning::default() },
+        tuning: QuicTuning {
+            max_udp_payload,
+            ..QuicTuning::default()
+        },
         tag_interval: Duration::from_millis(tag_interval_ms.max(1)),
         app_tag_every: 5,
         duration,
@@ -374,14 +459,21 @@ fn agent_options(relay: &RelayArgs, tag_interval_ms: u64, max_udp_payload: u16, 
     }
 }
 
-async fn run_agent(opts: AgentOptions, plans: Vec<DiskPlan>, seed: u64, manifest_path: &std::path::Path) -> anyhow::Result<bool> {
+async fn run_agent(
+    opts: AgentOptions,
+    plans: Vec<DiskPlan>,
+    seed: u64,
+    manifest_path: &std::path::Path,
+) -> anyhow::Result<bool> {
     let handle = agent::start(opts, plans, seed).map_err(anyhow::Error::msg)?;
     let stats = handle.stats.clone();
     let report = handle.finish().await.map_err(anyhow::Error::msg)?;
     std::fs::write(manifest_path, serde_json::to_vec_pretty(&report.manifest)?)
         .with_context(|| format!("writing {}", manifest_path.display()))?;
     let (p50, p99, max) = stats.lag_ms();
-    let bytes = stats.logical_bytes_acked.load(std::sync::atomic::Ordering::Relaxed);
+    let bytes = stats
+        .logical_bytes_acked
+        .load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
         "acknowledged {:.1} MB in {:.1} s; lag p50 {p50:.1} ms p99 {p99:.1} ms max {max:.1} ms; manifest {}",
         bytes as f64 / 1e6,

@@ -41,19 +41,27 @@ pub enum ChangeSource {
 }
 
 impl ChangeSource {
-    pub fn open(spec: &SourceSpec, disk_size: u64, pools: &Arc<ContentPools>) -> Result<Self, String> {
+    pub fn open(
+        spec: &SourceSpec,
+        disk_size: u64,
+        pools: &Arc<ContentPools>,
+    ) -> Result<Self, String> {
         Ok(match spec {
-            SourceSpec::Generated { seed, vm_index, disk_index, profile, content } => {
-                ChangeSource::Generated(DiskGenerator::new(
-                    *seed,
-                    *vm_index,
-                    *disk_index,
-                    *profile,
-                    *content,
-                    disk_size,
-                    pools.clone(),
-                ))
-            }
+            SourceSpec::Generated {
+                seed,
+                vm_index,
+                disk_index,
+                profile,
+                content,
+            } => ChangeSource::Generated(DiskGenerator::new(
+                *seed,
+                *vm_index,
+                *disk_index,
+                *profile,
+                *content,
+                disk_size,
+                pools.clone(),
+            )),
             SourceSpec::Log { path, index } => {
                 ChangeSource::Log(LogDiskSource::open(path, *index).map_err(|e| e.to_string())?)
             }

@@ -91,7 +91,11 @@ impl Dirty {
             let start = c * CHUNK as usize;
             let end = (start + CHUNK as usize).min(a.len());
             if first_diff.is_none() && a[start..end] != b[start..end] {
-                let i = a[start..end].iter().zip(&b[start..end]).position(|(x, y)| x != y).unwrap_or(0);
+                let i = a[start..end]
+                    .iter()
+                    .zip(&b[start..end])
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
                 first_diff = Some((start + i) as u64);
             }
         }
@@ -116,14 +120,22 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
     // Verify disks in parallel, one per core.
     let next = std::sync::atomic::AtomicUsize::new(0);
     let outcomes: Mutex<BTreeMap<usize, DiskOutcome>> = Mutex::new(BTreeMap::new());
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(manifest.disks.len().max(1));
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(manifest.disks.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let Some(disk) = manifest.disks.get(i) else { return };
+                let Some(disk) = manifest.disks.get(i) else {
+                    return;
+                };
                 let outcome = verify_disk(disk, mt_data, &pools);
-                outcomes.lock().unwrap_or_else(|p| p.into_inner()).insert(i, outcome);
+                outcomes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(i, outcome);
             });
         }
     });
@@ -134,22 +146,38 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
     for (i, o) in &outcomes {
         let d = &manifest.disks[*i];
         errors.extend(o.errors.iter().cloned());
-        by_stream.insert(StreamId { vm: d.vm.clone(), disk: d.disk }, (d, o));
+        by_stream.insert(
+            StreamId {
+                vm: d.vm.clone(),
+                disk: d.disk,
+            },
+            (d, o),
+        );
     }
-    let groups: std::collections::BTreeSet<&str> = manifest.disks.iter().map(|d| d.group.as_str()).collect();
+    let groups: std::collections::BTreeSet<&str> =
+        manifest.disks.iter().map(|d| d.group.as_str()).collect();
 
     // Every complete point of our groups must check out on every member.
     let mut complete = 0;
     let mut verified_points = 0;
-    for p in points.iter().filter(|p| groups.contains(p.group.as_str()) && p.complete) {
+    for p in points
+        .iter()
+        .filter(|p| groups.contains(p.group.as_str()) && p.complete)
+    {
         complete += 1;
         let mut ok = true;
         for l in &p.landed {
-            let id = StreamId { vm: l.vm.clone(), disk: l.disk };
+            let id = StreamId {
+                vm: l.vm.clone(),
+                disk: l.disk,
+            };
             match by_stream.get(&id) {
                 None => {
                     ok = false;
-                    errors.push(format!("recovery point {}/{} names {id}, which this run did not write", p.group, p.tag_id));
+                    errors.push(format!(
+                        "recovery point {}/{} names {id}, which this run did not write",
+                        p.group, p.tag_id
+                    ));
                 }
                 Some((d, o)) => {
                     let expected = d.tags.iter().find(|t| t.id == p.tag_id).map(|t| t.seq);
@@ -161,7 +189,10 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
                         ));
                     } else if o.tag_matches.get(&p.tag_id) != Some(&true) {
                         ok = false;
-                        errors.push(format!("recovery point {}/{}: {id} differs from the source", p.group, p.tag_id));
+                        errors.push(format!(
+                            "recovery point {}/{}: {id} differs from the source",
+                            p.group, p.tag_id
+                        ));
                     }
                 }
             }
@@ -175,14 +206,20 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
     for d in &manifest.disks {
         let members = manifest.disks.iter().filter(|x| x.group == d.group).count();
         for t in &d.tags {
-            let e = acked_tags.entry((d.group.as_str(), t.id)).or_insert((0, members));
+            let e = acked_tags
+                .entry((d.group.as_str(), t.id))
+                .or_insert((0, members));
             if t.seq <= d.acked_seq {
                 e.0 += 1;
             }
         }
     }
     for ((group, id), (acked_on, members)) in acked_tags {
-        if acked_on == members && !points.iter().any(|p| p.group == group && p.tag_id == id && p.complete) {
+        if acked_on == members
+            && !points
+                .iter()
+                .any(|p| p.group == group && p.tag_id == id && p.complete)
+        {
             errors.push(format!("recovery point {group}/{id} was acknowledged on every disk but is not complete at the master target"));
         }
     }
@@ -199,8 +236,15 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
     })
 }
 
-fn verify_disk(d: &DiskManifest, mt_data: &Path, pools: &std::sync::Arc<ContentPools>) -> DiskOutcome {
-    let id = StreamId { vm: d.vm.clone(), disk: d.disk };
+fn verify_disk(
+    d: &DiskManifest,
+    mt_data: &Path,
+    pools: &std::sync::Arc<ContentPools>,
+) -> DiskOutcome {
+    let id = StreamId {
+        vm: d.vm.clone(),
+        disk: d.disk,
+    };
     let mut out = DiskOutcome {
         report: DiskReport {
             vm: d.vm.clone(),
@@ -251,12 +295,21 @@ fn verify_disk(d: &DiskManifest, mt_data: &Path, pools: &std::sync::Arc<ContentP
             }
         };
         if record.seq() != seq + 1 {
-            fail(&mut out, format!("journal sequence {} follows {seq}", record.seq()));
+            fail(
+                &mut out,
+                format!("journal sequence {} follows {seq}", record.seq()),
+            );
             break;
         }
         seq = record.seq();
         if seq > d.last_seq {
-            fail(&mut out, format!("journal holds sequence {seq}, beyond the {} the source produced", d.last_seq));
+            fail(
+                &mut out,
+                format!(
+                    "journal holds sequence {seq}, beyond the {} the source produced",
+                    d.last_seq
+                ),
+            );
             break;
         }
         let expected = match tag_at.get(&seq) {
@@ -278,7 +331,12 @@ fn verify_disk(d: &DiskManifest, mt_data: &Path, pools: &std::sync::Arc<ContentP
                 out.report.tags_checked += 1;
                 let diff = dirty.compare(&src.0, &rep.0);
                 if let Some(at) = diff {
-                    fail(&mut out, format!("replica differs from the source at tag {tag_id} (first at byte {at})"));
+                    fail(
+                        &mut out,
+                        format!(
+                            "replica differs from the source at tag {tag_id} (first at byte {at})"
+                        ),
+                    );
                 } else {
                     out.report.tags_matching += 1;
                 }
@@ -287,7 +345,10 @@ fn verify_disk(d: &DiskManifest, mt_data: &Path, pools: &std::sync::Arc<ContentP
             (Ok(want), got) => {
                 if want != got && !reported_record_mismatch {
                     reported_record_mismatch = true;
-                    fail(&mut out, format!("journal record {seq} differs from what the source wrote"));
+                    fail(
+                        &mut out,
+                        format!("journal record {seq} differs from what the source wrote"),
+                    );
                 }
                 let _ = apply_record(want, &mut src);
                 if let Err(e) = apply_record(got, &mut rep) {
@@ -297,21 +358,37 @@ fn verify_disk(d: &DiskManifest, mt_data: &Path, pools: &std::sync::Arc<ContentP
                 dirty.mark(got);
             }
             _ => {
-                fail(&mut out, format!("journal record {seq} is {:?}, the source has {:?} there", record, expected.as_ref().err()));
+                fail(
+                    &mut out,
+                    format!(
+                        "journal record {seq} is {:?}, the source has {:?} there",
+                        record,
+                        expected.as_ref().err()
+                    ),
+                );
                 break;
             }
         }
     }
     out.report.journal_seq = seq;
     if seq < d.acked_seq {
-        fail(&mut out, format!("LOST ACKNOWLEDGED WRITES: acknowledged up to {}, journal ends at {seq}", d.acked_seq));
+        fail(
+            &mut out,
+            format!(
+                "LOST ACKNOWLEDGED WRITES: acknowledged up to {}, journal ends at {seq}",
+                d.acked_seq
+            ),
+        );
     }
     // The image file must equal the journal replayed to its end.
     match read_image(&image_path(mt_data, &id), d.disk_size) {
         Ok(img) => {
             out.report.final_image_matches = img == rep.0;
             if !out.report.final_image_matches {
-                fail(&mut out, "image.raw differs from its journal replayed to the end".into());
+                fail(
+                    &mut out,
+                    "image.raw differs from its journal replayed to the end".into(),
+                );
             }
         }
         Err(e) => fail(&mut out, format!("reading image: {e}")),

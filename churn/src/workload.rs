@@ -35,7 +35,12 @@ pub enum Profile {
 }
 
 impl Profile {
-    pub const ALL: [Profile; 4] = [Profile::Random, Profile::Sequential, Profile::Mixed, Profile::Trim];
+    pub const ALL: [Profile; 4] = [
+        Profile::Random,
+        Profile::Sequential,
+        Profile::Mixed,
+        Profile::Trim,
+    ];
 }
 
 /// What the written bytes look like.
@@ -93,7 +98,9 @@ impl ContentPools {
         let words: Vec<String> = (0..512)
             .map(|_| {
                 let len = rng.gen_range(2..10);
-                (0..len).map(|_| (b'a' + rng.gen_range(0..26u8)) as char).collect()
+                (0..len)
+                    .map(|_| (b'a' + rng.gen_range(0..26u8)) as char)
+                    .collect()
             })
             .collect();
         let mut text = Vec::with_capacity(TEXT_CORPUS_BYTES + 64);
@@ -125,7 +132,8 @@ pub struct DiskGenerator {
 
 /// Mixes the run seed with the disk's position into the disk's own seed.
 fn disk_seed(seed: u64, vm_index: u32, disk_index: u32) -> u64 {
-    let mut x = seed ^ ((vm_index as u64) << 32 | disk_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut x =
+        seed ^ ((vm_index as u64) << 32 | disk_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     // splitmix64 finaliser
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -143,7 +151,10 @@ impl DiskGenerator {
         disk_size: u64,
         pools: Arc<ContentPools>,
     ) -> Self {
-        assert!(disk_size % BLOCK == 0 && disk_size >= 1 << 20, "disk size must be >= 1 MiB and 4 KiB aligned");
+        assert!(
+            disk_size % BLOCK == 0 && disk_size >= 1 << 20,
+            "disk size must be >= 1 MiB and 4 KiB aligned"
+        );
         let hot_blocks = (disk_size / BLOCK).min(HOT_SET_BLOCKS);
         DiskGenerator {
             rng: Xoshiro256PlusPlus::seed_from_u64(disk_seed(seed, vm_index, disk_index)),
@@ -185,7 +196,8 @@ impl DiskGenerator {
             Profile::Mixed => {
                 // Log-uniform from 512 B (2^9) to 1 MiB (2^20), in whole sectors.
                 let exp = self.rng.gen_range(9.0..=20.0f64);
-                let len = (((2f64.powf(exp)) as u64 / SECTOR).max(1) * SECTOR).min(fbr_protocol::MAX_WRITE_BYTES as u64);
+                let len = (((2f64.powf(exp)) as u64 / SECTOR).max(1) * SECTOR)
+                    .min(fbr_protocol::MAX_WRITE_BYTES as u64);
                 let offset = self.rng.gen_range(0..=(self.disk_size - len) / SECTOR) * SECTOR;
                 self.write(offset, len)
             }
@@ -253,7 +265,13 @@ mod tests {
     #[test]
     fn generators_are_deterministic_and_in_bounds() {
         for profile in Profile::ALL {
-            for content in [Content::Zeros, Content::Dup, Content::Text, Content::Random, Content::Mixed] {
+            for content in [
+                Content::Zeros,
+                Content::Dup,
+                Content::Text,
+                Content::Random,
+                Content::Mixed,
+            ] {
                 let size = 8 << 20;
                 let pools = ContentPools::new(7);
                 let mut a = DiskGenerator::new(7, 1, 2, profile, content, size, pools.clone());
@@ -277,7 +295,15 @@ mod tests {
     #[test]
     fn different_disks_differ() {
         let pools = ContentPools::new(1);
-        let mut a = DiskGenerator::new(1, 0, 0, Profile::Random, Content::Random, 4 << 20, pools.clone());
+        let mut a = DiskGenerator::new(
+            1,
+            0,
+            0,
+            Profile::Random,
+            Content::Random,
+            4 << 20,
+            pools.clone(),
+        );
         let mut b = DiskGenerator::new(1, 0, 1, Profile::Random, Content::Random, 4 << 20, pools);
         assert_ne!(a.next_change(), b.next_change());
     }

@@ -46,7 +46,11 @@ pub enum LogError {
     #[error("write log: {0}")]
     Io(#[from] io::Error),
     #[error("write log record {record} (byte {offset}): {reason}")]
-    Invalid { record: u64, offset: u64, reason: String },
+    Invalid {
+        record: u64,
+        offset: u64,
+        reason: String,
+    },
 }
 
 /// The 16-byte header.
@@ -68,14 +72,20 @@ pub fn encode_record(r: &LogRecord, out: &mut BytesMut) {
             out.put_slice(id.vm.as_bytes());
             out.put_u32_le(id.disk);
         }
-        LogRecord::Change { index, change: Change::Write { offset, data } } => {
+        LogRecord::Change {
+            index,
+            change: Change::Write { offset, data },
+        } => {
             out.put_u8(KIND_WRITE);
             out.put_u32_le(*index);
             out.put_u64_le(*offset);
             out.put_u32_le(data.len() as u32);
             out.put_slice(data);
         }
-        LogRecord::Change { index, change: Change::Zero { offset, len } } => {
+        LogRecord::Change {
+            index,
+            change: Change::Zero { offset, len },
+        } => {
             out.put_u8(KIND_ZERO);
             out.put_u32_le(*index);
             out.put_u64_le(*offset);
@@ -104,11 +114,17 @@ pub fn decode_record(b: &[u8]) -> Result<Option<(LogRecord, usize)>, String> {
             if !need(p, vm_len + 4) {
                 return Ok(None);
             }
-            let vm = std::str::from_utf8(&p[..vm_len]).map_err(|_| "VM name is not UTF-8".to_string())?.to_owned();
+            let vm = std::str::from_utf8(&p[..vm_len])
+                .map_err(|_| "VM name is not UTF-8".to_string())?
+                .to_owned();
             validate_name(&vm)?;
             p.advance(vm_len);
             let disk = p.get_u32_le();
-            LogRecord::Disk { index, size, id: StreamId { vm, disk } }
+            LogRecord::Disk {
+                index,
+                size,
+                id: StreamId { vm, disk },
+            }
         }
         KIND_WRITE => {
             if !need(p, 16) {
@@ -118,14 +134,19 @@ pub fn decode_record(b: &[u8]) -> Result<Option<(LogRecord, usize)>, String> {
             let offset = p.get_u64_le();
             let len = p.get_u32_le() as usize;
             if len == 0 || len > MAX_WRITE_BYTES {
-                return Err(format!("write length {len} is not in 1..={MAX_WRITE_BYTES}"));
+                return Err(format!(
+                    "write length {len} is not in 1..={MAX_WRITE_BYTES}"
+                ));
             }
             if !need(p, len) {
                 return Ok(None);
             }
             let data = Bytes::copy_from_slice(&p[..len]);
             p.advance(len);
-            LogRecord::Change { index, change: Change::Write { offset, data } }
+            LogRecord::Change {
+                index,
+                change: Change::Write { offset, data },
+            }
         }
         KIND_ZERO => {
             if !need(p, 20) {
@@ -137,7 +158,10 @@ pub fn decode_record(b: &[u8]) -> Result<Option<(LogRecord, usize)>, String> {
             if len == 0 {
                 return Err("zero length is 0".into());
             }
-            LogRecord::Change { index, change: Change::Zero { offset, len } }
+            LogRecord::Change {
+                index,
+                change: Change::Zero { offset, len },
+            }
         }
         k => return Err(format!("unknown record kind {k}")),
     };
@@ -155,7 +179,10 @@ impl LogWriter {
     pub fn create(path: &Path) -> io::Result<Self> {
         let mut out = BufWriter::new(File::create(path)?);
         out.write_all(&encode_header())?;
-        Ok(LogWriter { out, buf: BytesMut::new() })
+        Ok(LogWriter {
+            out,
+            buf: BytesMut::new(),
+        })
     }
 
     pub fn append(&mut self, r: &LogRecord) -> io::Result<()> {
@@ -185,7 +212,9 @@ impl LogReader {
     pub fn open(path: &Path) -> Result<Self, LogError> {
         let mut input = BufReader::with_capacity(1 << 20, File::open(path)?);
         let mut header = [0u8; 16];
-        input.read_exact(&mut header).map_err(|_| invalid(0, 0, "file shorter than the 16-byte header"))?;
+        input
+            .read_exact(&mut header)
+            .map_err(|_| invalid(0, 0, "file shorter than the 16-byte header"))?;
         if header[..8] != LOG_MAGIC {
             return Err(invalid(0, 0, "bad magic: not a write log"));
         }
@@ -193,7 +222,14 @@ impl LogReader {
         if version != LOG_VERSION {
             return Err(invalid(0, 8, &format!("unsupported version {version}")));
         }
-        Ok(LogReader { input, buf: BytesMut::new(), offset: 16, record: 0, disks: HashMap::new(), eof: false })
+        Ok(LogReader {
+            input,
+            buf: BytesMut::new(),
+            offset: 16,
+            record: 0,
+            disks: HashMap::new(),
+            eof: false,
+        })
     }
 
     /// The next checked record; `Ok(None)` at the end of the file.
@@ -211,7 +247,11 @@ impl LogReader {
                     if self.buf.is_empty() {
                         return Ok(None);
                     }
-                    return Err(invalid(self.record, self.offset, "file ends in the middle of a record"));
+                    return Err(invalid(
+                        self.record,
+                        self.offset,
+                        "file ends in the middle of a record",
+                    ));
                 }
                 None => {
                     let mut chunk = vec![0u8; 256 * 1024];
@@ -230,25 +270,45 @@ impl LogReader {
         match rec {
             LogRecord::Disk { index, size, id } => {
                 if *size == 0 || size % 4096 != 0 || *size < 1 << 20 {
-                    return Err(invalid(record, offset, &format!("disk size {size} must be a multiple of 4096 and at least 1 MiB")));
+                    return Err(invalid(
+                        record,
+                        offset,
+                        &format!("disk size {size} must be a multiple of 4096 and at least 1 MiB"),
+                    ));
                 }
                 if self.disks.insert(*index, (id.clone(), *size)).is_some() {
-                    return Err(invalid(record, offset, &format!("disk index {index} declared twice")));
+                    return Err(invalid(
+                        record,
+                        offset,
+                        &format!("disk index {index} declared twice"),
+                    ));
                 }
             }
             LogRecord::Change { index, change } => {
                 let Some((_, size)) = self.disks.get(index) else {
-                    return Err(invalid(record, offset, &format!("disk index {index} used before it is declared")));
+                    return Err(invalid(
+                        record,
+                        offset,
+                        &format!("disk index {index} used before it is declared"),
+                    ));
                 };
                 let (o, l) = match change {
                     Change::Write { offset, data } => (*offset, data.len() as u64),
                     Change::Zero { offset, len } => (*offset, *len),
                 };
                 if o % SECTOR_SIZE != 0 || l % SECTOR_SIZE != 0 {
-                    return Err(invalid(record, offset, &format!("offset {o} / length {l} not aligned to 512 bytes")));
+                    return Err(invalid(
+                        record,
+                        offset,
+                        &format!("offset {o} / length {l} not aligned to 512 bytes"),
+                    ));
                 }
                 if o.checked_add(l).is_none_or(|end| end > *size) {
-                    return Err(invalid(record, offset, &format!("range {o}+{l} ends beyond the disk size {size}")));
+                    return Err(invalid(
+                        record,
+                        offset,
+                        &format!("range {o}+{l} ends beyond the disk size {size}"),
+                    ));
                 }
             }
         }
@@ -257,7 +317,11 @@ impl LogReader {
 }
 
 fn invalid(record: u64, offset: u64, reason: &str) -> LogError {
-    LogError::Invalid { record, offset, reason: reason.to_owned() }
+    LogError::Invalid {
+        record,
+        offset,
+        reason: reason.to_owned(),
+    }
 }
 
 /// Every disk declared in a log, with its index and size (reads the whole log once, so
@@ -282,7 +346,10 @@ pub struct LogDiskSource {
 
 impl LogDiskSource {
     pub fn open(path: &Path, index: u32) -> Result<Self, LogError> {
-        Ok(LogDiskSource { reader: LogReader::open(path)?, index })
+        Ok(LogDiskSource {
+            reader: LogReader::open(path)?,
+            index,
+        })
     }
 
     pub fn next_change(&mut self) -> Result<Option<Change>, LogError> {
@@ -317,15 +384,33 @@ pub fn generate_log(
         for d in 0..disks {
             let index = gens.len() as u32;
             let p = profile.unwrap_or(Profile::ALL[index as usize % Profile::ALL.len()]);
-            let id = StreamId { vm: format!("vm{}", v + 1), disk: d };
-            log.append(&LogRecord::Disk { index, size: disk_size, id })?;
-            gens.push(DiskGenerator::new(seed, v, d, p, content, disk_size, pools.clone()));
+            let id = StreamId {
+                vm: format!("vm{}", v + 1),
+                disk: d,
+            };
+            log.append(&LogRecord::Disk {
+                index,
+                size: disk_size,
+                id,
+            })?;
+            gens.push(DiskGenerator::new(
+                seed,
+                v,
+                d,
+                p,
+                content,
+                disk_size,
+                pools.clone(),
+            ));
         }
     }
     for i in 0..records {
         let index = (i % gens.len() as u64) as usize;
         let change = gens[index].next_change();
-        log.append(&LogRecord::Change { index: index as u32, change })?;
+        log.append(&LogRecord::Change {
+            index: index as u32,
+            change,
+        })?;
     }
     log.finish()
 }

@@ -1,4 +1,5 @@
 //! The `churn` command line: usage errors exit 64 with a message naming the flag.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::process::Command;
 
@@ -16,8 +17,15 @@ fn usage_errors_exit_64_naming_the_flag() {
     ] {
         let out = churn().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(matches!(out.status.code(), Some(64) | Some(2)), "{args:?}: {:?} {err}", out.status);
-        assert!(err.contains(needle), "{args:?}: message should name {needle}: {err}");
+        assert!(
+            matches!(out.status.code(), Some(64) | Some(2)),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+        assert!(
+            err.contains(needle),
+            "{args:?}: message should name {needle}: {err}"
+        );
     }
 }
 

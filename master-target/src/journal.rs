@@ -29,7 +29,9 @@ use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, BytesMut};
-use fbr_protocol::{decode_frame, encode_frame, Frame, Record, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD};
+use fbr_protocol::{
+    decode_frame, encode_frame, Frame, Record, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
+};
 
 /// First eight bytes of every journal file.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"FBRJOURN";
@@ -85,7 +87,9 @@ pub enum JournalError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: not a journal (bad magic)")]
     BadMagic { path: PathBuf },
-    #[error("{path}: journal version {version} is not supported (this build reads {JOURNAL_VERSION})")]
+    #[error(
+        "{path}: journal version {version} is not supported (this build reads {JOURNAL_VERSION})"
+    )]
     Version { path: PathBuf, version: u32 },
 }
 
@@ -184,28 +188,34 @@ impl JournalReader {
             return Ok(None);
         }
         self.buf.resize(ENTRY_HEADER_LEN, 0);
-        let got = read_full(&mut self.file, &mut self.buf[..]).map_err(|source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        let got =
+            read_full(&mut self.file, &mut self.buf[..]).map_err(|source| JournalError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         if got == 0 {
             return Ok(None);
         }
         if got < ENTRY_HEADER_LEN {
-            self.damage = Some(JournalDamage::Incomplete { offset: self.offset });
+            self.damage = Some(JournalDamage::Incomplete {
+                offset: self.offset,
+            });
             return Ok(None);
         }
         let len = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize;
         if len <= MAX_ENTRY_FRAME {
             self.buf.resize(ENTRY_HEADER_LEN + len, 0);
-            let got = read_full(&mut self.file, &mut self.buf[ENTRY_HEADER_LEN..]).map_err(|source| {
-                JournalError::Io {
-                    path: self.path.clone(),
-                    source,
-                }
-            })?;
+            let got =
+                read_full(&mut self.file, &mut self.buf[ENTRY_HEADER_LEN..]).map_err(|source| {
+                    JournalError::Io {
+                        path: self.path.clone(),
+                        source,
+                    }
+                })?;
             if got < len {
-                self.damage = Some(JournalDamage::Incomplete { offset: self.offset });
+                self.damage = Some(JournalDamage::Incomplete {
+                    offset: self.offset,
+                });
                 return Ok(None);
             }
         }
@@ -215,7 +225,9 @@ impl JournalReader {
                 Ok(Some((record, self.offset)))
             }
             Ok(None) => {
-                self.damage = Some(JournalDamage::Incomplete { offset: self.offset });
+                self.damage = Some(JournalDamage::Incomplete {
+                    offset: self.offset,
+                });
                 Ok(None)
             }
             Err(d) => {
@@ -281,7 +293,8 @@ pub fn replay(path: &Path, upto_seq: u64, sink: &mut impl ImageSink) -> Result<u
                         record.seq()
                     ));
                 }
-                apply_record(&record, sink).map_err(|e| format!("applying record {}: {e}", record.seq()))?;
+                apply_record(&record, sink)
+                    .map_err(|e| format!("applying record {}: {e}", record.seq()))?;
                 last = record.seq();
             }
             None => {
@@ -345,7 +358,10 @@ mod tests {
         assert_eq!(decode_entry(&buf[..buf.len() - 1], 16), Ok(None));
         let mut bad = buf.to_vec();
         bad[100] ^= 1;
-        assert!(matches!(decode_entry(&bad, 16), Err(JournalDamage::Corrupt { offset: 16, .. })));
+        assert!(matches!(
+            decode_entry(&bad, 16),
+            Err(JournalDamage::Corrupt { offset: 16, .. })
+        ));
     }
 
     #[test]

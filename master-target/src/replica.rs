@@ -55,7 +55,10 @@ pub enum ReplicaError {
 
 /// Where a disk's files live under the data directory.
 pub fn disk_dir(data_dir: &Path, id: &StreamId) -> PathBuf {
-    data_dir.join("disks").join(&id.vm).join(format!("disk{}", id.disk))
+    data_dir
+        .join("disks")
+        .join(&id.vm)
+        .join(format!("disk{}", id.disk))
 }
 pub fn image_path(data_dir: &Path, id: &StreamId) -> PathBuf {
     disk_dir(data_dir, id).join("image.raw")
@@ -165,7 +168,9 @@ impl DiskReplica {
                 .map_err(io_err(&journal_path))?;
             journal.sync_all().map_err(io_err(&journal_path))?;
             if let Some(parent) = journal_path.parent() {
-                File::open(parent).and_then(|d| d.sync_all()).map_err(io_err(parent))?;
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err(parent))?;
             }
             journal_len = JOURNAL_HEADER_LEN;
         }
@@ -184,7 +189,10 @@ impl DiskReplica {
             if record.seq() != hwm + 1 {
                 return Err(ReplicaError::Corrupt {
                     path: journal_path.clone(),
-                    reason: format!("sequence {} follows {hwm} before offset {end}", record.seq()),
+                    reason: format!(
+                        "sequence {} follows {hwm} before offset {end}",
+                        record.seq()
+                    ),
                 });
             }
             apply_record(&record, &mut sink).map_err(io_err(&image_path))?;
@@ -274,7 +282,11 @@ impl DiskReplica {
     }
 
     /// Flushes the image and records that the journal up to here is applied.
-    pub fn take_checkpoint(&mut self, store: &Store, tags: &[TagLanding]) -> Result<(), ReplicaError> {
+    pub fn take_checkpoint(
+        &mut self,
+        store: &Store,
+        tags: &[TagLanding],
+    ) -> Result<(), ReplicaError> {
         self.image.sync_data().map_err(|source| ReplicaError::Io {
             path: self.image_path.clone(),
             source,

@@ -102,7 +102,9 @@ impl MasterTarget {
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
-                        mt.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                        mt.counters
+                            .handshakes_refused
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%remote, "connection refused during handshake: {e}");
                         return;
                     }
@@ -126,7 +128,10 @@ impl MasterTarget {
             }
             Err(e) => {
                 self.counters.count_error(ErrorCode::Unauthenticated);
-                conn.close(quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32), e.as_bytes());
+                conn.close(
+                    quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
+                    e.as_bytes(),
+                );
                 return;
             }
         };
@@ -159,16 +164,36 @@ impl MasterTarget {
             Ok(Ok(Some(Frame::Hello { stream, disk_size }))) => (stream, disk_size),
             Ok(Ok(Some(other))) => {
                 return self
-                    .refuse(&mut writer, ErrorCode::UnexpectedFrame, format!("expected Hello, got {:?}", other.frame_type()))
+                    .refuse(
+                        &mut writer,
+                        ErrorCode::UnexpectedFrame,
+                        format!("expected Hello, got {:?}", other.frame_type()),
+                    )
                     .await
             }
             Ok(Ok(None)) => return,
-            Ok(Err(e)) => return self.refuse(&mut writer, read_error_code(&e), e.to_string()).await,
-            Err(_) => return self.refuse(&mut writer, ErrorCode::UnexpectedFrame, "no Hello within 10 s").await,
+            Ok(Err(e)) => {
+                return self
+                    .refuse(&mut writer, read_error_code(&e), e.to_string())
+                    .await
+            }
+            Err(_) => {
+                return self
+                    .refuse(
+                        &mut writer,
+                        ErrorCode::UnexpectedFrame,
+                        "no Hello within 10 s",
+                    )
+                    .await
+            }
         };
         if !peer.may_write(&id.vm) {
             return self
-                .refuse(&mut writer, ErrorCode::NotEntitled, format!("certificate does not entitle writing VM {}", id.vm))
+                .refuse(
+                    &mut writer,
+                    ErrorCode::NotEntitled,
+                    format!("certificate does not entitle writing VM {}", id.vm),
+                )
                 .await;
         }
         let span = tracing::info_span!("stream", stream = %id);
@@ -190,29 +215,50 @@ impl MasterTarget {
         let replica = match owned.take() {
             Some(r) if r.disk_size == disk_size => r,
             Some(r) => {
-                let msg = format!("disk {id} has size {} on record, Hello says {disk_size}", r.disk_size);
+                let msg = format!(
+                    "disk {id} has size {} on record, Hello says {disk_size}",
+                    r.disk_size
+                );
                 *owned = Some(r);
-                return self.refuse(&mut writer, ErrorCode::DiskSizeMismatch, msg).await;
+                return self
+                    .refuse(&mut writer, ErrorCode::DiskSizeMismatch, msg)
+                    .await;
             }
             None => {
-                let (data_dir, store, id2) = (self.data_dir.clone(), self.store.clone(), id.clone());
-                match tokio::task::spawn_blocking(move || DiskReplica::open(&data_dir, &store, &id2, disk_size)).await {
+                let (data_dir, store, id2) =
+                    (self.data_dir.clone(), self.store.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || {
+                    DiskReplica::open(&data_dir, &store, &id2, disk_size)
+                })
+                .await
+                {
                     Ok(Ok(r)) => r,
                     Ok(Err(e @ ReplicaError::DiskSizeMismatch { .. })) => {
-                        return self.refuse(&mut writer, ErrorCode::DiskSizeMismatch, e.to_string()).await
+                        return self
+                            .refuse(&mut writer, ErrorCode::DiskSizeMismatch, e.to_string())
+                            .await
                     }
                     Ok(Err(e)) => {
                         tracing::error!(stream = %id, "cannot open replica: {e}");
-                        return self.refuse(&mut writer, ErrorCode::Internal, e.to_string()).await;
+                        return self
+                            .refuse(&mut writer, ErrorCode::Internal, e.to_string())
+                            .await;
                     }
-                    Err(e) => return self.refuse(&mut writer, ErrorCode::Internal, e.to_string()).await,
+                    Err(e) => {
+                        return self
+                            .refuse(&mut writer, ErrorCode::Internal, e.to_string())
+                            .await
+                    }
                 }
             }
         };
         let next_seq = replica.hwm() + 1;
         tracing::info!(stream = %id, next_seq, "stream accepted");
         if writer
-            .send(&Frame::Accept { next_seq, credit_bytes: self.credit_bytes })
+            .send(&Frame::Accept {
+                next_seq,
+                credit_bytes: self.credit_bytes,
+            })
             .await
             .is_err()
         {
@@ -224,7 +270,14 @@ impl MasterTarget {
         let budget = Arc::new(Semaphore::new(MAX_BATCH_BYTES * 2));
         let (tx, mut rx) = mpsc::unbounded_channel::<Item>();
         let counters_mt = self.clone();
-        let reader_task = tokio::spawn(read_records(reader, tx, budget.clone(), next_seq, disk_size, counters_mt));
+        let reader_task = tokio::spawn(read_records(
+            reader,
+            tx,
+            budget.clone(),
+            next_seq,
+            disk_size,
+            counters_mt,
+        ));
 
         // Applier: batch, make durable, acknowledge.
         let mut replica = Some(replica);
@@ -280,8 +333,12 @@ impl MasterTarget {
                         let hwm = r.hwm();
                         replica = Some(r);
                         let logical: u64 = batch.iter().map(Record::logical_bytes).sum();
-                        self.counters.records_applied.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        self.counters.logical_bytes_applied.fetch_add(logical, Ordering::Relaxed);
+                        self.counters
+                            .records_applied
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        self.counters
+                            .logical_bytes_applied
+                            .fetch_add(logical, Ordering::Relaxed);
                         self.counters.batches.fetch_add(1, Ordering::Relaxed);
                         drop(permits);
                         if writer.send(&Frame::Ack { seq: hwm }).await.is_err() {
@@ -368,7 +425,9 @@ async fn read_records(
         };
         let seq = record.seq();
         if seq < expected {
-            mt.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+            mt.counters
+                .duplicates_skipped
+                .fetch_add(1, Ordering::Relaxed);
             continue;
         }
         if seq > expected {

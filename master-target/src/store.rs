@@ -18,7 +18,11 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::Serialize;
 
 const DISKS: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("disks");
-const TAGS: TableDefinition<(&str, u64, &str), (u64, u8, u32, u64)> = TableDefinition::new("tags");
+/// `(group, tag_id, "vm/disk")`.
+type TagKey<'a> = (&'a str, u64, &'a str);
+/// `(seq, kind, members, journal_end)`.
+type TagValue = (u64, u8, u32, u64);
+const TAGS: TableDefinition<TagKey, TagValue> = TableDefinition::new("tags");
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -130,8 +134,11 @@ impl Store {
         {
             if let Some(c) = checkpoint {
                 let mut t = tx.open_table(DISKS).map_err(e)?;
-                t.insert(stream_key(id).as_str(), (c.disk_size, c.journal_offset, c.seq))
-                    .map_err(e)?;
+                t.insert(
+                    stream_key(id).as_str(),
+                    (c.disk_size, c.journal_offset, c.seq),
+                )
+                .map_err(e)?;
             }
             let mut t = tx.open_table(TAGS).map_err(e)?;
             for tag in tags {
@@ -185,7 +192,11 @@ impl Store {
                 .or_insert_with(|| RecoveryPoint {
                     group: group.to_owned(),
                     tag_id: id,
-                    kind: if kind == TagKind::App as u8 { "app" } else { "crash" },
+                    kind: if kind == TagKind::App as u8 {
+                        "app"
+                    } else {
+                        "crash"
+                    },
                     members,
                     landed: vec![],
                     complete: false,

@@ -1,4 +1,5 @@
 //! The `master-target` command line.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::process::Command;
 
@@ -8,7 +9,18 @@ fn mt() -> Command {
 
 #[test]
 fn invalid_values_exit_64() {
-    let out = mt().args(["run", "--data", "/tmp/x", "--pki-dir", "/tmp/y", "--credit-mib", "0"]).output().unwrap();
+    let out = mt()
+        .args([
+            "run",
+            "--data",
+            "/tmp/x",
+            "--pki-dir",
+            "/tmp/y",
+            "--credit-mib",
+            "0",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--credit-mib"));
 }
@@ -16,8 +28,16 @@ fn invalid_values_exit_64() {
 #[test]
 fn points_of_an_empty_data_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let out = mt().args(["points", "--json", "--data"]).arg(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mt()
+        .args(["points", "--json", "--data"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }
 
@@ -25,7 +45,18 @@ fn points_of_an_empty_data_directory() {
 fn materialize_refuses_unknown_points() {
     let dir = tempfile::tempdir().unwrap();
     let out = mt()
-        .args(["materialize", "--group", "g", "--tag", "1", "--vm", "vm1", "--disk", "0", "--data"])
+        .args([
+            "materialize",
+            "--group",
+            "g",
+            "--tag",
+            "1",
+            "--vm",
+            "vm1",
+            "--disk",
+            "0",
+            "--data",
+        ])
         .arg(dir.path())
         .arg("--out")
         .arg(dir.path().join("img"))

@@ -1,5 +1,6 @@
 //! Golden bytes of the journal format (docs/JOURNAL-FORMAT.md). If these fail, the
 //! on-disk format changed: bump JOURNAL_VERSION and document it, never just the bytes.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use bytes::{Bytes, BytesMut};
 use fbr_master_target::journal::{decode_entry, encode_entry, encode_header, JOURNAL_VERSION};
@@ -13,7 +14,11 @@ fn header_bytes() {
 
 #[test]
 fn zero_entry_bytes() {
-    let r = Record::Zero { seq: 1, offset: 512, len: 4096 };
+    let r = Record::Zero {
+        seq: 1,
+        offset: 512,
+        len: 4096,
+    };
     let mut b = BytesMut::new();
     encode_entry(&r, &mut b);
     let frame: &[u8] = &[
@@ -28,7 +33,11 @@ fn zero_entry_bytes() {
     golden.extend_from_slice(frame);
     assert_eq!(&b[..], &golden[..]);
     // The CRC is CRC32C (Castagnoli): pin its value so a switch to IEEE CRC-32 shows.
-    assert_eq!(crc32c::crc32c(frame), 0xAA6F_0DDD, "crc of the golden frame");
+    assert_eq!(
+        crc32c::crc32c(frame),
+        0xAA6F_0DDD,
+        "crc of the golden frame"
+    );
     assert_eq!(decode_entry(&b, 16).unwrap().unwrap().0, r);
 }
 
@@ -40,7 +49,11 @@ fn crc32c_known_answer() {
 
 #[test]
 fn write_entry_round_trips() {
-    let r = Record::Write { seq: 9, offset: 4096, data: Bytes::from(vec![0xA5; 1024]) };
+    let r = Record::Write {
+        seq: 9,
+        offset: 4096,
+        data: Bytes::from(vec![0xA5; 1024]),
+    };
     let mut b = BytesMut::new();
     encode_entry(&r, &mut b);
     assert_eq!(b.len(), 8 + 8 + 16 + 1024);

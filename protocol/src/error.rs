@@ -122,10 +122,7 @@ pub enum DecodeError {
     #[error("unknown frame type {0:#04x}")]
     UnknownType(u8),
     #[error("malformed {frame} frame: {reason}")]
-    Malformed {
-        frame: &'static str,
-        reason: String,
-    },
+    Malformed { frame: &'static str, reason: String },
 }
 
 impl DecodeError {

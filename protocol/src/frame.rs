@@ -374,7 +374,10 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
         FrameType::Hello => {
             const F: &str = "Hello";
             if p.len() < 13 {
-                return Err(malformed(F, format!("payload is {} bytes, at least 13 expected", p.len())));
+                return Err(malformed(
+                    F,
+                    format!("payload is {} bytes, at least 13 expected", p.len()),
+                ));
             }
             let disk = p.get_u32_le();
             let disk_size = p.get_u64_le();
@@ -395,7 +398,10 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             let next_seq = p.get_u64_le();
             let credit_bytes = p.get_u64_le();
             if next_seq == 0 {
-                return Err(malformed("Accept", "next sequence number is 0 (sequences start at 1)"));
+                return Err(malformed(
+                    "Accept",
+                    "next sequence number is 0 (sequences start at 1)",
+                ));
             }
             Frame::Accept {
                 next_seq,
@@ -405,7 +411,10 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
         FrameType::Write => {
             const F: &str = "Write";
             if p.len() < 16 + 1 {
-                return Err(malformed(F, format!("payload is {} bytes, at least 17 expected", p.len())));
+                return Err(malformed(
+                    F,
+                    format!("payload is {} bytes, at least 17 expected", p.len()),
+                ));
             }
             let seq = p.get_u64_le();
             let offset = p.get_u64_le();
@@ -430,7 +439,10 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
         FrameType::Tag => {
             const F: &str = "Tag";
             if p.len() < 22 {
-                return Err(malformed(F, format!("payload is {} bytes, at least 22 expected", p.len())));
+                return Err(malformed(
+                    F,
+                    format!("payload is {} bytes, at least 22 expected", p.len()),
+                ));
             }
             let seq = p.get_u64_le();
             let id = p.get_u64_le();
@@ -455,7 +467,9 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
         }
         FrameType::Ack => {
             exact("Ack", &p, 8)?;
-            Frame::Ack { seq: p.get_u64_le() }
+            Frame::Ack {
+                seq: p.get_u64_le(),
+            }
         }
         FrameType::Credit => {
             exact("Credit", &p, 8)?;
@@ -470,7 +484,10 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             }
             let code = ErrorCode::from_u16(p.get_u16_le());
             if p.len() > MAX_ERROR_MESSAGE {
-                return Err(malformed(F, format!("message is {} bytes, limit {MAX_ERROR_MESSAGE}", p.len())));
+                return Err(malformed(
+                    F,
+                    format!("message is {} bytes, limit {MAX_ERROR_MESSAGE}", p.len()),
+                ));
             }
             let message = std::str::from_utf8(&p)
                 .map_err(|_| malformed(F, "message is not UTF-8"))?
@@ -585,13 +602,19 @@ mod tests {
     #[test]
     fn bad_magic_is_refused_from_the_first_byte() {
         let mut buf = BytesMut::from(&b"G"[..]);
-        assert!(matches!(decode_frame(&mut buf), Err(DecodeError::BadMagic { .. })));
+        assert!(matches!(
+            decode_frame(&mut buf),
+            Err(DecodeError::BadMagic { .. })
+        ));
     }
 
     #[test]
     fn wrong_version_and_type_are_refused() {
         let mut buf = BytesMut::from(&b"FB\x02\x10\0\0\0\0"[..]);
-        assert_eq!(decode_frame(&mut buf), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(
+            decode_frame(&mut buf),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
         let mut buf = BytesMut::from(&b"FB\x01\x77\0\0\0\0"[..]);
         assert_eq!(decode_frame(&mut buf), Err(DecodeError::UnknownType(0x77)));
     }
@@ -600,7 +623,10 @@ mod tests {
     fn fixed_frames_with_trailing_bytes_are_malformed() {
         let mut buf = BytesMut::from(&b"FB\x01\x20\x09\0\0\0"[..]);
         buf.put_slice(&[0; 9]);
-        assert!(matches!(decode_frame(&mut buf), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(
+            decode_frame(&mut buf),
+            Err(DecodeError::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -612,14 +638,26 @@ mod tests {
         };
         assert!(w(0, 512).check_against_disk(1024).is_ok());
         assert!(w(512, 512).check_against_disk(1024).is_ok());
-        assert_eq!(w(1024, 512).check_against_disk(1024).unwrap_err().0, ErrorCode::OutOfBounds);
-        assert_eq!(w(100, 512).check_against_disk(1024).unwrap_err().0, ErrorCode::Misaligned);
-        assert_eq!(w(0, 100).check_against_disk(1024).unwrap_err().0, ErrorCode::Misaligned);
+        assert_eq!(
+            w(1024, 512).check_against_disk(1024).unwrap_err().0,
+            ErrorCode::OutOfBounds
+        );
+        assert_eq!(
+            w(100, 512).check_against_disk(1024).unwrap_err().0,
+            ErrorCode::Misaligned
+        );
+        assert_eq!(
+            w(0, 100).check_against_disk(1024).unwrap_err().0,
+            ErrorCode::Misaligned
+        );
         let z = Record::Zero {
             seq: 1,
             offset: u64::MAX - 511,
             len: 1024,
         };
-        assert_eq!(z.check_against_disk(u64::MAX).unwrap_err().0, ErrorCode::OutOfBounds);
+        assert_eq!(
+            z.check_against_disk(u64::MAX).unwrap_err().0,
+            ErrorCode::OutOfBounds
+        );
     }
 }

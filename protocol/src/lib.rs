@@ -27,6 +27,6 @@ pub mod names;
 
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
-    decode_frame, encode_frame, encode_to_bytes, Frame, FrameType, Record, StreamId, TagKind, FRAME_HEADER_LEN,
-    MAGIC, MAX_FRAME_PAYLOAD, MAX_WRITE_BYTES, PROTOCOL_VERSION, SECTOR_SIZE,
+    decode_frame, encode_frame, encode_to_bytes, Frame, FrameType, Record, StreamId, TagKind,
+    FRAME_HEADER_LEN, MAGIC, MAX_FRAME_PAYLOAD, MAX_WRITE_BYTES, PROTOCOL_VERSION, SECTOR_SIZE,
 };

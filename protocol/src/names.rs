@@ -46,7 +46,16 @@ mod tests {
 
     #[test]
     fn refuses_paths_and_oddities() {
-        for n in ["", "..", ".hidden", "a/b", "a\\b", "vm 1", "é", &"x".repeat(65)] {
+        for n in [
+            "",
+            "..",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "vm 1",
+            "é",
+            &"x".repeat(65),
+        ] {
             assert!(validate_name(n).is_err(), "{n:?}");
         }
     }

@@ -1,6 +1,7 @@
 //! Golden bytes: these tests pin the wire format documented in `docs/PROTOCOL.md`.
 //! If one fails, the format changed: bump `PROTOCOL_VERSION` and update the document,
 //! never just the expected bytes.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use bytes::{Bytes, BytesMut};
 use fbr_protocol::{decode_frame, encode_frame, ErrorCode, Frame, Record, StreamId, TagKind};
@@ -22,7 +23,10 @@ fn check(frame: Frame, golden: &[u8]) {
 fn hello() {
     check(
         Frame::Hello {
-            stream: StreamId { vm: "vm1".into(), disk: 2 },
+            stream: StreamId {
+                vm: "vm1".into(),
+                disk: 2,
+            },
             disk_size: 0x4000_0000,
         },
         &[
@@ -37,7 +41,10 @@ fn hello() {
 #[test]
 fn accept() {
     check(
-        Frame::Accept { next_seq: 5, credit_bytes: 0x0100_0000 },
+        Frame::Accept {
+            next_seq: 5,
+            credit_bytes: 0x0100_0000,
+        },
         &[
             b'F', b'B', 1, 0x02, 16, 0, 0, 0, //
             5, 0, 0, 0, 0, 0, 0, 0, //
@@ -53,7 +60,11 @@ fn write() {
     golden.extend_from_slice(&[0, 0x10, 0, 0, 0, 0, 0, 0]); // offset 4096
     golden.extend_from_slice(&[0x5A; 512]);
     check(
-        Frame::Record(Record::Write { seq: 1, offset: 4096, data: Bytes::from(vec![0x5A; 512]) }),
+        Frame::Record(Record::Write {
+            seq: 1,
+            offset: 4096,
+            data: Bytes::from(vec![0x5A; 512]),
+        }),
         &golden,
     );
 }
@@ -61,7 +72,11 @@ fn write() {
 #[test]
 fn zero() {
     check(
-        Frame::Record(Record::Zero { seq: 2, offset: 512, len: 1024 }),
+        Frame::Record(Record::Zero {
+            seq: 2,
+            offset: 512,
+            len: 1024,
+        }),
         &[
             b'F', b'B', 1, 0x11, 24, 0, 0, 0, //
             2, 0, 0, 0, 0, 0, 0, 0, //
@@ -94,7 +109,10 @@ fn tag() {
 
 #[test]
 fn ack_credit_error() {
-    check(Frame::Ack { seq: 258 }, &[b'F', b'B', 1, 0x20, 8, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
+    check(
+        Frame::Ack { seq: 258 },
+        &[b'F', b'B', 1, 0x20, 8, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0],
+    );
     check(
         Frame::Credit { credit_bytes: 1 },
         &[b'F', b'B', 1, 0x21, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],

@@ -1,5 +1,6 @@
 //! Property tests: every frame survives encode -> decode, in any split of the bytes, and
 //! no byte string makes the decoder panic or over-read.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use bytes::{Bytes, BytesMut};
 use fbr_protocol::{decode_frame, encode_frame, ErrorCode, Frame, Record, StreamId, TagKind};
@@ -15,10 +16,20 @@ fn frame() -> impl Strategy<Value = Frame> {
             stream: StreamId { vm, disk },
             disk_size: s * 512
         }),
-        (1u64.., any::<u64>()).prop_map(|(n, c)| Frame::Accept { next_seq: n, credit_bytes: c }),
-        (1u64.., any::<u64>(), prop::collection::vec(any::<u8>(), 1..4096)).prop_map(
-            |(seq, offset, d)| Frame::Record(Record::Write { seq, offset, data: Bytes::from(d) })
-        ),
+        (1u64.., any::<u64>()).prop_map(|(n, c)| Frame::Accept {
+            next_seq: n,
+            credit_bytes: c
+        }),
+        (
+            1u64..,
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 1..4096)
+        )
+            .prop_map(|(seq, offset, d)| Frame::Record(Record::Write {
+                seq,
+                offset,
+                data: Bytes::from(d)
+            })),
         (1u64.., any::<u64>(), 1u64..).prop_map(|(seq, offset, len)| Frame::Record(Record::Zero {
             seq,
             offset,
@@ -35,8 +46,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         ),
         any::<u64>().prop_map(|seq| Frame::Ack { seq }),
         any::<u64>().prop_map(|credit_bytes| Frame::Credit { credit_bytes }),
-        (any::<u16>(), "\\PC{0,100}")
-            .prop_map(|(c, m)| Frame::error(ErrorCode::from_u16(c), m)),
+        (any::<u16>(), "\\PC{0,100}").prop_map(|(c, m)| Frame::error(ErrorCode::from_u16(c), m)),
     ]
 }
 

@@ -10,13 +10,19 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fbr_relay::{Relay, RelayConfig};
 use fbr_transport::pki::{self, IssueRequest};
-use fbr_transport::{any_addr_for, client_endpoint, server_endpoint, Credentials, PeerLink, QuicTuning, Role};
+use fbr_transport::{
+    any_addr_for, client_endpoint, server_endpoint, Credentials, PeerLink, QuicTuning, Role,
+};
 
 /// Exit code for bad configuration or usage (EX_USAGE).
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "relay", version, about = "Failback relay (process server): forwards Azure VM disk writes to the master target")]
+#[command(
+    name = "relay",
+    version,
+    about = "Failback relay (process server): forwards Azure VM disk writes to the master target"
+)]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
@@ -99,7 +105,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             if args.queue_mib == 0 || args.queue_mib > 4096 {
-                eprintln!("relay: invalid --queue-mib {}: must be 1..=4096", args.queue_mib);
+                eprintln!(
+                    "relay: invalid --queue-mib {}: must be 1..=4096",
+                    args.queue_mib
+                );
                 return ExitCode::from(EX_USAGE);
             }
             let rt = match tokio::runtime::Runtime::new() {
@@ -114,12 +123,25 @@ fn main() -> ExitCode {
         Command::Pki(PkiCommand::Init { dir, common_name }) => {
             report(pki::init_ca(&dir, &common_name).map_err(Into::into))
         }
-        Command::Pki(PkiCommand::Issue { dir, name, role, vms, dns_names, ips }) => {
+        Command::Pki(PkiCommand::Issue {
+            dir,
+            name,
+            role,
+            vms,
+            dns_names,
+            ips,
+        }) => {
             let Some(role) = Role::parse(&role) else {
                 eprintln!("relay: invalid --role {role:?}: expected agent, relay or master-target");
                 return ExitCode::from(EX_USAGE);
             };
-            let req = IssueRequest { name, role, vms, dns_names, ip_addresses: ips };
+            let req = IssueRequest {
+                name,
+                role,
+                vms,
+                dns_names,
+                ip_addresses: ips,
+            };
             report(pki::issue(&dir, &req).map_err(Into::into))
         }
     }
@@ -138,7 +160,9 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -147,11 +171,15 @@ fn init_logging(json: bool) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let tuning = QuicTuning { max_udp_payload: args.max_udp_payload, ..QuicTuning::default() };
+    let tuning = QuicTuning {
+        max_udp_payload: args.max_udp_payload,
+        ..QuicTuning::default()
+    };
     let server_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
     let client_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
     let agents = server_endpoint(args.listen, server_creds, &tuning)?;
-    let upstream_endpoint = client_endpoint(any_addr_for(args.master_target), client_creds, &tuning)?;
+    let upstream_endpoint =
+        client_endpoint(any_addr_for(args.master_target), client_creds, &tuning)?;
     let link = PeerLink::new(
         upstream_endpoint.clone(),
         args.master_target,
@@ -166,11 +194,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let local = agents.local_addr()?;
     if let Some(pf) = &args.port_file {
         let tmp = pf.with_extension("tmp");
-        std::fs::write(&tmp, local.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, local.to_string())
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, pf).with_context(|| format!("renaming to {}", pf.display()))?;
     }
     tracing::info!(listen = %local, master_target = %args.master_target, "relay listening");
-    let relay = Relay::new(RelayConfig { queue_bytes_per_stream: args.queue_mib << 20 }, link);
+    let relay = Relay::new(
+        RelayConfig {
+            queue_bytes_per_stream: args.queue_mib << 20,
+        },
+        link,
+    );
     let server = tokio::spawn(relay.clone().serve(agents.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -10,7 +10,6 @@ use fbr_protocol::{ErrorCode, Frame, StreamId};
 use fbr_transport::{peer_identity, FrameWriter, PeerLink, Role};
 use tokio::sync::watch;
 
-
 /// Settings of a running relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -55,7 +54,9 @@ impl Relay {
     /// session claims it.
     pub fn claim_stream(&self, id: &StreamId) -> watch::Receiver<u64> {
         let mut gens = self.generations.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = gens.entry(id.clone()).or_insert_with(|| watch::channel(0).0);
+        let tx = gens
+            .entry(id.clone())
+            .or_insert_with(|| watch::channel(0).0);
         tx.send_modify(|g| *g += 1);
         let mut rx = tx.subscribe();
         rx.borrow_and_update();
@@ -76,7 +77,11 @@ impl Relay {
             None => tracing::warn!("refusing stream: {code}: {msg}"),
         }
         {
-            let mut m = self.counters.stream_errors.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = self
+                .counters
+                .stream_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             *m.entry(code.as_u16()).or_default() += 1;
         }
         writer.refuse(&Frame::error(code, msg)).await;
@@ -91,7 +96,10 @@ impl Relay {
                 match incoming.await {
                     Ok(conn) => relay.serve_connection(conn, remote).await,
                     Err(e) => {
-                        relay.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                        relay
+                            .counters
+                            .handshakes_refused
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%remote, "connection refused during handshake: {e}");
                     }
                 }
@@ -108,7 +116,11 @@ impl Relay {
                     Err(e) => e,
                 };
                 tracing::warn!(%remote, "refusing connection: {why}");
-                let mut m = self.counters.stream_errors.lock().unwrap_or_else(|p| p.into_inner());
+                let mut m = self
+                    .counters
+                    .stream_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 *m.entry(ErrorCode::Unauthenticated.as_u16()).or_default() += 1;
                 conn.close(
                     quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
@@ -117,7 +129,9 @@ impl Relay {
                 return;
             }
         };
-        self.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(%remote, cn = %peer.common_name, vms = ?peer.vms, "agent connected");
         loop {
             match conn.accept_bi().await {

@@ -57,13 +57,24 @@ pub async fn serve_stream(
         Ok(Ok(Some(Frame::Hello { stream, disk_size }))) => (stream, disk_size),
         Ok(Ok(Some(other))) => {
             let msg = format!("expected Hello, got {:?}", other.frame_type());
-            return relay.refuse(&mut agent_writer, None, ErrorCode::UnexpectedFrame, msg).await;
+            return relay
+                .refuse(&mut agent_writer, None, ErrorCode::UnexpectedFrame, msg)
+                .await;
         }
         Ok(Ok(None)) => return,
-        Ok(Err(e)) => return relay.refuse(&mut agent_writer, None, read_error_code(&e), e.to_string()).await,
+        Ok(Err(e)) => {
+            return relay
+                .refuse(&mut agent_writer, None, read_error_code(&e), e.to_string())
+                .await
+        }
         Err(_) => {
             return relay
-                .refuse(&mut agent_writer, None, ErrorCode::UnexpectedFrame, "no Hello within 10 s")
+                .refuse(
+                    &mut agent_writer,
+                    None,
+                    ErrorCode::UnexpectedFrame,
+                    "no Hello within 10 s",
+                )
                 .await
         }
     };
@@ -72,7 +83,9 @@ pub async fn serve_stream(
             "certificate {:?} does not entitle writing VM {}",
             peer.common_name, id.vm
         );
-        return relay.refuse(&mut agent_writer, Some(&id), ErrorCode::NotEntitled, msg).await;
+        return relay
+            .refuse(&mut agent_writer, Some(&id), ErrorCode::NotEntitled, msg)
+            .await;
     }
 
     // Supersede any older session of this disk (an agent that reconnected).
@@ -83,34 +96,67 @@ pub async fn serve_stream(
         Ok(s) => s,
         Err(e) => {
             return relay
-                .refuse(&mut agent_writer, Some(&id), ErrorCode::UpstreamUnavailable, e)
+                .refuse(
+                    &mut agent_writer,
+                    Some(&id),
+                    ErrorCode::UpstreamUnavailable,
+                    e,
+                )
                 .await
         }
     };
     let mut up_reader = FrameReader::new(up_recv);
     let mut up_writer = FrameWriter::new(up_send);
     if up_writer
-        .send(&Frame::Hello { stream: id.clone(), disk_size })
+        .send(&Frame::Hello {
+            stream: id.clone(),
+            disk_size,
+        })
         .await
         .is_err()
     {
         return relay
-            .refuse(&mut agent_writer, Some(&id), ErrorCode::UpstreamUnavailable, "master target stream closed")
+            .refuse(
+                &mut agent_writer,
+                Some(&id),
+                ErrorCode::UpstreamUnavailable,
+                "master target stream closed",
+            )
             .await;
     }
     let (next_seq, credit) = match tokio::time::timeout(HELLO_TIMEOUT, up_reader.next()).await {
-        Ok(Ok(Some(Frame::Accept { next_seq, credit_bytes }))) => (next_seq, credit_bytes),
+        Ok(Ok(Some(Frame::Accept {
+            next_seq,
+            credit_bytes,
+        }))) => (next_seq, credit_bytes),
         Ok(Ok(Some(Frame::Error { code, message }))) => {
             // The master target's refusal (e.g. disk size mismatch) is the agent's answer.
-            return relay.refuse(&mut agent_writer, Some(&id), code, format!("master target: {message}")).await;
+            return relay
+                .refuse(
+                    &mut agent_writer,
+                    Some(&id),
+                    code,
+                    format!("master target: {message}"),
+                )
+                .await;
         }
         other => {
             let msg = format!("master target did not accept the stream: {other:?}");
-            return relay.refuse(&mut agent_writer, Some(&id), ErrorCode::UpstreamUnavailable, msg).await;
+            return relay
+                .refuse(
+                    &mut agent_writer,
+                    Some(&id),
+                    ErrorCode::UpstreamUnavailable,
+                    msg,
+                )
+                .await;
         }
     };
     if agent_writer
-        .send(&Frame::Accept { next_seq, credit_bytes: credit })
+        .send(&Frame::Accept {
+            next_seq,
+            credit_bytes: credit,
+        })
         .await
         .is_err()
     {
@@ -195,7 +241,10 @@ async fn ingest(
         };
         let seq = record.seq();
         if seq < expected {
-            relay.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+            relay
+                .counters
+                .duplicates_skipped
+                .fetch_add(1, Ordering::Relaxed);
             continue;
         }
         if seq > expected {
@@ -205,7 +254,10 @@ async fn ingest(
             ));
         }
         record.check_against_disk(disk_size)?;
-        relay.counters.records_ingested.fetch_add(1, Ordering::Relaxed);
+        relay
+            .counters
+            .records_ingested
+            .fetch_add(1, Ordering::Relaxed);
         relay
             .counters
             .logical_bytes_ingested
@@ -254,7 +306,10 @@ async fn pass_acks(
             Ok(Some(other)) => {
                 return Some((
                     ErrorCode::UpstreamUnavailable,
-                    format!("master target sent an unexpected {:?} frame", other.frame_type()),
+                    format!(
+                        "master target sent an unexpected {:?} frame",
+                        other.frame_type()
+                    ),
                 ))
             }
             Ok(None) => return None,

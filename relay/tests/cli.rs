@@ -1,4 +1,5 @@
 //! The `relay` command line: bad usage exits 64; the PKI never overwrites a key.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::process::Command;
 
@@ -11,12 +12,25 @@ fn relay() -> Command {
 #[test]
 fn invalid_values_exit_64() {
     let out = relay()
-        .args(["run", "--master-target", "127.0.0.1:1", "--pki-dir", "/nonexistent", "--queue-mib", "0"])
+        .args([
+            "run",
+            "--master-target",
+            "127.0.0.1:1",
+            "--pki-dir",
+            "/nonexistent",
+            "--queue-mib",
+            "0",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--queue-mib"));
-    let out = relay().args(["pki", "issue", "--dir", "/tmp", "--name", "x", "--role", "boss"]).output().unwrap();
+    let out = relay()
+        .args([
+            "pki", "issue", "--dir", "/tmp", "--name", "x", "--role", "boss",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--role"));
 }
@@ -25,7 +39,13 @@ fn invalid_values_exit_64() {
 fn missing_certificates_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = relay()
-        .args(["run", "--listen", "127.0.0.1:0", "--master-target", "127.0.0.1:9"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            "127.0.0.1:9",
+        ])
         .arg("--pki-dir")
         .arg(dir.path())
         .output()
@@ -38,13 +58,24 @@ fn missing_certificates_name_the_file() {
 fn pki_issues_once_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    assert!(relay().args(["pki", "init", "--dir"]).arg(&pki).status().unwrap().success());
-    let again = relay().args(["pki", "init", "--dir"]).arg(&pki).output().unwrap();
+    assert!(relay()
+        .args(["pki", "init", "--dir"])
+        .arg(&pki)
+        .status()
+        .unwrap()
+        .success());
+    let again = relay()
+        .args(["pki", "init", "--dir"])
+        .arg(&pki)
+        .output()
+        .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
     let issue = |name: &str| {
         relay()
-            .args(["pki", "issue", "--role", "agent", "--vm", "sql01", "--name", name, "--dir"])
+            .args([
+                "pki", "issue", "--role", "agent", "--vm", "sql01", "--name", name, "--dir",
+            ])
             .arg(&pki)
             .output()
             .unwrap()
@@ -52,11 +83,18 @@ fn pki_issues_once_and_refuses_to_overwrite() {
     assert!(issue("agent-sql01").status.success());
     let key = std::fs::read(pki.join("agent-sql01.key")).unwrap();
     assert!(!issue("agent-sql01").status.success());
-    assert_eq!(std::fs::read(pki.join("agent-sql01.key")).unwrap(), key, "key untouched");
+    assert_eq!(
+        std::fs::read(pki.join("agent-sql01.key")).unwrap(),
+        key,
+        "key untouched"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(pki.join("agent-sql01.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(pki.join("agent-sql01.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "private keys are not group/world readable");
     }
     let id = fbr_transport::identity::identity_from_der(

@@ -5,6 +5,7 @@
 //! them with `cargo test --workspace`, which builds them) and drive them with the agent
 //! emulator or with [`RawAgent`], a bare QUIC client for sending hostile input.
 #![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
 
 use std::time::Duration;
 
@@ -56,7 +57,10 @@ pub fn plans(vms: u32, disks: u32, disk_size: u64, content: Content, seed: u64) 
         for d in 0..disks {
             let n = (v * disks + d) as usize;
             out.push(DiskPlan {
-                id: StreamId { vm: format!("vm{}", v + 1), disk: d },
+                id: StreamId {
+                    vm: format!("vm{}", v + 1),
+                    disk: d,
+                },
                 disk_size,
                 group: "group1".into(),
                 source: SourceSpec::Generated {
@@ -76,7 +80,11 @@ pub fn plans(vms: u32, disks: u32, disk_size: u64, content: Content, seed: u64) 
 pub async fn churn(opts: AgentOptions, plans: Vec<DiskPlan>, seed: u64) -> agent::RunReport {
     let handle = agent::start(opts, plans, seed).expect("start agent");
     let report = handle.finish().await.expect("run");
-    assert!(report.failures.is_empty(), "disk failures: {:?}", report.failures);
+    assert!(
+        report.failures.is_empty(),
+        "disk failures: {:?}",
+        report.failures
+    );
     report
 }
 
@@ -101,7 +109,10 @@ impl RawAgent {
         let addr = site.relay_addr().expect("relay running");
         let endpoint = client_endpoint(any_addr_for(addr), creds, &QuicTuning::default())?;
         let conn = endpoint.connect(addr, "relay")?.await?;
-        Ok(RawAgent { conn, _endpoint: endpoint })
+        Ok(RawAgent {
+            conn,
+            _endpoint: endpoint,
+        })
     }
 
     /// Connects with the site's agent certificate.
@@ -112,13 +123,24 @@ impl RawAgent {
 
     pub async fn open(&self) -> RawStream {
         let (send, recv) = self.conn.open_bi().await.expect("open stream");
-        RawStream { send, recv, buf: BytesMut::new() }
+        RawStream {
+            send,
+            recv,
+            buf: BytesMut::new(),
+        }
     }
 
     /// Opens a stream and completes Hello/Accept; returns the stream and next_seq.
     pub async fn open_disk(&self, vm: &str, disk: u32, disk_size: u64) -> (RawStream, u64) {
         let mut s = self.open().await;
-        s.send_frame(&Frame::Hello { stream: StreamId { vm: vm.into(), disk }, disk_size }).await;
+        s.send_frame(&Frame::Hello {
+            stream: StreamId {
+                vm: vm.into(),
+                disk,
+            },
+            disk_size,
+        })
+        .await;
         match s.next_frame().await {
             Some(Frame::Accept { next_seq, .. }) => (s, next_seq),
             other => panic!("expected Accept for {vm}/{disk}, got {other:?}"),
@@ -184,5 +206,9 @@ impl RawStream {
 
 /// A write record frame of `len` bytes of `fill` at `offset`.
 pub fn write(seq: u64, offset: u64, len: usize, fill: u8) -> Frame {
-    Frame::Record(fbr_protocol::Record::Write { seq, offset, data: Bytes::from(vec![fill; len]) })
+    Frame::Record(fbr_protocol::Record::Write {
+        seq,
+        offset,
+        data: Bytes::from(vec![fill; len]),
+    })
 }

@@ -1,5 +1,6 @@
 //! Hostile and broken input: every case gets a clear coded error, nothing partial is
 //! applied, and other streams keep flowing.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::time::Duration;
 
@@ -26,7 +27,8 @@ async fn expect_error(s: &mut fbr_tests::RawStream, code: ErrorCode) -> u64 {
 /// Writes one more record on the healthy stream and waits for its acknowledgement.
 async fn keep_flowing(good: &mut fbr_tests::RawStream, seq: &mut u64) {
     *seq += 1;
-    good.send_frame(&write(*seq, (*seq % 64) * 4096, 4096, *seq as u8)).await;
+    good.send_frame(&write(*seq, (*seq % 64) * 4096, 4096, *seq as u8))
+        .await;
     good.wait_ack(*seq).await;
 }
 
@@ -73,8 +75,15 @@ async fn bad_streams_are_refused_with_codes_while_a_good_stream_keeps_flowing() 
     s.send_bytes(&partial[..100]).await;
     s.send.finish().unwrap();
     let acked = expect_error(&mut s, ErrorCode::MalformedFrame).await;
-    assert_eq!(acked, 2, "the records before the broken one are applied and acknowledged");
-    assert_eq!(next_seq(&agent, "vm1", 1).await, 3, "nothing of the truncated record is applied");
+    assert_eq!(
+        acked, 2,
+        "the records before the broken one are applied and acknowledged"
+    );
+    assert_eq!(
+        next_seq(&agent, "vm1", 1).await,
+        3,
+        "nothing of the truncated record is applied"
+    );
     keep_flowing(&mut good, &mut good_seq).await;
 
     // A sequence gap: the record after the gap is not applied.
@@ -111,22 +120,46 @@ async fn bad_streams_are_refused_with_codes_while_a_good_stream_keeps_flowing() 
     s.send_frame(&write(1, 0, 512, 1)).await;
     expect_error(&mut s, ErrorCode::UnexpectedFrame).await;
     let (mut s, _) = agent.open_disk("vm1", 1, DISK).await;
-    s.send_frame(&Frame::Hello { stream: fbr_protocol::StreamId { vm: "vm1".into(), disk: 1 }, disk_size: DISK }).await;
+    s.send_frame(&Frame::Hello {
+        stream: fbr_protocol::StreamId {
+            vm: "vm1".into(),
+            disk: 1,
+        },
+        disk_size: DISK,
+    })
+    .await;
     expect_error(&mut s, ErrorCode::UnexpectedFrame).await;
 
     // The same disk announced with another size.
     let mut s = agent.open().await;
-    s.send_frame(&Frame::Hello { stream: fbr_protocol::StreamId { vm: "vm1".into(), disk: 1 }, disk_size: DISK * 2 }).await;
+    s.send_frame(&Frame::Hello {
+        stream: fbr_protocol::StreamId {
+            vm: "vm1".into(),
+            disk: 1,
+        },
+        disk_size: DISK * 2,
+    })
+    .await;
     expect_error(&mut s, ErrorCode::DiskSizeMismatch).await;
 
     // A VM the certificate does not name.
     let mut s = agent.open().await;
-    s.send_frame(&Frame::Hello { stream: fbr_protocol::StreamId { vm: "vm2".into(), disk: 0 }, disk_size: DISK }).await;
+    s.send_frame(&Frame::Hello {
+        stream: fbr_protocol::StreamId {
+            vm: "vm2".into(),
+            disk: 0,
+        },
+        disk_size: DISK,
+    })
+    .await;
     expect_error(&mut s, ErrorCode::NotEntitled).await;
 
     // Through all of it, the healthy stream kept going.
     keep_flowing(&mut good, &mut good_seq).await;
-    assert_eq!(good_seq, 6, "one good record acknowledged after each round of bad input");
+    assert_eq!(
+        good_seq, 6,
+        "one good record acknowledged after each round of bad input"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,10 +191,21 @@ async fn peers_without_a_valid_certificate_are_refused() {
     // A certificate of our CA but with the wrong role (the master target's) is refused.
     let creds = Credentials::load(&site.pki_dir, "master-target").unwrap();
     let agent = RawAgent::connect_with(&site, creds).await.unwrap();
-    let reason = tokio::time::timeout(Duration::from_secs(10), agent.conn.closed()).await.unwrap();
-    assert!(reason.to_string().contains("role:agent"), "close reason names the missing role: {reason}");
+    let reason = tokio::time::timeout(Duration::from_secs(10), agent.conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        reason.to_string().contains("role:agent"),
+        "close reason names the missing role: {reason}"
+    );
 
     let relay_log = std::fs::read_to_string(site.root.join("logs/relay.log")).unwrap();
-    assert!(relay_log.contains("refused during handshake"), "the relay logs the foreign certificate");
-    assert!(relay_log.contains("refusing connection"), "the relay logs the wrong role");
+    assert!(
+        relay_log.contains("refused during handshake"),
+        "the relay logs the foreign certificate"
+    );
+    assert!(
+        relay_log.contains("refusing connection"),
+        "the relay logs the wrong role"
+    );
 }

@@ -1,5 +1,6 @@
 //! End to end through real processes: emulated VM disks -> relay -> master target, with
 //! every recovery point proven byte-identical to the sources.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::time::Duration;
 
@@ -9,11 +10,18 @@ use fbr_churn::{verify, writelog};
 use fbr_tests::{agent_options, churn, plans, start_site};
 
 /// Stops both daemons gracefully and verifies the run.
-fn stop_and_verify(site: &mut fbr_churn::harness::Site, manifest: &fbr_churn::source::Manifest) -> verify::VerifyReport {
+fn stop_and_verify(
+    site: &mut fbr_churn::harness::Site,
+    manifest: &fbr_churn::source::Manifest,
+) -> verify::VerifyReport {
     site.stop_relay(false).expect("stop relay");
     site.stop_master_target(false).expect("stop master target");
     let report = verify::verify(manifest, &site.mt_data).expect("verify");
-    assert!(report.errors.is_empty(), "verification errors: {:#?}", report.errors);
+    assert!(
+        report.errors.is_empty(),
+        "verification errors: {:#?}",
+        report.errors
+    );
     assert!(report.verified);
     report
 }
@@ -27,10 +35,18 @@ async fn three_vms_every_profile_byte_exact_at_every_recovery_point() {
     let opts = agent_options(&site, Duration::from_secs(5), Duration::from_millis(150));
     let report = churn(opts, plans, 11).await;
     for d in &report.manifest.disks {
-        assert_eq!(d.acked_seq, d.last_seq, "{}/{} fully acknowledged", d.vm, d.disk);
+        assert_eq!(
+            d.acked_seq, d.last_seq,
+            "{}/{} fully acknowledged",
+            d.vm, d.disk
+        );
     }
     let v = tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
-    assert!(v.recovery_points_verified >= 20, "only {} recovery points", v.recovery_points_verified);
+    assert!(
+        v.recovery_points_verified >= 20,
+        "only {} recovery points",
+        v.recovery_points_verified
+    );
     assert_eq!(v.recovery_points_verified, v.recovery_points_complete);
     assert!(v.disks.iter().all(|d| d.final_image_matches));
 }
@@ -49,13 +65,21 @@ async fn replayed_write_log_is_byte_exact() {
             id,
             disk_size: size,
             group: "replay".into(),
-            source: SourceSpec::Log { path: log.clone(), index },
+            source: SourceSpec::Log {
+                path: log.clone(),
+                index,
+            },
         })
         .collect();
     let mut opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(50));
     opts.duration = None; // until the log is exhausted
     let report = churn(opts, plans, 0).await;
-    let total: u64 = report.manifest.disks.iter().map(|d| d.last_seq - d.tags.len() as u64).sum();
+    let total: u64 = report
+        .manifest
+        .disks
+        .iter()
+        .map(|d| d.last_seq - d.tags.len() as u64)
+        .sum();
     assert_eq!(total, 600, "every logged change was sent");
     let v = tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
     assert!(v.recovery_points_verified >= 1);
@@ -77,7 +101,10 @@ async fn relay_killed_twice_mid_run_loses_nothing() {
     let stats = handle.stats.clone();
     let report = handle.finish().await.unwrap();
     assert!(report.failures.is_empty(), "{:?}", report.failures);
-    assert!(stats.reconnects.load(std::sync::atomic::Ordering::Relaxed) > 0, "the kills were noticed");
+    assert!(
+        stats.reconnects.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the kills were noticed"
+    );
     tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
 }
 

@@ -24,8 +24,19 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr, server_name: String, role: Role) -> Self {
-        PeerLink { endpoint, addr, server_name, role, current: tokio::sync::Mutex::new(None) }
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: String,
+        role: Role,
+    ) -> Self {
+        PeerLink {
+            endpoint,
+            addr,
+            server_name,
+            role,
+            current: tokio::sync::Mutex::new(None),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -47,12 +58,20 @@ impl PeerLink {
             .map_err(|e| format!("connecting to {role} {}: {e}", self.addr))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| format!("{role} {} did not answer within {CONNECT_TIMEOUT:?}", self.addr))?
+            .map_err(|_| {
+                format!(
+                    "{role} {} did not answer within {CONNECT_TIMEOUT:?}",
+                    self.addr
+                )
+            })?
             .map_err(|e| format!("{role} {}: {e}", self.addr))?;
         let id = peer_identity(&conn)?;
         if !id.has_role(self.role) {
             conn.close(0u32.into(), b"wrong role");
-            return Err(format!("peer at {} ({}) lacks the {role} role", self.addr, id.common_name));
+            return Err(format!(
+                "peer at {} ({}) lacks the {role} role",
+                self.addr, id.common_name
+            ));
         }
         tracing::info!(addr = %self.addr, "connected to {role}");
         *current = Some(conn.clone());
@@ -68,7 +87,9 @@ impl PeerLink {
             Err(e) => {
                 tracing::warn!("stream open to {} failed ({e}); reconnecting", self.addr);
                 let conn = self.connection().await?;
-                conn.open_bi().await.map_err(|e| format!("opening stream to {}: {e}", self.addr))
+                conn.open_bi()
+                    .await
+                    .map_err(|e| format!("opening stream to {}: {e}", self.addr))
             }
         }
     }

@@ -37,7 +37,9 @@ pub enum PkiError {
     },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("{0} already exists; refusing to overwrite a key (remove it deliberately to re-issue)")]
+    #[error(
+        "{0} already exists; refusing to overwrite a key (remove it deliberately to re-issue)"
+    )]
     Exists(PathBuf),
     #[error("invalid name {name:?}: {reason}")]
     BadName { name: String, reason: String },
@@ -122,7 +124,9 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<(), PkiError> {
     let ca_cert = CertificateParams::from_ca_cert_pem(&ca_cert_pem)?.self_signed(&ca_key)?;
 
     let mut params = CertificateParams::new(req.dns_names.clone())?;
-    params.distinguished_name.push(DnType::CommonName, &req.name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, &req.name);
     for ip in &req.ip_addresses {
         params.subject_alt_names.push(SanType::IpAddress(*ip));
     }

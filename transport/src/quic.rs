@@ -131,7 +131,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn udp_socket(addr: SocketAddr, tuning: &QuicTuning) -> Result<std::net::UdpSocket, TransportError> {
+fn udp_socket(
+    addr: SocketAddr,
+    tuning: &QuicTuning,
+) -> Result<std::net::UdpSocket, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock_err = |source| TransportError::Socket { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
@@ -164,9 +167,10 @@ pub fn server_endpoint(
     tuning: &QuicTuning,
 ) -> Result<Endpoint, TransportError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(creds.roots), provider.clone())
-        .build()
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(creds.roots), provider.clone())
+            .build()
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
@@ -208,8 +212,13 @@ pub fn client_endpoint(
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(tuning.transport_config()));
     let socket = udp_socket(bind, tuning)?;
-    let mut endpoint = Endpoint::new(EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
-        .map_err(|source| TransportError::Socket { addr: bind, source })?;
+    let mut endpoint = Endpoint::new(
+        EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Socket { addr: bind, source })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
