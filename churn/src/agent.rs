@@ -72,7 +72,10 @@ pub struct DiskPlan {
 /// Live counters, readable while the run goes on (progress display, benchmarks).
 #[derive(Debug, Default)]
 pub struct RunStats {
+    /// Disk bytes changed by acknowledged records (writes and zeroed ranges).
     pub logical_bytes_acked: AtomicU64,
+    /// Of those, bytes carried as data in `Write` records (zeroed ranges carry none).
+    pub data_bytes_acked: AtomicU64,
     pub records_acked: AtomicU64,
     pub logical_bytes_sent: AtomicU64,
     pub tags_inserted: AtomicU64,
@@ -150,8 +153,7 @@ struct DiskRuntime {
 }
 
 impl DiskRuntime {
-    /// Drops everything up to `seq` from the window, recording lag; returns whether
-    /// anything changed.
+    /// Drops everything up to `seq` from the window, recording lag and byte counts.
     fn acknowledge(&self, seq: u64, stats: &RunStats) {
         let now = Instant::now();
         let mut lags = Vec::new();
@@ -160,6 +162,11 @@ impl DiskRuntime {
             while w.unacked.front().is_some_and(|f| f.record.seq() <= seq) {
                 let f = w.unacked.pop_front().expect("front checked");
                 w.unacked_bytes -= f.encoded;
+                if let Record::Write { data, .. } = &f.record {
+                    stats
+                        .data_bytes_acked
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 if !matches!(f.record, Record::Tag { .. }) {
                     stats
                         .logical_bytes_acked

@@ -57,10 +57,14 @@ pub struct DrillSummary {
     pub recovery_points_verified: usize,
     pub recovery_points_complete: usize,
     pub streams: usize,
+    /// Disk bytes changed (writes plus zeroed ranges), acknowledged.
     pub logical_bytes: u64,
+    /// Bytes carried in `Write` records, acknowledged (trims carry none).
+    pub data_bytes: u64,
     pub records: u64,
     pub elapsed_s: f64,
     pub logical_mb_per_s: f64,
+    pub data_mb_per_s: f64,
     pub records_per_s: f64,
     pub lag_ms: LagMs,
     pub relay_cpu_s: f64,
@@ -166,6 +170,9 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     let logical_bytes = stats
         .logical_bytes_acked
         .load(std::sync::atomic::Ordering::Relaxed);
+    let data_bytes = stats
+        .data_bytes_acked
+        .load(std::sync::atomic::Ordering::Relaxed);
     let records = stats
         .records_acked
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -182,9 +189,11 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         recovery_points_complete: verification.recovery_points_complete,
         streams,
         logical_bytes,
+        data_bytes,
         records,
         elapsed_s,
         logical_mb_per_s: logical_bytes as f64 / 1e6 / elapsed_s,
+        data_mb_per_s: data_bytes as f64 / 1e6 / elapsed_s,
         records_per_s: records as f64 / elapsed_s,
         lag_ms: LagMs { p50, p99, max },
         relay_cpu_s,
@@ -233,11 +242,13 @@ pub fn print_summary(s: &DrillSummary) {
     );
     let _ = writeln!(
         err,
-        "churn {:.1} MB in {} records over {:.1} s: {:.1} MB/s, {:.0} records/s",
+        "churn {:.1} MB ({:.1} MB of write data) in {} records over {:.1} s: {:.1} MB/s ({:.1} MB/s of data), {:.0} records/s",
         s.logical_bytes as f64 / 1e6,
+        s.data_bytes as f64 / 1e6,
         s.records,
         s.elapsed_s,
         s.logical_mb_per_s,
+        s.data_mb_per_s,
         s.records_per_s
     );
     let _ = writeln!(
