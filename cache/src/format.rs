@@ -49,7 +49,9 @@ pub fn decode_segment_header(h: &[u8]) -> Result<(u64, u64), String> {
     }
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
     if version != CACHE_VERSION {
-        return Err(format!("cache format version {version} is not supported (this build reads {CACHE_VERSION})"));
+        return Err(format!(
+            "cache format version {version} is not supported (this build reads {CACHE_VERSION})"
+        ));
     }
     Ok((
         u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")),
@@ -110,12 +112,19 @@ pub fn decode_entry(b: &[u8]) -> Result<CacheEntry, String> {
     }
     let head = decode_entry_prefix(b)?;
     if b.len() != ENTRY_PREFIX_LEN + head.body_len {
-        return Err(format!("entry is {} bytes, its prefix says {}", b.len(), ENTRY_PREFIX_LEN + head.body_len));
+        return Err(format!(
+            "entry is {} bytes, its prefix says {}",
+            b.len(),
+            ENTRY_PREFIX_LEN + head.body_len
+        ));
     }
     let mut body = &b[ENTRY_PREFIX_LEN..];
     let actual = crc32c::crc32c(body);
     if actual != head.crc {
-        return Err(format!("CRC32C mismatch (stored {:#010x}, computed {actual:#010x})", head.crc));
+        return Err(format!(
+            "CRC32C mismatch (stored {:#010x}, computed {actual:#010x})",
+            head.crc
+        ));
     }
     let kind = body.get_u8();
     if kind != KIND_RECORD {
@@ -130,7 +139,8 @@ pub fn decode_entry(b: &[u8]) -> Result<CacheEntry, String> {
     if body.len() < vm_len {
         return Err("entry ends inside its VM name".into());
     }
-    let vm = std::str::from_utf8(&body[..vm_len]).map_err(|_| "VM name is not UTF-8".to_string())?;
+    let vm =
+        std::str::from_utf8(&body[..vm_len]).map_err(|_| "VM name is not UTF-8".to_string())?;
     fbr_protocol::names::validate_name(vm)?;
     let vm = vm.to_owned();
     body.advance(vm_len);
@@ -141,9 +151,17 @@ pub fn decode_entry(b: &[u8]) -> Result<CacheEntry, String> {
         Err(e) => return Err(e.to_string()),
     };
     if record.seq() != seq {
-        return Err(format!("entry says seq {seq}, its record says {}", record.seq()));
+        return Err(format!(
+            "entry says seq {seq}, its record says {}",
+            record.seq()
+        ));
     }
-    Ok(CacheEntry { stream: StreamId { vm, disk }, disk_size, appended_ms, record })
+    Ok(CacheEntry {
+        stream: StreamId { vm, disk },
+        disk_size,
+        appended_ms,
+        record,
+    })
 }
 
 /// Where one entry sits, as listed in a footer.
@@ -219,7 +237,9 @@ pub fn decode_footer(mut b: &[u8]) -> Result<Footer, String> {
         if b.remaining() < vm_len + 12 {
             return Err(err("stream table"));
         }
-        let vm = std::str::from_utf8(&b[..vm_len]).map_err(|_| "footer VM name is not UTF-8".to_string())?.to_owned();
+        let vm = std::str::from_utf8(&b[..vm_len])
+            .map_err(|_| "footer VM name is not UTF-8".to_string())?
+            .to_owned();
         fbr_protocol::names::validate_name(&vm)?;
         b.advance(vm_len);
         let disk = b.get_u32_le();
@@ -231,7 +251,10 @@ pub fn decode_footer(mut b: &[u8]) -> Result<Footer, String> {
     }
     let m = b.get_u32_le() as usize;
     if b.remaining() != m * 28 {
-        return Err(format!("footer lists {m} entries but holds {} bytes for them", b.remaining()));
+        return Err(format!(
+            "footer lists {m} entries but holds {} bytes for them",
+            b.remaining()
+        ));
     }
     let mut entries = Vec::with_capacity(m);
     for _ in 0..m {
@@ -243,7 +266,11 @@ pub fn decode_footer(mut b: &[u8]) -> Result<Footer, String> {
             appended_ms: b.get_u64_le(),
         };
         if e.stream_ref as usize >= streams.len() {
-            return Err(format!("footer entry names stream {} of {}", e.stream_ref, streams.len()));
+            return Err(format!(
+                "footer entry names stream {} of {}",
+                e.stream_ref,
+                streams.len()
+            ));
         }
         entries.push(e);
     }

@@ -25,5 +25,8 @@ pub mod format;
 pub mod log;
 pub mod storage;
 
-pub use log::{now_ms, read_entry, CacheConfig, CacheError, PendingCommit, RecoveryReport, SegmentLog, StreamStats};
+pub use log::{
+    now_ms, read_entry, CacheConfig, CacheError, PendingCommit, RecoveryReport, SegmentLog,
+    StreamStats,
+};
 pub use storage::{FileStorage, MemStorage, SegmentFile, Storage};

@@ -20,7 +20,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use fbr_protocol::{Record, StreamId};
 
-use crate::format::{self, CacheEntry, Footer, FooterEntry, ENTRY_PREFIX_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN};
+use crate::format::{
+    self, CacheEntry, Footer, FooterEntry, ENTRY_PREFIX_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN,
+};
 use crate::storage::{SegmentFile, Storage};
 
 /// Sizes of the cache.
@@ -36,11 +38,22 @@ pub struct CacheConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cache full: {used} of {capacity} bytes used, {needed} more needed")]
-    Full { used: u64, capacity: u64, needed: u64 },
+    Full {
+        used: u64,
+        capacity: u64,
+        needed: u64,
+    },
     #[error("{stream}: record {got} does not follow {last}")]
-    OutOfOrder { stream: StreamId, last: u64, got: u64 },
+    OutOfOrder {
+        stream: StreamId,
+        last: u64,
+        got: u64,
+    },
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{where_}: corrupt cache entry: {reason}")]
     Corrupt { where_: String, reason: String },
     #[error("{0}")]
@@ -54,7 +67,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CacheError 
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Where one record sits: 16 bytes per cached record is the index's memory cost.
@@ -208,7 +224,10 @@ impl<S: Storage> SegmentLog<S> {
             used_bytes: 0,
         };
         let mut report = RecoveryReport::default();
-        let ids = log.storage.list().map_err(io_err("listing cache segments"))?;
+        let ids = log
+            .storage
+            .list()
+            .map_err(io_err("listing cache segments"))?;
         let last = ids.last().copied();
         for id in &ids {
             log.recover_segment(*id, Some(*id) == last, &mut report)?;
@@ -217,37 +236,69 @@ impl<S: Storage> SegmentLog<S> {
         report.bytes = log.used_bytes;
         log.active = last.map(|l| l + 1).unwrap_or(1);
         log.start_segment(log.active)?;
-        report.resync = log.streams.iter().filter(|(_, s)| s.needs_resync.is_some()).map(|(id, _)| id.clone()).collect();
+        report.resync = log
+            .streams
+            .iter()
+            .filter(|(_, s)| s.needs_resync.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
         report.resync.sort();
         report.elapsed_s = started.elapsed().as_secs_f64();
         Ok((log, report))
     }
 
-    fn recover_segment(&mut self, id: u64, is_last: bool, report: &mut RecoveryReport) -> Result<(), CacheError> {
+    fn recover_segment(
+        &mut self,
+        id: u64,
+        is_last: bool,
+        report: &mut RecoveryReport,
+    ) -> Result<(), CacheError> {
         let name = self.storage.describe(id);
-        let file = self.storage.open(id).map_err(io_err(format!("opening {name}")))?;
-        let len = file.len().map_err(io_err(format!("reading {name}")))?;
+        let file = self
+            .storage
+            .open(id)
+            .map_err(io_err(format!("opening {name}")))?;
+        let len = file.size().map_err(io_err(format!("reading {name}")))?;
         let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-        if len < SEGMENT_HEADER_LEN || file.read_at(&mut header, 0).is_err() || format::decode_segment_header(&header).is_err() {
+        if len < SEGMENT_HEADER_LEN
+            || file.read_at(&mut header, 0).is_err()
+            || format::decode_segment_header(&header).is_err()
+        {
             if is_last && len <= SEGMENT_HEADER_LEN {
                 // Crashed while creating it: nothing in it was ever acknowledged.
                 tracing::warn!(file = %name, "removing a segment torn during creation");
-                self.storage.remove(id).map_err(io_err(format!("removing {name}")))?;
+                self.storage
+                    .remove(id)
+                    .map_err(io_err(format!("removing {name}")))?;
                 report.torn_tail = Some((name, 0));
                 return Ok(());
             }
-            let reason = format::decode_segment_header(&header).err().unwrap_or_else(|| "unreadable header".into());
-            report.corruption.push(format!("{name}: offset 0: {reason}; segment skipped"));
+            let reason = format::decode_segment_header(&header)
+                .err()
+                .unwrap_or_else(|| "unreadable header".into());
+            report
+                .corruption
+                .push(format!("{name}: offset 0: {reason}; segment skipped"));
             return Ok(());
         }
         let file = Arc::new(file);
-        let mut segment = Segment { file: file.clone(), len, sealed: false, max_seq: HashMap::new() };
+        let mut segment = Segment {
+            file: file.clone(),
+            len,
+            sealed: false,
+            max_seq: HashMap::new(),
+        };
         if let Some(footer) = read_footer(&*file, len) {
             segment.sealed = true;
             report.sealed_segments += 1;
             for e in &footer.entries {
                 let (stream, disk_size) = &footer.streams[e.stream_ref as usize];
-                let loc = Loc { segment: id as u32, offset: e.offset, len: e.len, appended_s: (e.appended_ms / 1000) as u32 };
+                let loc = Loc {
+                    segment: id as u32,
+                    offset: e.offset,
+                    len: e.len,
+                    appended_s: (e.appended_ms / 1000) as u32,
+                };
                 self.index_recovered(stream, *disk_size, e.seq, loc, &name, &mut segment);
                 report.records += 1;
             }
@@ -262,7 +313,8 @@ impl<S: Storage> SegmentLog<S> {
                     stop = Some("incomplete entry".into());
                     break;
                 }
-                file.read_at(&mut prefix, offset).map_err(io_err(format!("reading {name}")))?;
+                file.read_at(&mut prefix, offset)
+                    .map_err(io_err(format!("reading {name}")))?;
                 let head = match format::decode_entry_prefix(&prefix) {
                     Ok(h) => h,
                     Err(e) => {
@@ -276,11 +328,24 @@ impl<S: Storage> SegmentLog<S> {
                     break;
                 }
                 buf.resize(total as usize, 0);
-                file.read_at(&mut buf, offset).map_err(io_err(format!("reading {name}")))?;
+                file.read_at(&mut buf, offset)
+                    .map_err(io_err(format!("reading {name}")))?;
                 match format::decode_entry(&buf) {
                     Ok(entry) => {
-                        let loc = Loc { segment: id as u32, offset: offset as u32, len: total as u32, appended_s: (entry.appended_ms / 1000) as u32 };
-                        self.index_recovered(&entry.stream, entry.disk_size, entry.record.seq(), loc, &name, &mut segment);
+                        let loc = Loc {
+                            segment: id as u32,
+                            offset: offset as u32,
+                            len: total as u32,
+                            appended_s: (entry.appended_ms / 1000) as u32,
+                        };
+                        self.index_recovered(
+                            &entry.stream,
+                            entry.disk_size,
+                            entry.record.seq(),
+                            loc,
+                            &name,
+                            &mut segment,
+                        );
                         report.records += 1;
                         offset += total;
                     }
@@ -293,12 +358,15 @@ impl<S: Storage> SegmentLog<S> {
             if let Some(reason) = stop {
                 if is_last {
                     tracing::warn!(file = %name, offset, "truncating torn tail of the cache: {reason}");
-                    file.truncate(offset).map_err(io_err(format!("truncating {name}")))?;
+                    file.truncate(offset)
+                        .map_err(io_err(format!("truncating {name}")))?;
                     file.sync().map_err(io_err(format!("syncing {name}")))?;
                     segment.len = offset;
                     report.torn_tail = Some((name.clone(), offset));
                 } else {
-                    let msg = format!("{name}: offset {offset}: {reason}; the rest of this segment is unreadable");
+                    let msg = format!(
+                        "{name}: offset {offset}: {reason}; the rest of this segment is unreadable"
+                    );
                     tracing::error!("cache corruption: {msg}");
                     report.corruption.push(msg);
                 }
@@ -309,13 +377,27 @@ impl<S: Storage> SegmentLog<S> {
         Ok(())
     }
 
-    fn index_recovered(&mut self, stream: &StreamId, disk_size: u64, seq: u64, loc: Loc, name: &str, segment: &mut Segment<S::File>) {
-        let s = self.streams.entry(stream.clone()).or_insert_with(|| StreamIndex::new(disk_size, seq));
+    fn index_recovered(
+        &mut self,
+        stream: &StreamId,
+        disk_size: u64,
+        seq: u64,
+        loc: Loc,
+        name: &str,
+        segment: &mut Segment<S::File>,
+    ) {
+        let s = self
+            .streams
+            .entry(stream.clone())
+            .or_insert_with(|| StreamIndex::new(disk_size, seq));
         if s.needs_resync.is_some() {
             return;
         }
         if seq != s.appended_seq + 1 {
-            let reason = format!("{name}: record {seq} follows {} (records lost to corruption)", s.appended_seq);
+            let reason = format!(
+                "{name}: record {seq} follows {} (records lost to corruption)",
+                s.appended_seq
+            );
             tracing::error!(stream = %stream, "stream needs resync: {reason}");
             s.needs_resync = Some(reason);
             return;
@@ -328,11 +410,25 @@ impl<S: Storage> SegmentLog<S> {
 
     fn start_segment(&mut self, id: u64) -> Result<(), CacheError> {
         let name = self.storage.describe(id);
-        let file = self.storage.create(id).map_err(io_err(format!("creating {name}")))?;
-        file.write_at(&format::encode_segment_header(id, now_ms()), 0).map_err(io_err(format!("writing {name}")))?;
+        let file = self
+            .storage
+            .create(id)
+            .map_err(io_err(format!("creating {name}")))?;
+        file.write_at(&format::encode_segment_header(id, now_ms()), 0)
+            .map_err(io_err(format!("writing {name}")))?;
         file.sync().map_err(io_err(format!("syncing {name}")))?;
-        self.storage.sync_dir().map_err(io_err("syncing the cache directory"))?;
-        self.segments.insert(id, Segment { file: Arc::new(file), len: SEGMENT_HEADER_LEN, sealed: false, max_seq: HashMap::new() });
+        self.storage
+            .sync_dir()
+            .map_err(io_err("syncing the cache directory"))?;
+        self.segments.insert(
+            id,
+            Segment {
+                file: Arc::new(file),
+                len: SEGMENT_HEADER_LEN,
+                sealed: false,
+                max_seq: HashMap::new(),
+            },
+        );
         self.used_bytes += SEGMENT_HEADER_LEN;
         self.active = id;
         self.footer = Footer::default();
@@ -343,26 +439,59 @@ impl<S: Storage> SegmentLog<S> {
     /// Appends a record of `stream` (not yet durable: see [`Self::begin_commit`]).
     /// Sequence numbers must follow on from the stream's last one; the first record of
     /// a stream the cache does not know may start anywhere.
-    pub fn append(&mut self, stream: &StreamId, disk_size: u64, record: &Record, now_ms: u64) -> Result<(), CacheError> {
+    pub fn append(
+        &mut self,
+        stream: &StreamId,
+        disk_size: u64,
+        record: &Record,
+        now_ms: u64,
+    ) -> Result<(), CacheError> {
         let seq = record.seq();
         if let Some(s) = self.streams.get(stream) {
             if seq != s.appended_seq + 1 {
-                return Err(CacheError::OutOfOrder { stream: stream.clone(), last: s.appended_seq, got: seq });
+                return Err(CacheError::OutOfOrder {
+                    stream: stream.clone(),
+                    last: s.appended_seq,
+                    got: seq,
+                });
             }
         }
-        let entry_len = format::ENTRY_PREFIX_LEN + format::ENTRY_FIXED_BODY_LEN + stream.vm.len() + record.encoded_len();
+        let entry_len = format::ENTRY_PREFIX_LEN
+            + format::ENTRY_FIXED_BODY_LEN
+            + stream.vm.len()
+            + record.encoded_len();
         // Room for this entry plus the footer and the next segment's header.
         let needed = entry_len as u64 + 28 + TRAILER_LEN + SEGMENT_HEADER_LEN;
         if self.used_bytes + self.write_buf.len() as u64 + needed > self.config.capacity_bytes {
-            return Err(CacheError::Full { used: self.used_bytes + self.write_buf.len() as u64, capacity: self.config.capacity_bytes, needed });
+            return Err(CacheError::Full {
+                used: self.used_bytes + self.write_buf.len() as u64,
+                capacity: self.config.capacity_bytes,
+                needed,
+            });
         }
-        let active = self.segments.get(&self.active).expect("active segment exists");
+        let active = self
+            .segments
+            .get(&self.active)
+            .expect("active segment exists");
         let offset = active.len + self.write_buf.len() as u64;
-        let entry = CacheEntry { stream: stream.clone(), disk_size, appended_ms: now_ms, record: record.clone() };
+        let entry = CacheEntry {
+            stream: stream.clone(),
+            disk_size,
+            appended_ms: now_ms,
+            record: record.clone(),
+        };
         let written = format::encode_entry(&entry, &mut self.write_buf);
         debug_assert_eq!(written, entry_len);
-        let loc = Loc { segment: self.active as u32, offset: offset as u32, len: written as u32, appended_s: (now_ms / 1000) as u32 };
-        self.streams.entry(stream.clone()).or_insert_with(|| StreamIndex::new(disk_size, seq)).push(loc);
+        let loc = Loc {
+            segment: self.active as u32,
+            offset: offset as u32,
+            len: written as u32,
+            appended_s: (now_ms / 1000) as u32,
+        };
+        self.streams
+            .entry(stream.clone())
+            .or_insert_with(|| StreamIndex::new(disk_size, seq))
+            .push(loc);
         if !self.dirty.contains(stream) {
             self.dirty.push(stream.clone());
         }
@@ -371,7 +500,13 @@ impl<S: Storage> SegmentLog<S> {
             self.footer.streams.push((stream.clone(), disk_size));
             next_ref
         });
-        self.footer.entries.push(FooterEntry { stream_ref, seq, offset: offset as u32, len: written as u32, appended_ms: now_ms });
+        self.footer.entries.push(FooterEntry {
+            stream_ref,
+            seq,
+            offset: offset as u32,
+            len: written as u32,
+            appended_ms: now_ms,
+        });
         Ok(())
     }
 
@@ -382,24 +517,41 @@ impl<S: Storage> SegmentLog<S> {
         if self.write_buf.is_empty() {
             return None;
         }
-        let active = self.segments.get(&self.active).expect("active segment exists");
-        Some(PendingCommit { file: active.file.clone(), offset: active.len, bytes: self.write_buf.split().freeze() })
+        let active = self
+            .segments
+            .get(&self.active)
+            .expect("active segment exists");
+        Some(PendingCommit {
+            file: active.file.clone(),
+            offset: active.len,
+            bytes: self.write_buf.split().freeze(),
+        })
     }
 
     /// Completes a commit: on success the records are durable and the streams whose
     /// durable sequence advanced are returned; on failure every record not yet durable
     /// is dropped again (its senders must resend) and the error is returned.
     /// Seals the active segment when it is full.
-    pub fn finish_commit(&mut self, commit: PendingCommit<S::File>, result: std::io::Result<()>) -> Result<Vec<(StreamId, u64)>, CacheError> {
+    pub fn finish_commit(
+        &mut self,
+        commit: PendingCommit<S::File>,
+        result: std::io::Result<()>,
+    ) -> Result<Vec<(StreamId, u64)>, CacheError> {
         let name = self.storage.describe(self.active);
         if let Err(e) = result {
             self.rollback_undurable();
             // Best effort: cut the file back to what is known durable.
             let len = self.segments[&self.active].len;
             let _ = commit.file.truncate(len);
-            return Err(CacheError::Io { what: format!("committing to {name}"), source: e });
+            return Err(CacheError::Io {
+                what: format!("committing to {name}"),
+                source: e,
+            });
         }
-        let active = self.segments.get_mut(&self.active).expect("active segment exists");
+        let active = self
+            .segments
+            .get_mut(&self.active)
+            .expect("active segment exists");
         active.len += commit.bytes.len() as u64;
         self.used_bytes += commit.bytes.len() as u64;
         let mut advanced = Vec::new();
@@ -439,7 +591,9 @@ impl<S: Storage> SegmentLog<S> {
             }
         }
         let active_len = self.segments[&self.active].len;
-        self.footer.entries.retain(|e| (e.offset as u64) < active_len);
+        self.footer
+            .entries
+            .retain(|e| (e.offset as u64) < active_len);
     }
 
     fn seal_and_roll(&mut self) -> Result<(), CacheError> {
@@ -447,7 +601,9 @@ impl<S: Storage> SegmentLog<S> {
         let name = self.storage.describe(id);
         let seg = self.segments.get_mut(&id).expect("active segment exists");
         let footer = format::encode_footer(&self.footer, seg.len);
-        seg.file.write_at(&footer, seg.len).map_err(io_err(format!("sealing {name}")))?;
+        seg.file
+            .write_at(&footer, seg.len)
+            .map_err(io_err(format!("sealing {name}")))?;
         seg.file.sync().map_err(io_err(format!("sealing {name}")))?;
         seg.len += footer.len() as u64;
         seg.sealed = true;
@@ -521,18 +677,24 @@ impl<S: Storage> SegmentLog<S> {
             .filter(|(id, seg)| {
                 **id != self.active
                     && seg.sealed
-                    && seg.max_seq.iter().all(|(stream, max)| self.streams.get(stream).is_none_or(|s| *max <= s.acked_seq))
+                    && seg.max_seq.iter().all(|(stream, max)| {
+                        self.streams.get(stream).is_none_or(|s| *max <= s.acked_seq)
+                    })
             })
             .map(|(id, _)| *id)
             .collect();
         for id in &removable {
-            self.storage.remove(*id).map_err(io_err(format!("removing {}", self.storage.describe(*id))))?;
+            self.storage
+                .remove(*id)
+                .map_err(io_err(format!("removing {}", self.storage.describe(*id))))?;
             let seg = self.segments.remove(id).expect("listed above");
             self.used_bytes -= seg.len;
             freed += seg.len;
         }
         if !removable.is_empty() {
-            self.storage.sync_dir().map_err(io_err("syncing the cache directory"))?;
+            self.storage
+                .sync_dir()
+                .map_err(io_err("syncing the cache directory"))?;
         }
         Ok(freed)
     }
@@ -549,7 +711,10 @@ impl<S: Storage> SegmentLog<S> {
     /// Accounting of one stream.
     pub fn stream_stats(&self, stream: &StreamId) -> Option<StreamStats> {
         let s = self.streams.get(stream)?;
-        let unacked = s.entries.iter().take((s.durable_seq + 1).saturating_sub(s.first_seq) as usize);
+        let unacked = s
+            .entries
+            .iter()
+            .take((s.durable_seq + 1).saturating_sub(s.first_seq) as usize);
         let mut backlog = 0;
         let mut oldest = None;
         for loc in unacked {
@@ -569,7 +734,11 @@ impl<S: Storage> SegmentLog<S> {
 
     /// Every stream the cache knows, with its disk size.
     pub fn streams(&self) -> Vec<(StreamId, u64)> {
-        let mut v: Vec<_> = self.streams.iter().map(|(id, s)| (id.clone(), s.disk_size)).collect();
+        let mut v: Vec<_> = self
+            .streams
+            .iter()
+            .map(|(id, s)| (id.clone(), s.disk_size))
+            .collect();
         v.sort();
         v
     }
@@ -599,13 +768,30 @@ fn read_footer<F: SegmentFile>(file: &F, len: u64) -> Option<Footer> {
 }
 
 /// Reads and checks one entry: CRC, stream and sequence number must match.
-pub fn read_entry<F: SegmentFile>(file: &F, offset: u64, len: u32, stream: &StreamId, seq: u64) -> Result<Record, CacheError> {
+pub fn read_entry<F: SegmentFile>(
+    file: &F,
+    offset: u64,
+    len: u32,
+    stream: &StreamId,
+    seq: u64,
+) -> Result<Record, CacheError> {
     let mut buf = vec![0u8; len as usize];
-    file.read_at(&mut buf, offset).map_err(io_err(format!("reading cached record {seq} of {stream}")))?;
+    file.read_at(&mut buf, offset)
+        .map_err(io_err(format!("reading cached record {seq} of {stream}")))?;
     let where_ = format!("{stream} record {seq} at offset {offset}");
-    let entry = format::decode_entry(&buf).map_err(|reason| CacheError::Corrupt { where_: where_.clone(), reason })?;
+    let entry = format::decode_entry(&buf).map_err(|reason| CacheError::Corrupt {
+        where_: where_.clone(),
+        reason,
+    })?;
     if &entry.stream != stream || entry.record.seq() != seq {
-        return Err(CacheError::Corrupt { where_, reason: format!("entry belongs to {} record {}", entry.stream, entry.record.seq()) });
+        return Err(CacheError::Corrupt {
+            where_,
+            reason: format!(
+                "entry belongs to {} record {}",
+                entry.stream,
+                entry.record.seq()
+            ),
+        });
     }
     Ok(entry.record)
 }

@@ -20,7 +20,8 @@ pub trait SegmentFile: Send + Sync + 'static {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes everything written so far durable (`fdatasync`).
     fn sync(&self) -> io::Result<()>;
-    fn len(&self) -> io::Result<u64>;
+    /// The file's size in bytes.
+    fn size(&self) -> io::Result<u64>;
     fn truncate(&self, len: u64) -> io::Result<()>;
 }
 
@@ -47,7 +48,9 @@ pub struct FileStorage {
 impl FileStorage {
     pub fn new(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(FileStorage { dir: dir.to_owned() })
+        Ok(FileStorage {
+            dir: dir.to_owned(),
+        })
     }
 
     fn path(&self, id: u64) -> PathBuf {
@@ -65,7 +68,7 @@ impl SegmentFile for File {
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
     }
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
     fn truncate(&self, len: u64) -> io::Result<()> {
@@ -81,7 +84,10 @@ impl Storage for FileStorage {
         for e in std::fs::read_dir(&self.dir)? {
             let name = e?.file_name();
             let name = name.to_string_lossy();
-            if let Some(id) = name.strip_prefix("seg-").and_then(|s| s.strip_suffix(".fbrc")) {
+            if let Some(id) = name
+                .strip_prefix("seg-")
+                .and_then(|s| s.strip_suffix(".fbrc"))
+            {
                 if let Ok(id) = id.parse() {
                     ids.push(id);
                 }
@@ -91,10 +97,17 @@ impl Storage for FileStorage {
         Ok(ids)
     }
     fn create(&self, id: u64) -> io::Result<File> {
-        OpenOptions::new().read(true).write(true).create_new(true).open(self.path(id))
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.path(id))
     }
     fn open(&self, id: u64) -> io::Result<File> {
-        OpenOptions::new().read(true).write(true).open(self.path(id))
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path(id))
     }
     fn remove(&self, id: u64) -> io::Result<()> {
         std::fs::remove_file(self.path(id))
@@ -129,7 +142,10 @@ pub struct MemFile {
 }
 
 fn injected(counter: &AtomicU32, what: &str) -> io::Result<()> {
-    if counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+    if counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
         return Err(io::Error::other(format!("injected {what} failure")));
     }
     Ok(())
@@ -178,7 +194,10 @@ impl SegmentFile for MemFile {
         let start = offset as usize;
         let end = start + buf.len();
         if end > d.len() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end",
+            ));
         }
         buf.copy_from_slice(&d[start..end]);
         Ok(())
@@ -199,11 +218,14 @@ impl SegmentFile for MemFile {
         *self.synced.lock().unwrap_or_else(|p| p.into_inner()) = d;
         Ok(())
     }
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.data.lock().unwrap_or_else(|p| p.into_inner()).len() as u64)
     }
     fn truncate(&self, len: u64) -> io::Result<()> {
-        self.data.lock().unwrap_or_else(|p| p.into_inner()).resize(len as usize, 0);
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resize(len as usize, 0);
         Ok(())
     }
 }
@@ -212,14 +234,26 @@ impl Storage for MemStorage {
     type File = MemFile;
 
     fn list(&self) -> io::Result<Vec<u64>> {
-        Ok(self.files.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect())
+        Ok(self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect())
     }
     fn create(&self, id: u64) -> io::Result<MemFile> {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         if files.contains_key(&id) {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "segment exists"));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "segment exists",
+            ));
         }
-        let f = MemFile { faults: self.faults.clone(), ..MemFile::default() };
+        let f = MemFile {
+            faults: self.faults.clone(),
+            ..MemFile::default()
+        };
         files.insert(id, f.clone());
         Ok(f)
     }
@@ -232,7 +266,10 @@ impl Storage for MemStorage {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such segment"))
     }
     fn remove(&self, id: u64) -> io::Result<()> {
-        self.files.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         Ok(())
     }
     fn sync_dir(&self) -> io::Result<()> {

@@ -13,14 +13,27 @@ use proptest::prelude::*;
 
 const STREAMS: usize = 3;
 const DISK: u64 = 1 << 20;
-const CONFIG: CacheConfig = CacheConfig { segment_bytes: 64 * 1024, capacity_bytes: 320 * 1024 };
+const CONFIG: CacheConfig = CacheConfig {
+    segment_bytes: 64 * 1024,
+    capacity_bytes: 320 * 1024,
+};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { stream: usize, sectors: usize, fill: u8 },
+    Append {
+        stream: usize,
+        sectors: usize,
+        fill: u8,
+    },
     Commit,
-    Ack { stream: usize, fraction: f64 },
-    Read { stream: usize, pick: f64 },
+    Ack {
+        stream: usize,
+        fraction: f64,
+    },
+    Read {
+        stream: usize,
+        pick: f64,
+    },
     Crash,
     FailNextWrite,
     FailNextSync,
@@ -59,11 +72,18 @@ impl ModelStream {
 }
 
 fn id(i: usize) -> StreamId {
-    StreamId { vm: format!("vm{i}"), disk: i as u32 }
+    StreamId {
+        vm: format!("vm{i}"),
+        disk: i as u32,
+    }
 }
 
 fn check(log: &SegmentLog<MemStorage>, model: &[ModelStream]) {
-    assert!(log.used_bytes() <= log.capacity_bytes(), "used {} > capacity", log.used_bytes());
+    assert!(
+        log.used_bytes() <= log.capacity_bytes(),
+        "used {} > capacity",
+        log.used_bytes()
+    );
     for (i, m) in model.iter().enumerate() {
         let stats = log.stream_stats(&id(i));
         let durable = stats.as_ref().map(|s| s.durable_seq).unwrap_or(0);
@@ -85,11 +105,19 @@ fn run(ops: Vec<Op>) {
     let mut model = vec![ModelStream::default(); STREAMS];
     for op in ops {
         match op {
-            Op::Append { stream, sectors, fill } => {
+            Op::Append {
+                stream,
+                sectors,
+                fill,
+            } => {
                 let m = &mut model[stream];
                 let seq = m.next_seq();
                 let data = Bytes::from(vec![fill; sectors * 512]);
-                let record = Record::Write { seq, offset: 0, data: data.clone() };
+                let record = Record::Write {
+                    seq,
+                    offset: 0,
+                    data: data.clone(),
+                };
                 match log.append(&id(stream), DISK, &record, 1_000) {
                     Ok(()) => m.pending.push((seq, data)),
                     Err(CacheError::Full { .. }) => {}
@@ -136,7 +164,9 @@ fn run(ops: Vec<Op>) {
                 }
                 let seq = seqs[(seqs.len() as f64 * pick) as usize];
                 match log.read(&id(stream), seq).unwrap() {
-                    Some(Record::Write { data, .. }) => assert_eq!(data, m.durable[&seq], "content of {stream}/{seq}"),
+                    Some(Record::Write { data, .. }) => {
+                        assert_eq!(data, m.durable[&seq], "content of {stream}/{seq}")
+                    }
                     other => panic!("stream {stream} seq {seq}: expected the write, got {other:?}"),
                 }
             }
@@ -144,7 +174,11 @@ fn run(ops: Vec<Op>) {
                 drop(log);
                 storage.crash();
                 let (reopened, report) = SegmentLog::open(storage.clone(), CONFIG).unwrap();
-                assert!(report.corruption.is_empty(), "a crash is not corruption: {:?}", report.corruption);
+                assert!(
+                    report.corruption.is_empty(),
+                    "a crash is not corruption: {:?}",
+                    report.corruption
+                );
                 assert!(report.resync.is_empty());
                 log = reopened;
                 for (i, m) in model.iter_mut().enumerate() {
@@ -184,25 +218,52 @@ fn corruption_in_a_sealed_segment_is_caught_on_read_and_flags_nothing_else() {
     let storage = MemStorage::default();
     let (mut log, _) = SegmentLog::open(storage.clone(), CONFIG).unwrap();
     for seq in 1..=40 {
-        let r = Record::Write { seq, offset: 0, data: Bytes::from(vec![seq as u8; 4096]) };
+        let r = Record::Write {
+            seq,
+            offset: 0,
+            data: Bytes::from(vec![seq as u8; 4096]),
+        };
         log.append(&id(0), DISK, &r, 0).unwrap();
-        log.append(&id(1), DISK, &Record::Write { seq, offset: 0, data: Bytes::from(vec![1; 512]) }, 0).unwrap();
+        log.append(
+            &id(1),
+            DISK,
+            &Record::Write {
+                seq,
+                offset: 0,
+                data: Bytes::from(vec![1; 512]),
+            },
+            0,
+        )
+        .unwrap();
         log.commit().unwrap();
     }
     // Flip a payload byte of stream 0's record 2 (in the first, sealed segment).
     let (_, offset, _) = log.locate(&id(0), 2).unwrap();
     storage.corrupt(1, offset as usize + 100);
     let err = log.read(&id(0), 2).unwrap_err().to_string();
-    assert!(err.contains("vm0/disk0 record 2") && err.contains("CRC32C"), "{err}");
-    assert!(log.read(&id(0), 3).unwrap().is_some(), "other records still read");
-    assert!(log.read(&id(1), 2).unwrap().is_some(), "other streams unaffected");
+    assert!(
+        err.contains("vm0/disk0 record 2") && err.contains("CRC32C"),
+        "{err}"
+    );
+    assert!(
+        log.read(&id(0), 3).unwrap().is_some(),
+        "other records still read"
+    );
+    assert!(
+        log.read(&id(1), 2).unwrap().is_some(),
+        "other streams unaffected"
+    );
 }
 
 #[test]
 fn corruption_in_an_unsealed_middle_segment_flags_the_stream_for_resync() {
     let storage = MemStorage::default();
     let (mut log, _) = SegmentLog::open(storage.clone(), CONFIG).unwrap();
-    let w = |seq: u64| Record::Write { seq, offset: 0, data: Bytes::from(vec![7; 2048]) };
+    let w = |seq: u64| Record::Write {
+        seq,
+        offset: 0,
+        data: Bytes::from(vec![7; 2048]),
+    };
     for seq in 1..=10 {
         log.append(&id(0), DISK, &w(seq), 0).unwrap();
         log.commit().unwrap();
@@ -218,11 +279,18 @@ fn corruption_in_an_unsealed_middle_segment_flags_the_stream_for_resync() {
     storage.corrupt(1, 32 + 5 * 2100); // somewhere inside segment 1's entries
     let (log, report) = SegmentLog::open(storage, CONFIG).unwrap();
     assert_eq!(report.corruption.len(), 1, "{report:?}");
-    assert!(report.corruption[0].contains("mem:seg-1"), "names the file: {:?}", report.corruption);
+    assert!(
+        report.corruption[0].contains("mem:seg-1"),
+        "names the file: {:?}",
+        report.corruption
+    );
     assert_eq!(report.resync, vec![id(0)]);
     let stats = log.stream_stats(&id(0)).unwrap();
     assert!(stats.needs_resync.is_some());
-    assert!(log.read(&id(0), 12).unwrap().is_none(), "records after the damage are never served");
+    assert!(
+        log.read(&id(0), 12).unwrap().is_none(),
+        "records after the damage are never served"
+    );
 }
 
 /// A backlog spanning several sealed segments stays readable until acknowledged.
@@ -230,13 +298,29 @@ fn corruption_in_an_unsealed_middle_segment_flags_the_stream_for_resync() {
 fn sealed_segments_stay_until_acknowledged() {
     let mut ops = Vec::new();
     for _ in 0..40 {
-        ops.push(Op::Append { stream: 0, sectors: 8, fill: 3 });
+        ops.push(Op::Append {
+            stream: 0,
+            sectors: 8,
+            fill: 3,
+        });
         ops.push(Op::Commit);
     }
-    ops.push(Op::Read { stream: 0, pick: 0.0 });
-    ops.push(Op::Ack { stream: 0, fraction: 0.5 });
-    ops.push(Op::Read { stream: 0, pick: 0.0 });
+    ops.push(Op::Read {
+        stream: 0,
+        pick: 0.0,
+    });
+    ops.push(Op::Ack {
+        stream: 0,
+        fraction: 0.5,
+    });
+    ops.push(Op::Read {
+        stream: 0,
+        pick: 0.0,
+    });
     ops.push(Op::Crash);
-    ops.push(Op::Read { stream: 0, pick: 0.0 });
+    ops.push(Op::Read {
+        stream: 0,
+        pick: 0.0,
+    });
     run(ops);
 }

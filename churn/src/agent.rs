@@ -12,9 +12,10 @@
 //! group while holding all of those disks' generator locks at once: no disk can draw a
 //! change during the cut, so the tag positions form one consistent cut.
 //!
-//! **Lag** is measured per change from the moment it is drawn (the source write) to the
-//! acknowledgement, which the relay passes on once the master target has made the change
-//! durable.
+//! **Acknowledgements.** `Ack{seq}` from the relay means durable in its cache: the
+//! records leave the resend buffer. `Applied{seq}` means durable at the master target:
+//! **lag** is measured per change from the moment it is drawn (the source write) to its
+//! `Applied`, and a run is finished only when everything drawn is applied.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -131,7 +132,6 @@ struct GenState {
 #[derive(Debug)]
 struct InFlight {
     record: Record,
-    drawn_at: Instant,
     encoded: u64,
 }
 
@@ -143,9 +143,16 @@ struct Window {
     credit: u64,
 }
 
+/// Changes whose `Applied` has not arrived yet, for lag measurement: `(seq, drawn_at)`.
+/// Bounded: beyond this many, further changes are not sampled until it drains.
+const MAX_LAG_SAMPLES_PENDING: usize = 1 << 20;
+
 #[derive(Debug)]
 struct DiskRuntime {
     plan: DiskPlan,
+    lag_pending: Mutex<VecDeque<(u64, Instant)>>,
+    /// Highest sequence number durable at the master target.
+    applied_seq: AtomicU64,
     gen: Mutex<GenState>,
     window: Mutex<Window>,
     /// Bumped on every ack or credit change; senders wait on it.
@@ -153,10 +160,8 @@ struct DiskRuntime {
 }
 
 impl DiskRuntime {
-    /// Drops everything up to `seq` from the window, recording lag and byte counts.
+    /// `Ack`: drops everything up to `seq` from the resend window, counting bytes.
     fn acknowledge(&self, seq: u64, stats: &RunStats) {
-        let now = Instant::now();
-        let mut lags = Vec::new();
         {
             let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
             while w.unacked.front().is_some_and(|f| f.record.seq() <= seq) {
@@ -172,10 +177,23 @@ impl DiskRuntime {
                         .logical_bytes_acked
                         .fetch_add(f.record.logical_bytes(), Ordering::Relaxed);
                     stats.records_acked.fetch_add(1, Ordering::Relaxed);
-                    lags.push(now.duration_since(f.drawn_at).as_micros() as u64);
                 }
             }
             w.acked_seq = w.acked_seq.max(seq);
+        }
+        self.window_changed.send_modify(|v| *v += 1);
+    }
+
+    /// `Applied`: everything up to `seq` is at the master target; records the lag.
+    fn applied(&self, seq: u64, stats: &RunStats) {
+        let now = Instant::now();
+        let mut lags = Vec::new();
+        {
+            let mut pending = self.lag_pending.lock().unwrap_or_else(|p| p.into_inner());
+            while pending.front().is_some_and(|(s, _)| *s <= seq) {
+                let (_, drawn_at) = pending.pop_front().expect("front checked");
+                lags.push(now.duration_since(drawn_at).as_micros() as u64);
+            }
         }
         if !lags.is_empty() {
             let mut h = stats.lag_us.lock().unwrap_or_else(|p| p.into_inner());
@@ -185,6 +203,7 @@ impl DiskRuntime {
                 }
             }
         }
+        self.applied_seq.fetch_max(seq, Ordering::SeqCst);
         self.window_changed.send_modify(|v| *v += 1);
     }
 }
@@ -275,6 +294,8 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
                 credit: 0,
             }),
             window_changed: watch::channel(0).0,
+            lag_pending: Mutex::new(VecDeque::new()),
+            applied_seq: AtomicU64::new(0),
         }));
     }
     let task = tokio::spawn(run(
@@ -538,6 +559,7 @@ async fn session(
         loop {
             match reader.next().await {
                 Ok(Some(Frame::Ack { seq })) => ack_disk.acknowledge(seq, &ack_stats),
+                Ok(Some(Frame::Applied { seq })) => ack_disk.applied(seq, &ack_stats),
                 Ok(Some(Frame::Credit { credit_bytes })) => {
                     ack_disk
                         .window
@@ -611,13 +633,15 @@ async fn session(
                 .logical_bytes_sent
                 .fetch_add(record.logical_bytes(), Ordering::Relaxed);
             writer.push(&Frame::Record(record.clone()));
+            if !matches!(record, Record::Tag { .. }) {
+                let mut lag = disk.lag_pending.lock().unwrap_or_else(|p| p.into_inner());
+                if lag.len() < MAX_LAG_SAMPLES_PENDING {
+                    lag.push_back((record.seq(), Instant::now()));
+                }
+            }
             let mut w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
             w.unacked_bytes += encoded;
-            w.unacked.push_back(InFlight {
-                record,
-                drawn_at: Instant::now(),
-                encoded,
-            });
+            w.unacked.push_back(InFlight { record, encoded });
             sent_any = true;
         }
         if writer.pending() > 0 {
@@ -633,6 +657,7 @@ async fn session(
                 g.pending.is_empty()
                     && (drawing_stopped.load(Ordering::SeqCst) || g.exhausted)
                     && w.unacked.is_empty()
+                    && disk.applied_seq.load(Ordering::SeqCst) >= g.next_seq - 1
             };
             if finished {
                 writer.finish();

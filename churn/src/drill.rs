@@ -38,7 +38,7 @@ pub struct DrillOptions {
     /// Keep the site directory here instead of a temporary one.
     pub keep: Option<PathBuf>,
     pub max_udp_payload: u16,
-    pub relay_queue_mib: u32,
+    pub cache_capacity: u64,
     pub credit_mib: u64,
 }
 
@@ -110,7 +110,8 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     let vms: Vec<String> = (1..=opts.vms).map(|v| format!("vm{v}")).collect();
     let site_opts = SiteOptions {
         agent_vms: vms,
-        relay_queue_mib: opts.relay_queue_mib,
+        cache_capacity: opts.cache_capacity,
+        cache_segment_mib: 64,
         mt_credit_mib: opts.credit_mib,
         max_udp_payload: opts.max_udp_payload,
     };

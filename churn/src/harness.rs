@@ -45,7 +45,9 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
 pub struct SiteOptions {
     /// VMs the agent certificate is entitled to write.
     pub agent_vms: Vec<String>,
-    pub relay_queue_mib: u32,
+    /// The relay's cache: capacity and segment size.
+    pub cache_capacity: u64,
+    pub cache_segment_mib: u64,
     pub mt_credit_mib: u64,
     pub max_udp_payload: u16,
 }
@@ -64,6 +66,8 @@ pub struct Site {
     pub root: PathBuf,
     pub pki_dir: PathBuf,
     pub mt_data: PathBuf,
+    /// The relay's durable cache directory.
+    pub cache_dir: PathBuf,
     opts: SiteOptions,
     mt: Daemon,
     relay: Daemon,
@@ -88,6 +92,7 @@ impl Site {
         fs::create_dir_all(root.join("logs"))?;
         Ok(Site {
             mt_data: root.join("master-target"),
+            cache_dir: root.join("relay-cache"),
             pki_dir,
             root,
             opts,
@@ -158,8 +163,12 @@ impl Site {
             .arg(mt.to_string())
             .arg("--pki-dir")
             .arg(&self.pki_dir)
-            .arg("--queue-mib")
-            .arg(self.opts.relay_queue_mib.to_string())
+            .arg("--cache-dir")
+            .arg(&self.cache_dir)
+            .arg("--cache-capacity")
+            .arg(self.opts.cache_capacity.to_string())
+            .arg("--cache-segment-mib")
+            .arg(self.opts.cache_segment_mib.to_string())
             .arg("--max-udp-payload")
             .arg(self.opts.max_udp_payload.to_string());
         let root = self.root.clone();

@@ -278,7 +278,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 progress: true,
                 keep,
                 max_udp_payload: w.max_udp_payload,
-                relay_queue_mib: 16,
+                cache_capacity: 8 << 30,
                 credit_mib: 16,
             };
             eprintln!(
@@ -311,7 +311,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 progress: true,
                 keep: None,
                 max_udp_payload,
-                relay_queue_mib: 32,
+                cache_capacity: 16 << 30,
                 credit_mib: 16,
             };
             finish_drill(drill::run_drill(opts).await?, json)
@@ -334,7 +334,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 progress: false,
                 keep: None,
                 max_udp_payload: w.max_udp_payload,
-                relay_queue_mib: 0,
+                cache_capacity: 0,
                 credit_mib: 0,
             });
             let opts = agent_options(

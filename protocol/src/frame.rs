@@ -42,6 +42,7 @@ pub enum FrameType {
     Tag = 0x12,
     Ack = 0x20,
     Credit = 0x21,
+    Applied = 0x22,
     Error = 0x30,
 }
 
@@ -55,6 +56,7 @@ impl FrameType {
             0x12 => FrameType::Tag,
             0x20 => FrameType::Ack,
             0x21 => FrameType::Credit,
+            0x22 => FrameType::Applied,
             0x30 => FrameType::Error,
             _ => return None,
         })
@@ -178,8 +180,12 @@ pub enum Frame {
     Accept { next_seq: u64, credit_bytes: u64 },
     /// Sender -> receiver: a change or a tag.
     Record(Record),
-    /// Receiver -> sender: every record with a sequence number `<= seq` is durable.
+    /// Receiver -> sender: every record with a sequence number `<= seq` is durable at
+    /// the receiver (for the relay: in its cache). The sender may forget them.
     Ack { seq: u64 },
+    /// Relay -> agent: every record `<= seq` is durable at the master target (the end
+    /// of the path). Informational: it is what recovery-point objectives are measured by.
+    Applied { seq: u64 },
     /// Receiver -> sender: from now on at most `credit_bytes` of encoded records may be
     /// unacknowledged. Zero withholds all credit (backpressure).
     Credit { credit_bytes: u64 },
@@ -196,6 +202,7 @@ impl Frame {
             Frame::Record(Record::Zero { .. }) => FrameType::Zero,
             Frame::Record(Record::Tag { .. }) => FrameType::Tag,
             Frame::Ack { .. } => FrameType::Ack,
+            Frame::Applied { .. } => FrameType::Applied,
             Frame::Credit { .. } => FrameType::Credit,
             Frame::Error { .. } => FrameType::Error,
         }
@@ -262,7 +269,7 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
             out.put_u32_le(*members);
             put_short_str(out, group);
         }
-        Frame::Ack { seq } => out.put_u64_le(*seq),
+        Frame::Ack { seq } | Frame::Applied { seq } => out.put_u64_le(*seq),
         Frame::Credit { credit_bytes } => out.put_u64_le(*credit_bytes),
         Frame::Error { code, message } => {
             out.put_u16_le(code.as_u16());
@@ -471,6 +478,12 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
                 seq: p.get_u64_le(),
             }
         }
+        FrameType::Applied => {
+            exact("Applied", &p, 8)?;
+            Frame::Applied {
+                seq: p.get_u64_le(),
+            }
+        }
         FrameType::Credit => {
             exact("Credit", &p, 8)?;
             Frame::Credit {
@@ -557,6 +570,7 @@ mod tests {
             group: "payroll".into(),
         }));
         round_trip(Frame::Ack { seq: 99 });
+        round_trip(Frame::Applied { seq: 98 });
         round_trip(Frame::Credit { credit_bytes: 0 });
         round_trip(Frame::error(ErrorCode::SequenceGap, "expected 5, got 9"));
     }

@@ -45,6 +45,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             })
         ),
         any::<u64>().prop_map(|seq| Frame::Ack { seq }),
+        any::<u64>().prop_map(|seq| Frame::Applied { seq }),
         any::<u64>().prop_map(|credit_bytes| Frame::Credit { credit_bytes }),
         (any::<u16>(), "\\PC{0,100}").prop_map(|(c, m)| Frame::error(ErrorCode::from_u16(c), m)),
     ]

@@ -1,24 +1,28 @@
 //! # fbr-relay: the process server
 //!
 //! Runs on an Azure VM next to the failed-over VMs. Accepts each source disk's change
-//! stream from the agents, and forwards it in write order to the on-premises master
-//! target, carrying acknowledgements back.
+//! stream from the agents, makes it durable in its disk cache and acknowledges it, then
+//! forwards it in write order to the on-premises master target, freeing the cache as the
+//! master target acknowledges.
 //!
 //! ## Layout
 //! - [`server`]: accepts agent connections, checks roles, shared state and counters.
-//! - [`session`]: one disk stream: ingest (checks), queue, forwarder, acks.
-//! - [`queue`]: the bounded buffer between ingest and forwarder, where the durable cache
-//!   slots in.
+//! - [`session`]: one agent disk stream: checks, durable append, `Ack`/`Applied`.
+//! - [`cache`]: the durable cache (`fbr-cache`) behind a group-commit writer thread.
+//! - [`forwarder`]: one task per stream draining the cache to the master target.
 //!
 //! ## Invariants
-//! - A record is acknowledged to its source only once it is durable downstream (today:
-//!   at the master target, since the queue is memory).
+//! - A record is acknowledged to its source only once it is durable in the cache; cache
+//!   space is freed only once the master target acknowledged the record.
 //! - Per stream, records leave in the order they arrived, with no gaps; an invalid record
 //!   ends only its own stream, after the valid records before it.
-//! - Memory per stream is bounded by the queue size plus the QUIC stream window.
+//! - Payloads live on disk, not in memory: memory is bounded by the append budget
+//!   (32 MiB), the QUIC windows and the master target's credit per stream in flight,
+//!   plus the cache index (16 bytes per cached record).
 #![forbid(unsafe_code)]
 
-pub mod queue;
+pub mod cache;
+pub mod forwarder;
 pub mod server;
 pub mod session;
 

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fbr_cache::CacheConfig;
+use fbr_relay::cache::RelayCache;
 use fbr_relay::{Relay, RelayConfig};
 use fbr_transport::pki::{self, IssueRequest};
 use fbr_transport::{
@@ -91,9 +93,18 @@ struct RunArgs {
     /// Write the bound address here once listening (for scripts and tests).
     #[arg(long)]
     port_file: Option<PathBuf>,
-    /// Bytes each stream may hold between ingest and forwarder, in MiB.
+    /// Directory of the durable cache (a dedicated disk in production).
+    #[arg(long)]
+    cache_dir: PathBuf,
+    /// Most bytes the cache may use (e.g. 200GiB). Beyond it, sources are held back.
+    #[arg(long, default_value = "8GiB", value_parser = parse_size)]
+    cache_capacity: u64,
+    /// Size at which a cache segment is sealed, in MiB (1-1024).
+    #[arg(long, default_value_t = 64)]
+    cache_segment_mib: u64,
+    /// Bytes each agent stream may have unacknowledged, in MiB.
     #[arg(long, default_value_t = 16)]
-    queue_mib: u32,
+    credit_mib: u64,
     /// Largest UDP payload MTU discovery may use.
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
@@ -104,11 +115,8 @@ fn main() -> ExitCode {
     init_logging(cli.log_json);
     match cli.command {
         Command::Run(args) => {
-            if args.queue_mib == 0 || args.queue_mib > 4096 {
-                eprintln!(
-                    "relay: invalid --queue-mib {}: must be 1..=4096",
-                    args.queue_mib
-                );
+            if let Some(msg) = invalid_run_args(&args) {
+                eprintln!("relay: {msg}");
                 return ExitCode::from(EX_USAGE);
             }
             let rt = match tokio::runtime::Runtime::new() {
@@ -147,6 +155,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// Checks values clap cannot; `Some(message naming the flag)` means exit 64.
+fn invalid_run_args(args: &RunArgs) -> Option<String> {
+    if args.cache_segment_mib == 0 || args.cache_segment_mib > 1024 {
+        return Some(format!(
+            "invalid --cache-segment-mib {}: must be 1..=1024",
+            args.cache_segment_mib
+        ));
+    }
+    if args.cache_capacity < 2 * (args.cache_segment_mib << 20) {
+        return Some(format!(
+            "invalid --cache-capacity {}: must hold at least two segments ({} bytes)",
+            args.cache_capacity,
+            2 * (args.cache_segment_mib << 20)
+        ));
+    }
+    if args.credit_mib == 0 || args.credit_mib > 4096 {
+        return Some(format!(
+            "invalid --credit-mib {}: must be 1..=4096",
+            args.credit_mib
+        ));
+    }
+    None
+}
+
+/// Parses a byte size such as `64MiB`, `8GiB` or `4096`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 8GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
 fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,6 +227,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_udp_payload: args.max_udp_payload,
         ..QuicTuning::default()
     };
+    let cache_config = CacheConfig {
+        segment_bytes: (args.cache_segment_mib << 20).max(64 << 10),
+        capacity_bytes: args.cache_capacity,
+    };
+    let (cache, report) = RelayCache::open(&args.cache_dir, cache_config)?;
+    tracing::info!(
+        segments = report.segments,
+        sealed = report.sealed_segments,
+        records = report.records,
+        bytes = report.bytes,
+        seconds = report.elapsed_s,
+        "cache recovered"
+    );
+    for c in &report.corruption {
+        tracing::error!("cache corruption: {c}");
+    }
+    for s in &report.resync {
+        tracing::error!(stream = %s, "stream needs resync (cache corruption)");
+    }
     let server_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
     let client_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
     let agents = server_endpoint(args.listen, server_creds, &tuning)?;
@@ -201,9 +272,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %local, master_target = %args.master_target, "relay listening");
     let relay = Relay::new(
         RelayConfig {
-            queue_bytes_per_stream: args.queue_mib << 20,
+            agent_credit_bytes: args.credit_mib << 20,
         },
         link,
+        cache.clone(),
     );
     let server = tokio::spawn(relay.clone().serve(agents.clone()));
     shutdown_signal().await;
@@ -211,6 +283,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     agents.close(0u32.into(), b"relay shutting down");
     upstream_endpoint.close(0u32.into(), b"relay shutting down");
     server.abort();
+    cache.shutdown();
     use std::sync::atomic::Ordering::Relaxed;
     let c = &relay.counters;
     tracing::info!(

@@ -1,5 +1,6 @@
-//! The relay's agent-facing server: accepts agents over QUIC + mutual TLS, checks their
-//! role, and runs one [`crate::session`] per disk stream.
+//! The relay's shared state and agent-facing server: accepts agents over QUIC + mutual
+//! TLS, checks their role, runs one [`crate::session`] per disk stream, and keeps one
+//! [`crate::forwarder`] per stream the relay knows.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,11 +11,15 @@ use fbr_protocol::{ErrorCode, Frame, StreamId};
 use fbr_transport::{peer_identity, FrameWriter, PeerLink, Role};
 use tokio::sync::watch;
 
+use crate::cache::RelayCache;
+use crate::forwarder::ForwarderState;
+
 /// Settings of a running relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Bytes of records each stream may hold between ingest and forwarder.
-    pub queue_bytes_per_stream: u32,
+    /// Credit granted to each agent stream: bytes of records it may have
+    /// unacknowledged. Acks come at cache-commit speed, so a few MiB suffice.
+    pub agent_credit_bytes: u64,
 }
 
 /// Counters a later issue exports to Prometheus; logged at shutdown for now.
@@ -33,21 +38,55 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Relay {
     pub config: RelayConfig,
+    pub cache: Arc<RelayCache>,
     /// The shared connection to the master target.
     pub upstream: PeerLink,
     pub counters: Counters,
     /// One generation counter per disk: a new session bumps it, older ones stop.
     generations: Mutex<HashMap<StreamId, watch::Sender<u64>>>,
+    forwarders: Mutex<HashMap<StreamId, Arc<ForwarderState>>>,
 }
 
 impl Relay {
-    pub fn new(config: RelayConfig, upstream: PeerLink) -> Arc<Self> {
-        Arc::new(Relay {
+    /// The relay's state; starts a forwarder for every stream recovered in the cache,
+    /// so a backlog drains after a restart whether or not its agent comes back.
+    pub fn new(config: RelayConfig, upstream: PeerLink, cache: Arc<RelayCache>) -> Arc<Self> {
+        let relay = Arc::new(Relay {
             config,
+            cache,
             upstream,
             counters: Counters::default(),
             generations: Mutex::new(HashMap::new()),
-        })
+            forwarders: Mutex::new(HashMap::new()),
+        });
+        for (id, disk_size) in relay.cache.streams() {
+            relay.ensure_forwarder(&id, disk_size);
+        }
+        relay
+    }
+
+    /// The forwarder of `id`, started if it is not running.
+    pub fn ensure_forwarder(
+        self: &Arc<Self>,
+        id: &StreamId,
+        disk_size: u64,
+    ) -> Arc<ForwarderState> {
+        let mut map = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(id) {
+            return f.clone();
+        }
+        let state = Arc::new(ForwarderState {
+            disk_size,
+            mt_next: watch::channel(None).0,
+            failed: watch::channel(None).0,
+        });
+        map.insert(id.clone(), state.clone());
+        tokio::spawn(crate::forwarder::run(
+            self.clone(),
+            id.clone(),
+            state.clone(),
+        ));
+        state
     }
 
     /// Makes the caller the current session of `id`; the receiver changes when a newer

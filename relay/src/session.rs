@@ -1,21 +1,21 @@
-//! One disk stream through the relay: agent -> ingest -> queue -> forwarder -> master
-//! target, and acknowledgements back.
+//! One agent stream into the relay: checks, durable append to the cache, acks.
 //!
 //! ```text
-//!  agent stream ──ingest──▶ StreamQueue ──forwarder──▶ master-target stream
-//!       ▲                                                   │
-//!       └──────────────────── acks (pass-through) ◀─────────┘
+//!  agent stream ──ingest──▶ RelayCache (group commit) ──forwarder──▶ master target
+//!       ▲   Ack (durable in the cache)  ◀── durable watch             │
+//!       └── Applied (durable on-premises) ◀── applied watch ◀── acks ─┘
 //! ```
 //!
-//! - **Ingest** checks every record before queueing it: sequence (a duplicate is skipped,
-//!   a gap ends the stream with `SequenceGap`), alignment and disk bounds. Records before
-//!   a bad one are forwarded; the bad one and everything after are not.
-//! - **Forwarder** sends queued records in order, coalescing frames into large writes.
-//! - **Acks**: the queue is memory, so the relay acknowledges a record to the agent only
-//!   when the master target has (nothing acknowledged can be lost by a relay crash).
-//!   The durable cache will move that point to "durable in the cache".
-//! - On a bad record, the session drains what was queued, lets the master target
-//!   acknowledge it, and only then sends the `Error` to the agent.
+//! - **Hello**: entitlement (the certificate must name the VM), disk size (must match
+//!   the cache's record of it), then the next sequence number: one past what the cache
+//!   holds durably, or what the master target expects if that is more (the stream's
+//!   forwarder asks it; a stream the cache has never seen needs the master target).
+//! - **Ingest** checks every record: a duplicate is skipped, a gap ends the stream with
+//!   `SequenceGap`, alignment and disk bounds are enforced; valid records are queued for
+//!   a durable append. Records before a bad one are made durable and acknowledged, then
+//!   the stream ends with the coded `Error`.
+//! - **Acks**: `Ack{seq}` once `seq` is durable in the cache (nothing acknowledged is
+//!   lost by a relay crash); `Applied{seq}` once the master target has it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,15 +25,14 @@ use fbr_protocol::{ErrorCode, Frame, StreamId};
 use fbr_transport::{FrameReader, FrameWriter, PeerIdentity, ReadError};
 use tokio::sync::Mutex;
 
-use crate::queue::{stream_queue, QueueReader, QueueWriter};
 use crate::server::Relay;
 
 /// How long a new stream may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to let the master target acknowledge what was forwarded before an error.
+/// How long to wait for the master target's position of a stream the cache never saw.
+const POSITION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to let the valid records before a bad one become durable.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Flush the forwarder's buffer once it holds this much.
-const FORWARD_FLUSH_BYTES: usize = 1 << 20;
 
 /// The wire code that answers a read failure.
 fn read_error_code(e: &ReadError) -> ErrorCode {
@@ -87,157 +86,176 @@ pub async fn serve_stream(
             .refuse(&mut agent_writer, Some(&id), ErrorCode::NotEntitled, msg)
             .await;
     }
-
-    // Supersede any older session of this disk (an agent that reconnected).
-    let mut generation_rx = relay.claim_stream(&id);
-
-    // Open the disk's stream to the master target and learn where it stands.
-    let (up_send, up_recv) = match relay.upstream.open_stream().await {
-        Ok(s) => s,
-        Err(e) => {
+    let cached = relay.cache.stats(&id);
+    if let Some(stats) = &cached {
+        if stats.disk_size != disk_size {
+            let msg = format!(
+                "disk {id} has size {} on record, Hello says {disk_size}",
+                stats.disk_size
+            );
             return relay
                 .refuse(
                     &mut agent_writer,
                     Some(&id),
-                    ErrorCode::UpstreamUnavailable,
-                    e,
-                )
-                .await
-        }
-    };
-    let mut up_reader = FrameReader::new(up_recv);
-    let mut up_writer = FrameWriter::new(up_send);
-    if up_writer
-        .send(&Frame::Hello {
-            stream: id.clone(),
-            disk_size,
-        })
-        .await
-        .is_err()
-    {
-        return relay
-            .refuse(
-                &mut agent_writer,
-                Some(&id),
-                ErrorCode::UpstreamUnavailable,
-                "master target stream closed",
-            )
-            .await;
-    }
-    let (next_seq, credit) = match tokio::time::timeout(HELLO_TIMEOUT, up_reader.next()).await {
-        Ok(Ok(Some(Frame::Accept {
-            next_seq,
-            credit_bytes,
-        }))) => (next_seq, credit_bytes),
-        Ok(Ok(Some(Frame::Error { code, message }))) => {
-            // The master target's refusal (e.g. disk size mismatch) is the agent's answer.
-            return relay
-                .refuse(
-                    &mut agent_writer,
-                    Some(&id),
-                    code,
-                    format!("master target: {message}"),
-                )
-                .await;
-        }
-        other => {
-            let msg = format!("master target did not accept the stream: {other:?}");
-            return relay
-                .refuse(
-                    &mut agent_writer,
-                    Some(&id),
-                    ErrorCode::UpstreamUnavailable,
+                    ErrorCode::DiskSizeMismatch,
                     msg,
                 )
                 .await;
         }
+        if let Some(reason) = &stats.needs_resync {
+            let msg = format!("stream needs resync: {reason}");
+            return relay
+                .refuse(&mut agent_writer, Some(&id), ErrorCode::Internal, msg)
+                .await;
+        }
+    }
+    let forwarder = relay.ensure_forwarder(&id, disk_size);
+    if forwarder.disk_size != disk_size {
+        let msg = format!(
+            "disk {id} has size {} on record, Hello says {disk_size}",
+            forwarder.disk_size
+        );
+        return relay
+            .refuse(
+                &mut agent_writer,
+                Some(&id),
+                ErrorCode::DiskSizeMismatch,
+                msg,
+            )
+            .await;
+    }
+    let failed = forwarder.failed.borrow().clone();
+    if let Some(reason) = failed {
+        return relay
+            .refuse(&mut agent_writer, Some(&id), ErrorCode::Internal, reason)
+            .await;
+    }
+    let mut generation_rx = relay.claim_stream(&id);
+
+    // Where the stream continues.
+    let cache_next = cached.map(|s| s.durable_seq + 1);
+    let mut mt_rx = forwarder.mt_next.subscribe();
+    let mt_next = match cache_next {
+        Some(_) => *mt_rx.borrow(),
+        None => {
+            let known = tokio::time::timeout(POSITION_TIMEOUT, async {
+                mt_rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .map(|v| *v)
+                    .ok()
+                    .flatten()
+            })
+            .await;
+            match known {
+                Ok(Some(n)) => Some(n),
+                _ => {
+                    let msg = "the master target is unreachable and the cache holds nothing of this stream yet";
+                    return relay
+                        .refuse(
+                            &mut agent_writer,
+                            Some(&id),
+                            ErrorCode::UpstreamUnavailable,
+                            msg,
+                        )
+                        .await;
+                }
+            }
+        }
     };
+    let next_seq = cache_next.unwrap_or(1).max(mt_next.unwrap_or(1));
     if agent_writer
         .send(&Frame::Accept {
             next_seq,
-            credit_bytes: credit,
+            credit_bytes: relay.config.agent_credit_bytes,
         })
         .await
         .is_err()
     {
         return;
     }
-    tracing::info!(stream = %id, next_seq, credit, "stream open");
+    tracing::info!(stream = %id, next_seq, "stream open");
 
     let agent_writer = Arc::new(Mutex::new(agent_writer));
-    let (queue_writer, queue_reader) = stream_queue(relay.config.queue_bytes_per_stream);
-    let mut forwarder = tokio::spawn(forward(queue_reader, up_writer));
-    let mut acker = tokio::spawn(pass_acks(up_reader, agent_writer.clone()));
-    let ingest = ingest(&relay, &id, disk_size, next_seq, agent_reader, queue_writer);
+    let watch = relay.cache.watch(&id);
+    let mut broken_rx = watch.broken.subscribe();
+    broken_rx.borrow_and_update();
+    let mut acker = tokio::spawn(send_acks(relay.clone(), id.clone(), agent_writer.clone()));
+    let ingest = ingest(&relay, &id, disk_size, next_seq, agent_reader);
     tokio::pin!(ingest);
 
-    tokio::select! {
-        outcome = &mut ingest => {
-            // The queue writer is dropped: the forwarder drains and finishes upstream,
-            // the master target acknowledges and finishes, and the acker ends.
-            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-                let _ = (&mut forwarder).await;
-                (&mut acker).await.ok().flatten()
-            })
-            .await;
-            let upstream_error = match drained {
-                Ok(e) => e,
-                Err(_) => {
-                    forwarder.abort();
-                    acker.abort();
-                    None
-                }
-            };
-            let mut w = agent_writer.lock().await;
-            match (outcome, upstream_error) {
-                (Err((code, msg)), _) => relay.refuse(&mut w, Some(&id), code, msg).await,
-                (Ok(()), Some((code, msg))) => relay.refuse(&mut w, Some(&id), code, msg).await,
-                (Ok(()), None) => w.finish(),
-            }
-        }
-        upstream_end = &mut acker => {
-            // The master target closed or failed the stream before the agent finished.
-            forwarder.abort();
-            let (code, msg) = upstream_end.ok().flatten().unwrap_or((
-                ErrorCode::UpstreamUnavailable,
-                "master target closed the stream".to_string(),
-            ));
-            let mut w = agent_writer.lock().await;
-            relay.refuse(&mut w, Some(&id), code, msg).await;
-        }
+    let outcome = tokio::select! {
+        outcome = &mut ingest => outcome,
+        _ = broken_rx.changed() => Err(Refusal {
+            code: ErrorCode::Internal,
+            message: "the relay's cache failed to commit; resend from the last acknowledged record".into(),
+            last_valid: 0,
+        }),
         _ = generation_rx.changed() => {
             tracing::info!(stream = %id, "superseded by a newer session");
-            forwarder.abort();
             acker.abort();
+            return;
+        }
+        _ = &mut acker => Ok(()),
+    };
+    acker.abort();
+    match outcome {
+        Ok(()) => agent_writer.lock().await.finish(),
+        Err(refusal) => {
+            // The valid records before the bad one become durable and are acknowledged
+            // before the refusal.
+            let mut durable_rx = watch.durable.subscribe();
+            let _ = tokio::time::timeout(
+                DRAIN_TIMEOUT,
+                durable_rx.wait_for(|d| *d >= refusal.last_valid),
+            )
+            .await;
+            let mut w = agent_writer.lock().await;
+            let durable = *durable_rx.borrow();
+            if durable > 0 {
+                let _ = w.send(&Frame::Ack { seq: durable }).await;
+            }
+            relay
+                .refuse(&mut w, Some(&id), refusal.code, refusal.message)
+                .await;
         }
     }
 }
 
-/// Reads the agent's records, checks them and queues the valid ones. Returns `Ok` when
-/// the agent finished (or went away) and `Err` with the refusal for invalid input.
+/// Why ingest ended a stream, and the last record before the problem.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+    last_valid: u64,
+}
+
+/// Reads the agent's records, checks them and queues the valid ones for the cache.
+/// `Ok` when the agent finished or went away; the refusal for invalid input.
 async fn ingest(
     relay: &Relay,
     id: &StreamId,
     disk_size: u64,
     mut expected: u64,
     mut reader: FrameReader,
-    queue: QueueWriter,
-) -> Result<(), (ErrorCode, String)> {
+) -> Result<(), Refusal> {
+    let refuse = |code, message: String, expected: u64| Refusal {
+        code,
+        message,
+        last_valid: expected - 1,
+    };
     loop {
         let record = match reader.next().await {
             Ok(Some(Frame::Record(r))) => r,
             Ok(Some(other)) => {
-                return Err((
-                    ErrorCode::UnexpectedFrame,
-                    format!("{:?} frame in the middle of a stream", other.frame_type()),
-                ))
+                let msg = format!("{:?} frame in the middle of a stream", other.frame_type());
+                return Err(refuse(ErrorCode::UnexpectedFrame, msg, expected));
             }
             Ok(None) => return Ok(()),
             Err(ReadError::Stream(e)) => {
                 tracing::info!(stream = %id, "agent stream ended: {e}");
                 return Ok(());
             }
-            Err(e) => return Err((read_error_code(&e), e.to_string())),
+            Err(e) => return Err(refuse(read_error_code(&e), e.to_string(), expected)),
         };
         let seq = record.seq();
         if seq < expected {
@@ -248,12 +266,15 @@ async fn ingest(
             continue;
         }
         if seq > expected {
-            return Err((
+            return Err(refuse(
                 ErrorCode::SequenceGap,
                 format!("expected sequence {expected}, got {seq}"),
+                expected,
             ));
         }
-        record.check_against_disk(disk_size)?;
+        if let Err((code, msg)) = record.check_against_disk(disk_size) {
+            return Err(refuse(code, msg, expected));
+        }
         relay
             .counters
             .records_ingested
@@ -263,61 +284,43 @@ async fn ingest(
             .logical_bytes_ingested
             .fetch_add(record.logical_bytes(), Ordering::Relaxed);
         expected += 1;
-        if !queue.push(record).await {
+        if !relay.cache.append(id, disk_size, record).await {
             return Ok(());
         }
     }
 }
 
-/// Sends queued records to the master target in order; finishes the upstream stream
-/// when the queue is closed and empty.
-async fn forward(mut queue: QueueReader, mut up: FrameWriter) {
-    while let Some(first) = queue.pop().await {
-        up.push(&Frame::Record(first));
-        while up.pending() < FORWARD_FLUSH_BYTES {
-            match queue.try_pop() {
-                Some(r) => up.push(&Frame::Record(r)),
-                None => break,
-            }
+/// Tells the agent what is durable in the cache (`Ack`) and at the master target
+/// (`Applied`), as it happens.
+async fn send_acks(relay: Arc<Relay>, id: StreamId, agent: Arc<Mutex<FrameWriter>>) {
+    let watch = relay.cache.watch(&id);
+    let mut durable_rx = watch.durable.subscribe();
+    let mut applied_rx = watch.applied.subscribe();
+    // What is already known first (e.g. after a reconnect), then every change.
+    let (durable, applied) = (
+        *durable_rx.borrow_and_update(),
+        *applied_rx.borrow_and_update(),
+    );
+    {
+        let mut w = agent.lock().await;
+        if durable > 0 && w.send(&Frame::Ack { seq: durable }).await.is_err() {
+            return;
         }
-        if up.flush().await.is_err() {
+        if applied > 0 && w.send(&Frame::Applied { seq: applied }).await.is_err() {
             return;
         }
     }
-    up.finish();
-}
-
-/// Relays the master target's acknowledgements to the agent. Returns the master
-/// target's error, if it ended the stream with one.
-async fn pass_acks(
-    mut up: FrameReader,
-    agent: Arc<Mutex<FrameWriter>>,
-) -> Option<(ErrorCode, String)> {
     loop {
-        match up.next().await {
-            Ok(Some(frame @ (Frame::Ack { .. } | Frame::Credit { .. }))) => {
-                if agent.lock().await.send(&frame).await.is_err() {
-                    return None;
-                }
+        tokio::select! {
+            r = durable_rx.changed() => {
+                if r.is_err() { return; }
+                let seq = *durable_rx.borrow_and_update();
+                if agent.lock().await.send(&Frame::Ack { seq }).await.is_err() { return; }
             }
-            Ok(Some(Frame::Error { code, message })) => {
-                return Some((code, format!("master target: {message}")))
-            }
-            Ok(Some(other)) => {
-                return Some((
-                    ErrorCode::UpstreamUnavailable,
-                    format!(
-                        "master target sent an unexpected {:?} frame",
-                        other.frame_type()
-                    ),
-                ))
-            }
-            Ok(None) => return None,
-            Err(e) => {
-                return Some((
-                    ErrorCode::UpstreamUnavailable,
-                    format!("master target stream failed: {e}"),
-                ))
+            r = applied_rx.changed() => {
+                if r.is_err() { return; }
+                let seq = *applied_rx.borrow_and_update();
+                if agent.lock().await.send(&Frame::Applied { seq }).await.is_err() { return; }
             }
         }
     }

@@ -18,13 +18,15 @@ fn invalid_values_exit_64() {
             "127.0.0.1:1",
             "--pki-dir",
             "/nonexistent",
-            "--queue-mib",
+            "--cache-dir",
+            "/nonexistent/cache",
+            "--credit-mib",
             "0",
         ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--queue-mib"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--credit-mib"));
     let out = relay()
         .args([
             "pki", "issue", "--dir", "/tmp", "--name", "x", "--role", "boss",
@@ -48,6 +50,8 @@ fn missing_certificates_name_the_file() {
         ])
         .arg("--pki-dir")
         .arg(dir.path())
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

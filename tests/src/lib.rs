@@ -23,7 +23,8 @@ pub fn start_site(vms: &[&str]) -> Site {
         None,
         SiteOptions {
             agent_vms: vms.iter().map(|s| s.to_string()).collect(),
-            relay_queue_mib: 8,
+            cache_capacity: 256 << 20,
+            cache_segment_mib: 4,
             mt_credit_mib: 8,
             max_udp_payload: 1452,
         },
@@ -197,7 +198,7 @@ impl RawStream {
         loop {
             match self.next_frame().await {
                 Some(Frame::Ack { seq: s }) if s >= seq => return,
-                Some(Frame::Ack { .. }) | Some(Frame::Credit { .. }) => {}
+                Some(Frame::Ack { .. } | Frame::Applied { .. } | Frame::Credit { .. }) => {}
                 other => panic!("waiting for ack {seq}, got {other:?}"),
             }
         }

@@ -1,0 +1,321 @@
+//! The relay's durable cache, as the rest of the relay sees it.
+//!
+//! One **writer thread** owns appends: it takes every append request queued (a batch),
+//! appends them, writes and syncs once (group commit: latency is about one `fdatasync`
+//! whatever the load), then publishes each stream's new durable sequence number on its
+//! `durable` watch channel, which ingest turns into acks to the agent.
+//!
+//! When the cache is full the writer commits what it has and waits until trimming frees
+//! space. Ingest meanwhile waits on a byte budget for queued appends, stops reading its
+//! QUIC stream, and the agent, whose records go unacknowledged, runs out of credit:
+//! backpressure, and nothing is dropped.
+//!
+//! Forwarders read payloads back from disk ([`RelayCache::read_batch`]) with the log's
+//! lock held only to look records up, and acknowledge what the master target confirmed
+//! ([`RelayCache::ack`]), which deletes fully acknowledged segments.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fbr_cache::{
+    now_ms, read_entry, CacheConfig, CacheError, FileStorage, RecoveryReport, SegmentLog,
+    StreamStats,
+};
+use fbr_protocol::{Record, StreamId};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// Bytes of appends that may wait for the writer (bounds the relay's memory).
+const PENDING_APPEND_BYTES: usize = 32 << 20;
+/// Most bytes the writer puts in one commit.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// Per-stream notifications.
+#[derive(Debug)]
+pub struct StreamWatch {
+    /// Highest sequence number durable in the cache.
+    pub durable: watch::Sender<u64>,
+    /// Highest sequence number durable at the master target.
+    pub applied: watch::Sender<u64>,
+    /// Bumped when a commit containing this stream's records failed: its ingest session
+    /// must end so the agent resends from the durable point.
+    pub broken: watch::Sender<u64>,
+}
+
+struct AppendRequest {
+    stream: StreamId,
+    disk_size: u64,
+    record: Record,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The cache shared by the relay's tasks.
+#[derive(Debug)]
+pub struct RelayCache {
+    log: Mutex<SegmentLog<FileStorage>>,
+    watches: Mutex<HashMap<StreamId, Arc<StreamWatch>>>,
+    requests: Mutex<Option<mpsc::Sender<AppendRequest>>>,
+    pending_budget: Arc<Semaphore>,
+    /// Signalled when trimming frees space (the writer may be waiting for it).
+    space: (Mutex<()>, Condvar),
+    /// Set while the writer waits for space (for health and tests).
+    pub full: AtomicBool,
+    _lock: File,
+}
+
+impl std::fmt::Debug for AppendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AppendRequest({} #{})", self.stream, self.record.seq())
+    }
+}
+
+impl RelayCache {
+    /// Opens (and recovers) the cache in `dir` and starts the writer thread. Fails if
+    /// another relay holds the directory.
+    pub fn open(dir: &Path, config: CacheConfig) -> anyhow::Result<(Arc<Self>, RecoveryReport)> {
+        std::fs::create_dir_all(dir)?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| {
+                anyhow::anyhow!(
+                    "cache directory {} is in use by another relay ({} is locked)",
+                    dir.display(),
+                    lock_path.display()
+                )
+            },
+        )?;
+        let (log, report) = SegmentLog::open(FileStorage::new(dir)?, config)?;
+        let (tx, rx) = mpsc::channel();
+        let cache = Arc::new(RelayCache {
+            log: Mutex::new(log),
+            watches: Mutex::new(HashMap::new()),
+            requests: Mutex::new(Some(tx)),
+            pending_budget: Arc::new(Semaphore::new(PENDING_APPEND_BYTES)),
+            space: (Mutex::new(()), Condvar::new()),
+            full: AtomicBool::new(false),
+            _lock: lock,
+        });
+        let writer = cache.clone();
+        std::thread::Builder::new()
+            .name("cache-writer".into())
+            .spawn(move || writer.run_writer(rx))?;
+        Ok((cache, report))
+    }
+
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, SegmentLog<FileStorage>> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The notifications of `stream` (created on first use).
+    pub fn watch(&self, stream: &StreamId) -> Arc<StreamWatch> {
+        let mut w = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(stream.clone())
+            .or_insert_with(|| {
+                let durable = self
+                    .lock_log()
+                    .stream_stats(stream)
+                    .map(|s| s.durable_seq)
+                    .unwrap_or(0);
+                Arc::new(StreamWatch {
+                    durable: watch::channel(durable).0,
+                    applied: watch::channel(0).0,
+                    broken: watch::channel(0).0,
+                })
+            })
+            .clone()
+    }
+
+    /// Queues a validated record for a durable append. Waits while too many bytes are
+    /// queued (backpressure). Returns `false` if the cache is shutting down.
+    pub async fn append(&self, stream: &StreamId, disk_size: u64, record: Record) -> bool {
+        let cost = (record.encoded_len() as u32).min(PENDING_APPEND_BYTES as u32);
+        let Ok(permit) = self.pending_budget.clone().acquire_many_owned(cost).await else {
+            return false;
+        };
+        let tx = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match tx {
+            Some(tx) => tx
+                .send(AppendRequest {
+                    stream: stream.clone(),
+                    disk_size,
+                    record,
+                    _permit: permit,
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Accounting of one stream, if the cache knows it.
+    pub fn stats(&self, stream: &StreamId) -> Option<StreamStats> {
+        self.lock_log().stream_stats(stream)
+    }
+
+    /// Every stream with something in the cache.
+    pub fn streams(&self) -> Vec<(StreamId, u64)> {
+        self.lock_log().streams()
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.lock_log().used_bytes()
+    }
+
+    /// The master target holds `stream` up to `seq`.
+    pub fn ack(&self, stream: &StreamId, seq: u64) -> Result<(), CacheError> {
+        let freed = self.lock_log().ack(stream, seq)?;
+        self.watch(stream).applied.send_if_modified(|v| {
+            let changed = seq > *v;
+            *v = (*v).max(seq);
+            changed
+        });
+        if freed > 0 {
+            self.space.1.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Stops forwarding `stream` from the cache (corruption); frees its space.
+    pub fn drop_stream(&self, stream: &StreamId, reason: String) -> Result<(), CacheError> {
+        self.lock_log().drop_stream(stream, reason)?;
+        self.space.1.notify_all();
+        Ok(())
+    }
+
+    /// Reads durable records of `stream` from `from` on, up to about `max_bytes`.
+    /// Payloads are checked (CRC32C); corruption is an error, never returned data.
+    pub fn read_batch(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, CacheError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut seq = from;
+        while bytes < max_bytes {
+            let located = self.lock_log().locate(stream, seq);
+            let Some((file, offset, len)) = located else {
+                break;
+            };
+            out.push(read_entry(&*file, offset, len, stream, seq)?);
+            bytes += len as usize;
+            seq += 1;
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after it has committed what is queued.
+    pub fn shutdown(&self) {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.space.1.notify_all();
+    }
+
+    fn run_writer(&self, rx: mpsc::Receiver<AppendRequest>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let mut bytes = batch[0].record.encoded_len();
+            while bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        bytes += r.record.encoded_len();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut in_batch: Vec<StreamId> = Vec::new();
+            for req in batch {
+                loop {
+                    let result =
+                        self.lock_log()
+                            .append(&req.stream, req.disk_size, &req.record, now_ms());
+                    match result {
+                        Ok(()) => {
+                            self.full.store(false, Ordering::SeqCst);
+                            if !in_batch.contains(&req.stream) {
+                                in_batch.push(req.stream.clone());
+                            }
+                            break;
+                        }
+                        Err(CacheError::OutOfOrder { last, got, .. }) if got <= last => {
+                            // A duplicate: a superseded session's queued append racing the
+                            // new session's resend of the same record. Already cached.
+                            break;
+                        }
+                        Err(CacheError::Full { .. }) => {
+                            // Commit what we have, then wait for the forwarders to free space.
+                            self.full.store(true, Ordering::SeqCst);
+                            self.commit(&mut in_batch);
+                            if !self.wait_for_space() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(stream = %req.stream, "cache append refused: {e}");
+                            self.break_stream(&req.stream);
+                            break;
+                        }
+                    }
+                }
+            }
+            self.commit(&mut in_batch);
+        }
+    }
+
+    /// Group commit: one write and one `fdatasync` for everything appended.
+    fn commit(&self, in_batch: &mut Vec<StreamId>) {
+        let pending = self.lock_log().begin_commit();
+        let Some(pending) = pending else {
+            in_batch.clear();
+            return;
+        };
+        let io = pending.run();
+        let result = self.lock_log().finish_commit(pending, io);
+        match result {
+            Ok(advanced) => {
+                for (stream, seq) in advanced {
+                    self.watch(&stream).durable.send_replace(seq);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cache commit failed, {} streams must resend: {e}",
+                    in_batch.len()
+                );
+                for s in in_batch.iter() {
+                    self.break_stream(s);
+                }
+            }
+        }
+        in_batch.clear();
+    }
+
+    fn break_stream(&self, stream: &StreamId) {
+        self.watch(stream).broken.send_modify(|g| *g += 1);
+    }
+
+    /// Waits until trimming frees space; `false` on shutdown.
+    fn wait_for_space(&self) -> bool {
+        let guard = self.space.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.space.1.wait_timeout(guard, Duration::from_millis(100));
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}

@@ -1,0 +1,218 @@
+//! Forwarders: one long-lived task per stream that sends the stream's cached records to
+//! the master target, in sequence order, and frees the cache as the master target
+//! acknowledges them.
+//!
+//! A forwarder is independent of the agent's session: it keeps draining the backlog
+//! while the agent is disconnected, after a relay restart (recovered streams get one at
+//! start), and across master-target outages (it reconnects with backoff and resumes
+//! from the master target's high-water mark, which is the authority on what arrived).
+//! It keeps at most the master target's credit in flight, and reads payloads from disk,
+//! so its memory does not grow with the backlog.
+//!
+//! A record that fails its checksum is never sent: the stream is flagged as needing
+//! resync, its cached records are dropped, and the forwarder stops.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbr_cache::CacheError;
+use fbr_protocol::{ErrorCode, Frame, StreamId};
+use fbr_transport::{FrameReader, FrameWriter};
+use tokio::sync::watch;
+
+use crate::server::Relay;
+
+/// Most bytes read from the cache per send.
+const READ_BATCH_BYTES: usize = 1 << 20;
+
+/// What others may know about a stream's forwarder.
+#[derive(Debug)]
+pub struct ForwarderState {
+    pub disk_size: u64,
+    /// The master target's next expected sequence number, once known.
+    pub mt_next: watch::Sender<Option<u64>>,
+    /// Why forwarding stopped for good (the stream needs resync or was refused).
+    pub failed: watch::Sender<Option<String>>,
+}
+
+enum End {
+    Retry(String),
+    Fatal(String),
+}
+
+/// Runs the forwarder of `id` until the relay shuts down or the stream fails for good.
+pub async fn run(relay: Arc<Relay>, id: StreamId, state: Arc<ForwarderState>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut connected = false;
+        match session(&relay, &id, &state, &mut connected).await {
+            End::Fatal(reason) => {
+                tracing::error!(stream = %id, "forwarding stopped: {reason}");
+                state.failed.send_replace(Some(reason));
+                return;
+            }
+            End::Retry(reason) => {
+                if connected {
+                    backoff = Duration::from_millis(100);
+                }
+                tracing::warn!(stream = %id, "forwarding interrupted, retrying in {backoff:?}: {reason}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn session(
+    relay: &Arc<Relay>,
+    id: &StreamId,
+    state: &ForwarderState,
+    connected: &mut bool,
+) -> End {
+    let (send, recv) = match relay.upstream.open_stream().await {
+        Ok(s) => s,
+        Err(e) => return End::Retry(e),
+    };
+    let mut reader = FrameReader::new(recv);
+    let mut writer = FrameWriter::new(send);
+    if let Err(e) = writer
+        .send(&Frame::Hello {
+            stream: id.clone(),
+            disk_size: state.disk_size,
+        })
+        .await
+    {
+        return End::Retry(format!("sending Hello: {e}"));
+    }
+    let (mt_next, credit) = match tokio::time::timeout(Duration::from_secs(10), reader.next()).await
+    {
+        Ok(Ok(Some(Frame::Accept {
+            next_seq,
+            credit_bytes,
+        }))) => (next_seq, credit_bytes.max(1)),
+        Ok(Ok(Some(Frame::Error { code, message }))) => {
+            return match code {
+                ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => {
+                    End::Retry(format!("master target: {code}: {message}"))
+                }
+                _ => End::Fatal(format!(
+                    "master target refused the stream: {code}: {message}"
+                )),
+            }
+        }
+        other => {
+            return End::Retry(format!(
+                "master target did not accept the stream: {other:?}"
+            ))
+        }
+    };
+    *connected = true;
+    // The master target is the authority on what arrived: free what it holds.
+    if let Err(e) = relay.cache.ack(id, mt_next - 1) {
+        return End::Retry(format!("cache: {e}"));
+    }
+    state.mt_next.send_replace(Some(mt_next));
+    if let Some(stats) = relay.cache.stats(id) {
+        if stats.first_cached_seq > mt_next && stats.durable_seq >= mt_next {
+            return End::Fatal(format!(
+                "the master target expects record {mt_next}, but the cache starts at {}: needs resync",
+                stats.first_cached_seq
+            ));
+        }
+    }
+
+    // Acknowledgements arrive concurrently; the sender waits on `acked` for credit.
+    let (acked_tx, mut acked_rx) = watch::channel(mt_next - 1);
+    let ack_relay = relay.clone();
+    let ack_id = id.clone();
+    let mut acks = tokio::spawn(async move {
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::Ack { seq })) => {
+                    if let Err(e) = ack_relay.cache.ack(&ack_id, seq) {
+                        return End::Retry(format!("cache: {e}"));
+                    }
+                    acked_tx.send_replace(seq);
+                }
+                Ok(Some(Frame::Credit { .. })) => {}
+                Ok(Some(Frame::Error { code, message })) => {
+                    return End::Retry(format!(
+                        "master target closed the stream: {code}: {message}"
+                    ))
+                }
+                Ok(Some(other)) => {
+                    return End::Retry(format!(
+                        "unexpected {:?} from the master target",
+                        other.frame_type()
+                    ))
+                }
+                Ok(None) => return End::Retry("master target finished the stream".into()),
+                Err(e) => return End::Retry(format!("reading acks: {e}")),
+            }
+        }
+    });
+
+    let watch = relay.cache.watch(id);
+    let mut durable_rx = watch.durable.subscribe();
+    let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut in_flight_bytes = 0u64;
+    let mut cursor = mt_next;
+    loop {
+        // Forget what the master target acknowledged.
+        let acked = *acked_rx.borrow_and_update();
+        while in_flight.front().is_some_and(|(s, _)| *s <= acked) {
+            in_flight_bytes -= in_flight.pop_front().map(|(_, b)| b).unwrap_or(0);
+        }
+        let durable = *durable_rx.borrow_and_update();
+        if durable < cursor || in_flight_bytes >= credit {
+            tokio::select! {
+                _ = durable_rx.changed() => {}
+                _ = acked_rx.changed() => {}
+                end = &mut acks => return end.unwrap_or_else(|e| End::Retry(format!("ack task: {e}"))),
+            }
+            continue;
+        }
+        let budget = ((credit - in_flight_bytes) as usize).clamp(1, READ_BATCH_BYTES);
+        let (cache, rid) = (relay.cache.clone(), id.clone());
+        let read =
+            tokio::task::spawn_blocking(move || cache.read_batch(&rid, cursor, budget)).await;
+        let records = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e @ CacheError::Corrupt { .. })) => {
+                acks.abort();
+                let reason = format!("cache corruption, stream needs resync: {e}");
+                let _ = relay.cache.drop_stream(id, reason.clone());
+                return End::Fatal(reason);
+            }
+            Ok(Err(e)) => {
+                acks.abort();
+                return End::Retry(format!("reading the cache: {e}"));
+            }
+            Err(e) => {
+                acks.abort();
+                return End::Retry(format!("cache read task: {e}"));
+            }
+        };
+        if records.is_empty() {
+            if let Some(reason) = relay.cache.stats(id).and_then(|s| s.needs_resync) {
+                acks.abort();
+                return End::Fatal(reason);
+            }
+            // Durable but no longer indexed: acknowledged meanwhile; re-read the state.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        for r in records {
+            let len = r.encoded_len() as u64;
+            cursor = r.seq() + 1;
+            in_flight.push_back((r.seq(), len));
+            in_flight_bytes += len;
+            writer.push(&Frame::Record(r));
+        }
+        if let Err(e) = writer.flush().await {
+            acks.abort();
+            return End::Retry(format!("sending to the master target: {e}"));
+        }
+    }
+}
