@@ -137,6 +137,7 @@ struct Segment<F> {
     file: Arc<F>,
     /// Bytes in the file (header, entries, footer).
     len: u64,
+    /// No longer appended to (sealed with a footer, or recovered at start).
     sealed: bool,
     /// Highest sequence number of each stream in this segment.
     max_seq: HashMap<StreamId, u64>,
@@ -372,6 +373,9 @@ impl<S: Storage> SegmentLog<S> {
                 }
             }
         }
+        // Whatever was recovered is never appended to again (a new active segment is
+        // started), so it is as good as sealed: trimming may delete it once acknowledged.
+        segment.sealed = true;
         self.used_bytes += segment.len;
         self.segments.insert(id, segment);
         Ok(())

@@ -19,12 +19,17 @@ use fbr_transport::{any_addr_for, client_endpoint, Credentials, QuicTuning};
 
 /// A site with the master target and relay running, the agent entitled to `vms`.
 pub fn start_site(vms: &[&str]) -> Site {
+    start_site_with(vms, 256 << 20, 4)
+}
+
+/// Like [`start_site`], with the relay's cache capacity and segment size chosen.
+pub fn start_site_with(vms: &[&str], cache_capacity: u64, cache_segment_mib: u64) -> Site {
     let mut site = Site::create(
         None,
         SiteOptions {
             agent_vms: vms.iter().map(|s| s.to_string()).collect(),
-            cache_capacity: 256 << 20,
-            cache_segment_mib: 4,
+            cache_capacity,
+            cache_segment_mib,
             mt_credit_mib: 8,
             max_udp_payload: 1452,
         },
@@ -212,4 +217,40 @@ pub fn write(seq: u64, offset: u64, len: usize, fill: u8) -> Frame {
         offset,
         data: Bytes::from(vec![fill; len]),
     })
+}
+
+/// A small deterministic pseudo-random sequence (xorshift64*), so fault timings are
+/// random-looking but reproducible from the seed printed by the test.
+#[derive(Debug)]
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn new(seed: u64) -> Self {
+        Jitter(seed.max(1))
+    }
+
+    /// A value in `lo..hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        lo + self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % (hi - lo)
+    }
+}
+
+/// Stops both daemons gracefully and verifies the run byte for byte.
+pub fn stop_and_verify(
+    site: &mut Site,
+    manifest: &fbr_churn::source::Manifest,
+) -> fbr_churn::verify::VerifyReport {
+    site.stop_relay(false).expect("stop relay");
+    site.stop_master_target(false).expect("stop master target");
+    let report = fbr_churn::verify::verify(manifest, &site.mt_data).expect("verify");
+    assert!(
+        report.errors.is_empty(),
+        "verification errors: {:#?}",
+        report.errors
+    );
+    assert!(report.verified);
+    report
 }

@@ -7,24 +7,7 @@ use std::time::Duration;
 use fbr_churn::source::SourceSpec;
 use fbr_churn::workload::Content;
 use fbr_churn::{verify, writelog};
-use fbr_tests::{agent_options, churn, plans, start_site};
-
-/// Stops both daemons gracefully and verifies the run.
-fn stop_and_verify(
-    site: &mut fbr_churn::harness::Site,
-    manifest: &fbr_churn::source::Manifest,
-) -> verify::VerifyReport {
-    site.stop_relay(false).expect("stop relay");
-    site.stop_master_target(false).expect("stop master target");
-    let report = verify::verify(manifest, &site.mt_data).expect("verify");
-    assert!(
-        report.errors.is_empty(),
-        "verification errors: {:#?}",
-        report.errors
-    );
-    assert!(report.verified);
-    report
-}
+use fbr_tests::{agent_options, churn, plans, start_site, stop_and_verify};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_vms_every_profile_byte_exact_at_every_recovery_point() {
