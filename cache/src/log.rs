@@ -8,8 +8,9 @@
 //!   `first_seq ..= appended_seq`; `durable_seq <= appended_seq`.
 //! - A record is reported durable (by [`SegmentLog::commit`]) only after the bytes
 //!   holding it were written and synced.
-//! - A segment is deleted only when it is sealed and every record in it is
-//!   acknowledged by the master target (or belongs to a stream dropped for resync).
+//! - A segment is deleted only when it is sealed, every record in it is acknowledged by
+//!   the master target (or belongs to a stream dropped for resync), and no older
+//!   segment still holds records of its streams (per stream, oldest first).
 //! - `used_bytes` is the sum of the lengths of the segment files; appends fail with
 //!   [`CacheError::Full`] rather than exceed the capacity.
 
@@ -398,8 +399,10 @@ impl<S: Storage> SegmentLog<S> {
             return;
         }
         if seq != s.appended_seq + 1 {
+            // Trimming is oldest-first per stream, so surviving records are contiguous:
+            // a gap means records were lost (corruption, or a segment removed by hand).
             let reason = format!(
-                "{name}: record {seq} follows {} (records lost to corruption)",
+                "{name}: record {seq} follows {} (records lost)",
                 s.appended_seq
             );
             tracing::error!(stream = %stream, "stream needs resync: {reason}");
@@ -671,22 +674,29 @@ impl<S: Storage> SegmentLog<S> {
         self.trim()
     }
 
-    /// Deletes every sealed segment whose records are all acknowledged. Returns bytes
+    /// Deletes sealed segments whose records are all acknowledged, oldest first per
+    /// stream: a segment is kept while an older segment still holds records of any of its
+    /// streams. So the records of a stream that survive are always the newest ones, and
+    /// after a restart the cache's idea of where each stream ends is exact (or the
+    /// stream is unknown, and the master target says where it stands). Returns bytes
     /// freed.
     pub fn trim(&mut self) -> Result<u64, CacheError> {
         let mut freed = 0;
-        let removable: Vec<u64> = self
-            .segments
-            .iter()
-            .filter(|(id, seg)| {
-                **id != self.active
-                    && seg.sealed
-                    && seg.max_seq.iter().all(|(stream, max)| {
-                        self.streams.get(stream).is_none_or(|s| *max <= s.acked_seq)
-                    })
-            })
-            .map(|(id, _)| *id)
-            .collect();
+        let mut removable = Vec::new();
+        let mut held_back: std::collections::HashSet<&StreamId> = std::collections::HashSet::new();
+        for (id, seg) in &self.segments {
+            let deletable = *id != self.active
+                && seg.sealed
+                && seg.max_seq.iter().all(|(stream, max)| {
+                    !held_back.contains(stream)
+                        && self.streams.get(stream).is_none_or(|s| *max <= s.acked_seq)
+                });
+            if deletable {
+                removable.push(*id);
+            } else {
+                held_back.extend(seg.max_seq.keys());
+            }
+        }
         for id in &removable {
             self.storage
                 .remove(*id)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fbr_churn::source::SourceSpec;
 use fbr_churn::workload::Content;
-use fbr_churn::{verify, writelog};
+use fbr_churn::writelog;
 use fbr_tests::{agent_options, churn, plans, start_site, stop_and_verify};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
