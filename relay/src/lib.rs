@@ -10,6 +10,7 @@
 //! - [`session`]: one agent disk stream: checks, durable append, `Ack`/`Applied`.
 //! - [`cache`]: the durable cache (`fbr-cache`) behind a group-commit writer thread.
 //! - [`forwarder`]: one task per stream draining the cache to the master target.
+//! - [`bench`]: `relay bench-cache`, the cache benchmark.
 //!
 //! ## Invariants
 //! - A record is acknowledged to its source only once it is durable in the cache; cache
@@ -21,6 +22,7 @@
 //!   plus the cache index (16 bytes per cached record).
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cache;
 pub mod forwarder;
 pub mod server;

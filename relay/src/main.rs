@@ -40,6 +40,18 @@ enum Command {
     /// Manage the site's certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Benchmark the durable cache (release build; uses real fsync on --dir's disk).
+    BenchCache {
+        /// Where to put the benchmark's files (emptied afterwards): the cache disk.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Shrink every size tenfold for a quick run.
+        #[arg(long)]
+        quick: bool,
+        /// Print one JSON object as the last line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,6 +139,25 @@ fn main() -> ExitCode {
                 }
             };
             report(rt.block_on(run(args)))
+        }
+        Command::BenchCache { dir, quick, json } => {
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("fbr-bench-cache-{}", std::process::id()))
+            });
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("relay: cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            report(rt.block_on(async {
+                let result = fbr_relay::bench::run(&dir, quick).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&result)?);
+                }
+                Ok(())
+            }))
         }
         Command::Pki(PkiCommand::Init { dir, common_name }) => {
             report(pki::init_ca(&dir, &common_name).map_err(Into::into))
