@@ -131,7 +131,10 @@ pub fn decode_entry(b: &[u8]) -> Result<CacheEntry, String> {
         return Err(format!("unknown entry kind {kind}"));
     }
     let vm_len = body.get_u8() as usize;
-    let _reserved = body.get_u16_le();
+    let reserved = body.get_u16_le();
+    if reserved != 0 {
+        return Err(format!("reserved field is {reserved}, must be 0"));
+    }
     let disk = body.get_u32_le();
     let seq = body.get_u64_le();
     let disk_size = body.get_u64_le();
