@@ -467,8 +467,16 @@ impl<S: Storage> SegmentLog<S> {
             + format::ENTRY_FIXED_BODY_LEN
             + stream.vm.len()
             + record.encoded_len();
-        // Room for this entry plus the footer and the next segment's header.
-        let needed = entry_len as u64 + 28 + TRAILER_LEN + SEGMENT_HEADER_LEN;
+        // Room for this entry, the active segment's whole footer once this entry and its
+        // stream are listed in it, and the next segment's header: sealing never
+        // overshoots the capacity.
+        let new_stream = if self.footer_refs.contains_key(stream) {
+            0
+        } else {
+            13 + stream.vm.len() as u64
+        };
+        let needed =
+            entry_len as u64 + self.footer_len_estimate() + 28 + new_stream + SEGMENT_HEADER_LEN;
         if self.used_bytes + self.write_buf.len() as u64 + needed > self.config.capacity_bytes {
             return Err(CacheError::Full {
                 used: self.used_bytes + self.write_buf.len() as u64,
@@ -515,6 +523,17 @@ impl<S: Storage> SegmentLog<S> {
             appended_ms: now_ms,
         });
         Ok(())
+    }
+
+    /// Bytes the active segment's footer and trailer take as they stand.
+    fn footer_len_estimate(&self) -> u64 {
+        let streams: u64 = self
+            .footer
+            .streams
+            .iter()
+            .map(|(id, _)| 13 + id.vm.len() as u64)
+            .sum();
+        8 + streams + 28 * self.footer.entries.len() as u64 + TRAILER_LEN
     }
 
     /// Takes the appended bytes for writing; run the returned commit's I/O (without
