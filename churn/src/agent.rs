@@ -59,6 +59,10 @@ pub struct AgentOptions {
     pub drain_timeout: Duration,
     /// Give up on a disk after failing to reconnect for this long.
     pub reconnect_timeout: Duration,
+    /// Churn at most this many bytes per second in total (spread evenly over the
+    /// disks), like a VM fleet with a steady workload; `None`: as fast as the path
+    /// accepts.
+    pub rate_bytes_per_s: Option<u64>,
 }
 
 /// One disk to emulate.
@@ -147,9 +151,25 @@ struct Window {
 /// Bounded: beyond this many, further changes are not sampled until it drains.
 const MAX_LAG_SAMPLES_PENDING: usize = 1 << 20;
 
+/// A steady rate for one disk: it may have drawn `bytes_per_s × elapsed` bytes so far.
+#[derive(Debug)]
+struct Pace {
+    bytes_per_s: f64,
+    started: Instant,
+    drawn: AtomicU64,
+}
+
+impl Pace {
+    fn allows_more(&self) -> bool {
+        (self.drawn.load(Ordering::Relaxed) as f64)
+            < self.bytes_per_s * self.started.elapsed().as_secs_f64()
+    }
+}
+
 #[derive(Debug)]
 struct DiskRuntime {
     plan: DiskPlan,
+    pace: Option<Pace>,
     lag_pending: Mutex<VecDeque<(u64, Instant)>>,
     /// Highest sequence number durable at the master target.
     applied_seq: AtomicU64,
@@ -268,6 +288,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
     // One connection per VM, as one agent per VM would have.
     let mut links: BTreeMap<String, Arc<PeerLink>> = BTreeMap::new();
     let mut runtimes = Vec::new();
+    let disk_count = disks.len();
     for plan in disks {
         links.entry(plan.id.vm.clone()).or_insert_with(|| {
             Arc::new(PeerLink::new(
@@ -296,6 +317,11 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             window_changed: watch::channel(0).0,
             lag_pending: Mutex::new(VecDeque::new()),
             applied_seq: AtomicU64::new(0),
+            pace: opts.rate_bytes_per_s.map(|r| Pace {
+                bytes_per_s: r as f64 / disk_count as f64,
+                started: Instant::now(),
+                drawn: AtomicU64::new(0),
+            }),
         }));
     }
     let task = tokio::spawn(run(
@@ -606,7 +632,10 @@ async fn session(
                 let mut g = disk.gen.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(tag) = g.pending.pop_front() {
                     Some(tag)
-                } else if drawing_stopped.load(Ordering::SeqCst) || g.exhausted {
+                } else if drawing_stopped.load(Ordering::SeqCst)
+                    || g.exhausted
+                    || disk.pace.as_ref().is_some_and(|p| !p.allows_more())
+                {
                     None
                 } else {
                     match g.source.next_change() {
@@ -628,6 +657,9 @@ async fn session(
                 }
             };
             let Some(record) = next else { break };
+            if let Some(p) = &disk.pace {
+                p.drawn.fetch_add(record.logical_bytes(), Ordering::Relaxed);
+            }
             let encoded = record.encoded_len() as u64;
             stats
                 .logical_bytes_sent

@@ -40,6 +40,8 @@ pub struct DrillOptions {
     pub max_udp_payload: u16,
     pub cache_capacity: u64,
     pub credit_mib: u64,
+    /// Steady churn rate in bytes per second, all disks together (`None`: flat out).
+    pub rate_bytes_per_s: Option<u64>,
 }
 
 /// The lag figures, milliseconds.
@@ -71,6 +73,9 @@ pub struct DrillSummary {
     pub master_target_cpu_s: f64,
     pub reconnects: u64,
     pub verify_s: f64,
+    /// The steady churn rate asked for, MB/s (`None`: flat out, so lag measures the
+    /// backlog the relay's cache absorbed rather than a recovery-point objective).
+    pub rate_mb_per_s: Option<f64>,
     pub errors: Vec<String>,
     /// Where the site was kept (logs, data, manifest), if it was.
     pub site_dir: Option<PathBuf>,
@@ -135,6 +140,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         duration: Some(opts.duration),
         drain_timeout: Duration::from_secs(60),
         reconnect_timeout: Duration::from_secs(30),
+        rate_bytes_per_s: opts.rate_bytes_per_s,
     };
     let streams = plans.len();
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
@@ -201,6 +207,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         master_target_cpu_s,
         reconnects: stats.reconnects.load(std::sync::atomic::Ordering::Relaxed),
         verify_s,
+        rate_mb_per_s: opts.rate_bytes_per_s.map(|r| r as f64 / 1e6),
         errors,
         site_dir,
     })
@@ -254,8 +261,14 @@ pub fn print_summary(s: &DrillSummary) {
     );
     let _ = writeln!(
         err,
-        "lag source write -> durable at master target: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        s.lag_ms.p50, s.lag_ms.p99, s.lag_ms.max
+        "lag source write -> durable at master target: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms{}",
+        s.lag_ms.p50,
+        s.lag_ms.p99,
+        s.lag_ms.max,
+        match s.rate_mb_per_s {
+            Some(r) => format!(" (steady churn at {r:.0} MB/s)"),
+            None => " (flat-out churn: lag is the backlog the relay cache absorbed; --rate-mb measures RPO)".into(),
+        }
     );
     let _ = writeln!(
         err,

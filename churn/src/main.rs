@@ -82,6 +82,10 @@ struct WorkloadArgs {
     /// Largest UDP payload MTU discovery may use.
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
+    /// Churn at a steady rate (MB/s, all disks together) instead of as fast as the
+    /// path accepts; lag is then the recovery-point objective at that load.
+    #[arg(long)]
+    rate_mb: Option<f64>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -138,6 +142,9 @@ enum Command {
         /// Largest UDP payload MTU discovery may use (loopback allows more than a WAN).
         #[arg(long, default_value_t = 1452)]
         max_udp_payload: u16,
+        /// Churn at a steady rate (MB/s) instead of flat out: lag is then the RPO.
+        #[arg(long)]
+        rate_mb: Option<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -280,6 +287,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 max_udp_payload: w.max_udp_payload,
                 cache_capacity: 8 << 30,
                 credit_mib: 16,
+                rate_bytes_per_s: w.rate_mb.map(|r| (r * 1e6) as u64),
             };
             eprintln!(
                 "drill: {} VMs x {} disks of {} MiB, {:?} profile, {:?} content, {seconds} s, a tag every {} ms",
@@ -296,6 +304,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             content,
             tag_interval_ms,
             max_udp_payload,
+            rate_mb,
             json,
         } => {
             let opts = DrillOptions {
@@ -313,6 +322,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 max_udp_payload,
                 cache_capacity: 16 << 30,
                 credit_mib: 16,
+                rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
             };
             finish_drill(drill::run_drill(opts).await?, json)
         }
@@ -336,8 +346,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 max_udp_payload: w.max_udp_payload,
                 cache_capacity: 0,
                 credit_mib: 0,
+                rate_bytes_per_s: None,
             });
             let opts = agent_options(
+                w.rate_mb,
                 &relay,
                 w.tag_interval_ms,
                 w.max_udp_payload,
@@ -367,7 +379,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                     },
                 })
                 .collect();
-            let opts = agent_options(&relay, tag_interval_ms, max_udp_payload, None);
+            let opts = agent_options(None, &relay, tag_interval_ms, max_udp_payload, None);
             run_agent(opts, plans, 0, &relay.manifest).await
         }
         Command::MakeLog {
@@ -437,6 +449,7 @@ fn finish_drill(summary: DrillSummary, json: bool) -> anyhow::Result<bool> {
 }
 
 fn agent_options(
+    rate_mb: Option<f64>,
     relay: &RelayArgs,
     tag_interval_ms: u64,
     max_udp_payload: u16,
@@ -456,6 +469,7 @@ fn agent_options(
         duration,
         drain_timeout: Duration::from_secs(120),
         reconnect_timeout: Duration::from_secs(120),
+        rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
     }
 }
 

@@ -53,6 +53,7 @@ pub fn agent_options(site: &Site, duration: Duration, tag_interval: Duration) ->
         duration: Some(duration),
         drain_timeout: Duration::from_secs(60),
         reconnect_timeout: Duration::from_secs(60),
+        rate_bytes_per_s: None,
     }
 }
 
