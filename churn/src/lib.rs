@@ -23,35 +23,4 @@ pub mod verify;
 pub mod workload;
 pub mod writelog;
 
-/// Parses a byte size: a number with an optional unit `K`, `M`, `G` (powers of 1024,
-/// `KiB`/`MiB`/`GiB` and `KB`/`MB`/`GB` accepted as the same).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 64MiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(super::parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(super::parse_size("1g"), Ok(1 << 30));
-        assert_eq!(super::parse_size("4096"), Ok(4096));
-        assert!(super::parse_size("12x").is_err());
-        assert!(super::parse_size("").is_err());
-    }
-}
+pub use fbr_transport::daemon::parse_size;

@@ -196,12 +196,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    fbr_transport::daemon::init_logging(false, "warn");
     if let Some(msg) = usage_error(&cli.command) {
         eprintln!("churn: {msg}");
         return ExitCode::from(EX_USAGE);

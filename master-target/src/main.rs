@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fbr_master_target::{journal, replica, MasterTarget, Store};
 use fbr_protocol::StreamId;
-use fbr_transport::{server_endpoint, Credentials, QuicTuning};
+use fbr_transport::{daemon, server_endpoint, Credentials, QuicTuning};
 
 /// Exit code for bad configuration or usage (EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -86,7 +86,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    daemon::init_logging(cli.log_json, "info");
     match cli.command {
         Command::Run(args) => {
             if args.credit_mib == 0 {
@@ -136,19 +136,6 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating {}", args.data.display()))?;
@@ -161,12 +148,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let endpoint = server_endpoint(args.listen, creds, &tuning)?;
     let local = endpoint.local_addr()?;
     if let Some(pf) = &args.port_file {
-        write_port_file(pf, local)?;
+        daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
     }
     tracing::info!(listen = %local, data = %args.data.display(), "master target listening");
     let mt = MasterTarget::new(args.data.clone(), store, args.credit_mib << 20);
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));
-    shutdown_signal().await;
+    daemon::shutdown_signal().await;
     tracing::info!("shutting down");
     endpoint.close(quinn::VarInt::from_u32(0), b"master target shutting down");
     server.abort();
@@ -180,23 +167,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "final counters"
     );
     Ok(())
-}
-
-/// Writes `addr` to `path` atomically (temp file + rename), so readers never see half.
-fn write_port_file(path: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, addr.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 fn points(data: &std::path::Path, json: bool) -> anyhow::Result<()> {

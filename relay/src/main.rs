@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use fbr_cache::CacheConfig;
 use fbr_relay::cache::RelayCache;
 use fbr_relay::{Relay, RelayConfig};
+use fbr_transport::daemon;
 use fbr_transport::pki::{self, IssueRequest};
 use fbr_transport::{
     any_addr_for, client_endpoint, server_endpoint, Credentials, PeerLink, QuicTuning, Role,
@@ -109,7 +110,7 @@ struct RunArgs {
     #[arg(long)]
     cache_dir: PathBuf,
     /// Most bytes the cache may use (e.g. 200GiB). Beyond it, sources are held back.
-    #[arg(long, default_value = "8GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "8GiB", value_parser = daemon::parse_size)]
     cache_capacity: u64,
     /// Size at which a cache segment is sealed, in MiB (1-1024).
     #[arg(long, default_value_t = 64)]
@@ -124,7 +125,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    daemon::init_logging(cli.log_json, "info");
     match cli.command {
         Command::Run(args) => {
             if let Some(msg) = invalid_run_args(&args) {
@@ -210,26 +211,6 @@ fn invalid_run_args(args: &RunArgs) -> Option<String> {
     None
 }
 
-/// Parses a byte size such as `64MiB`, `8GiB` or `4096`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 8GiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
-}
-
 fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,19 +218,6 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             eprintln!("relay: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
@@ -295,10 +263,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let local = agents.local_addr()?;
     if let Some(pf) = &args.port_file {
-        let tmp = pf.with_extension("tmp");
-        std::fs::write(&tmp, local.to_string())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, pf).with_context(|| format!("renaming to {}", pf.display()))?;
+        daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
     }
     tracing::info!(listen = %local, master_target = %args.master_target, "relay listening");
     let relay = Relay::new(
@@ -309,7 +274,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cache.clone(),
     );
     let server = tokio::spawn(relay.clone().serve(agents.clone()));
-    shutdown_signal().await;
+    daemon::shutdown_signal().await;
     tracing::info!("shutting down");
     agents.close(0u32.into(), b"relay shutting down");
     upstream_endpoint.close(0u32.into(), b"relay shutting down");
@@ -324,13 +289,4 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "final counters"
     );
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

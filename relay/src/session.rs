@@ -87,28 +87,14 @@ pub async fn serve_stream(
             .await;
     }
     let cached = relay.cache.stats(&id);
-    if let Some(stats) = &cached {
-        if stats.disk_size != disk_size {
-            let msg = format!(
-                "disk {id} has size {} on record, Hello says {disk_size}",
-                stats.disk_size
-            );
-            return relay
-                .refuse(
-                    &mut agent_writer,
-                    Some(&id),
-                    ErrorCode::DiskSizeMismatch,
-                    msg,
-                )
-                .await;
-        }
-        if let Some(reason) = &stats.needs_resync {
-            let msg = format!("stream needs resync: {reason}");
-            return relay
-                .refuse(&mut agent_writer, Some(&id), ErrorCode::Internal, msg)
-                .await;
-        }
+    if let Some(reason) = cached.as_ref().and_then(|s| s.needs_resync.clone()) {
+        let msg = format!("stream needs resync: {reason}");
+        return relay
+            .refuse(&mut agent_writer, Some(&id), ErrorCode::Internal, msg)
+            .await;
     }
+    // The forwarder holds the disk size on record: the cache's for a recovered stream
+    // (its forwarder starts at boot), else the first Hello's.
     let forwarder = relay.ensure_forwarder(&id, disk_size);
     if forwarder.disk_size != disk_size {
         let msg = format!(
