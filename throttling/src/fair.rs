@@ -1,7 +1,7 @@
 //! Weighted deficit round robin (Shreedhar and Varghese) over streams.
 //!
 //! Each flow (a stream) states the size of the batch it wants to send next
-//! ([`FairQueue::demand`]); [`FairQueue::next`] says which flow may send now. A flow's
+//! ([`FairQueue::demand`]); [`FairQueue::next_grant`] says which flow may send now. A flow's
 //! turn adds `quantum × weight` to its deficit; it sends while its deficit covers its
 //! batch. A flow that goes idle loses its deficit, so idleness banks no credit. Over many
 //! rounds each backlogged flow gets bandwidth in proportion to its weight, whatever its
@@ -80,7 +80,7 @@ impl<K: Hash + Eq + Clone> FairQueue<K> {
 
     /// The next flow allowed to send, with the size of the batch it may send now;
     /// `None` when nobody is waiting.
-    pub fn next(&mut self) -> Option<(K, u64)> {
+    pub fn next_grant(&mut self) -> Option<(K, u64)> {
         loop {
             let k = self.round.front()?.clone();
             let quantum = self.quantum;
@@ -127,7 +127,7 @@ mod tests {
             q.demand(i, *s);
         }
         for _ in 0..grants {
-            let (k, b) = q.next().expect("always backlogged");
+            let (k, b) = q.next_grant().expect("always backlogged");
             got[k] += b as f64;
             q.demand(k, sizes[k]);
         }
@@ -158,14 +158,14 @@ mod tests {
         let mut q = FairQueue::new(1000);
         q.demand("busy", 1000);
         for _ in 0..1000 {
-            let (k, _) = q.next().unwrap();
+            let (k, _) = q.next_grant().unwrap();
             assert_eq!(k, "busy");
             q.demand("busy", 1000);
         }
         q.demand("new", 1000);
         let served: Vec<&str> = (0..3)
             .map(|_| {
-                let (k, _) = q.next().unwrap();
+                let (k, _) = q.next_grant().unwrap();
                 q.demand(k, 1000);
                 k
             })
@@ -173,7 +173,7 @@ mod tests {
         assert!(served.contains(&"new"), "{served:?}");
         q.cancel(&"busy");
         q.cancel(&"new");
-        assert_eq!(q.next(), None);
+        assert_eq!(q.next_grant(), None);
         assert_eq!(q.backlogged(), 0);
     }
 }
