@@ -203,6 +203,9 @@ async fn session(
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
+        // Wait for this stream's turn on the WAN leg (rate limit, fair share).
+        let batch_bytes: u64 = records.iter().map(|r| r.encoded_len() as u64).sum();
+        relay.egress.acquire(id, batch_bytes).await;
         for r in records {
             let len = r.encoded_len() as u64;
             cursor = r.seq() + 1;

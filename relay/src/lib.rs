@@ -9,6 +9,7 @@
 //! - [`server`]: accepts agent connections, checks roles, shared state and counters.
 //! - [`session`]: one agent disk stream: checks, durable append, `Ack`/`Applied`.
 //! - [`cache`]: the durable cache (`fbr-cache`) behind a group-commit writer thread.
+//! - [`egress`]: rate limit (weekly schedule) and weighted fair sharing of the WAN leg.
 //! - [`forwarder`]: one task per stream draining the cache to the master target.
 //! - [`bench`]: `relay bench-cache`, the cache benchmark.
 //!
@@ -24,6 +25,7 @@
 
 pub mod bench;
 pub mod cache;
+pub mod egress;
 pub mod forwarder;
 pub mod server;
 pub mod session;

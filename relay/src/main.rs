@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fbr_cache::CacheConfig;
 use fbr_relay::cache::RelayCache;
+use fbr_relay::egress::{Egress, EgressConfig};
 use fbr_relay::{Relay, RelayConfig};
+use fbr_throttling::WeeklySchedule;
 use fbr_transport::daemon;
 use fbr_transport::pki::{self, IssueRequest};
 use fbr_transport::{
@@ -118,6 +120,20 @@ struct RunArgs {
     /// Bytes each agent stream may have unacknowledged, in MiB.
     #[arg(long, default_value_t = 16)]
     credit_mib: u64,
+    /// Egress rate by time of week, e.g. "mon-fri 09:00-18:00 100mbit; other unlimited"
+    /// (see docs/OPERATIONS.md).
+    #[arg(long, default_value = "other unlimited")]
+    egress_schedule: String,
+    /// Read the egress schedule from this file instead, and re-read it when it changes
+    /// (the limit changes without a restart).
+    #[arg(long)]
+    egress_schedule_file: Option<PathBuf>,
+    /// Offset of the schedule's clock from UTC, in minutes (e.g. 60 for CET).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    schedule_utc_offset_minutes: i32,
+    /// Priority of a VM's streams on the WAN leg, `VM=WEIGHT` (repeat; default 1).
+    #[arg(long = "vm-weight")]
+    vm_weights: Vec<String>,
     /// Largest UDP payload MTU discovery may use.
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
@@ -188,7 +204,46 @@ fn main() -> ExitCode {
 }
 
 /// Checks values clap cannot; `Some(message naming the flag)` means exit 64.
+/// The egress settings from the flags; `Err` names the flag at fault.
+fn egress_config(args: &RunArgs) -> Result<EgressConfig, String> {
+    let spec = match &args.egress_schedule_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("invalid --egress-schedule-file {}: {e}", path.display()))?,
+        None => args.egress_schedule.clone(),
+    };
+    let schedule = WeeklySchedule::parse(spec.trim())
+        .map_err(|e| format!("invalid --egress-schedule: {e}"))?;
+    let mut vm_weights = std::collections::HashMap::new();
+    for w in &args.vm_weights {
+        let parsed = w.split_once('=').and_then(|(vm, n)| {
+            Some((
+                vm.to_string(),
+                n.parse::<u32>().ok().filter(|n| (1..=1000).contains(n))?,
+            ))
+        });
+        let (vm, n) = parsed.ok_or_else(|| {
+            format!("invalid --vm-weight {w:?}: expected VM=WEIGHT with WEIGHT in 1..=1000")
+        })?;
+        vm_weights.insert(vm, n);
+    }
+    if args.schedule_utc_offset_minutes.abs() > 14 * 60 {
+        return Err(format!(
+            "invalid --schedule-utc-offset-minutes {}: must be within ±840",
+            args.schedule_utc_offset_minutes
+        ));
+    }
+    Ok(EgressConfig {
+        schedule,
+        schedule_file: args.egress_schedule_file.clone(),
+        utc_offset_minutes: args.schedule_utc_offset_minutes,
+        vm_weights,
+    })
+}
+
 fn invalid_run_args(args: &RunArgs) -> Option<String> {
+    if let Err(msg) = egress_config(args) {
+        return Some(msg);
+    }
     if args.cache_segment_mib == 0 || args.cache_segment_mib > 1024 {
         return Some(format!(
             "invalid --cache-segment-mib {}: must be 1..=1024",
@@ -266,12 +321,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
     }
     tracing::info!(listen = %local, master_target = %args.master_target, "relay listening");
+    let egress = Egress::start(egress_config(&args).map_err(anyhow::Error::msg)?);
     let relay = Relay::new(
         RelayConfig {
             agent_credit_bytes: args.credit_mib << 20,
         },
         link,
         cache.clone(),
+        egress,
     );
     let server = tokio::spawn(relay.clone().serve(agents.clone()));
     daemon::shutdown_signal().await;

@@ -12,6 +12,7 @@ use fbr_transport::{peer_identity, FrameWriter, PeerLink, Role};
 use tokio::sync::watch;
 
 use crate::cache::RelayCache;
+use crate::egress::Egress;
 use crate::forwarder::ForwarderState;
 
 /// Settings of a running relay.
@@ -39,6 +40,8 @@ pub struct Counters {
 pub struct Relay {
     pub config: RelayConfig,
     pub cache: Arc<RelayCache>,
+    /// Rate limit and fair sharing of the WAN leg.
+    pub egress: Arc<Egress>,
     /// The shared connection to the master target.
     pub upstream: PeerLink,
     pub counters: Counters,
@@ -50,10 +53,16 @@ pub struct Relay {
 impl Relay {
     /// The relay's state; starts a forwarder for every stream recovered in the cache,
     /// so a backlog drains after a restart whether or not its agent comes back.
-    pub fn new(config: RelayConfig, upstream: PeerLink, cache: Arc<RelayCache>) -> Arc<Self> {
+    pub fn new(
+        config: RelayConfig,
+        upstream: PeerLink,
+        cache: Arc<RelayCache>,
+        egress: Arc<Egress>,
+    ) -> Arc<Self> {
         let relay = Arc::new(Relay {
             config,
             cache,
+            egress,
             upstream,
             counters: Counters::default(),
             generations: Mutex::new(HashMap::new()),

@@ -108,3 +108,32 @@ fn pki_issues_once_and_refuses_to_overwrite() {
     assert!(id.has_role(fbr_transport::Role::Agent));
     assert!(id.may_write("sql01") && !id.may_write("sql02"));
 }
+
+#[test]
+fn bad_egress_settings_exit_64_naming_the_flag() {
+    for (flag, value, needle) in [
+        (
+            "--egress-schedule",
+            "mon-fry 09:00-18:00 100mbit",
+            "--egress-schedule",
+        ),
+        ("--egress-schedule", "other fast", "--egress-schedule"),
+        ("--vm-weight", "vm1=0", "--vm-weight"),
+        ("--vm-weight", "vm1", "--vm-weight"),
+    ] {
+        let out = relay()
+            .args([
+                "run",
+                "--master-target",
+                "127.0.0.1:1",
+                "--pki-dir",
+                "/nonexistent",
+            ])
+            .args(["--cache-dir", "/nonexistent/cache", flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flag} {value}: {err}");
+        assert!(err.contains(needle), "{flag} {value}: {err}");
+    }
+}

@@ -75,10 +75,13 @@ impl TokenBucket {
         self.rate
     }
 
-    /// Changes the rate from `now` on (tokens earned so far are kept, capped at burst).
-    pub fn set_rate(&mut self, rate: Rate, now: Instant) {
+    /// Changes the rate and burst from `now` on (tokens earned so far are kept, capped
+    /// at the new burst).
+    pub fn reconfigure(&mut self, rate: Rate, burst: u64, now: Instant) {
         self.refill(now);
         self.rate = rate;
+        self.burst = burst.max(1) as f64;
+        self.tokens = self.tokens.min(self.burst);
     }
 
     fn refill(&mut self, now: Instant) {
@@ -168,11 +171,11 @@ mod tests {
         let mut b = TokenBucket::new(Rate::BytesPerSec(1_000_000), 100_000, t0);
         let a = greedy(&mut b, t0, 5.0, 10_000);
         let t1 = t0 + Duration::from_secs(5);
-        b.set_rate(Rate::BytesPerSec(4_000_000), t1);
+        b.reconfigure(Rate::BytesPerSec(4_000_000), 100_000, t1);
         let c = greedy(&mut b, t1, 5.0, 10_000);
         assert!((a as f64 / 5_100_000.0 - 1.0).abs() < 0.02, "{a}");
         assert!((c as f64 / 20_000_000.0 - 1.0).abs() < 0.02, "{c}");
-        b.set_rate(Rate::Unlimited, t1 + Duration::from_secs(5));
+        b.reconfigure(Rate::Unlimited, 100_000, t1 + Duration::from_secs(5));
         assert!(b
             .try_take(u64::MAX / 2, t1 + Duration::from_secs(5))
             .is_ok());
