@@ -147,7 +147,8 @@ struct Window {
     credit: u64,
 }
 
-/// Changes whose `Applied` has not arrived yet, for lag measurement: `(seq, drawn_at)`.
+/// Changes whose `Applied` has not arrived yet, for lag and per-disk throughput:
+/// `(seq, drawn_at, encoded frame bytes)`.
 /// Bounded: beyond this many, further changes are not sampled until it drains.
 const MAX_LAG_SAMPLES_PENDING: usize = 1 << 20;
 
@@ -170,9 +171,12 @@ impl Pace {
 struct DiskRuntime {
     plan: DiskPlan,
     pace: Option<Pace>,
-    lag_pending: Mutex<VecDeque<(u64, Instant)>>,
+    lag_pending: Mutex<VecDeque<(u64, Instant, u64)>>,
     /// Highest sequence number durable at the master target.
     applied_seq: AtomicU64,
+    /// Encoded record bytes (what the relay's egress limit counts) durable at the master
+    /// target (sampled like lag).
+    applied_frame_bytes: AtomicU64,
     gen: Mutex<GenState>,
     window: Mutex<Window>,
     /// Bumped on every ack or credit change; senders wait on it.
@@ -210,9 +214,10 @@ impl DiskRuntime {
         let mut lags = Vec::new();
         {
             let mut pending = self.lag_pending.lock().unwrap_or_else(|p| p.into_inner());
-            while pending.front().is_some_and(|(s, _)| *s <= seq) {
-                let (_, drawn_at) = pending.pop_front().expect("front checked");
+            while pending.front().is_some_and(|(s, _, _)| *s <= seq) {
+                let (_, drawn_at, bytes) = pending.pop_front().expect("front checked");
                 lags.push(now.duration_since(drawn_at).as_micros() as u64);
+                self.applied_frame_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
         }
         if !lags.is_empty() {
@@ -252,6 +257,7 @@ fn classify(code: ErrorCode, message: String) -> SessionEnd {
 #[derive(Debug)]
 pub struct RunHandle {
     pub stats: Arc<RunStats>,
+    disks: Vec<Arc<DiskRuntime>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<Result<RunReport, String>>,
 }
@@ -260,6 +266,15 @@ impl RunHandle {
     /// Asks the run to stop drawing changes now (a final tag is still inserted).
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Encoded record bytes each disk has had applied at the master target so far, in
+    /// plan order (the unit of the relay's egress limit).
+    pub fn applied_frame_bytes_per_disk(&self) -> Vec<u64> {
+        self.disks
+            .iter()
+            .map(|d| d.applied_frame_bytes.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Whether the run has ended (every disk done or failed).
@@ -317,6 +332,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             window_changed: watch::channel(0).0,
             lag_pending: Mutex::new(VecDeque::new()),
             applied_seq: AtomicU64::new(0),
+            applied_frame_bytes: AtomicU64::new(0),
             pace: opts.rate_bytes_per_s.map(|r| Pace {
                 bytes_per_s: r as f64 / disk_count as f64,
                 started: Instant::now(),
@@ -324,6 +340,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             }),
         }));
     }
+    let disks = runtimes.clone();
     let task = tokio::spawn(run(
         opts,
         runtimes,
@@ -333,7 +350,12 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
         seed,
         endpoint,
     ));
-    Ok(RunHandle { stats, stop, task })
+    Ok(RunHandle {
+        stats,
+        disks,
+        stop,
+        task,
+    })
 }
 
 async fn run(
@@ -668,7 +690,7 @@ async fn session(
             if !matches!(record, Record::Tag { .. }) {
                 let mut lag = disk.lag_pending.lock().unwrap_or_else(|p| p.into_inner());
                 if lag.len() < MAX_LAG_SAMPLES_PENDING {
-                    lag.push_back((record.seq(), Instant::now()));
+                    lag.push_back((record.seq(), Instant::now(), record.encoded_len() as u64));
                 }
             }
             let mut w = disk.window.lock().unwrap_or_else(|p| p.into_inner());

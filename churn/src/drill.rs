@@ -117,6 +117,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         agent_vms: vms,
         cache_capacity: opts.cache_capacity,
         cache_segment_mib: 64,
+        relay_args: vec![],
         mt_credit_mib: opts.credit_mib,
         max_udp_payload: opts.max_udp_payload,
     };
@@ -285,4 +286,143 @@ pub fn print_summary(s: &DrillSummary) {
             d.display()
         );
     }
+}
+
+/// What `churn bench-throttle` measured.
+#[derive(Debug, Serialize)]
+pub struct ThrottleBench {
+    pub configured_bytes_per_s: u64,
+    pub achieved_bytes_per_s: f64,
+    /// `achieved / configured - 1`.
+    pub error: f64,
+    pub window_s: f64,
+    pub streams: usize,
+    /// Jain's fairness index of the bytes each stream had applied in the window
+    /// (1 = perfectly fair).
+    pub jain_index: f64,
+    pub min_stream_share: f64,
+    pub max_stream_share: f64,
+    pub verified: bool,
+    pub recovery_points_verified: usize,
+    pub errors: Vec<String>,
+}
+
+/// Jain's fairness index: `(Σx)² / (n · Σx²)`.
+pub fn jain_index(shares: &[f64]) -> f64 {
+    let sum: f64 = shares.iter().sum();
+    let squares: f64 = shares.iter().map(|x| x * x).sum();
+    if squares == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (shares.len() as f64 * squares)
+}
+
+/// Egress rate accuracy and fairness on loopback: `streams` equal-priority disks churn at
+/// twice `rate` through a relay limited to `rate`; over `window` (after a warm-up), the
+/// record bytes applied at the master target (encoded frames: the unit the limit
+/// counts; QUIC, UDP and IP headers come on top) give the achieved rate and, per
+/// stream, Jain's index. Then the limit is lifted at run time (schedule file) to drain, and every
+/// recovery point is verified.
+pub async fn run_throttle_bench(
+    rate: u64,
+    streams: u32,
+    window: Duration,
+) -> anyhow::Result<ThrottleBench> {
+    let disks_per_vm = 4;
+    let vms = streams.div_ceil(disks_per_vm);
+    let root = tempfile::Builder::new().prefix("fbr-throttle-").tempdir()?;
+    let schedule_file = root.path().join("egress-schedule");
+    std::fs::write(&schedule_file, format!("other {rate}"))?;
+    let opts = DrillOptions {
+        vms,
+        disks_per_vm,
+        disk_size: 8 << 20,
+        duration: window + Duration::from_secs(4),
+        tag_interval: Duration::from_millis(1000),
+        // Every stream must contend: trims would spend their pace on Zero records,
+        // which are tiny on the wire, and so never ask for their share.
+        profile: Some(Profile::Mixed),
+        content: Content::Mixed,
+        seed: 7,
+        groups: 1,
+        progress: true,
+        keep: None,
+        max_udp_payload: 1452,
+        cache_capacity: 4 << 30,
+        credit_mib: 16,
+        rate_bytes_per_s: Some(rate * 2),
+    };
+    let plans: Vec<DiskPlan> = plan_disks(&opts)
+        .into_iter()
+        .take(streams as usize)
+        .collect();
+    let site_opts = SiteOptions {
+        agent_vms: (1..=vms).map(|v| format!("vm{v}")).collect(),
+        cache_capacity: opts.cache_capacity,
+        cache_segment_mib: 64,
+        mt_credit_mib: 16,
+        max_udp_payload: 1452,
+        relay_args: vec![
+            "--egress-schedule-file".into(),
+            schedule_file.display().to_string(),
+        ],
+    };
+    let mut site = Site::create(Some(root.path().join("site")), site_opts)?;
+    site.start_master_target()?;
+    let relay_addr = site.start_relay()?;
+    let agent_opts = AgentOptions {
+        relay: relay_addr,
+        relay_name: "relay".into(),
+        pki_dir: site.pki_dir.clone(),
+        cert_name: "agent".into(),
+        tuning: QuicTuning::default(),
+        tag_interval: opts.tag_interval,
+        app_tag_every: 5,
+        duration: Some(opts.duration),
+        drain_timeout: Duration::from_secs(120),
+        reconnect_timeout: Duration::from_secs(30),
+        rate_bytes_per_s: opts.rate_bytes_per_s,
+    };
+    let n = plans.len();
+    let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
+    // Warm-up: the queue builds and every stream is contending.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = handle.applied_frame_bytes_per_disk();
+    let started = Instant::now();
+    tokio::time::sleep(window).await;
+    let after = handle.applied_frame_bytes_per_disk();
+    let window_s = started.elapsed().as_secs_f64();
+    // Lift the limit at run time so the backlog drains quickly.
+    std::fs::write(&schedule_file, "other unlimited")?;
+    let shares: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b) as f64)
+        .collect();
+    let total: f64 = shares.iter().sum();
+    let achieved = total / window_s;
+    let report = handle.finish().await.map_err(anyhow::Error::msg)?;
+    site.stop_relay(false)?;
+    site.stop_master_target(false)?;
+    let manifest = report.manifest.clone();
+    let mt_data = site.mt_data.clone();
+    let v = tokio::task::spawn_blocking(move || verify::verify(&manifest, &mt_data))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let mean = total / n as f64;
+    let mut errors = report.failures.clone();
+    errors.extend(v.errors.iter().cloned());
+    Ok(ThrottleBench {
+        configured_bytes_per_s: rate,
+        achieved_bytes_per_s: achieved,
+        error: achieved / rate as f64 - 1.0,
+        window_s,
+        streams: n,
+        jain_index: jain_index(&shares),
+        min_stream_share: shares.iter().cloned().fold(f64::INFINITY, f64::min) / mean,
+        max_stream_share: shares.iter().cloned().fold(0.0, f64::max) / mean,
+        verified: v.verified && report.failures.is_empty(),
+        recovery_points_verified: v.recovery_points_verified,
+        errors,
+    })
 }

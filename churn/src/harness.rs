@@ -50,6 +50,8 @@ pub struct SiteOptions {
     pub cache_segment_mib: u64,
     pub mt_credit_mib: u64,
     pub max_udp_payload: u16,
+    /// Extra flags for `relay run` (e.g. an egress schedule).
+    pub relay_args: Vec<String>,
 }
 
 /// One daemon: how to start it and where it listens.
@@ -170,7 +172,8 @@ impl Site {
             .arg("--cache-segment-mib")
             .arg(self.opts.cache_segment_mib.to_string())
             .arg("--max-udp-payload")
-            .arg(self.opts.max_udp_payload.to_string());
+            .arg(self.opts.max_udp_payload.to_string())
+            .args(&self.opts.relay_args);
         let root = self.root.clone();
         start_daemon(&mut self.relay, &root, cmd)
     }

@@ -148,6 +148,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark the relay's egress limit and fairness (release build).
+    BenchThrottle {
+        /// The egress limit to configure, e.g. 200mbit or 25MB/s.
+        #[arg(long, default_value = "200mbit")]
+        rate: String,
+        /// Equal-priority streams contending for it.
+        #[arg(long, default_value_t = 100)]
+        streams: u32,
+        /// Measurement window, seconds (after a 3 s warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Drive an already running relay with generated churn.
     Run {
         #[command(flatten)]
@@ -400,6 +414,38 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 out.display()
             );
             Ok(true)
+        }
+        Command::BenchThrottle {
+            rate,
+            streams,
+            seconds,
+            json,
+        } => {
+            let rate = match fbr_throttling::Rate::parse(&rate) {
+                Ok(fbr_throttling::Rate::BytesPerSec(r)) => r,
+                _ => anyhow::bail!("invalid --rate {rate:?}: expected a limit such as 200mbit"),
+            };
+            anyhow::ensure!(streams >= 2, "--streams must be at least 2");
+            let b =
+                drill::run_throttle_bench(rate, streams, Duration::from_secs_f64(seconds.max(1.0)))
+                    .await?;
+            eprintln!(
+                "configured {:.1} MB/s, achieved {:.1} MB/s ({:+.2}%) over {:.1} s; Jain's index {:.4} over {} streams; {}",
+                b.configured_bytes_per_s as f64 / 1e6,
+                b.achieved_bytes_per_s / 1e6,
+                b.error * 100.0,
+                b.window_s,
+                b.jain_index,
+                b.streams,
+                if b.verified { "every recovery point verified" } else { "VERIFICATION FAILED" }
+            );
+            for e in &b.errors {
+                eprintln!("error: {e}");
+            }
+            if json {
+                println!("{}", serde_json::to_string(&b)?);
+            }
+            Ok(b.verified)
         }
         Command::Verify {
             manifest,

@@ -32,6 +32,7 @@ pub fn start_site_with(vms: &[&str], cache_capacity: u64, cache_segment_mib: u64
             cache_segment_mib,
             mt_credit_mib: 8,
             max_udp_payload: 1452,
+            relay_args: vec![],
         },
     )
     .expect("create site");
