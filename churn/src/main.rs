@@ -88,6 +88,29 @@ struct WorkloadArgs {
     rate_mb: Option<f64>,
 }
 
+impl WorkloadArgs {
+    /// The drill these flags describe (also how `churn run` plans its disks).
+    fn drill_options(&self, seconds: f64) -> DrillOptions {
+        DrillOptions {
+            vms: self.vms,
+            disks_per_vm: self.disks,
+            disk_size: self.disk_size,
+            duration: Duration::from_secs_f64(seconds),
+            tag_interval: Duration::from_millis(self.tag_interval_ms),
+            profile: self.profile.profile(),
+            content: self.content,
+            seed: self.seed,
+            groups: self.groups,
+            progress: true,
+            keep: None,
+            max_udp_payload: self.max_udp_payload,
+            cache_capacity: 8 << 30,
+            credit_mib: 16,
+            rate_bytes_per_s: self.rate_mb.map(|r| (r * 1e6) as u64),
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 struct RelayArgs {
     /// UDP address of the relay.
@@ -282,21 +305,8 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             json,
         } => {
             let opts = DrillOptions {
-                vms: w.vms,
-                disks_per_vm: w.disks,
-                disk_size: w.disk_size,
-                duration: Duration::from_secs_f64(seconds),
-                tag_interval: Duration::from_millis(w.tag_interval_ms),
-                profile: w.profile.profile(),
-                content: w.content,
-                seed: w.seed,
-                groups: w.groups,
-                progress: true,
                 keep,
-                max_udp_payload: w.max_udp_payload,
-                cache_capacity: 8 << 30,
-                credit_mib: 16,
-                rate_bytes_per_s: w.rate_mb.map(|r| (r * 1e6) as u64),
+                ..w.drill_options(seconds)
             };
             eprintln!(
                 "drill: {} VMs x {} disks of {} MiB, {:?} profile, {:?} content, {seconds} s, a tag every {} ms",
@@ -340,23 +350,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             relay,
             seconds,
         } => {
-            let plans = drill::plan_disks(&DrillOptions {
-                vms: w.vms,
-                disks_per_vm: w.disks,
-                disk_size: w.disk_size,
-                duration: Duration::from_secs_f64(seconds),
-                tag_interval: Duration::from_millis(w.tag_interval_ms),
-                profile: w.profile.profile(),
-                content: w.content,
-                seed: w.seed,
-                groups: w.groups,
-                progress: false,
-                keep: None,
-                max_udp_payload: w.max_udp_payload,
-                cache_capacity: 0,
-                credit_mib: 0,
-                rate_bytes_per_s: None,
-            });
+            let plans = drill::plan_disks(&w.drill_options(seconds));
             let opts = agent_options(
                 w.rate_mb,
                 &relay,
