@@ -172,11 +172,7 @@ impl MasterTarget {
                     .await
             }
             Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                return self
-                    .refuse(&mut writer, read_error_code(&e), e.to_string())
-                    .await
-            }
+            Ok(Err(e)) => return self.refuse(&mut writer, e.code(), e.to_string()).await,
             Err(_) => {
                 return self
                     .refuse(
@@ -386,15 +382,6 @@ enum Item {
     Fail(ErrorCode, String),
 }
 
-/// The wire code that answers a read failure.
-pub fn read_error_code(e: &ReadError) -> ErrorCode {
-    match e {
-        ReadError::Decode(d) => d.code(),
-        ReadError::Truncated(_) => ErrorCode::MalformedFrame,
-        ReadError::Stream(_) => ErrorCode::Internal,
-    }
-}
-
 async fn read_records(
     mut reader: FrameReader,
     tx: mpsc::UnboundedSender<Item>,
@@ -419,7 +406,7 @@ async fn read_records(
                 return;
             }
             Err(e) => {
-                let _ = tx.send(Item::Fail(read_error_code(&e), e.to_string()));
+                let _ = tx.send(Item::Fail(e.code(), e.to_string()));
                 return;
             }
         };

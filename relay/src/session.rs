@@ -34,15 +34,6 @@ const POSITION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to let the valid records before a bad one become durable.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The wire code that answers a read failure.
-fn read_error_code(e: &ReadError) -> ErrorCode {
-    match e {
-        ReadError::Decode(d) => d.code(),
-        ReadError::Truncated(_) => ErrorCode::MalformedFrame,
-        ReadError::Stream(_) => ErrorCode::Internal,
-    }
-}
-
 /// Serves one agent stream to completion.
 pub async fn serve_stream(
     relay: Arc<Relay>,
@@ -63,7 +54,7 @@ pub async fn serve_stream(
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             return relay
-                .refuse(&mut agent_writer, None, read_error_code(&e), e.to_string())
+                .refuse(&mut agent_writer, None, e.code(), e.to_string())
                 .await
         }
         Err(_) => {
@@ -241,7 +232,7 @@ async fn ingest(
                 tracing::info!(stream = %id, "agent stream ended: {e}");
                 return Ok(());
             }
-            Err(e) => return Err(refuse(read_error_code(&e), e.to_string(), expected)),
+            Err(e) => return Err(refuse(e.code(), e.to_string(), expected)),
         };
         let seq = record.seq();
         if seq < expected {

@@ -6,7 +6,7 @@
 //! [`FrameWriter`] encodes and writes.
 
 use bytes::BytesMut;
-use fbr_protocol::{decode_frame, encode_frame, DecodeError, Frame};
+use fbr_protocol::{decode_frame, encode_frame, DecodeError, ErrorCode, Frame};
 use tokio::io::AsyncReadExt;
 
 /// How much to ask the stream for in one read.
@@ -21,6 +21,17 @@ pub enum ReadError {
     Truncated(usize),
     #[error("stream: {0}")]
     Stream(#[from] std::io::Error),
+}
+
+impl ReadError {
+    /// The wire code a receiver answers this failure with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReadError::Decode(d) => d.code(),
+            ReadError::Truncated(_) => ErrorCode::MalformedFrame,
+            ReadError::Stream(_) => ErrorCode::Internal,
+        }
+    }
 }
 
 /// Decodes frames from one QUIC receive stream.
