@@ -148,12 +148,8 @@ fn main() -> ExitCode {
                 eprintln!("relay: {msg}");
                 return ExitCode::from(EX_USAGE);
             }
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("relay: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
             };
             report(rt.block_on(run(args)))
         }
@@ -161,12 +157,8 @@ fn main() -> ExitCode {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("fbr-bench-cache-{}", std::process::id()))
             });
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("relay: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
             };
             report(rt.block_on(async {
                 let result = fbr_relay::bench::run(&dir, quick).await?;
@@ -264,6 +256,13 @@ fn invalid_run_args(args: &RunArgs) -> Option<String> {
         ));
     }
     None
+}
+
+/// The async runtime, or `None` after saying why it could not start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| eprintln!("relay: cannot start runtime: {e}"))
+        .ok()
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
