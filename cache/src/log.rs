@@ -93,6 +93,10 @@ struct StreamIndex {
     appended_seq: u64,
     durable_seq: u64,
     acked_seq: u64,
+    /// Bytes of every entry in `entries` (kept incrementally: stats are read per scrape).
+    cached_bytes: u64,
+    /// Bytes of entries appended but not yet durable (the tail of `entries`).
+    pending_bytes: u64,
     /// Why the stream can no longer be forwarded from the cache, if it cannot.
     needs_resync: Option<String>,
 }
@@ -106,6 +110,8 @@ impl StreamIndex {
             appended_seq: first_seq - 1,
             durable_seq: first_seq - 1,
             acked_seq: first_seq - 1,
+            cached_bytes: 0,
+            pending_bytes: 0,
             needs_resync: None,
         }
     }
@@ -113,6 +119,8 @@ impl StreamIndex {
     fn push(&mut self, loc: Loc) {
         self.entries.push_back(loc);
         self.appended_seq += 1;
+        self.cached_bytes += loc.len as u64;
+        self.pending_bytes += loc.len as u64;
     }
 }
 
@@ -411,6 +419,7 @@ impl<S: Storage> SegmentLog<S> {
         }
         s.push(loc);
         s.durable_seq = seq;
+        s.pending_bytes = 0;
         let m = segment.max_seq.entry(stream.clone()).or_insert(0);
         *m = (*m).max(seq);
     }
@@ -584,6 +593,7 @@ impl<S: Storage> SegmentLog<S> {
         for id in self.dirty.drain(..) {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.durable_seq = s.appended_seq;
+                s.pending_bytes = 0;
                 let m = active.max_seq.entry(id.clone()).or_insert(0);
                 *m = (*m).max(s.durable_seq);
                 advanced.push((id, s.durable_seq));
@@ -611,9 +621,12 @@ impl<S: Storage> SegmentLog<S> {
         for id in self.dirty.drain(..) {
             if let Some(s) = self.streams.get_mut(&id) {
                 while s.appended_seq > s.durable_seq {
-                    s.entries.pop_back();
+                    if let Some(loc) = s.entries.pop_back() {
+                        s.cached_bytes -= loc.len as u64;
+                    }
                     s.appended_seq -= 1;
                 }
+                s.pending_bytes = 0;
             }
         }
         let active_len = self.segments[&self.active].len;
@@ -664,9 +677,14 @@ impl<S: Storage> SegmentLog<S> {
         if let Some(s) = self.streams.get_mut(stream) {
             if seq > s.acked_seq {
                 s.acked_seq = seq;
-                while s.first_seq <= seq && s.entries.pop_front().is_some() {
+                while s.first_seq <= seq {
+                    let Some(loc) = s.entries.pop_front() else {
+                        break;
+                    };
+                    s.cached_bytes -= loc.len as u64;
                     s.first_seq += 1;
                 }
+                s.pending_bytes = s.pending_bytes.min(s.cached_bytes);
                 if s.entries.is_empty() {
                     s.first_seq = seq + 1;
                 }
@@ -686,6 +704,8 @@ impl<S: Storage> SegmentLog<S> {
     pub fn drop_stream(&mut self, stream: &StreamId, reason: String) -> Result<u64, CacheError> {
         if let Some(s) = self.streams.get_mut(stream) {
             s.entries.clear();
+            s.cached_bytes = 0;
+            s.pending_bytes = 0;
             s.acked_seq = s.appended_seq;
             s.first_seq = s.appended_seq + 1;
             s.needs_resync = Some(reason);
@@ -741,28 +761,46 @@ impl<S: Storage> SegmentLog<S> {
         self.config.capacity_bytes
     }
 
-    /// Accounting of one stream.
+    /// Accounting of one stream. O(1): the relay reads it on every scrape and health
+    /// evaluation.
     pub fn stream_stats(&self, stream: &StreamId) -> Option<StreamStats> {
-        let s = self.streams.get(stream)?;
-        let unacked = s
-            .entries
+        self.streams.get(stream).map(Self::stats_of)
+    }
+
+    /// Accounting of every stream the cache knows, sorted by stream.
+    pub fn all_stream_stats(&self) -> Vec<(StreamId, StreamStats)> {
+        let mut v: Vec<_> = self
+            .streams
             .iter()
-            .take((s.durable_seq + 1).saturating_sub(s.first_seq) as usize);
-        let mut backlog = 0;
-        let mut oldest = None;
-        for loc in unacked {
-            backlog += loc.len as u64;
-            oldest.get_or_insert(loc.appended_s as u64);
-        }
-        Some(StreamStats {
+            .map(|(id, s)| (id.clone(), Self::stats_of(s)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn stats_of(s: &StreamIndex) -> StreamStats {
+        let has_durable_backlog = s.durable_seq >= s.first_seq && !s.entries.is_empty();
+        // The incremental sums must agree with the index (checked in every debug build,
+        // so the model-based tests exercise it after every step).
+        debug_assert_eq!(
+            s.cached_bytes - s.pending_bytes,
+            s.entries
+                .iter()
+                .take((s.durable_seq + 1).saturating_sub(s.first_seq) as usize)
+                .map(|l| l.len as u64)
+                .sum::<u64>()
+        );
+        StreamStats {
             disk_size: s.disk_size,
             durable_seq: s.durable_seq,
             acked_seq: s.acked_seq,
             first_cached_seq: s.first_seq,
-            backlog_bytes: backlog,
-            oldest_unacked_s: oldest,
+            backlog_bytes: s.cached_bytes - s.pending_bytes,
+            oldest_unacked_s: has_durable_backlog
+                .then(|| s.entries.front().map(|l| l.appended_s as u64))
+                .flatten(),
             needs_resync: s.needs_resync.clone(),
-        })
+        }
     }
 
     /// Every stream the cache knows, with its disk size.
