@@ -667,7 +667,9 @@ impl<S: Storage> SegmentLog<S> {
     pub fn read(&self, stream: &StreamId, seq: u64) -> Result<Option<Record>, CacheError> {
         match self.locate(stream, seq) {
             None => Ok(None),
-            Some((file, offset, len)) => read_entry(&*file, offset, len, stream, seq).map(Some),
+            Some((file, offset, len)) => {
+                read_entry(&*file, offset, len, stream, seq).map(|e| Some(e.record))
+            }
         }
     }
 
@@ -845,7 +847,7 @@ pub fn read_entry<F: SegmentFile>(
     len: u32,
     stream: &StreamId,
     seq: u64,
-) -> Result<Record, CacheError> {
+) -> Result<CacheEntry, CacheError> {
     let mut buf = vec![0u8; len as usize];
     file.read_at(&mut buf, offset)
         .map_err(io_err(format!("reading cached record {seq} of {stream}")))?;
@@ -864,5 +866,5 @@ pub fn read_entry<F: SegmentFile>(
             ),
         });
     }
-    Ok(entry.record)
+    Ok(entry)
 }

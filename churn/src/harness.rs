@@ -60,6 +60,8 @@ struct Daemon {
     name: &'static str,
     child: Option<Child>,
     addr: Option<SocketAddr>,
+    /// The daemon's `/metrics` endpoint (kept across restarts, like `addr`).
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// A PKI, a master target and a relay on loopback.
@@ -102,11 +104,13 @@ impl Site {
                 name: "master-target",
                 child: None,
                 addr: None,
+                metrics_addr: None,
             },
             relay: Daemon {
                 name: "relay",
                 child: None,
                 addr: None,
+                metrics_addr: None,
             },
             _tmp: tmp,
         })
@@ -114,6 +118,16 @@ impl Site {
 
     pub fn relay_addr(&self) -> Option<SocketAddr> {
         self.relay.addr
+    }
+
+    /// Where the relay serves `/metrics`, `/healthz` and `/readyz`.
+    pub fn relay_metrics_addr(&self) -> Option<SocketAddr> {
+        self.relay.metrics_addr
+    }
+
+    /// Where the master target serves `/metrics`, `/healthz` and `/readyz`.
+    pub fn master_target_metrics_addr(&self) -> Option<SocketAddr> {
+        self.mt.metrics_addr
     }
 
     pub fn relay_pid(&self) -> Option<u32> {
@@ -209,7 +223,30 @@ fn start_daemon(d: &mut Daemon, root: &Path, mut cmd: Command) -> anyhow::Result
         bail!("{} is already running", d.name);
     }
     let port_file = root.join(format!("{}.addr", d.name));
+    let metrics_port_file = root.join(format!("{}.metrics.addr", d.name));
     let _ = fs::remove_file(&port_file);
+    let _ = fs::remove_file(&metrics_port_file);
+    // Hermetic: an empty config file instead of /etc's, and none of the caller's
+    // RELAY_* / MASTER_TARGET_* variables.
+    let config = root.join(format!("{}.toml", d.name));
+    if !config.exists() {
+        fs::write(&config, "# settings come from flags (churn harness)\n")?;
+    }
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("RELAY_") || k.starts_with("MASTER_TARGET_") {
+            cmd.env_remove(&key);
+        }
+    }
+    let metrics_listen = d
+        .metrics_addr
+        .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--metrics-listen")
+        .arg(metrics_listen.to_string())
+        .arg("--metrics-port-file")
+        .arg(&metrics_port_file);
     let log_path = root.join("logs").join(format!("{}.log", d.name));
     let log = OpenOptions::new()
         .create(true)
@@ -227,6 +264,10 @@ fn start_daemon(d: &mut Daemon, root: &Path, mut cmd: Command) -> anyhow::Result
     loop {
         if let Ok(s) = fs::read_to_string(&port_file) {
             if let Ok(addr) = s.trim().parse() {
+                // The metrics endpoint is bound before the port file is written.
+                d.metrics_addr = fs::read_to_string(&metrics_port_file)
+                    .ok()
+                    .and_then(|m| m.trim().parse().ok());
                 d.addr = Some(addr);
                 d.child = Some(child);
                 return Ok(addr);

@@ -28,6 +28,7 @@
 pub mod journal;
 pub mod replica;
 pub mod server;
+pub mod settings;
 pub mod store;
 
 pub use replica::DiskReplica;

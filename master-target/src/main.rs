@@ -3,13 +3,16 @@
 //! Thin: parses flags, sets up logging, and calls the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fbr_master_target::settings::{self, MasterTargetSettings};
 use fbr_master_target::{journal, replica, MasterTarget, Store};
 use fbr_protocol::StreamId;
+use fbr_transport::settings::{ConfigError, Layers};
 use fbr_transport::{daemon, server_endpoint, Credentials, QuicTuning};
 
 /// Exit code for bad configuration or usage (EX_USAGE).
@@ -33,6 +36,9 @@ struct Cli {
 enum Command {
     /// Run the receiver.
     Run(RunArgs),
+    /// Validate the configuration (file, environment and flags) without starting, and
+    /// print the effective settings. Exit status 64 names the key at fault.
+    CheckConfig(RunArgs),
     /// List the recovery points held in a data directory (the daemon must be stopped).
     Points {
         #[arg(long)]
@@ -57,42 +63,109 @@ enum Command {
     },
 }
 
+/// Flags of `master-target run` and `check-config`. Each overrides one config key
+/// (named in brackets); the rest come from the config file, `MASTER_TARGET_*` variables
+/// and defaults (docs/CONFIGURATION.md).
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// UDP address to listen on for relays.
-    #[arg(long, default_value = "0.0.0.0:9444")]
-    listen: SocketAddr,
-    /// Data directory: images, journals, index.
+    /// Config file (TOML). Default: /etc/master-target/master-target.toml if it exists.
     #[arg(long)]
-    data: PathBuf,
-    /// Directory holding ca.pem and this daemon's certificate and key.
+    config: Option<PathBuf>,
+    /// UDP address to listen on for relays [listen].
     #[arg(long)]
-    pki_dir: PathBuf,
-    /// File stem of this daemon's certificate in --pki-dir.
-    #[arg(long, default_value = "master-target")]
-    cert_name: String,
-    /// Write the bound address here once listening (for scripts and tests).
+    listen: Option<SocketAddr>,
+    /// Data directory: images, journals, index [data_dir].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Directory holding ca.pem and this daemon's certificate and key [pki_dir].
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// File stem of this daemon's certificate in the PKI directory [cert_name].
+    #[arg(long)]
+    cert_name: Option<String>,
+    /// Write the bound address here once listening [port_file].
     #[arg(long)]
     port_file: Option<PathBuf>,
-    /// Bytes of records each stream may have unacknowledged, in MiB. Must cover the
-    /// bandwidth-delay product of one stream (16 MiB: 1 Gbit/s at 80 ms, with margin);
-    /// more only adds queueing delay (lag) without adding throughput.
-    #[arg(long, default_value_t = 16)]
-    credit_mib: u64,
-    /// Largest UDP payload MTU discovery may use.
-    #[arg(long, default_value_t = 1452)]
-    max_udp_payload: u16,
+    /// TCP address of /metrics, /healthz and /readyz; "" disables [metrics_listen].
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Write the metrics endpoint's bound address here [metrics_port_file].
+    #[arg(long)]
+    metrics_port_file: Option<PathBuf>,
+    /// Bytes of records each stream may have unacknowledged, in MiB [credit].
+    #[arg(long)]
+    credit_mib: Option<u64>,
+    /// Largest UDP payload MTU discovery may use [max_udp_payload].
+    #[arg(long)]
+    max_udp_payload: Option<u16>,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> Vec<(String, config::Value)> {
+        let mut o: Vec<(String, config::Value)> = Vec::new();
+        let path = |p: &PathBuf| config::Value::from(p.display().to_string());
+        if let Some(v) = self.listen {
+            o.push(("listen".into(), v.to_string().into()));
+        }
+        if let Some(v) = &self.data {
+            o.push(("data_dir".into(), path(v)));
+        }
+        if let Some(v) = &self.pki_dir {
+            o.push(("pki_dir".into(), path(v)));
+        }
+        if let Some(v) = &self.cert_name {
+            o.push(("cert_name".into(), v.clone().into()));
+        }
+        if let Some(v) = &self.port_file {
+            o.push(("port_file".into(), path(v)));
+        }
+        if let Some(v) = &self.metrics_listen {
+            o.push(("metrics_listen".into(), v.clone().into()));
+        }
+        if let Some(v) = &self.metrics_port_file {
+            o.push(("metrics_port_file".into(), path(v)));
+        }
+        if let Some(v) = self.credit_mib {
+            o.push(("credit".into(), format!("{v}MiB").into()));
+        }
+        if let Some(v) = self.max_udp_payload {
+            o.push(("max_udp_payload".into(), i64::from(v).into()));
+        }
+        o
+    }
+
+    /// The effective, validated settings.
+    fn settings(&self) -> Result<MasterTargetSettings, ConfigError> {
+        let s = fbr_transport::settings::load(
+            &MasterTargetSettings::default(),
+            Layers {
+                explicit_file: self.config.as_deref(),
+                default_file: Path::new(settings::DEFAULT_CONFIG_FILE),
+                env_prefix: settings::ENV_PREFIX,
+                free_form: &[],
+                overrides: self.overrides(),
+            },
+        )?;
+        s.validate()?;
+        Ok(s)
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    daemon::init_logging(cli.log_json, "info");
+    if !matches!(cli.command, Command::Run(_)) {
+        daemon::init_logging(cli.log_json, "info");
+    }
     match cli.command {
         Command::Run(args) => {
-            if args.credit_mib == 0 {
-                eprintln!("master-target: invalid --credit-mib: must be at least 1");
-                return ExitCode::from(EX_USAGE);
-            }
+            let settings = match args.settings() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("master-target: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            daemon::init_logging(cli.log_json || settings.log_json, "info");
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -100,14 +173,26 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
+            report(rt.block_on(run(settings)))
+        }
+        Command::CheckConfig(args) => match args.settings() {
+            Ok(s) => match toml::to_string(&s) {
+                Ok(text) => {
+                    println!(
+                        "# master-target: configuration is valid; effective settings:\n{text}"
+                    );
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
-                    eprintln!("master-target: {e:#}");
+                    eprintln!("master-target: cannot print the settings: {e}");
                     ExitCode::FAILURE
                 }
+            },
+            Err(e) => {
+                eprintln!("master-target: {e}");
+                ExitCode::from(EX_USAGE)
             }
-        }
+        },
         Command::Points { data, json } => report(points(&data, json)),
         Command::Materialize {
             data,
@@ -136,37 +221,80 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("creating {}", args.data.display()))?;
-    let store = Store::open(&args.data)?;
-    let creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
+async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
+    let data = &settings.data_dir;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let store = Store::open(data)?;
+    let creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
     let tuning = QuicTuning {
-        max_udp_payload: args.max_udp_payload,
+        max_udp_payload: settings.max_udp_payload,
         ..QuicTuning::default()
     };
-    let endpoint = server_endpoint(args.listen, creds, &tuning)?;
+    let endpoint = server_endpoint(settings.listen, creds, &tuning)?;
     let local = endpoint.local_addr()?;
-    if let Some(pf) = &args.port_file {
+    let mt = MasterTarget::new(data.clone(), store, settings.credit.0);
+    let metrics = match settings.metrics_addr()? {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
+            let bound = listener.local_addr()?;
+            if let Some(pf) = &settings.metrics_port_file {
+                daemon::write_port_file(pf, bound)
+                    .with_context(|| format!("writing {}", pf.display()))?;
+            }
+            tracing::info!(%bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+            let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(mt.clone()));
+            Some(tokio::spawn(fbr_metrics::serve(listener, endpoints)))
+        }
+        None => None,
+    };
+    if let Some(pf) = &settings.port_file {
         daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
     }
-    tracing::info!(listen = %local, data = %args.data.display(), "master target listening");
-    let mt = MasterTarget::new(args.data.clone(), store, args.credit_mib << 20);
+    tracing::info!(listen = %local, data = %data.display(), "master target listening");
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));
     daemon::shutdown_signal().await;
     tracing::info!("shutting down");
     endpoint.close(quinn::VarInt::from_u32(0), b"master target shutting down");
     server.abort();
-    let c = &mt.counters;
-    use std::sync::atomic::Ordering::Relaxed;
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    let m = &mt.metrics;
     tracing::info!(
-        records = c.records_applied.load(Relaxed),
-        bytes = c.logical_bytes_applied.load(Relaxed),
-        duplicates_skipped = c.duplicates_skipped.load(Relaxed),
-        batches = c.batches.load(Relaxed),
+        records = m.records_applied_total.get(),
+        bytes = m.logical_bytes_applied_total.get(),
+        duplicates_skipped = m.duplicates_skipped_total.get(),
+        batches = m.batches_applied_total.get(),
         "final counters"
     );
     Ok(())
+}
+
+/// The master target's `/metrics`, `/healthz` and `/readyz`. It is ready once it
+/// listens: its store opened and its certificate loaded, or it would have exited.
+struct Endpoints(Arc<MasterTarget>);
+
+impl fbr_metrics::Endpoints for Endpoints {
+    fn metrics_text(&self) -> Result<String, String> {
+        fbr_metrics::encode(&self.0.metrics.registry)
+    }
+    fn liveness(&self) -> fbr_metrics::Probe {
+        fbr_metrics::Probe {
+            ok: true,
+            body: "alive\n".into(),
+        }
+    }
+    fn readiness(&self) -> fbr_metrics::Probe {
+        fbr_metrics::Probe {
+            ok: true,
+            body: format!(
+                "ready: {} relay streams open\n",
+                self.0.metrics.relay_streams.get()
+            ),
+        }
+    }
 }
 
 fn points(data: &std::path::Path, json: bool) -> anyhow::Result<()> {

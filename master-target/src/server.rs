@@ -15,13 +15,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fbr_protocol::{ErrorCode, Frame, Record, StreamId};
 use fbr_transport::{peer_identity, FrameReader, FrameWriter, PeerIdentity, ReadError, Role};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use fbr_metrics::master_target::MasterTargetMetrics;
 
 use crate::replica::{DiskReplica, ReplicaError};
 use crate::store::Store;
@@ -31,25 +32,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes one batch may hold.
 const MAX_BATCH_BYTES: usize = 32 << 20;
 
-/// Counters a later issue exports to Prometheus; logged at shutdown for now.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub records_applied: AtomicU64,
-    pub logical_bytes_applied: AtomicU64,
-    pub duplicates_skipped: AtomicU64,
-    pub batches: AtomicU64,
-    pub handshakes_refused: AtomicU64,
-    /// Streams refused or closed with an error, by wire code.
-    pub stream_errors: Mutex<HashMap<u16, u64>>,
-}
-
-impl Counters {
-    fn count_error(&self, code: ErrorCode) {
-        let mut m = self.stream_errors.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(code.as_u16()).or_default() += 1;
-    }
-}
-
 /// Everything the master target's sessions share.
 #[derive(Debug)]
 pub struct MasterTarget {
@@ -57,7 +39,7 @@ pub struct MasterTarget {
     pub store: Arc<Store>,
     /// Credit granted to each stream (bytes of records that may be unacknowledged).
     pub credit_bytes: u64,
-    pub counters: Counters,
+    pub metrics: MasterTargetMetrics,
     slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
 }
 
@@ -71,18 +53,34 @@ struct DiskSlot {
 
 impl MasterTarget {
     pub fn new(data_dir: PathBuf, store: Store, credit_bytes: u64) -> Arc<Self> {
+        let metrics = MasterTargetMetrics::new();
+        // Every error code starts at zero, so rate() and alerts see the first error.
+        for code in ErrorCode::KNOWN {
+            metrics
+                .stream_errors_total
+                .with_label_values(&[code.name()]);
+        }
         Arc::new(MasterTarget {
             data_dir,
             store: Arc::new(store),
             credit_bytes,
-            counters: Counters::default(),
+            metrics,
             slots: Mutex::new(HashMap::new()),
         })
     }
 
+    /// Counts a stream or connection ended with `code`.
+    fn count_error(&self, code: ErrorCode) {
+        self.metrics
+            .stream_errors_total
+            .with_label_values(&[code.name()])
+            .inc();
+    }
+
     fn slot(&self, id: &StreamId) -> Arc<DiskSlot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots
+        let known = slots.len();
+        let slot = slots
             .entry(id.clone())
             .or_insert_with(|| {
                 Arc::new(DiskSlot {
@@ -90,7 +88,9 @@ impl MasterTarget {
                     generation: watch::channel(0).0,
                 })
             })
-            .clone()
+            .clone();
+        self.metrics.disks.set(slots.len().max(known) as i64);
+        slot
     }
 
     /// Accepts connections on `endpoint` until it is closed.
@@ -102,9 +102,7 @@ impl MasterTarget {
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
-                        mt.counters
-                            .handshakes_refused
-                            .fetch_add(1, Ordering::Relaxed);
+                        mt.metrics.handshakes_refused_total.inc();
                         tracing::warn!(%remote, "connection refused during handshake: {e}");
                         return;
                     }
@@ -118,7 +116,7 @@ impl MasterTarget {
         let peer = match peer_identity(&conn) {
             Ok(p) if p.has_role(Role::Relay) => p,
             Ok(p) => {
-                self.counters.count_error(ErrorCode::Unauthenticated);
+                self.count_error(ErrorCode::Unauthenticated);
                 tracing::warn!(%remote, cn = %p.common_name, "refusing peer without the relay role");
                 conn.close(
                     quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
@@ -127,7 +125,7 @@ impl MasterTarget {
                 return;
             }
             Err(e) => {
-                self.counters.count_error(ErrorCode::Unauthenticated);
+                self.count_error(ErrorCode::Unauthenticated);
                 conn.close(
                     quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
                     e.as_bytes(),
@@ -136,13 +134,18 @@ impl MasterTarget {
             }
         };
         tracing::info!(%remote, cn = %peer.common_name, "relay connected");
+        self.metrics.relay_connections_total.inc();
         let peer = Arc::new(peer);
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let mt = self.clone();
                     let peer = peer.clone();
-                    tokio::spawn(async move { mt.serve_stream(peer, send, recv).await });
+                    tokio::spawn(async move {
+                        mt.metrics.relay_streams.inc();
+                        mt.clone().serve_stream(peer, send, recv).await;
+                        mt.metrics.relay_streams.dec();
+                    });
                 }
                 Err(e) => {
                     tracing::info!(%remote, "relay connection ended: {e}");
@@ -329,13 +332,15 @@ impl MasterTarget {
                         let hwm = r.hwm();
                         replica = Some(r);
                         let logical: u64 = batch.iter().map(Record::logical_bytes).sum();
-                        self.counters
-                            .records_applied
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        self.counters
-                            .logical_bytes_applied
-                            .fetch_add(logical, Ordering::Relaxed);
-                        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                        let tags = batch
+                            .iter()
+                            .filter(|r| matches!(r, Record::Tag { .. }))
+                            .count();
+                        let m = &self.metrics;
+                        m.records_applied_total.inc_by(batch.len() as u64);
+                        m.logical_bytes_applied_total.inc_by(logical);
+                        m.batches_applied_total.inc();
+                        m.tags_applied_total.inc_by(tags as u64);
                         drop(permits);
                         if writer.send(&Frame::Ack { seq: hwm }).await.is_err() {
                             break 'session;
@@ -361,7 +366,7 @@ impl MasterTarget {
         *owned = replica;
         if let Some((code, msg)) = failure {
             tracing::warn!(stream = %id, "closing stream: {code}: {msg}");
-            self.counters.count_error(code);
+            self.count_error(code);
             writer.refuse(&Frame::error(code, msg)).await;
         } else {
             writer.finish();
@@ -371,7 +376,7 @@ impl MasterTarget {
     async fn refuse(&self, writer: &mut FrameWriter, code: ErrorCode, msg: impl Into<String>) {
         let msg = msg.into();
         tracing::warn!("refusing stream: {code}: {msg}");
-        self.counters.count_error(code);
+        self.count_error(code);
         writer.refuse(&Frame::error(code, msg)).await;
     }
 }
@@ -412,9 +417,7 @@ async fn read_records(
         };
         let seq = record.seq();
         if seq < expected {
-            mt.counters
-                .duplicates_skipped
-                .fetch_add(1, Ordering::Relaxed);
+            mt.metrics.duplicates_skipped_total.inc();
             continue;
         }
         if seq > expected {

@@ -22,7 +22,7 @@ fn invalid_values_exit_64() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--credit-mib"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`credit`"));
 }
 
 #[test]

@@ -43,6 +43,23 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// The wire number of this code.
+    /// Every code this version defines (metrics start each at zero).
+    pub const KNOWN: [ErrorCode; 13] = [
+        ErrorCode::MalformedFrame,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnexpectedFrame,
+        ErrorCode::Unauthenticated,
+        ErrorCode::NotEntitled,
+        ErrorCode::SequenceGap,
+        ErrorCode::OutOfBounds,
+        ErrorCode::Misaligned,
+        ErrorCode::DiskSizeMismatch,
+        ErrorCode::StreamBusy,
+        ErrorCode::UpstreamUnavailable,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_u16(self) -> u16 {
         match self {
             ErrorCode::MalformedFrame => 1,
@@ -165,5 +182,14 @@ mod tests {
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Unknown(999));
         assert_eq!(ErrorCode::Unknown(999).as_u16(), 999);
+    }
+
+    #[test]
+    fn known_lists_every_defined_code_once() {
+        let defined: Vec<ErrorCode> = (0..=u16::MAX)
+            .map(ErrorCode::from_u16)
+            .filter(|c| !matches!(c, ErrorCode::Unknown(_)))
+            .collect();
+        assert_eq!(defined, ErrorCode::KNOWN.to_vec());
     }
 }

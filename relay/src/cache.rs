@@ -33,6 +33,14 @@ const PENDING_APPEND_BYTES: usize = 32 << 20;
 /// Most bytes the writer puts in one commit.
 const MAX_BATCH_BYTES: usize = 64 << 20;
 
+/// A record read back from the cache, with when it was appended.
+#[derive(Debug, Clone)]
+pub struct CachedRecord {
+    pub record: Record,
+    /// Unix milliseconds of the durable append (the start of its replication lag).
+    pub appended_ms: u64,
+}
+
 /// Per-stream notifications.
 #[derive(Debug)]
 pub struct StreamWatch {
@@ -163,6 +171,15 @@ impl RelayCache {
         self.lock_log().stream_stats(stream)
     }
 
+    /// Accounting of every stream the cache knows.
+    pub fn all_stats(&self) -> Vec<(StreamId, StreamStats)> {
+        self.lock_log().all_stream_stats()
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.lock_log().capacity_bytes()
+    }
+
     /// Every stream with something in the cache.
     pub fn streams(&self) -> Vec<(StreamId, u64)> {
         self.lock_log().streams()
@@ -200,7 +217,7 @@ impl RelayCache {
         stream: &StreamId,
         from: u64,
         max_bytes: usize,
-    ) -> Result<Vec<Record>, CacheError> {
+    ) -> Result<Vec<CachedRecord>, CacheError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut seq = from;
@@ -209,7 +226,11 @@ impl RelayCache {
             let Some((file, offset, len)) = located else {
                 break;
             };
-            out.push(read_entry(&*file, offset, len, stream, seq)?);
+            let entry = read_entry(&*file, offset, len, stream, seq)?;
+            out.push(CachedRecord {
+                record: entry.record,
+                appended_ms: entry.appended_ms,
+            });
             bytes += len as usize;
             seq += 1;
         }

@@ -13,11 +13,12 @@
 //! resync, its cached records are dropped, and the forwarder stops.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fbr_cache::CacheError;
-use fbr_protocol::{ErrorCode, Frame, StreamId};
+use fbr_cache::{now_ms, CacheError};
+use fbr_protocol::{ErrorCode, Frame, Record, StreamId};
 use fbr_transport::{FrameReader, FrameWriter};
 use tokio::sync::watch;
 
@@ -34,6 +35,28 @@ pub struct ForwarderState {
     pub mt_next: watch::Sender<Option<u64>>,
     /// Why forwarding stopped for good (the stream needs resync or was refused).
     pub failed: watch::Sender<Option<String>>,
+    /// When the newest recovery point (tag) the master target acknowledged was appended
+    /// to the cache, Unix milliseconds; 0 before the first one (the RPO metric).
+    pub newest_applied_tag_ms: AtomicU64,
+}
+
+impl ForwarderState {
+    pub fn new(disk_size: u64) -> Self {
+        ForwarderState {
+            disk_size,
+            mt_next: watch::channel(None).0,
+            failed: watch::channel(None).0,
+            newest_applied_tag_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A record sent and not yet acknowledged by the master target.
+struct InFlight {
+    seq: u64,
+    bytes: u64,
+    appended_ms: u64,
+    is_tag: bool,
 }
 
 enum End {
@@ -48,7 +71,7 @@ pub async fn run(relay: Arc<Relay>, id: StreamId, state: Arc<ForwarderState>) {
         let mut connected = false;
         match session(&relay, &id, &state, &mut connected).await {
             End::Fatal(reason) => {
-                tracing::error!(stream = %id, "forwarding stopped: {reason}");
+                tracing::error!("forwarding stopped: {reason}");
                 state.failed.send_replace(Some(reason));
                 return;
             }
@@ -56,7 +79,7 @@ pub async fn run(relay: Arc<Relay>, id: StreamId, state: Arc<ForwarderState>) {
                 if connected {
                     backoff = Duration::from_millis(100);
                 }
-                tracing::warn!(stream = %id, "forwarding interrupted, retrying in {backoff:?}: {reason}");
+                tracing::warn!("forwarding interrupted, retrying in {backoff:?}: {reason}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -155,14 +178,28 @@ async fn session(
 
     let watch = relay.cache.watch(id);
     let mut durable_rx = watch.durable.subscribe();
-    let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut in_flight_bytes = 0u64;
     let mut cursor = mt_next;
     loop {
-        // Forget what the master target acknowledged.
+        // Forget what the master target acknowledged; it measures replication lag and
+        // moves the recovery point.
         let acked = *acked_rx.borrow_and_update();
-        while in_flight.front().is_some_and(|(s, _)| *s <= acked) {
-            in_flight_bytes -= in_flight.pop_front().map(|(_, b)| b).unwrap_or(0);
+        let now = now_ms();
+        while in_flight.front().is_some_and(|f| f.seq <= acked) {
+            let Some(f) = in_flight.pop_front() else {
+                break;
+            };
+            in_flight_bytes -= f.bytes;
+            relay
+                .metrics
+                .replication_lag_seconds
+                .observe(now.saturating_sub(f.appended_ms) as f64 / 1000.0);
+            if f.is_tag {
+                state
+                    .newest_applied_tag_ms
+                    .fetch_max(f.appended_ms, Ordering::Relaxed);
+            }
         }
         let durable = *durable_rx.borrow_and_update();
         if durable < cursor || in_flight_bytes >= credit {
@@ -204,14 +241,24 @@ async fn session(
             continue;
         }
         // Wait for this stream's turn on the WAN leg (rate limit, fair share).
-        let batch_bytes: u64 = records.iter().map(|r| r.encoded_len() as u64).sum();
+        let batch_bytes: u64 = records.iter().map(|r| r.record.encoded_len() as u64).sum();
         relay.egress.acquire(id, batch_bytes).await;
+        relay.metrics.add_bytes("forwarded", batch_bytes);
+        relay
+            .metrics
+            .records_forwarded_total
+            .inc_by(records.len() as u64);
         for r in records {
-            let len = r.encoded_len() as u64;
-            cursor = r.seq() + 1;
-            in_flight.push_back((r.seq(), len));
+            let len = r.record.encoded_len() as u64;
+            cursor = r.record.seq() + 1;
+            in_flight.push_back(InFlight {
+                seq: r.record.seq(),
+                bytes: len,
+                appended_ms: r.appended_ms,
+                is_tag: matches!(r.record, Record::Tag { .. }),
+            });
             in_flight_bytes += len;
-            writer.push(&Frame::Record(r));
+            writer.push(&Frame::Record(r.record));
         }
         if let Err(e) = writer.flush().await {
             acks.abort();

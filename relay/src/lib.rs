@@ -11,6 +11,9 @@
 //! - [`cache`]: the durable cache (`fbr-cache`) behind a group-commit writer thread.
 //! - [`egress`]: rate limit (weekly schedule) and weighted fair sharing of the WAN leg.
 //! - [`forwarder`]: one task per stream draining the cache to the master target.
+//! - [`health`]: health conditions and ingest throttling under cache pressure (sans-IO).
+//! - [`observe`]: the health task and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`settings`]: every configuration key, its default and its checks.
 //! - [`bench`]: `relay bench-cache`, the cache benchmark.
 //!
 //! ## Invariants
@@ -27,7 +30,10 @@ pub mod bench;
 pub mod cache;
 pub mod egress;
 pub mod forwarder;
+pub mod health;
+pub mod observe;
 pub mod server;
 pub mod session;
+pub mod settings;
 
 pub use server::{Relay, RelayConfig};

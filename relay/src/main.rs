@@ -3,18 +3,19 @@
 //! Thin: parses flags, sets up logging, and calls the library.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fbr_cache::CacheConfig;
 use fbr_relay::cache::RelayCache;
-use fbr_relay::egress::{Egress, EgressConfig};
-use fbr_relay::{Relay, RelayConfig};
-use fbr_throttling::WeeklySchedule;
+use fbr_relay::egress::Egress;
+use fbr_relay::settings::{self, RelaySettings};
+use fbr_relay::{observe, Relay, RelayConfig};
 use fbr_transport::daemon;
 use fbr_transport::pki::{self, IssueRequest};
+use fbr_transport::settings::{ConfigError, Layers};
 use fbr_transport::{
     any_addr_for, client_endpoint, server_endpoint, Credentials, PeerLink, QuicTuning, Role,
 };
@@ -40,6 +41,9 @@ struct Cli {
 enum Command {
     /// Run the relay.
     Run(RunArgs),
+    /// Validate the configuration (file, environment and flags) without starting, and
+    /// print the effective settings. Exit status 64 names the key at fault.
+    CheckConfig(RunArgs),
     /// Manage the site's certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -88,71 +92,199 @@ enum PkiCommand {
     },
 }
 
+/// Flags of `relay run` and `relay check-config`. Each overrides one config key (named
+/// in brackets); the rest come from the config file, `RELAY_*` variables and defaults
+/// (docs/CONFIGURATION.md).
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// UDP address to listen on for agents.
-    #[arg(long, default_value = "0.0.0.0:9443")]
-    listen: SocketAddr,
-    /// UDP address of the master target.
+    /// Config file (TOML). Default: /etc/relay/relay.toml if it exists.
     #[arg(long)]
-    master_target: SocketAddr,
-    /// DNS name in the master target's certificate.
-    #[arg(long, default_value = "master-target")]
-    master_target_name: String,
-    /// Directory holding ca.pem and this relay's certificate and key.
+    config: Option<PathBuf>,
+    /// UDP address to listen on for agents [listen].
     #[arg(long)]
-    pki_dir: PathBuf,
-    /// File stem of this relay's certificate in --pki-dir.
-    #[arg(long, default_value = "relay")]
-    cert_name: String,
-    /// Write the bound address here once listening (for scripts and tests).
+    listen: Option<SocketAddr>,
+    /// UDP address of the master target [master_target.address].
+    #[arg(long)]
+    master_target: Option<SocketAddr>,
+    /// DNS name in the master target's certificate [master_target.name].
+    #[arg(long)]
+    master_target_name: Option<String>,
+    /// Directory holding ca.pem and this relay's certificate and key [pki_dir].
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// File stem of this relay's certificate in the PKI directory [cert_name].
+    #[arg(long)]
+    cert_name: Option<String>,
+    /// Write the bound agent address here once listening [port_file].
     #[arg(long)]
     port_file: Option<PathBuf>,
-    /// Directory of the durable cache (a dedicated disk in production).
+    /// TCP address of /metrics, /healthz and /readyz; "" disables [metrics_listen].
     #[arg(long)]
-    cache_dir: PathBuf,
-    /// Most bytes the cache may use (e.g. 200GiB). Beyond it, sources are held back.
-    #[arg(long, default_value = "8GiB", value_parser = daemon::parse_size)]
-    cache_capacity: u64,
-    /// Size at which a cache segment is sealed, in MiB (1-1024).
-    #[arg(long, default_value_t = 64)]
-    cache_segment_mib: u64,
-    /// Bytes each agent stream may have unacknowledged, in MiB.
-    #[arg(long, default_value_t = 16)]
-    credit_mib: u64,
+    metrics_listen: Option<String>,
+    /// Write the metrics endpoint's bound address here [metrics_port_file].
+    #[arg(long)]
+    metrics_port_file: Option<PathBuf>,
+    /// Directory of the durable cache, a dedicated disk in production [cache.dir].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Most bytes the cache may use, e.g. 200GiB [cache.capacity].
+    #[arg(long)]
+    cache_capacity: Option<String>,
+    /// Size at which a cache segment is sealed, in MiB [cache.segment_size].
+    #[arg(long)]
+    cache_segment_mib: Option<u64>,
+    /// Bytes each agent stream may have unacknowledged, in MiB [ingest.credit].
+    #[arg(long)]
+    credit_mib: Option<u64>,
     /// Egress rate by time of week, e.g. "mon-fri 09:00-18:00 100mbit; other unlimited"
-    /// (see docs/OPERATIONS.md).
-    #[arg(long, default_value = "other unlimited")]
-    egress_schedule: String,
-    /// Read the egress schedule from this file instead, and re-read it when it changes
-    /// (the limit changes without a restart).
+    /// [egress.schedule].
+    #[arg(long)]
+    egress_schedule: Option<String>,
+    /// Read the egress schedule from this file, re-read when it changes
+    /// [egress.schedule_file].
     #[arg(long)]
     egress_schedule_file: Option<PathBuf>,
-    /// Offset of the schedule's clock from UTC, in minutes (e.g. 60 for CET).
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    schedule_utc_offset_minutes: i32,
-    /// Priority of a VM's streams on the WAN leg, `VM=WEIGHT` (repeat; default 1).
+    /// Offset of the schedule's clock from UTC, in minutes [egress.utc_offset_minutes].
+    #[arg(long, allow_hyphen_values = true)]
+    schedule_utc_offset_minutes: Option<i64>,
+    /// Priority of a VM's streams on the WAN leg, VM=WEIGHT (repeat)
+    /// [egress.vm_weights.VM].
     #[arg(long = "vm-weight")]
     vm_weights: Vec<String>,
-    /// Largest UDP payload MTU discovery may use.
-    #[arg(long, default_value_t = 1452)]
-    max_udp_payload: u16,
+    /// Largest UDP payload MTU discovery may use [max_udp_payload].
+    #[arg(long)]
+    max_udp_payload: Option<u16>,
+    /// How often health is evaluated, in milliseconds [health.interval_ms].
+    #[arg(long)]
+    health_interval_ms: Option<u64>,
+}
+
+impl RunArgs {
+    /// The flags given, as (config key, value): the last configuration layer.
+    fn overrides(&self) -> Result<Vec<(String, config::Value)>, ConfigError> {
+        let mut o: Vec<(String, config::Value)> = Vec::new();
+        let mut set = |key: &str, v: config::Value| o.push((key.to_string(), v));
+        let path = |p: &PathBuf| config::Value::from(p.display().to_string());
+        if let Some(v) = self.listen {
+            set("listen", v.to_string().into());
+        }
+        if let Some(v) = self.master_target {
+            set("master_target.address", v.to_string().into());
+        }
+        if let Some(v) = &self.master_target_name {
+            set("master_target.name", v.clone().into());
+        }
+        if let Some(v) = &self.pki_dir {
+            set("pki_dir", path(v));
+        }
+        if let Some(v) = &self.cert_name {
+            set("cert_name", v.clone().into());
+        }
+        if let Some(v) = &self.port_file {
+            set("port_file", path(v));
+        }
+        if let Some(v) = &self.metrics_listen {
+            set("metrics_listen", v.clone().into());
+        }
+        if let Some(v) = &self.metrics_port_file {
+            set("metrics_port_file", path(v));
+        }
+        if let Some(v) = &self.cache_dir {
+            set("cache.dir", path(v));
+        }
+        if let Some(v) = &self.cache_capacity {
+            set("cache.capacity", v.clone().into());
+        }
+        if let Some(v) = self.cache_segment_mib {
+            set("cache.segment_size", format!("{v}MiB").into());
+        }
+        if let Some(v) = self.credit_mib {
+            set("ingest.credit", format!("{v}MiB").into());
+        }
+        if let Some(v) = &self.egress_schedule {
+            set("egress.schedule", v.clone().into());
+        }
+        if let Some(v) = &self.egress_schedule_file {
+            set("egress.schedule_file", path(v));
+        }
+        if let Some(v) = self.schedule_utc_offset_minutes {
+            set("egress.utc_offset_minutes", v.into());
+        }
+        if let Some(v) = self.max_udp_payload {
+            set("max_udp_payload", i64::from(v).into());
+        }
+        if let Some(v) = self.health_interval_ms {
+            set("health.interval_ms", (v as i64).into());
+        }
+        for w in &self.vm_weights {
+            let parsed = w
+                .split_once('=')
+                .filter(|(vm, _)| !vm.is_empty() && !vm.contains('.'))
+                .and_then(|(vm, n)| Some((vm, n.parse::<i64>().ok()?)));
+            let Some((vm, n)) = parsed else {
+                return Err(ConfigError::new(
+                    "--vm-weight",
+                    format!("{w:?}: expected VM=WEIGHT (a VM name without dots)"),
+                ));
+            };
+            set(&format!("egress.vm_weights.{vm}"), n.into());
+        }
+        Ok(o)
+    }
+
+    /// The effective, validated settings.
+    fn settings(&self) -> Result<RelaySettings, ConfigError> {
+        let settings = fbr_transport::settings::load(
+            &RelaySettings::default(),
+            Layers {
+                explicit_file: self.config.as_deref(),
+                default_file: Path::new(settings::DEFAULT_CONFIG_FILE),
+                env_prefix: settings::ENV_PREFIX,
+                free_form: settings::FREE_FORM_TABLES,
+                overrides: self.overrides()?,
+            },
+        )?;
+        settings.validate()?;
+        Ok(settings)
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    daemon::init_logging(cli.log_json, "info");
+    if !matches!(cli.command, Command::Run(_)) {
+        daemon::init_logging(cli.log_json, "info");
+    }
     match cli.command {
         Command::Run(args) => {
-            if let Some(msg) = invalid_run_args(&args) {
-                eprintln!("relay: {msg}");
-                return ExitCode::from(EX_USAGE);
-            }
+            let settings = match args.settings() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("relay: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            daemon::init_logging(cli.log_json || settings.log_json, "info");
             let Some(rt) = runtime() else {
                 return ExitCode::FAILURE;
             };
-            report(rt.block_on(run(args)))
+            report(rt.block_on(run(settings)))
         }
+        Command::CheckConfig(args) => match args.settings() {
+            Ok(s) => match toml::to_string(&s) {
+                Ok(text) => {
+                    println!("# relay: configuration is valid; effective settings:\n{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("relay: cannot print the settings: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("relay: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
         Command::BenchCache { dir, quick, json } => {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("fbr-bench-cache-{}", std::process::id()))
@@ -195,69 +327,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Checks values clap cannot; `Some(message naming the flag)` means exit 64.
-/// The egress settings from the flags; `Err` names the flag at fault.
-fn egress_config(args: &RunArgs) -> Result<EgressConfig, String> {
-    let spec = match &args.egress_schedule_file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("invalid --egress-schedule-file {}: {e}", path.display()))?,
-        None => args.egress_schedule.clone(),
-    };
-    let schedule = WeeklySchedule::parse(spec.trim())
-        .map_err(|e| format!("invalid --egress-schedule: {e}"))?;
-    let mut vm_weights = std::collections::HashMap::new();
-    for w in &args.vm_weights {
-        let parsed = w.split_once('=').and_then(|(vm, n)| {
-            Some((
-                vm.to_string(),
-                n.parse::<u32>().ok().filter(|n| (1..=1000).contains(n))?,
-            ))
-        });
-        let (vm, n) = parsed.ok_or_else(|| {
-            format!("invalid --vm-weight {w:?}: expected VM=WEIGHT with WEIGHT in 1..=1000")
-        })?;
-        vm_weights.insert(vm, n);
-    }
-    if args.schedule_utc_offset_minutes.abs() > 14 * 60 {
-        return Err(format!(
-            "invalid --schedule-utc-offset-minutes {}: must be within ±840",
-            args.schedule_utc_offset_minutes
-        ));
-    }
-    Ok(EgressConfig {
-        schedule,
-        schedule_file: args.egress_schedule_file.clone(),
-        utc_offset_minutes: args.schedule_utc_offset_minutes,
-        vm_weights,
-    })
-}
-
-fn invalid_run_args(args: &RunArgs) -> Option<String> {
-    if let Err(msg) = egress_config(args) {
-        return Some(msg);
-    }
-    if args.cache_segment_mib == 0 || args.cache_segment_mib > 1024 {
-        return Some(format!(
-            "invalid --cache-segment-mib {}: must be 1..=1024",
-            args.cache_segment_mib
-        ));
-    }
-    if args.cache_capacity < 2 * (args.cache_segment_mib << 20) {
-        return Some(format!(
-            "invalid --cache-capacity {}: must hold at least two segments ({} bytes)",
-            args.cache_capacity,
-            2 * (args.cache_segment_mib << 20)
-        ));
-    }
-    if args.credit_mib == 0 || args.credit_mib > 4096 {
-        return Some(format!(
-            "invalid --credit-mib {}: must be 1..=4096",
-            args.credit_mib
-        ));
-    }
-    None
-}
-
 /// The async runtime, or `None` after saying why it could not start.
 fn runtime() -> Option<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new()
@@ -275,16 +344,20 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     let tuning = QuicTuning {
-        max_udp_payload: args.max_udp_payload,
+        max_udp_payload: settings.max_udp_payload,
         ..QuicTuning::default()
     };
     let cache_config = CacheConfig {
-        segment_bytes: (args.cache_segment_mib << 20).max(64 << 10),
-        capacity_bytes: args.cache_capacity,
+        segment_bytes: settings.cache.segment_size.0,
+        capacity_bytes: settings.cache.capacity.0,
     };
-    let (cache, report) = RelayCache::open(&args.cache_dir, cache_config)?;
+    let master_target = settings
+        .master_target
+        .address
+        .context("master_target.address is not set")?;
+    let (cache, report) = RelayCache::open(&settings.cache.dir, cache_config)?;
     tracing::info!(
         segments = report.segments,
         sealed = report.sealed_segments,
@@ -299,15 +372,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     for s in &report.resync {
         tracing::error!(stream = %s, "stream needs resync (cache corruption)");
     }
-    let server_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
-    let client_creds = Credentials::load(&args.pki_dir, &args.cert_name)?;
-    let agents = server_endpoint(args.listen, server_creds, &tuning)?;
-    let upstream_endpoint =
-        client_endpoint(any_addr_for(args.master_target), client_creds, &tuning)?;
+    let server_creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
+    let client_creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
+    let agents = server_endpoint(settings.listen, server_creds, &tuning)?;
+    let upstream_endpoint = client_endpoint(any_addr_for(master_target), client_creds, &tuning)?;
     let link = PeerLink::new(
         upstream_endpoint.clone(),
-        args.master_target,
-        args.master_target_name.clone(),
+        master_target,
+        settings.master_target.name.clone(),
         Role::MasterTarget,
     );
     // Connect eagerly so a wrong address or certificate shows up in the log at start;
@@ -315,33 +387,56 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(e) = link.connection().await {
         tracing::warn!("master target not reachable yet: {e}");
     }
-    let local = agents.local_addr()?;
-    if let Some(pf) = &args.port_file {
-        daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
-    }
-    tracing::info!(listen = %local, master_target = %args.master_target, "relay listening");
-    let egress = Egress::start(egress_config(&args).map_err(anyhow::Error::msg)?);
+    let egress = Egress::start(settings.egress_config()?);
     let relay = Relay::new(
         RelayConfig {
-            agent_credit_bytes: args.credit_mib << 20,
+            agent_credit_bytes: settings.ingest.credit.0,
+            health: settings.health_thresholds(),
+            health_interval: settings.health_interval(),
         },
         link,
         cache.clone(),
         egress,
     );
+    let health = tokio::spawn(observe::run_health_task(relay.clone()));
+    let metrics = match settings.metrics_addr()? {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
+            let bound = listener.local_addr()?;
+            if let Some(pf) = &settings.metrics_port_file {
+                daemon::write_port_file(pf, bound)
+                    .with_context(|| format!("writing {}", pf.display()))?;
+            }
+            tracing::info!(%bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+            Some(tokio::spawn(fbr_metrics::serve(
+                listener,
+                observe::RelayEndpoints::new(relay.clone()),
+            )))
+        }
+        None => None,
+    };
+    let local = agents.local_addr()?;
+    if let Some(pf) = &settings.port_file {
+        daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
+    }
+    tracing::info!(listen = %local, %master_target, "relay listening");
     let server = tokio::spawn(relay.clone().serve(agents.clone()));
     daemon::shutdown_signal().await;
     tracing::info!("shutting down");
     agents.close(0u32.into(), b"relay shutting down");
     upstream_endpoint.close(0u32.into(), b"relay shutting down");
     server.abort();
+    health.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     cache.shutdown();
-    use std::sync::atomic::Ordering::Relaxed;
-    let c = &relay.counters;
+    let m = &relay.metrics;
     tracing::info!(
-        records = c.records_ingested.load(Relaxed),
-        bytes = c.logical_bytes_ingested.load(Relaxed),
-        duplicates_skipped = c.duplicates_skipped.load(Relaxed),
+        records = m.records_ingested_total.get(),
+        duplicates_skipped = m.duplicates_skipped_total.get(),
         "final counters"
     );
     Ok(())

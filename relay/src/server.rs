@@ -2,18 +2,21 @@
 //! TLS, checks their role, runs one [`crate::session`] per disk stream, and keeps one
 //! [`crate::forwarder`] per stream the relay knows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use fbr_metrics::relay::RelayMetrics;
 use fbr_protocol::{ErrorCode, Frame, StreamId};
 use fbr_transport::{peer_identity, FrameWriter, PeerLink, Role};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::cache::RelayCache;
 use crate::egress::Egress;
 use crate::forwarder::ForwarderState;
+use crate::health::{HealthReport, HealthThresholds};
 
 /// Settings of a running relay.
 #[derive(Debug, Clone)]
@@ -21,18 +24,17 @@ pub struct RelayConfig {
     /// Credit granted to each agent stream: bytes of records it may have
     /// unacknowledged. Acks come at cache-commit speed, so a few MiB suffice.
     pub agent_credit_bytes: u64,
+    /// Health conditions and ingest throttling.
+    pub health: HealthThresholds,
+    /// How often health is evaluated (and throttling decided).
+    pub health_interval: Duration,
 }
 
-/// Counters a later issue exports to Prometheus; logged at shutdown for now.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub connections_accepted: AtomicU64,
-    pub handshakes_refused: AtomicU64,
-    pub records_ingested: AtomicU64,
-    pub logical_bytes_ingested: AtomicU64,
-    pub duplicates_skipped: AtomicU64,
-    /// Streams refused or closed with an error, by wire code.
-    pub stream_errors: Mutex<HashMap<u16, u64>>,
+/// The latest health evaluation.
+#[derive(Debug, Clone)]
+pub struct HealthSnapshot {
+    pub report: HealthReport,
+    pub at: Instant,
 }
 
 /// State shared by every connection and stream of the relay.
@@ -44,7 +46,11 @@ pub struct Relay {
     pub egress: Arc<Egress>,
     /// The shared connection to the master target.
     pub upstream: PeerLink,
-    pub counters: Counters,
+    pub metrics: RelayMetrics,
+    /// Streams whose ingest is paused (cache pressure or quota); see [`crate::health`].
+    pub throttled: watch::Sender<Arc<BTreeSet<StreamId>>>,
+    /// Set by the health task ([`crate::observe`]).
+    pub health: Mutex<Option<HealthSnapshot>>,
     /// One generation counter per disk: a new session bumps it, older ones stop.
     generations: Mutex<HashMap<StreamId, watch::Sender<u64>>>,
     forwarders: Mutex<HashMap<StreamId, Arc<ForwarderState>>>,
@@ -64,10 +70,19 @@ impl Relay {
             cache,
             egress,
             upstream,
-            counters: Counters::default(),
+            metrics: RelayMetrics::new(),
+            throttled: watch::channel(Arc::new(BTreeSet::new())).0,
+            health: Mutex::new(None),
             generations: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
         });
+        // Every error code starts at zero, so rate() and alerts see the first error.
+        for code in ErrorCode::KNOWN {
+            relay
+                .metrics
+                .stream_errors_total
+                .with_label_values(&[code.name()]);
+        }
         for (id, disk_size) in relay.cache.streams() {
             relay.ensure_forwarder(&id, disk_size);
         }
@@ -84,18 +99,27 @@ impl Relay {
         if let Some(f) = map.get(id) {
             return f.clone();
         }
-        let state = Arc::new(ForwarderState {
-            disk_size,
-            mt_next: watch::channel(None).0,
-            failed: watch::channel(None).0,
-        });
+        let state = Arc::new(ForwarderState::new(disk_size));
         map.insert(id.clone(), state.clone());
-        tokio::spawn(crate::forwarder::run(
-            self.clone(),
-            id.clone(),
-            state.clone(),
-        ));
+        let span = tracing::info_span!("forward", stream = %id);
+        tokio::spawn(
+            crate::forwarder::run(self.clone(), id.clone(), state.clone()).instrument(span),
+        );
         state
+    }
+
+    /// Every forwarder, with its stream.
+    pub fn forwarders(&self) -> Vec<(StreamId, Arc<ForwarderState>)> {
+        let map = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Counts a stream or connection ended with `code`.
+    pub fn count_error(&self, code: ErrorCode) {
+        self.metrics
+            .stream_errors_total
+            .with_label_values(&[code.name()])
+            .inc();
     }
 
     /// Makes the caller the current session of `id`; the receiver changes when a newer
@@ -124,14 +148,7 @@ impl Relay {
             Some(id) => tracing::warn!(stream = %id, "closing stream: {code}: {msg}"),
             None => tracing::warn!("refusing stream: {code}: {msg}"),
         }
-        {
-            let mut m = self
-                .counters
-                .stream_errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            *m.entry(code.as_u16()).or_default() += 1;
-        }
+        self.count_error(code);
         writer.refuse(&Frame::error(code, msg)).await;
     }
 
@@ -144,10 +161,7 @@ impl Relay {
                 match incoming.await {
                     Ok(conn) => relay.serve_connection(conn, remote).await,
                     Err(e) => {
-                        relay
-                            .counters
-                            .handshakes_refused
-                            .fetch_add(1, Ordering::Relaxed);
+                        relay.metrics.handshakes_refused_total.inc();
                         tracing::warn!(%remote, "connection refused during handshake: {e}");
                     }
                 }
@@ -164,12 +178,7 @@ impl Relay {
                     Err(e) => e,
                 };
                 tracing::warn!(%remote, "refusing connection: {why}");
-                let mut m = self
-                    .counters
-                    .stream_errors
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                *m.entry(ErrorCode::Unauthenticated.as_u16()).or_default() += 1;
+                self.count_error(ErrorCode::Unauthenticated);
                 conn.close(
                     quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
                     why.as_bytes(),
@@ -177,9 +186,7 @@ impl Relay {
                 return;
             }
         };
-        self.counters
-            .connections_accepted
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.agent_connections_total.inc();
         tracing::info!(%remote, cn = %peer.common_name, vms = ?peer.vms, "agent connected");
         loop {
             match conn.accept_bi().await {

@@ -17,13 +17,13 @@
 //! - **Acks**: `Ack{seq}` once `seq` is durable in the cache (nothing acknowledged is
 //!   lost by a relay crash); `Applied{seq}` once the master target has it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fbr_protocol::{ErrorCode, Frame, StreamId};
 use fbr_transport::{FrameReader, FrameWriter, PeerIdentity, ReadError};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::server::Relay;
 
@@ -68,6 +68,21 @@ pub async fn serve_stream(
                 .await
         }
     };
+    let span = tracing::info_span!("stream", stream = %id);
+    open_and_ingest(relay, peer, id, disk_size, agent_reader, agent_writer)
+        .instrument(span)
+        .await
+}
+
+/// Everything after the `Hello`: checks, `Accept`, ingest and acks, in the stream's span.
+async fn open_and_ingest(
+    relay: Arc<Relay>,
+    peer: Arc<PeerIdentity>,
+    id: StreamId,
+    disk_size: u64,
+    agent_reader: FrameReader,
+    mut agent_writer: FrameWriter,
+) {
     if !peer.may_write(&id.vm) {
         let msg = format!(
             "certificate {:?} does not entitle writing VM {}",
@@ -151,7 +166,8 @@ pub async fn serve_stream(
     {
         return;
     }
-    tracing::info!(stream = %id, next_seq, "stream open");
+    tracing::info!(next_seq, "stream open");
+    let _open = OpenStreamGauge::new(&relay);
 
     let agent_writer = Arc::new(Mutex::new(agent_writer));
     let watch = relay.cache.watch(&id);
@@ -221,6 +237,7 @@ async fn ingest(
         last_valid: expected - 1,
     };
     loop {
+        wait_while_throttled(relay, id).await;
         let record = match reader.next().await {
             Ok(Some(Frame::Record(r))) => r,
             Ok(Some(other)) => {
@@ -236,10 +253,7 @@ async fn ingest(
         };
         let seq = record.seq();
         if seq < expected {
-            relay
-                .counters
-                .duplicates_skipped
-                .fetch_add(1, Ordering::Relaxed);
+            relay.metrics.duplicates_skipped_total.inc();
             continue;
         }
         if seq > expected {
@@ -252,18 +266,43 @@ async fn ingest(
         if let Err((code, msg)) = record.check_against_disk(disk_size) {
             return Err(refuse(code, msg, expected));
         }
-        relay
-            .counters
-            .records_ingested
-            .fetch_add(1, Ordering::Relaxed);
-        relay
-            .counters
-            .logical_bytes_ingested
-            .fetch_add(record.logical_bytes(), Ordering::Relaxed);
+        let m = &relay.metrics;
+        m.records_ingested_total.inc();
+        m.add_bytes("ingested", record.encoded_len() as u64);
+        m.add_bytes("logical", record.logical_bytes());
         expected += 1;
         if !relay.cache.append(id, disk_size, record).await {
             return Ok(());
         }
+    }
+}
+
+/// Pauses ingest while the health task has `id` in its throttled set (cache pressure
+/// or backlog quota). The agent's unacknowledged records stay with the agent: it runs
+/// out of credit and waits; nothing is dropped.
+async fn wait_while_throttled(relay: &Relay, id: &StreamId) {
+    if !relay.throttled.borrow().contains(id) {
+        return;
+    }
+    tracing::info!("ingest paused: cache pressure or backlog quota");
+    let mut rx = relay.throttled.subscribe();
+    let _ = rx.wait_for(|set| !set.contains(id)).await;
+    tracing::info!("ingest resumed");
+}
+
+/// Counts an open agent stream in `fbr_relay_agent_streams` for as long as it lives.
+struct OpenStreamGauge<'a>(&'a Relay);
+
+impl<'a> OpenStreamGauge<'a> {
+    fn new(relay: &'a Relay) -> Self {
+        relay.metrics.agent_streams.inc();
+        OpenStreamGauge(relay)
+    }
+}
+
+impl Drop for OpenStreamGauge<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.agent_streams.dec();
     }
 }
 

@@ -26,7 +26,7 @@ fn invalid_values_exit_64() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--credit-mib"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ingest.credit"));
     let out = relay()
         .args([
             "pki", "issue", "--dir", "/tmp", "--name", "x", "--role", "boss",
@@ -110,18 +110,19 @@ fn pki_issues_once_and_refuses_to_overwrite() {
 }
 
 #[test]
-fn bad_egress_settings_exit_64_naming_the_flag() {
+fn bad_egress_settings_exit_64_naming_the_key() {
     for (flag, value, needle) in [
         (
             "--egress-schedule",
             "mon-fry 09:00-18:00 100mbit",
-            "--egress-schedule",
+            "egress.schedule",
         ),
-        ("--egress-schedule", "other fast", "--egress-schedule"),
-        ("--vm-weight", "vm1=0", "--vm-weight"),
+        ("--egress-schedule", "other fast", "egress.schedule"),
+        ("--vm-weight", "vm1=0", "egress.vm_weights.vm1"),
         ("--vm-weight", "vm1", "--vm-weight"),
     ] {
         let out = relay()
+            .env_remove("RELAY_LOG")
             .args([
                 "run",
                 "--master-target",

@@ -22,8 +22,9 @@ pub mod identity;
 pub mod link;
 pub mod pki;
 pub mod quic;
+pub mod settings;
 
 pub use framed::{FrameReader, FrameWriter, ReadError};
 pub use identity::{peer_identity, PeerIdentity, Role};
-pub use link::PeerLink;
+pub use link::{LinkStatus, PeerLink};
 pub use quic::{any_addr_for, client_endpoint, server_endpoint, Credentials, QuicTuning};

@@ -5,7 +5,8 @@
 //! one, and checks that the peer's certificate carries the expected role.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::identity::{peer_identity, Role};
 
@@ -21,6 +22,27 @@ pub struct PeerLink {
     server_name: String,
     role: Role,
     current: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// What health checks and metrics read without waiting for a connect in progress.
+    observed: Mutex<Observed>,
+}
+
+#[derive(Debug)]
+struct Observed {
+    conn: Option<quinn::Connection>,
+    /// Since when the peer has been unreachable (`None` while connected).
+    down_since: Option<Instant>,
+    /// UDP bytes sent on connections that have since been replaced.
+    retired_udp_tx_bytes: u64,
+}
+
+/// The state of a link, for health checks and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub connected: bool,
+    /// How long the peer has been unreachable (or never reached), if it is.
+    pub down_for: Option<Duration>,
+    /// UDP payload bytes sent to the peer over the link's lifetime (all connections).
+    pub udp_tx_bytes: u64,
 }
 
 impl PeerLink {
@@ -36,7 +58,50 @@ impl PeerLink {
             server_name,
             role,
             current: tokio::sync::Mutex::new(None),
+            observed: Mutex::new(Observed {
+                conn: None,
+                down_since: Some(Instant::now()),
+                retired_udp_tx_bytes: 0,
+            }),
         }
+    }
+
+    fn lock_observed(&self) -> std::sync::MutexGuard<'_, Observed> {
+        self.observed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the peer is connected, since when it is not, and bytes sent to it.
+    pub fn status(&self) -> LinkStatus {
+        let mut o = self.lock_observed();
+        let connected = o.conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+        if connected {
+            o.down_since = None;
+        } else if o.down_since.is_none() {
+            o.down_since = Some(Instant::now());
+        }
+        LinkStatus {
+            connected,
+            down_for: o.down_since.map(|t| t.elapsed()),
+            udp_tx_bytes: o.retired_udp_tx_bytes
+                + o.conn.as_ref().map_or(0, |c| c.stats().udp_tx.bytes),
+        }
+    }
+
+    fn observe_failure(&self) {
+        let mut o = self.lock_observed();
+        if o.down_since.is_none() {
+            o.down_since = Some(Instant::now());
+        }
+    }
+
+    fn observe_connected(&self, conn: &quinn::Connection) {
+        let mut o = self.lock_observed();
+        if o.conn.as_ref().map(|c| c.stable_id()) != Some(conn.stable_id()) {
+            if let Some(old) = o.conn.replace(conn.clone()) {
+                o.retired_udp_tx_bytes += old.stats().udp_tx.bytes;
+            }
+        }
+        o.down_since = None;
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -45,6 +110,15 @@ impl PeerLink {
 
     /// A live connection to the peer, connecting if there is none.
     pub async fn connection(&self) -> Result<quinn::Connection, String> {
+        let result = self.connect_or_reuse().await;
+        match &result {
+            Ok(conn) => self.observe_connected(conn),
+            Err(_) => self.observe_failure(),
+        }
+        result
+    }
+
+    async fn connect_or_reuse(&self) -> Result<quinn::Connection, String> {
         let mut current = self.current.lock().await;
         if let Some(c) = current.as_ref() {
             if c.close_reason().is_none() {

@@ -1,0 +1,89 @@
+//! The master target's configuration: every key, its default, and its checks.
+//!
+//! Loaded in layers by [`fbr_transport::settings::load`] (defaults,
+//! `/etc/master-target/master-target.toml` or `--config`, `MASTER_TARGET_`-prefixed
+//! environment variables, flags). Every key is listed in `docs/CONFIGURATION.md`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use fbr_transport::settings::{ByteSize, ConfigError};
+use serde::{Deserialize, Serialize};
+
+/// Where the master target looks for its config file when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/master-target/master-target.toml";
+/// Prefix of the master target's environment variables.
+pub const ENV_PREFIX: &str = "MASTER_TARGET";
+
+/// Everything `master-target run` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MasterTargetSettings {
+    /// UDP address for relays.
+    pub listen: SocketAddr,
+    /// Data directory: images, journals, index.
+    pub data_dir: PathBuf,
+    pub pki_dir: PathBuf,
+    pub cert_name: String,
+    pub port_file: Option<PathBuf>,
+    /// TCP address of `/metrics`, `/healthz` and `/readyz`; empty to disable.
+    pub metrics_listen: String,
+    pub metrics_port_file: Option<PathBuf>,
+    /// Bytes of records each stream may have unacknowledged. Must cover one stream's
+    /// bandwidth-delay product (16 MiB: 1 Gbit/s at 80 ms, with margin); more only adds
+    /// queueing delay.
+    pub credit: ByteSize,
+    pub max_udp_payload: u16,
+    pub log_json: bool,
+}
+
+impl Default for MasterTargetSettings {
+    fn default() -> Self {
+        MasterTargetSettings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9444)),
+            data_dir: PathBuf::from("/var/lib/master-target"),
+            pki_dir: PathBuf::from("/etc/master-target/pki"),
+            cert_name: "master-target".into(),
+            port_file: None,
+            metrics_listen: "0.0.0.0:9465".into(),
+            metrics_port_file: None,
+            credit: ByteSize::mib(16),
+            max_udp_payload: 1452,
+            log_json: false,
+        }
+    }
+}
+
+impl MasterTargetSettings {
+    /// Checks every value; the first problem names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1 << 20..=4 << 30).contains(&self.credit.0) {
+            return Err(ConfigError::new(
+                "credit",
+                format!("{} is out of range 1MiB..=4GiB", self.credit),
+            ));
+        }
+        if self.max_udp_payload < 1200 {
+            return Err(ConfigError::new(
+                "max_udp_payload",
+                format!("{} is below QUIC's minimum of 1200", self.max_udp_payload),
+            ));
+        }
+        self.metrics_addr()?;
+        Ok(())
+    }
+
+    /// The metrics endpoint's address, `None` when disabled.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let s = self.metrics_listen.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| {
+            ConfigError::new(
+                "metrics_listen",
+                format!("{s:?} is not an address like 0.0.0.0:9465 (or \"\" to disable)"),
+            )
+        })
+    }
+}

@@ -1,0 +1,58 @@
+//! fbr-metrics: what the relay and the master target tell Prometheus, and the small HTTP
+//! server that tells it.
+//!
+//! - [`relay::RelayMetrics`] and [`master_target::MasterTargetMetrics`] define every
+//!   metric of each daemon on an **explicit [`prometheus::Registry`]** (no global state:
+//!   two daemons in one test process never share a counter). Names follow Prometheus
+//!   conventions: a `fbr_relay_` / `fbr_master_target_` prefix, base units in the name
+//!   (`_seconds`, `_bytes`), `_total` on counters. Labels are bounded: per VM at most,
+//!   never per record or per disk offset.
+//! - [`http::serve`] answers `GET /metrics` (text exposition format 0.0.4), `/healthz`
+//!   (liveness: the process answers) and `/readyz` (readiness: the daemon can do its job),
+//!   from any [`http::Endpoints`] implementation. Connections are bounded in number and
+//!   time, so a misbehaving scraper cannot exhaust memory.
+//!
+//! The list of metrics with their meaning is in `docs/METRICS.md`; the alert rules in
+//! `packaging/prometheus/` use them.
+
+pub mod http;
+pub mod master_target;
+pub mod relay;
+
+pub use http::{serve, Endpoints, Probe};
+
+/// Encodes everything in `registry` in the Prometheus text format.
+pub fn encode(registry: &prometheus::Registry) -> Result<String, String> {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .map_err(|e| format!("encoding metrics: {e}"))?;
+    String::from_utf8(buf).map_err(|e| format!("encoding metrics: {e}"))
+}
+
+/// Registers `collector` on `registry`. Names are fixed at compile time and unique per
+/// registry, so a failure is a programming error caught by every test that builds one.
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &prometheus::Registry,
+    collector: C,
+) -> C {
+    registry
+        .register(Box::new(collector.clone()))
+        .expect("metric names are unique within a registry");
+    collector
+}
+
+/// Adds the standard `process_*` metrics (CPU seconds, resident memory, open file
+/// descriptors, start time) of this process to `registry`.
+fn register_process_metrics(registry: &prometheus::Registry) {
+    #[cfg(target_os = "linux")]
+    {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        registry
+            .register(Box::new(pc))
+            .expect("process metrics are registered once per registry");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = registry;
+}

@@ -1,0 +1,98 @@
+//! The master target's metrics: what it applied, what it keeps, how it is connected.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::{register, register_process_metrics};
+
+/// Every metric of a master target, on its own registry.
+#[derive(Debug, Clone)]
+pub struct MasterTargetMetrics {
+    pub registry: Registry,
+    pub relay_connections_total: IntCounter,
+    pub handshakes_refused_total: IntCounter,
+    pub records_applied_total: IntCounter,
+    /// Bytes of disk written or zeroed by applied records.
+    pub logical_bytes_applied_total: IntCounter,
+    pub batches_applied_total: IntCounter,
+    pub duplicates_skipped_total: IntCounter,
+    pub tags_applied_total: IntCounter,
+    pub stream_errors_total: IntCounterVec,
+    pub disks: IntGauge,
+    pub relay_streams: IntGauge,
+}
+
+impl MasterTargetMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            register(
+                &r,
+                IntCounter::with_opts(Opts::new(name, help)).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            register(
+                &r,
+                IntGauge::with_opts(Opts::new(name, help)).expect("valid metric"),
+            )
+        };
+        let m = MasterTargetMetrics {
+            relay_connections_total: counter(
+                "fbr_master_target_relay_connections_total",
+                "Relay connections accepted (TLS handshake and role check passed).",
+            ),
+            handshakes_refused_total: counter(
+                "fbr_master_target_handshakes_refused_total",
+                "Connections that failed the TLS handshake (e.g. a foreign CA).",
+            ),
+            batches_applied_total: counter(
+                "fbr_master_target_batches_applied_total",
+                "Batches made durable (one journal fdatasync each).",
+            ),
+            duplicates_skipped_total: counter(
+                "fbr_master_target_duplicates_skipped_total",
+                "Records a relay resent that were already applied.",
+            ),
+            records_applied_total: counter(
+                "fbr_master_target_records_applied_total",
+                "Records made durable in a disk's journal and acknowledged.",
+            ),
+            logical_bytes_applied_total: counter(
+                "fbr_master_target_logical_bytes_applied_total",
+                "Bytes of disk written or zeroed by applied records.",
+            ),
+            tags_applied_total: counter(
+                "fbr_master_target_tags_applied_total",
+                "Recovery-point tags applied (one per disk of each recovery point).",
+            ),
+            stream_errors_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fbr_master_target_stream_errors_total",
+                        "Streams refused or closed with an error, by error code.",
+                    ),
+                    &["code"],
+                )
+                .expect("valid metric"),
+            ),
+            disks: gauge(
+                "fbr_master_target_disks",
+                "Disks (replicas) the master target holds.",
+            ),
+            relay_streams: gauge(
+                "fbr_master_target_relay_streams",
+                "Disk streams with a relay session open now.",
+            ),
+            registry: r,
+        };
+        register_process_metrics(&m.registry);
+        m
+    }
+}
+
+impl Default for MasterTargetMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,262 @@
+//! The relay's metrics. Counters are incremented where things happen; gauges are set
+//! from the relay's state just before each scrape (`fbr_relay::observe`).
+//!
+//! Byte stages (`fbr_relay_bytes_total{stage}`), in the order data passes them:
+//!
+//! | stage       | what is counted                                                   |
+//! |-------------|-------------------------------------------------------------------|
+//! | `ingested`  | record frames received from agents (headers included)             |
+//! | `logical`   | bytes of disk those records write or zero                         |
+//! | `forwarded` | record frames sent to the master target                           |
+//! | `wire`      | UDP payload sent to the master target (QUIC + TLS overhead, retransmissions) |
+
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+use crate::{register, register_process_metrics};
+
+/// Every metric of a relay, on its own registry.
+#[derive(Debug, Clone)]
+pub struct RelayMetrics {
+    pub registry: Registry,
+    pub agent_connections_total: IntCounter,
+    pub handshakes_refused_total: IntCounter,
+    pub records_ingested_total: IntCounter,
+    pub records_forwarded_total: IntCounter,
+    pub duplicates_skipped_total: IntCounter,
+    /// Bytes per stage, see the module's table.
+    pub bytes_total: IntCounterVec,
+    /// Streams refused or closed with an error, by wire error code name.
+    pub stream_errors_total: IntCounterVec,
+    /// Time from a record's durable append in the cache to the master target's ack.
+    pub replication_lag_seconds: Histogram,
+    pub agent_streams: IntGauge,
+    pub upstream_connected: IntGauge,
+    /// Age of the newest recovery point (tag) of a VM durable at the master target.
+    pub rpo_seconds: GaugeVec,
+    pub cache_used_bytes: IntGauge,
+    pub cache_capacity_bytes: IntGauge,
+    pub cache_backlog_bytes: IntGaugeVec,
+    pub cache_oldest_backlog_age_seconds: Gauge,
+    pub cache_full: IntGauge,
+    /// The egress limit in force (`+Inf` when unlimited).
+    pub egress_limit_bytes_per_second: Gauge,
+    pub ingest_throttled_streams: IntGauge,
+    /// 0 healthy, 1 warning, 2 critical.
+    pub health_state: IntGauge,
+    /// Severity of each health condition (0 none, 1 warning, 2 critical).
+    pub health_condition: IntGaugeVec,
+}
+
+/// The stage label values of `fbr_relay_bytes_total`.
+pub const BYTE_STAGES: [&str; 4] = ["ingested", "logical", "forwarded", "wire"];
+
+impl RelayMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            register(
+                &r,
+                IntCounter::with_opts(Opts::new(name, help)).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            register(
+                &r,
+                IntGauge::with_opts(Opts::new(name, help)).expect("valid metric"),
+            )
+        };
+        let m = RelayMetrics {
+            agent_connections_total: counter(
+                "fbr_relay_agent_connections_total",
+                "Agent connections accepted (TLS handshake and role check passed).",
+            ),
+            handshakes_refused_total: counter(
+                "fbr_relay_handshakes_refused_total",
+                "Connections that failed the TLS handshake (e.g. a foreign CA).",
+            ),
+            records_ingested_total: counter(
+                "fbr_relay_records_ingested_total",
+                "Records accepted from agents and queued for the cache.",
+            ),
+            records_forwarded_total: counter(
+                "fbr_relay_records_forwarded_total",
+                "Records sent to the master target (resends after a reconnect included).",
+            ),
+            duplicates_skipped_total: counter(
+                "fbr_relay_duplicates_skipped_total",
+                "Records an agent resent that the relay already had.",
+            ),
+            bytes_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fbr_relay_bytes_total",
+                        "Bytes per stage of the data path: ingested, logical, forwarded, wire.",
+                    ),
+                    &["stage"],
+                )
+                .expect("valid metric"),
+            ),
+            stream_errors_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fbr_relay_stream_errors_total",
+                        "Streams and connections refused or closed with an error, by error code.",
+                    ),
+                    &["code"],
+                )
+                .expect("valid metric"),
+            ),
+            replication_lag_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "fbr_relay_replication_lag_seconds",
+                        "Time from a record's durable append in the relay cache to its acknowledgement by the master target.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            agent_streams: gauge(
+                "fbr_relay_agent_streams",
+                "Disk streams with an agent session open now.",
+            ),
+            upstream_connected: gauge(
+                "fbr_relay_upstream_connected",
+                "1 when the relay has a live connection to its master target.",
+            ),
+            rpo_seconds: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "fbr_relay_rpo_seconds",
+                        "Age of the newest recovery point of the VM durable at the master target (oldest over its disks).",
+                    ),
+                    &["vm"],
+                )
+                .expect("valid metric"),
+            ),
+            cache_used_bytes: gauge("fbr_relay_cache_used_bytes", "Bytes of cache segment files."),
+            cache_capacity_bytes: gauge(
+                "fbr_relay_cache_capacity_bytes",
+                "Most bytes the cache may use.",
+            ),
+            cache_backlog_bytes: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fbr_relay_cache_backlog_bytes",
+                        "Bytes of durable cached records the master target has not acknowledged.",
+                    ),
+                    &["vm"],
+                )
+                .expect("valid metric"),
+            ),
+            cache_oldest_backlog_age_seconds: register(
+                &r,
+                Gauge::with_opts(Opts::new(
+                    "fbr_relay_cache_oldest_backlog_age_seconds",
+                    "Age of the oldest cached record not yet acknowledged by the master target (0 without backlog).",
+                ))
+                .expect("valid metric"),
+            ),
+            cache_full: gauge(
+                "fbr_relay_cache_full",
+                "1 while the cache is full and ingest waits for the forwarders to free space.",
+            ),
+            egress_limit_bytes_per_second: register(
+                &r,
+                Gauge::with_opts(Opts::new(
+                    "fbr_relay_egress_limit_bytes_per_second",
+                    "Egress rate limit in force by the bandwidth schedule (+Inf when unlimited).",
+                ))
+                .expect("valid metric"),
+            ),
+            ingest_throttled_streams: gauge(
+                "fbr_relay_ingest_throttled_streams",
+                "Streams whose ingest is paused by cache pressure or their backlog quota.",
+            ),
+            health_state: gauge(
+                "fbr_relay_health_state",
+                "Overall health: 0 healthy, 1 warning, 2 critical.",
+            ),
+            health_condition: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fbr_relay_health_condition",
+                        "Severity of each health condition: 0 none, 1 warning, 2 critical.",
+                    ),
+                    &["condition"],
+                )
+                .expect("valid metric"),
+            ),
+            registry: r,
+        };
+        for stage in BYTE_STAGES {
+            m.bytes_total.with_label_values(&[stage]);
+        }
+        register_process_metrics(&m.registry);
+        m
+    }
+
+    /// Adds to the byte counter of `stage` (one of [`BYTE_STAGES`]).
+    pub fn add_bytes(&self, stage: &str, n: u64) {
+        self.bytes_total.with_label_values(&[stage]).inc_by(n);
+    }
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exposed_with_help_and_type() {
+        let m = RelayMetrics::new();
+        m.stream_errors_total
+            .with_label_values(&["sequence_gap"])
+            .inc();
+        m.rpo_seconds.with_label_values(&["vm-1"]).set(1.5);
+        m.cache_backlog_bytes.with_label_values(&["vm-1"]).set(10);
+        m.health_condition
+            .with_label_values(&["cache_free_space"])
+            .set(1);
+        m.replication_lag_seconds.observe(0.2);
+        let text = crate::encode(&m.registry).unwrap();
+        for name in [
+            "fbr_relay_agent_connections_total",
+            "fbr_relay_bytes_total{stage=\"wire\"}",
+            "fbr_relay_stream_errors_total{code=\"sequence_gap\"} 1",
+            "fbr_relay_replication_lag_seconds_bucket{le=\"0.25\"} 1",
+            "fbr_relay_rpo_seconds{vm=\"vm-1\"} 1.5",
+            "fbr_relay_health_state 0",
+            "# TYPE fbr_relay_cache_used_bytes gauge",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        // Two registries never share state.
+        let other = RelayMetrics::new();
+        assert_eq!(
+            other
+                .stream_errors_total
+                .with_label_values(&["sequence_gap"])
+                .get(),
+            0
+        );
+    }
+}

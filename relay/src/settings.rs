@@ -1,0 +1,345 @@
+//! The relay's configuration: every key, its default, and its checks.
+//!
+//! Loaded in layers by [`fbr_transport::settings::load`] (defaults, `/etc/relay/relay.toml`
+//! or `--config`, `RELAY_`-prefixed environment variables, flags). Every key is listed
+//! with its meaning in `docs/CONFIGURATION.md`; [`RelaySettings::validate`] checks ranges
+//! and names the key at fault.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fbr_throttling::WeeklySchedule;
+use fbr_transport::settings::{ByteSize, ConfigError};
+use serde::{Deserialize, Serialize};
+
+use crate::egress::EgressConfig;
+use crate::health::HealthThresholds;
+
+/// Where the relay looks for its config file when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/relay/relay.toml";
+/// Prefix of the relay's environment variables.
+pub const ENV_PREFIX: &str = "RELAY";
+/// Tables whose keys are chosen by the operator.
+pub const FREE_FORM_TABLES: &[&str] = &["egress.vm_weights"];
+
+/// Everything `relay run` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RelaySettings {
+    /// UDP address for agents.
+    pub listen: SocketAddr,
+    /// TCP address of `/metrics`, `/healthz` and `/readyz`; empty to disable.
+    pub metrics_listen: String,
+    pub pki_dir: PathBuf,
+    pub cert_name: String,
+    pub port_file: Option<PathBuf>,
+    /// Written once the metrics endpoint listens (for scripts and tests).
+    pub metrics_port_file: Option<PathBuf>,
+    pub max_udp_payload: u16,
+    pub log_json: bool,
+    pub master_target: MasterTargetSettings,
+    pub cache: CacheSettings,
+    pub ingest: IngestSettings,
+    pub egress: EgressSettings,
+    pub health: HealthSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MasterTargetSettings {
+    /// UDP address of the master target (required).
+    pub address: Option<SocketAddr>,
+    /// DNS name in its certificate.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CacheSettings {
+    pub dir: PathBuf,
+    pub capacity: ByteSize,
+    pub segment_size: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IngestSettings {
+    /// Bytes each agent stream may have unacknowledged.
+    pub credit: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EgressSettings {
+    pub schedule: String,
+    pub schedule_file: Option<PathBuf>,
+    pub utc_offset_minutes: i32,
+    pub vm_weights: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthSettings {
+    pub interval_ms: u64,
+    pub cache_free_warning_percent: f64,
+    pub cache_free_critical_percent: f64,
+    pub throttle_free_percent: f64,
+    pub throttle_release_free_percent: f64,
+    pub disk_backlog_quota: ByteSize,
+    pub backlog_age_warning_seconds: u64,
+    pub backlog_age_critical_seconds: u64,
+    pub master_target_unreachable_critical_seconds: u64,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
+            metrics_listen: "0.0.0.0:9464".into(),
+            pki_dir: PathBuf::from("/etc/relay/pki"),
+            cert_name: "relay".into(),
+            port_file: None,
+            metrics_port_file: None,
+            max_udp_payload: 1452,
+            log_json: false,
+            master_target: MasterTargetSettings::default(),
+            cache: CacheSettings::default(),
+            ingest: IngestSettings::default(),
+            egress: EgressSettings::default(),
+            health: HealthSettings::default(),
+        }
+    }
+}
+
+impl Default for MasterTargetSettings {
+    fn default() -> Self {
+        MasterTargetSettings {
+            address: None,
+            name: "master-target".into(),
+        }
+    }
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            dir: PathBuf::from("/var/lib/relay/cache"),
+            capacity: ByteSize::gib(8),
+            segment_size: ByteSize::mib(64),
+        }
+    }
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            credit: ByteSize::mib(16),
+        }
+    }
+}
+
+impl Default for EgressSettings {
+    fn default() -> Self {
+        EgressSettings {
+            schedule: "other unlimited".into(),
+            schedule_file: None,
+            utc_offset_minutes: 0,
+            vm_weights: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        let t = HealthThresholds::default();
+        HealthSettings {
+            interval_ms: 1000,
+            cache_free_warning_percent: t.cache_free_warning_percent,
+            cache_free_critical_percent: t.cache_free_critical_percent,
+            throttle_free_percent: t.throttle_free_percent,
+            throttle_release_free_percent: t.throttle_release_free_percent,
+            disk_backlog_quota: ByteSize(t.disk_backlog_quota_bytes),
+            backlog_age_warning_seconds: t.backlog_age_warning_s,
+            backlog_age_critical_seconds: t.backlog_age_critical_s,
+            master_target_unreachable_critical_seconds: t.master_target_unreachable_critical_s,
+        }
+    }
+}
+
+impl RelaySettings {
+    /// Checks every value; the first problem names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.master_target.address.is_none() {
+            return Err(ConfigError::new(
+                "master_target.address",
+                "missing: the master target's UDP address (e.g. 10.1.2.3:9444)",
+            ));
+        }
+        self.metrics_addr()?;
+        let seg = self.cache.segment_size.0;
+        if !(64 << 10..=1 << 30).contains(&seg) {
+            return Err(ConfigError::new(
+                "cache.segment_size",
+                format!("{} is out of range 64KiB..=1GiB", self.cache.segment_size),
+            ));
+        }
+        if self.cache.capacity.0 < 2 * seg {
+            return Err(ConfigError::new(
+                "cache.capacity",
+                format!(
+                    "{} must hold at least two segments ({})",
+                    self.cache.capacity,
+                    ByteSize(2 * seg)
+                ),
+            ));
+        }
+        if !(1 << 20..=4 << 30).contains(&self.ingest.credit.0) {
+            return Err(ConfigError::new(
+                "ingest.credit",
+                format!("{} is out of range 1MiB..=4GiB", self.ingest.credit),
+            ));
+        }
+        if self.max_udp_payload < 1200 {
+            return Err(ConfigError::new(
+                "max_udp_payload",
+                format!("{} is below QUIC's minimum of 1200", self.max_udp_payload),
+            ));
+        }
+        self.egress_config()?;
+        if !(10..=60_000).contains(&self.health.interval_ms) {
+            return Err(ConfigError::new(
+                "health.interval_ms",
+                format!("{} is out of range 10..=60000", self.health.interval_ms),
+            ));
+        }
+        self.health_thresholds()
+            .validate()
+            .map_err(|(key, reason)| ConfigError::new(key, reason))?;
+        Ok(())
+    }
+
+    /// The metrics endpoint's address, `None` when disabled.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let s = self.metrics_listen.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| {
+            ConfigError::new(
+                "metrics_listen",
+                format!("{s:?} is not an address like 0.0.0.0:9464 (or \"\" to disable)"),
+            )
+        })
+    }
+
+    /// The egress controller's settings (reads the schedule file if one is named).
+    pub fn egress_config(&self) -> Result<EgressConfig, ConfigError> {
+        let (spec, key) = match &self.egress.schedule_file {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new("egress.schedule_file", format!("{}: {e}", path.display()))
+                })?,
+                "egress.schedule_file",
+            ),
+            None => (self.egress.schedule.clone(), "egress.schedule"),
+        };
+        let schedule =
+            WeeklySchedule::parse(spec.trim()).map_err(|e| ConfigError::new(key, e.to_string()))?;
+        for (vm, w) in &self.egress.vm_weights {
+            if !(1..=1000).contains(w) {
+                return Err(ConfigError::new(
+                    format!("egress.vm_weights.{vm}"),
+                    format!("{w} is out of range 1..=1000"),
+                ));
+            }
+        }
+        if self.egress.utc_offset_minutes.abs() > 14 * 60 {
+            return Err(ConfigError::new(
+                "egress.utc_offset_minutes",
+                format!("{} is not within ±840", self.egress.utc_offset_minutes),
+            ));
+        }
+        Ok(EgressConfig {
+            schedule,
+            schedule_file: self.egress.schedule_file.clone(),
+            utc_offset_minutes: self.egress.utc_offset_minutes,
+            vm_weights: self.egress.vm_weights.clone().into_iter().collect(),
+        })
+    }
+
+    pub fn health_thresholds(&self) -> HealthThresholds {
+        let h = &self.health;
+        HealthThresholds {
+            cache_free_warning_percent: h.cache_free_warning_percent,
+            cache_free_critical_percent: h.cache_free_critical_percent,
+            throttle_free_percent: h.throttle_free_percent,
+            throttle_release_free_percent: h.throttle_release_free_percent,
+            disk_backlog_quota_bytes: h.disk_backlog_quota.0,
+            backlog_age_warning_s: h.backlog_age_warning_seconds,
+            backlog_age_critical_s: h.backlog_age_critical_seconds,
+            master_target_unreachable_critical_s: h.master_target_unreachable_critical_seconds,
+        }
+    }
+
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health.interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_once_the_master_target_is_named() {
+        let mut s = RelaySettings::default();
+        assert_eq!(s.validate().unwrap_err().key, "master_target.address");
+        s.master_target.address = Some("127.0.0.1:9444".parse().unwrap());
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_key() {
+        let mut base = RelaySettings::default();
+        base.master_target.address = Some("127.0.0.1:9444".parse().unwrap());
+        type Mutation = Box<dyn Fn(&mut RelaySettings)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            (
+                "cache.capacity",
+                Box::new(|s| s.cache.capacity = ByteSize::mib(100)),
+            ),
+            (
+                "cache.segment_size",
+                Box::new(|s| s.cache.segment_size = ByteSize(1)),
+            ),
+            ("ingest.credit", Box::new(|s| s.ingest.credit = ByteSize(0))),
+            (
+                "egress.schedule",
+                Box::new(|s| s.egress.schedule = "someday 1mbit".into()),
+            ),
+            (
+                "egress.vm_weights.vm-a",
+                Box::new(|s| {
+                    s.egress.vm_weights.insert("vm-a".into(), 0);
+                }),
+            ),
+            (
+                "metrics_listen",
+                Box::new(|s| s.metrics_listen = "localhost".into()),
+            ),
+            (
+                "health.throttle_free_percent",
+                Box::new(|s| s.health.throttle_free_percent = -1.0),
+            ),
+            ("health.interval_ms", Box::new(|s| s.health.interval_ms = 0)),
+        ];
+        for (key, mutate) in cases {
+            let mut s = base.clone();
+            mutate(&mut s);
+            assert_eq!(s.validate().unwrap_err().key, key);
+        }
+    }
+}
