@@ -25,6 +25,7 @@
 //! - Nothing of an invalid record is applied; the records before it are.
 #![forbid(unsafe_code)]
 
+pub mod content;
 pub mod journal;
 pub mod replica;
 pub mod server;

@@ -98,6 +98,9 @@ struct RunArgs {
     /// Largest UDP payload MTU discovery may use [max_udp_payload].
     #[arg(long)]
     max_udp_payload: Option<u16>,
+    /// Most blocks in the dedup content index; 0 disables it [content_index_entries].
+    #[arg(long)]
+    content_index_entries: Option<u64>,
 }
 
 impl RunArgs {
@@ -130,6 +133,9 @@ impl RunArgs {
         }
         if let Some(v) = self.max_udp_payload {
             o.push(("max_udp_payload".into(), i64::from(v).into()));
+        }
+        if let Some(v) = self.content_index_entries {
+            o.push(("content_index_entries".into(), (v as i64).into()));
         }
         o
     }
@@ -232,7 +238,12 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     };
     let endpoint = server_endpoint(settings.listen, creds, &tuning)?;
     let local = endpoint.local_addr()?;
-    let mt = MasterTarget::new(data.clone(), store, settings.credit.0);
+    let mt = MasterTarget::new(
+        data.clone(),
+        store,
+        settings.credit.0,
+        settings.content_index_entries as usize,
+    );
     let metrics = match settings.metrics_addr()? {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -278,7 +289,9 @@ struct Endpoints(Arc<MasterTarget>);
 
 impl fbr_metrics::Endpoints for Endpoints {
     fn metrics_text(&self) -> Result<String, String> {
-        fbr_metrics::encode(&self.0.metrics.registry)
+        let m = &self.0.metrics;
+        m.content_index_blocks.set(self.0.content.len() as i64);
+        fbr_metrics::encode(&m.registry)
     }
     fn liveness(&self) -> fbr_metrics::Probe {
         fbr_metrics::Probe {

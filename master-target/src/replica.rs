@@ -186,7 +186,7 @@ impl DiskReplica {
         let mut tags = Vec::new();
         let mut sink = FileImage(&image);
         while let Some((record, end)) = reader.next_record()? {
-            if record.seq() != hwm + 1 {
+            if record.seq() <= hwm {
                 return Err(ReplicaError::Corrupt {
                     path: journal_path.clone(),
                     reason: format!(
@@ -235,11 +235,17 @@ impl DiskReplica {
         self.hwm
     }
 
-    /// Durably appends `records` (validated by the caller: contiguous from `hwm + 1`, in
-    /// bounds) and applies them. When this returns `Ok`, they may be acknowledged.
-    pub fn apply_batch(&mut self, store: &Store, records: &[Record]) -> Result<(), ReplicaError> {
+    /// Durably appends `records` (validated by the caller: sequence numbers increasing
+    /// from `hwm + 1`, skipping only what the relay coalesced away; in bounds) and
+    /// applies them. When this returns `Ok`, they may be acknowledged. Returns, per
+    /// record, the journal offset where its payload bytes start (for the content index).
+    pub fn apply_batch(
+        &mut self,
+        store: &Store,
+        records: &[Record],
+    ) -> Result<Vec<u64>, ReplicaError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let io_err = |path: &Path| {
             let path = path.to_owned();
@@ -248,8 +254,13 @@ impl DiskReplica {
         self.encode_buf.clear();
         let mut tags = Vec::new();
         let mut ends = Vec::with_capacity(records.len());
-        for (i, r) in records.iter().enumerate() {
-            debug_assert_eq!(r.seq(), self.hwm + 1 + i as u64, "caller validates order");
+        let mut payloads = Vec::with_capacity(records.len());
+        let mut prev = self.hwm;
+        for r in records {
+            debug_assert!(r.seq() > prev, "caller validates order");
+            prev = r.seq();
+            // entry = len u32 | crc u32 | frame header (8) | seq u64 | offset u64 | data
+            payloads.push(self.journal_len + self.encode_buf.len() as u64 + 32);
             encode_entry(r, &mut self.encode_buf);
             ends.push(self.journal_len + self.encode_buf.len() as u64);
         }
@@ -278,7 +289,12 @@ impl DiskReplica {
         {
             self.take_checkpoint(store, &[])?;
         }
-        Ok(())
+        Ok(payloads)
+    }
+
+    /// The journal file (the content index reads referenced blocks from it).
+    pub fn journal_path(&self) -> &Path {
+        &self.journal_path
     }
 
     /// Flushes the image and records that the journal up to here is applied.

@@ -18,12 +18,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fbr_protocol::{ErrorCode, Frame, Record, StreamId};
+use fbr_protocol::{wan, ErrorCode, Frame, Record, StreamId};
 use fbr_transport::{peer_identity, FrameReader, FrameWriter, PeerIdentity, ReadError, Role};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use fbr_metrics::master_target::MasterTargetMetrics;
 
+use crate::content::ContentIndex;
 use crate::replica::{DiskReplica, ReplicaError};
 use crate::store::Store;
 
@@ -40,6 +41,8 @@ pub struct MasterTarget {
     /// Credit granted to each stream (bytes of records that may be unacknowledged).
     pub credit_bytes: u64,
     pub metrics: MasterTargetMetrics,
+    /// Blocks held, for resolving the relay's dedup references.
+    pub content: Arc<ContentIndex>,
     slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
 }
 
@@ -52,7 +55,14 @@ struct DiskSlot {
 }
 
 impl MasterTarget {
-    pub fn new(data_dir: PathBuf, store: Store, credit_bytes: u64) -> Arc<Self> {
+    /// `content_index_entries` bounds the dedup content index (0 disables it: every
+    /// reference is answered with `UnknownReference`).
+    pub fn new(
+        data_dir: PathBuf,
+        store: Store,
+        credit_bytes: u64,
+        content_index_entries: usize,
+    ) -> Arc<Self> {
         let metrics = MasterTargetMetrics::new();
         // Every error code starts at zero, so rate() and alerts see the first error.
         for code in ErrorCode::KNOWN {
@@ -65,6 +75,7 @@ impl MasterTarget {
             store: Arc::new(store),
             credit_bytes,
             metrics,
+            content: Arc::new(ContentIndex::new(content_index_entries)),
             slots: Mutex::new(HashMap::new()),
         })
     }
@@ -290,15 +301,17 @@ impl MasterTarget {
                 }
             };
             let mut batch = Vec::new();
+            let mut literals = Vec::new();
             let mut permits = Vec::new();
             let mut batch_bytes = 0usize;
             let mut end = false;
             let mut next = first;
             loop {
                 match next {
-                    Some(Item::Record(r, p)) => {
+                    Some(Item::Record(r, p, literal)) => {
                         batch_bytes += r.encoded_len();
                         batch.push(r);
+                        literals.push(literal);
                         permits.push(p);
                     }
                     Some(Item::Fail(code, msg)) => {
@@ -322,8 +335,17 @@ impl MasterTarget {
             if !batch.is_empty() {
                 let mut r = replica.take().expect("replica present between batches");
                 let store = self.store.clone();
+                let content = self.content.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    let res = r.apply_batch(&store, &batch);
+                    let res = r.apply_batch(&store, &batch).map(|payloads| {
+                        // Durable now: the blocks may be referenced from here on.
+                        let journal = r.journal_path().to_path_buf();
+                        for ((record, at), literal) in batch.iter().zip(payloads).zip(literals) {
+                            if let Record::Write { data, .. } = record {
+                                content.insert_write(&journal, at, data, literal.as_deref());
+                            }
+                        }
+                    });
                     (r, res, batch)
                 })
                 .await;
@@ -381,9 +403,12 @@ impl MasterTarget {
     }
 }
 
-/// What the reader hands the applier.
+/// What the reader hands the applier: a checked record, or why the stream ends. The
+/// third field is `Some` for records that came in a WAN batch (for a write: which of
+/// its blocks arrived as bytes, so only those are hashed into the content index) and
+/// `None` for plain records (all their blocks are hashed).
 enum Item {
-    Record(Record, OwnedSemaphorePermit),
+    Record(Record, OwnedSemaphorePermit, Option<Vec<bool>>),
     Fail(ErrorCode, String),
 }
 
@@ -395,49 +420,134 @@ async fn read_records(
     disk_size: u64,
     mt: Arc<MasterTarget>,
 ) {
+    let fail = |code, msg: String| {
+        let _ = tx.send(Item::Fail(code, msg));
+    };
     loop {
-        let record = match reader.next().await {
-            Ok(Some(Frame::Record(r))) => r,
+        let records: Vec<(Record, Option<Vec<bool>>)> = match reader.next().await {
+            Ok(Some(Frame::Record(r))) => vec![(r, None)],
+            Ok(Some(Frame::Batch(payload))) => {
+                match unpack_batch(&mt, payload, &mut expected).await {
+                    Ok(records) => records,
+                    Err((code, msg)) => return fail(code, msg),
+                }
+            }
             Ok(Some(other)) => {
-                let _ = tx.send(Item::Fail(
+                return fail(
                     ErrorCode::UnexpectedFrame,
                     format!("{:?} frame in the middle of a stream", other.frame_type()),
-                ));
-                return;
+                );
             }
             Ok(None) => return,
             Err(ReadError::Stream(e)) => {
                 tracing::debug!("stream read ended: {e}");
                 return;
             }
-            Err(e) => {
-                let _ = tx.send(Item::Fail(e.code(), e.to_string()));
+            Err(e) => return fail(e.code(), e.to_string()),
+        };
+        for (record, literal) in records {
+            let seq = record.seq();
+            if literal.is_none() {
+                // A plain record: exactly the next one.
+                if seq < expected {
+                    mt.metrics.duplicates_skipped_total.inc();
+                    continue;
+                }
+                if seq > expected {
+                    return fail(
+                        ErrorCode::SequenceGap,
+                        format!("expected sequence {expected}, got {seq}"),
+                    );
+                }
+                expected += 1;
+            }
+            if let Err((code, msg)) = record.check_against_disk(disk_size) {
+                return fail(code, msg);
+            }
+            let cost = record.encoded_len().min(MAX_BATCH_BYTES) as u32;
+            let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+                return;
+            };
+            if tx.send(Item::Record(record, permit, literal)).is_err() {
                 return;
             }
-        };
-        let seq = record.seq();
-        if seq < expected {
-            mt.metrics.duplicates_skipped_total.inc();
-            continue;
         }
-        if seq > expected {
-            let _ = tx.send(Item::Fail(
-                ErrorCode::SequenceGap,
-                format!("expected sequence {expected}, got {seq}"),
-            ));
-            return;
+    }
+}
+
+/// Decodes a WAN batch and resolves its references (reading blocks back from journals,
+/// off the async threads). Records already held are dropped; `expected` moves past the
+/// batch's span. Each write comes with which of its blocks arrived as bytes.
+async fn unpack_batch(
+    mt: &Arc<MasterTarget>,
+    payload: bytes::Bytes,
+    expected: &mut u64,
+) -> Result<Vec<(Record, Option<Vec<bool>>)>, (ErrorCode, String)> {
+    let batch = wan::decode_batch(payload).map_err(|e| (e.code(), e.to_string()))?;
+    mt.metrics.batches_received_total.inc();
+    if batch.first_seq > *expected {
+        return Err((
+            ErrorCode::SequenceGap,
+            format!(
+                "expected sequence {expected}, batch starts at {}",
+                batch.first_seq
+            ),
+        ));
+    }
+    if batch.last_seq < *expected {
+        mt.metrics
+            .duplicates_skipped_total
+            .inc_by(batch.items.len() as u64);
+        return Ok(Vec::new());
+    }
+    // Items before `expected` are held already; the rest, resolved, bring the state to
+    // exactly `last_seq` (the relay coalesced only within the batch's span).
+    let from = *expected;
+    let content = mt.content.clone();
+    let resolved = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(batch.items.len());
+        let (mut hits, mut misses) = (0u64, 0u64);
+        for item in batch.items.into_iter().filter(|i| i.seq() >= from) {
+            let literal = match &item {
+                wan::Item::Write { blocks, .. } => Some(
+                    blocks
+                        .iter()
+                        .map(|b| matches!(b, wan::Block::Literal(_)))
+                        .collect::<Vec<bool>>(),
+                ),
+                wan::Item::Plain(_) => None,
+            };
+            let record = wan::resolve(item, |hash, len| {
+                let found = content.lookup(hash, len);
+                if found.is_some() {
+                    hits += 1
+                } else {
+                    misses += 1
+                }
+                found
+            });
+            match record {
+                Ok(r) => out.push((r, Some(literal.unwrap_or_default()))),
+                Err(seq) => return Err((seq, hits, misses)),
+            }
         }
-        if let Err((code, msg)) = record.check_against_disk(disk_size) {
-            let _ = tx.send(Item::Fail(code, msg));
-            return;
+        Ok((out, hits, batch.last_seq))
+    })
+    .await
+    .map_err(|e| (ErrorCode::Internal, format!("resolving a batch: {e}")))?;
+    match resolved {
+        Ok((records, hits, last_seq)) => {
+            mt.metrics.dedup_references_resolved_total.inc_by(hits);
+            *expected = last_seq + 1;
+            Ok(records)
         }
-        let cost = record.encoded_len().min(MAX_BATCH_BYTES) as u32;
-        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
-            return;
-        };
-        expected += 1;
-        if tx.send(Item::Record(record, permit)).is_err() {
-            return;
+        Err((seq, hits, misses)) => {
+            mt.metrics.dedup_references_resolved_total.inc_by(hits);
+            mt.metrics.dedup_references_missing_total.inc_by(misses);
+            Err((
+                ErrorCode::UnknownReference,
+                format!("record {seq} references a block this master target does not hold; resend it in full"),
+            ))
         }
     }
 }

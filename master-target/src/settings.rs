@@ -34,6 +34,9 @@ pub struct MasterTargetSettings {
     /// queueing delay.
     pub credit: ByteSize,
     pub max_udp_payload: u16,
+    /// Most 4 KiB blocks in the dedup content index (about 100 bytes each); 0 disables
+    /// dedup (the relay then resends every referenced block).
+    pub content_index_entries: u64,
     pub log_json: bool,
 }
 
@@ -49,6 +52,7 @@ impl Default for MasterTargetSettings {
             metrics_port_file: None,
             credit: ByteSize::mib(16),
             max_udp_payload: 1452,
+            content_index_entries: 1 << 20,
             log_json: false,
         }
     }
@@ -67,6 +71,15 @@ impl MasterTargetSettings {
             return Err(ConfigError::new(
                 "max_udp_payload",
                 format!("{} is below QUIC's minimum of 1200", self.max_udp_payload),
+            ));
+        }
+        if self.content_index_entries > 1 << 28 {
+            return Err(ConfigError::new(
+                "content_index_entries",
+                format!(
+                    "{} is over the limit of 268435456 (about 25 GiB of memory)",
+                    self.content_index_entries
+                ),
             ));
         }
         self.metrics_addr()?;

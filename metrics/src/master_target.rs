@@ -17,8 +17,12 @@ pub struct MasterTargetMetrics {
     pub duplicates_skipped_total: IntCounter,
     pub tags_applied_total: IntCounter,
     pub stream_errors_total: IntCounterVec,
+    pub dedup_references_resolved_total: IntCounter,
+    pub dedup_references_missing_total: IntCounter,
+    pub batches_received_total: IntCounter,
     pub disks: IntGauge,
     pub relay_streams: IntGauge,
+    pub content_index_blocks: IntGauge,
 }
 
 impl MasterTargetMetrics {
@@ -75,6 +79,22 @@ impl MasterTargetMetrics {
                     &["code"],
                 )
                 .expect("valid metric"),
+            ),
+            dedup_references_resolved_total: counter(
+                "fbr_master_target_dedup_references_resolved_total",
+                "Blocks the relay sent as a SHA-256 reference that were read back (and re-verified) from a journal.",
+            ),
+            dedup_references_missing_total: counter(
+                "fbr_master_target_dedup_references_missing_total",
+                "References that could not be resolved (evicted, restarted): answered with unknown_reference so the relay resends the data.",
+            ),
+            batches_received_total: counter(
+                "fbr_master_target_batches_received_total",
+                "WAN batches received from relays.",
+            ),
+            content_index_blocks: gauge(
+                "fbr_master_target_content_index_blocks",
+                "Blocks in the dedup content index.",
             ),
             disks: gauge(
                 "fbr_master_target_disks",

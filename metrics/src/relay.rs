@@ -3,12 +3,18 @@
 //!
 //! Byte stages (`fbr_relay_bytes_total{stage}`), in the order data passes them:
 //!
-//! | stage       | what is counted                                                   |
-//! |-------------|-------------------------------------------------------------------|
-//! | `ingested`  | record frames received from agents (headers included)             |
-//! | `logical`   | bytes of disk those records write or zero                         |
-//! | `forwarded` | record frames sent to the master target                           |
-//! | `wire`      | UDP payload sent to the master target (QUIC + TLS overhead, retransmissions) |
+//! | stage          | what is counted                                                   |
+//! |----------------|-------------------------------------------------------------------|
+//! | `ingested`     | record frames received from agents (headers included)             |
+//! | `logical`      | bytes of disk those records write or zero (at ingest)             |
+//! | `coalesced`    | logical bytes forwarded once superseded writes are left out       |
+//! | `zero_elided`  | of those, bytes still carried as data (zero ranges/blocks removed)|
+//! | `deduplicated` | of those, bytes sent as literal blocks (references removed)       |
+//! | `compressed`   | WAN batch payloads after LZ4 (what the relay sends, before QUIC)  |
+//! | `wire`         | UDP payload sent to the master target (QUIC + TLS overhead, retransmissions) |
+//!
+//! `fbr_relay_vm_bytes_total{vm,stage}` has the forwarding stages per VM, `logical`
+//! counted when forwarded.
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -28,6 +34,18 @@ pub struct RelayMetrics {
     pub duplicates_skipped_total: IntCounter,
     /// Bytes per stage, see the module's table.
     pub bytes_total: IntCounterVec,
+    /// Forwarding stages per VM.
+    pub vm_bytes_total: IntCounterVec,
+    /// Blocks sent as a reference instead of their bytes.
+    pub dedup_hits_total: IntCounter,
+    /// Times the master target could not resolve a reference (data resent).
+    pub unknown_references_total: IntCounter,
+    pub batches_total: IntCounter,
+    /// Batches not tried for LZ4 because recent ones did not compress.
+    pub compression_skipped_batches_total: IntCounter,
+    /// CPU time spent compressing batches.
+    pub compression_seconds_total: prometheus::Counter,
+    pub dedup_known_blocks: IntGauge,
     /// Streams refused or closed with an error, by wire error code name.
     pub stream_errors_total: IntCounterVec,
     /// Time from a record's durable append in the cache to the master target's ack.
@@ -51,7 +69,15 @@ pub struct RelayMetrics {
 }
 
 /// The stage label values of `fbr_relay_bytes_total`.
-pub const BYTE_STAGES: [&str; 4] = ["ingested", "logical", "forwarded", "wire"];
+pub const BYTE_STAGES: [&str; 7] = [
+    "ingested",
+    "logical",
+    "coalesced",
+    "zero_elided",
+    "deduplicated",
+    "compressed",
+    "wire",
+];
 
 impl RelayMetrics {
     pub fn new() -> Self {
@@ -94,11 +120,50 @@ impl RelayMetrics {
                 IntCounterVec::new(
                     Opts::new(
                         "fbr_relay_bytes_total",
-                        "Bytes per stage of the data path: ingested, logical, forwarded, wire.",
+                        "Bytes per stage of the data path: ingested, logical, coalesced, zero_elided, deduplicated, compressed, wire.",
                     ),
                     &["stage"],
                 )
                 .expect("valid metric"),
+            ),
+            vm_bytes_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fbr_relay_vm_bytes_total",
+                        "Bytes per forwarding stage and VM: logical, coalesced, zero_elided, deduplicated, compressed.",
+                    ),
+                    &["vm", "stage"],
+                )
+                .expect("valid metric"),
+            ),
+            dedup_hits_total: counter(
+                "fbr_relay_dedup_hits_total",
+                "4 KiB blocks sent to the master target as a SHA-256 reference instead of their bytes.",
+            ),
+            unknown_references_total: counter(
+                "fbr_relay_unknown_references_total",
+                "Times the master target could not resolve a reference and the relay resent the data.",
+            ),
+            batches_total: counter(
+                "fbr_relay_batches_total",
+                "WAN batches sent to the master target.",
+            ),
+            compression_skipped_batches_total: counter(
+                "fbr_relay_compression_skipped_batches_total",
+                "Batches sent without trying LZ4 because recent batches of the stream did not compress.",
+            ),
+            compression_seconds_total: register(
+                &r,
+                prometheus::Counter::with_opts(Opts::new(
+                    "fbr_relay_compression_seconds_total",
+                    "Time spent compressing WAN batches with LZ4.",
+                ))
+                .expect("valid metric"),
+            ),
+            dedup_known_blocks: gauge(
+                "fbr_relay_dedup_known_blocks",
+                "Block hashes the relay knows the master target holds.",
             ),
             stream_errors_total: register(
                 &r,

@@ -33,6 +33,10 @@ pub enum ErrorCode {
     DiskSizeMismatch,
     /// The stream is already open on another connection.
     StreamBusy,
+    /// A `Batch` referenced a block by hash that the master target cannot produce
+    /// (evicted from its content index, or lost in a restart). The sender resends from
+    /// the next expected record with that record's data in full.
+    UnknownReference,
     /// The relay cannot reach the master target.
     UpstreamUnavailable,
     /// A failure inside the receiver (I/O error, ...). Retrying may help.
@@ -44,7 +48,7 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// The wire number of this code.
     /// Every code this version defines (metrics start each at zero).
-    pub const KNOWN: [ErrorCode; 13] = [
+    pub const KNOWN: [ErrorCode; 14] = [
         ErrorCode::MalformedFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::FrameTooLarge,
@@ -56,6 +60,7 @@ impl ErrorCode {
         ErrorCode::Misaligned,
         ErrorCode::DiskSizeMismatch,
         ErrorCode::StreamBusy,
+        ErrorCode::UnknownReference,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::Internal,
     ];
@@ -73,6 +78,7 @@ impl ErrorCode {
             ErrorCode::Misaligned => 22,
             ErrorCode::DiskSizeMismatch => 23,
             ErrorCode::StreamBusy => 24,
+            ErrorCode::UnknownReference => 25,
             ErrorCode::UpstreamUnavailable => 30,
             ErrorCode::Internal => 40,
             ErrorCode::Unknown(n) => n,
@@ -93,6 +99,7 @@ impl ErrorCode {
             22 => ErrorCode::Misaligned,
             23 => ErrorCode::DiskSizeMismatch,
             24 => ErrorCode::StreamBusy,
+            25 => ErrorCode::UnknownReference,
             30 => ErrorCode::UpstreamUnavailable,
             40 => ErrorCode::Internal,
             n => ErrorCode::Unknown(n),
@@ -113,6 +120,7 @@ impl ErrorCode {
             ErrorCode::Misaligned => "misaligned",
             ErrorCode::DiskSizeMismatch => "disk_size_mismatch",
             ErrorCode::StreamBusy => "stream_busy",
+            ErrorCode::UnknownReference => "unknown_reference",
             ErrorCode::UpstreamUnavailable => "upstream_unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown(_) => "unknown",

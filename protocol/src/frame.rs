@@ -40,6 +40,7 @@ pub enum FrameType {
     Write = 0x10,
     Zero = 0x11,
     Tag = 0x12,
+    Batch = 0x13,
     Ack = 0x20,
     Credit = 0x21,
     Applied = 0x22,
@@ -54,6 +55,7 @@ impl FrameType {
             0x10 => FrameType::Write,
             0x11 => FrameType::Zero,
             0x12 => FrameType::Tag,
+            0x13 => FrameType::Batch,
             0x20 => FrameType::Ack,
             0x21 => FrameType::Credit,
             0x22 => FrameType::Applied,
@@ -180,6 +182,10 @@ pub enum Frame {
     Accept { next_seq: u64, credit_bytes: u64 },
     /// Sender -> receiver: a change or a tag.
     Record(Record),
+    /// Relay -> master target only: several records reduced for the WAN (zero blocks
+    /// elided, known blocks referenced by hash, superseded writes coalesced, LZ4). The
+    /// payload is decoded by [`crate::wan::decode_batch`].
+    Batch(Bytes),
     /// Receiver -> sender: every record with a sequence number `<= seq` is durable at
     /// the receiver (for the relay: in its cache). The sender may forget them.
     Ack { seq: u64 },
@@ -201,6 +207,7 @@ impl Frame {
             Frame::Record(Record::Write { .. }) => FrameType::Write,
             Frame::Record(Record::Zero { .. }) => FrameType::Zero,
             Frame::Record(Record::Tag { .. }) => FrameType::Tag,
+            Frame::Batch(_) => FrameType::Batch,
             Frame::Ack { .. } => FrameType::Ack,
             Frame::Applied { .. } => FrameType::Applied,
             Frame::Credit { .. } => FrameType::Credit,
@@ -269,6 +276,13 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
             out.put_u32_le(*members);
             put_short_str(out, group);
         }
+        Frame::Batch(payload) => {
+            assert!(
+                payload.len() <= crate::wan::MAX_BATCH_FRAME_PAYLOAD,
+                "batch larger than the limit"
+            );
+            out.put_slice(payload);
+        }
         Frame::Ack { seq } | Frame::Applied { seq } => out.put_u64_le(*seq),
         Frame::Credit { credit_bytes } => out.put_u64_le(*credit_bytes),
         Frame::Error { code, message } => {
@@ -315,10 +329,14 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
     }
     let ty = FrameType::from_u8(buf[3]).ok_or(DecodeError::UnknownType(buf[3]))?;
     let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    if len as usize > MAX_FRAME_PAYLOAD {
+    let max = match ty {
+        FrameType::Batch => crate::wan::MAX_BATCH_FRAME_PAYLOAD,
+        _ => MAX_FRAME_PAYLOAD,
+    };
+    if len as usize > max {
         return Err(DecodeError::FrameTooLarge {
             len,
-            max: MAX_FRAME_PAYLOAD as u32,
+            max: max as u32,
         });
     }
     let total = FRAME_HEADER_LEN + len as usize;
@@ -472,6 +490,7 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
                 group,
             })
         }
+        FrameType::Batch => Frame::Batch(p),
         FrameType::Ack => {
             exact("Ack", &p, 8)?;
             Frame::Ack {

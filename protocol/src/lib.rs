@@ -24,6 +24,7 @@
 pub mod error;
 pub mod frame;
 pub mod names;
+pub mod wan;
 
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{

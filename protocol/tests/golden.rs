@@ -122,3 +122,66 @@ fn ack_credit_error() {
         &[b'F', b'B', 1, 0x30, 5, 0, 0, 0, 20, 0, b'g', b'a', b'p'],
     );
 }
+
+#[test]
+fn batch() {
+    use fbr_protocol::wan::{decode_batch, encode_batch, Batch, Block, Item};
+    let batch = Batch {
+        first_seq: 3,
+        last_seq: 5,
+        items: vec![
+            Item::Write {
+                seq: 3,
+                offset: 0x1000,
+                len: 8192 + 512,
+                blocks: vec![
+                    Block::Zero,
+                    Block::Ref([0xAA; 32]),
+                    Block::Literal(Bytes::from(vec![0x5A; 512])),
+                ],
+            },
+            Item::Plain(Record::Tag {
+                seq: 5,
+                id: 9,
+                kind: TagKind::Crash,
+                members: 1,
+                group: "g".into(),
+            }),
+        ],
+    };
+    let mut golden = vec![
+        1, 0, 0, 0, // version 1, flags 0 (no LZ4), reserved
+        3, 0, 0, 0, 0, 0, 0, 0, // first_seq 3
+        5, 0, 0, 0, 0, 0, 0, 0, // last_seq 5 (4 was coalesced away)
+        2, 0, 0, 0, // 2 items
+    ];
+    let mut body = vec![1]; // Write
+    body.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]); // seq 3
+    body.extend_from_slice(&[0, 0x10, 0, 0, 0, 0, 0, 0]); // offset 4096
+    body.extend_from_slice(&[0, 0x22, 0, 0]); // len 8704
+    body.push(1); // block 0: zero
+    body.push(2); // block 1: reference
+    body.extend_from_slice(&[0xAA; 32]);
+    body.push(0); // block 2 (512 bytes): literal
+    body.extend_from_slice(&[0x5A; 512]);
+    body.push(3); // Tag
+    body.extend_from_slice(&[5, 0, 0, 0, 0, 0, 0, 0]); // seq 5
+    body.extend_from_slice(&[9, 0, 0, 0, 0, 0, 0, 0]); // id 9
+    body.extend_from_slice(&[1, 1, 0, 0, 0, 1, b'g']); // crash, 1 member, "g"
+    golden.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    golden.extend_from_slice(&body);
+    let mut out = BytesMut::new();
+    encode_batch(&batch, false, &mut Vec::new(), &mut out);
+    assert_eq!(&out[..], &golden[..]);
+    assert_eq!(decode_batch(Bytes::from(golden.clone())).unwrap(), batch);
+    // In a frame: type 0x13.
+    check(
+        Frame::Batch(Bytes::from(golden.clone())),
+        &[
+            &[b'F', b'B', 1, 0x13][..],
+            &(golden.len() as u32).to_le_bytes(),
+            &golden,
+        ]
+        .concat(),
+    );
+}

@@ -83,3 +83,73 @@ proptest! {
         while let Ok(Some(_)) = decode_frame(&mut wire) {}
     }
 }
+
+mod batches {
+    use super::*;
+    use fbr_protocol::wan::{decode_batch, encode_batch, Batch, Block, Item, BLOCK_SIZE};
+
+    fn block(n: usize) -> impl Strategy<Value = Block> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), n..=n).prop_map(|d| Block::Literal(Bytes::from(d))),
+            Just(Block::Zero),
+            any::<[u8; 32]>().prop_map(Block::Ref),
+        ]
+    }
+
+    fn write_item() -> impl Strategy<Value = (u64, u32, Vec<Block>)> {
+        (any::<u64>(), 1u32..=20).prop_flat_map(|(offset, sectors)| {
+            let len = sectors * 512;
+            let blocks: Vec<_> = (0..(len as usize).div_ceil(BLOCK_SIZE))
+                .map(|i| block((len as usize - i * BLOCK_SIZE).min(BLOCK_SIZE)))
+                .collect();
+            (Just(offset), Just(len), blocks)
+        })
+    }
+
+    fn batch() -> impl Strategy<Value = Batch> {
+        (
+            1u64..1 << 40,
+            prop::collection::vec((1u64..4, write_item()), 1..6),
+        )
+            .prop_map(|(first, writes)| {
+                let mut seq = first - 1;
+                let items = writes
+                    .into_iter()
+                    .map(|(skip, (offset, len, blocks))| {
+                        seq += skip;
+                        Item::Write {
+                            seq,
+                            offset,
+                            len,
+                            blocks,
+                        }
+                    })
+                    .collect::<Vec<_>>();
+                Batch {
+                    first_seq: first,
+                    last_seq: seq,
+                    items,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn batches_round_trip(b in batch(), compress in any::<bool>()) {
+            let mut out = BytesMut::new();
+            encode_batch(&b, compress, &mut Vec::new(), &mut out);
+            prop_assert_eq!(decode_batch(out.freeze()).unwrap(), b);
+        }
+
+        #[test]
+        fn mutated_batches_never_panic(b in batch(), compress in any::<bool>(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut out = BytesMut::new();
+            encode_batch(&b, compress, &mut Vec::new(), &mut out);
+            let i = pos.index(out.len());
+            out[i] = byte;
+            let _ = decode_batch(out.freeze());
+        }
+    }
+}

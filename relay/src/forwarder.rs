@@ -18,14 +18,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fbr_cache::{now_ms, CacheError};
-use fbr_protocol::{ErrorCode, Frame, Record, StreamId};
+use fbr_protocol::{ErrorCode, Frame, StreamId};
 use fbr_transport::{FrameReader, FrameWriter};
 use tokio::sync::watch;
 
+use crate::reduce::{Reducer, StageBytes};
 use crate::server::Relay;
 
-/// Most bytes read from the cache per send.
-const READ_BATCH_BYTES: usize = 1 << 20;
+/// Most record bytes read from the cache at once: the coalescing window when the
+/// stream has a backlog (reductions run on a blocking thread, a few streams at a time).
+const READ_WINDOW_BYTES: usize = 8 << 20;
 
 /// What others may know about a stream's forwarder.
 #[derive(Debug)]
@@ -38,6 +40,8 @@ pub struct ForwarderState {
     /// When the newest recovery point (tag) the master target acknowledged was appended
     /// to the cache, Unix milliseconds; 0 before the first one (the RPO metric).
     pub newest_applied_tag_ms: AtomicU64,
+    /// Bytes after each WAN reduction, for this stream.
+    pub stages: StageBytes,
 }
 
 impl ForwarderState {
@@ -47,20 +51,26 @@ impl ForwarderState {
             mt_next: watch::channel(None).0,
             failed: watch::channel(None).0,
             newest_applied_tag_ms: AtomicU64::new(0),
+            stages: StageBytes::default(),
         }
     }
 }
 
-/// A record sent and not yet acknowledged by the master target.
+/// A batch sent and not yet acknowledged by the master target.
 struct InFlight {
-    seq: u64,
+    last_seq: u64,
+    /// Payload bytes (what counts against the master target's credit).
     bytes: u64,
-    appended_ms: u64,
-    is_tag: bool,
+    /// Append time and tag flag of every record the batch covers.
+    records: Vec<(u64, bool)>,
+    /// Blocks sent as bytes: the master target holds them once it acknowledges.
+    literal_hashes: Vec<[u8; 32]>,
 }
 
 enum End {
     Retry(String),
+    /// Retry at once: the master target asked for data it could not find by reference.
+    Resend(String),
     Fatal(String),
 }
 
@@ -74,6 +84,9 @@ pub async fn run(relay: Arc<Relay>, id: StreamId, state: Arc<ForwarderState>) {
                 tracing::error!("forwarding stopped: {reason}");
                 state.failed.send_replace(Some(reason));
                 return;
+            }
+            End::Resend(reason) => {
+                tracing::info!("resending without references: {reason}");
             }
             End::Retry(reason) => {
                 if connected {
@@ -90,7 +103,7 @@ pub async fn run(relay: Arc<Relay>, id: StreamId, state: Arc<ForwarderState>) {
 async fn session(
     relay: &Arc<Relay>,
     id: &StreamId,
-    state: &ForwarderState,
+    state: &Arc<ForwarderState>,
     connected: &mut bool,
 ) -> End {
     let (send, recv) = match relay.upstream.open_stream().await {
@@ -159,6 +172,17 @@ async fn session(
                     acked_tx.send_replace(seq);
                 }
                 Ok(Some(Frame::Credit { .. })) => {}
+                Ok(Some(Frame::Error {
+                    code: ErrorCode::UnknownReference,
+                    message,
+                })) => {
+                    // The master target lost blocks it held (restart, eviction): every
+                    // reference is suspect. The resend carries bytes until acks teach
+                    // the relay again what it holds.
+                    ack_relay.known_blocks.clear();
+                    ack_relay.metrics.unknown_references_total.inc();
+                    return End::Resend(message);
+                }
                 Ok(Some(Frame::Error { code, message })) => {
                     return End::Retry(format!(
                         "master target closed the stream: {code}: {message}"
@@ -181,24 +205,28 @@ async fn session(
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut in_flight_bytes = 0u64;
     let mut cursor = mt_next;
+    let mut reducer = Some(Reducer::new(relay.config.wan));
     loop {
         // Forget what the master target acknowledged; it measures replication lag and
         // moves the recovery point.
         let acked = *acked_rx.borrow_and_update();
         let now = now_ms();
-        while in_flight.front().is_some_and(|f| f.seq <= acked) {
+        while in_flight.front().is_some_and(|f| f.last_seq <= acked) {
             let Some(f) = in_flight.pop_front() else {
                 break;
             };
             in_flight_bytes -= f.bytes;
-            relay
-                .metrics
-                .replication_lag_seconds
-                .observe(now.saturating_sub(f.appended_ms) as f64 / 1000.0);
-            if f.is_tag {
-                state
-                    .newest_applied_tag_ms
-                    .fetch_max(f.appended_ms, Ordering::Relaxed);
+            relay.known_blocks.insert_all(&f.literal_hashes);
+            for (appended_ms, is_tag) in f.records {
+                relay
+                    .metrics
+                    .replication_lag_seconds
+                    .observe(now.saturating_sub(appended_ms) as f64 / 1000.0);
+                if is_tag {
+                    state
+                        .newest_applied_tag_ms
+                        .fetch_max(appended_ms, Ordering::Relaxed);
+                }
             }
         }
         let durable = *durable_rx.borrow_and_update();
@@ -210,19 +238,39 @@ async fn session(
             }
             continue;
         }
-        let budget = ((credit - in_flight_bytes) as usize).clamp(1, READ_BATCH_BYTES);
-        let (cache, rid) = (relay.cache.clone(), id.clone());
-        let read =
-            tokio::task::spawn_blocking(move || cache.read_batch(&rid, cursor, budget)).await;
-        let records = match read {
-            Ok(Ok(r)) => r,
-            Ok(Err(e @ CacheError::Corrupt { .. })) => {
+        let budget = ((credit - in_flight_bytes) as usize).clamp(1, READ_WINDOW_BYTES);
+        // Read and reduce on a blocking thread (SHA-256 and LZ4 are CPU work), a bounded
+        // number of streams at a time (each holds up to a window of records).
+        let Ok(_slot) = relay.reduce_slots.acquire().await else {
+            return End::Retry("relay shutting down".into());
+        };
+        let (cache, rid, known, st) = (
+            relay.cache.clone(),
+            id.clone(),
+            relay.clone(),
+            state.clone(),
+        );
+        let mut r = reducer.take().expect("reducer present between reads");
+        let read = tokio::task::spawn_blocking(move || {
+            let out = cache
+                .read_batch(&rid, cursor, budget)
+                .map(|records| r.reduce(records, &known.known_blocks, &st.stages));
+            (r, out)
+        })
+        .await;
+        drop(_slot);
+        let batches = match read {
+            Ok((r, Ok(b))) => {
+                reducer = Some(r);
+                b
+            }
+            Ok((_, Err(e @ CacheError::Corrupt { .. }))) => {
                 acks.abort();
                 let reason = format!("cache corruption, stream needs resync: {e}");
                 let _ = relay.cache.drop_stream(id, reason.clone());
                 return End::Fatal(reason);
             }
-            Ok(Err(e)) => {
+            Ok((_, Err(e))) => {
                 acks.abort();
                 return End::Retry(format!("reading the cache: {e}"));
             }
@@ -231,7 +279,7 @@ async fn session(
                 return End::Retry(format!("cache read task: {e}"));
             }
         };
-        if records.is_empty() {
+        if batches.is_empty() {
             if let Some(reason) = relay.cache.stats(id).and_then(|s| s.needs_resync) {
                 acks.abort();
                 return End::Fatal(reason);
@@ -240,25 +288,23 @@ async fn session(
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
-        // Wait for this stream's turn on the WAN leg (rate limit, fair share).
-        let batch_bytes: u64 = records.iter().map(|r| r.record.encoded_len() as u64).sum();
-        relay.egress.acquire(id, batch_bytes).await;
-        relay.metrics.add_bytes("forwarded", batch_bytes);
-        relay
-            .metrics
-            .records_forwarded_total
-            .inc_by(records.len() as u64);
-        for r in records {
-            let len = r.record.encoded_len() as u64;
-            cursor = r.record.seq() + 1;
+        for b in batches {
+            // Wait for this stream's turn on the WAN leg (rate limit, fair share).
+            let bytes = b.payload.len() as u64;
+            relay.egress.acquire(id, bytes).await;
+            relay
+                .metrics
+                .records_forwarded_total
+                .inc_by(b.records.len() as u64);
+            cursor = b.last_seq + 1;
+            in_flight_bytes += bytes;
             in_flight.push_back(InFlight {
-                seq: r.record.seq(),
-                bytes: len,
-                appended_ms: r.appended_ms,
-                is_tag: matches!(r.record, Record::Tag { .. }),
+                last_seq: b.last_seq,
+                bytes,
+                records: b.records,
+                literal_hashes: b.literal_hashes,
             });
-            in_flight_bytes += len;
-            writer.push(&Frame::Record(r.record));
+            writer.push(&Frame::Batch(b.payload));
         }
         if let Err(e) = writer.flush().await {
             acks.abort();

@@ -10,6 +10,7 @@
 //! - [`session`]: one agent disk stream: checks, durable append, `Ack`/`Applied`.
 //! - [`cache`]: the durable cache (`fbr-cache`) behind a group-commit writer thread.
 //! - [`egress`]: rate limit (weekly schedule) and weighted fair sharing of the WAN leg.
+//! - [`reduce`]: WAN reductions per batch: coalescing, zero elision, dedup, LZ4.
 //! - [`forwarder`]: one task per stream draining the cache to the master target.
 //! - [`health`]: health conditions and ingest throttling under cache pressure (sans-IO).
 //! - [`observe`]: the health task and the `/metrics`, `/healthz`, `/readyz` endpoints.
@@ -32,6 +33,7 @@ pub mod egress;
 pub mod forwarder;
 pub mod health;
 pub mod observe;
+pub mod reduce;
 pub mod server;
 pub mod session;
 pub mod settings;

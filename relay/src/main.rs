@@ -157,6 +157,16 @@ struct RunArgs {
     /// How often health is evaluated, in milliseconds [health.interval_ms].
     #[arg(long)]
     health_interval_ms: Option<u64>,
+    /// Leave out writes superseded before the next recovery point: true or false
+    /// [wan.coalesce].
+    #[arg(long)]
+    wan_coalesce: Option<bool>,
+    /// Send blocks the master target holds as their SHA-256: true or false [wan.dedup].
+    #[arg(long)]
+    wan_dedup: Option<bool>,
+    /// LZ4 of WAN batches: off, adaptive or always [wan.compression].
+    #[arg(long)]
+    wan_compression: Option<String>,
 }
 
 impl RunArgs {
@@ -215,6 +225,15 @@ impl RunArgs {
         }
         if let Some(v) = self.health_interval_ms {
             set("health.interval_ms", (v as i64).into());
+        }
+        if let Some(v) = self.wan_coalesce {
+            set("wan.coalesce", v.into());
+        }
+        if let Some(v) = self.wan_dedup {
+            set("wan.dedup", v.into());
+        }
+        if let Some(v) = &self.wan_compression {
+            set("wan.compression", v.clone().into());
         }
         for w in &self.vm_weights {
             let parsed = w
@@ -393,6 +412,8 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
             agent_credit_bytes: settings.ingest.credit.0,
             health: settings.health_thresholds(),
             health_interval: settings.health_interval(),
+            wan: settings.wan_config(),
+            dedup_known_blocks: settings.wan.dedup_known_blocks as usize,
         },
         link,
         cache.clone(),

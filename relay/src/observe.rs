@@ -101,6 +101,9 @@ pub struct RelayEndpoints {
     relay: Arc<Relay>,
     /// UDP bytes to the master target already counted in `fbr_relay_bytes_total{stage="wire"}`.
     wire_counted: AtomicU64,
+    /// Per-stream reduction counters already added to the Prometheus counters, by
+    /// (VM, counter name): forwarders count in their own atomics, scrapes add the deltas.
+    forwarded_counted: std::sync::Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl RelayEndpoints {
@@ -108,6 +111,7 @@ impl RelayEndpoints {
         Arc::new(RelayEndpoints {
             relay,
             wire_counted: AtomicU64::new(0),
+            forwarded_counted: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -164,6 +168,9 @@ impl RelayEndpoints {
         m.ingest_throttled_streams
             .set(relay.throttled.borrow().len() as i64);
 
+        self.add_forwarding_counters();
+        m.dedup_known_blocks.set(relay.known_blocks.len() as i64);
+
         let link = relay.upstream.status();
         m.upstream_connected.set(link.connected as i64);
         let before = self
@@ -182,6 +189,50 @@ impl RelayEndpoints {
                 .and_then(|r| r.conditions.iter().find(|c| c.name == name))
                 .map_or(0, |c| c.severity as i64);
             m.health_condition.with_label_values(&[name]).set(severity);
+        }
+    }
+}
+
+impl RelayEndpoints {
+    /// Adds what the forwarders counted since the last scrape to the counters.
+    fn add_forwarding_counters(&self) {
+        let relay = &self.relay;
+        let m = &relay.metrics;
+        let mut now: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+        for (id, f) in relay.forwarders() {
+            let st = &f.stages;
+            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let extra = [
+                ("dedup_hits", l(&st.dedup_hits)),
+                ("batches", l(&st.batches)),
+                ("compression_skipped", l(&st.compression_skipped)),
+                ("compress_ns", l(&st.compress_ns)),
+            ];
+            for (name, v) in st.stages().into_iter().chain(extra) {
+                *now.entry((id.vm.clone(), name)).or_default() += v;
+            }
+        }
+        let mut counted = self
+            .forwarded_counted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for ((vm, name), value) in now {
+            let before = counted.insert((vm.clone(), name), value).unwrap_or(0);
+            let delta = value.saturating_sub(before);
+            match name {
+                "dedup_hits" => m.dedup_hits_total.inc_by(delta),
+                "batches" => m.batches_total.inc_by(delta),
+                "compression_skipped" => m.compression_skipped_batches_total.inc_by(delta),
+                "compress_ns" => m.compression_seconds_total.inc_by(delta as f64 / 1e9),
+                stage => {
+                    m.vm_bytes_total
+                        .with_label_values(&[&vm, stage])
+                        .inc_by(delta);
+                    if stage != "logical" {
+                        m.add_bytes(stage, delta);
+                    }
+                }
+            }
         }
     }
 }

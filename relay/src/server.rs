@@ -17,6 +17,10 @@ use crate::cache::RelayCache;
 use crate::egress::Egress;
 use crate::forwarder::ForwarderState;
 use crate::health::{HealthReport, HealthThresholds};
+use crate::reduce::{KnownBlocks, WanConfig};
+
+/// Forwarders that may hold a read window in memory at once.
+const REDUCE_SLOTS: usize = 8;
 
 /// Settings of a running relay.
 #[derive(Debug, Clone)]
@@ -28,6 +32,10 @@ pub struct RelayConfig {
     pub health: HealthThresholds,
     /// How often health is evaluated (and throttling decided).
     pub health_interval: Duration,
+    /// WAN reductions (coalescing, dedup, compression).
+    pub wan: WanConfig,
+    /// Most block hashes remembered as held by the master target (dedup).
+    pub dedup_known_blocks: usize,
 }
 
 /// The latest health evaluation.
@@ -51,6 +59,10 @@ pub struct Relay {
     pub throttled: watch::Sender<Arc<BTreeSet<StreamId>>>,
     /// Set by the health task ([`crate::observe`]).
     pub health: Mutex<Option<HealthSnapshot>>,
+    /// Blocks the master target acknowledged holding: sent as references (dedup).
+    pub known_blocks: KnownBlocks,
+    /// Forwarders reducing a read window at once (bounds the memory of windows).
+    pub reduce_slots: tokio::sync::Semaphore,
     /// One generation counter per disk: a new session bumps it, older ones stop.
     generations: Mutex<HashMap<StreamId, watch::Sender<u64>>>,
     forwarders: Mutex<HashMap<StreamId, Arc<ForwarderState>>>,
@@ -66,6 +78,7 @@ impl Relay {
         egress: Arc<Egress>,
     ) -> Arc<Self> {
         let relay = Arc::new(Relay {
+            known_blocks: KnownBlocks::new(config.dedup_known_blocks),
             config,
             cache,
             egress,
@@ -73,6 +86,7 @@ impl Relay {
             metrics: RelayMetrics::new(),
             throttled: watch::channel(Arc::new(BTreeSet::new())).0,
             health: Mutex::new(None),
+            reduce_slots: tokio::sync::Semaphore::new(REDUCE_SLOTS),
             generations: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
         });

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::egress::EgressConfig;
 use crate::health::HealthThresholds;
+use crate::reduce::{Compression, WanConfig};
 
 /// Where the relay looks for its config file when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/relay/relay.toml";
@@ -44,6 +45,33 @@ pub struct RelaySettings {
     pub ingest: IngestSettings,
     pub egress: EgressSettings,
     pub health: HealthSettings,
+    pub wan: WanSettings,
+}
+
+/// WAN reductions (docs/WAN.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WanSettings {
+    /// Leave out writes superseded before the next recovery point (when backlogged).
+    pub coalesce: bool,
+    /// Send blocks the master target holds as their SHA-256.
+    pub dedup: bool,
+    /// LZ4 of WAN batches: "off", "adaptive" or "always".
+    pub compression: Compression,
+    /// Most block hashes remembered as held by the master target (~100 bytes each).
+    pub dedup_known_blocks: u64,
+}
+
+impl Default for WanSettings {
+    fn default() -> Self {
+        let c = WanConfig::default();
+        WanSettings {
+            coalesce: c.coalesce,
+            dedup: c.dedup,
+            compression: c.compression,
+            dedup_known_blocks: 1 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +137,7 @@ impl Default for RelaySettings {
             ingest: IngestSettings::default(),
             egress: EgressSettings::default(),
             health: HealthSettings::default(),
+            wan: WanSettings::default(),
         }
     }
 }
@@ -217,6 +246,15 @@ impl RelaySettings {
         self.health_thresholds()
             .validate()
             .map_err(|(key, reason)| ConfigError::new(key, reason))?;
+        if self.wan.dedup_known_blocks > 1 << 28 {
+            return Err(ConfigError::new(
+                "wan.dedup_known_blocks",
+                format!(
+                    "{} is over the limit of 268435456 (about 25 GiB of memory)",
+                    self.wan.dedup_known_blocks
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -280,6 +318,14 @@ impl RelaySettings {
             backlog_age_warning_s: h.backlog_age_warning_seconds,
             backlog_age_critical_s: h.backlog_age_critical_seconds,
             master_target_unreachable_critical_s: h.master_target_unreachable_critical_seconds,
+        }
+    }
+
+    pub fn wan_config(&self) -> WanConfig {
+        WanConfig {
+            coalesce: self.wan.coalesce,
+            dedup: self.wan.dedup,
+            compression: self.wan.compression,
         }
     }
 

@@ -64,10 +64,20 @@ async fn live_scrapes_pass_promtool_and_packaging_uses_real_metrics() {
     let logical = sample(&relay_text, "fbr_relay_bytes_total{stage=\"logical\"}").unwrap();
     assert!(logical > 1e6, "logical bytes counted: {logical}");
     let wire = sample(&relay_text, "fbr_relay_bytes_total{stage=\"wire\"}").unwrap();
-    let forwarded = sample(&relay_text, "fbr_relay_bytes_total{stage=\"forwarded\"}").unwrap();
+    let sent = sample(&relay_text, "fbr_relay_bytes_total{stage=\"compressed\"}").unwrap();
+    assert!(wire >= sent && sent > 0.0, "wire {wire} >= batches {sent}");
+    // Each stage only removes bytes.
+    let stage = |s: &str| {
+        sample(
+            &relay_text,
+            &format!("fbr_relay_vm_bytes_total{{stage=\"{s}\",vm=\"vm1\"}}"),
+        )
+        .unwrap_or_else(|| panic!("stage {s} of vm1 missing:\n{relay_text}"))
+    };
+    let chain = ["logical", "coalesced", "zero_elided", "deduplicated"].map(stage);
     assert!(
-        wire >= forwarded && forwarded > 0.0,
-        "wire {wire} >= forwarded {forwarded}"
+        chain.windows(2).all(|w| w[0] >= w[1]) && chain[0] > 0.0,
+        "{chain:?}"
     );
     for vm in ["vm1", "vm2"] {
         let rpo = sample(
