@@ -336,3 +336,60 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let ticks = rustix::param::clock_ticks_per_second() as f64;
     Some((utime + stime) as f64 / ticks)
 }
+
+/// `GET path` from an HTTP endpoint on loopback: (status, body). Blocking, 10 s bound.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|e| (0, e))
+}
+
+fn try_http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let err = |e: std::io::Error| format!("{addr}: {e}");
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(err)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(err)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(err)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// The value of the sample `series` (name with labels, exactly as exposed) in a
+/// Prometheus text exposition, if present.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The sum of every sample of metric `name` whose labels include all of `labels`
+/// (e.g. `[("stage", "logical")]`).
+pub fn sample_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            if !(rest.is_empty() || rest.starts_with('{')) {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

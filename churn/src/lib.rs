@@ -20,6 +20,7 @@ pub mod drill;
 pub mod harness;
 pub mod source;
 pub mod verify;
+pub mod wanbench;
 pub mod workload;
 pub mod writelog;
 

@@ -185,6 +185,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark the WAN leg per content model against rsync (release build; needs
+    /// rsync: ./scripts/bench-wan installs it).
+    BenchWan {
+        /// How long to churn per model, seconds.
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        /// VMs (one disk each).
+        #[arg(long, default_value_t = 2)]
+        vms: u32,
+        /// Size of each disk, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB", value_parser = fbr_transport::daemon::parse_size)]
+        disk_size: u64,
+        /// Seconds between recovery points.
+        #[arg(long, default_value_t = 1.0)]
+        tag_interval: f64,
+        /// Steady churn in MB/s over all disks (default: flat out).
+        #[arg(long)]
+        rate_mb: Option<f64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Skip the rsync comparison.
+        #[arg(long)]
+        no_rsync: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Drive an already running relay with generated churn.
     Run {
         #[command(flatten)]
@@ -408,6 +434,43 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 out.display()
             );
             Ok(true)
+        }
+        Command::BenchWan {
+            seconds,
+            vms,
+            disk_size,
+            tag_interval,
+            rate_mb,
+            seed,
+            no_rsync,
+            json,
+        } => {
+            anyhow::ensure!(vms >= 1, "--vms must be at least 1");
+            anyhow::ensure!(
+                disk_size >= 1 << 20 && disk_size % 4096 == 0,
+                "--disk-size must be a multiple of 4 KiB, at least 1 MiB"
+            );
+            let opts = fbr_churn::wanbench::WanBenchOptions {
+                seconds: seconds.max(1.0),
+                vms,
+                disk_size,
+                tag_interval: Duration::from_secs_f64(tag_interval.max(0.1)),
+                seed,
+                rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
+                rsync: !no_rsync,
+            };
+            let result = fbr_churn::wanbench::run(opts, true).await?;
+            let verified = result
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .all(|v| v.get("verified").is_none_or(|b| b == true))
+                })
+                .unwrap_or(false);
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            }
+            Ok(verified)
         }
         Command::BenchThrottle {
             rate,

@@ -71,6 +71,11 @@ pub struct RelayCache {
     space: (Mutex<()>, Condvar),
     /// Set while the writer waits for space (for health and tests).
     pub full: AtomicBool,
+    /// Sequence numbers of the recovery points (tags) appended per stream and not yet
+    /// acknowledged by the master target: where coalescing intervals end. In memory only
+    /// (after a restart, intervals are found again as new tags arrive); nothing depends
+    /// on it for correctness.
+    tags: Mutex<HashMap<StreamId, std::collections::BTreeSet<u64>>>,
     _lock: File,
 }
 
@@ -109,6 +114,7 @@ impl RelayCache {
             pending_budget: Arc::new(Semaphore::new(PENDING_APPEND_BYTES)),
             space: (Mutex::new(()), Condvar::new()),
             full: AtomicBool::new(false),
+            tags: Mutex::new(HashMap::new()),
             _lock: lock,
         });
         let writer = cache.clone();
@@ -144,6 +150,12 @@ impl RelayCache {
     /// Queues a validated record for a durable append. Waits while too many bytes are
     /// queued (backpressure). Returns `false` if the cache is shutting down.
     pub async fn append(&self, stream: &StreamId, disk_size: u64, record: Record) -> bool {
+        if let Record::Tag { seq, .. } = record {
+            self.lock_tags()
+                .entry(stream.clone())
+                .or_default()
+                .insert(seq);
+        }
         let cost = (record.encoded_len() as u32).min(PENDING_APPEND_BYTES as u32);
         let Ok(permit) = self.pending_budget.clone().acquire_many_owned(cost).await else {
             return false;
@@ -192,6 +204,9 @@ impl RelayCache {
     /// The master target holds `stream` up to `seq`.
     pub fn ack(&self, stream: &StreamId, seq: u64) -> Result<(), CacheError> {
         let freed = self.lock_log().ack(stream, seq)?;
+        if let Some(tags) = self.lock_tags().get_mut(stream) {
+            *tags = tags.split_off(&(seq + 1));
+        }
         self.watch(stream).applied.send_if_modified(|v| {
             let changed = seq > *v;
             *v = (*v).max(seq);
@@ -233,6 +248,41 @@ impl RelayCache {
             });
             bytes += len as usize;
             seq += 1;
+        }
+        Ok(out)
+    }
+
+    fn lock_tags(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<StreamId, std::collections::BTreeSet<u64>>> {
+        self.tags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The first recovery point of `stream` at or after `from`, if one was appended.
+    pub fn next_tag(&self, stream: &StreamId, from: u64) -> Option<u64> {
+        self.lock_tags()
+            .get(stream)
+            .and_then(|t| t.range(from..).next().copied())
+    }
+
+    /// Reads the durable records `seqs` (increasing) of `stream`, checked like
+    /// [`Self::read_batch`]; stops at the first one no longer cached.
+    pub fn read_seqs(
+        &self,
+        stream: &StreamId,
+        seqs: &[u64],
+    ) -> Result<Vec<CachedRecord>, CacheError> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let located = self.lock_log().locate(stream, seq);
+            let Some((file, offset, len)) = located else {
+                break;
+            };
+            let entry = read_entry(&*file, offset, len, stream, seq)?;
+            out.push(CachedRecord {
+                record: entry.record,
+                appended_ms: entry.appended_ms,
+            });
         }
         Ok(out)
     }

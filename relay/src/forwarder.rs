@@ -22,7 +22,7 @@ use fbr_protocol::{ErrorCode, Frame, StreamId};
 use fbr_transport::{FrameReader, FrameWriter};
 use tokio::sync::watch;
 
-use crate::reduce::{Reducer, StageBytes};
+use crate::reduce::{IntervalPlan, Reducer, StageBytes};
 use crate::server::Relay;
 
 /// Most record bytes read from the cache at once: the coalescing window when the
@@ -206,6 +206,8 @@ async fn session(
     let mut in_flight_bytes = 0u64;
     let mut cursor = mt_next;
     let mut reducer = Some(Reducer::new(relay.config.wan));
+    // The interval being sent, when a whole interval is coalesced.
+    let mut plan: Option<IntervalPlan> = None;
     loop {
         // Forget what the master target acknowledged; it measures replication lag and
         // moves the recovery point.
@@ -230,7 +232,7 @@ async fn session(
             }
         }
         let durable = *durable_rx.borrow_and_update();
-        if durable < cursor || in_flight_bytes >= credit {
+        if (plan.is_none() && durable < cursor) || in_flight_bytes >= credit {
             tokio::select! {
                 _ = durable_rx.changed() => {}
                 _ = acked_rx.changed() => {}
@@ -251,26 +253,50 @@ async fn session(
             state.clone(),
         );
         let mut r = reducer.take().expect("reducer present between reads");
+        let mut p = plan.take();
+        let coalesce = relay.config.wan.coalesce;
         let read = tokio::task::spawn_blocking(move || {
-            let out = cache
-                .read_batch(&rid, cursor, budget)
-                .map(|records| r.reduce(records, &known.known_blocks, &st.stages));
-            (r, out)
+            let out = (|| {
+                // A backlogged stream whose next recovery point is already durable:
+                // coalesce the whole interval up to it (only its final content is sent).
+                if p.is_none() && coalesce {
+                    if let Some(tag) = cache.next_tag(&rid, cursor).filter(|t| *t <= durable) {
+                        if tag > cursor {
+                            p = Some(IntervalPlan::new(&cache, &rid, cursor, tag, &st.stages)?);
+                        }
+                    }
+                }
+                match p.as_mut() {
+                    Some(plan) => r.next_from_plan(
+                        plan,
+                        &cache,
+                        &rid,
+                        budget,
+                        &known.known_blocks,
+                        &st.stages,
+                    ),
+                    None => cache
+                        .read_batch(&rid, cursor, budget)
+                        .map(|records| r.reduce(records, &known.known_blocks, &st.stages)),
+                }
+            })();
+            (r, p.filter(|p| !p.is_done()), out)
         })
         .await;
         drop(_slot);
         let batches = match read {
-            Ok((r, Ok(b))) => {
+            Ok((r, p, Ok(b))) => {
                 reducer = Some(r);
+                plan = p;
                 b
             }
-            Ok((_, Err(e @ CacheError::Corrupt { .. }))) => {
+            Ok((_, _, Err(e @ CacheError::Corrupt { .. }))) => {
                 acks.abort();
                 let reason = format!("cache corruption, stream needs resync: {e}");
                 let _ = relay.cache.drop_stream(id, reason.clone());
                 return End::Fatal(reason);
             }
-            Ok((_, Err(e))) => {
+            Ok((_, _, Err(e))) => {
                 acks.abort();
                 return End::Retry(format!("reading the cache: {e}"));
             }

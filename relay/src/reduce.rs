@@ -29,7 +29,10 @@ use dashmap::DashMap;
 use fbr_protocol::wan::{self, block_hash, is_zero, Block, Item, BLOCK_SIZE};
 use fbr_protocol::Record;
 
-use crate::cache::CachedRecord;
+use fbr_cache::CacheError;
+use fbr_protocol::StreamId;
+
+use crate::cache::{CachedRecord, RelayCache};
 
 /// Batches not tried for compression after one that compressed poorly.
 pub const SKIP_AFTER_POOR: u32 = 32;
@@ -224,34 +227,53 @@ impl Reducer {
     ) -> ReducedBatch {
         let first_seq = window[0].record.seq();
         let last_seq = window[window.len() - 1].record.seq();
-        let meta: Vec<(u64, bool)> = window
-            .iter()
-            .map(|r| (r.appended_ms, matches!(r.record, Record::Tag { .. })))
-            .collect();
-        let records: Vec<Record> = window.into_iter().map(|r| r.record).collect();
-        let add = |a: &AtomicU64, n: u64| {
-            a.fetch_add(n, Ordering::Relaxed);
-        };
+        let records: Vec<Record> = window.iter().map(|r| r.record.clone()).collect();
         add(
             &stats.logical,
             records.iter().map(Record::logical_bytes).sum(),
         );
         add(&stats.records_in, records.len() as u64);
         let kept = if self.config.coalesce {
-            coalesce(records)
+            let plan = survivors(&records.iter().map(range).collect::<Vec<_>>());
+            records
+                .into_iter()
+                .zip(window.iter())
+                .zip(plan)
+                .filter_map(|((r, c), keep)| keep.map(|k| (shrink_to(r, k), c.appended_ms)))
+                .collect()
         } else {
             records
+                .into_iter()
+                .zip(window.iter())
+                .map(|(r, c)| (r, c.appended_ms))
+                .collect()
         };
+        self.encode(first_seq, last_seq, kept, known, stats)
+    }
+
+    /// Reduces and encodes the records kept for the span `first_seq..=last_seq` (the
+    /// rest of the span was coalesced away): zero elision, dedup, LZ4.
+    fn encode(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        kept: Vec<(Record, u64)>,
+        known: &KnownBlocks,
+        stats: &StageBytes,
+    ) -> ReducedBatch {
         add(
             &stats.coalesced,
-            kept.iter().map(Record::logical_bytes).sum(),
+            kept.iter().map(|(r, _)| r.logical_bytes()).sum(),
         );
         add(&stats.records_out, kept.len() as u64);
-
+        let meta: Vec<(u64, bool)> = kept
+            .iter()
+            .map(|(r, t)| (*t, matches!(r, Record::Tag { .. })))
+            .collect();
         let mut items = Vec::with_capacity(kept.len());
         let mut literal_hashes = Vec::new();
         let (mut data_bytes, mut literal_bytes, mut hits) = (0u64, 0u64, 0u64);
-        for record in kept {
+        for (record, _) in kept {
             let Record::Write { seq, offset, data } = record else {
                 items.push(Item::Plain(record));
                 continue;
@@ -334,6 +356,148 @@ impl Reducer {
             records: meta,
         }
     }
+
+    /// Sends the next part of an interval plan: reads the surviving records (about
+    /// `budget` bytes of them), cuts them down, and encodes them. The plan is done when
+    /// [`IntervalPlan::is_done`].
+    pub fn next_from_plan(
+        &mut self,
+        plan: &mut IntervalPlan,
+        cache: &RelayCache,
+        stream: &StreamId,
+        budget: usize,
+        known: &KnownBlocks,
+        stats: &StageBytes,
+    ) -> Result<Vec<ReducedBatch>, CacheError> {
+        let mut out = Vec::new();
+        let mut produced = 0usize;
+        while produced < budget && !plan.survivors.is_empty() {
+            let mut group = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(s) = plan.survivors.front() {
+                if !group.is_empty() && bytes + s.bytes() > BATCH_RECORD_BYTES {
+                    break;
+                }
+                bytes += s.bytes();
+                group.extend(plan.survivors.pop_front());
+            }
+            let seqs: Vec<u64> = group.iter().map(|s| s.seq).collect();
+            let records = cache.read_seqs(stream, &seqs)?;
+            if records.len() != group.len() {
+                return Err(CacheError::Corrupt {
+                    where_: format!("{stream} records {seqs:?}"),
+                    reason: "planned records are no longer cached".into(),
+                });
+            }
+            let mut kept = Vec::with_capacity(group.len());
+            for (s, r) in group.iter().zip(records) {
+                let record = match s.keep {
+                    Some(k) if range(&r.record).is_some_and(|(a, b)| a <= k.0 && k.1 <= b) => {
+                        shrink(r.record, k.0, k.1)
+                    }
+                    None => r.record,
+                    Some(_) => {
+                        return Err(CacheError::Corrupt {
+                            where_: format!("{stream} record {}", s.seq),
+                            reason: "record changed since it was planned".into(),
+                        })
+                    }
+                };
+                kept.push((record, r.appended_ms));
+            }
+            let last = group.last().map(|s| s.seq).unwrap_or(plan.next_first);
+            let batch = self.encode(plan.next_first, last, kept, known, stats);
+            plan.next_first = last + 1;
+            produced += bytes;
+            out.push(batch);
+        }
+        Ok(out)
+    }
+}
+
+fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Most records one interval plan covers (its memory is ~24 bytes per survivor); a
+/// longer interval is planned in parts, each exact at its end.
+pub const MAX_PLAN_RECORDS: usize = 65_536;
+
+/// A record that survives coalescing: send `seq`, cut down to `keep` (`None`: whole).
+#[derive(Debug, Clone, Copy)]
+struct Survivor {
+    seq: u64,
+    keep: Option<(u64, u64)>,
+}
+
+impl Survivor {
+    fn bytes(&self) -> usize {
+        self.keep.map_or(64, |(a, b)| (b - a) as usize)
+    }
+}
+
+/// The coalescing decision for a whole interval of a backlogged stream, made from the
+/// records' ranges before any data is read for sending: only each interval's final
+/// content crosses the WAN, whatever the interval's size, in bounded memory.
+#[derive(Debug)]
+pub struct IntervalPlan {
+    survivors: VecDeque<Survivor>,
+    /// First sequence number of the next batch's span.
+    next_first: u64,
+}
+
+impl IntervalPlan {
+    pub fn is_done(&self) -> bool {
+        self.survivors.is_empty()
+    }
+
+    /// Plans `from..=to` of `stream` (at most [`MAX_PLAN_RECORDS`] records): reads the
+    /// records once (checksums verified) for their ranges, and decides what survives.
+    pub fn new(
+        cache: &RelayCache,
+        stream: &StreamId,
+        from: u64,
+        to: u64,
+        stats: &StageBytes,
+    ) -> Result<Self, CacheError> {
+        let mut seqs = Vec::new();
+        let mut ranges = Vec::new();
+        let mut next = from;
+        // The interval ends at the first recovery point actually found in the records:
+        // `to` is only a hint (the cache's list of tags misses those appended before a
+        // restart), and coalescing across a tag would lose that recovery point.
+        let mut at_tag = false;
+        while next <= to && !at_tag && seqs.len() < MAX_PLAN_RECORDS {
+            let chunk = cache.read_batch(stream, next, 4 << 20)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for r in chunk {
+                let seq = r.record.seq();
+                if seq > to || seqs.len() >= MAX_PLAN_RECORDS {
+                    break;
+                }
+                add(&stats.logical, r.record.logical_bytes());
+                add(&stats.records_in, 1);
+                seqs.push(seq);
+                ranges.push(range(&r.record));
+                next = seq + 1;
+                if matches!(r.record, Record::Tag { .. }) {
+                    at_tag = true;
+                    break;
+                }
+            }
+        }
+        let survivors = survivors(&ranges)
+            .into_iter()
+            .zip(seqs)
+            .filter_map(|(keep, seq)| keep.map(|keep| Survivor { seq, keep }))
+            .collect();
+        Ok(IntervalPlan {
+            survivors,
+            next_first: from,
+        })
+    }
 }
 
 /// The disk range a record writes or zeroes (`None` for tags).
@@ -348,21 +512,39 @@ fn range(r: &Record) -> Option<(u64, u64)> {
 /// Leaves out what later records of the window rewrite (see the module documentation).
 /// `records` must not contain a tag except as the last record.
 pub fn coalesce(records: Vec<Record>) -> Vec<Record> {
+    let plan = survivors(&records.iter().map(range).collect::<Vec<_>>());
+    records
+        .into_iter()
+        .zip(plan)
+        .filter_map(|(r, keep)| keep.map(|k| shrink_to(r, k)))
+        .collect()
+}
+
+/// For each record's range (`None`: a tag, always kept whole), whether it survives and
+/// the range to keep: `None` dropped, `Some(None)` kept whole, `Some(Some(r))` cut to `r`.
+#[allow(clippy::type_complexity)]
+fn survivors(ranges: &[Option<(u64, u64)>]) -> Vec<Option<Option<(u64, u64)>>> {
     // Ranges written by later records, merged: start -> end.
     let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut kept: Vec<Record> = Vec::with_capacity(records.len());
-    for r in records.into_iter().rev() {
-        let Some((start, end)) = range(&r) else {
-            kept.push(r);
+    let mut out = vec![None; ranges.len()];
+    for (i, r) in ranges.iter().enumerate().rev() {
+        let Some((start, end)) = *r else {
+            out[i] = Some(None);
             continue;
         };
-        if let Some((lo, hi)) = surviving_hull(&covered, start, end) {
-            kept.push(shrink(r, lo, hi));
+        if let Some(hull) = surviving_hull(&covered, start, end) {
+            out[i] = Some(Some(hull));
         }
         insert_range(&mut covered, start, end);
     }
-    kept.reverse();
-    kept
+    out
+}
+
+fn shrink_to(r: Record, keep: Option<(u64, u64)>) -> Record {
+    match keep {
+        Some((lo, hi)) => shrink(r, lo, hi),
+        None => r,
+    }
 }
 
 /// The smallest range holding every byte of `[start, end)` not in `covered`.

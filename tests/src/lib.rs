@@ -257,35 +257,7 @@ pub fn stop_and_verify(
     report
 }
 
-/// `GET path` from an HTTP endpoint on loopback: (status, body). Blocking, 10 s bound.
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
-}
-
-/// The value of the sample `series` (name with labels, exactly as exposed) in a
-/// Prometheus text exposition, if present.
-pub fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
+pub use fbr_churn::harness::{http_get, sample};
 
 /// Runs `promtool` with `args` and `stdin`; panics with its output if it is missing or
 /// refuses. The test command (`./scripts/test`) installs it.
