@@ -194,8 +194,8 @@ enum Command {
         /// VMs (one disk each).
         #[arg(long, default_value_t = 2)]
         vms: u32,
-        /// Size of each disk, e.g. 64MiB.
-        #[arg(long, default_value = "64MiB", value_parser = fbr_transport::daemon::parse_size)]
+        /// Size of each disk, e.g. 128MiB.
+        #[arg(long, default_value = "128MiB", value_parser = fbr_transport::daemon::parse_size)]
         disk_size: u64,
         /// Seconds between recovery points.
         #[arg(long, default_value_t = 1.0)]
@@ -208,6 +208,13 @@ enum Command {
         /// Skip the rsync comparison.
         #[arg(long)]
         no_rsync: bool,
+        /// The WAN link's rate in Mbit/s, enforced by the relay's egress limit (0:
+        /// unlimited loopback, where the relay rarely has a backlog to coalesce).
+        #[arg(long, default_value_t = 1000)]
+        link_mbit: u64,
+        /// Only these models (repeat): zeros, dup, text, random, mixed, random_lz4_always.
+        #[arg(long)]
+        only: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -443,6 +450,8 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             rate_mb,
             seed,
             no_rsync,
+            link_mbit,
+            only,
             json,
         } => {
             anyhow::ensure!(vms >= 1, "--vms must be at least 1");
@@ -458,6 +467,8 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 seed,
                 rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
                 rsync: !no_rsync,
+                link_mbit: (link_mbit > 0).then_some(link_mbit),
+                only,
             };
             let result = fbr_churn::wanbench::run(opts, true).await?;
             let verified = result

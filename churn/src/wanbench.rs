@@ -42,6 +42,12 @@ pub struct WanBenchOptions {
     pub rate_bytes_per_s: Option<u64>,
     /// Run the rsync comparison (needs `rsync`).
     pub rsync: bool,
+    /// The WAN link's rate, Mbit/s (the relay's egress limit; `None`: unlimited).
+    /// With a link slower than the churn, a backlog forms and whole intervals between
+    /// recovery points are coalesced, as on a real VPN or ExpressRoute link.
+    pub link_mbit: Option<u64>,
+    /// Run only these models (empty: all).
+    pub only: Vec<String>,
 }
 
 /// The figures of one content model.
@@ -104,7 +110,13 @@ pub async fn run(opts: WanBenchOptions, progress: bool) -> anyhow::Result<serde_
         );
     }
     let mut out = serde_json::Map::new();
-    for (name, content, relay_args) in models() {
+    for (name, content, mut relay_args) in models() {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
+            continue;
+        }
+        if let Some(mbit) = opts.link_mbit {
+            relay_args.extend(["--egress-schedule".into(), format!("other {mbit}mbit")]);
+        }
         if progress {
             eprintln!("bench-wan: {name}...");
         }
@@ -143,6 +155,7 @@ pub async fn run(opts: WanBenchOptions, progress: bool) -> anyhow::Result<serde_
             "tag_interval_s": opts.tag_interval.as_secs_f64(),
             "profile": "mixed",
             "rate_bytes_per_s": opts.rate_bytes_per_s,
+            "link_mbit": opts.link_mbit,
         }),
     );
     Ok(serde_json::Value::Object(out))

@@ -233,13 +233,20 @@ impl Reducer {
             records.iter().map(Record::logical_bytes).sum(),
         );
         add(&stats.records_in, records.len() as u64);
+        let mut blanked = 0;
         let kept = if self.config.coalesce {
             let plan = survivors(&records.iter().map(range).collect::<Vec<_>>());
             records
                 .into_iter()
                 .zip(window.iter())
                 .zip(plan)
-                .filter_map(|((r, c), keep)| keep.map(|k| (shrink_to(r, k), c.appended_ms)))
+                .filter_map(|((r, c), keep)| {
+                    keep.map(|k| {
+                        let (r, b) = apply_keep(r, &k);
+                        blanked += b;
+                        (r, c.appended_ms)
+                    })
+                })
                 .collect()
         } else {
             records
@@ -248,23 +255,23 @@ impl Reducer {
                 .map(|(r, c)| (r, c.appended_ms))
                 .collect()
         };
-        self.encode(first_seq, last_seq, kept, known, stats)
+        self.encode(first_seq, last_seq, kept, blanked, known, stats)
     }
 
     /// Reduces and encodes the records kept for the span `first_seq..=last_seq` (the
-    /// rest of the span was coalesced away): zero elision, dedup, LZ4.
+    /// rest of the span was coalesced away, and `blanked` bytes of the kept writes are
+    /// rewritten later in it): zero elision, dedup, LZ4.
     fn encode(
         &mut self,
         first_seq: u64,
         last_seq: u64,
         kept: Vec<(Record, u64)>,
+        blanked: u64,
         known: &KnownBlocks,
         stats: &StageBytes,
     ) -> ReducedBatch {
-        add(
-            &stats.coalesced,
-            kept.iter().map(|(r, _)| r.logical_bytes()).sum(),
-        );
+        let kept_bytes: u64 = kept.iter().map(|(r, _)| r.logical_bytes()).sum();
+        add(&stats.coalesced, kept_bytes - blanked);
         add(&stats.records_out, kept.len() as u64);
         let meta: Vec<(u64, bool)> = kept
             .iter()
@@ -390,23 +397,27 @@ impl Reducer {
                 });
             }
             let mut kept = Vec::with_capacity(group.len());
-            for (s, r) in group.iter().zip(records) {
-                let record = match s.keep {
-                    Some(k) if range(&r.record).is_some_and(|(a, b)| a <= k.0 && k.1 <= b) => {
-                        shrink(r.record, k.0, k.1)
+            let mut blanked = 0;
+            let mut last = plan.next_first;
+            for (s, r) in group.into_iter().zip(records) {
+                let fits = match &s.keep {
+                    Some(k) => {
+                        range(&r.record).is_some_and(|(a, b)| a <= k.hull.0 && k.hull.1 <= b)
                     }
-                    None => r.record,
-                    Some(_) => {
-                        return Err(CacheError::Corrupt {
-                            where_: format!("{stream} record {}", s.seq),
-                            reason: "record changed since it was planned".into(),
-                        })
-                    }
+                    None => range(&r.record).is_none(),
                 };
+                if !fits {
+                    return Err(CacheError::Corrupt {
+                        where_: format!("{stream} record {}", s.seq),
+                        reason: "record changed since it was planned".into(),
+                    });
+                }
+                let (record, b) = apply_keep(r.record, &s.keep);
+                blanked += b;
+                last = s.seq;
                 kept.push((record, r.appended_ms));
             }
-            let last = group.last().map(|s| s.seq).unwrap_or(plan.next_first);
-            let batch = self.encode(plan.next_first, last, kept, known, stats);
+            let batch = self.encode(plan.next_first, last, kept, blanked, known, stats);
             plan.next_first = last + 1;
             produced += bytes;
             out.push(batch);
@@ -424,15 +435,17 @@ fn add(a: &AtomicU64, n: u64) {
 pub const MAX_PLAN_RECORDS: usize = 65_536;
 
 /// A record that survives coalescing: send `seq`, cut down to `keep` (`None`: whole).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Survivor {
     seq: u64,
-    keep: Option<(u64, u64)>,
+    keep: Option<Keep>,
 }
 
 impl Survivor {
     fn bytes(&self) -> usize {
-        self.keep.map_or(64, |(a, b)| (b - a) as usize)
+        self.keep
+            .as_ref()
+            .map_or(64, |k| (k.hull.1 - k.hull.0) as usize)
     }
 }
 
@@ -516,14 +529,21 @@ pub fn coalesce(records: Vec<Record>) -> Vec<Record> {
     records
         .into_iter()
         .zip(plan)
-        .filter_map(|(r, keep)| keep.map(|k| shrink_to(r, k)))
+        .filter_map(|(r, keep)| keep.map(|k| apply_keep(r, &k).0))
         .collect()
 }
 
-/// For each record's range (`None`: a tag, always kept whole), whether it survives and
-/// the range to keep: `None` dropped, `Some(None)` kept whole, `Some(Some(r))` cut to `r`.
-#[allow(clippy::type_complexity)]
-fn survivors(ranges: &[Option<(u64, u64)>]) -> Vec<Option<Option<(u64, u64)>>> {
+/// What survives of a record: the range to keep, and the parts of it that later
+/// records of the window rewrite (their 4 KiB blocks need not travel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Keep {
+    hull: (u64, u64),
+    rewritten: Vec<(u64, u64)>,
+}
+
+/// For each record's range (`None`: a tag, always kept whole), whether it survives:
+/// `None` dropped, `Some(None)` kept whole, `Some(Some(keep))` cut down to `keep`.
+fn survivors(ranges: &[Option<(u64, u64)>]) -> Vec<Option<Option<Keep>>> {
     // Ranges written by later records, merged: start -> end.
     let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
     let mut out = vec![None; ranges.len()];
@@ -532,18 +552,48 @@ fn survivors(ranges: &[Option<(u64, u64)>]) -> Vec<Option<Option<(u64, u64)>>> {
             out[i] = Some(None);
             continue;
         };
-        if let Some(hull) = surviving_hull(&covered, start, end) {
-            out[i] = Some(Some(hull));
+        if let Some((lo, hi)) = surviving_hull(&covered, start, end) {
+            let mut rewritten: Vec<(u64, u64)> = covered
+                .range(..hi)
+                .rev()
+                .take_while(|(_, &e)| e > lo)
+                .map(|(&s, &e)| (s.max(lo), e.min(hi)))
+                .collect();
+            rewritten.reverse();
+            out[i] = Some(Some(Keep {
+                hull: (lo, hi),
+                rewritten,
+            }));
         }
         insert_range(&mut covered, start, end);
     }
     out
 }
 
-fn shrink_to(r: Record, keep: Option<(u64, u64)>) -> Record {
-    match keep {
-        Some((lo, hi)) => shrink(r, lo, hi),
-        None => r,
+/// `r` cut down to what survives; returns it with the bytes blanked (4 KiB blocks of a
+/// write that later records rewrite: sent as zero markers, their value is never seen at
+/// a recovery point).
+fn apply_keep(r: Record, keep: &Option<Keep>) -> (Record, u64) {
+    let Some(keep) = keep else {
+        return (r, 0);
+    };
+    match shrink(r, keep.hull.0, keep.hull.1) {
+        Record::Write { seq, offset, data } if !keep.rewritten.is_empty() => {
+            let mut blanked = 0u64;
+            let mut out: Option<BytesMut> = None;
+            for (i, chunk) in data.chunks(BLOCK_SIZE).enumerate() {
+                let a = offset + (i * BLOCK_SIZE) as u64;
+                let b = a + chunk.len() as u64;
+                if keep.rewritten.iter().any(|&(s, e)| s <= a && b <= e) {
+                    let buf = out.get_or_insert_with(|| BytesMut::from(&data[..]));
+                    buf[i * BLOCK_SIZE..i * BLOCK_SIZE + chunk.len()].fill(0);
+                    blanked += chunk.len() as u64;
+                }
+            }
+            let data = out.map_or(data, BytesMut::freeze);
+            (Record::Write { seq, offset, data }, blanked)
+        }
+        other => (other, 0),
     }
 }
 
@@ -619,7 +669,7 @@ mod tests {
     }
 
     fn record() -> impl Strategy<Value = (bool, u64, u64, u8)> {
-        (any::<bool>(), 0u64..32, 1u64..8, 1u8..)
+        (any::<bool>(), 0u64..64, 1u64..32, 1u8..)
     }
 
     proptest! {
@@ -637,7 +687,7 @@ mod tests {
                     Record::Write { seq: i as u64 + 1, offset, data: Bytes::from(vec![*fill; len as usize]) }
                 }
             }).collect();
-            let mut want = vec![0xEEu8; 40 * 512];
+            let mut want = vec![0xEEu8; 96 * 512];
             let mut got = want.clone();
             for r in &records { apply(&mut want, r); }
             let kept = coalesce(records.clone());
