@@ -118,6 +118,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         cache_capacity: opts.cache_capacity,
         cache_segment_mib: 64,
         relay_args: vec![],
+        mt_args: vec![],
         mt_credit_mib: opts.credit_mib,
         max_udp_payload: opts.max_udp_payload,
     };
@@ -366,6 +367,7 @@ pub async fn run_throttle_bench(
             "--egress-schedule-file".into(),
             schedule_file.display().to_string(),
         ],
+        mt_args: vec![],
     };
     let mut site = Site::create(Some(root.path().join("site")), site_opts)?;
     site.start_master_target()?;

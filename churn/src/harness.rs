@@ -52,6 +52,8 @@ pub struct SiteOptions {
     pub max_udp_payload: u16,
     /// Extra flags for `relay run` (e.g. an egress schedule).
     pub relay_args: Vec<String>,
+    /// Extra flags for `master-target run` (e.g. a content index size).
+    pub mt_args: Vec<String>,
 }
 
 /// One daemon: how to start it and where it listens.
@@ -155,7 +157,8 @@ impl Site {
             .arg("--credit-mib")
             .arg(self.opts.mt_credit_mib.to_string())
             .arg("--max-udp-payload")
-            .arg(self.opts.max_udp_payload.to_string());
+            .arg(self.opts.max_udp_payload.to_string())
+            .args(&self.opts.mt_args);
         let root = self.root.clone();
         start_daemon(&mut self.mt, &root, cmd)
     }

@@ -177,6 +177,7 @@ async fn run_model(
             mt_credit_mib: 16,
             max_udp_payload: 1452,
             relay_args,
+            mt_args: vec![],
         },
     )?;
     site.start_master_target()?;

@@ -33,6 +33,7 @@ pub fn start_site_with(vms: &[&str], cache_capacity: u64, cache_segment_mib: u64
             mt_credit_mib: 8,
             max_udp_payload: 1452,
             relay_args: vec![],
+            mt_args: vec![],
         },
     )
     .expect("create site");
@@ -207,6 +208,19 @@ impl RawStream {
                 Some(Frame::Ack { seq: s }) if s >= seq => return,
                 Some(Frame::Ack { .. } | Frame::Applied { .. } | Frame::Credit { .. }) => {}
                 other => panic!("waiting for ack {seq}, got {other:?}"),
+            }
+        }
+    }
+}
+
+impl RawStream {
+    /// Waits until `Applied` (durable at the master target) reaches `seq`.
+    pub async fn wait_applied(&mut self, seq: u64) {
+        loop {
+            match self.next_frame().await {
+                Some(Frame::Applied { seq: s }) if s >= seq => return,
+                Some(Frame::Ack { .. } | Frame::Applied { .. } | Frame::Credit { .. }) => {}
+                other => panic!("waiting for applied {seq}, got {other:?}"),
             }
         }
     }

@@ -164,6 +164,7 @@ async fn cache_pressure_throttles_the_largest_backlogs_then_releases_losing_noth
             mt_credit_mib: 8,
             max_udp_payload: 1452,
             relay_args: vec!["--health-interval-ms".into(), "100".into()],
+            mt_args: vec![],
         },
     )
     .unwrap();

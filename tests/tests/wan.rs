@@ -1,0 +1,197 @@
+//! WAN reductions end to end: every recovery point stays byte-exact with dedup,
+//! compression and coalescing on, when references must be resent (the master target's
+//! content index evicts, or it restarts), when a referenced block was overwritten since,
+//! and with coalescing on and off.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fbr_churn::harness::{Site, SiteOptions};
+use fbr_churn::workload::Content;
+use fbr_protocol::{Frame, Record, TagKind};
+use fbr_tests::{agent_options, http_get, plans, sample, stop_and_verify, RawAgent};
+
+fn site(relay_args: &[&str], mt_args: &[&str]) -> Site {
+    let mut site = Site::create(
+        None,
+        SiteOptions {
+            agent_vms: vec!["vm1".into(), "vm2".into()],
+            cache_capacity: 256 << 20,
+            cache_segment_mib: 4,
+            mt_credit_mib: 8,
+            max_udp_payload: 1452,
+            relay_args: relay_args.iter().map(|s| s.to_string()).collect(),
+            mt_args: mt_args.iter().map(|s| s.to_string()).collect(),
+        },
+    )
+    .unwrap();
+    site.start_master_target().unwrap();
+    site.start_relay().unwrap();
+    site
+}
+
+fn relay_metric(site: &Site, series: &str) -> f64 {
+    // (The relay's metrics, read while it runs.)
+    let (_, text) = http_get(site.relay_metrics_addr().unwrap(), "/metrics");
+    sample(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+}
+
+fn tag(seq: u64, id: u64) -> Frame {
+    Frame::Record(Record::Tag {
+        seq,
+        id,
+        kind: TagKind::Crash,
+        members: 1,
+        group: "g".into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_overwritten_since_is_still_resolved_by_reference() {
+    let mut site = site(&[], &[]);
+    let agent = RawAgent::connect(&site).await;
+    let disk = 1 << 20;
+    let (mut s, next) = agent.open_disk("vm1", 0, disk).await;
+    assert_eq!(next, 1);
+    let block = |b: u8| Bytes::from((0..4096).map(|i| (i as u8) ^ b).collect::<Vec<u8>>());
+    let write = |seq, offset, data: Bytes| Frame::Record(Record::Write { seq, offset, data });
+    // X at A, then A overwritten with Y: X now lives only in the journal.
+    s.send_frame(&write(1, 0, block(0x11))).await;
+    s.send_frame(&tag(2, 1)).await;
+    s.send_frame(&write(3, 0, block(0x22))).await;
+    s.send_frame(&tag(4, 2)).await;
+    s.wait_applied(4).await;
+    // X again, at B: the relay knows the master target holds it and sends its hash.
+    s.send_frame(&write(5, 65536, block(0x11))).await;
+    s.send_frame(&tag(6, 3)).await;
+    s.wait_applied(6).await;
+    assert!(relay_metric(&site, "fbr_relay_dedup_hits_total") >= 1.0);
+    let (_, mt_text) = http_get(site.master_target_metrics_addr().unwrap(), "/metrics");
+    assert!(
+        sample(
+            &mt_text,
+            "fbr_master_target_dedup_references_resolved_total"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    drop(s);
+    agent.conn.close(0u32.into(), b"done");
+    tokio::task::block_in_place(|| {
+        site.stop_relay(false).unwrap();
+        site.stop_master_target(false).unwrap();
+    });
+    // Recovery point 3: A holds Y, B holds X, byte for byte.
+    let id = fbr_protocol::StreamId {
+        vm: "vm1".into(),
+        disk: 0,
+    };
+    let mut img = fbr_master_target::journal::MemoryImage(vec![0; disk as usize]);
+    fbr_master_target::journal::replay(
+        &fbr_master_target::replica::journal_path(&site.mt_data, &id),
+        6,
+        &mut img,
+    )
+    .unwrap();
+    assert_eq!(&img.0[..4096], &block(0x22)[..]);
+    assert_eq!(&img.0[65536..65536 + 4096], &block(0x11)[..]);
+}
+
+/// What the relay counted during a run.
+#[derive(Debug)]
+struct Counted {
+    dedup_hits: f64,
+    unknown_references: f64,
+    logical: f64,
+    coalesced: f64,
+}
+
+/// Churns `content` while `disrupt` runs, waits for the relay to drain, reads its
+/// counters, then verifies every recovery point.
+async fn churn_and_verify(
+    mut site: Site,
+    content: Content,
+    disrupt: impl FnOnce(&mut Site),
+) -> Counted {
+    let opts = agent_options(&site, Duration::from_secs(4), Duration::from_millis(250));
+    let handle = fbr_churn::agent::start(opts, plans(2, 1, 16 << 20, content, 71), 71).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::task::block_in_place(|| disrupt(&mut site));
+    let report = handle.finish().await.unwrap();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    // Wait for the relay to drain before reading its counters.
+    tokio::task::block_in_place(|| {
+        let addr = site.relay_metrics_addr().unwrap();
+        for _ in 0..600 {
+            let (_, t) = http_get(addr, "/metrics");
+            if fbr_churn::harness::sample_sum(&t, "fbr_relay_cache_backlog_bytes", &[]) == 0.0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let (_, text) = http_get(site.relay_metrics_addr().unwrap(), "/metrics");
+    // Forwarding stages as the forwarders counted them (resends after a reconnect
+    // included in both).
+    let stage = |s: &str| {
+        fbr_churn::harness::sample_sum(&text, "fbr_relay_vm_bytes_total", &[("stage", s)])
+    };
+    let counted = Counted {
+        dedup_hits: sample(&text, "fbr_relay_dedup_hits_total").unwrap(),
+        unknown_references: sample(&text, "fbr_relay_unknown_references_total").unwrap(),
+        logical: stage("logical"),
+        coalesced: stage("coalesced"),
+    };
+    eprintln!("{counted:?}");
+    let manifest = report.manifest.clone();
+    let v = tokio::task::block_in_place(|| stop_and_verify(&mut site, &manifest));
+    assert!(v.recovery_points_verified >= 10, "{v:?}");
+    counted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_content_index_forces_resends_and_stays_exact() {
+    // 16 blocks of index: most references the relay makes are gone by the time they
+    // arrive, so the master target asks for the data again and again.
+    let site = site(&[], &["--content-index-entries", "16"]);
+    let c = churn_and_verify(site, Content::Dup, |_| {}).await;
+    assert!(c.unknown_references > 0.0, "{c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_target_restart_loses_its_index_and_nothing_else() {
+    let site = site(&[], &[]);
+    let c = churn_and_verify(site, Content::Dup, |site| {
+        site.stop_master_target(false).unwrap();
+        site.start_master_target().unwrap();
+    })
+    .await;
+    assert!(c.dedup_hits > 0.0, "{c:?}");
+    assert!(
+        c.unknown_references > 0.0,
+        "the relay's stale references were refused: {c:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_on_and_off_both_stay_exact_through_a_backlog() {
+    for coalesce in ["true", "false"] {
+        let site = site(&["--wan-coalesce", coalesce], &[]);
+        // An outage builds a backlog: whole intervals are then coalesced (when on).
+        let c = churn_and_verify(site, Content::Random, |site| {
+            site.stop_master_target(false).unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            site.start_master_target().unwrap();
+        })
+        .await;
+        if coalesce == "true" {
+            assert!(
+                c.coalesced < 0.95 * c.logical,
+                "superseded writes were left out: {c:?}"
+            );
+        } else {
+            assert_eq!(c.coalesced, c.logical, "{c:?}");
+        }
+    }
+}
