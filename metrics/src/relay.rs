@@ -157,7 +157,7 @@ impl RelayMetrics {
                 &r,
                 prometheus::Counter::with_opts(Opts::new(
                     "fbr_relay_compression_seconds_total",
-                    "Time spent compressing WAN batches with LZ4.",
+                    "Time spent compressing WAN batches with LZ4 (measured around each batch on its blocking thread).",
                 ))
                 .expect("valid metric"),
             ),
