@@ -237,19 +237,33 @@ impl RelayCache {
         let mut bytes = 0usize;
         let mut seq = from;
         while bytes < max_bytes {
-            let located = self.lock_log().locate(stream, seq);
-            let Some((file, offset, len)) = located else {
+            let Some((record, len)) = self.read_one(stream, seq)? else {
                 break;
             };
-            let entry = read_entry(&*file, offset, len, stream, seq)?;
-            out.push(CachedRecord {
-                record: entry.record,
-                appended_ms: entry.appended_ms,
-            });
-            bytes += len as usize;
+            out.push(record);
+            bytes += len;
             seq += 1;
         }
         Ok(out)
+    }
+
+    /// One durable record and its entry's size, checked; `None` if it is not cached.
+    /// The log's lock is held only to find it, not for the read.
+    fn read_one(
+        &self,
+        stream: &StreamId,
+        seq: u64,
+    ) -> Result<Option<(CachedRecord, usize)>, CacheError> {
+        let located = self.lock_log().locate(stream, seq);
+        let Some((file, offset, len)) = located else {
+            return Ok(None);
+        };
+        let entry = read_entry(&*file, offset, len, stream, seq)?;
+        let record = CachedRecord {
+            record: entry.record,
+            appended_ms: entry.appended_ms,
+        };
+        Ok(Some((record, len as usize)))
     }
 
     fn lock_tags(
@@ -274,15 +288,10 @@ impl RelayCache {
     ) -> Result<Vec<CachedRecord>, CacheError> {
         let mut out = Vec::with_capacity(seqs.len());
         for &seq in seqs {
-            let located = self.lock_log().locate(stream, seq);
-            let Some((file, offset, len)) = located else {
+            let Some((record, _)) = self.read_one(stream, seq)? else {
                 break;
             };
-            let entry = read_entry(&*file, offset, len, stream, seq)?;
-            out.push(CachedRecord {
-                record: entry.record,
-                appended_ms: entry.appended_ms,
-            });
+            out.push(record);
         }
         Ok(out)
     }
