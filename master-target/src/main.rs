@@ -12,11 +12,8 @@ use clap::{Parser, Subcommand};
 use fbr_master_target::settings::{self, MasterTargetSettings};
 use fbr_master_target::{journal, replica, MasterTarget, Store};
 use fbr_protocol::StreamId;
-use fbr_transport::settings::{ConfigError, Layers};
+use fbr_transport::settings::{ConfigError, Layers, EX_USAGE};
 use fbr_transport::{daemon, server_endpoint, Credentials, QuicTuning};
-
-/// Exit code for bad configuration or usage (EX_USAGE).
-const EX_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -181,24 +178,9 @@ fn main() -> ExitCode {
             };
             report(rt.block_on(run(settings)))
         }
-        Command::CheckConfig(args) => match args.settings() {
-            Ok(s) => match toml::to_string(&s) {
-                Ok(text) => {
-                    println!(
-                        "# master-target: configuration is valid; effective settings:\n{text}"
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("master-target: cannot print the settings: {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Err(e) => {
-                eprintln!("master-target: {e}");
-                ExitCode::from(EX_USAGE)
-            }
-        },
+        Command::CheckConfig(args) => {
+            fbr_transport::settings::report_check("master-target", args.settings())
+        }
         Command::Points { data, json } => report(points(&data, json)),
         Command::Materialize {
             data,
@@ -245,19 +227,15 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         settings.content_index_entries as usize,
     );
     let metrics = match settings.metrics_addr()? {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
-            let bound = listener.local_addr()?;
-            if let Some(pf) = &settings.metrics_port_file {
-                daemon::write_port_file(pf, bound)
-                    .with_context(|| format!("writing {}", pf.display()))?;
-            }
-            tracing::info!(%bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
-            let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(mt.clone()));
-            Some(tokio::spawn(fbr_metrics::serve(listener, endpoints)))
-        }
+        Some(addr) => Some(
+            fbr_metrics::start(
+                addr,
+                settings.metrics_port_file.as_deref(),
+                Arc::new(Endpoints(mt.clone())),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?,
+        ),
         None => None,
     };
     if let Some(pf) = &settings.port_file {

@@ -88,15 +88,6 @@ impl MasterTargetSettings {
 
     /// The metrics endpoint's address, `None` when disabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        let s = self.metrics_listen.trim();
-        if s.is_empty() {
-            return Ok(None);
-        }
-        s.parse().map(Some).map_err(|_| {
-            ConfigError::new(
-                "metrics_listen",
-                format!("{s:?} is not an address like 0.0.0.0:9465 (or \"\" to disable)"),
-            )
-        })
+        fbr_transport::settings::listen_addr("metrics_listen", &self.metrics_listen)
     }
 }

@@ -43,6 +43,27 @@ pub trait Endpoints: Send + Sync + 'static {
     fn readiness(&self) -> Probe;
 }
 
+/// Binds `addr`, writes the bound address to `port_file` (for scripts and tests), and
+/// serves `endpoints` there in a task; errors say what failed.
+pub async fn start(
+    addr: std::net::SocketAddr,
+    port_file: Option<&std::path::Path>,
+    endpoints: Arc<dyn Endpoints>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("binding the metrics endpoint to {addr}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("metrics endpoint: {e}"))?;
+    if let Some(pf) = port_file {
+        fbr_transport::daemon::write_port_file(pf, bound)
+            .map_err(|e| format!("writing {}: {e}", pf.display()))?;
+    }
+    tracing::info!(%bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+    Ok(tokio::spawn(serve(listener, endpoints)))
+}
+
 /// Serves `endpoints` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, endpoints: Arc<dyn Endpoints>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));

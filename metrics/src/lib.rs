@@ -19,7 +19,7 @@ pub mod http;
 pub mod master_target;
 pub mod relay;
 
-pub use http::{serve, Endpoints, Probe};
+pub use http::{serve, start, Endpoints, Probe};
 
 /// Encodes everything in `registry` in the Prometheus text format.
 pub fn encode(registry: &prometheus::Registry) -> Result<String, String> {

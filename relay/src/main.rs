@@ -15,13 +15,10 @@ use fbr_relay::settings::{self, RelaySettings};
 use fbr_relay::{observe, Relay, RelayConfig};
 use fbr_transport::daemon;
 use fbr_transport::pki::{self, IssueRequest};
-use fbr_transport::settings::{ConfigError, Layers};
+use fbr_transport::settings::{ConfigError, Layers, EX_USAGE};
 use fbr_transport::{
     any_addr_for, client_endpoint, server_endpoint, Credentials, PeerLink, QuicTuning, Role,
 };
-
-/// Exit code for bad configuration or usage (EX_USAGE).
-const EX_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -288,22 +285,9 @@ fn main() -> ExitCode {
             };
             report(rt.block_on(run(settings)))
         }
-        Command::CheckConfig(args) => match args.settings() {
-            Ok(s) => match toml::to_string(&s) {
-                Ok(text) => {
-                    println!("# relay: configuration is valid; effective settings:\n{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("relay: cannot print the settings: {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Err(e) => {
-                eprintln!("relay: {e}");
-                ExitCode::from(EX_USAGE)
-            }
-        },
+        Command::CheckConfig(args) => {
+            fbr_transport::settings::report_check("relay", args.settings())
+        }
         Command::BenchCache { dir, quick, json } => {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("fbr-bench-cache-{}", std::process::id()))
@@ -421,21 +405,15 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     );
     let health = tokio::spawn(observe::run_health_task(relay.clone()));
     let metrics = match settings.metrics_addr()? {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
-            let bound = listener.local_addr()?;
-            if let Some(pf) = &settings.metrics_port_file {
-                daemon::write_port_file(pf, bound)
-                    .with_context(|| format!("writing {}", pf.display()))?;
-            }
-            tracing::info!(%bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
-            Some(tokio::spawn(fbr_metrics::serve(
-                listener,
+        Some(addr) => Some(
+            fbr_metrics::start(
+                addr,
+                settings.metrics_port_file.as_deref(),
                 observe::RelayEndpoints::new(relay.clone()),
-            )))
-        }
+            )
+            .await
+            .map_err(anyhow::Error::msg)?,
+        ),
         None => None,
     };
     let local = agents.local_addr()?;

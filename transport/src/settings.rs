@@ -250,6 +250,45 @@ fn from_config_error(e: config::ConfigError, file: &Option<PathBuf>) -> ConfigEr
     }
 }
 
+/// Parses an optional listen address (`""` disables the listener); errors name `key`.
+pub fn listen_addr(key: &str, value: &str) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let s = value.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{s:?} is not an address like 0.0.0.0:9464 (or \"\" to disable)"),
+        )
+    })
+}
+
+/// What `check-config` does for a daemon: prints the effective settings as TOML (exit
+/// 0), or the error naming the key (exit 64).
+pub fn report_check<T: Serialize>(
+    program: &str,
+    settings: Result<T, ConfigError>,
+) -> std::process::ExitCode {
+    match settings.map(|s| toml::to_string(&s)) {
+        Ok(Ok(text)) => {
+            println!("# {program}: configuration is valid; effective settings:\n{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("{program}: cannot print the settings: {e}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::from(EX_USAGE)
+        }
+    }
+}
+
+/// Exit code for bad configuration or usage (EX_USAGE from sysexits.h).
+pub const EX_USAGE: u8 = 64;
+
 /// A size in bytes, written as an integer or with a unit: `8GiB`, `64MiB`, `4096`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
