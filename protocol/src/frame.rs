@@ -258,23 +258,8 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
             out.put_u64_le(*offset);
             out.put_slice(data);
         }
-        Frame::Record(Record::Zero { seq, offset, len }) => {
-            out.put_u64_le(*seq);
-            out.put_u64_le(*offset);
-            out.put_u64_le(*len);
-        }
-        Frame::Record(Record::Tag {
-            seq,
-            id,
-            kind,
-            members,
-            group,
-        }) => {
-            out.put_u64_le(*seq);
-            out.put_u64_le(*id);
-            out.put_u8(*kind as u8);
-            out.put_u32_le(*members);
-            put_short_str(out, group);
+        Frame::Record(r @ (Record::Zero { .. } | Record::Tag { .. })) => {
+            put_zero_or_tag_fields(r, out)
         }
         Frame::Batch(payload) => {
             assert!(
@@ -294,6 +279,32 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     out[start + 4..start + 8].copy_from_slice(&payload_len.to_le_bytes());
 }
 
+/// The fields of a `Zero` or `Tag` record, as in its frame's payload (WAN batch items
+/// carry the same bytes). Writes nothing for a `Write`.
+pub(crate) fn put_zero_or_tag_fields(record: &Record, out: &mut impl BufMut) {
+    match record {
+        Record::Zero { seq, offset, len } => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(*offset);
+            out.put_u64_le(*len);
+        }
+        Record::Tag {
+            seq,
+            id,
+            kind,
+            members,
+            group,
+        } => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(*id);
+            out.put_u8(*kind as u8);
+            out.put_u32_le(*members);
+            put_short_str(out, group);
+        }
+        Record::Write { .. } => {}
+    }
+}
+
 /// Encodes one frame into a fresh buffer.
 pub fn encode_to_bytes(frame: &Frame) -> Bytes {
     let mut out = BytesMut::new();
@@ -301,7 +312,7 @@ pub fn encode_to_bytes(frame: &Frame) -> Bytes {
     out.freeze()
 }
 
-fn put_short_str(out: &mut BytesMut, s: &str) {
+fn put_short_str(out: &mut impl BufMut, s: &str) {
     let len = u8::try_from(s.len()).expect("names are validated to at most 64 bytes");
     out.put_u8(len);
     out.put_slice(s.as_bytes());

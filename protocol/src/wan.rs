@@ -201,6 +201,12 @@ pub fn encode_batch(
 }
 
 fn encode_item(item: &Item, out: &mut Vec<u8>) {
+    let write_header = |out: &mut Vec<u8>, seq: u64, offset: u64, len: usize| {
+        out.put_u8(KIND_WRITE);
+        out.put_u64_le(seq);
+        out.put_u64_le(offset);
+        out.put_u32_le(len as u32);
+    };
     match item {
         Item::Write {
             seq,
@@ -208,10 +214,7 @@ fn encode_item(item: &Item, out: &mut Vec<u8>) {
             len,
             blocks,
         } => {
-            out.put_u8(KIND_WRITE);
-            out.put_u64_le(*seq);
-            out.put_u64_le(*offset);
-            out.put_u32_le(*len);
+            write_header(out, *seq, *offset, *len as usize);
             for b in blocks {
                 match b {
                     Block::Literal(d) => {
@@ -228,35 +231,20 @@ fn encode_item(item: &Item, out: &mut Vec<u8>) {
         }
         Item::Plain(Record::Write { seq, offset, data }) => {
             // Whole, as literal blocks.
-            out.put_u8(KIND_WRITE);
-            out.put_u64_le(*seq);
-            out.put_u64_le(*offset);
-            out.put_u32_le(data.len() as u32);
+            write_header(out, *seq, *offset, data.len());
             for chunk in data.chunks(BLOCK_SIZE) {
                 out.put_u8(BLOCK_LITERAL);
                 out.put_slice(chunk);
             }
         }
-        Item::Plain(Record::Zero { seq, offset, len }) => {
-            out.put_u8(KIND_ZERO);
-            out.put_u64_le(*seq);
-            out.put_u64_le(*offset);
-            out.put_u64_le(*len);
-        }
-        Item::Plain(Record::Tag {
-            seq,
-            id,
-            kind,
-            members,
-            group,
-        }) => {
-            out.put_u8(KIND_TAG);
-            out.put_u64_le(*seq);
-            out.put_u64_le(*id);
-            out.put_u8(*kind as u8);
-            out.put_u32_le(*members);
-            out.put_u8(group.len() as u8);
-            out.put_slice(group.as_bytes());
+        Item::Plain(r) => {
+            let kind = if matches!(r, Record::Zero { .. }) {
+                KIND_ZERO
+            } else {
+                KIND_TAG
+            };
+            out.put_u8(kind);
+            crate::frame::put_zero_or_tag_fields(r, out);
         }
     }
 }
