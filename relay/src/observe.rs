@@ -10,7 +10,7 @@
 //! [`RelayEndpoints`] serves `/metrics` (gauges refreshed from the relay's state at each
 //! scrape), `/healthz` (the health task is alive) and `/readyz` (not critical).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use fbr_metrics::{Endpoints, Probe};
 use fbr_throttling::Rate;
 
 use crate::health::{
-    evaluate, HealthReport, IngestGovernor, Observation, Severity, StreamObservation, CONDITIONS,
+    evaluate, IngestGovernor, Observation, Severity, StreamObservation, CONDITIONS,
 };
 use crate::server::{HealthSnapshot, Relay};
 
@@ -270,24 +270,4 @@ impl Endpoints for RelayEndpoints {
             },
         }
     }
-}
-
-/// The streams paused now, as their names (for tests and logs).
-pub fn throttled_names(relay: &Relay) -> BTreeSet<String> {
-    relay
-        .throttled
-        .borrow()
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-
-/// The latest health report, if the health task has run.
-pub fn health_report(relay: &Relay) -> Option<HealthReport> {
-    relay
-        .health
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|s| s.report.clone())
 }
