@@ -66,6 +66,9 @@ pub struct RelayMetrics {
     pub health_state: IntGauge,
     /// Severity of each health condition (0 none, 1 warning, 2 critical).
     pub health_condition: IntGaugeVec,
+    /// The children of `bytes_total`, one per [`BYTE_STAGES`] entry, resolved once: the
+    /// ingest path adds to them per record, without a label lookup.
+    stage_counters: Vec<IntCounter>,
 }
 
 /// The stage label values of `fbr_relay_bytes_total`.
@@ -94,7 +97,7 @@ impl RelayMetrics {
                 IntGauge::with_opts(Opts::new(name, help)).expect("valid metric"),
             )
         };
-        let m = RelayMetrics {
+        let mut m = RelayMetrics {
             agent_connections_total: counter(
                 "fbr_relay_agent_connections_total",
                 "Agent connections accepted (TLS handshake and role check passed).",
@@ -264,18 +267,23 @@ impl RelayMetrics {
                 )
                 .expect("valid metric"),
             ),
+            stage_counters: Vec::new(),
             registry: r,
         };
-        for stage in BYTE_STAGES {
-            m.bytes_total.with_label_values(&[stage]);
-        }
+        m.stage_counters = BYTE_STAGES
+            .iter()
+            .map(|stage| m.bytes_total.with_label_values(&[stage]))
+            .collect();
         register_process_metrics(&m.registry);
         m
     }
 
     /// Adds to the byte counter of `stage` (one of [`BYTE_STAGES`]).
     pub fn add_bytes(&self, stage: &str, n: u64) {
-        self.bytes_total.with_label_values(&[stage]).inc_by(n);
+        match BYTE_STAGES.iter().position(|s| *s == stage) {
+            Some(i) => self.stage_counters[i].inc_by(n),
+            None => self.bytes_total.with_label_values(&[stage]).inc_by(n),
+        }
     }
 }
 
