@@ -78,13 +78,6 @@ impl ContentIndex {
         self.len() == 0
     }
 
-    /// Forgets everything (operators and tests; the relay then resends data).
-    pub fn clear(&self) {
-        let mut g = self.lock();
-        g.map.clear();
-        g.order.clear();
-    }
-
     /// Records that the blocks of `data`, written in `journal` at `offset`, are there.
     /// Zero blocks are not indexed (they travel as markers anyway). `literal` says which
     /// blocks arrived as bytes (`None`: all): only those need hashing.

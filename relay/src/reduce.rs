@@ -227,33 +227,19 @@ impl Reducer {
     ) -> ReducedBatch {
         let first_seq = window[0].record.seq();
         let last_seq = window[window.len() - 1].record.seq();
-        let records: Vec<Record> = window.iter().map(|r| r.record.clone()).collect();
+        let records: Vec<(Record, u64)> = window
+            .into_iter()
+            .map(|r| (r.record, r.appended_ms))
+            .collect();
         add(
             &stats.logical,
-            records.iter().map(Record::logical_bytes).sum(),
+            records.iter().map(|(r, _)| r.logical_bytes()).sum(),
         );
         add(&stats.records_in, records.len() as u64);
-        let mut blanked = 0;
-        let kept = if self.config.coalesce {
-            let plan = survivors(&records.iter().map(range).collect::<Vec<_>>());
-            records
-                .into_iter()
-                .zip(window.iter())
-                .zip(plan)
-                .filter_map(|((r, c), keep)| {
-                    keep.map(|k| {
-                        let (r, b) = apply_keep(r, &k);
-                        blanked += b;
-                        (r, c.appended_ms)
-                    })
-                })
-                .collect()
+        let (kept, blanked) = if self.config.coalesce {
+            coalesce_with(records)
         } else {
-            records
-                .into_iter()
-                .zip(window.iter())
-                .map(|(r, c)| (r, c.appended_ms))
-                .collect()
+            (records, 0)
         };
         self.encode(first_seq, last_seq, kept, blanked, known, stats)
     }
@@ -525,12 +511,31 @@ fn range(r: &Record) -> Option<(u64, u64)> {
 /// Leaves out what later records of the window rewrite (see the module documentation).
 /// `records` must not contain a tag except as the last record.
 pub fn coalesce(records: Vec<Record>) -> Vec<Record> {
-    let plan = survivors(&records.iter().map(range).collect::<Vec<_>>());
-    records
+    let tagged = records.into_iter().map(|r| (r, ())).collect();
+    coalesce_with(tagged)
+        .0
+        .into_iter()
+        .map(|(r, ())| r)
+        .collect()
+}
+
+/// [`coalesce`] for records carrying a value along (e.g. their append time); also
+/// returns how many bytes of the kept writes were blanked.
+fn coalesce_with<T>(records: Vec<(Record, T)>) -> (Vec<(Record, T)>, u64) {
+    let plan = survivors(&records.iter().map(|(r, _)| range(r)).collect::<Vec<_>>());
+    let mut blanked = 0;
+    let kept = records
         .into_iter()
         .zip(plan)
-        .filter_map(|(r, keep)| keep.map(|k| apply_keep(r, &k).0))
-        .collect()
+        .filter_map(|((r, t), keep)| {
+            keep.map(|k| {
+                let (r, b) = apply_keep(r, &k);
+                blanked += b;
+                (r, t)
+            })
+        })
+        .collect();
+    (kept, blanked)
 }
 
 /// What survives of a record: the range to keep, and the parts of it that later
