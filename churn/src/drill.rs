@@ -124,7 +124,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     };
     let mut site = Site::create(opts.keep.clone(), site_opts)?;
     site.start_master_target()?;
-    let relay_addr = site.start_relay()?;
+    site.start_relay()?;
     let relay_pid = site.relay_pid().context("relay pid")?;
     let mt_pid = site.master_target_pid().context("master target pid")?;
     let tuning = QuicTuning {
@@ -132,17 +132,9 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         ..QuicTuning::default()
     };
     let agent_opts = AgentOptions {
-        relay: relay_addr,
-        relay_name: "relay".into(),
-        pki_dir: site.pki_dir.clone(),
-        cert_name: "agent".into(),
         tuning,
-        tag_interval: opts.tag_interval,
-        app_tag_every: 5,
-        duration: Some(opts.duration),
-        drain_timeout: Duration::from_secs(60),
-        reconnect_timeout: Duration::from_secs(30),
         rate_bytes_per_s: opts.rate_bytes_per_s,
+        ..site.agent_options(opts.duration, opts.tag_interval)?
     };
     let streams = plans.len();
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
@@ -371,19 +363,11 @@ pub async fn run_throttle_bench(
     };
     let mut site = Site::create(Some(root.path().join("site")), site_opts)?;
     site.start_master_target()?;
-    let relay_addr = site.start_relay()?;
+    site.start_relay()?;
     let agent_opts = AgentOptions {
-        relay: relay_addr,
-        relay_name: "relay".into(),
-        pki_dir: site.pki_dir.clone(),
-        cert_name: "agent".into(),
-        tuning: QuicTuning::default(),
-        tag_interval: opts.tag_interval,
-        app_tag_every: 5,
-        duration: Some(opts.duration),
         drain_timeout: Duration::from_secs(120),
-        reconnect_timeout: Duration::from_secs(30),
         rate_bytes_per_s: opts.rate_bytes_per_s,
+        ..site.agent_options(opts.duration, opts.tag_interval)?
     };
     let n = plans.len();
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;

@@ -122,6 +122,29 @@ impl Site {
         self.relay.addr
     }
 
+    /// Options for an agent emulator writing to this site's relay with the site's agent
+    /// certificate: `duration` of churn, a recovery point every `tag_interval`. The
+    /// timeouts suit loopback runs; callers adjust fields as they need.
+    pub fn agent_options(
+        &self,
+        duration: Duration,
+        tag_interval: Duration,
+    ) -> anyhow::Result<crate::agent::AgentOptions> {
+        Ok(crate::agent::AgentOptions {
+            relay: self.relay_addr().context("start the relay first")?,
+            relay_name: "relay".into(),
+            pki_dir: self.pki_dir.clone(),
+            cert_name: "agent".into(),
+            tuning: fbr_transport::QuicTuning::default(),
+            tag_interval,
+            app_tag_every: 5,
+            duration: Some(duration),
+            drain_timeout: Duration::from_secs(60),
+            reconnect_timeout: Duration::from_secs(30),
+            rate_bytes_per_s: None,
+        })
+    }
+
     /// Where the relay serves `/metrics`, `/healthz` and `/readyz`.
     pub fn relay_metrics_addr(&self) -> Option<SocketAddr> {
         self.relay.metrics_addr

@@ -21,7 +21,6 @@ use anyhow::Context;
 use fbr_master_target::journal::{apply_record, MemoryImage};
 use fbr_protocol::wan::block_hash;
 use fbr_protocol::StreamId;
-use fbr_transport::QuicTuning;
 use serde::Serialize;
 
 use crate::agent::{self, AgentOptions, DiskPlan};
@@ -198,7 +197,7 @@ async fn run_model(
         },
     )?;
     site.start_master_target()?;
-    let relay_addr = site.start_relay()?;
+    site.start_relay()?;
     let relay_pid = site.relay_pid().context("relay pid")?;
     let metrics = site.relay_metrics_addr().context("relay metrics address")?;
     let plans: Vec<DiskPlan> = (0..opts.vms)
@@ -219,17 +218,9 @@ async fn run_model(
         })
         .collect();
     let agent_opts = AgentOptions {
-        relay: relay_addr,
-        relay_name: "relay".into(),
-        pki_dir: site.pki_dir.clone(),
-        cert_name: "agent".into(),
-        tuning: QuicTuning::default(),
-        tag_interval: opts.tag_interval,
-        app_tag_every: 5,
-        duration: Some(Duration::from_secs_f64(opts.seconds)),
         drain_timeout: Duration::from_secs(120),
-        reconnect_timeout: Duration::from_secs(30),
         rate_bytes_per_s: opts.rate_bytes_per_s,
+        ..site.agent_options(Duration::from_secs_f64(opts.seconds), opts.tag_interval)?
     };
     let cpu_before = process_cpu_seconds(relay_pid).unwrap_or(0.0);
     let started = Instant::now();

@@ -45,17 +45,11 @@ pub fn start_site_with(vms: &[&str], cache_capacity: u64, cache_segment_mib: u64
 /// Agent options for tests: short timeouts, fast tags.
 pub fn agent_options(site: &Site, duration: Duration, tag_interval: Duration) -> AgentOptions {
     AgentOptions {
-        relay: site.relay_addr().expect("relay running"),
-        relay_name: "relay".into(),
-        pki_dir: site.pki_dir.clone(),
-        cert_name: "agent".into(),
-        tuning: QuicTuning::default(),
-        tag_interval,
         app_tag_every: 4,
-        duration: Some(duration),
-        drain_timeout: Duration::from_secs(60),
         reconnect_timeout: Duration::from_secs(60),
-        rate_bytes_per_s: None,
+        ..site
+            .agent_options(duration, tag_interval)
+            .expect("relay running")
     }
 }
 
