@@ -45,8 +45,19 @@ pub enum ErrorCode {
     Unknown(u16),
 }
 
+/// What a sender does when its stream ends with an error: the one rule every sender
+/// follows (see [`ErrorCode::recovery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Recovery {
+    /// Transient: reconnect after a backoff and resume where the receiver stands.
+    Retry,
+    /// Reconnect at once and resend without references (the receiver lost blocks).
+    ResendNow,
+    /// Reconnecting cannot fix it: stop the stream and say why.
+    GiveUp,
+}
+
 impl ErrorCode {
-    /// The wire number of this code.
     /// Every code this version defines (metrics start each at zero).
     pub const KNOWN: [ErrorCode; 14] = [
         ErrorCode::MalformedFrame,
@@ -65,6 +76,27 @@ impl ErrorCode {
         ErrorCode::Internal,
     ];
 
+    /// What a sender refused with this code does next. Transient conditions of the
+    /// receiver (its upstream is down, a local failure, the stream is busy elsewhere) are
+    /// retried; `UnknownReference` is resent at once without references; everything
+    /// else is a problem with what the sender sent or who it is, and retrying would
+    /// only repeat it. Unknown codes (from a newer peer) are not retried.
+    pub fn recovery(self) -> Recovery {
+        match self {
+            ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => {
+                Recovery::Retry
+            }
+            ErrorCode::UnknownReference => Recovery::ResendNow,
+            _ => Recovery::GiveUp,
+        }
+    }
+
+    /// Whether a sender refused with this code may try again.
+    pub fn is_transient(self) -> bool {
+        self.recovery() != Recovery::GiveUp
+    }
+
+    /// The wire number of this code.
     pub fn as_u16(self) -> u16 {
         match self {
             ErrorCode::MalformedFrame => 1,

@@ -11,6 +11,9 @@
 //! - [`frame`]: the frame header, every frame type, the encoder and the decoder.
 //! - [`error`]: numeric error codes carried by `Error` frames, and decode errors.
 //! - [`names`]: validation of VM and replication-group names.
+//! - [`wan`]: the WAN batch codec (relay -> master target).
+//! - [`stream`]: the per-stream protocol as two state machines, [`stream::StreamSender`]
+//!   and [`stream::StreamReceiver`], driven by the daemons' async loops.
 //!
 //! ## Invariants
 //! - A frame is decoded only once it is completely buffered; "not enough bytes yet" is
@@ -23,10 +26,13 @@
 
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod names;
+pub mod stream;
 pub mod wan;
 
-pub use error::{DecodeError, ErrorCode};
+pub use error::{DecodeError, ErrorCode, Recovery};
 pub use frame::{
     decode_frame, encode_frame, encode_to_bytes, Frame, FrameType, Record, StreamId, TagKind,
     FRAME_HEADER_LEN, MAGIC, MAX_FRAME_PAYLOAD, MAX_WRITE_BYTES, PROTOCOL_VERSION, SECTOR_SIZE,
