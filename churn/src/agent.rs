@@ -3,10 +3,11 @@
 //!
 //! Per disk, one task owns a QUIC stream to the relay (one connection per VM). It draws
 //! changes from the disk's [`ChangeSource`], numbers them, and sends them while the
-//! unacknowledged bytes stay under the receiver's credit (backpressure). Every record is
-//! kept until acknowledged; after a lost connection or a relay restart the task
-//! reconnects, learns from `Accept` what the master target already holds, and resends
-//! the rest, so nothing is lost and nothing is applied twice.
+//! protocol's [`StreamSender`] (with [`Resend::Retained`](fbr_protocol::stream::Resend))
+//! has credit left (backpressure). The machine keeps every record until acknowledged;
+//! after a lost connection or a relay restart the task reconnects (with the machine's
+//! backoff), the machine learns from `Accept` what the master target already holds, and
+//! the task resends the rest, so nothing is lost and nothing is applied twice.
 //!
 //! **Consistent cuts.** A tag coordinator inserts a tag on every disk of a replication
 //! group while holding all of those disks' generator locks at once: no disk can draw a
@@ -24,7 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fbr_protocol::{ErrorCode, Frame, Record, StreamId, TagKind};
+use fbr_protocol::stream::{
+    Reconnect, SenderConfig, SenderEvent, SessionEnd, SourcePosition, StreamSender, REFUSAL_GRACE,
+};
+use fbr_protocol::{Frame, Record, StreamId, TagKind};
 use fbr_transport::{
     any_addr_for, client_endpoint, Credentials, FrameReader, FrameWriter, PeerLink, QuicTuning,
     Role,
@@ -132,21 +136,6 @@ struct GenState {
     exhausted: bool,
 }
 
-/// A record sent (or about to be) and not yet acknowledged.
-#[derive(Debug)]
-struct InFlight {
-    record: Record,
-    encoded: u64,
-}
-
-#[derive(Debug)]
-struct Window {
-    unacked: VecDeque<InFlight>,
-    unacked_bytes: u64,
-    acked_seq: u64,
-    credit: u64,
-}
-
 /// Changes whose `Applied` has not arrived yet, for lag and per-disk throughput:
 /// `(seq, drawn_at, encoded frame bytes)`.
 /// Bounded: beyond this many, further changes are not sampled until it drains.
@@ -172,40 +161,40 @@ struct DiskRuntime {
     plan: DiskPlan,
     pace: Option<Pace>,
     lag_pending: Mutex<VecDeque<(u64, Instant, u64)>>,
-    /// Highest sequence number durable at the master target.
-    applied_seq: AtomicU64,
     /// Encoded record bytes (what the relay's egress limit counts) durable at the master
     /// target (sampled like lag).
     applied_frame_bytes: AtomicU64,
     gen: Mutex<GenState>,
-    window: Mutex<Window>,
+    /// The stream's protocol state: records in flight (kept for resend), credit, acks.
+    sender: Mutex<StreamSender<Record>>,
     /// Bumped on every ack or credit change; senders wait on it.
     window_changed: watch::Sender<u64>,
 }
 
 impl DiskRuntime {
-    /// `Ack`: drops everything up to `seq` from the resend window, counting bytes.
-    fn acknowledge(&self, seq: u64, stats: &RunStats) {
-        {
-            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-            while w.unacked.front().is_some_and(|f| f.record.seq() <= seq) {
-                let f = w.unacked.pop_front().expect("front checked");
-                w.unacked_bytes -= f.encoded;
-                if let Record::Write { data, .. } = &f.record {
-                    stats
-                        .data_bytes_acked
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                if !matches!(f.record, Record::Tag { .. }) {
-                    stats
-                        .logical_bytes_acked
-                        .fetch_add(f.record.logical_bytes(), Ordering::Relaxed);
-                    stats.records_acked.fetch_add(1, Ordering::Relaxed);
-                }
+    fn lock_sender(&self) -> std::sync::MutexGuard<'_, StreamSender<Record>> {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_gen(&self) -> std::sync::MutexGuard<'_, GenState> {
+        self.gen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the relay acknowledged (durable in its cache): counts their bytes.
+    fn count_acked(&self, records: Vec<Record>, stats: &RunStats) {
+        for record in records {
+            if let Record::Write { data, .. } = &record {
+                stats
+                    .data_bytes_acked
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
-            w.acked_seq = w.acked_seq.max(seq);
+            if !matches!(record, Record::Tag { .. }) {
+                stats
+                    .logical_bytes_acked
+                    .fetch_add(record.logical_bytes(), Ordering::Relaxed);
+                stats.records_acked.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        self.window_changed.send_modify(|v| *v += 1);
     }
 
     /// `Applied`: everything up to `seq` is at the master target; records the lag.
@@ -228,28 +217,6 @@ impl DiskRuntime {
                 }
             }
         }
-        self.applied_seq.fetch_max(seq, Ordering::SeqCst);
-        self.window_changed.send_modify(|v| *v += 1);
-    }
-}
-
-/// Why a stream session ended.
-enum SessionEnd {
-    /// Everything drawn was acknowledged and the source stopped.
-    Done,
-    /// Transient: reconnect and resume.
-    Retry(String),
-    /// The receiver refused us for a reason reconnecting cannot fix.
-    Fatal(String),
-}
-
-fn classify(code: ErrorCode, message: String) -> SessionEnd {
-    let text = format!("{code}: {message}");
-    match code {
-        ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => {
-            SessionEnd::Retry(text)
-        }
-        _ => SessionEnd::Fatal(text),
     }
 }
 
@@ -323,15 +290,11 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
                 tags: vec![],
                 exhausted: false,
             }),
-            window: Mutex::new(Window {
-                unacked: VecDeque::new(),
-                unacked_bytes: 0,
-                acked_seq: 0,
-                credit: 0,
-            }),
+            sender: Mutex::new(StreamSender::new(SenderConfig::agent(
+                opts.reconnect_timeout,
+            ))),
             window_changed: watch::channel(0).0,
             lag_pending: Mutex::new(VecDeque::new()),
-            applied_seq: AtomicU64::new(0),
             applied_frame_bytes: AtomicU64::new(0),
             pace: opts.rate_bytes_per_s.map(|r| Pace {
                 bytes_per_s: r as f64 / disk_count as f64,
@@ -385,7 +348,6 @@ async fn run(
             link,
             stats.clone(),
             drawing_stopped.clone(),
-            opts.clone(),
         )));
     }
 
@@ -397,9 +359,7 @@ async fn run(
     let mut failed_early = false;
     loop {
         let deadline_passed = opts.duration.is_some_and(|d| started.elapsed() >= d);
-        let all_exhausted = disks
-            .iter()
-            .all(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted);
+        let all_exhausted = disks.iter().all(|d| d.lock_gen().exhausted);
         if tasks.iter().all(|t| t.is_finished()) {
             failed_early = true;
             break;
@@ -445,8 +405,8 @@ async fn run(
         disks: disks
             .iter()
             .map(|d| {
-                let g = d.gen.lock().unwrap_or_else(|p| p.into_inner());
-                let w = d.window.lock().unwrap_or_else(|p| p.into_inner());
+                let g = d.lock_gen();
+                let acked_seq = d.lock_sender().acked();
                 DiskManifest {
                     vm: d.plan.id.vm.clone(),
                     disk: d.plan.id.disk,
@@ -454,7 +414,7 @@ async fn run(
                     group: d.plan.group.clone(),
                     source: d.plan.source.clone(),
                     last_seq: g.next_seq - 1,
-                    acked_seq: w.acked_seq,
+                    acked_seq,
                     tags: g.tags.clone(),
                 }
             })
@@ -472,10 +432,7 @@ fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats
     let app = app_every > 0 && id % app_every == 0;
     let kind = if app { TagKind::App } else { TagKind::Crash };
     // Lock every member (always in the same order) so no disk draws during the cut.
-    let mut guards: Vec<_> = members
-        .iter()
-        .map(|d| d.gen.lock().unwrap_or_else(|p| p.into_inner()))
-        .collect();
+    let mut guards: Vec<_> = members.iter().map(|d| d.lock_gen()).collect();
     for g in guards.iter_mut() {
         let seq = g.next_seq;
         g.next_seq += 1;
@@ -491,112 +448,86 @@ fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats
     stats.tags_inserted.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Runs sessions for one disk until it is done, reconnecting on transient failures.
+/// Runs sessions for one disk until it is done, reconnecting (with the machine's
+/// backoff) on transient failures.
 async fn drive_disk(
     disk: Arc<DiskRuntime>,
     link: Arc<PeerLink>,
     stats: Arc<RunStats>,
     drawing_stopped: Arc<AtomicBool>,
-    opts: AgentOptions,
 ) -> Result<(), String> {
-    let mut failing_since: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(100);
     loop {
-        let mut accepted = false;
-        let end = session(&disk, &link, &stats, &drawing_stopped, &mut accepted).await;
-        if accepted {
-            // The receiver answered: whatever fails next is a new failure.
-            failing_since = None;
-            backoff = Duration::from_millis(100);
-        }
-        match end {
-            SessionEnd::Done => return Ok(()),
-            SessionEnd::Fatal(e) => {
+        let Err(end) = session(&disk, &link, &stats, &drawing_stopped).await else {
+            return Ok(());
+        };
+        let next = disk.lock_sender().session_ended(&end, Instant::now());
+        match next {
+            Reconnect::GiveUp(reason) => {
                 // Stop drawing for this disk so the run can finish.
-                disk.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted = true;
-                return Err(e);
+                disk.lock_gen().exhausted = true;
+                return Err(reason);
             }
-            SessionEnd::Retry(e) => {
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > opts.reconnect_timeout {
-                    disk.gen.lock().unwrap_or_else(|p| p.into_inner()).exhausted = true;
-                    return Err(format!(
-                        "gave up reconnecting after {:?}: {e}",
-                        opts.reconnect_timeout
-                    ));
-                }
-                tracing::info!(stream = %disk.plan.id, "reconnecting in {backoff:?}: {e}");
+            Reconnect::After(delay) => {
+                tracing::info!(stream = %disk.plan.id, "reconnecting in {delay:?}: {end}");
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
 /// One stream session: Hello, reconcile with Accept, resend, then send and collect acks.
+/// `Ok` once everything drawn was acknowledged and applied and the source stopped.
 async fn session(
     disk: &Arc<DiskRuntime>,
     link: &PeerLink,
     stats: &Arc<RunStats>,
     drawing_stopped: &AtomicBool,
-    accepted: &mut bool,
-) -> SessionEnd {
-    let (send, recv) = match link.open_stream().await {
-        Ok(s) => s,
-        Err(e) => return SessionEnd::Retry(e),
-    };
+) -> Result<(), SessionEnd> {
+    let (send, recv) = link
+        .open_stream()
+        .await
+        .map_err(|e| SessionEnd::retry(e.to_string()))?;
     let mut reader = FrameReader::new(recv);
     let mut writer = FrameWriter::new(send);
-    if let Err(e) = writer
-        .send(&Frame::Hello {
-            stream: disk.plan.id.clone(),
-            disk_size: disk.plan.disk_size,
-        })
-        .await
-    {
-        return SessionEnd::Retry(format!("sending Hello: {e}"));
-    }
-    let (next_seq, credit) =
-        match tokio::time::timeout(Duration::from_secs(15), reader.next()).await {
-            Ok(Ok(Some(Frame::Accept {
-                next_seq,
-                credit_bytes,
-            }))) => (next_seq, credit_bytes),
-            Ok(Ok(Some(Frame::Error { code, message }))) => return classify(code, message),
-            Ok(Ok(other)) => {
-                return SessionEnd::Retry(format!("unexpected answer to Hello: {other:?}"))
-            }
-            Ok(Err(e)) => return SessionEnd::Retry(format!("reading Accept: {e}")),
-            Err(_) => return SessionEnd::Retry("no Accept within 15 s".into()),
+    let produced = disk.lock_gen().next_seq - 1;
+    let hello = {
+        let mut sender = disk.lock_sender();
+        let position = SourcePosition {
+            resend_from: sender.acked() + 1,
+            produced,
+            receiver_may_lead: false,
         };
-    *accepted = true;
-
+        sender.start(
+            Instant::now(),
+            disk.plan.id.clone(),
+            disk.plan.disk_size,
+            position,
+        )
+    };
+    writer
+        .send(&hello)
+        .await
+        .map_err(|e| SessionEnd::retry(format!("sending Hello: {e}")))?;
+    let deadline = disk.lock_sender().poll_timeout();
+    let answer = match reader.receive_until(deadline).await {
+        Some(incoming) => disk.lock_sender().handle(incoming),
+        None => Err(disk
+            .lock_sender()
+            .handle_timeout(Instant::now())
+            .unwrap_or_else(|| SessionEnd::retry("no Accept in time"))),
+    };
     // Reconcile: whatever the master target holds is acknowledged; the rest is resent.
-    let resend: Vec<Record> = {
-        let assigned = disk.gen.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1;
-        let acked = disk
-            .window
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .acked_seq;
-        let held = next_seq - 1;
-        if held < acked {
-            return SessionEnd::Fatal(format!(
-                "INVARIANT VIOLATED: the master target holds up to sequence {held}, but {acked} was acknowledged"
-            ));
+    let resend: Vec<Record> = match answer? {
+        SenderEvent::Accepted { released, .. } => {
+            disk.count_acked(released, stats);
+            disk.lock_sender().unacked().cloned().collect()
         }
-        if held > assigned {
-            return SessionEnd::Fatal(format!(
-                "the master target already holds {held} records of {}, more than this source produced ({assigned}); \
-                 start from a fresh master-target data directory or other VM names",
-                disk.plan.id
-            ));
+        other => {
+            return Err(SessionEnd::retry(format!(
+                "unexpected answer to Hello: {other:?}"
+            )))
         }
-        disk.acknowledge(held, stats);
-        let mut w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
-        w.credit = credit.max(1);
-        w.unacked.iter().map(|f| f.record.clone()).collect()
     };
     let mut window_rx = disk.window_changed.subscribe();
 
@@ -605,53 +536,58 @@ async fn session(
     let ack_stats = stats.clone();
     let mut acks = tokio::spawn(async move {
         loop {
-            match reader.next().await {
-                Ok(Some(Frame::Ack { seq })) => ack_disk.acknowledge(seq, &ack_stats),
-                Ok(Some(Frame::Applied { seq })) => ack_disk.applied(seq, &ack_stats),
-                Ok(Some(Frame::Credit { credit_bytes })) => {
-                    ack_disk
-                        .window
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .credit = credit_bytes;
-                    ack_disk.window_changed.send_modify(|v| *v += 1);
+            let incoming = reader.receive().await;
+            let event = ack_disk.lock_sender().handle(incoming);
+            match event {
+                Ok(SenderEvent::Acked { released, .. }) => {
+                    ack_disk.count_acked(released, &ack_stats)
                 }
-                Ok(Some(Frame::Error { code, message })) => return classify(code, message),
-                Ok(Some(other)) => {
-                    return SessionEnd::Fatal(format!(
-                        "unexpected {:?} frame from the relay",
-                        other.frame_type()
-                    ))
-                }
-                Ok(None) => return SessionEnd::Retry("relay closed the stream".into()),
-                Err(e) => return SessionEnd::Retry(format!("reading acks: {e}")),
+                Ok(SenderEvent::Applied { seq }) => ack_disk.applied(seq, &ack_stats),
+                Ok(SenderEvent::Credit { .. } | SenderEvent::Accepted { .. }) => {}
+                Err(end) => return end,
             }
+            ack_disk.window_changed.send_modify(|v| *v += 1);
         }
     });
+    let outcome = send_records(
+        disk,
+        stats,
+        drawing_stopped,
+        &mut writer,
+        resend,
+        &mut window_rx,
+        &mut acks,
+    )
+    .await;
+    acks.abort();
+    outcome
+}
 
-    for r in &resend {
-        writer.push(&Frame::Record(r.clone()));
+/// Resends what the machine kept, then draws and sends while credit allows, until the
+/// run is done or the session ends.
+async fn send_records(
+    disk: &Arc<DiskRuntime>,
+    stats: &Arc<RunStats>,
+    drawing_stopped: &AtomicBool,
+    writer: &mut FrameWriter,
+    resend: Vec<Record>,
+    window_rx: &mut watch::Receiver<u64>,
+    acks: &mut tokio::task::JoinHandle<SessionEnd>,
+) -> Result<(), SessionEnd> {
+    for r in resend {
+        writer.push(&Frame::Record(r));
         if writer.pending() >= SEND_FLUSH_BYTES {
             if let Err(e) = writer.flush().await {
-                acks.abort();
-                return SessionEnd::Retry(format!("resending: {e}"));
+                return Err(write_failed(e, acks).await);
             }
         }
     }
-
     loop {
         // Draw and send while credit allows.
         let mut sent_any = false;
-        loop {
-            let (unacked, credit) = {
-                let w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
-                (w.unacked_bytes, w.credit)
-            };
-            if unacked >= credit || writer.pending() >= SEND_FLUSH_BYTES {
-                break;
-            }
+        while disk.lock_sender().credit_available() > 0 && writer.pending() < SEND_FLUSH_BYTES {
             let next = {
-                let mut g = disk.gen.lock().unwrap_or_else(|p| p.into_inner());
+                let mut g = disk.lock_gen();
                 if let Some(tag) = g.pending.pop_front() {
                     Some(tag)
                 } else if drawing_stopped.load(Ordering::SeqCst)
@@ -672,8 +608,7 @@ async fn session(
                         }
                         Err(e) => {
                             g.exhausted = true;
-                            acks.abort();
-                            return SessionEnd::Fatal(format!("source: {e}"));
+                            return Err(SessionEnd::give_up(format!("source: {e}")));
                         }
                     }
                 }
@@ -682,7 +617,7 @@ async fn session(
             if let Some(p) = &disk.pace {
                 p.drawn.fetch_add(record.logical_bytes(), Ordering::Relaxed);
             }
-            let encoded = record.encoded_len() as u64;
+            let (seq, encoded) = (record.seq(), record.encoded_len() as u64);
             stats
                 .logical_bytes_sent
                 .fetch_add(record.logical_bytes(), Ordering::Relaxed);
@@ -690,42 +625,50 @@ async fn session(
             if !matches!(record, Record::Tag { .. }) {
                 let mut lag = disk.lag_pending.lock().unwrap_or_else(|p| p.into_inner());
                 if lag.len() < MAX_LAG_SAMPLES_PENDING {
-                    lag.push_back((record.seq(), Instant::now(), record.encoded_len() as u64));
+                    lag.push_back((seq, Instant::now(), encoded));
                 }
             }
-            let mut w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
-            w.unacked_bytes += encoded;
-            w.unacked.push_back(InFlight { record, encoded });
+            disk.lock_sender().on_send(seq, seq, encoded, record);
             sent_any = true;
         }
         if writer.pending() > 0 {
             if let Err(e) = writer.flush().await {
-                acks.abort();
-                return SessionEnd::Retry(format!("sending: {e}"));
+                return Err(write_failed(e, acks).await);
             }
         }
         if !sent_any {
             let finished = {
-                let g = disk.gen.lock().unwrap_or_else(|p| p.into_inner());
-                let w = disk.window.lock().unwrap_or_else(|p| p.into_inner());
+                let g = disk.lock_gen();
+                let sender = disk.lock_sender();
                 g.pending.is_empty()
                     && (drawing_stopped.load(Ordering::SeqCst) || g.exhausted)
-                    && w.unacked.is_empty()
-                    && disk.applied_seq.load(Ordering::SeqCst) >= g.next_seq - 1
+                    && sender.all_acknowledged()
+                    && sender.applied() >= g.next_seq - 1
             };
             if finished {
-                writer.finish();
-                acks.abort();
-                return SessionEnd::Done;
+                writer.finish().await;
+                return Ok(());
             }
             // Wait for an ack / credit, a stop, or the session's end.
             tokio::select! {
                 _ = window_rx.changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                end = &mut acks => {
-                    return end.unwrap_or_else(|e| SessionEnd::Retry(format!("ack task: {e}")));
+                end = &mut *acks => {
+                    return Err(end.unwrap_or_else(|e| SessionEnd::retry(format!("ack task: {e}"))));
                 }
             }
         }
+    }
+}
+
+/// A write to the relay failed: the relay's refusal, if the ack reader reads one within
+/// [`REFUSAL_GRACE`], says what to do; otherwise the write error stands (retry).
+async fn write_failed(
+    error: std::io::Error,
+    acks: &mut tokio::task::JoinHandle<SessionEnd>,
+) -> SessionEnd {
+    match tokio::time::timeout(REFUSAL_GRACE, acks).await {
+        Ok(Ok(end)) if end.is_refusal() => end,
+        _ => SessionEnd::retry(format!("sending: {error}")),
     }
 }

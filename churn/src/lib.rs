@@ -24,4 +24,4 @@ pub mod wanbench;
 pub mod workload;
 pub mod writelog;
 
-pub use fbr_transport::daemon::parse_size;
+pub use fbr_daemon::parse_size;

@@ -195,7 +195,7 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         vms: u32,
         /// Size of each disk, e.g. 128MiB.
-        #[arg(long, default_value = "128MiB", value_parser = fbr_transport::daemon::parse_size)]
+        #[arg(long, default_value = "128MiB", value_parser = fbr_daemon::parse_size)]
         disk_size: u64,
         /// Seconds between recovery points.
         #[arg(long, default_value_t = 1.0)]
@@ -266,7 +266,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    fbr_transport::daemon::init_logging(false, "warn");
+    fbr_daemon::init_logging(false, "warn");
     if let Some(msg) = usage_error(&cli.command) {
         eprintln!("churn: {msg}");
         return ExitCode::from(EX_USAGE);

@@ -8,7 +8,12 @@
 //! - [`journal`]: the per-disk write-ahead/retention journal (format, reader, replay).
 //! - [`store`]: the `redb` index of checkpoints and recovery points.
 //! - [`replica`]: one disk's image + journal + high-water mark; durability and recovery.
-//! - [`server`]: QUIC sessions from relays, the reader/applier pipeline per disk.
+//! - [`accept`]: QUIC connections from relays, one session per disk stream (a thin
+//!   driver of `fbr_protocol::stream::StreamReceiver`), one owner per disk.
+//! - [`unpack`]: frames through the receiver machine into checked records; WAN batches'
+//!   references resolved against the [`content`] index.
+//! - [`apply`]: group commit of queued records into the replica, then `Ack`.
+//! - [`content`]: which blocks the master target holds, for the relay's dedup.
 //!
 //! ## Data directory
 //! ```text
@@ -25,13 +30,15 @@
 //! - Nothing of an invalid record is applied; the records before it are.
 #![forbid(unsafe_code)]
 
+pub mod accept;
+pub mod apply;
 pub mod content;
 pub mod journal;
 pub mod replica;
-pub mod server;
 pub mod settings;
 pub mod store;
+pub mod unpack;
 
+pub use accept::MasterTarget;
 pub use replica::DiskReplica;
-pub use server::MasterTarget;
 pub use store::{RecoveryPoint, Store};

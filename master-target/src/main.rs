@@ -3,17 +3,18 @@
 //! Thin: parses flags, sets up logging, and calls the library.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fbr_master_target::settings::{self, MasterTargetSettings};
+use fbr_daemon::settings::{flag_overrides, load_settings, mib_flag};
+use fbr_daemon::ConfigError;
+use fbr_master_target::settings::MasterTargetSettings;
 use fbr_master_target::{journal, replica, MasterTarget, Store};
 use fbr_protocol::StreamId;
-use fbr_transport::settings::{ConfigError, Layers, EX_USAGE};
-use fbr_transport::{daemon, server_endpoint, Credentials, QuicTuning};
+use fbr_transport::{server_endpoint, Credentials, QuicTuning};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,127 +61,78 @@ enum Command {
     },
 }
 
-/// Flags of `master-target run` and `check-config`. Each overrides one config key
-/// (named in brackets); the rest come from the config file, `MASTER_TARGET_*` variables
-/// and defaults (docs/CONFIGURATION.md).
-#[derive(clap::Args, Debug)]
+/// Flags of `master-target run` and `check-config`. Each overrides the config key its
+/// serde name gives (shown in brackets); the rest come from the config file,
+/// `MASTER_TARGET_*` variables and defaults (docs/CONFIGURATION.md).
+#[derive(clap::Args, Debug, serde::Serialize)]
 struct RunArgs {
     /// Config file (TOML). Default: /etc/master-target/master-target.toml if it exists.
     #[arg(long)]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// UDP address to listen on for relays [listen].
     #[arg(long)]
+    #[serde(rename = "listen")]
     listen: Option<SocketAddr>,
     /// Data directory: images, journals, index [data_dir].
     #[arg(long)]
+    #[serde(rename = "data_dir")]
     data: Option<PathBuf>,
     /// Directory holding ca.pem and this daemon's certificate and key [pki_dir].
     #[arg(long)]
+    #[serde(rename = "pki_dir")]
     pki_dir: Option<PathBuf>,
     /// File stem of this daemon's certificate in the PKI directory [cert_name].
     #[arg(long)]
+    #[serde(rename = "cert_name")]
     cert_name: Option<String>,
     /// Write the bound address here once listening [port_file].
     #[arg(long)]
+    #[serde(rename = "port_file")]
     port_file: Option<PathBuf>,
     /// TCP address of /metrics, /healthz and /readyz; "" disables [metrics_listen].
     #[arg(long)]
+    #[serde(rename = "metrics_listen")]
     metrics_listen: Option<String>,
     /// Write the metrics endpoint's bound address here [metrics_port_file].
     #[arg(long)]
+    #[serde(rename = "metrics_port_file")]
     metrics_port_file: Option<PathBuf>,
     /// Bytes of records each stream may have unacknowledged, in MiB [credit].
     #[arg(long)]
+    #[serde(rename = "credit", serialize_with = "mib_flag")]
     credit_mib: Option<u64>,
     /// Largest UDP payload MTU discovery may use [max_udp_payload].
     #[arg(long)]
+    #[serde(rename = "max_udp_payload")]
     max_udp_payload: Option<u16>,
     /// Most blocks in the dedup content index; 0 disables it [content_index_entries].
     #[arg(long)]
+    #[serde(rename = "content_index_entries")]
     content_index_entries: Option<u64>,
 }
 
 impl RunArgs {
-    fn overrides(&self) -> Vec<(String, config::Value)> {
-        let mut o: Vec<(String, config::Value)> = Vec::new();
-        let path = |p: &PathBuf| config::Value::from(p.display().to_string());
-        if let Some(v) = self.listen {
-            o.push(("listen".into(), v.to_string().into()));
-        }
-        if let Some(v) = &self.data {
-            o.push(("data_dir".into(), path(v)));
-        }
-        if let Some(v) = &self.pki_dir {
-            o.push(("pki_dir".into(), path(v)));
-        }
-        if let Some(v) = &self.cert_name {
-            o.push(("cert_name".into(), v.clone().into()));
-        }
-        if let Some(v) = &self.port_file {
-            o.push(("port_file".into(), path(v)));
-        }
-        if let Some(v) = &self.metrics_listen {
-            o.push(("metrics_listen".into(), v.clone().into()));
-        }
-        if let Some(v) = &self.metrics_port_file {
-            o.push(("metrics_port_file".into(), path(v)));
-        }
-        if let Some(v) = self.credit_mib {
-            o.push(("credit".into(), format!("{v}MiB").into()));
-        }
-        if let Some(v) = self.max_udp_payload {
-            o.push(("max_udp_payload".into(), i64::from(v).into()));
-        }
-        if let Some(v) = self.content_index_entries {
-            o.push(("content_index_entries".into(), (v as i64).into()));
-        }
-        o
-    }
-
-    /// The effective, validated settings.
+    /// The effective, validated settings: the flags are the last layer.
     fn settings(&self) -> Result<MasterTargetSettings, ConfigError> {
-        let s = fbr_transport::settings::load(
-            &MasterTargetSettings::default(),
-            Layers {
-                explicit_file: self.config.as_deref(),
-                default_file: Path::new(settings::DEFAULT_CONFIG_FILE),
-                env_prefix: settings::ENV_PREFIX,
-                free_form: &[],
-                overrides: self.overrides(),
-            },
-        )?;
-        s.validate()?;
-        Ok(s)
+        load_settings(self.config.as_deref(), flag_overrides(self)?)
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_)) {
-        daemon::init_logging(cli.log_json, "info");
+        fbr_daemon::init_logging(cli.log_json, "info");
     }
     match cli.command {
-        Command::Run(args) => {
-            let settings = match args.settings() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("master-target: {e}");
-                    return ExitCode::from(EX_USAGE);
-                }
-            };
-            daemon::init_logging(cli.log_json || settings.log_json, "info");
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("master-target: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            report(rt.block_on(run(settings)))
-        }
-        Command::CheckConfig(args) => {
-            fbr_transport::settings::report_check("master-target", args.settings())
-        }
+        Command::Run(args) => fbr_daemon::run_daemon(
+            "master-target",
+            args.settings(),
+            cli.log_json,
+            |s| s.log_json,
+            run,
+        ),
+        Command::CheckConfig(args) => fbr_daemon::report_check("master-target", args.settings()),
         Command::Points { data, json } => report(points(&data, json)),
         Command::Materialize {
             data,
@@ -200,13 +152,7 @@ fn main() -> ExitCode {
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("master-target: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    fbr_daemon::report("master-target", r)
 }
 
 async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
@@ -239,11 +185,12 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         None => None,
     };
     if let Some(pf) = &settings.port_file {
-        daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
+        fbr_daemon::write_port_file(pf, local)
+            .with_context(|| format!("writing {}", pf.display()))?;
     }
     tracing::info!(listen = %local, data = %data.display(), "master target listening");
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));
-    daemon::shutdown_signal().await;
+    fbr_daemon::shutdown_signal().await;
     tracing::info!("shutting down");
     endpoint.close(quinn::VarInt::from_u32(0), b"master target shutting down");
     server.abort();

@@ -1,13 +1,13 @@
 //! The master target's configuration: every key, its default, and its checks.
 //!
-//! Loaded in layers by [`fbr_transport::settings::load`] (defaults,
+//! Loaded in layers by [`fbr_daemon::settings::load_settings`] (defaults,
 //! `/etc/master-target/master-target.toml` or `--config`, `MASTER_TARGET_`-prefixed
 //! environment variables, flags). Every key is listed in `docs/CONFIGURATION.md`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use fbr_transport::settings::{ByteSize, ConfigError};
+use fbr_daemon::settings::{ByteSize, ConfigError, DaemonSettings};
 use serde::{Deserialize, Serialize};
 
 /// Where the master target looks for its config file when `--config` is not given.
@@ -58,9 +58,12 @@ impl Default for MasterTargetSettings {
     }
 }
 
-impl MasterTargetSettings {
+impl DaemonSettings for MasterTargetSettings {
+    const DEFAULT_CONFIG_FILE: &'static str = DEFAULT_CONFIG_FILE;
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+
     /// Checks every value; the first problem names its key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if !(1 << 20..=4 << 30).contains(&self.credit.0) {
             return Err(ConfigError::new(
                 "credit",
@@ -85,9 +88,11 @@ impl MasterTargetSettings {
         self.metrics_addr()?;
         Ok(())
     }
+}
 
+impl MasterTargetSettings {
     /// The metrics endpoint's address, `None` when disabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        fbr_transport::settings::listen_addr("metrics_listen", &self.metrics_listen)
+        fbr_daemon::settings::listen_addr("metrics_listen", &self.metrics_listen)
     }
 }

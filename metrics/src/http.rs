@@ -57,7 +57,7 @@ pub async fn start(
         .local_addr()
         .map_err(|e| format!("metrics endpoint: {e}"))?;
     if let Some(pf) = port_file {
-        fbr_transport::daemon::write_port_file(pf, bound)
+        fbr_daemon::write_port_file(pf, bound)
             .map_err(|e| format!("writing {}: {e}", pf.display()))?;
     }
     tracing::info!(%bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");

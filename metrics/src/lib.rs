@@ -21,6 +21,44 @@ pub mod relay;
 
 pub use http::{serve, start, Endpoints, Probe};
 
+use fbr_protocol::ErrorCode;
+
+/// `fbr_<daemon>_stream_errors_total{code}`: streams refused or closed with an error,
+/// by wire code. Every code this version knows starts at zero, so `rate()` and alerts
+/// see the first error.
+#[derive(Debug, Clone)]
+pub struct StreamErrors(prometheus::IntCounterVec);
+
+impl StreamErrors {
+    fn register(registry: &prometheus::Registry, name: &str) -> Self {
+        let vec = register(
+            registry,
+            prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    name,
+                    "Streams refused or closed with an error, by error code.",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+        );
+        for code in ErrorCode::KNOWN {
+            vec.with_label_values(&[code.name()]);
+        }
+        StreamErrors(vec)
+    }
+
+    /// Counts a stream (or connection) ended with `code`.
+    pub fn count(&self, code: ErrorCode) {
+        self.0.with_label_values(&[code.name()]).inc();
+    }
+
+    /// How many streams ended with `code` so far.
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.0.with_label_values(&[code.name()]).get()
+    }
+}
+
 /// Encodes everything in `registry` in the Prometheus text format.
 pub fn encode(registry: &prometheus::Registry) -> Result<String, String> {
     use prometheus::Encoder;

@@ -1,8 +1,8 @@
 //! The master target's metrics: what it applied, what it keeps, how it is connected.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntGauge, Opts, Registry};
 
-use crate::{register, register_process_metrics};
+use crate::{register, register_process_metrics, StreamErrors};
 
 /// Every metric of a master target, on its own registry.
 #[derive(Debug, Clone)]
@@ -16,7 +16,7 @@ pub struct MasterTargetMetrics {
     pub batches_applied_total: IntCounter,
     pub duplicates_skipped_total: IntCounter,
     pub tags_applied_total: IntCounter,
-    pub stream_errors_total: IntCounterVec,
+    pub stream_errors_total: StreamErrors,
     pub dedup_references_resolved_total: IntCounter,
     pub dedup_references_missing_total: IntCounter,
     pub batches_received_total: IntCounter,
@@ -69,17 +69,7 @@ impl MasterTargetMetrics {
                 "fbr_master_target_tags_applied_total",
                 "Recovery-point tags applied (one per disk of each recovery point).",
             ),
-            stream_errors_total: register(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "fbr_master_target_stream_errors_total",
-                        "Streams refused or closed with an error, by error code.",
-                    ),
-                    &["code"],
-                )
-                .expect("valid metric"),
-            ),
+            stream_errors_total: StreamErrors::register(&r, "fbr_master_target_stream_errors_total"),
             dedup_references_resolved_total: counter(
                 "fbr_master_target_dedup_references_resolved_total",
                 "Blocks the relay sent as a SHA-256 reference that were read back (and re-verified) from a journal.",

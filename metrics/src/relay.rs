@@ -21,7 +21,7 @@ use prometheus::{
     Opts, Registry,
 };
 
-use crate::{register, register_process_metrics};
+use crate::{register, register_process_metrics, StreamErrors};
 
 /// Every metric of a relay, on its own registry.
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ pub struct RelayMetrics {
     pub compression_seconds_total: prometheus::Counter,
     pub dedup_known_blocks: IntGauge,
     /// Streams refused or closed with an error, by wire error code name.
-    pub stream_errors_total: IntCounterVec,
+    pub stream_errors_total: StreamErrors,
     /// Time from a record's durable append in the cache to the master target's ack.
     pub replication_lag_seconds: Histogram,
     pub agent_streams: IntGauge,
@@ -168,17 +168,7 @@ impl RelayMetrics {
                 "fbr_relay_dedup_known_blocks",
                 "Block hashes the relay knows the master target holds.",
             ),
-            stream_errors_total: register(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "fbr_relay_stream_errors_total",
-                        "Streams and connections refused or closed with an error, by error code.",
-                    ),
-                    &["code"],
-                )
-                .expect("valid metric"),
-            ),
+            stream_errors_total: StreamErrors::register(&r, "fbr_relay_stream_errors_total"),
             replication_lag_seconds: register(
                 &r,
                 Histogram::with_opts(
@@ -302,8 +292,7 @@ mod tests {
     fn every_metric_is_exposed_with_help_and_type() {
         let m = RelayMetrics::new();
         m.stream_errors_total
-            .with_label_values(&["sequence_gap"])
-            .inc();
+            .count(fbr_protocol::ErrorCode::SequenceGap);
         m.rpo_seconds.with_label_values(&["vm-1"]).set(1.5);
         m.cache_backlog_bytes.with_label_values(&["vm-1"]).set(10);
         m.health_condition
@@ -327,8 +316,7 @@ mod tests {
         assert_eq!(
             other
                 .stream_errors_total
-                .with_label_values(&["sequence_gap"])
-                .get(),
+                .get(fbr_protocol::ErrorCode::SequenceGap),
             0
         );
     }

@@ -604,7 +604,15 @@ impl SourcePosition {
 pub struct SessionEnd {
     pub recovery: Recovery,
     pub reason: String,
+    /// The receiver's code, when it refused the stream with an `Error` frame.
+    pub code: Option<ErrorCode>,
 }
+
+/// How long a driver whose write to the receiver failed waits for the receiver's
+/// `Error` frame: a receiver that refuses a stream stops reading it, so the sender's
+/// next write often fails before the refusal is read, and only the refusal says what
+/// to do (resend at once, give up, or retry).
+pub const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
 impl SessionEnd {
     /// A transient failure: reconnect after the backoff.
@@ -612,6 +620,7 @@ impl SessionEnd {
         SessionEnd {
             recovery: Recovery::Retry,
             reason: reason.into(),
+            code: None,
         }
     }
 
@@ -620,6 +629,7 @@ impl SessionEnd {
         SessionEnd {
             recovery: Recovery::GiveUp,
             reason: reason.into(),
+            code: None,
         }
     }
 
@@ -628,7 +638,14 @@ impl SessionEnd {
         SessionEnd {
             recovery: code.recovery(),
             reason: format!("{code}: {message}"),
+            code: Some(code),
         }
+    }
+
+    /// Whether the receiver ended the session with an `Error` frame. After a failed
+    /// write, such an end (read within [`REFUSAL_GRACE`]) is the one to act on.
+    pub fn is_refusal(&self) -> bool {
+        self.code.is_some()
     }
 }
 
@@ -896,6 +913,11 @@ impl<T> StreamSender<T> {
     /// Bytes sent and not yet acknowledged.
     pub fn in_flight_bytes(&self) -> u64 {
         self.in_flight_bytes
+    }
+
+    /// Whether everything sent was acknowledged.
+    pub fn all_acknowledged(&self) -> bool {
+        self.in_flight.is_empty()
     }
 
     /// The items sent and not yet acknowledged, oldest first.

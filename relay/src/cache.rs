@@ -10,7 +10,7 @@
 //! QUIC stream, and the agent, whose records go unacknowledged, runs out of credit:
 //! backpressure, and nothing is dropped.
 //!
-//! Forwarders read payloads back from disk ([`RelayCache::read_batch`]) with the log's
+//! Forwarders read payloads back from disk ([`RecordSource::read_batch`]) with the log's
 //! lock held only to look records up, and acknowledge what the master target confirmed
 //! ([`RelayCache::ack`]), which deletes fully acknowledged segments.
 
@@ -25,8 +25,12 @@ use fbr_cache::{
     now_ms, read_entry, CacheConfig, CacheError, FileStorage, RecoveryReport, SegmentLog,
     StreamStats,
 };
+use fbr_protocol::stream::SourcePosition;
 use fbr_protocol::{Record, StreamId};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::forwarder::ForwardSource;
+use crate::reduce::RecordSource;
 
 /// Bytes of appends that may wait for the writer (bounds the relay's memory).
 const PENDING_APPEND_BYTES: usize = 32 << 20;
@@ -225,28 +229,6 @@ impl RelayCache {
         Ok(())
     }
 
-    /// Reads durable records of `stream` from `from` on, up to about `max_bytes`.
-    /// Payloads are checked (CRC32C); corruption is an error, never returned data.
-    pub fn read_batch(
-        &self,
-        stream: &StreamId,
-        from: u64,
-        max_bytes: usize,
-    ) -> Result<Vec<CachedRecord>, CacheError> {
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut seq = from;
-        while bytes < max_bytes {
-            let Some((record, len)) = self.read_one(stream, seq)? else {
-                break;
-            };
-            out.push(record);
-            bytes += len;
-            seq += 1;
-        }
-        Ok(out)
-    }
-
     /// One durable record and its entry's size, checked; `None` if it is not cached.
     /// The log's lock is held only to find it, not for the read.
     fn read_one(
@@ -277,23 +259,6 @@ impl RelayCache {
         self.lock_tags()
             .get(stream)
             .and_then(|t| t.range(from..).next().copied())
-    }
-
-    /// Reads the durable records `seqs` (increasing) of `stream`, checked like
-    /// [`Self::read_batch`]; stops at the first one no longer cached.
-    pub fn read_seqs(
-        &self,
-        stream: &StreamId,
-        seqs: &[u64],
-    ) -> Result<Vec<CachedRecord>, CacheError> {
-        let mut out = Vec::with_capacity(seqs.len());
-        for &seq in seqs {
-            let Some((record, _)) = self.read_one(stream, seq)? else {
-                break;
-            };
-            out.push(record);
-        }
-        Ok(out)
     }
 
     /// Stops the writer after it has committed what is queued.
@@ -397,5 +362,77 @@ impl RelayCache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
+    }
+}
+
+impl RecordSource for RelayCache {
+    /// Reads durable records of `stream` from `from` on, up to about `max_bytes`.
+    /// Payloads are checked (CRC32C); corruption is an error, never returned data.
+    fn read_batch(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<CachedRecord>, CacheError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut seq = from;
+        while bytes < max_bytes {
+            let Some((record, len)) = self.read_one(stream, seq)? else {
+                break;
+            };
+            out.push(record);
+            bytes += len;
+            seq += 1;
+        }
+        Ok(out)
+    }
+
+    /// Reads the durable records `seqs` (increasing) of `stream`, checked like
+    /// `read_batch`; stops at the first one no longer cached.
+    fn read_seqs(&self, stream: &StreamId, seqs: &[u64]) -> Result<Vec<CachedRecord>, CacheError> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let Some((record, _)) = self.read_one(stream, seq)? else {
+                break;
+            };
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+impl ForwardSource for RelayCache {
+    fn position(&self, stream: &StreamId) -> SourcePosition {
+        match self.stats(stream) {
+            // The master target is the authority: it may hold more than this cache
+            // (a relay whose cache is newer than the stream's history).
+            Some(s) => SourcePosition {
+                resend_from: s.first_cached_seq,
+                produced: s.durable_seq,
+                receiver_may_lead: true,
+            },
+            None => SourcePosition::empty(),
+        }
+    }
+
+    fn needs_resync(&self, stream: &StreamId) -> Option<String> {
+        self.stats(stream).and_then(|s| s.needs_resync)
+    }
+
+    fn durable(&self, stream: &StreamId) -> watch::Receiver<u64> {
+        self.watch(stream).durable.subscribe()
+    }
+
+    fn next_tag(&self, stream: &StreamId, from: u64) -> Option<u64> {
+        RelayCache::next_tag(self, stream, from)
+    }
+
+    fn ack(&self, stream: &StreamId, seq: u64) -> Result<(), CacheError> {
+        RelayCache::ack(self, stream, seq)
+    }
+
+    fn drop_stream(&self, stream: &StreamId, reason: String) -> Result<(), CacheError> {
+        RelayCache::drop_stream(self, stream, reason)
     }
 }

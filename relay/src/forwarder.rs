@@ -2,32 +2,157 @@
 //! the master target, in sequence order, and frees the cache as the master target
 //! acknowledges them.
 //!
-//! A forwarder is independent of the agent's session: it keeps draining the backlog
-//! while the agent is disconnected, after a relay restart (recovered streams get one at
-//! start), and across master-target outages (it reconnects with backoff and resumes
-//! from the master target's high-water mark, which is the authority on what arrived).
-//! It keeps at most the master target's credit in flight, and reads payloads from disk,
-//! so its memory does not grow with the backlog.
+//! A forwarder is a thin driver of the protocol's [`StreamSender`]
+//! ([`Resend::FromSource`](fbr_protocol::stream::Resend::FromSource)): the machine says
+//! where the master target stands, how much credit is left, which batches an `Ack`
+//! releases, and how a session's end is handled (retry with backoff, resend at once
+//! without references, or stop for good). The forwarder reads the cache, reduces
+//! ([`crate::reduce`]) and moves frames.
+//!
+//! It is independent of the agent's session: it keeps draining the backlog while the
+//! agent is disconnected, after a relay restart (recovered streams get one at start),
+//! and across master-target outages (it reconnects with backoff and resumes from the
+//! master target's high-water mark, which is the authority on what arrived). It keeps
+//! at most the master target's credit in flight, and reads payloads from disk, so its
+//! memory does not grow with the backlog.
 //!
 //! A record that fails its checksum is never sent: the stream is flagged as needing
 //! resync, its cached records are dropped, and the forwarder stops.
+//!
+//! Everything a forwarder uses comes in its [`ForwardContext`]: the master target
+//! through [`Upstream`] (QUIC in the relay, an in-memory pipe in tests), the cache
+//! through [`ForwardSource`], the egress limit, the known blocks and its few metrics.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use fbr_cache::{now_ms, CacheError};
-use fbr_protocol::{ErrorCode, Frame, StreamId};
-use fbr_transport::{FrameReader, FrameWriter};
-use tokio::sync::watch;
+use fbr_protocol::stream::{
+    Reconnect, SenderConfig, SenderEvent, SessionEnd, SourcePosition, StreamSender, REFUSAL_GRACE,
+};
+use fbr_protocol::{Frame, Recovery, StreamId};
+use fbr_transport::{ChunkWrite, FrameReader, FrameWriter, LinkError, PeerLink};
+use prometheus::{Histogram, IntCounter};
+use tokio::io::AsyncRead;
+use tokio::sync::{watch, Semaphore};
+use tracing::Instrument;
 
-use crate::reduce::{IntervalPlan, Reducer, StageBytes};
-use crate::server::Relay;
+use crate::egress::Egress;
+use crate::error::RelayError;
+use crate::reduce::{IntervalPlan, KnownBlocks, RecordSource, Reducer, StageBytes, WanConfig};
 
 /// Most record bytes read from the cache at once: the coalescing window when the
 /// stream has a backlog (reductions run on a blocking thread, a few streams at a time).
 const READ_WINDOW_BYTES: usize = 8 << 20;
+/// Forwarders that may hold a read window in memory at once.
+pub const REDUCE_SLOTS: usize = 8;
+
+/// One stream to the master target: frames out, frames in.
+pub type UpstreamStream<U> = (
+    FrameWriter<<U as Upstream>::Send>,
+    FrameReader<<U as Upstream>::Recv>,
+);
+
+/// The master target, as forwarders see it: a way to open one stream per disk.
+pub trait Upstream: Send + Sync + 'static {
+    type Send: ChunkWrite + 'static;
+    type Recv: AsyncRead + Unpin + Send + 'static;
+
+    /// Opens a stream to the master target.
+    fn open_stream(&self) -> impl Future<Output = Result<UpstreamStream<Self>, LinkError>> + Send;
+}
+
+impl Upstream for PeerLink {
+    type Send = quinn::SendStream;
+    type Recv = quinn::RecvStream;
+
+    async fn open_stream(&self) -> Result<UpstreamStream<Self>, LinkError> {
+        let (send, recv) = PeerLink::open_stream(self).await?;
+        Ok((FrameWriter::new(send), FrameReader::new(recv)))
+    }
+}
+
+/// The cache, as forwarders see it: durable records to read, and where they stand.
+pub trait ForwardSource: RecordSource {
+    /// What the cache can still send of `stream` (checked against the master target's
+    /// `Accept`).
+    fn position(&self, stream: &StreamId) -> SourcePosition;
+    /// Why `stream` can no longer be forwarded (corruption found), if it cannot.
+    fn needs_resync(&self, stream: &StreamId) -> Option<String>;
+    /// The highest durable sequence number of `stream`, as it changes.
+    fn durable(&self, stream: &StreamId) -> watch::Receiver<u64>;
+    /// The first recovery point of `stream` at or after `from`, if one is known.
+    fn next_tag(&self, stream: &StreamId, from: u64) -> Option<u64>;
+    /// The master target holds `stream` up to `seq`: the cache may free it.
+    fn ack(&self, stream: &StreamId, seq: u64) -> Result<(), CacheError>;
+    /// Stops keeping `stream` (corruption): frees its space.
+    fn drop_stream(&self, stream: &StreamId, reason: String) -> Result<(), CacheError>;
+}
+
+/// The metrics a forwarder moves (handles onto the relay's registry, or unregistered in
+/// tests).
+#[derive(Debug, Clone)]
+pub struct ForwardMetrics {
+    pub replication_lag_seconds: Histogram,
+    pub records_forwarded_total: IntCounter,
+    pub unknown_references_total: IntCounter,
+}
+
+impl ForwardMetrics {
+    /// Metrics that go nowhere (tests that build forwarders without a relay).
+    pub fn detached() -> Self {
+        let opts = |name: &str| prometheus::Opts::new(name, "unregistered");
+        ForwardMetrics {
+            replication_lag_seconds: Histogram::with_opts(prometheus::HistogramOpts::new(
+                "lag",
+                "unregistered",
+            ))
+            .expect("valid histogram"),
+            records_forwarded_total: IntCounter::with_opts(opts("records")).expect("valid counter"),
+            unknown_references_total: IntCounter::with_opts(opts("unknown"))
+                .expect("valid counter"),
+        }
+    }
+}
+
+/// Everything the forwarders share: the WAN side of the relay.
+#[derive(Debug)]
+pub struct ForwardContext<U, S> {
+    pub upstream: Arc<U>,
+    pub source: Arc<S>,
+    /// Rate limit and fair sharing of the WAN leg.
+    pub egress: Arc<Egress>,
+    /// Blocks the master target acknowledged holding: sent as references (dedup).
+    pub known_blocks: KnownBlocks,
+    pub wan: WanConfig,
+    pub metrics: ForwardMetrics,
+    /// Forwarders reducing a read window at once (bounds the memory of windows).
+    reduce_slots: Semaphore,
+}
+
+impl<U, S> ForwardContext<U, S> {
+    pub fn new(
+        upstream: Arc<U>,
+        source: Arc<S>,
+        egress: Arc<Egress>,
+        wan: WanConfig,
+        known_blocks: usize,
+        metrics: ForwardMetrics,
+    ) -> Self {
+        ForwardContext {
+            upstream,
+            source,
+            egress,
+            known_blocks: KnownBlocks::new(known_blocks),
+            wan,
+            metrics,
+            reduce_slots: Semaphore::new(REDUCE_SLOTS),
+        }
+    }
+}
 
 /// What others may know about a stream's forwarder.
 #[derive(Debug)]
@@ -56,234 +181,261 @@ impl ForwarderState {
     }
 }
 
+/// The forwarders of a relay: one per stream, started on demand.
+#[derive(Debug)]
+pub struct Forwarders<U, S> {
+    ctx: Arc<ForwardContext<U, S>>,
+    running: Mutex<HashMap<StreamId, Arc<ForwarderState>>>,
+}
+
+impl<U: Upstream, S: ForwardSource> Forwarders<U, S> {
+    pub fn new(ctx: Arc<ForwardContext<U, S>>) -> Self {
+        Forwarders {
+            ctx,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shared context.
+    pub fn context(&self) -> &Arc<ForwardContext<U, S>> {
+        &self.ctx
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<StreamId, Arc<ForwarderState>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The forwarder of `id`, started if it is not running (with `disk_size`, which it
+    /// keeps as the size on record).
+    pub fn ensure(&self, id: &StreamId, disk_size: u64) -> Arc<ForwarderState> {
+        let mut map = self.lock();
+        if let Some(f) = map.get(id) {
+            return f.clone();
+        }
+        let state = Arc::new(ForwarderState::new(disk_size));
+        map.insert(id.clone(), state.clone());
+        // A root span: the forwarder outlives the session that happened to start it.
+        let span = tracing::info_span!(parent: None, "forward", stream = %id);
+        tokio::spawn(run(self.ctx.clone(), id.clone(), state.clone()).instrument(span));
+        state
+    }
+
+    /// Every forwarder, with its stream.
+    pub fn all(&self) -> Vec<(StreamId, Arc<ForwarderState>)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
 /// A batch sent and not yet acknowledged by the master target.
-struct InFlight {
-    last_seq: u64,
-    /// Payload bytes (what counts against the master target's credit).
-    bytes: u64,
+#[derive(Debug)]
+struct SentBatch {
     /// Append time and tag flag of every record the batch covers.
     records: Vec<(u64, bool)>,
     /// Blocks sent as bytes: the master target holds them once it acknowledges.
     literal_hashes: Vec<[u8; 32]>,
 }
 
-enum End {
-    Retry(String),
-    /// Retry at once: the master target asked for data it could not find by reference.
-    Resend(String),
-    Fatal(String),
+/// The sender machine, shared by a session's sending loop and its ack reader.
+type SharedSender = Arc<Mutex<StreamSender<SentBatch>>>;
+
+fn lock(sender: &SharedSender) -> MutexGuard<'_, StreamSender<SentBatch>> {
+    sender.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs the forwarder of `id` until the relay shuts down or the stream fails for good.
-pub async fn run(relay: Arc<Relay>, id: StreamId, state: Arc<ForwarderState>) {
-    let mut backoff = Duration::from_millis(100);
+pub async fn run<U: Upstream, S: ForwardSource>(
+    ctx: Arc<ForwardContext<U, S>>,
+    id: StreamId,
+    state: Arc<ForwarderState>,
+) {
+    let sender: SharedSender = Arc::new(Mutex::new(StreamSender::new(SenderConfig::forwarder())));
     loop {
-        let mut connected = false;
-        match session(&relay, &id, &state, &mut connected).await {
-            End::Fatal(reason) => {
+        let error = session(&ctx, &id, &state, &sender).await;
+        let end = error.session_end();
+        if end.recovery == Recovery::ResendNow {
+            // The master target lost blocks it held (restart, eviction): every reference
+            // is suspect. The resend carries bytes until acks teach the relay again what
+            // it holds.
+            ctx.known_blocks.clear();
+            ctx.metrics.unknown_references_total.inc();
+        }
+        let next = lock(&sender).session_ended(&end, Instant::now());
+        match next {
+            Reconnect::GiveUp(reason) => {
                 tracing::error!("forwarding stopped: {reason}");
                 state.failed.send_replace(Some(reason));
                 return;
             }
-            End::Resend(reason) => {
-                tracing::info!("resending without references: {reason}");
+            Reconnect::After(delay) if delay.is_zero() => {
+                tracing::info!("resending without references: {end}");
             }
-            End::Retry(reason) => {
-                if connected {
-                    backoff = Duration::from_millis(100);
-                }
-                tracing::warn!("forwarding interrupted, retrying in {backoff:?}: {reason}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+            Reconnect::After(delay) => {
+                tracing::warn!("forwarding interrupted, retrying in {delay:?}: {end}");
+                tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
-async fn session(
-    relay: &Arc<Relay>,
+/// One session with the master target; returns why it ended.
+async fn session<U: Upstream, S: ForwardSource>(
+    ctx: &Arc<ForwardContext<U, S>>,
     id: &StreamId,
     state: &Arc<ForwarderState>,
-    connected: &mut bool,
-) -> End {
-    let (send, recv) = match relay.upstream.open_stream().await {
+    sender: &SharedSender,
+) -> RelayError {
+    let (mut writer, mut reader) = match ctx.upstream.open_stream().await {
         Ok(s) => s,
-        Err(e) => return End::Retry(e),
+        Err(e) => return e.into(),
     };
-    let mut reader = FrameReader::new(recv);
-    let mut writer = FrameWriter::new(send);
-    if let Err(e) = writer
-        .send(&Frame::Hello {
-            stream: id.clone(),
-            disk_size: state.disk_size,
-        })
-        .await
-    {
-        return End::Retry(format!("sending Hello: {e}"));
+    let position = ctx.source.position(id);
+    let hello = lock(sender).start(Instant::now(), id.clone(), state.disk_size, position);
+    if let Err(e) = writer.send(&hello).await {
+        return RelayError::Send(e);
     }
-    let (mt_next, credit) = match tokio::time::timeout(Duration::from_secs(10), reader.next()).await
-    {
-        Ok(Ok(Some(Frame::Accept {
-            next_seq,
-            credit_bytes,
-        }))) => (next_seq, credit_bytes.max(1)),
-        Ok(Ok(Some(Frame::Error { code, message }))) => {
-            return match code {
-                ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => {
-                    End::Retry(format!("master target: {code}: {message}"))
-                }
-                _ => End::Fatal(format!(
-                    "master target refused the stream: {code}: {message}"
-                )),
-            }
-        }
-        other => {
-            return End::Retry(format!(
-                "master target did not accept the stream: {other:?}"
-            ))
-        }
+    let deadline = lock(sender).poll_timeout();
+    let answer = match reader.receive_until(deadline).await {
+        Some(incoming) => lock(sender).handle(incoming),
+        None => Err(lock(sender)
+            .handle_timeout(Instant::now())
+            .unwrap_or_else(|| SessionEnd::retry("no Accept in time"))),
     };
-    *connected = true;
+    let mt_next = match answer {
+        Ok(SenderEvent::Accepted { next_seq, .. }) => next_seq,
+        Ok(other) => {
+            return RelayError::Stream(SessionEnd::retry(format!(
+                "master target did not accept the stream: {other:?}"
+            )))
+        }
+        Err(end) => return RelayError::Stream(end),
+    };
     // The master target is the authority on what arrived: free what it holds.
-    if let Err(e) = relay.cache.ack(id, mt_next - 1) {
-        return End::Retry(format!("cache: {e}"));
+    if let Err(e) = ctx.source.ack(id, mt_next - 1) {
+        return e.into();
     }
     state.mt_next.send_replace(Some(mt_next));
-    if let Some(stats) = relay.cache.stats(id) {
-        if stats.first_cached_seq > mt_next && stats.durable_seq >= mt_next {
-            return End::Fatal(format!(
-                "the master target expects record {mt_next}, but the cache starts at {}: needs resync",
-                stats.first_cached_seq
-            ));
-        }
-    }
 
-    // Acknowledgements arrive concurrently; the sender waits on `acked` for credit.
-    let (acked_tx, mut acked_rx) = watch::channel(mt_next - 1);
-    let ack_relay = relay.clone();
-    let ack_id = id.clone();
-    let mut acks = tokio::spawn(async move {
-        loop {
-            match reader.next().await {
-                Ok(Some(Frame::Ack { seq })) => {
-                    if let Err(e) = ack_relay.cache.ack(&ack_id, seq) {
-                        return End::Retry(format!("cache: {e}"));
-                    }
-                    acked_tx.send_replace(seq);
-                }
-                Ok(Some(Frame::Credit { .. })) => {}
-                Ok(Some(Frame::Error {
-                    code: ErrorCode::UnknownReference,
-                    message,
-                })) => {
-                    // The master target lost blocks it held (restart, eviction): every
-                    // reference is suspect. The resend carries bytes until acks teach
-                    // the relay again what it holds.
-                    ack_relay.known_blocks.clear();
-                    ack_relay.metrics.unknown_references_total.inc();
-                    return End::Resend(message);
-                }
-                Ok(Some(Frame::Error { code, message })) => {
-                    return End::Retry(format!(
-                        "master target closed the stream: {code}: {message}"
-                    ))
-                }
-                Ok(Some(other)) => {
-                    return End::Retry(format!(
-                        "unexpected {:?} from the master target",
-                        other.frame_type()
-                    ))
-                }
-                Ok(None) => return End::Retry("master target finished the stream".into()),
-                Err(e) => return End::Retry(format!("reading acks: {e}")),
-            }
-        }
-    });
-
-    let watch = relay.cache.watch(id);
-    let mut durable_rx = watch.durable.subscribe();
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut in_flight_bytes = 0u64;
-    let mut cursor = mt_next;
-    let mut reducer = Some(Reducer::new(relay.config.wan));
-    // The interval being sent, when a whole interval is coalesced.
-    let mut plan: Option<IntervalPlan> = None;
-    loop {
-        // Forget what the master target acknowledged; it measures replication lag and
-        // moves the recovery point.
-        let acked = *acked_rx.borrow_and_update();
-        let now = now_ms();
-        while in_flight.front().is_some_and(|f| f.last_seq <= acked) {
-            let Some(f) = in_flight.pop_front() else {
-                break;
-            };
-            in_flight_bytes -= f.bytes;
-            relay.known_blocks.insert_all(&f.literal_hashes);
-            for (appended_ms, is_tag) in f.records {
-                relay
-                    .metrics
-                    .replication_lag_seconds
-                    .observe(now.saturating_sub(appended_ms) as f64 / 1000.0);
-                if is_tag {
-                    state
-                        .newest_applied_tag_ms
-                        .fetch_max(appended_ms, Ordering::Relaxed);
-                }
-            }
-        }
-        let durable = *durable_rx.borrow_and_update();
-        if (plan.is_none() && durable < cursor) || in_flight_bytes >= credit {
-            tokio::select! {
-                _ = durable_rx.changed() => {}
-                _ = acked_rx.changed() => {}
-                end = &mut acks => return end.unwrap_or_else(|e| End::Retry(format!("ack task: {e}"))),
-            }
-            continue;
-        }
-        let budget = ((credit - in_flight_bytes) as usize).clamp(1, READ_WINDOW_BYTES);
-        // Read and reduce on a blocking thread (SHA-256 and LZ4 are CPU work), a bounded
-        // number of streams at a time (each holds up to a window of records).
-        let Ok(_slot) = relay.reduce_slots.acquire().await else {
-            return End::Retry("relay shutting down".into());
-        };
-        let (cache, rid, known, st) = (
-            relay.cache.clone(),
+    // Acknowledgements arrive concurrently; the sending loop waits on `acked` for credit.
+    let (acked_tx, mut acked_rx) = watch::channel(());
+    let mut acks = tokio::spawn(
+        read_acks(
+            ctx.clone(),
             id.clone(),
-            relay.clone(),
             state.clone(),
-        );
-        let mut r = reducer.take().expect("reducer present between reads");
-        let mut p = plan.take();
-        let coalesce = relay.config.wan.coalesce;
-        let read = tokio::task::spawn_blocking(move || {
-            let out = (|| {
-                // A backlogged stream whose next recovery point is already durable:
-                // coalesce the whole interval up to it (only its final content is sent).
-                if p.is_none() && coalesce {
-                    if let Some(tag) = cache.next_tag(&rid, cursor).filter(|t| *t <= durable) {
-                        if tag > cursor {
-                            p = Some(IntervalPlan::new(&cache, &rid, cursor, tag, &st.stages)?);
+            sender.clone(),
+            reader,
+            acked_tx,
+        )
+        .in_current_span(),
+    );
+    let end = send_batches(
+        ctx,
+        id,
+        state,
+        sender,
+        &mut writer,
+        &mut acked_rx,
+        &mut acks,
+    )
+    .await;
+    acks.abort();
+    end
+}
+
+/// Reads the master target's answers until the session ends: frees the cache, learns
+/// the blocks it now holds, measures lag and the recovery point.
+async fn read_acks<U: Upstream, S: ForwardSource>(
+    ctx: Arc<ForwardContext<U, S>>,
+    id: StreamId,
+    state: Arc<ForwarderState>,
+    sender: SharedSender,
+    mut reader: FrameReader<U::Recv>,
+    acked: watch::Sender<()>,
+) -> RelayError {
+    loop {
+        let incoming = reader.receive().await;
+        let event = lock(&sender).handle(incoming);
+        match event {
+            Ok(SenderEvent::Acked { seq, released }) => {
+                if let Err(e) = ctx.source.ack(&id, seq) {
+                    return e.into();
+                }
+                let now = now_ms();
+                for batch in released {
+                    ctx.known_blocks.insert_all(&batch.literal_hashes);
+                    for (appended_ms, is_tag) in batch.records {
+                        ctx.metrics
+                            .replication_lag_seconds
+                            .observe(now.saturating_sub(appended_ms) as f64 / 1000.0);
+                        if is_tag {
+                            state
+                                .newest_applied_tag_ms
+                                .fetch_max(appended_ms, Ordering::Relaxed);
                         }
                     }
                 }
-                match p.as_mut() {
-                    Some(plan) => r.next_from_plan(
-                        plan,
-                        &cache,
-                        &rid,
-                        budget,
-                        &known.known_blocks,
-                        &st.stages,
-                    ),
-                    None => cache
-                        .read_batch(&rid, cursor, budget)
-                        .map(|records| r.reduce(records, &known.known_blocks, &st.stages)),
+                acked.send_replace(());
+            }
+            Ok(SenderEvent::Credit { .. }) => {
+                acked.send_replace(());
+            }
+            Ok(SenderEvent::Applied { .. } | SenderEvent::Accepted { .. }) => {}
+            Err(end) => return RelayError::Stream(end),
+        }
+    }
+}
+
+/// Reads, reduces and sends the backlog while credit allows, until the session ends.
+async fn send_batches<U: Upstream, S: ForwardSource>(
+    ctx: &Arc<ForwardContext<U, S>>,
+    id: &StreamId,
+    state: &Arc<ForwarderState>,
+    sender: &SharedSender,
+    writer: &mut FrameWriter<U::Send>,
+    acked_rx: &mut watch::Receiver<()>,
+    acks: &mut tokio::task::JoinHandle<RelayError>,
+) -> RelayError {
+    let mut durable_rx = ctx.source.durable(id);
+    let mut reducer = Some(Reducer::new(ctx.wan));
+    // The interval being sent, when a whole interval is coalesced.
+    let mut plan: Option<IntervalPlan> = None;
+    loop {
+        let durable = *durable_rx.borrow_and_update();
+        acked_rx.borrow_and_update();
+        let (cursor, credit) = {
+            let s = lock(sender);
+            (s.next_seq(), s.credit_available())
+        };
+        if (plan.is_none() && durable < cursor) || credit == 0 {
+            tokio::select! {
+                _ = durable_rx.changed() => {}
+                _ = acked_rx.changed() => {}
+                end = &mut *acks => {
+                    return end.unwrap_or_else(|e| RelayError::Task { what: "ack reader", reason: e.to_string() });
                 }
-            })();
+            }
+            continue;
+        }
+        let budget = (credit as usize).clamp(1, READ_WINDOW_BYTES);
+        // Read and reduce on a blocking thread (SHA-256 and LZ4 are CPU work), a bounded
+        // number of streams at a time (each holds up to a window of records).
+        let Ok(slot) = ctx.reduce_slots.acquire().await else {
+            return RelayError::ShuttingDown;
+        };
+        let (job_ctx, job_id, job_state) = (ctx.clone(), id.clone(), state.clone());
+        let mut r = reducer.take().expect("reducer present between reads");
+        let mut p = plan.take();
+        let read = tokio::task::spawn_blocking(move || {
+            let out = read_and_reduce(
+                &job_ctx, &job_id, &job_state, &mut r, &mut p, cursor, durable, budget,
+            );
             (r, p.filter(|p| !p.is_done()), out)
         })
         .await;
-        drop(_slot);
+        drop(slot);
         let batches = match read {
             Ok((r, p, Ok(b))) => {
                 reducer = Some(r);
@@ -291,24 +443,21 @@ async fn session(
                 b
             }
             Ok((_, _, Err(e @ CacheError::Corrupt { .. }))) => {
-                acks.abort();
                 let reason = format!("cache corruption, stream needs resync: {e}");
-                let _ = relay.cache.drop_stream(id, reason.clone());
-                return End::Fatal(reason);
+                let _ = ctx.source.drop_stream(id, reason.clone());
+                return RelayError::NeedsResync(reason);
             }
-            Ok((_, _, Err(e))) => {
-                acks.abort();
-                return End::Retry(format!("reading the cache: {e}"));
-            }
+            Ok((_, _, Err(e))) => return e.into(),
             Err(e) => {
-                acks.abort();
-                return End::Retry(format!("cache read task: {e}"));
+                return RelayError::Task {
+                    what: "cache read",
+                    reason: e.to_string(),
+                }
             }
         };
         if batches.is_empty() {
-            if let Some(reason) = relay.cache.stats(id).and_then(|s| s.needs_resync) {
-                acks.abort();
-                return End::Fatal(reason);
+            if let Some(reason) = ctx.source.needs_resync(id) {
+                return RelayError::NeedsResync(reason);
             }
             // Durable but no longer indexed: acknowledged meanwhile; re-read the state.
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -317,24 +466,69 @@ async fn session(
         for b in batches {
             // Wait for this stream's turn on the WAN leg (rate limit, fair share).
             let bytes = b.payload.len() as u64;
-            relay.egress.acquire(id, bytes).await;
-            relay
-                .metrics
+            ctx.egress.acquire(id, bytes).await;
+            ctx.metrics
                 .records_forwarded_total
                 .inc_by(b.records.len() as u64);
-            cursor = b.last_seq + 1;
-            in_flight_bytes += bytes;
-            in_flight.push_back(InFlight {
-                last_seq: b.last_seq,
+            lock(sender).on_send(
+                b.first_seq,
+                b.last_seq,
                 bytes,
-                records: b.records,
-                literal_hashes: b.literal_hashes,
-            });
+                SentBatch {
+                    records: b.records,
+                    literal_hashes: b.literal_hashes,
+                },
+            );
             writer.push(&Frame::Batch(b.payload));
         }
         if let Err(e) = writer.flush().await {
-            acks.abort();
-            return End::Retry(format!("sending to the master target: {e}"));
+            return write_failed(e, acks).await;
         }
+    }
+}
+
+/// A write to the master target failed: its refusal, if the ack reader reads one within
+/// [`REFUSAL_GRACE`], says what to do (e.g. resend without references); otherwise the
+/// write error stands (retry).
+async fn write_failed(
+    error: std::io::Error,
+    acks: &mut tokio::task::JoinHandle<RelayError>,
+) -> RelayError {
+    match tokio::time::timeout(REFUSAL_GRACE, acks).await {
+        Ok(Ok(RelayError::Stream(end))) if end.is_refusal() => RelayError::Stream(end),
+        _ => RelayError::Send(error),
+    }
+}
+
+/// The blocking part of a read: plans an interval when one is due, then reads about
+/// `budget` bytes from `cursor` and reduces them into batches.
+#[allow(clippy::too_many_arguments)]
+fn read_and_reduce<U, S: ForwardSource>(
+    ctx: &ForwardContext<U, S>,
+    id: &StreamId,
+    state: &ForwarderState,
+    reducer: &mut Reducer,
+    plan: &mut Option<IntervalPlan>,
+    cursor: u64,
+    durable: u64,
+    budget: usize,
+) -> Result<Vec<crate::reduce::ReducedBatch>, CacheError> {
+    let source = &*ctx.source;
+    // A backlogged stream whose next recovery point is already durable: coalesce the
+    // whole interval up to it (only its final content is sent).
+    if plan.is_none() && ctx.wan.coalesce {
+        if let Some(tag) = source.next_tag(id, cursor).filter(|t| *t <= durable) {
+            if tag > cursor {
+                *plan = Some(IntervalPlan::new(source, id, cursor, tag, &state.stages)?);
+            }
+        }
+    }
+    match plan.as_mut() {
+        Some(plan) => {
+            reducer.next_from_plan(plan, source, id, budget, &ctx.known_blocks, &state.stages)
+        }
+        None => source
+            .read_batch(id, cursor, budget)
+            .map(|records| reducer.reduce(records, &ctx.known_blocks, &state.stages)),
     }
 }

@@ -6,12 +6,19 @@
 //! master target acknowledges.
 //!
 //! ## Layout
-//! - [`server`]: accepts agent connections, checks roles, shared state and counters.
-//! - [`session`]: one agent disk stream: checks, durable append, `Ack`/`Applied`.
+//! - [`server`]: the relay as one piece ([`Relay`]: both sides, the master-target link,
+//!   health) and the agent-facing server (role checks, a session per stream).
+//! - [`ingest`]: one agent disk stream, a thin driver of
+//!   `fbr_protocol::stream::StreamReceiver`: durable append, `Ack`/`Applied`;
+//!   [`ingest::IngestContext`] is all a session uses.
 //! - [`cache`]: the durable cache (`fbr-cache`) behind a group-commit writer thread.
 //! - [`egress`]: rate limit (weekly schedule) and weighted fair sharing of the WAN leg.
 //! - [`reduce`]: WAN reductions per batch: coalescing, zero elision, dedup, LZ4.
-//! - [`forwarder`]: one task per stream draining the cache to the master target.
+//! - [`forwarder`]: one task per stream draining the cache to the master target, a thin
+//!   driver of `fbr_protocol::stream::StreamSender`; [`forwarder::ForwardContext`] is
+//!   all it uses (the master target and the cache behind traits, so a forwarder runs in
+//!   a test without QUIC, metrics or cache files).
+//! - [`error`]: [`RelayError`], where a failure came from and whether to retry.
 //! - [`health`]: health conditions and ingest throttling under cache pressure (sans-IO).
 //! - [`observe`]: the health task and the `/metrics`, `/healthz`, `/readyz` endpoints.
 //! - [`settings`]: every configuration key, its default and its checks.
@@ -30,12 +37,14 @@
 pub mod bench;
 pub mod cache;
 pub mod egress;
+pub mod error;
 pub mod forwarder;
 pub mod health;
+pub mod ingest;
 pub mod observe;
 pub mod reduce;
 pub mod server;
-pub mod session;
 pub mod settings;
 
+pub use error::RelayError;
 pub use server::{Relay, RelayConfig};

@@ -3,19 +3,19 @@
 //! Thin: parses flags, sets up logging, and calls the library.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fbr_cache::CacheConfig;
+use fbr_daemon::settings::{flag_overrides, load_settings, mib_flag};
+use fbr_daemon::{ConfigError, EX_USAGE};
 use fbr_relay::cache::RelayCache;
 use fbr_relay::egress::Egress;
-use fbr_relay::settings::{self, RelaySettings};
+use fbr_relay::settings::RelaySettings;
 use fbr_relay::{observe, Relay, RelayConfig};
-use fbr_transport::daemon;
 use fbr_transport::pki::{self, IssueRequest};
-use fbr_transport::settings::{ConfigError, Layers, EX_USAGE};
 use fbr_transport::{
     any_addr_for, client_endpoint, server_endpoint, Credentials, PeerLink, QuicTuning, Role,
 };
@@ -89,149 +89,110 @@ enum PkiCommand {
     },
 }
 
-/// Flags of `relay run` and `relay check-config`. Each overrides one config key (named
-/// in brackets); the rest come from the config file, `RELAY_*` variables and defaults
-/// (docs/CONFIGURATION.md).
-#[derive(clap::Args, Debug)]
+/// Flags of `relay run` and `relay check-config`. Each overrides the config key its
+/// serde name gives (shown in brackets); the rest come from the config file, `RELAY_*`
+/// variables and defaults (docs/CONFIGURATION.md).
+#[derive(clap::Args, Debug, serde::Serialize)]
 struct RunArgs {
     /// Config file (TOML). Default: /etc/relay/relay.toml if it exists.
     #[arg(long)]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// UDP address to listen on for agents [listen].
     #[arg(long)]
+    #[serde(rename = "listen")]
     listen: Option<SocketAddr>,
     /// UDP address of the master target [master_target.address].
     #[arg(long)]
+    #[serde(rename = "master_target.address")]
     master_target: Option<SocketAddr>,
     /// DNS name in the master target's certificate [master_target.name].
     #[arg(long)]
+    #[serde(rename = "master_target.name")]
     master_target_name: Option<String>,
     /// Directory holding ca.pem and this relay's certificate and key [pki_dir].
     #[arg(long)]
+    #[serde(rename = "pki_dir")]
     pki_dir: Option<PathBuf>,
     /// File stem of this relay's certificate in the PKI directory [cert_name].
     #[arg(long)]
+    #[serde(rename = "cert_name")]
     cert_name: Option<String>,
     /// Write the bound agent address here once listening [port_file].
     #[arg(long)]
+    #[serde(rename = "port_file")]
     port_file: Option<PathBuf>,
     /// TCP address of /metrics, /healthz and /readyz; "" disables [metrics_listen].
     #[arg(long)]
+    #[serde(rename = "metrics_listen")]
     metrics_listen: Option<String>,
     /// Write the metrics endpoint's bound address here [metrics_port_file].
     #[arg(long)]
+    #[serde(rename = "metrics_port_file")]
     metrics_port_file: Option<PathBuf>,
     /// Directory of the durable cache, a dedicated disk in production [cache.dir].
     #[arg(long)]
+    #[serde(rename = "cache.dir")]
     cache_dir: Option<PathBuf>,
     /// Most bytes the cache may use, e.g. 200GiB [cache.capacity].
     #[arg(long)]
+    #[serde(rename = "cache.capacity")]
     cache_capacity: Option<String>,
     /// Size at which a cache segment is sealed, in MiB [cache.segment_size].
     #[arg(long)]
+    #[serde(rename = "cache.segment_size", serialize_with = "mib_flag")]
     cache_segment_mib: Option<u64>,
     /// Bytes each agent stream may have unacknowledged, in MiB [ingest.credit].
     #[arg(long)]
+    #[serde(rename = "ingest.credit", serialize_with = "mib_flag")]
     credit_mib: Option<u64>,
     /// Egress rate by time of week, e.g. "mon-fri 09:00-18:00 100mbit; other unlimited"
     /// [egress.schedule].
     #[arg(long)]
+    #[serde(rename = "egress.schedule")]
     egress_schedule: Option<String>,
     /// Read the egress schedule from this file, re-read when it changes
     /// [egress.schedule_file].
     #[arg(long)]
+    #[serde(rename = "egress.schedule_file")]
     egress_schedule_file: Option<PathBuf>,
     /// Offset of the schedule's clock from UTC, in minutes [egress.utc_offset_minutes].
     #[arg(long, allow_hyphen_values = true)]
+    #[serde(rename = "egress.utc_offset_minutes")]
     schedule_utc_offset_minutes: Option<i64>,
     /// Priority of a VM's streams on the WAN leg, VM=WEIGHT (repeat)
     /// [egress.vm_weights.VM].
     #[arg(long = "vm-weight")]
+    #[serde(skip)]
     vm_weights: Vec<String>,
     /// Largest UDP payload MTU discovery may use [max_udp_payload].
     #[arg(long)]
+    #[serde(rename = "max_udp_payload")]
     max_udp_payload: Option<u16>,
     /// How often health is evaluated, in milliseconds [health.interval_ms].
     #[arg(long)]
+    #[serde(rename = "health.interval_ms")]
     health_interval_ms: Option<u64>,
     /// Leave out writes superseded before the next recovery point: true or false
     /// [wan.coalesce].
     #[arg(long)]
+    #[serde(rename = "wan.coalesce")]
     wan_coalesce: Option<bool>,
     /// Send blocks the master target holds as their SHA-256: true or false [wan.dedup].
     #[arg(long)]
+    #[serde(rename = "wan.dedup")]
     wan_dedup: Option<bool>,
     /// LZ4 of WAN batches: off, adaptive or always [wan.compression].
     #[arg(long)]
+    #[serde(rename = "wan.compression")]
     wan_compression: Option<String>,
 }
 
 impl RunArgs {
-    /// The flags given, as (config key, value): the last configuration layer.
-    fn overrides(&self) -> Result<Vec<(String, config::Value)>, ConfigError> {
-        let mut o: Vec<(String, config::Value)> = Vec::new();
-        let mut set = |key: &str, v: config::Value| o.push((key.to_string(), v));
-        let path = |p: &PathBuf| config::Value::from(p.display().to_string());
-        if let Some(v) = self.listen {
-            set("listen", v.to_string().into());
-        }
-        if let Some(v) = self.master_target {
-            set("master_target.address", v.to_string().into());
-        }
-        if let Some(v) = &self.master_target_name {
-            set("master_target.name", v.clone().into());
-        }
-        if let Some(v) = &self.pki_dir {
-            set("pki_dir", path(v));
-        }
-        if let Some(v) = &self.cert_name {
-            set("cert_name", v.clone().into());
-        }
-        if let Some(v) = &self.port_file {
-            set("port_file", path(v));
-        }
-        if let Some(v) = &self.metrics_listen {
-            set("metrics_listen", v.clone().into());
-        }
-        if let Some(v) = &self.metrics_port_file {
-            set("metrics_port_file", path(v));
-        }
-        if let Some(v) = &self.cache_dir {
-            set("cache.dir", path(v));
-        }
-        if let Some(v) = &self.cache_capacity {
-            set("cache.capacity", v.clone().into());
-        }
-        if let Some(v) = self.cache_segment_mib {
-            set("cache.segment_size", format!("{v}MiB").into());
-        }
-        if let Some(v) = self.credit_mib {
-            set("ingest.credit", format!("{v}MiB").into());
-        }
-        if let Some(v) = &self.egress_schedule {
-            set("egress.schedule", v.clone().into());
-        }
-        if let Some(v) = &self.egress_schedule_file {
-            set("egress.schedule_file", path(v));
-        }
-        if let Some(v) = self.schedule_utc_offset_minutes {
-            set("egress.utc_offset_minutes", v.into());
-        }
-        if let Some(v) = self.max_udp_payload {
-            set("max_udp_payload", i64::from(v).into());
-        }
-        if let Some(v) = self.health_interval_ms {
-            set("health.interval_ms", (v as i64).into());
-        }
-        if let Some(v) = self.wan_coalesce {
-            set("wan.coalesce", v.into());
-        }
-        if let Some(v) = self.wan_dedup {
-            set("wan.dedup", v.into());
-        }
-        if let Some(v) = &self.wan_compression {
-            set("wan.compression", v.clone().into());
-        }
+    /// The effective, validated settings: the flags are the last layer.
+    fn settings(&self) -> Result<RelaySettings, ConfigError> {
+        let mut flags = flag_overrides(self)?;
+        // `--vm-weight VM=W` sets a key of the free-form table `egress.vm_weights`.
         for w in &self.vm_weights {
             let parsed = w
                 .split_once('=')
@@ -243,51 +204,22 @@ impl RunArgs {
                     format!("{w:?}: expected VM=WEIGHT (a VM name without dots)"),
                 ));
             };
-            set(&format!("egress.vm_weights.{vm}"), n.into());
+            flags.push((format!("egress.vm_weights.{vm}"), n.into()));
         }
-        Ok(o)
-    }
-
-    /// The effective, validated settings.
-    fn settings(&self) -> Result<RelaySettings, ConfigError> {
-        let settings = fbr_transport::settings::load(
-            &RelaySettings::default(),
-            Layers {
-                explicit_file: self.config.as_deref(),
-                default_file: Path::new(settings::DEFAULT_CONFIG_FILE),
-                env_prefix: settings::ENV_PREFIX,
-                free_form: settings::FREE_FORM_TABLES,
-                overrides: self.overrides()?,
-            },
-        )?;
-        settings.validate()?;
-        Ok(settings)
+        load_settings(self.config.as_deref(), flags)
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_)) {
-        daemon::init_logging(cli.log_json, "info");
+        fbr_daemon::init_logging(cli.log_json, "info");
     }
     match cli.command {
         Command::Run(args) => {
-            let settings = match args.settings() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("relay: {e}");
-                    return ExitCode::from(EX_USAGE);
-                }
-            };
-            daemon::init_logging(cli.log_json || settings.log_json, "info");
-            let Some(rt) = runtime() else {
-                return ExitCode::FAILURE;
-            };
-            report(rt.block_on(run(settings)))
+            fbr_daemon::run_daemon("relay", args.settings(), cli.log_json, |s| s.log_json, run)
         }
-        Command::CheckConfig(args) => {
-            fbr_transport::settings::report_check("relay", args.settings())
-        }
+        Command::CheckConfig(args) => fbr_daemon::report_check("relay", args.settings()),
         Command::BenchCache { dir, quick, json } => {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("fbr-bench-cache-{}", std::process::id()))
@@ -338,13 +270,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("relay: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    fbr_daemon::report("relay", r)
 }
 
 async fn run(settings: RelaySettings) -> anyhow::Result<()> {
@@ -418,11 +344,12 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     };
     let local = agents.local_addr()?;
     if let Some(pf) = &settings.port_file {
-        daemon::write_port_file(pf, local).with_context(|| format!("writing {}", pf.display()))?;
+        fbr_daemon::write_port_file(pf, local)
+            .with_context(|| format!("writing {}", pf.display()))?;
     }
     tracing::info!(listen = %local, %master_target, "relay listening");
     let server = tokio::spawn(relay.clone().serve(agents.clone()));
-    daemon::shutdown_signal().await;
+    fbr_daemon::shutdown_signal().await;
     tracing::info!("shutting down");
     agents.close(0u32.into(), b"relay shutting down");
     upstream_endpoint.close(0u32.into(), b"relay shutting down");
@@ -432,7 +359,7 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         m.abort();
     }
     cache.shutdown();
-    let m = &relay.metrics;
+    let m = relay.metrics();
     tracing::info!(
         records = m.records_ingested_total.get(),
         duplicates_skipped = m.duplicates_skipped_total.get(),

@@ -28,6 +28,7 @@ use crate::server::{HealthSnapshot, Relay};
 pub fn observe(relay: &Relay) -> Observation {
     let now_s = now_ms() / 1000;
     let streams = relay
+        .ingest()
         .cache
         .all_stats()
         .into_iter()
@@ -37,10 +38,11 @@ pub fn observe(relay: &Relay) -> Observation {
             oldest_backlog_age_s: s.oldest_unacked_s.map(|t| now_s.saturating_sub(t)),
         })
         .collect();
-    let link = relay.upstream.status();
+    let link = relay.upstream().status();
+    let cache = &relay.ingest().cache;
     Observation {
-        cache_used_bytes: relay.cache.used_bytes(),
-        cache_capacity_bytes: relay.cache.capacity_bytes(),
+        cache_used_bytes: cache.used_bytes(),
+        cache_capacity_bytes: cache.capacity_bytes(),
         streams,
         master_target_down_s: link.down_for.map(|d| d.as_secs()),
     }
@@ -51,21 +53,22 @@ pub async fn run_health_task(relay: Arc<Relay>) {
     let mut governor = IngestGovernor::default();
     let mut last_state = Severity::Healthy;
     let reconnecting = Arc::new(AtomicBool::new(false));
-    let mut ticker = tokio::time::interval(relay.config.health_interval);
+    let mut ticker = tokio::time::interval(relay.config().health_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let obs = observe(&relay);
-        let thresholds = &relay.config.health;
+        let thresholds = &relay.config().health;
         let throttled = governor.update(thresholds, &obs);
-        if **relay.throttled.borrow() != throttled {
+        let ingest = relay.ingest();
+        if **ingest.throttled.borrow() != throttled {
             let names: Vec<String> = throttled.iter().map(|s| s.to_string()).collect();
             tracing::warn!(
                 free_percent = format!("{:.1}", obs.cache_free_percent()),
                 "ingest throttling now pauses {} streams: {names:?}",
                 throttled.len()
             );
-            relay.throttled.send_replace(Arc::new(throttled.clone()));
+            ingest.throttled.send_replace(Arc::new(throttled.clone()));
         }
         let report = evaluate(thresholds, &obs, throttled.len());
         if report.state != last_state {
@@ -81,14 +84,14 @@ pub async fn run_health_task(relay: Arc<Relay>) {
             }
             last_state = report.state;
         }
-        *relay.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(HealthSnapshot {
+        relay.set_health(HealthSnapshot {
             report,
             at: Instant::now(),
         });
         if obs.master_target_down_s.is_some() && !reconnecting.swap(true, Ordering::SeqCst) {
             let (relay, flag) = (relay.clone(), reconnecting.clone());
             tokio::spawn(async move {
-                let _ = relay.upstream.connection().await;
+                let _ = relay.upstream().connection().await;
                 flag.store(false, Ordering::SeqCst);
             });
         }
@@ -116,24 +119,20 @@ impl RelayEndpoints {
     }
 
     fn snapshot(&self) -> Option<HealthSnapshot> {
-        self.relay
-            .health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.relay.health()
     }
 
     /// Sets every gauge from the relay's state.
     fn refresh(&self) {
         let relay = &self.relay;
-        let m = &relay.metrics;
+        let m = relay.metrics();
         let obs = observe(relay);
         m.cache_used_bytes.set(obs.cache_used_bytes as i64);
         m.cache_capacity_bytes.set(obs.cache_capacity_bytes as i64);
         m.cache_oldest_backlog_age_seconds
             .set(obs.oldest_backlog_age_s().unwrap_or(0) as f64);
         m.cache_full
-            .set(relay.cache.full.load(Ordering::Relaxed) as i64);
+            .set(relay.ingest().cache.full.load(Ordering::Relaxed) as i64);
         let mut backlog_by_vm: BTreeMap<&str, u64> = BTreeMap::new();
         for s in &obs.streams {
             *backlog_by_vm.entry(&s.id.vm).or_default() += s.backlog_bytes;
@@ -147,7 +146,7 @@ impl RelayEndpoints {
 
         let now = now_ms();
         let mut rpo_by_vm: BTreeMap<String, f64> = BTreeMap::new();
-        for (id, f) in relay.forwarders() {
+        for (id, f) in relay.forwarders().all() {
             let tag_ms = f.newest_applied_tag_ms.load(Ordering::Relaxed);
             if tag_ms > 0 {
                 let age = now.saturating_sub(tag_ms) as f64 / 1000.0;
@@ -161,17 +160,18 @@ impl RelayEndpoints {
         }
 
         m.egress_limit_bytes_per_second
-            .set(match relay.egress.rate() {
+            .set(match relay.forwarders().context().egress.rate() {
                 Rate::Unlimited => f64::INFINITY,
                 Rate::BytesPerSec(r) => r as f64,
             });
         m.ingest_throttled_streams
-            .set(relay.throttled.borrow().len() as i64);
+            .set(relay.ingest().throttled.borrow().len() as i64);
 
         self.add_forwarding_counters();
-        m.dedup_known_blocks.set(relay.known_blocks.len() as i64);
+        m.dedup_known_blocks
+            .set(relay.forwarders().context().known_blocks.len() as i64);
 
-        let link = relay.upstream.status();
+        let link = relay.upstream().status();
         m.upstream_connected.set(link.connected as i64);
         let before = self
             .wire_counted
@@ -197,9 +197,9 @@ impl RelayEndpoints {
     /// Adds what the forwarders counted since the last scrape to the counters.
     fn add_forwarding_counters(&self) {
         let relay = &self.relay;
-        let m = &relay.metrics;
+        let m = relay.metrics();
         let mut now: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-        for (id, f) in relay.forwarders() {
+        for (id, f) in relay.forwarders().all() {
             let st = &f.stages;
             let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
             let extra = [
@@ -240,12 +240,12 @@ impl RelayEndpoints {
 impl Endpoints for RelayEndpoints {
     fn metrics_text(&self) -> Result<String, String> {
         self.refresh();
-        fbr_metrics::encode(&self.relay.metrics.registry)
+        fbr_metrics::encode(&self.relay.metrics().registry)
     }
 
     fn liveness(&self) -> Probe {
         // Wedged if the health task has not run for several intervals (a stuck runtime).
-        let limit = self.relay.config.health_interval * 5 + Duration::from_secs(5);
+        let limit = self.relay.config().health_interval * 5 + Duration::from_secs(5);
         match self.snapshot() {
             Some(s) if s.at.elapsed() > limit => Probe {
                 ok: false,

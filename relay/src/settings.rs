@@ -1,6 +1,6 @@
 //! The relay's configuration: every key, its default, and its checks.
 //!
-//! Loaded in layers by [`fbr_transport::settings::load`] (defaults, `/etc/relay/relay.toml`
+//! Loaded in layers by [`fbr_daemon::settings::load_settings`] (defaults, `/etc/relay/relay.toml`
 //! or `--config`, `RELAY_`-prefixed environment variables, flags). Every key is listed
 //! with its meaning in `docs/CONFIGURATION.md`; [`RelaySettings::validate`] checks ranges
 //! and names the key at fault.
@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fbr_daemon::settings::{ByteSize, ConfigError, DaemonSettings};
 use fbr_throttling::WeeklySchedule;
-use fbr_transport::settings::{ByteSize, ConfigError};
 use serde::{Deserialize, Serialize};
 
 use crate::egress::EgressConfig;
@@ -197,9 +197,13 @@ impl Default for HealthSettings {
     }
 }
 
-impl RelaySettings {
+impl DaemonSettings for RelaySettings {
+    const DEFAULT_CONFIG_FILE: &'static str = DEFAULT_CONFIG_FILE;
+    const ENV_PREFIX: &'static str = ENV_PREFIX;
+    const FREE_FORM_TABLES: &'static [&'static str] = FREE_FORM_TABLES;
+
     /// Checks every value; the first problem names its key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.master_target.address.is_none() {
             return Err(ConfigError::new(
                 "master_target.address",
@@ -257,10 +261,12 @@ impl RelaySettings {
         }
         Ok(())
     }
+}
 
+impl RelaySettings {
     /// The metrics endpoint's address, `None` when disabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        fbr_transport::settings::listen_addr("metrics_listen", &self.metrics_listen)
+        fbr_daemon::settings::listen_addr("metrics_listen", &self.metrics_listen)
     }
 
     /// The egress controller's settings (reads the schedule file if one is named).

@@ -68,11 +68,11 @@ async fn a_plan_stops_at_a_tag_appended_before_a_restart() {
     assert_eq!(cache.next_tag(&id, 1), Some(5), "the old tag is not listed");
 
     let stats = StageBytes::default();
-    let mut plan = IntervalPlan::new(&cache, &id, 1, 5, &stats).unwrap();
+    let mut plan = IntervalPlan::new(&*cache, &id, 1, 5, &stats).unwrap();
     let mut reducer = Reducer::new(WanConfig::default());
     let known = KnownBlocks::new(0);
     let batches = reducer
-        .next_from_plan(&mut plan, &cache, &id, 64 << 20, &known, &stats)
+        .next_from_plan(&mut plan, &*cache, &id, 64 << 20, &known, &stats)
         .unwrap();
     assert!(plan.is_done());
     // The plan ended at the recovery point it found (3), not at the listed one (5), and

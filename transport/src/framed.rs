@@ -1,13 +1,20 @@
-//! Frames over a QUIC stream: the async shell around the sans-IO codec.
+//! Frames over a byte stream: the async shell around the sans-IO codec.
 //!
-//! [`FrameReader`] reads from a `quinn::RecvStream` into a buffer and decodes whole
-//! frames; it never holds more than one frame beyond what it has returned plus one read
-//! chunk, so a peer cannot make it buffer more than [`fbr_protocol::MAX_FRAME_PAYLOAD`].
-//! [`FrameWriter`] encodes and writes.
+//! [`FrameReader`] reads from any `AsyncRead` (a `quinn::RecvStream` in the daemons, an
+//! in-memory pipe in tests) into a buffer and decodes whole frames; it never holds more
+//! than one frame beyond what it has returned plus one read chunk, so a peer cannot make
+//! it buffer more than [`fbr_protocol::MAX_FRAME_PAYLOAD`]. [`FrameReader::receive`]
+//! hands the stream machines ([`fbr_protocol::stream`]) what they take: an
+//! [`Incoming`]. [`FrameWriter`] encodes and writes through [`ChunkWrite`], which QUIC
+//! implements without copying.
 
-use bytes::BytesMut;
-use fbr_protocol::{decode_frame, encode_frame, DecodeError, ErrorCode, Frame};
-use tokio::io::AsyncReadExt;
+use std::future::Future;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use fbr_protocol::stream::{Incoming, Refusal, StreamReceiver};
+use fbr_protocol::{decode_frame, encode_frame, DecodeError, ErrorCode, Frame, StreamId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// How much to ask the stream for in one read.
 const READ_CHUNK: usize = 256 * 1024;
@@ -34,15 +41,15 @@ impl ReadError {
     }
 }
 
-/// Decodes frames from one QUIC receive stream.
+/// Decodes frames from one receive stream.
 #[derive(Debug)]
-pub struct FrameReader {
-    recv: quinn::RecvStream,
+pub struct FrameReader<R = quinn::RecvStream> {
+    recv: R,
     buf: BytesMut,
 }
 
-impl FrameReader {
-    pub fn new(recv: quinn::RecvStream) -> Self {
+impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
+    pub fn new(recv: R) -> Self {
         FrameReader {
             recv,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -50,7 +57,7 @@ impl FrameReader {
     }
 
     /// The next frame; `Ok(None)` when the peer finished the stream cleanly between
-    /// frames.
+    /// frames. Cancel-safe: dropping the future loses no bytes.
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             if let Some(frame) = decode_frame(&mut self.buf)? {
@@ -70,26 +77,94 @@ impl FrameReader {
         }
     }
 
-    /// A frame already buffered, without waiting for the network (for batching).
-    pub fn next_buffered(&mut self) -> Result<Option<Frame>, ReadError> {
-        Ok(decode_frame(&mut self.buf)?)
+    /// The next input for a stream machine. Cancel-safe, like [`Self::next`].
+    pub async fn receive(&mut self) -> Incoming {
+        match self.next().await {
+            Ok(Some(frame)) => Incoming::Frame(frame),
+            Ok(None) => Incoming::Finished,
+            Err(ReadError::Stream(e)) => Incoming::Broken(e.to_string()),
+            Err(e) => Incoming::Malformed {
+                code: e.code(),
+                reason: e.to_string(),
+            },
+        }
     }
 
-    /// Stops reading: the peer is told with a QUIC `STOP_SENDING` carrying `code`.
-    pub fn stop(&mut self, code: u16) {
-        let _ = self.recv.stop(quinn::VarInt::from_u32(code as u32));
+    /// Like [`Self::receive`], giving up at `deadline` (`None` when it passed): how
+    /// drivers wait for a machine's [`poll_timeout`](fbr_protocol::stream::StreamReceiver::poll_timeout).
+    pub async fn receive_until(&mut self, deadline: Option<Instant>) -> Option<Incoming> {
+        match deadline {
+            Some(at) => tokio::time::timeout_at(at.into(), self.receive())
+                .await
+                .ok(),
+            None => Some(self.receive().await),
+        }
+    }
+
+    /// Reads a new stream's `Hello` into `receiver`, until the receiver's deadline:
+    /// `Ok(Some((stream, disk_size)))` once checked, `Ok(None)` if the peer went away,
+    /// or the refusal to send.
+    pub async fn receive_hello(
+        &mut self,
+        receiver: &mut StreamReceiver,
+    ) -> Result<Option<(StreamId, u64)>, Refusal> {
+        loop {
+            match self.receive_until(receiver.poll_timeout()).await {
+                Some(incoming) => return receiver.handle_hello(incoming),
+                None => {
+                    if let Some(refusal) = receiver.handle_timeout(Instant::now()) {
+                        return Err(refusal);
+                    }
+                }
+            }
+        }
     }
 }
 
-/// Encodes frames onto one QUIC send stream.
+/// Where a [`FrameWriter`] puts its bytes: whole chunks, then an end.
+pub trait ChunkWrite: Send {
+    /// Writes all of `chunk`.
+    fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Ends the stream (no more bytes); the peer sees a clean finish.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl ChunkWrite for quinn::SendStream {
+    async fn write_chunk(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        // Zero-copy: quinn keeps the chunk itself until it is acknowledged.
+        quinn::SendStream::write_chunk(self, chunk)
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    async fn finish(&mut self) {
+        let _ = quinn::SendStream::finish(self);
+    }
+}
+
+/// Any tokio writer (an in-memory pipe in tests) as a [`ChunkWrite`]; it copies.
 #[derive(Debug)]
-pub struct FrameWriter {
-    send: quinn::SendStream,
+pub struct IoWriter<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send> ChunkWrite for IoWriter<W> {
+    async fn write_chunk(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.0.write_all(&chunk).await
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// Encodes frames onto one send stream.
+#[derive(Debug)]
+pub struct FrameWriter<W = quinn::SendStream> {
+    send: W,
     buf: BytesMut,
 }
 
-impl FrameWriter {
-    pub fn new(send: quinn::SendStream) -> Self {
+impl<W: ChunkWrite> FrameWriter<W> {
+    pub fn new(send: W) -> Self {
         FrameWriter {
             send,
             buf: BytesMut::new(),
@@ -107,7 +182,7 @@ impl FrameWriter {
     }
 
     /// Writes everything pushed so far.
-    pub async fn flush(&mut self) -> Result<(), quinn::WriteError> {
+    pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             let chunk = self.buf.split().freeze();
             self.send.write_chunk(chunk).await?;
@@ -116,19 +191,71 @@ impl FrameWriter {
     }
 
     /// Pushes and flushes one frame.
-    pub async fn send(&mut self, frame: &Frame) -> Result<(), quinn::WriteError> {
+    pub async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
         self.push(frame);
         self.flush().await
     }
 
-    /// Sends an `Error` frame and finishes the stream: the polite way to refuse.
-    pub async fn refuse(&mut self, frame: &Frame) {
-        let _ = self.send(frame).await;
-        let _ = self.send.finish();
+    /// Tells the sender why its stream is refused (an `Error` frame, logged with the
+    /// stream when known) and finishes the stream: the polite way to refuse.
+    pub async fn refuse(&mut self, refusal: &Refusal, stream: Option<&StreamId>) {
+        match stream {
+            Some(id) => tracing::warn!(stream = %id, "closing stream: {refusal}"),
+            None => tracing::warn!("refusing stream: {refusal}"),
+        }
+        let _ = self.send(&refusal.frame()).await;
+        self.send.finish().await;
     }
 
     /// Finishes the stream (no more frames).
-    pub fn finish(&mut self) {
-        let _ = self.send.finish();
+    pub async fn finish(&mut self) {
+        self.send.finish().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fbr_protocol::Record;
+
+    #[tokio::test]
+    async fn frames_cross_a_pipe_and_the_end_is_told_apart_from_a_torn_frame() {
+        let (a, b) = tokio::io::duplex(64);
+        let mut writer = FrameWriter::new(IoWriter(a));
+        let mut reader = FrameReader::new(b);
+        let record = Frame::Record(Record::Write {
+            seq: 1,
+            offset: 0,
+            data: Bytes::from(vec![7; 512]),
+        });
+        let sent = record.clone();
+        let task = tokio::spawn(async move {
+            writer.send(&sent).await.unwrap();
+            writer.finish().await;
+        });
+        assert_eq!(reader.receive().await, Incoming::Frame(record));
+        assert_eq!(reader.receive().await, Incoming::Finished);
+        task.await.unwrap();
+
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(b);
+        a.write_all(b"FB\x01\x10\x20\0\0\0abc").await.unwrap();
+        drop(a);
+        assert!(matches!(
+            reader.receive().await,
+            Incoming::Malformed {
+                code: ErrorCode::MalformedFrame,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn receive_until_gives_up_at_the_deadline() {
+        let (_a, b) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(b);
+        let at = Instant::now() + std::time::Duration::from_millis(20);
+        assert_eq!(reader.receive_until(Some(at)).await, None);
     }
 }

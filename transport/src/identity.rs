@@ -3,6 +3,7 @@
 //! rustls has checked the chain against our CA before any of this runs; here we only read
 //! the URI SANs described in [`crate::pki`] to learn the peer's role and entitlements.
 
+use fbr_protocol::stream::Entitlement;
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -44,10 +45,8 @@ impl Role {
 pub struct PeerIdentity {
     pub common_name: String,
     pub roles: Vec<Role>,
-    /// VM names the peer may write; see [`PeerIdentity::may_write`].
-    pub vms: Vec<String>,
-    /// `urn:fbr:vm:*`: the peer may write any VM.
-    pub all_vms: bool,
+    /// The VMs the peer may write (`urn:fbr:vm:<name>`, or `urn:fbr:vm:*` for any).
+    pub entitlement: Entitlement,
 }
 
 impl PeerIdentity {
@@ -57,7 +56,7 @@ impl PeerIdentity {
 
     /// Whether the peer's certificate entitles it to write disks of `vm`.
     pub fn may_write(&self, vm: &str) -> bool {
-        self.all_vms || self.vms.iter().any(|v| v == vm)
+        self.entitlement.may_write(vm)
     }
 }
 
@@ -75,8 +74,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, String> {
     let mut id = PeerIdentity {
         common_name,
         roles: vec![],
-        vms: vec![],
-        all_vms: false,
+        entitlement: Entitlement::default(),
     };
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -87,9 +85,9 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, String> {
                     }
                 } else if let Some(vm) = uri.strip_prefix(VM_URI_PREFIX) {
                     if vm == "*" {
-                        id.all_vms = true;
+                        id.entitlement.all_vms = true;
                     } else {
-                        id.vms.push(vm.to_owned());
+                        id.entitlement.vms.push(vm.to_owned());
                     }
                 }
             }

@@ -9,22 +9,20 @@
 //! - [`quic`]: `quinn` endpoints over `rustls` TLS 1.3, client certificates required,
 //!   flow-control windows and UDP buffers sized for a high bandwidth-delay product.
 //! - [`link`]: a self-healing client connection to a peer of a given role.
-//! - [`daemon`]: logging, signals, port files and sizes shared by the binaries.
-//! - [`framed`]: reading and writing [`fbr_protocol::Frame`]s on a QUIC stream.
+//! - [`framed`]: reading and writing [`fbr_protocol::Frame`]s on a QUIC stream (or any
+//!   byte pipe), and the [`fbr_protocol::stream::Incoming`] the stream machines take.
 //!
 //! Invariant: no endpoint built here accepts a peer whose certificate does not chain to
 //! the site CA; role and entitlement checks happen in the daemons with [`identity`].
 #![forbid(unsafe_code)]
 
-pub mod daemon;
 pub mod framed;
 pub mod identity;
 pub mod link;
 pub mod pki;
 pub mod quic;
-pub mod settings;
 
-pub use framed::{FrameReader, FrameWriter, ReadError};
+pub use framed::{ChunkWrite, FrameReader, FrameWriter, IoWriter, ReadError};
 pub use identity::{peer_identity, PeerIdentity, Role};
-pub use link::{LinkStatus, PeerLink};
+pub use link::{LinkError, LinkStatus, PeerLink};
 pub use quic::{any_addr_for, client_endpoint, server_endpoint, Credentials, QuicTuning};

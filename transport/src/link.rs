@@ -13,6 +13,32 @@ use crate::identity::{peer_identity, Role};
 /// How long to wait for a handshake to complete.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why the peer could not be reached. Every case is the peer's side or the network's,
+/// except [`LinkError::WrongRole`], a certificate problem on the peer that waiting
+/// does not fix (it is still retried: an operator may replace the certificate).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    #[error("connecting to {role} {addr}: {reason}")]
+    Connect {
+        role: &'static str,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("{role} {addr} did not answer within {CONNECT_TIMEOUT:?}")]
+    Timeout {
+        role: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("peer at {addr} ({common_name}) lacks the {role} role")]
+    WrongRole {
+        role: &'static str,
+        addr: SocketAddr,
+        common_name: String,
+    },
+    #[error("opening a stream to {addr}: {reason}")]
+    OpenStream { addr: SocketAddr, reason: String },
+}
+
 /// Where a peer is, how to name it, and what role it must prove.
 #[derive(Debug)]
 pub struct PeerLink {
@@ -109,7 +135,7 @@ impl PeerLink {
     }
 
     /// A live connection to the peer, connecting if there is none.
-    pub async fn connection(&self) -> Result<quinn::Connection, String> {
+    pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
         let result = self.connect_or_reuse().await;
         match &result {
             Ok(conn) => self.observe_connected(conn),
@@ -118,34 +144,31 @@ impl PeerLink {
         result
     }
 
-    async fn connect_or_reuse(&self) -> Result<quinn::Connection, String> {
+    async fn connect_or_reuse(&self) -> Result<quinn::Connection, LinkError> {
         let mut current = self.current.lock().await;
         if let Some(c) = current.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
-        let role = self.role.as_str();
+        let (role, addr) = (self.role.as_str(), self.addr);
+        let connect = |reason: String| LinkError::Connect { role, addr, reason };
         let connecting = self
             .endpoint
-            .connect(self.addr, &self.server_name)
-            .map_err(|e| format!("connecting to {role} {}: {e}", self.addr))?;
+            .connect(addr, &self.server_name)
+            .map_err(|e| connect(e.to_string()))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| {
-                format!(
-                    "{role} {} did not answer within {CONNECT_TIMEOUT:?}",
-                    self.addr
-                )
-            })?
-            .map_err(|e| format!("{role} {}: {e}", self.addr))?;
-        let id = peer_identity(&conn)?;
+            .map_err(|_| LinkError::Timeout { role, addr })?
+            .map_err(|e| connect(e.to_string()))?;
+        let id = peer_identity(&conn).map_err(connect)?;
         if !id.has_role(self.role) {
             conn.close(0u32.into(), b"wrong role");
-            return Err(format!(
-                "peer at {} ({}) lacks the {role} role",
-                self.addr, id.common_name
-            ));
+            return Err(LinkError::WrongRole {
+                role,
+                addr,
+                common_name: id.common_name,
+            });
         }
         tracing::info!(addr = %self.addr, "connected to {role}");
         *current = Some(conn.clone());
@@ -154,16 +177,17 @@ impl PeerLink {
 
     /// Opens a bidirectional stream (one disk), reconnecting once if the cached
     /// connection turns out to be dead.
-    pub async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    pub async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
         let conn = self.connection().await?;
         match conn.open_bi().await {
             Ok(s) => Ok(s),
             Err(e) => {
                 tracing::warn!("stream open to {} failed ({e}); reconnecting", self.addr);
                 let conn = self.connection().await?;
-                conn.open_bi()
-                    .await
-                    .map_err(|e| format!("opening stream to {}: {e}", self.addr))
+                conn.open_bi().await.map_err(|e| LinkError::OpenStream {
+                    addr: self.addr,
+                    reason: e.to_string(),
+                })
             }
         }
     }

@@ -264,25 +264,82 @@ pub fn listen_addr(key: &str, value: &str) -> Result<Option<std::net::SocketAddr
     })
 }
 
-/// What `check-config` does for a daemon: prints the effective settings as TOML (exit
-/// 0), or the error naming the key (exit 64).
-pub fn report_check<T: Serialize>(
-    program: &str,
-    settings: Result<T, ConfigError>,
-) -> std::process::ExitCode {
-    match settings.map(|s| toml::to_string(&s)) {
-        Ok(Ok(text)) => {
-            println!("# {program}: configuration is valid; effective settings:\n{text}");
-            std::process::ExitCode::SUCCESS
-        }
-        Ok(Err(e)) => {
-            eprintln!("{program}: cannot print the settings: {e}");
-            std::process::ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("{program}: {e}");
-            std::process::ExitCode::from(EX_USAGE)
-        }
+/// What a daemon's settings struct tells the loader: where its file lives, its
+/// environment prefix, and its own range checks.
+pub trait DaemonSettings: Serialize + DeserializeOwned + Default {
+    /// The config file read when `--config` is not given (if it exists).
+    const DEFAULT_CONFIG_FILE: &'static str;
+    /// Environment prefix without the trailing underscore, e.g. `RELAY`.
+    const ENV_PREFIX: &'static str;
+    /// Dotted key prefixes whose sub-keys are free-form (e.g. `egress.vm_weights`).
+    const FREE_FORM_TABLES: &'static [&'static str] = &[];
+    /// Checks every value; the first problem names its key.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// The effective, validated settings of a daemon: defaults, then the file named by
+/// `--config` (or the default file), then the environment, then `flags`.
+pub fn load_settings<S: DaemonSettings>(
+    explicit_file: Option<&Path>,
+    flags: Vec<(String, config::Value)>,
+) -> Result<S, ConfigError> {
+    let settings = load(
+        &S::default(),
+        Layers {
+            explicit_file,
+            default_file: Path::new(S::DEFAULT_CONFIG_FILE),
+            env_prefix: S::ENV_PREFIX,
+            free_form: S::FREE_FORM_TABLES,
+            overrides: flags,
+        },
+    )?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// The flags given on a command line, as (dotted config key, value): the last layer.
+///
+/// A daemon declares each flag once, on a `clap::Args` struct that also derives
+/// `Serialize`: the field's serde name is the config key it overrides
+/// (`#[serde(rename = "cache.capacity")]`), flags not given are `None` and skipped, and
+/// fields that are not config keys are `#[serde(skip)]`. So the flag, its help and its
+/// key live on one line of code.
+pub fn flag_overrides<T: Serialize>(
+    flags: &T,
+) -> Result<Vec<(String, config::Value)>, ConfigError> {
+    let value =
+        serde_json::to_value(flags).map_err(|e| ConfigError::new("(flags)", e.to_string()))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(ConfigError::new("(flags)", "flags are not a struct"));
+    };
+    let mut out = Vec::new();
+    for (key, v) in map {
+        let v: config::Value = match v {
+            serde_json::Value::Null => continue,
+            serde_json::Value::Bool(b) => b.into(),
+            serde_json::Value::String(s) => s.into(),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => i.into(),
+                None => n.as_f64().unwrap_or(f64::NAN).into(),
+            },
+            other => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("a flag must be a single value, not {other}"),
+                ))
+            }
+        };
+        out.push((key, v));
+    }
+    Ok(out)
+}
+
+/// For a flag given in MiB whose key is a [`ByteSize`]:
+/// `#[serde(rename = "cache.segment_size", serialize_with = "fbr_daemon::settings::mib_flag")]`.
+pub fn mib_flag<S: Serializer>(mib: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match mib {
+        Some(n) => s.serialize_str(&format!("{n}MiB")),
+        None => s.serialize_none(),
     }
 }
 
@@ -337,7 +394,7 @@ impl<'de> Deserialize<'de> for ByteSize {
                     .map_err(|_| E::custom(format!("invalid size {v}: must not be negative")))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                crate::daemon::parse_size(v)
+                crate::process::parse_size(v)
                     .map(ByteSize)
                     .map_err(E::custom)
             }
@@ -428,6 +485,33 @@ mod tests {
         assert!(e.reason.contains("parsecs"), "{e}");
         let e = load_with("name = \n", vec![]).unwrap_err();
         assert!(e.reason.contains("TOML"), "{e}");
+    }
+
+    #[test]
+    fn flags_name_their_keys_once() {
+        #[derive(Serialize)]
+        struct Flags {
+            #[serde(skip)]
+            _config: Option<PathBuf>,
+            #[serde(rename = "inner.capacity")]
+            capacity: Option<String>,
+            #[serde(rename = "inner.segments")]
+            segments: Option<u32>,
+            #[serde(rename = "name")]
+            name: Option<String>,
+        }
+        let flags = Flags {
+            _config: Some("/x".into()),
+            capacity: Some("1GiB".into()),
+            segments: Some(7),
+            name: None,
+        };
+        let o = flag_overrides(&flags).unwrap();
+        let keys: Vec<&str> = o.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["inner.capacity", "inner.segments"]);
+        let s = load_with("", o).unwrap();
+        assert_eq!(s.inner.capacity, ByteSize::gib(1));
+        assert_eq!(s.inner.segments, 7);
     }
 
     #[test]

@@ -1,0 +1,30 @@
+//! # fbr-daemon: what every failback daemon's process needs
+//!
+//! The relay and the master target (and the configuration server to come) start, read
+//! their configuration and report problems the same way; this crate is that one way, so
+//! a daemon's `main.rs` only declares its flags and calls its library.
+//!
+//! ## Layout
+//! - [`settings`]: layered configuration (built-in defaults, a TOML file, environment
+//!   variables, flags) with unknown keys, wrong types and out-of-range values reported by
+//!   key; byte sizes and listen addresses as config values; flags mapped to keys by their
+//!   own declaration ([`settings::flag_overrides`]).
+//! - [`process`]: logging, shutdown signals, the port file, byte sizes on the command
+//!   line.
+//! - [`run`]: the `run` / `check-config` skeleton: bad configuration exits 64 naming
+//!   the key, then logging, the runtime, the daemon's body, and its error report.
+//!
+//! ## Invariants
+//! - Invalid configuration never starts a daemon: it exits with [`EX_USAGE`] (64) and a
+//!   message naming the key at fault and where it was set.
+//! - Nothing here knows about QUIC, certificates or metrics (`fbr-transport` and
+//!   `fbr-metrics` do).
+#![forbid(unsafe_code)]
+
+pub mod process;
+pub mod run;
+pub mod settings;
+
+pub use process::{init_logging, parse_size, shutdown_signal, write_port_file};
+pub use run::{report, report_check, run_daemon};
+pub use settings::{ByteSize, ConfigError, DaemonSettings, EX_USAGE};

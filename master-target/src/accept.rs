@@ -1,0 +1,268 @@
+//! The master target's network side: accepts relays over QUIC + mutual TLS, one stream
+//! per disk, and runs each disk's session.
+//!
+//! A session is a thin driver of the protocol's [`StreamReceiver`]: the machine checks
+//! `Hello` (entitlement, disk size on record) and every record; this module owns the
+//! disk while the session lasts, opens (and recovers) its replica, answers `Accept` with
+//! the replica's high-water mark, then runs two tasks:
+//! - [`crate::unpack`] reads frames through the machine and queues checked records
+//!   (WAN batches resolved against the content index);
+//! - [`crate::apply`] takes everything queued as one batch (group commit), makes it
+//!   durable and acknowledges it.
+//!
+//! Only one session owns a disk at a time. A new `Hello` for a disk supersedes the old
+//! session (a relay that reconnected); the new one waits until the old one has finished
+//! its batch, so the high-water mark it announces is exact.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use fbr_metrics::master_target::MasterTargetMetrics;
+use fbr_protocol::stream::{ReceiverConfig, Refusal, StreamReceiver};
+use fbr_protocol::{ErrorCode, StreamId};
+use fbr_transport::{peer_identity, FrameReader, FrameWriter, PeerIdentity, Role};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::Instrument;
+
+use crate::content::ContentIndex;
+use crate::replica::{DiskReplica, ReplicaError};
+use crate::store::Store;
+use crate::unpack::UNPACKED_BYTES;
+
+/// Everything the master target's sessions share.
+#[derive(Debug)]
+pub struct MasterTarget {
+    pub data_dir: PathBuf,
+    pub store: Arc<Store>,
+    /// Credit granted to each stream (bytes of records that may be unacknowledged).
+    pub credit_bytes: u64,
+    pub metrics: MasterTargetMetrics,
+    /// Blocks held, for resolving the relay's dedup references.
+    pub content: Arc<ContentIndex>,
+    slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
+}
+
+/// The one-owner-at-a-time cell of a disk.
+#[derive(Debug)]
+struct DiskSlot {
+    replica: Arc<tokio::sync::Mutex<Option<DiskReplica>>>,
+    /// Bumped by every new session; older sessions see the change and stop.
+    generation: watch::Sender<u64>,
+}
+
+impl MasterTarget {
+    /// `content_index_entries` bounds the dedup content index (0 disables it: every
+    /// reference is answered with `UnknownReference`).
+    pub fn new(
+        data_dir: PathBuf,
+        store: Store,
+        credit_bytes: u64,
+        content_index_entries: usize,
+    ) -> Arc<Self> {
+        Arc::new(MasterTarget {
+            data_dir,
+            store: Arc::new(store),
+            credit_bytes,
+            metrics: MasterTargetMetrics::new(),
+            content: Arc::new(ContentIndex::new(content_index_entries)),
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slot(&self, id: &StreamId) -> Arc<DiskSlot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots
+            .entry(id.clone())
+            .or_insert_with(|| {
+                Arc::new(DiskSlot {
+                    replica: Arc::new(tokio::sync::Mutex::new(None)),
+                    generation: watch::channel(0).0,
+                })
+            })
+            .clone();
+        self.metrics.disks.set(slots.len() as i64);
+        slot
+    }
+
+    /// Accepts connections on `endpoint` until it is closed.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let mt = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        mt.metrics.handshakes_refused_total.inc();
+                        tracing::warn!(%remote, "connection refused during handshake: {e}");
+                        return;
+                    }
+                };
+                mt.serve_connection(conn, remote).await;
+            });
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, remote: SocketAddr) {
+        let peer = match peer_identity(&conn) {
+            Ok(p) if p.has_role(Role::Relay) => p,
+            other => {
+                let why = match other {
+                    Ok(p) => format!("certificate {:?} lacks urn:fbr:role:relay", p.common_name),
+                    Err(e) => e,
+                };
+                tracing::warn!(%remote, "refusing connection: {why}");
+                self.metrics
+                    .stream_errors_total
+                    .count(ErrorCode::Unauthenticated);
+                conn.close(
+                    quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
+                    why.as_bytes(),
+                );
+                return;
+            }
+        };
+        tracing::info!(%remote, cn = %peer.common_name, "relay connected");
+        self.metrics.relay_connections_total.inc();
+        let peer = Arc::new(peer);
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let mt = self.clone();
+                    let peer = peer.clone();
+                    tokio::spawn(async move {
+                        mt.metrics.relay_streams.inc();
+                        mt.clone().serve_stream(&peer, send, recv).await;
+                        mt.metrics.relay_streams.dec();
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(%remote, "relay connection ended: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One disk stream: `Hello`, then the rest in the stream's span.
+    async fn serve_stream(
+        self: Arc<Self>,
+        peer: &PeerIdentity,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let mut reader = FrameReader::new(recv);
+        let mut writer = FrameWriter::new(send);
+        let mut receiver = StreamReceiver::new(
+            ReceiverConfig::relay_facing(),
+            peer.entitlement.clone(),
+            Instant::now(),
+        );
+        let (id, disk_size) = match reader.receive_hello(&mut receiver).await {
+            Ok(Some(hello)) => hello,
+            Ok(None) => return,
+            Err(refusal) => return self.refuse(&mut writer, &refusal, None).await,
+        };
+        let span = tracing::info_span!("stream", stream = %id);
+        self.serve_disk(receiver, id, disk_size, reader, writer)
+            .instrument(span)
+            .await
+    }
+
+    /// Owns the disk, opens its replica, accepts, and runs the reader and the applier.
+    async fn serve_disk(
+        self: Arc<Self>,
+        mut receiver: StreamReceiver,
+        id: StreamId,
+        disk_size: u64,
+        reader: FrameReader,
+        mut writer: FrameWriter,
+    ) {
+        // Take ownership of the disk, superseding any older session.
+        let slot = self.slot(&id);
+        let mut my_generation = 0;
+        slot.generation.send_modify(|g| {
+            *g += 1;
+            my_generation = *g;
+        });
+        let mut generation_rx = slot.generation.subscribe();
+        let mut owned = slot.replica.clone().lock_owned().await;
+        if *generation_rx.borrow_and_update() != my_generation {
+            return; // an even newer session took over while we waited
+        }
+        let replica = match owned.take() {
+            Some(r) => match receiver.check_disk_size(r.disk_size) {
+                Ok(()) => r,
+                Err(refusal) => {
+                    *owned = Some(r);
+                    return self.refuse(&mut writer, &refusal, Some(&id)).await;
+                }
+            },
+            None => match self.open_replica(&id, disk_size).await {
+                Ok(r) => r,
+                Err(ReplicaError::DiskSizeMismatch { on_record, .. }) => {
+                    let refusal = receiver
+                        .check_disk_size(on_record)
+                        .err()
+                        .unwrap_or_else(|| receiver.refuse(ErrorCode::Internal, "disk size"));
+                    return self.refuse(&mut writer, &refusal, Some(&id)).await;
+                }
+                Err(e) => {
+                    tracing::error!("cannot open replica: {e}");
+                    let refusal = receiver.refuse(ErrorCode::Internal, e.to_string());
+                    return self.refuse(&mut writer, &refusal, Some(&id)).await;
+                }
+            },
+        };
+        let accept = receiver.accept(replica.hwm() + 1, self.credit_bytes);
+        tracing::info!(next_seq = replica.hwm() + 1, "stream accepted");
+        if writer.send(&accept).await.is_err() {
+            *owned = Some(replica);
+            return;
+        }
+
+        // Reader: frames through the machine into checked records; bytes queued are
+        // bounded by the budget.
+        let budget = Arc::new(Semaphore::new(UNPACKED_BYTES));
+        let (tx, queue) = mpsc::unbounded_channel();
+        let reader_task = tokio::spawn(
+            crate::unpack::read_records(reader, receiver, tx, budget, self.clone())
+                .in_current_span(),
+        );
+        // Applier: batch, make durable, acknowledge.
+        let (replica, failure) =
+            crate::apply::run(&self, replica, queue, &mut generation_rx, &mut writer).await;
+        reader_task.abort();
+        *owned = replica;
+        match failure {
+            Some(refusal) => self.refuse(&mut writer, &refusal, Some(&id)).await,
+            None => writer.finish().await,
+        }
+    }
+
+    /// Opens (and recovers) the replica of `id` off the async threads.
+    async fn open_replica(
+        &self,
+        id: &StreamId,
+        disk_size: u64,
+    ) -> Result<DiskReplica, ReplicaError> {
+        let (data_dir, store, id) = (self.data_dir.clone(), self.store.clone(), id.clone());
+        tokio::task::spawn_blocking(move || DiskReplica::open(&data_dir, &store, &id, disk_size))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ReplicaError::Io {
+                    path: PathBuf::from("(replica open task)"),
+                    source: std::io::Error::other(e),
+                })
+            })
+    }
+
+    /// Refuses or closes a stream with a coded error, and counts it.
+    async fn refuse(&self, writer: &mut FrameWriter, refusal: &Refusal, stream: Option<&StreamId>) {
+        self.metrics.stream_errors_total.count(refusal.code);
+        writer.refuse(refusal, stream).await;
+    }
+}

@@ -1,0 +1,345 @@
+//! The ingest side of the relay: one agent stream in, checked, made durable in the cache,
+//! acknowledged.
+//!
+//! ```text
+//!  agent stream ──ingest──▶ RelayCache (group commit) ──forwarder──▶ master target
+//!       ▲   Ack (durable in the cache)  ◀── durable watch             │
+//!       └── Applied (durable on-premises) ◀── applied watch ◀── acks ─┘
+//! ```
+//!
+//! A session is a thin driver of the protocol's [`StreamReceiver`] (agent-facing: plain
+//! records only). The machine checks `Hello` (entitlement, the disk size on record) and
+//! every record (a duplicate is skipped, a gap refused, alignment and disk bounds
+//! enforced); the session adds what only the relay knows:
+//! - **where the stream continues**: one past what the cache holds durably, or what the
+//!   master target expects if that is more (the stream's forwarder asks it; a stream the
+//!   cache has never seen needs the master target), refused while the stream needs
+//!   resync or its forwarder has failed;
+//! - **durability**: valid records are queued for a durable append; records before a
+//!   bad one are made durable and acknowledged, then the stream ends with the coded
+//!   `Error`;
+//! - **acks**: `Ack{seq}` once `seq` is durable in the cache (nothing acknowledged is
+//!   lost by a relay crash); `Applied{seq}` once the master target has it;
+//! - **throttling**: while the health task pauses the stream (cache pressure), the
+//!   session stops reading: the agent runs out of credit, nothing is dropped.
+//!
+//! Everything a session uses comes in its [`IngestContext`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fbr_metrics::relay::RelayMetrics;
+use fbr_protocol::stream::{Delivery, ReceiverConfig, Refusal, StreamReceiver};
+use fbr_protocol::{ErrorCode, Frame, StreamId};
+use fbr_transport::{FrameReader, FrameWriter, PeerIdentity, PeerLink};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::cache::RelayCache;
+use crate::forwarder::Forwarders;
+
+/// How long to wait for the master target's position of a stream the cache never saw.
+const POSITION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to let the valid records before a bad one become durable.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The relay's forwarders: to the master target over QUIC, from the disk cache.
+pub type RelayForwarders = Forwarders<PeerLink, RelayCache>;
+
+/// Everything agent sessions share: the ingest side of the relay.
+#[derive(Debug)]
+pub struct IngestContext {
+    pub cache: Arc<RelayCache>,
+    /// Each stream's forwarder knows the disk size on record and the master target's
+    /// position.
+    pub forwarders: Arc<RelayForwarders>,
+    /// Streams whose ingest is paused (cache pressure or quota); see [`crate::health`].
+    pub throttled: watch::Sender<Arc<BTreeSet<StreamId>>>,
+    pub metrics: RelayMetrics,
+    /// Credit granted to each agent stream: bytes of records it may have unacknowledged.
+    pub agent_credit_bytes: u64,
+    /// One generation counter per disk: a new session bumps it, older ones stop.
+    generations: Mutex<HashMap<StreamId, watch::Sender<u64>>>,
+}
+
+impl IngestContext {
+    pub fn new(
+        cache: Arc<RelayCache>,
+        forwarders: Arc<RelayForwarders>,
+        metrics: RelayMetrics,
+        agent_credit_bytes: u64,
+    ) -> Self {
+        IngestContext {
+            cache,
+            forwarders,
+            throttled: watch::channel(Arc::new(BTreeSet::new())).0,
+            metrics,
+            agent_credit_bytes,
+            generations: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes the caller the current session of `id`; the receiver changes when a newer
+    /// session claims it.
+    fn claim_stream(&self, id: &StreamId) -> watch::Receiver<u64> {
+        let mut gens = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = gens
+            .entry(id.clone())
+            .or_insert_with(|| watch::channel(0).0);
+        tx.send_modify(|g| *g += 1);
+        let mut rx = tx.subscribe();
+        rx.borrow_and_update();
+        rx
+    }
+
+    /// Refuses or closes a stream with a coded error, and counts it.
+    async fn refuse(&self, writer: &mut FrameWriter, refusal: &Refusal, stream: Option<&StreamId>) {
+        self.metrics.stream_errors_total.count(refusal.code);
+        writer.refuse(refusal, stream).await;
+    }
+}
+
+/// Serves one agent stream to completion.
+pub async fn serve_stream(
+    ctx: Arc<IngestContext>,
+    peer: Arc<PeerIdentity>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut reader = FrameReader::new(recv);
+    let mut writer = FrameWriter::new(send);
+    let mut receiver = StreamReceiver::new(
+        ReceiverConfig::agent_facing(),
+        peer.entitlement.clone(),
+        Instant::now(),
+    );
+    let (id, disk_size) = match reader.receive_hello(&mut receiver).await {
+        Ok(Some(hello)) => hello,
+        Ok(None) => return,
+        Err(refusal) => return ctx.refuse(&mut writer, &refusal, None).await,
+    };
+    let span = tracing::info_span!("stream", stream = %id);
+    open_and_ingest(ctx, receiver, id, disk_size, reader, writer)
+        .instrument(span)
+        .await
+}
+
+/// Everything after the `Hello`: where the stream continues, `Accept`, ingest and acks,
+/// in the stream's span.
+async fn open_and_ingest(
+    ctx: Arc<IngestContext>,
+    mut receiver: StreamReceiver,
+    id: StreamId,
+    disk_size: u64,
+    reader: FrameReader,
+    mut writer: FrameWriter,
+) {
+    let cached = ctx.cache.stats(&id);
+    if let Some(reason) = cached.as_ref().and_then(|s| s.needs_resync.clone()) {
+        let refusal = receiver.refuse(
+            ErrorCode::Internal,
+            format!("stream needs resync: {reason}"),
+        );
+        return ctx.refuse(&mut writer, &refusal, Some(&id)).await;
+    }
+    // The forwarder holds the disk size on record: the cache's for a recovered stream
+    // (its forwarder starts at boot), else the first Hello's.
+    let forwarder = ctx.forwarders.ensure(&id, disk_size);
+    if let Err(refusal) = receiver.check_disk_size(forwarder.disk_size) {
+        return ctx.refuse(&mut writer, &refusal, Some(&id)).await;
+    }
+    let failed = forwarder.failed.borrow().clone();
+    if let Some(reason) = failed {
+        let refusal = receiver.refuse(ErrorCode::Internal, reason);
+        return ctx.refuse(&mut writer, &refusal, Some(&id)).await;
+    }
+    let mut generation_rx = ctx.claim_stream(&id);
+
+    // Where the stream continues.
+    let cache_next = cached.map(|s| s.durable_seq + 1);
+    let mut mt_rx = forwarder.mt_next.subscribe();
+    let mt_next = match cache_next {
+        Some(_) => *mt_rx.borrow(),
+        None => {
+            let known = tokio::time::timeout(POSITION_TIMEOUT, async {
+                mt_rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .map(|v| *v)
+                    .ok()
+                    .flatten()
+            })
+            .await;
+            match known {
+                Ok(Some(n)) => Some(n),
+                _ => {
+                    let refusal = receiver.refuse(
+                        ErrorCode::UpstreamUnavailable,
+                        "the master target is unreachable and the cache holds nothing of this stream yet",
+                    );
+                    return ctx.refuse(&mut writer, &refusal, Some(&id)).await;
+                }
+            }
+        }
+    };
+    let next_seq = cache_next.unwrap_or(1).max(mt_next.unwrap_or(1));
+    let accept = receiver.accept(next_seq, ctx.agent_credit_bytes);
+    if writer.send(&accept).await.is_err() {
+        return;
+    }
+    tracing::info!(next_seq, "stream open");
+    let _open = OpenStreamGauge::new(&ctx.metrics);
+
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let watch = ctx.cache.watch(&id);
+    let mut broken_rx = watch.broken.subscribe();
+    broken_rx.borrow_and_update();
+    let mut acker =
+        tokio::spawn(send_acks(ctx.clone(), id.clone(), writer.clone()).in_current_span());
+    let ingest = ingest(&ctx, &id, disk_size, receiver, reader);
+    tokio::pin!(ingest);
+
+    let outcome = tokio::select! {
+        outcome = &mut ingest => outcome,
+        _ = broken_rx.changed() => Err(Refusal::new(
+            ErrorCode::Internal,
+            "the relay's cache failed to commit; resend from the last acknowledged record",
+        )),
+        _ = generation_rx.changed() => {
+            tracing::info!("superseded by a newer session");
+            acker.abort();
+            return;
+        }
+        _ = &mut acker => Ok(()),
+    };
+    acker.abort();
+    match outcome {
+        Ok(()) => writer.lock().await.finish().await,
+        Err(refusal) => {
+            // The valid records before the bad one become durable and are acknowledged
+            // before the refusal.
+            let mut durable_rx = watch.durable.subscribe();
+            let _ = tokio::time::timeout(
+                DRAIN_TIMEOUT,
+                durable_rx.wait_for(|d| *d >= refusal.last_valid),
+            )
+            .await;
+            let mut w = writer.lock().await;
+            let durable = *durable_rx.borrow();
+            if durable > 0 {
+                let _ = w.send(&Frame::Ack { seq: durable }).await;
+            }
+            ctx.refuse(&mut w, &refusal, Some(&id)).await;
+        }
+    }
+}
+
+/// Reads the agent's records through the machine and queues the valid ones for the
+/// cache. `Ok` when the agent finished or went away; the refusal for invalid input.
+async fn ingest(
+    ctx: &IngestContext,
+    id: &StreamId,
+    disk_size: u64,
+    mut receiver: StreamReceiver,
+    mut reader: FrameReader,
+) -> Result<(), Refusal> {
+    loop {
+        wait_while_throttled(ctx, id).await;
+        match receiver.handle(reader.receive().await)? {
+            Delivery::Record(record) => {
+                let m = &ctx.metrics;
+                m.records_ingested_total.inc();
+                m.add_bytes("ingested", record.encoded_len() as u64);
+                m.add_bytes("logical", record.logical_bytes());
+                if !ctx.cache.append(id, disk_size, record).await {
+                    return Ok(());
+                }
+            }
+            Delivery::Duplicate { records, .. } => {
+                ctx.metrics.duplicates_skipped_total.inc_by(records);
+            }
+            Delivery::Batch(_) => {
+                // The agent-facing machine refuses batches; never delivered here.
+                return Err(Refusal::new(
+                    ErrorCode::UnexpectedFrame,
+                    "Batch frame from an agent",
+                ));
+            }
+            Delivery::Finished => return Ok(()),
+            Delivery::Gone(reason) => {
+                tracing::info!("agent stream ended: {reason}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Pauses ingest while the health task has `id` in its throttled set (cache pressure
+/// or backlog quota). The agent's unacknowledged records stay with the agent: it runs
+/// out of credit and waits; nothing is dropped.
+async fn wait_while_throttled(ctx: &IngestContext, id: &StreamId) {
+    if !ctx.throttled.borrow().contains(id) {
+        return;
+    }
+    tracing::info!("ingest paused: cache pressure or backlog quota");
+    let mut rx = ctx.throttled.subscribe();
+    let _ = rx.wait_for(|set| !set.contains(id)).await;
+    tracing::info!("ingest resumed");
+}
+
+/// Counts an open agent stream in `fbr_relay_agent_streams` for as long as it lives.
+struct OpenStreamGauge<'a>(&'a RelayMetrics);
+
+impl<'a> OpenStreamGauge<'a> {
+    fn new(metrics: &'a RelayMetrics) -> Self {
+        metrics.agent_streams.inc();
+        OpenStreamGauge(metrics)
+    }
+}
+
+impl Drop for OpenStreamGauge<'_> {
+    fn drop(&mut self) {
+        self.0.agent_streams.dec();
+    }
+}
+
+/// Tells the agent what is durable in the cache (`Ack`) and at the master target
+/// (`Applied`), as it happens.
+async fn send_acks(
+    ctx: Arc<IngestContext>,
+    id: StreamId,
+    agent: Arc<tokio::sync::Mutex<FrameWriter>>,
+) {
+    let watch = ctx.cache.watch(&id);
+    let mut durable_rx = watch.durable.subscribe();
+    let mut applied_rx = watch.applied.subscribe();
+    // What is already known first (e.g. after a reconnect), then every change.
+    let (durable, applied) = (
+        *durable_rx.borrow_and_update(),
+        *applied_rx.borrow_and_update(),
+    );
+    {
+        let mut w = agent.lock().await;
+        if durable > 0 && w.send(&Frame::Ack { seq: durable }).await.is_err() {
+            return;
+        }
+        if applied > 0 && w.send(&Frame::Applied { seq: applied }).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            r = durable_rx.changed() => {
+                if r.is_err() { return; }
+                let seq = *durable_rx.borrow_and_update();
+                if agent.lock().await.send(&Frame::Ack { seq }).await.is_err() { return; }
+            }
+            r = applied_rx.changed() => {
+                if r.is_err() { return; }
+                let seq = *applied_rx.borrow_and_update();
+                if agent.lock().await.send(&Frame::Applied { seq }).await.is_err() { return; }
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Batch encoding: the [`Reducer`] turns records (a read window, or a planned part of
+//! an interval) into `Batch` frames: coalescing of a window, zero elision, dedup against
+//! [`KnownBlocks`], and adaptive LZ4 (`fbr_protocol::wan`).
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use fbr_cache::CacheError;
+use fbr_protocol::wan::{self, block_hash, is_zero, Block, Item, BLOCK_SIZE};
+use fbr_protocol::{Record, StreamId};
+
+use super::coalesce::coalesce_with;
+use super::plan::IntervalPlan;
+use super::stages::BatchCompression;
+use super::{Compression, KnownBlocks, RecordSource, StageBytes, WanConfig};
+use crate::cache::CachedRecord;
+
+/// Batches not tried for compression after one that compressed poorly.
+pub const SKIP_AFTER_POOR: u32 = 32;
+/// Most record bytes per batch: keeps the body under `wan::MAX_BATCH_BODY`.
+pub const BATCH_RECORD_BYTES: usize = 3 << 20;
+
+/// One encoded batch, ready to send.
+#[derive(Debug)]
+pub struct ReducedBatch {
+    pub payload: bytes::Bytes,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Hashes of the blocks sent as bytes: known to the master target once it acks.
+    pub literal_hashes: Vec<[u8; 32]>,
+    /// Per input record: when it was appended to the cache, and whether it is a tag.
+    pub records: Vec<(u64, bool)>,
+}
+
+/// Per-stream reducer state.
+#[derive(Debug)]
+pub struct Reducer {
+    config: WanConfig,
+    skip_compression: u32,
+    body: Vec<u8>,
+}
+
+impl Reducer {
+    pub fn new(config: WanConfig) -> Self {
+        Reducer {
+            config,
+            skip_compression: 0,
+            body: Vec::new(),
+        }
+    }
+
+    /// Turns `records` (consecutive sequence numbers, as read from the cache) into
+    /// batches, adding to `stats`. A batch never spans a recovery point.
+    pub fn reduce(
+        &mut self,
+        records: Vec<CachedRecord>,
+        known: &KnownBlocks,
+        stats: &StageBytes,
+    ) -> Vec<ReducedBatch> {
+        let mut out = Vec::new();
+        let mut window: Vec<(Record, u64)> = Vec::new();
+        let mut window_bytes = 0usize;
+        for r in records {
+            stats.add_input(&r.record);
+            let is_tag = matches!(r.record, Record::Tag { .. });
+            window_bytes += r.record.encoded_len();
+            window.push((r.record, r.appended_ms));
+            // A batch never spans a recovery point, and stays under the size limits.
+            if is_tag || window_bytes >= BATCH_RECORD_BYTES {
+                out.push(self.reduce_window(std::mem::take(&mut window), known, stats));
+                window_bytes = 0;
+            }
+        }
+        if !window.is_empty() {
+            out.push(self.reduce_window(window, known, stats));
+        }
+        out
+    }
+
+    fn reduce_window(
+        &mut self,
+        records: Vec<(Record, u64)>,
+        known: &KnownBlocks,
+        stats: &StageBytes,
+    ) -> ReducedBatch {
+        let first_seq = records[0].0.seq();
+        let last_seq = records[records.len() - 1].0.seq();
+        let (kept, blanked) = if self.config.coalesce {
+            coalesce_with(records)
+        } else {
+            (records, 0)
+        };
+        self.encode(first_seq, last_seq, kept, blanked, known, stats)
+    }
+
+    /// Sends the next part of an interval plan: reads the surviving records (about
+    /// `budget` bytes of them), cuts them down, and encodes them. The plan is done when
+    /// [`IntervalPlan::is_done`].
+    pub fn next_from_plan(
+        &mut self,
+        plan: &mut IntervalPlan,
+        source: &impl RecordSource,
+        stream: &StreamId,
+        budget: usize,
+        known: &KnownBlocks,
+        stats: &StageBytes,
+    ) -> Result<Vec<ReducedBatch>, CacheError> {
+        let mut out = Vec::new();
+        let mut produced = 0usize;
+        while produced < budget {
+            let Some(part) = plan.next_batch(source, stream)? else {
+                break;
+            };
+            produced += part.bytes;
+            out.push(self.encode(
+                part.first_seq,
+                part.last_seq,
+                part.kept,
+                part.blanked,
+                known,
+                stats,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Reduces and encodes the records kept for the span `first_seq..=last_seq` (the
+    /// rest of the span was coalesced away, and `blanked` bytes of the kept writes are
+    /// rewritten later in it): zero elision, dedup, LZ4.
+    fn encode(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        kept: Vec<(Record, u64)>,
+        blanked: u64,
+        known: &KnownBlocks,
+        stats: &StageBytes,
+    ) -> ReducedBatch {
+        let kept_bytes: u64 = kept.iter().map(|(r, _)| r.logical_bytes()).sum();
+        stats.add_kept(kept.len() as u64, kept_bytes - blanked);
+        let meta: Vec<(u64, bool)> = kept
+            .iter()
+            .map(|(r, t)| (*t, matches!(r, Record::Tag { .. })))
+            .collect();
+        let mut items = Vec::with_capacity(kept.len());
+        let mut literal_hashes = Vec::new();
+        let (mut data_bytes, mut literal_bytes, mut hits) = (0u64, 0u64, 0u64);
+        for (record, _) in kept {
+            let Record::Write { seq, offset, data } = record else {
+                items.push(Item::Plain(record));
+                continue;
+            };
+            if is_zero(&data) {
+                items.push(Item::Plain(Record::Zero {
+                    seq,
+                    offset,
+                    len: data.len() as u64,
+                }));
+                continue;
+            }
+            let mut blocks = Vec::with_capacity(data.len().div_ceil(BLOCK_SIZE));
+            for (i, chunk) in data.chunks(BLOCK_SIZE).enumerate() {
+                if is_zero(chunk) {
+                    blocks.push(Block::Zero);
+                    continue;
+                }
+                data_bytes += chunk.len() as u64;
+                if self.config.dedup {
+                    let h = block_hash(chunk);
+                    if known.contains(&h) {
+                        hits += 1;
+                        blocks.push(Block::Ref(h));
+                        continue;
+                    }
+                    literal_hashes.push(h);
+                }
+                literal_bytes += chunk.len() as u64;
+                let start = i * BLOCK_SIZE;
+                blocks.push(Block::Literal(data.slice(start..start + chunk.len())));
+            }
+            items.push(Item::Write {
+                seq,
+                offset,
+                len: data.len() as u32,
+                blocks,
+            });
+        }
+        stats.add_blocks(data_bytes, literal_bytes, hits);
+
+        let compress = match self.config.compression {
+            Compression::Off => false,
+            Compression::Always => true,
+            Compression::Adaptive => {
+                if self.skip_compression > 0 {
+                    self.skip_compression -= 1;
+                    false
+                } else {
+                    true
+                }
+            }
+        };
+        let batch = wan::Batch {
+            first_seq,
+            last_seq,
+            items,
+        };
+        let mut payload = BytesMut::new();
+        let started = Instant::now();
+        let enc = wan::encode_batch(&batch, compress, &mut self.body, &mut payload);
+        let compression = if compress {
+            let poor = enc.payload_len * 10 > enc.body_len * 9;
+            if poor && self.config.compression == Compression::Adaptive {
+                self.skip_compression = SKIP_AFTER_POOR;
+            }
+            BatchCompression::Tried {
+                kept: enc.compressed,
+                nanos: started.elapsed().as_nanos() as u64,
+            }
+        } else if self.config.compression == Compression::Adaptive {
+            BatchCompression::Skipped
+        } else {
+            BatchCompression::Off
+        };
+        stats.add_batch(enc.payload_len as u64, compression);
+        ReducedBatch {
+            payload: payload.freeze(),
+            first_seq,
+            last_seq,
+            literal_hashes,
+            records: meta,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use fbr_protocol::wan::{self, block_hash, Block, Item, BLOCK_SIZE};
+    use std::sync::atomic::Ordering;
+
+    fn cached(r: Record) -> CachedRecord {
+        CachedRecord {
+            record: r,
+            appended_ms: 0,
+        }
+    }
+
+    #[test]
+    fn rewrites_zeros_and_known_blocks_shrink_the_batch() {
+        let known = KnownBlocks::new(16);
+        let stats = StageBytes::default();
+        let mut reducer = Reducer::new(WanConfig::default());
+        let block = |b: u8| vec![b; BLOCK_SIZE];
+        let mut data = block(1);
+        data.extend(block(0));
+        data.extend(block(2));
+        known.insert_all(&[block_hash(&block(2))]);
+        let records = vec![
+            cached(Record::Write {
+                seq: 1,
+                offset: 0,
+                data: Bytes::from(block(9)),
+            }),
+            cached(Record::Write {
+                seq: 2,
+                offset: 0,
+                data: Bytes::from(data),
+            }),
+            cached(Record::Write {
+                seq: 3,
+                offset: 65536,
+                data: Bytes::from(block(0)),
+            }),
+            cached(Record::Tag {
+                seq: 4,
+                id: 1,
+                kind: fbr_protocol::TagKind::Crash,
+                members: 1,
+                group: "g".into(),
+            }),
+            cached(Record::Write {
+                seq: 5,
+                offset: 0,
+                data: Bytes::from(block(3)),
+            }),
+        ];
+        let batches = reducer.reduce(records, &known, &stats);
+        assert_eq!(batches.len(), 2, "split after the tag");
+        assert_eq!((batches[0].first_seq, batches[0].last_seq), (1, 4));
+        let b = wan::decode_batch(batches[0].payload.clone()).unwrap();
+        assert_eq!(b.items.len(), 3, "record 1 was rewritten by record 2");
+        let Item::Write { blocks, .. } = &b.items[0] else {
+            panic!()
+        };
+        assert!(matches!(
+            blocks[..],
+            [Block::Literal(_), Block::Zero, Block::Ref(_)]
+        ));
+        assert!(matches!(
+            b.items[1],
+            Item::Plain(Record::Zero { seq: 3, .. })
+        ));
+        assert_eq!(batches[0].literal_hashes, vec![block_hash(&block(1))]);
+        let s = stats.stages();
+        assert_eq!(s[0], ("logical", 6 * BLOCK_SIZE as u64));
+        assert_eq!(s[1].1, 5 * BLOCK_SIZE as u64);
+        assert_eq!(s[2].1, 3 * BLOCK_SIZE as u64);
+        assert_eq!(s[3].1, 2 * BLOCK_SIZE as u64);
+        assert_eq!(stats.dedup_hits.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn incompressible_batches_pause_compression() {
+        let known = KnownBlocks::new(0);
+        let stats = StageBytes::default();
+        let mut reducer = Reducer::new(WanConfig {
+            dedup: false,
+            ..WanConfig::default()
+        });
+        let mut x = 0x9E3779B97F4A7C15u64;
+        let mut random = || {
+            let v: Vec<u8> = (0..BLOCK_SIZE)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            Bytes::from(v)
+        };
+        for seq in 1..=5 {
+            reducer.reduce(
+                vec![cached(Record::Write {
+                    seq,
+                    offset: 0,
+                    data: random(),
+                })],
+                &known,
+                &stats,
+            );
+        }
+        assert_eq!(stats.batches_compressed.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            stats.compression_skipped.load(Ordering::Relaxed),
+            4,
+            "one try, then skips"
+        );
+    }
+}
