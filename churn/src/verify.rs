@@ -22,8 +22,8 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 
+use fbr_master_target::files::{image_path, journal_path};
 use fbr_master_target::journal::{apply_record, JournalReader, MemoryImage, JOURNAL_HEADER_LEN};
-use fbr_master_target::replica::{image_path, journal_path};
 use fbr_master_target::Store;
 use fbr_protocol::{Record, StreamId};
 use serde::Serialize;

@@ -16,18 +16,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fbr_metrics::master_target::MasterTargetMetrics;
 use fbr_protocol::stream::{ReceiverConfig, Refusal, StreamReceiver};
 use fbr_protocol::{ErrorCode, StreamId};
-use fbr_transport::{peer_identity, FrameReader, FrameWriter, PeerIdentity, Role};
+use fbr_transport::{require_role, FrameReader, FrameWriter, PeerIdentity, Role};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
 
 use crate::content::ContentIndex;
+use crate::files::DataDir;
 use crate::replica::{DiskReplica, ReplicaError};
 use crate::store::Store;
 use crate::unpack::UNPACKED_BYTES;
@@ -35,7 +35,8 @@ use crate::unpack::UNPACKED_BYTES;
 /// Everything the master target's sessions share.
 #[derive(Debug)]
 pub struct MasterTarget {
-    pub data_dir: PathBuf,
+    /// The replicas' files, under the data directory.
+    pub files: DataDir,
     pub store: Arc<Store>,
     /// Credit granted to each stream (bytes of records that may be unacknowledged).
     pub credit_bytes: u64,
@@ -57,13 +58,13 @@ impl MasterTarget {
     /// `content_index_entries` bounds the dedup content index (0 disables it: every
     /// reference is answered with `UnknownReference`).
     pub fn new(
-        data_dir: PathBuf,
+        files: DataDir,
         store: Store,
         credit_bytes: u64,
         content_index_entries: usize,
     ) -> Arc<Self> {
         Arc::new(MasterTarget {
-            data_dir,
+            files,
             store: Arc::new(store),
             credit_bytes,
             metrics: MasterTargetMetrics::new(),
@@ -107,21 +108,13 @@ impl MasterTarget {
     }
 
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, remote: SocketAddr) {
-        let peer = match peer_identity(&conn) {
-            Ok(p) if p.has_role(Role::Relay) => p,
-            other => {
-                let why = match other {
-                    Ok(p) => format!("certificate {:?} lacks urn:fbr:role:relay", p.common_name),
-                    Err(e) => e,
-                };
+        let peer = match require_role(&conn, Role::Relay) {
+            Ok(p) => p,
+            Err(why) => {
                 tracing::warn!(%remote, "refusing connection: {why}");
                 self.metrics
                     .stream_errors_total
                     .count(ErrorCode::Unauthenticated);
-                conn.close(
-                    quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
-                    why.as_bytes(),
-                );
                 return;
             }
         };
@@ -249,12 +242,12 @@ impl MasterTarget {
         id: &StreamId,
         disk_size: u64,
     ) -> Result<DiskReplica, ReplicaError> {
-        let (data_dir, store, id) = (self.data_dir.clone(), self.store.clone(), id.clone());
-        tokio::task::spawn_blocking(move || DiskReplica::open(&data_dir, &store, &id, disk_size))
+        let (files, store, id) = (self.files.clone(), self.store.clone(), id.clone());
+        tokio::task::spawn_blocking(move || DiskReplica::open(&files, &*store, &id, disk_size))
             .await
             .unwrap_or_else(|e| {
                 Err(ReplicaError::Io {
-                    path: PathBuf::from("(replica open task)"),
+                    file: "(replica open task)".into(),
                     source: std::io::Error::other(e),
                 })
             })

@@ -106,12 +106,17 @@ async fn apply(
         })
         .collect();
     let result = tokio::task::spawn_blocking(move || {
-        let applied = replica.apply_batch(&store, &records).map(|payloads| {
+        let applied = replica.apply_batch(&*store, &records).map(|payloads| {
             // Durable now: the blocks may be referenced from here on.
-            let journal = replica.journal_path().to_path_buf();
             for ((record, at), literal) in records.iter().zip(payloads).zip(literals) {
                 if let Record::Write { data, .. } = record {
-                    content.insert_write(&journal, at, data, literal.as_deref());
+                    content.insert_write(
+                        &replica.id,
+                        replica.journal(),
+                        at,
+                        data,
+                        literal.as_deref(),
+                    );
                 }
             }
         });

@@ -14,14 +14,13 @@
 //! - Memory: about 100 bytes per entry; `content_index_entries` bounds it.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use fbr_protocol::wan::{block_hash, is_zero, BLOCK_SIZE};
+use fbr_protocol::StreamId;
+use fbr_storage::DurableFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Place {
@@ -30,13 +29,22 @@ struct Place {
     offset: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Inner {
     map: HashMap<[u8; 32], Place>,
     order: VecDeque<[u8; 32]>,
-    journals: Vec<PathBuf>,
-    journal_ids: HashMap<PathBuf, u32>,
-    open: HashMap<u32, Arc<File>>,
+    /// Each disk's journal, as its replica last opened it.
+    journals: Vec<Arc<dyn DurableFile>>,
+    journal_ids: HashMap<StreamId, u32>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("blocks", &self.map.len())
+            .field("journals", &self.journal_ids.len())
+            .finish()
+    }
 }
 
 /// Lookup outcomes, for metrics.
@@ -78,12 +86,14 @@ impl ContentIndex {
         self.len() == 0
     }
 
-    /// Records that the blocks of `data`, written in `journal` at `offset`, are there.
-    /// Zero blocks are not indexed (they travel as markers anyway). `literal` says which
-    /// blocks arrived as bytes (`None`: all): only those need hashing.
-    pub fn insert_write(
+    /// Records that the blocks of `data`, written in disk `stream`'s `journal` at
+    /// `offset`, are there. Zero blocks are not indexed (they travel as markers anyway).
+    /// `literal` says which blocks arrived as bytes (`None`: all): only those need
+    /// hashing.
+    pub fn insert_write<F: DurableFile>(
         &self,
-        journal: &PathBuf,
+        stream: &StreamId,
+        journal: &Arc<F>,
         offset: u64,
         data: &[u8],
         literal: Option<&[bool]>,
@@ -101,13 +111,20 @@ impl ContentIndex {
         if hashed.is_empty() {
             return;
         }
+        let journal: Arc<dyn DurableFile> = journal.clone();
         let mut g = self.lock();
-        let id = match g.journal_ids.get(journal) {
-            Some(id) => *id,
+        let id = match g.journal_ids.get(stream) {
+            Some(id) => {
+                // The replica may have reopened its journal: read through the newest
+                // handle (same file; every read is re-verified anyway).
+                let id = *id;
+                g.journals[id as usize] = journal;
+                id
+            }
             None => {
                 let id = g.journals.len() as u32;
-                g.journals.push(journal.clone());
-                g.journal_ids.insert(journal.clone(), id);
+                g.journals.push(journal);
+                g.journal_ids.insert(stream.clone(), id);
                 id
             }
         };
@@ -132,24 +149,15 @@ impl ContentIndex {
     /// when unknown, unreadable or no longer matching.
     pub fn lookup(&self, hash: &[u8; 32], len: usize) -> Option<Bytes> {
         let (place, file) = {
-            let mut g = self.lock();
+            let g = self.lock();
             let Some(place) = g.map.get(hash).copied() else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 return None;
             };
-            let file = match g.open.get(&place.journal) {
-                Some(f) => f.clone(),
-                None => {
-                    let path = g.journals[place.journal as usize].clone();
-                    let f = Arc::new(File::open(&path).ok()?);
-                    g.open.insert(place.journal, f.clone());
-                    f
-                }
-            };
-            (place, file)
+            (place, g.journals[place.journal as usize].clone())
         };
         let mut buf = vec![0u8; len];
-        let ok = file.read_exact_at(&mut buf, place.offset).is_ok() && block_hash(&buf) == *hash;
+        let ok = file.read_at(&mut buf, place.offset).is_ok() && block_hash(&buf) == *hash;
         if !ok {
             self.stats.stale.fetch_add(1, Ordering::Relaxed);
             let mut g = self.lock();
@@ -170,16 +178,18 @@ mod tests {
 
     #[test]
     fn finds_verifies_and_evicts() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
+        let journal = Arc::new(fbr_storage::MemFile::default());
+        let disk = StreamId {
+            vm: "vm".into(),
+            disk: 0,
+        };
         let mut data = vec![0u8; 3 * BLOCK_SIZE];
         data[..BLOCK_SIZE].fill(1);
         data[2 * BLOCK_SIZE..].fill(3);
-        let mut file = vec![9u8; 100];
-        file.extend_from_slice(&data);
-        std::fs::write(&path, &file).unwrap();
+        journal.write_at(&[9u8; 100], 0).unwrap();
+        journal.write_at(&data, 100).unwrap();
         let index = ContentIndex::new(2);
-        index.insert_write(&path, 100, &data, None);
+        index.insert_write(&disk, &journal, 100, &data, None);
         assert_eq!(index.len(), 2, "the zero block is not indexed");
         let one = block_hash(&data[..BLOCK_SIZE]);
         assert_eq!(
@@ -188,14 +198,13 @@ mod tests {
         );
         assert!(index.lookup(&[7; 32], BLOCK_SIZE).is_none());
         // The journal changed under the index (it never does, but the index checks).
-        file[100] = 2;
-        std::fs::write(&path, &file).unwrap();
+        journal.write_at(&[2], 100).unwrap();
         assert!(index.lookup(&one, BLOCK_SIZE).is_none());
         assert_eq!(index.stats.stale.load(Ordering::Relaxed), 1);
         // FIFO eviction beyond capacity.
         let other = vec![5u8; BLOCK_SIZE];
-        index.insert_write(&path, 0, &other, None);
-        index.insert_write(&path, 0, &[6u8; BLOCK_SIZE], None);
+        index.insert_write(&disk, &journal, 0, &other, None);
+        index.insert_write(&disk, &journal, 0, &[6u8; BLOCK_SIZE], None);
         assert_eq!(index.len(), 2);
     }
 }

@@ -26,13 +26,14 @@
 //!   its offset; the writer's owner truncates there (a torn tail from a crash).
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 
 use bytes::{BufMut, BytesMut};
 use fbr_protocol::{
     decode_frame, encode_frame, Frame, Record, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
 };
+use fbr_storage::DurableFile;
 
 /// First eight bytes of every journal file.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"FBRJOURN";
@@ -84,14 +85,14 @@ impl JournalDamage {
 /// Errors opening or reading a journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: not a journal (bad magic)")]
-    BadMagic { path: PathBuf },
+    #[error("{file}: {source}")]
+    Io { file: String, source: io::Error },
+    #[error("{file}: not a journal (bad magic)")]
+    BadMagic { file: String },
     #[error(
-        "{path}: journal version {version} is not supported (this build reads {JOURNAL_VERSION})"
+        "{file}: journal version {version} is not supported (this build reads {JOURNAL_VERSION})"
     )]
-    Version { path: PathBuf, version: u32 },
+    Version { file: String, version: u32 },
 }
 
 /// Decodes one entry from the front of `bytes`.
@@ -135,51 +136,92 @@ pub fn decode_entry(bytes: &[u8], offset: u64) -> Result<Option<(Record, usize)>
     }
 }
 
-/// Reads a journal's entries in order, from the header or from a given offset.
+/// How much of a journal a reader asks for at once.
+const READ_AHEAD: usize = 1 << 20;
+
+/// Reads a journal's entries in order, from the header or from a given offset, through
+/// [`DurableFile`] (a real file, or memory in the model test).
 #[derive(Debug)]
-pub struct JournalReader {
-    path: PathBuf,
-    file: BufReader<File>,
+pub struct JournalReader<F = File> {
+    /// The file's name, for messages.
+    name: String,
+    file: F,
+    /// The file's size when opened: nothing past it is read.
+    len: u64,
     /// Offset of the next entry.
     offset: u64,
+    /// Bytes read ahead; `buf[pos..]` starts at `offset`.
     buf: Vec<u8>,
+    pos: usize,
     /// Where reading stopped, if the file did not end cleanly.
     damage: Option<JournalDamage>,
 }
 
-impl JournalReader {
-    /// Opens `path`, checks the header and positions at `start` (an entry boundary;
-    /// [`JOURNAL_HEADER_LEN`] for the first entry).
+impl JournalReader<File> {
+    /// Opens the journal at `path` (see [`JournalReader::new`]).
     pub fn open(path: &Path, start: u64) -> Result<Self, JournalError> {
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|source| JournalError::Io {
+            file: name.clone(),
+            source,
+        })?;
+        JournalReader::new(file, name, start)
+    }
+}
+
+impl<F: DurableFile> JournalReader<F> {
+    /// Checks `file`'s header and positions at `start` (an entry boundary;
+    /// [`JOURNAL_HEADER_LEN`] for the first entry). `name` is used in messages.
+    pub fn new(file: F, name: String, start: u64) -> Result<Self, JournalError> {
         let io_err = |source| JournalError::Io {
-            path: path.to_owned(),
+            file: name.clone(),
             source,
         };
-        let mut file = File::open(path).map_err(io_err)?;
+        let len = file.size().map_err(io_err)?;
         let mut header = [0u8; 16];
-        file.read_exact(&mut header).map_err(io_err)?;
+        file.read_at(&mut header, 0).map_err(io_err)?;
         if header[..8] != JOURNAL_MAGIC {
-            return Err(JournalError::BadMagic {
-                path: path.to_owned(),
-            });
+            return Err(JournalError::BadMagic { file: name });
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
         if version != JOURNAL_VERSION {
             return Err(JournalError::Version {
-                path: path.to_owned(),
+                file: name,
                 version,
             });
         }
-        use std::io::Seek;
-        let start = start.max(JOURNAL_HEADER_LEN);
-        file.seek(io::SeekFrom::Start(start)).map_err(io_err)?;
         Ok(JournalReader {
-            path: path.to_owned(),
-            file: BufReader::with_capacity(1 << 20, file),
-            offset: start,
+            name,
+            file,
+            len,
+            offset: start.max(JOURNAL_HEADER_LEN),
             buf: Vec::new(),
+            pos: 0,
             damage: None,
         })
+    }
+
+    /// Makes at least `want` bytes from `offset` on available in `buf[pos..]`, or as
+    /// many as the file holds; returns how many are available.
+    fn fill(&mut self, want: usize) -> Result<usize, JournalError> {
+        let have = self.buf.len() - self.pos;
+        if have >= want {
+            return Ok(have);
+        }
+        // Keep what is left of the read-ahead, then read the next stretch after it.
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        let from = self.offset + have as u64;
+        let left = usize::try_from(self.len.saturating_sub(from)).unwrap_or(usize::MAX);
+        let n = (want.max(READ_AHEAD) - have).min(left);
+        self.buf.resize(have + n, 0);
+        self.file
+            .read_at(&mut self.buf[have..], from)
+            .map_err(|source| JournalError::Io {
+                file: self.name.clone(),
+                source,
+            })?;
+        Ok(self.buf.len())
     }
 
     /// The next record and the offset just past it; `Ok(None)` at the end of the valid
@@ -188,40 +230,20 @@ impl JournalReader {
         if self.damage.is_some() {
             return Ok(None);
         }
-        self.buf.resize(ENTRY_HEADER_LEN, 0);
-        let got =
-            read_full(&mut self.file, &mut self.buf[..]).map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        let got = self.fill(ENTRY_HEADER_LEN)?;
         if got == 0 {
             return Ok(None);
         }
-        if got < ENTRY_HEADER_LEN {
-            self.damage = Some(JournalDamage::Incomplete {
-                offset: self.offset,
-            });
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize;
-        if len <= MAX_ENTRY_FRAME {
-            self.buf.resize(ENTRY_HEADER_LEN + len, 0);
-            let got =
-                read_full(&mut self.file, &mut self.buf[ENTRY_HEADER_LEN..]).map_err(|source| {
-                    JournalError::Io {
-                        path: self.path.clone(),
-                        source,
-                    }
-                })?;
-            if got < len {
-                self.damage = Some(JournalDamage::Incomplete {
-                    offset: self.offset,
-                });
-                return Ok(None);
+        if got >= ENTRY_HEADER_LEN {
+            let head = &self.buf[self.pos..self.pos + 4];
+            let len = u32::from_le_bytes(head.try_into().expect("4 bytes")) as usize;
+            if len <= MAX_ENTRY_FRAME {
+                self.fill(ENTRY_HEADER_LEN + len)?;
             }
         }
-        match decode_entry(&self.buf, self.offset) {
+        match decode_entry(&self.buf[self.pos..], self.offset) {
             Ok(Some((record, used))) => {
+                self.pos += used;
                 self.offset += used as u64;
                 Ok(Some((record, self.offset)))
             }
@@ -247,20 +269,11 @@ impl JournalReader {
     pub fn damage(&self) -> Option<&JournalDamage> {
         self.damage.as_ref()
     }
-}
 
-/// Reads until `buf` is full or end of file; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    /// The journal's name, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
     }
-    Ok(n)
 }
 
 /// Something a journal can be replayed into: a file, or memory in the verifier.
@@ -278,11 +291,21 @@ pub fn apply_record(record: &Record, sink: &mut impl ImageSink) -> io::Result<()
     }
 }
 
-/// Replays `path` into `sink` up to and including sequence number `upto_seq`; returns
-/// the last sequence number applied. Errors if the journal ends (or is damaged) before
-/// `upto_seq`.
+/// Replays the journal at `path` into `sink` up to and including sequence number
+/// `upto_seq` (see [`replay_from`]).
 pub fn replay(path: &Path, upto_seq: u64, sink: &mut impl ImageSink) -> Result<u64, String> {
-    let mut reader = JournalReader::open(path, JOURNAL_HEADER_LEN).map_err(|e| e.to_string())?;
+    let reader = JournalReader::open(path, JOURNAL_HEADER_LEN).map_err(|e| e.to_string())?;
+    replay_from(reader, upto_seq, sink)
+}
+
+/// Replays `reader`'s entries into `sink` up to and including sequence number
+/// `upto_seq`; returns the last sequence number applied. Errors if the journal ends (or
+/// is damaged) before `upto_seq`.
+pub fn replay_from<F: DurableFile>(
+    mut reader: JournalReader<F>,
+    upto_seq: u64,
+    sink: &mut impl ImageSink,
+) -> Result<u64, String> {
     let mut last = 0;
     while last < upto_seq {
         match reader.next_record().map_err(|e| e.to_string())? {
@@ -292,7 +315,7 @@ pub fn replay(path: &Path, upto_seq: u64, sink: &mut impl ImageSink) -> Result<u
                 if record.seq() <= last || record.seq() > upto_seq {
                     return Err(format!(
                         "{}: sequence {} follows {last} (replaying up to {upto_seq})",
-                        path.display(),
+                        reader.name(),
                         record.seq()
                     ));
                 }
@@ -307,7 +330,7 @@ pub fn replay(path: &Path, upto_seq: u64, sink: &mut impl ImageSink) -> Result<u
                     .unwrap_or_else(|| "end of journal".into());
                 return Err(format!(
                     "{}: {why} before sequence {upto_seq} (last {last})",
-                    path.display()
+                    reader.name()
                 ));
             }
         }

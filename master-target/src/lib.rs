@@ -6,7 +6,10 @@
 //!
 //! ## Layout
 //! - [`journal`]: the per-disk write-ahead/retention journal (format, reader, replay).
-//! - [`store`]: the `redb` index of checkpoints and recovery points.
+//! - [`store`]: the `redb` index of checkpoints and recovery points, behind
+//!   [`store::ReplicaIndex`] (with an in-memory twin for the model test).
+//! - [`files`]: where a replica's files live, behind [`files::ReplicaFiles`] (the data
+//!   directory, or memory with crashes and injected faults for the model test).
 //! - [`replica`]: one disk's image + journal + high-water mark; durability and recovery.
 //! - [`accept`]: QUIC connections from relays, one session per disk stream (a thin
 //!   driver of `fbr_protocol::stream::StreamReceiver`), one owner per disk.
@@ -33,6 +36,7 @@
 pub mod accept;
 pub mod apply;
 pub mod content;
+pub mod files;
 pub mod journal;
 pub mod replica;
 pub mod settings;

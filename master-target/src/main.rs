@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fbr_daemon::settings::{flag_overrides, load_settings, mib_flag};
 use fbr_daemon::ConfigError;
+use fbr_master_target::files::{self, DataDir};
 use fbr_master_target::settings::MasterTargetSettings;
 use fbr_master_target::{journal, replica, MasterTarget, Store};
 use fbr_protocol::StreamId;
@@ -167,7 +168,7 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     let endpoint = server_endpoint(settings.listen, creds, &tuning)?;
     let local = endpoint.local_addr()?;
     let mt = MasterTarget::new(
-        data.clone(),
+        DataDir::new(data),
         store,
         settings.credit.0,
         settings.content_index_entries as usize,
@@ -294,7 +295,7 @@ fn materialize(
         .with_context(|| format!("creating {}", out.display()))?;
     file.set_len(ckpt.disk_size)?;
     let mut sink = replica::FileImage(&file);
-    journal::replay(&replica::journal_path(data, id), landed.seq, &mut sink)
+    journal::replay(&files::journal_path(data, id), landed.seq, &mut sink)
         .map_err(anyhow::Error::msg)?;
     file.sync_all()?;
     println!(

@@ -11,23 +11,29 @@
 //! Recovery ([`DiskReplica::open`]) re-applies every journal entry after the checkpoint to
 //! the image (re-applying a contiguous suffix of absolute-offset writes in order is
 //! idempotent), truncates a torn tail with a warning naming file and offset, re-indexes
-//! any tags found, and takes a fresh checkpoint. The high-water mark is the last valid
-//! journal entry's sequence number, so a replay from the relay after a crash is
-//! recognised and skipped: records are applied exactly once in effect.
+//! any tags found, syncs the journal (what a killed process left in the page cache is
+//! not durable yet, and a checkpoint must never claim more than the journal holds
+//! durably), and takes a fresh checkpoint. The high-water mark is the last valid journal
+//! entry's sequence number, so a replay from the relay after a crash is recognised and
+//! skipped: records are applied exactly once in effect.
+//!
+//! Files are reached through [`ReplicaFiles`] and the index through [`ReplicaIndex`], so
+//! `tests/model.rs` runs this code on memory with crashes and injected faults.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use fbr_protocol::{Record, StreamId};
+use fbr_storage::DurableFile;
 
+use crate::files::{ReplicaFiles, IMAGE_FILE, JOURNAL_FILE};
 use crate::journal::{
     self, apply_record, encode_entry, ImageSink, JournalReader, JOURNAL_HEADER_LEN,
 };
-use crate::store::{DiskCheckpoint, Store, StoreError, TagLanding};
+use crate::store::{DiskCheckpoint, ReplicaIndex, StoreError, TagLanding};
 
 /// Take a checkpoint after this many journal bytes...
 const CHECKPOINT_BYTES: u64 = 512 << 20;
@@ -43,72 +49,41 @@ pub enum ReplicaError {
         on_record: u64,
         announced: u64,
     },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{file}: {source}")]
+    Io { file: String, source: io::Error },
     #[error("{0}")]
     Journal(#[from] journal::JournalError),
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("{path}: corrupt journal: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
-}
-
-/// Where a disk's files live under the data directory.
-pub fn disk_dir(data_dir: &Path, id: &StreamId) -> PathBuf {
-    data_dir
-        .join("disks")
-        .join(&id.vm)
-        .join(format!("disk{}", id.disk))
-}
-pub fn image_path(data_dir: &Path, id: &StreamId) -> PathBuf {
-    disk_dir(data_dir, id).join("image.raw")
-}
-pub fn journal_path(data_dir: &Path, id: &StreamId) -> PathBuf {
-    disk_dir(data_dir, id).join("journal.fbrj")
+    #[error("{file}: corrupt journal: {reason}")]
+    Corrupt { file: String, reason: String },
 }
 
 /// A disk image file as an [`ImageSink`]; zeroing punches holes where the file system
-/// supports it, so trims keep the image sparse.
+/// supports it ([`DurableFile::zero_range`]), so trims keep the image sparse.
 #[derive(Debug)]
-pub struct FileImage<'a>(pub &'a File);
+pub struct FileImage<'a, F = File>(pub &'a F);
 
-impl ImageSink for FileImage<'_> {
+impl<F: DurableFile> ImageSink for FileImage<'_, F> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_all_at(data, offset)
+        self.0.write_at(data, offset)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        if fallocate(
-            self.0,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        )
-        .is_ok()
-        {
-            return Ok(());
-        }
-        let zeros = vec![0u8; (len as usize).min(1 << 20)];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.0.write_all_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        self.0.zero_range(offset, len)
     }
 }
 
 /// An open, recovered replica of one source disk.
 #[derive(Debug)]
-pub struct DiskReplica {
+pub struct DiskReplica<F = File> {
     pub id: StreamId,
     pub disk_size: u64,
-    journal_path: PathBuf,
-    image_path: PathBuf,
-    image: File,
-    journal: File,
+    journal_name: String,
+    image_name: String,
+    image: F,
+    /// Shared with the content index, which reads referenced blocks from it.
+    journal: Arc<F>,
     journal_len: u64,
     hwm: u64,
     checkpoint: DiskCheckpoint,
@@ -116,22 +91,25 @@ pub struct DiskReplica {
     encode_buf: BytesMut,
 }
 
-impl DiskReplica {
+/// An I/O error on the file named `file`.
+fn io_err(file: &str) -> impl FnOnce(io::Error) -> ReplicaError + '_ {
+    move |source| ReplicaError::Io {
+        file: file.to_owned(),
+        source,
+    }
+}
+
+impl<F: DurableFile> DiskReplica<F> {
     /// Opens (creating if new) and recovers the replica of `id`.
-    pub fn open(
-        data_dir: &Path,
-        store: &Store,
+    pub fn open<S: ReplicaFiles<File = F>>(
+        files: &S,
+        index: &impl ReplicaIndex,
         id: &StreamId,
         disk_size: u64,
     ) -> Result<Self, ReplicaError> {
-        let dir = disk_dir(data_dir, id);
-        let image_path = image_path(data_dir, id);
-        let journal_path = journal_path(data_dir, id);
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ReplicaError::Io { path, source }
-        };
-        let existing = store.checkpoint(id)?;
+        let image_name = files.describe(id, IMAGE_FILE);
+        let journal_name = files.describe(id, JOURNAL_FILE);
+        let existing = index.checkpoint(id)?;
         if let Some(c) = existing {
             if c.disk_size != disk_size {
                 return Err(ReplicaError::DiskSizeMismatch {
@@ -141,37 +119,22 @@ impl DiskReplica {
                 });
             }
         }
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let image = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&image_path)
-            .map_err(io_err(&image_path))?;
-        if image.metadata().map_err(io_err(&image_path))?.len() != disk_size {
-            image.set_len(disk_size).map_err(io_err(&image_path))?;
+        let image = files.open(id, IMAGE_FILE).map_err(io_err(&image_name))?;
+        if image.size().map_err(io_err(&image_name))? != disk_size {
+            image.truncate(disk_size).map_err(io_err(&image_name))?;
         }
-        let journal = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&journal_path)
-            .map_err(io_err(&journal_path))?;
-        let mut journal_len = journal.metadata().map_err(io_err(&journal_path))?.len();
+        let journal = files
+            .open(id, JOURNAL_FILE)
+            .map_err(io_err(&journal_name))?;
+        let mut journal_len = journal.size().map_err(io_err(&journal_name))?;
         if journal_len < JOURNAL_HEADER_LEN {
             // New (or torn before its header was complete, which means empty).
-            journal.set_len(0).map_err(io_err(&journal_path))?;
+            journal.truncate(0).map_err(io_err(&journal_name))?;
             journal
-                .write_all_at(&journal::encode_header(), 0)
-                .map_err(io_err(&journal_path))?;
-            journal.sync_all().map_err(io_err(&journal_path))?;
-            if let Some(parent) = journal_path.parent() {
-                File::open(parent)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err(parent))?;
-            }
+                .write_at(&journal::encode_header(), 0)
+                .map_err(io_err(&journal_name))?;
+            journal.sync().map_err(io_err(&journal_name))?;
+            files.sync_dir(id).map_err(io_err(&journal_name))?;
             journal_len = JOURNAL_HEADER_LEN;
         }
         let checkpoint = existing.unwrap_or(DiskCheckpoint {
@@ -179,23 +142,37 @@ impl DiskReplica {
             journal_offset: JOURNAL_HEADER_LEN,
             seq: 0,
         });
+        if journal_len < checkpoint.journal_offset {
+            return Err(ReplicaError::Corrupt {
+                file: journal_name,
+                reason: format!(
+                    "{journal_len} bytes long, but its checkpoint is at offset {}",
+                    checkpoint.journal_offset
+                ),
+            });
+        }
 
         // Recovery: re-apply everything after the checkpoint.
-        let mut reader = JournalReader::open(&journal_path, checkpoint.journal_offset)?;
+        let journal = Arc::new(journal);
+        let mut reader = JournalReader::new(
+            journal.clone(),
+            journal_name.clone(),
+            checkpoint.journal_offset,
+        )?;
         let mut hwm = checkpoint.seq;
         let mut tags = Vec::new();
         let mut sink = FileImage(&image);
         while let Some((record, end)) = reader.next_record()? {
             if record.seq() <= hwm {
                 return Err(ReplicaError::Corrupt {
-                    path: journal_path.clone(),
+                    file: journal_name.clone(),
                     reason: format!(
                         "sequence {} follows {hwm} before offset {end}",
                         record.seq()
                     ),
                 });
             }
-            apply_record(&record, &mut sink).map_err(io_err(&image_path))?;
+            apply_record(&record, &mut sink).map_err(io_err(&image_name))?;
             if let Some(t) = landing(id, &record, end) {
                 tags.push(t);
             }
@@ -204,20 +181,26 @@ impl DiskReplica {
         let valid_end = reader.offset();
         if let Some(damage) = reader.damage() {
             tracing::warn!(
-                file = %journal_path.display(),
+                file = %journal_name,
                 offset = damage.offset(),
                 "truncating journal: {damage}"
             );
         }
         if valid_end != journal_len {
-            journal.set_len(valid_end).map_err(io_err(&journal_path))?;
+            journal.truncate(valid_end).map_err(io_err(&journal_name))?;
             journal_len = valid_end;
+        }
+        // Entries past the checkpoint, and a truncation, may live only in the page
+        // cache (a killed process wrote them): make them durable before a checkpoint
+        // or an acknowledgement counts on them.
+        if valid_end != checkpoint.journal_offset || hwm != checkpoint.seq {
+            journal.sync().map_err(io_err(&journal_name))?;
         }
         let mut replica = DiskReplica {
             id: id.clone(),
             disk_size,
-            journal_path,
-            image_path,
+            journal_name,
+            image_name,
             image,
             journal,
             journal_len,
@@ -226,7 +209,7 @@ impl DiskReplica {
             last_checkpoint_at: Instant::now(),
             encode_buf: BytesMut::new(),
         };
-        replica.take_checkpoint(store, &tags)?;
+        replica.take_checkpoint(index, &tags)?;
         Ok(replica)
     }
 
@@ -239,18 +222,17 @@ impl DiskReplica {
     /// from `hwm + 1`, skipping only what the relay coalesced away; in bounds) and
     /// applies them. When this returns `Ok`, they may be acknowledged. Returns, per
     /// record, the journal offset where its payload bytes start (for the content index).
+    ///
+    /// After an error the replica must be dropped and opened again (recovery decides
+    /// what of the batch is held).
     pub fn apply_batch(
         &mut self,
-        store: &Store,
+        index: &impl ReplicaIndex,
         records: &[Record],
     ) -> Result<Vec<u64>, ReplicaError> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ReplicaError::Io { path, source }
-        };
         self.encode_buf.clear();
         let mut tags = Vec::new();
         let mut ends = Vec::with_capacity(records.len());
@@ -265,54 +247,54 @@ impl DiskReplica {
             ends.push(self.journal_len + self.encode_buf.len() as u64);
         }
         self.journal
-            .write_all_at(&self.encode_buf, self.journal_len)
-            .map_err(io_err(&self.journal_path))?;
-        self.journal
-            .sync_data()
-            .map_err(io_err(&self.journal_path))?;
+            .write_at(&self.encode_buf, self.journal_len)
+            .map_err(io_err(&self.journal_name))?;
+        self.journal.sync().map_err(io_err(&self.journal_name))?;
         for (r, end) in records.iter().zip(ends) {
             if let Some(t) = landing(&self.id, r, end) {
                 tags.push(t);
             }
         }
         if !tags.is_empty() {
-            store.commit(&self.id, None, &tags)?;
+            index.commit(&self.id, None, &tags)?;
         }
         self.journal_len += self.encode_buf.len() as u64;
         self.hwm = records.last().map(Record::seq).unwrap_or(self.hwm);
         let mut sink = FileImage(&self.image);
         for r in records {
-            apply_record(r, &mut sink).map_err(io_err(&self.image_path))?;
+            apply_record(r, &mut sink).map_err(io_err(&self.image_name))?;
         }
         if self.journal_len - self.checkpoint.journal_offset >= CHECKPOINT_BYTES
             || self.last_checkpoint_at.elapsed() >= CHECKPOINT_INTERVAL
         {
-            self.take_checkpoint(store, &[])?;
+            self.take_checkpoint(index, &[])?;
         }
         Ok(payloads)
     }
 
     /// The journal file (the content index reads referenced blocks from it).
-    pub fn journal_path(&self) -> &Path {
-        &self.journal_path
+    pub fn journal(&self) -> &Arc<F> {
+        &self.journal
+    }
+
+    /// The image file (the latest state of the disk).
+    pub fn image(&self) -> &F {
+        &self.image
     }
 
     /// Flushes the image and records that the journal up to here is applied.
     pub fn take_checkpoint(
         &mut self,
-        store: &Store,
+        index: &impl ReplicaIndex,
         tags: &[TagLanding],
     ) -> Result<(), ReplicaError> {
-        self.image.sync_data().map_err(|source| ReplicaError::Io {
-            path: self.image_path.clone(),
-            source,
-        })?;
+        self.image.sync().map_err(io_err(&self.image_name))?;
         let c = DiskCheckpoint {
             disk_size: self.disk_size,
             journal_offset: self.journal_len,
             seq: self.hwm,
         };
-        store.commit(&self.id, Some(c), tags)?;
+        index.commit(&self.id, Some(c), tags)?;
         self.checkpoint = c;
         self.last_checkpoint_at = Instant::now();
         Ok(())

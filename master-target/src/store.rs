@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use fbr_protocol::{StreamId, TagKind};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -39,6 +41,17 @@ pub struct DiskCheckpoint {
     pub disk_size: u64,
     pub journal_offset: u64,
     pub seq: u64,
+}
+
+impl DiskCheckpoint {
+    /// From a `disks` row: `(disk_size, checkpoint_offset, checkpoint_seq)`.
+    fn from_row((disk_size, journal_offset, seq): (u64, u64, u64)) -> Self {
+        DiskCheckpoint {
+            disk_size,
+            journal_offset,
+            seq,
+        }
+    }
 }
 
 /// A tag as it landed on one disk.
@@ -87,6 +100,21 @@ fn parse_stream_key(key: &str) -> Option<StreamId> {
     })
 }
 
+/// What a replica needs of the index: its checkpoint, and durable commits of
+/// checkpoints and tags. [`Store`] (redb) in the daemon, [`MemIndex`] in the model test.
+pub trait ReplicaIndex: Send + Sync {
+    /// The last checkpoint of disk `id`, if it has one.
+    fn checkpoint(&self, id: &StreamId) -> Result<Option<DiskCheckpoint>, StoreError>;
+    /// Durably records a checkpoint (if given) and tags, in one transaction: when this
+    /// returns `Ok`, they survive any crash.
+    fn commit(
+        &self,
+        id: &StreamId,
+        checkpoint: Option<DiskCheckpoint>,
+        tags: &[TagLanding],
+    ) -> Result<(), StoreError>;
+}
+
 /// The index database of one data directory (exclusively locked while open).
 #[derive(Debug)]
 pub struct Store {
@@ -110,49 +138,6 @@ impl Store {
         Ok(Store { db })
     }
 
-    pub fn checkpoint(&self, id: &StreamId) -> Result<Option<DiskCheckpoint>, StoreError> {
-        let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(DISKS).map_err(e)?;
-        Ok(t.get(stream_key(id).as_str()).map_err(e)?.map(|v| {
-            let (disk_size, journal_offset, seq) = v.value();
-            DiskCheckpoint {
-                disk_size,
-                journal_offset,
-                seq,
-            }
-        }))
-    }
-
-    /// Durably records a checkpoint (and any tags found with it) in one transaction.
-    pub fn commit(
-        &self,
-        id: &StreamId,
-        checkpoint: Option<DiskCheckpoint>,
-        tags: &[TagLanding],
-    ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(e)?;
-        {
-            if let Some(c) = checkpoint {
-                let mut t = tx.open_table(DISKS).map_err(e)?;
-                t.insert(
-                    stream_key(id).as_str(),
-                    (c.disk_size, c.journal_offset, c.seq),
-                )
-                .map_err(e)?;
-            }
-            let mut t = tx.open_table(TAGS).map_err(e)?;
-            for tag in tags {
-                let key = stream_key(&tag.stream);
-                t.insert(
-                    (tag.group.as_str(), tag.id, key.as_str()),
-                    (tag.seq, tag.kind as u8, tag.members, tag.journal_end),
-                )
-                .map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)
-    }
-
     /// Every disk known to this master target.
     pub fn disks(&self) -> Result<Vec<(StreamId, DiskCheckpoint)>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
@@ -161,15 +146,7 @@ impl Store {
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
             if let Some(id) = parse_stream_key(k.value()) {
-                let (disk_size, journal_offset, seq) = v.value();
-                out.push((
-                    id,
-                    DiskCheckpoint {
-                        disk_size,
-                        journal_offset,
-                        seq,
-                    },
-                ));
+                out.push((id, DiskCheckpoint::from_row(v.value())));
             }
         }
         Ok(out)
@@ -214,5 +191,113 @@ impl Store {
                 p
             })
             .collect())
+    }
+}
+
+impl ReplicaIndex for Store {
+    fn checkpoint(&self, id: &StreamId) -> Result<Option<DiskCheckpoint>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(DISKS).map_err(e)?;
+        Ok(t.get(stream_key(id).as_str())
+            .map_err(e)?
+            .map(|v| DiskCheckpoint::from_row(v.value())))
+    }
+
+    fn commit(
+        &self,
+        id: &StreamId,
+        checkpoint: Option<DiskCheckpoint>,
+        tags: &[TagLanding],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            if let Some(c) = checkpoint {
+                let mut t = tx.open_table(DISKS).map_err(e)?;
+                t.insert(
+                    stream_key(id).as_str(),
+                    (c.disk_size, c.journal_offset, c.seq),
+                )
+                .map_err(e)?;
+            }
+            let mut t = tx.open_table(TAGS).map_err(e)?;
+            for tag in tags {
+                let key = stream_key(&tag.stream);
+                t.insert(
+                    (tag.group.as_str(), tag.id, key.as_str()),
+                    (tag.seq, tag.kind as u8, tag.members, tag.journal_end),
+                )
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+}
+
+/// An in-memory index (the model test): a commit is durable when it returns, as with
+/// redb, so a crash loses nothing committed; commits fail on request.
+#[derive(Debug, Default)]
+pub struct MemIndex {
+    state: Mutex<MemIndexState>,
+    fail_commits: AtomicU32,
+}
+
+#[derive(Debug, Default)]
+struct MemIndexState {
+    checkpoints: BTreeMap<StreamId, DiskCheckpoint>,
+    /// By `(group, tag id, disk)`, as in the `tags` table.
+    tags: BTreeMap<(String, u64, StreamId), TagLanding>,
+}
+
+impl MemIndex {
+    fn lock(&self) -> MutexGuard<'_, MemIndexState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next `n` commits fail, committing nothing.
+    pub fn fail_commits(&self, n: u32) {
+        self.fail_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// Every tag recorded for disk `id`, by sequence number.
+    pub fn tags_of(&self, id: &StreamId) -> Vec<TagLanding> {
+        let mut tags: Vec<TagLanding> = self
+            .lock()
+            .tags
+            .values()
+            .filter(|t| t.stream == *id)
+            .cloned()
+            .collect();
+        tags.sort_by_key(|t| t.seq);
+        tags
+    }
+}
+
+impl ReplicaIndex for MemIndex {
+    fn checkpoint(&self, id: &StreamId) -> Result<Option<DiskCheckpoint>, StoreError> {
+        Ok(self.lock().checkpoints.get(id).copied())
+    }
+
+    fn commit(
+        &self,
+        id: &StreamId,
+        checkpoint: Option<DiskCheckpoint>,
+        tags: &[TagLanding],
+    ) -> Result<(), StoreError> {
+        if self
+            .fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError("injected commit failure".into()));
+        }
+        let mut s = self.lock();
+        if let Some(c) = checkpoint {
+            s.checkpoints.insert(id.clone(), c);
+        }
+        for t in tags {
+            let key = (t.group.clone(), t.id, t.stream.clone());
+            s.tags.insert(key, t.clone());
+        }
+        Ok(())
     }
 }

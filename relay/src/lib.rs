@@ -18,6 +18,8 @@
 //!   driver of `fbr_protocol::stream::StreamSender`; [`forwarder::ForwardContext`] is
 //!   all it uses (the master target and the cache behind traits, so a forwarder runs in
 //!   a test without QUIC, metrics or cache files).
+//! - [`memsource`]: streams' records in memory, as the forwarders' and plans' source in
+//!   tests (no cache files).
 //! - [`error`]: [`RelayError`], where a failure came from and whether to retry.
 //! - [`health`]: health conditions and ingest throttling under cache pressure (sans-IO).
 //! - [`observe`]: the health task and the `/metrics`, `/healthz`, `/readyz` endpoints.
@@ -41,6 +43,7 @@ pub mod error;
 pub mod forwarder;
 pub mod health;
 pub mod ingest;
+pub mod memsource;
 pub mod observe;
 pub mod reduce;
 pub mod server;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fbr_metrics::relay::RelayMetrics;
 use fbr_protocol::ErrorCode;
-use fbr_transport::{peer_identity, PeerLink, Role};
+use fbr_transport::{require_role, PeerLink, Role};
 
 use crate::cache::RelayCache;
 use crate::egress::Egress;
@@ -154,22 +154,14 @@ impl Relay {
 
 /// One agent connection: the role check, then a session per disk stream.
 async fn serve_connection(ingest: Arc<IngestContext>, conn: quinn::Connection, remote: SocketAddr) {
-    let peer = match peer_identity(&conn) {
-        Ok(p) if p.has_role(Role::Agent) => Arc::new(p),
-        other => {
-            let why = match other {
-                Ok(p) => format!("certificate {:?} lacks urn:fbr:role:agent", p.common_name),
-                Err(e) => e,
-            };
+    let peer = match require_role(&conn, Role::Agent) {
+        Ok(p) => Arc::new(p),
+        Err(why) => {
             tracing::warn!(%remote, "refusing connection: {why}");
             ingest
                 .metrics
                 .stream_errors_total
                 .count(ErrorCode::Unauthenticated);
-            conn.close(
-                quinn::VarInt::from_u32(ErrorCode::Unauthenticated.as_u16() as u32),
-                why.as_bytes(),
-            );
             return;
         }
     };

@@ -1,12 +1,16 @@
-//! Interval plans against a real cache across a restart: a plan never coalesces across
-//! a recovery point, even one the cache's in-memory list of tags no longer knows (it was
-//! appended before the restart). This is the bug the relay kill test once found.
+//! Interval plans: against records in memory ([`MemSource`]), a plan sends exactly the
+//! interval's final content and refuses records that changed or vanished since it was
+//! made; against a real cache across a restart, a plan never coalesces across a
+//! recovery point, even one the cache's in-memory list of tags no longer knows (it was
+//! appended before the restart: the bug the relay kill test once found).
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use bytes::Bytes;
 use fbr_cache::CacheConfig;
+use fbr_master_target::journal::{apply_record, MemoryImage};
 use fbr_protocol::{Record, StreamId, TagKind};
 use fbr_relay::cache::RelayCache;
+use fbr_relay::memsource::MemSource;
 use fbr_relay::reduce::{IntervalPlan, KnownBlocks, Reducer, StageBytes, WanConfig};
 
 fn write(seq: u64, fill: u8) -> Record {
@@ -86,4 +90,87 @@ async fn a_plan_stops_at_a_tag_appended_before_a_restart() {
         vec![2, 3],
         "record 1 is superseded within the interval"
     );
+}
+
+/// The interval's records: overlapping writes and a zero range on a 64 KiB disk, a
+/// recovery point at `tag`, then more writes.
+fn interval(tag: u64) -> Vec<Record> {
+    (1..tag + 5)
+        .map(|seq| match seq {
+            s if s == tag => self::tag(s, 1),
+            s if s % 6 == 0 => Record::Zero {
+                seq,
+                offset: (s % 16) * 4096,
+                len: 8192,
+            },
+            s => Record::Write {
+                seq,
+                offset: (s * 5 % 15) * 4096,
+                data: Bytes::from(vec![s as u8; 4096 + 512 * (s % 3) as usize]),
+            },
+        })
+        .collect()
+}
+
+fn stream() -> StreamId {
+    StreamId {
+        vm: "vm1".into(),
+        disk: 0,
+    }
+}
+
+#[test]
+fn a_plan_sends_the_final_content_of_its_interval_and_stops_at_the_tag() {
+    let records = interval(40);
+    let source = MemSource::default();
+    for r in &records {
+        source.append(&stream(), r.clone(), 0);
+    }
+    let stats = StageBytes::default();
+    let mut plan = IntervalPlan::new(&source, &stream(), 1, 40, &stats).unwrap();
+    let mut disk = MemoryImage(vec![0; 64 << 10]);
+    let (mut kept, mut last) = (0, 0);
+    while let Some(part) = plan.next_batch(&source, &stream()).unwrap() {
+        assert_eq!(part.first_seq, last + 1, "spans are consecutive");
+        last = part.last_seq;
+        for (r, _) in &part.kept {
+            apply_record(r, &mut disk).unwrap();
+            kept += 1;
+        }
+    }
+    assert_eq!(last, 40, "the plan ends at the recovery point");
+    let mut want = MemoryImage(vec![0; 64 << 10]);
+    for r in &records[..40] {
+        apply_record(r, &mut want).unwrap();
+    }
+    assert!(disk == want, "the state at the recovery point is exact");
+    assert!(
+        kept < 40,
+        "superseded records were left out ({kept} of 40 kept)"
+    );
+}
+
+#[test]
+fn a_planned_record_that_vanished_is_reported_not_skipped() {
+    let records = interval(30);
+    let source = MemSource::default();
+    for r in &records {
+        source.append(&stream(), r.clone(), 0);
+    }
+    let stats = StageBytes::default();
+    let mut plan = IntervalPlan::new(&source, &stream(), 1, 30, &stats).unwrap();
+    // The recovery point itself always survives: make it vanish.
+    source.forget(&stream(), 30);
+    let mut outcome = Ok(());
+    while let Some(part) = match plan.next_batch(&source, &stream()) {
+        Ok(p) => p,
+        Err(e) => {
+            outcome = Err(e.to_string());
+            None
+        }
+    } {
+        assert!(part.last_seq < 30);
+    }
+    let err = outcome.unwrap_err();
+    assert!(err.contains("no longer cached"), "{err}");
 }

@@ -89,7 +89,7 @@ async fn a_block_overwritten_since_is_still_resolved_by_reference() {
     };
     let mut img = fbr_master_target::journal::MemoryImage(vec![0; disk as usize]);
     fbr_master_target::journal::replay(
-        &fbr_master_target::replica::journal_path(&site.mt_data, &id),
+        &fbr_master_target::files::journal_path(&site.mt_data, &id),
         6,
         &mut img,
     )

@@ -110,3 +110,22 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, String> {
         .ok_or_else(|| "empty certificate chain".to_string())?;
     identity_from_der(leaf)
 }
+
+/// The identity of the peer of `conn` if it holds `role`. Otherwise the connection is
+/// closed with code `unauthenticated` and the reason (a peer cannot tell an accepted
+/// connection from a refused one any other way), and the reason is returned for the
+/// caller to log and count.
+pub fn require_role(conn: &quinn::Connection, role: Role) -> Result<PeerIdentity, String> {
+    let why = match peer_identity(conn) {
+        Ok(p) if p.has_role(role) => return Ok(p),
+        Ok(p) => format!(
+            "certificate {:?} lacks {ROLE_URI_PREFIX}{}",
+            p.common_name,
+            role.as_str()
+        ),
+        Err(e) => e,
+    };
+    let code = fbr_protocol::ErrorCode::Unauthenticated.as_u16();
+    conn.close(quinn::VarInt::from_u32(code.into()), why.as_bytes());
+    Err(why)
+}

@@ -23,6 +23,6 @@ pub mod pki;
 pub mod quic;
 
 pub use framed::{ChunkWrite, FrameReader, FrameWriter, IoWriter, ReadError};
-pub use identity::{peer_identity, PeerIdentity, Role};
+pub use identity::{peer_identity, require_role, PeerIdentity, Role};
 pub use link::{LinkError, LinkStatus, PeerLink};
 pub use quic::{any_addr_for, client_endpoint, server_endpoint, Credentials, QuicTuning};
