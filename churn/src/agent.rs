@@ -19,6 +19,7 @@
 //! `Applied`, and a run is finished only when everything drawn is applied.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use fbr_protocol::stream::{
     Reconnect, SenderConfig, SenderEvent, SessionEnd, SourcePosition, StreamSender, REFUSAL_GRACE,
 };
-use fbr_protocol::{Frame, Record, StreamId, TagKind};
+use fbr_protocol::{Frame, Record, ResyncMode, StreamId, TagKind};
 use fbr_transport::{
     any_addr_for, client_endpoint, Credentials, FrameReader, FrameWriter, PeerLink, QuicTuning,
     Role,
@@ -36,10 +37,14 @@ use fbr_transport::{
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 
+use crate::dirty::DirtyRegions;
+use crate::image::ImageSpec;
 use crate::source::{
     ChangeSource, DiskManifest, Manifest, SourceSpec, TagRecord, MANIFEST_VERSION,
 };
 use crate::workload::ContentPools;
+
+mod resync;
 
 /// Flush the send buffer once it holds this much.
 const SEND_FLUSH_BYTES: usize = 1 << 20;
@@ -76,6 +81,42 @@ pub struct DiskPlan {
     pub disk_size: u64,
     pub group: String,
     pub source: SourceSpec,
+    /// What the disk holds before its stream, where it lives, whether it resyncs.
+    pub start: DiskStart,
+}
+
+/// How a disk starts.
+#[derive(Debug, Clone, Default)]
+pub struct DiskStart {
+    /// What the source disk holds before its first change (written into `disk_file`
+    /// when that does not exist yet).
+    pub source_base: ImageSpec,
+    /// What the master target's replica holds before the stream (a seeded
+    /// original-location disk), for the manifest.
+    pub replica_base: ImageSpec,
+    /// The emulated disk as a sparse file, which a resync reads; `None`: the disk lives
+    /// nowhere (changes are drawn, sent and forgotten; no resync possible).
+    pub disk_file: Option<PathBuf>,
+    pub resync: ResyncPlan,
+    /// This agent takes over a disk an earlier agent streamed and lost (killed): the
+    /// stream continues where the relay stands, and the regions the earlier agent may
+    /// have written without an acknowledgement (its dirty file) are resynced.
+    pub resume: bool,
+}
+
+/// Whether a disk resyncs when its agent starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResyncPlan {
+    /// Only to resume a resync the master target has in progress, or after a crash.
+    #[default]
+    None,
+    /// As the replica needs: a delta resync of a stale (seeded) replica, a full copy to
+    /// a new replica of a disk that already holds data.
+    Auto,
+    /// Compare hashes, send only the blocks that differ (original location).
+    Delta,
+    /// Send every block, zero runs as zero ranges (alternate location).
+    Full,
 }
 
 /// Live counters, readable while the run goes on (progress display, benchmarks).
@@ -89,6 +130,14 @@ pub struct RunStats {
     pub logical_bytes_sent: AtomicU64,
     pub tags_inserted: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Resyncs started, and finished (their end mark assigned).
+    pub resyncs_started: AtomicU64,
+    pub resyncs_done: AtomicU64,
+    /// Disk bytes compared by resyncs, bytes of blocks they sent, and bytes of node
+    /// hashes they received (what the comparison cost on the WAN).
+    pub resync_compared_bytes: AtomicU64,
+    pub resync_sent_bytes: AtomicU64,
+    pub resync_hash_bytes: AtomicU64,
     /// Source-write to acknowledgement, microseconds.
     pub lag_us: Mutex<Option<Histogram<u64>>>,
 }
@@ -130,10 +179,54 @@ pub struct RunReport {
 struct GenState {
     source: ChangeSource,
     next_seq: u64,
-    /// Tags numbered by a cut but not yet sent.
+    /// The first sequence number this agent assigned (after a resume, where the relay
+    /// stood).
+    first_seq: u64,
+    /// Tags and resync records numbered but not yet sent, in sequence order.
     pending: VecDeque<Record>,
+    /// Encoded bytes of `pending` (a resync waits while it is large).
+    pending_bytes: usize,
     tags: Vec<TagRecord>,
     exhausted: bool,
+    /// The emulated disk, when it lives in a file: every change is written to it.
+    disk: Option<Arc<File>>,
+    /// A resync's begin mark was assigned and its end mark not yet: tags cut now are no
+    /// recovery point.
+    resync_open: bool,
+    /// A resync is planned or running: the run waits for it before finishing.
+    resync_busy: bool,
+    /// Runs of sequence numbers that carried resync records (for the manifest).
+    resync_runs: Vec<(u64, u64)>,
+}
+
+impl GenState {
+    /// Numbers a resync record (a block read from the disk, or a mark) and queues it.
+    fn push_resync(&mut self, make: impl FnOnce(u64) -> Record) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.push_pending(make(seq));
+        match self.resync_runs.last_mut() {
+            Some(run) if run.1 + 1 == seq => run.1 = seq,
+            _ => self.resync_runs.push((seq, seq)),
+        }
+    }
+
+    /// Queues a numbered tag or resync record for the stream.
+    fn push_pending(&mut self, record: Record) {
+        self.pending_bytes += record.encoded_len();
+        self.pending.push_back(record);
+    }
+
+    /// Applies a change drawn from the workload to the disk file, if there is one.
+    fn write_disk(&self, record: &Record) -> std::io::Result<()> {
+        match &self.disk {
+            Some(f) => fbr_master_target::journal::apply_record(
+                record,
+                &mut fbr_master_target::replica::FileImage(&**f),
+            ),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Changes whose `Applied` has not arrived yet, for lag and per-disk throughput:
@@ -169,6 +262,30 @@ struct DiskRuntime {
     sender: Mutex<StreamSender<Record>>,
     /// Bumped on every ack or credit change; senders wait on it.
     window_changed: watch::Sender<u64>,
+    /// Regions that may hold unacknowledged writes (when the disk lives in a file).
+    dirty: Option<Mutex<DirtyRegions>>,
+    /// Set once the disk's first session was accepted.
+    accepted_once: watch::Sender<bool>,
+    /// Set once the disk knows whether it resyncs (and its begin mark, if any, is
+    /// numbered): the tag coordinator waits for every disk, so no tag is cut before.
+    ready: watch::Sender<bool>,
+    /// The resync's live progress, for displays and benchmarks.
+    resync: Mutex<ResyncLive>,
+}
+
+/// Where a disk's resync stands, live.
+#[derive(Debug, Clone, Default)]
+pub struct ResyncLive {
+    pub mode: Option<ResyncMode>,
+    pub regions_done: u64,
+    pub regions_total: u64,
+    pub compared_bytes: u64,
+    pub sent_bytes: u64,
+    pub hash_bytes: u64,
+    /// The ETA at the rate measured over the last 30 s.
+    pub eta: Option<Duration>,
+    pub started: Option<Instant>,
+    pub finished: Option<Instant>,
 }
 
 impl DiskRuntime {
@@ -180,8 +297,16 @@ impl DiskRuntime {
         self.gen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the relay acknowledged (durable in its cache): counts their bytes.
+    /// Records the relay acknowledged (durable in its cache): counts their bytes, and
+    /// lets the dirty regions they covered go.
     fn count_acked(&self, records: Vec<Record>, stats: &RunStats) {
+        if let (Some(dirty), Some(last)) = (&self.dirty, records.last()) {
+            let produced = self.lock_gen().next_seq - 1;
+            let mut d = dirty.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = d.acked(last.seq(), produced) {
+                tracing::warn!(stream = %self.plan.id, "dirty regions file: {e}");
+            }
+        }
         for record in records {
             if let Record::Write { data, .. } = &record {
                 stats
@@ -249,6 +374,14 @@ impl RunHandle {
         self.task.is_finished()
     }
 
+    /// Each disk's resync, in plan order.
+    pub fn resync_progress(&self) -> Vec<ResyncLive> {
+        self.disks
+            .iter()
+            .map(|d| d.resync.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect()
+    }
+
     /// Waits for the run to end and returns its report.
     pub async fn finish(self) -> Result<RunReport, String> {
         self.task.await.map_err(|e| format!("run task: {e}"))?
@@ -281,15 +414,29 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             ))
         });
         let source = ChangeSource::open(&plan.source, plan.disk_size, &pools)?;
+        let (disk, dirty) = open_disk_file(&plan)?;
+        let resync_busy =
+            disk.is_some() && (plan.start.resync != ResyncPlan::None || plan.start.resume);
+        let ready = watch::channel(!resync_busy).0;
         runtimes.push(Arc::new(DiskRuntime {
             plan,
             gen: Mutex::new(GenState {
                 source,
                 next_seq: 1,
+                first_seq: 1,
                 pending: VecDeque::new(),
+                pending_bytes: 0,
                 tags: vec![],
                 exhausted: false,
+                disk,
+                resync_open: false,
+                resync_busy,
+                resync_runs: Vec::new(),
             }),
+            dirty: dirty.map(Mutex::new),
+            accepted_once: watch::channel(false).0,
+            ready,
+            resync: Mutex::new(ResyncLive::default()),
             sender: Mutex::new(StreamSender::new(SenderConfig::agent(
                 opts.reconnect_timeout,
             ))),
@@ -321,6 +468,37 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
     })
 }
 
+/// Opens (creating from its base image if new) the disk's file and its dirty regions.
+#[allow(clippy::type_complexity)]
+fn open_disk_file(plan: &DiskPlan) -> Result<(Option<Arc<File>>, Option<DirtyRegions>), String> {
+    let Some(path) = &plan.start.disk_file else {
+        if plan.start.resync != ResyncPlan::None || !plan.start.source_base.is_empty() {
+            return Err(format!(
+                "{}: a disk that starts with data or resyncs needs a disk file",
+                plan.id
+            ));
+        }
+        return Ok((None, None));
+    };
+    let file = if path.exists() {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+    } else {
+        plan.start
+            .source_base
+            .create_file(path, plan.disk_size)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    let mut dirty_path = path.clone().into_os_string();
+    dirty_path.push(".dirty");
+    let dirty = DirtyRegions::open(std::path::Path::new(&dirty_path), plan.disk_size)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((Some(Arc::new(file)), Some(dirty)))
+}
+
 async fn run(
     opts: AgentOptions,
     disks: Vec<Arc<DiskRuntime>>,
@@ -345,10 +523,25 @@ async fn run(
         let link = links[&d.plan.id.vm].clone();
         tasks.push(tokio::spawn(drive_disk(
             d.clone(),
-            link,
+            link.clone(),
             stats.clone(),
             drawing_stopped.clone(),
         )));
+        if d.lock_gen().resync_busy {
+            tokio::spawn(resync::drive(
+                d.clone(),
+                link,
+                stats.clone(),
+                opts.reconnect_timeout,
+            ));
+        }
+    }
+    // No tag before every disk knows whether it resyncs (its begin mark numbered).
+    for d in &disks {
+        let mut ready = d.ready.subscribe();
+        if ready.wait_for(|r| *r).await.is_err() {
+            break;
+        }
     }
 
     // Tag coordinator; also decides when to stop drawing.
@@ -416,6 +609,10 @@ async fn run(
                     last_seq: g.next_seq - 1,
                     acked_seq,
                     tags: g.tags.clone(),
+                    source_base: d.plan.start.source_base.clone(),
+                    replica_base: d.plan.start.replica_base.clone(),
+                    first_seq: g.first_seq,
+                    resync_runs: g.resync_runs.clone(),
                 }
             })
             .collect(),
@@ -436,14 +633,20 @@ fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats
     for g in guards.iter_mut() {
         let seq = g.next_seq;
         g.next_seq += 1;
-        g.pending.push_back(Record::Tag {
+        g.push_pending(Record::Tag {
             seq,
             id,
             kind,
             members: members.len() as u32,
             group: group.to_owned(),
         });
-        g.tags.push(TagRecord { id, seq, app });
+        let in_resync = g.resync_open;
+        g.tags.push(TagRecord {
+            id,
+            seq,
+            app,
+            in_resync,
+        });
     }
     stats.tags_inserted.fetch_add(1, Ordering::Relaxed);
 }
@@ -496,7 +699,8 @@ async fn session(
         let position = SourcePosition {
             resend_from: sender.acked() + 1,
             produced,
-            receiver_may_lead: false,
+            // A resumed disk continues where the relay stands.
+            receiver_may_lead: disk.plan.start.resume,
         };
         sender.start(
             Instant::now(),
@@ -519,7 +723,16 @@ async fn session(
     };
     // Reconcile: whatever the master target holds is acknowledged; the rest is resent.
     let resend: Vec<Record> = match answer? {
-        SenderEvent::Accepted { released, .. } => {
+        SenderEvent::Accepted { released, next_seq } => {
+            if disk.plan.start.resume && !*disk.accepted_once.borrow() {
+                // A resumed disk numbers on from where the relay stands.
+                let mut g = disk.lock_gen();
+                if g.next_seq == 1 {
+                    g.next_seq = next_seq;
+                    g.first_seq = next_seq;
+                }
+            }
+            disk.accepted_once.send_replace(true);
             disk.count_acked(released, stats);
             disk.lock_sender().unacked().cloned().collect()
         }
@@ -588,8 +801,9 @@ async fn send_records(
         while disk.lock_sender().credit_available() > 0 && writer.pending() < SEND_FLUSH_BYTES {
             let next = {
                 let mut g = disk.lock_gen();
-                if let Some(tag) = g.pending.pop_front() {
-                    Some(tag)
+                if let Some(record) = g.pending.pop_front() {
+                    g.pending_bytes -= record.encoded_len();
+                    Some(record)
                 } else if drawing_stopped.load(Ordering::SeqCst)
                     || g.exhausted
                     || disk.pace.as_ref().is_some_and(|p| !p.allows_more())
@@ -600,7 +814,27 @@ async fn send_records(
                         Ok(Some(change)) => {
                             let seq = g.next_seq;
                             g.next_seq += 1;
-                            Some(change.into_record(seq))
+                            let record = change.into_record(seq);
+                            // The VM writes its disk; the dirty mark goes first, so a
+                            // crash never forgets a write the relay did not get.
+                            if let Some(dirty) = &disk.dirty {
+                                let (offset, len) = match &record {
+                                    Record::Write { offset, data, .. } => {
+                                        (*offset, data.len() as u64)
+                                    }
+                                    Record::Zero { offset, len, .. } => (*offset, *len),
+                                    _ => (0, 0),
+                                };
+                                let marked = dirty
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .mark(offset, len);
+                                if let Err(e) = marked.and_then(|()| g.write_disk(&record)) {
+                                    g.exhausted = true;
+                                    return Err(SessionEnd::give_up(format!("disk file: {e}")));
+                                }
+                            }
+                            Some(record)
                         }
                         Ok(None) => {
                             g.exhausted = true;
@@ -641,6 +875,7 @@ async fn send_records(
                 let g = disk.lock_gen();
                 let sender = disk.lock_sender();
                 g.pending.is_empty()
+                    && !g.resync_busy
                     && (drawing_stopped.load(Ordering::SeqCst) || g.exhausted)
                     && sender.all_acknowledged()
                     && sender.applied() >= g.next_seq - 1

@@ -103,6 +103,7 @@ pub fn plan_disks(opts: &DrillOptions) -> Vec<DiskPlan> {
                     profile,
                     content: opts.content,
                 },
+                start: Default::default(),
             });
         }
     }

@@ -7,17 +7,23 @@
 //! ## Layout
 //! - [`workload`]: deterministic generators: profiles (where) and content (what).
 //! - [`writelog`]: the recorded write-log format, for replaying captured workloads.
+//! - [`image`]: what a disk holds before its stream starts (empty, a file, generated "as
+//!   at failover", or diverged from another image), in sparse files of any size.
 //! - [`source`]: a disk's change source (generated or replayed) and the run manifest.
 //! - [`agent`]: the emulator: QUIC streams per disk, credit, acks, reconnects, tags at
 //!   consistent cuts, lag measurement.
+//! - [`dirty`]: the regions a killed agent may have written unacknowledged (resynced
+//!   when it comes back).
 //! - [`verify`]: rebuilds sources and replicas and compares them at every recovery point.
 //! - [`harness`]: a loopback site of real `master-target` and `relay` processes.
 //! - [`drill`]: `churn drill` and `churn bench` on top of all of the above.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod dirty;
 pub mod drill;
 pub mod harness;
+pub mod image;
 pub mod source;
 pub mod verify;
 pub mod wanbench;

@@ -413,6 +413,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                         path: log.clone(),
                         index,
                     },
+                    start: Default::default(),
                 })
                 .collect();
             let opts = agent_options(None, &relay, tag_interval_ms, max_udp_payload, None);

@@ -10,11 +10,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::image::ImageSpec;
 use crate::workload::{Change, Content, ContentPools, DiskGenerator, Profile};
 use crate::writelog::LogDiskSource;
 
-/// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest format version. Version 2 adds, per disk, the images the source and the
+/// replica started from, the first sequence number of the run, the sequence numbers of
+/// resync records, and which tags were cut during a resync; a version 1 manifest reads
+/// as zeros, 1, none and none.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// How to reproduce one disk's changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +104,39 @@ pub struct DiskManifest {
     pub acked_seq: u64,
     /// Tags inserted on this disk, in sequence order.
     pub tags: Vec<TagRecord>,
+    /// What the source disk held at `first_seq - 1`.
+    #[serde(default = "zeros")]
+    pub source_base: ImageSpec,
+    /// What the master target's replica held before the stream's first record (a seeded
+    /// original-location disk; zeros for a new one).
+    #[serde(default = "zeros")]
+    pub replica_base: ImageSpec,
+    /// The first sequence number this run produced (earlier ones came from an agent that
+    /// ran before, e.g. one killed and restarted: only the replica side has them).
+    #[serde(default = "one")]
+    pub first_seq: u64,
+    /// Runs `(first, last)` of sequence numbers that carried resync records (blocks read
+    /// from the source disk, and marks): they change the replica, not the source.
+    #[serde(default)]
+    pub resync_runs: Vec<(u64, u64)>,
+}
+
+fn zeros() -> ImageSpec {
+    ImageSpec::Zeros
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl DiskManifest {
+    /// Whether `seq` carried a resync record.
+    pub fn is_resync(&self, seq: u64) -> bool {
+        let i = self.resync_runs.partition_point(|(_, last)| *last < seq);
+        self.resync_runs
+            .get(i)
+            .is_some_and(|(first, _)| *first <= seq)
+    }
 }
 
 /// A tag as inserted by the source.
@@ -108,4 +145,7 @@ pub struct TagRecord {
     pub id: u64,
     pub seq: u64,
     pub app: bool,
+    /// Cut while the disk resynced: the replica has no recovery point there.
+    #[serde(default)]
+    pub in_resync: bool,
 }

@@ -1,33 +1,41 @@
 //! `churn verify`: proves the master target's replicas byte-identical to the sources at
 //! every recovery point.
 //!
-//! For each disk, two images are built side by side in memory, in sequence order:
-//! the **source**, by drawing the disk's changes again from its [`SourceSpec`], and the
-//! **replica**, by replaying the master target's journal (exactly how the master target
-//! materialises a recovery point). At each tag both must be equal; only the 64 KiB
-//! chunks written on either side since the previous tag need comparing, because both
-//! start all-zero and nothing else changes them. At the end the replica must also equal
-//! the master target's actual `image.raw` file, byte for byte.
+//! For each disk, two images are built side by side in sequence order, each in a sparse
+//! scratch file (so a disk of any size verifies in bounded memory): the **source**, from
+//! the image it started from and its changes drawn again from its [`SourceSpec`]; and
+//! the **replica**, from the image the master target's replica started from (a seeded
+//! original-location disk, or zeros) and the master target's journal replayed (exactly
+//! how a recovery point is materialised). At each tag both must be equal; only the
+//! 64 KiB chunks written on either side since the previous comparison need comparing,
+//! once a first comparison of the whole disk has shown them equal (needed only when the
+//! two started from different images, or the run continued an earlier one). At the end
+//! the replica must also equal the master target's actual `image.raw` file.
+//!
+//! Resync records (blocks read from the source disk, and marks) change the replica, not
+//! the source: the manifest says which sequence numbers carried them. Tags cut while a
+//! disk resynced are no recovery point: the master target must not offer them.
 //!
 //! A recovery point is *verified* when the master target holds it complete and every
 //! member disk matched at it. The run is verified when every recovery point the master
-//! target holds is verified, every tag the sources saw acknowledged is among them, and
-//! every acknowledged record is in the journal.
+//! target holds is verified, every tag the sources saw acknowledged (outside a resync)
+//! is among them, and every acknowledged record is in the journal.
 //!
 //! The master target must be stopped (its index is exclusively locked while it runs).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 
 use fbr_master_target::files::{image_path, journal_path};
-use fbr_master_target::journal::{apply_record, JournalReader, MemoryImage, JOURNAL_HEADER_LEN};
+use fbr_master_target::journal::{apply_record, JournalReader, JOURNAL_HEADER_LEN};
+use fbr_master_target::replica::FileImage;
 use fbr_master_target::Store;
 use fbr_protocol::{Record, StreamId};
 use serde::Serialize;
 
+use crate::image::{first_difference, read_padded, ImageSpec};
 use crate::source::{ChangeSource, DiskManifest, Manifest};
 use crate::workload::ContentPools;
 
@@ -59,47 +67,68 @@ pub struct DiskReport {
     pub final_image_matches: bool,
 }
 
-/// Tracks which 64 KiB chunks changed since the last comparison.
-struct Dirty(Vec<bool>);
+/// A disk image being rebuilt, in a sparse scratch file.
+struct Scratch {
+    file: File,
+    disk_size: u64,
+}
+
+impl Scratch {
+    fn new(dir: &Path, name: &str, spec: &ImageSpec, disk_size: u64) -> std::io::Result<Self> {
+        let file = spec.create_file(&dir.join(name), disk_size)?;
+        Ok(Scratch { file, disk_size })
+    }
+
+    fn apply(&self, record: &Record) -> std::io::Result<()> {
+        apply_record(record, &mut FileImage(&self.file))
+    }
+}
+
+/// The 64 KiB chunks changed on either side since the last comparison.
+struct Dirty {
+    chunks: BTreeSet<u64>,
+    /// The next comparison must cover the whole disk (the sides started apart).
+    everything: bool,
+}
 
 impl Dirty {
     fn mark(&mut self, record: &Record) {
         let (offset, len) = match record {
             Record::Write { offset, data, .. } => (*offset, data.len() as u64),
             Record::Zero { offset, len, .. } => (*offset, *len),
-            Record::Tag { .. } => return,
+            Record::Tag { .. } | Record::Resync { .. } => return,
         };
-        if len == 0 {
+        if self.everything || len == 0 {
             return;
         }
-        let first = (offset / CHUNK) as usize;
-        let last = ((offset + len - 1) / CHUNK) as usize;
-        for c in first..=last.min(self.0.len() - 1) {
-            self.0[c] = true;
-        }
+        self.chunks
+            .extend(offset / CHUNK..=(offset + len - 1) / CHUNK);
     }
 
-    /// Compares the marked chunks and clears the marks; returns the first differing
-    /// byte offset, if any.
-    fn compare(&mut self, a: &[u8], b: &[u8]) -> Option<u64> {
+    /// Compares what changed and forgets it; the first differing byte offset, if any.
+    fn compare(&mut self, a: &Scratch, b: &Scratch) -> std::io::Result<Option<u64>> {
+        if std::mem::take(&mut self.everything) {
+            self.chunks.clear();
+            return first_difference(&a.file, &b.file, a.disk_size);
+        }
+        let mut x = vec![0u8; CHUNK as usize];
+        let mut y = vec![0u8; CHUNK as usize];
         let mut first_diff = None;
-        for (c, dirty) in self.0.iter_mut().enumerate() {
-            if !*dirty {
-                continue;
-            }
-            *dirty = false;
-            let start = c * CHUNK as usize;
-            let end = (start + CHUNK as usize).min(a.len());
-            if first_diff.is_none() && a[start..end] != b[start..end] {
-                let i = a[start..end]
+        for c in std::mem::take(&mut self.chunks) {
+            let start = c * CHUNK;
+            let n = (a.disk_size - start).min(CHUNK) as usize;
+            read_padded(&a.file, start, &mut x[..n])?;
+            read_padded(&b.file, start, &mut y[..n])?;
+            if first_diff.is_none() && x[..n] != y[..n] {
+                let i = x[..n]
                     .iter()
-                    .zip(&b[start..end])
-                    .position(|(x, y)| x != y)
+                    .zip(&y[..n])
+                    .position(|(p, q)| p != q)
                     .unwrap_or(0);
-                first_diff = Some((start + i) as u64);
+                first_diff = Some(start + i as u64);
             }
         }
-        first_diff
+        Ok(first_diff)
     }
 }
 
@@ -180,8 +209,15 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
                     ));
                 }
                 Some((d, o)) => {
-                    let expected = d.tags.iter().find(|t| t.id == p.tag_id).map(|t| t.seq);
-                    if expected != Some(l.seq) {
+                    let tag = d.tags.iter().find(|t| t.id == p.tag_id);
+                    let expected = tag.map(|t| t.seq);
+                    if tag.is_some_and(|t| t.in_resync) {
+                        ok = false;
+                        errors.push(format!(
+                            "recovery point {}/{}: {id} was resyncing when the tag was cut, but the master target offers it",
+                            p.group, p.tag_id
+                        ));
+                    } else if expected != Some(l.seq) {
                         ok = false;
                         errors.push(format!(
                             "recovery point {}/{}: tag on {id} landed at sequence {} but the source put it at {expected:?}",
@@ -209,7 +245,7 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
             let e = acked_tags
                 .entry((d.group.as_str(), t.id))
                 .or_insert((0, members));
-            if t.seq <= d.acked_seq {
+            if t.seq <= d.acked_seq && !t.in_resync {
                 e.0 += 1;
             }
         }
@@ -273,131 +309,138 @@ fn verify_disk(
             return out;
         }
     };
-    let tag_at: HashMap<u64, u64> = d.tags.iter().map(|t| (t.seq, t.id)).collect();
-    let mut src = MemoryImage(vec![0; d.disk_size as usize]);
-    let mut rep = MemoryImage(vec![0; d.disk_size as usize]);
-    let mut dirty = Dirty(vec![false; d.disk_size.div_ceil(CHUNK) as usize]);
+    let scratch = match tempfile::Builder::new().prefix("fbr-verify-").tempdir() {
+        Ok(t) => t,
+        Err(e) => {
+            fail(&mut out, format!("scratch directory: {e}"));
+            return out;
+        }
+    };
+    let images =
+        Scratch::new(scratch.path(), "source", &d.source_base, d.disk_size).and_then(|src| {
+            Scratch::new(scratch.path(), "replica", &d.replica_base, d.disk_size)
+                .map(|rep| (src, rep))
+        });
+    let (src, rep) = match images {
+        Ok(pair) => pair,
+        Err(e) => {
+            fail(&mut out, format!("building the starting images: {e}"));
+            return out;
+        }
+    };
+    let tags: HashMap<u64, &crate::source::TagRecord> = d.tags.iter().map(|t| (t.seq, t)).collect();
+    let mut dirty = Dirty {
+        chunks: BTreeSet::new(),
+        everything: d.source_base != d.replica_base || d.first_seq > 1,
+    };
     let mut seq = 0u64;
     // Walk the journal; the source follows. Sequence numbers may skip where the relay
     // coalesced records superseded between two recovery points (docs/WAN.md), and a
     // record may differ from the source's (cut down, or an all-zero write sent as a
     // zero range): what must hold is the state at every recovery point and at the end.
-    loop {
-        let (record, _) = match journal.next_record() {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                if let Some(damage) = journal.damage() {
-                    fail(&mut out, format!("journal damaged: {damage}"));
+    let result: Result<(), String> = (|| {
+        loop {
+            let (record, _) = match journal.next_record() {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    if let Some(damage) = journal.damage() {
+                        return Err(format!("journal damaged: {damage}"));
+                    }
+                    return Ok(());
                 }
-                break;
+                Err(e) => return Err(format!("reading journal: {e}")),
+            };
+            let at = record.seq();
+            if at <= seq {
+                return Err(format!("journal sequence {at} follows {seq}"));
             }
-            Err(e) => {
-                fail(&mut out, format!("reading journal: {e}"));
-                break;
-            }
-        };
-        let at = record.seq();
-        if at <= seq {
-            fail(&mut out, format!("journal sequence {at} follows {seq}"));
-            break;
-        }
-        if at > d.last_seq {
-            fail(
-                &mut out,
-                format!(
+            if at > d.last_seq {
+                return Err(format!(
                     "journal holds sequence {at}, beyond the {} the source produced",
                     d.last_seq
-                ),
-            );
-            break;
-        }
-        // The source's records the journal skipped (coalesced away): never a tag.
-        let mut broken = false;
-        for skipped in seq + 1..at {
-            if let Some(tag_id) = tag_at.get(&skipped) {
-                fail(
-                    &mut out,
-                    format!(
-                        "recovery point {tag_id} (sequence {skipped}) is missing from the journal"
-                    ),
-                );
-                broken = true;
-                break;
+                ));
             }
-            match source.next_change() {
-                Ok(Some(change)) => {
-                    let want = change.into_record(skipped);
-                    let _ = apply_record(&want, &mut src);
+            // The source's records the journal skipped (coalesced away): never a tag.
+            for skipped in (seq + 1).max(d.first_seq)..at {
+                if let Some(t) = tags.get(&skipped) {
+                    return Err(format!(
+                        "recovery point {} (sequence {skipped}) is missing from the journal",
+                        t.id
+                    ));
+                }
+                if !d.is_resync(skipped) {
+                    let want = draw(&mut source, skipped)?;
+                    src.apply(&want)
+                        .map_err(|e| format!("source scratch: {e}"))?;
                     dirty.mark(&want);
                 }
-                Ok(None) | Err(_) => {
-                    fail(&mut out, format!("source ended before sequence {skipped}"));
-                    broken = true;
-                    break;
-                }
             }
-        }
-        if broken {
-            break;
-        }
-        seq = at;
-        match (tag_at.get(&seq), &record) {
-            (Some(tag_id), Record::Tag { id: got, .. }) if tag_id == got => {
-                out.report.tags_checked += 1;
-                let diff = dirty.compare(&src.0, &rep.0);
-                if let Some(at) = diff {
-                    fail(
-                        &mut out,
-                        format!(
-                            "replica differs from the source at tag {tag_id} (first at byte {at})"
+            seq = at;
+            let replica_only = at < d.first_seq || d.is_resync(at);
+            match (&record, tags.get(&seq)) {
+                (Record::Tag { id: got, .. }, Some(t)) if !replica_only && t.id == *got => {
+                    if t.in_resync {
+                        continue;
+                    }
+                    out.report.tags_checked += 1;
+                    let diff = dirty
+                        .compare(&src, &rep)
+                        .map_err(|e| format!("comparing at tag {}: {e}", t.id))?;
+                    match diff {
+                        Some(at) => fail(
+                            &mut out,
+                            format!(
+                                "replica differs from the source at tag {} (first at byte {at})",
+                                t.id
+                            ),
                         ),
-                    );
-                } else {
-                    out.report.tags_matching += 1;
-                }
-                out.tag_matches.insert(*tag_id, diff.is_none());
-            }
-            (None, Record::Write { .. } | Record::Zero { .. }) => {
-                let want = match source.next_change() {
-                    Ok(Some(change)) => change.into_record(seq),
-                    Ok(None) => {
-                        fail(&mut out, format!("source ended before sequence {seq}"));
-                        break;
+                        None => out.report.tags_matching += 1,
                     }
-                    Err(e) => {
-                        fail(&mut out, format!("source: {e}"));
-                        break;
-                    }
-                };
-                let _ = apply_record(&want, &mut src);
-                if let Err(e) = apply_record(&record, &mut rep) {
-                    fail(&mut out, format!("journal record {seq} cannot apply: {e}"));
+                    out.tag_matches.insert(t.id, diff.is_none());
                 }
-                dirty.mark(&want);
-                dirty.mark(&record);
-            }
-            (expected, _) => {
-                fail(
-                    &mut out,
-                    format!(
-                        "journal record {seq} is {record:?}, the source has {} there",
+                (Record::Write { .. } | Record::Zero { .. } | Record::Resync { .. }, None)
+                    if replica_only =>
+                {
+                    rep.apply(&record)
+                        .map_err(|e| format!("journal record {seq} cannot apply: {e}"))?;
+                    dirty.mark(&record);
+                }
+                (Record::Write { .. } | Record::Zero { .. }, None) => {
+                    let want = draw(&mut source, seq)?;
+                    src.apply(&want)
+                        .map_err(|e| format!("source scratch: {e}"))?;
+                    rep.apply(&record)
+                        .map_err(|e| format!("journal record {seq} cannot apply: {e}"))?;
+                    dirty.mark(&want);
+                    dirty.mark(&record);
+                }
+                (Record::Tag { .. }, None) if at < d.first_seq => {}
+                (_, expected) => {
+                    return Err(format!(
+                        "journal record {seq} is {}, the source has {} there",
+                        describe(&record),
                         match expected {
-                            Some(t) => format!("tag {t}"),
+                            Some(t) => format!("tag {}", t.id),
+                            None if replica_only => "a resync record".into(),
                             None => "a change".into(),
                         }
-                    ),
-                );
-                break;
+                    ));
+                }
             }
         }
+    })();
+    if let Err(e) = result {
+        fail(&mut out, e);
     }
     // A stream delivered to its end must equal the source at its end.
     if seq == d.last_seq {
-        if let Some(at) = dirty.compare(&src.0, &rep.0) {
-            fail(
+        match dirty.compare(&src, &rep) {
+            Ok(Some(at)) => fail(
                 &mut out,
                 format!("replica differs from the source at its last record (first at byte {at})"),
-            );
+            ),
+            Ok(None) => {}
+            Err(e) => fail(&mut out, format!("comparing at the end: {e}")),
         }
     }
     out.report.journal_seq = seq;
@@ -411,24 +454,36 @@ fn verify_disk(
         );
     }
     // The image file must equal the journal replayed to its end.
-    match read_image(&image_path(mt_data, &id), d.disk_size) {
-        Ok(img) => {
-            out.report.final_image_matches = img == rep.0;
-            if !out.report.final_image_matches {
-                fail(
-                    &mut out,
-                    "image.raw differs from its journal replayed to the end".into(),
-                );
-            }
-        }
+    let image = File::open(image_path(mt_data, &id))
+        .and_then(|img| first_difference(&img, &rep.file, d.disk_size));
+    match image {
+        Ok(None) => out.report.final_image_matches = true,
+        Ok(Some(at)) => fail(
+            &mut out,
+            format!("image.raw differs from its journal replayed to the end (first at byte {at})"),
+        ),
         Err(e) => fail(&mut out, format!("reading image: {e}")),
     }
     out
 }
 
-fn read_image(path: &Path, size: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = File::open(path)?;
-    let mut buf = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut buf)?;
-    Ok(buf)
+/// The source's change at `seq`, drawn again.
+fn draw(source: &mut ChangeSource, seq: u64) -> Result<Record, String> {
+    match source.next_change() {
+        Ok(Some(change)) => Ok(change.into_record(seq)),
+        Ok(None) => Err(format!("source ended before sequence {seq}")),
+        Err(e) => Err(format!("source: {e}")),
+    }
+}
+
+/// A record, for messages (without its data).
+fn describe(record: &Record) -> String {
+    match record {
+        Record::Write { offset, data, .. } => {
+            format!("a write of {} bytes at {offset}", data.len())
+        }
+        Record::Zero { offset, len, .. } => format!("a zero range of {len} bytes at {offset}"),
+        Record::Tag { id, .. } => format!("tag {id}"),
+        Record::Resync { mark, .. } => format!("a resync {:?} mark", mark.phase),
+    }
 }

@@ -215,6 +215,7 @@ async fn run_model(
                 profile: Profile::Mixed,
                 content,
             },
+            start: Default::default(),
         })
         .collect();
     let agent_opts = AgentOptions {

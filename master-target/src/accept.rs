@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fbr_metrics::master_target::MasterTargetMetrics;
-use fbr_protocol::stream::{ReceiverConfig, Refusal, StreamReceiver};
+use fbr_protocol::stream::{Opening, ReceiverConfig, Refusal, StreamReceiver};
 use fbr_protocol::{ErrorCode, StreamId};
 use fbr_transport::{require_role, FrameReader, FrameWriter, PeerIdentity, Role};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -29,7 +29,8 @@ use tracing::Instrument;
 use crate::content::ContentIndex;
 use crate::files::DataDir;
 use crate::replica::{DiskReplica, ReplicaError};
-use crate::store::Store;
+use crate::store::{ReplicaIndex, Store};
+use crate::sync::SyncState;
 use crate::unpack::UNPACKED_BYTES;
 
 /// Everything the master target's sessions share.
@@ -48,10 +49,21 @@ pub struct MasterTarget {
 
 /// The one-owner-at-a-time cell of a disk.
 #[derive(Debug)]
-struct DiskSlot {
+pub(crate) struct DiskSlot {
     replica: Arc<tokio::sync::Mutex<Option<DiskReplica>>>,
     /// Bumped by every new session; older sessions see the change and stop.
     generation: watch::Sender<u64>,
+    /// Where the replica stands, published by the session that owns it (hash streams
+    /// read it without taking the replica from its session).
+    status: Mutex<Option<DiskStatus>>,
+}
+
+/// Where an open replica stands: enough to answer `HashAccept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DiskStatus {
+    pub disk_size: u64,
+    pub hwm: u64,
+    pub sync: SyncState,
 }
 
 impl MasterTarget {
@@ -73,7 +85,67 @@ impl MasterTarget {
         })
     }
 
-    fn slot(&self, id: &StreamId) -> Arc<DiskSlot> {
+    /// Publishes where `replica` stands (after it opened, and after every batch): for
+    /// hash streams and the per-disk gauges.
+    pub(crate) fn publish(&self, slot: &DiskSlot, replica: &DiskReplica) {
+        let status = DiskStatus {
+            disk_size: replica.disk_size,
+            hwm: replica.hwm(),
+            sync: replica.sync_state(),
+        };
+        *slot.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+        let labels = [replica.id.vm.as_str(), &replica.id.disk.to_string()];
+        let m = &self.metrics;
+        m.disk_sync_state
+            .with_label_values(&labels)
+            .set(status.sync.gauge());
+        let (done, total) = status
+            .sync
+            .resync()
+            .map_or((0, 0), |r| (r.next_region, r.regions));
+        m.resync_regions_done
+            .with_label_values(&labels)
+            .set(done as i64);
+        m.resync_regions_total
+            .with_label_values(&labels)
+            .set(total as i64);
+    }
+
+    /// Where the replica of `id` stands, for a hash stream: as its session published it,
+    /// or, with no session since the start, recovered from disk now (the replica then
+    /// stays open for the next session). `None` for a disk this master target never saw.
+    pub(crate) async fn disk_status(
+        self: &Arc<Self>,
+        id: &StreamId,
+        disk_size: u64,
+    ) -> Result<Option<DiskStatus>, ReplicaError> {
+        let slot = self.slot(id);
+        for _ in 0..500 {
+            if let Some(s) = *slot.status.lock().unwrap_or_else(|p| p.into_inner()) {
+                return Ok(Some(s));
+            }
+            if let Ok(mut owned) = slot.replica.clone().try_lock_owned() {
+                if owned.is_none() {
+                    if self.store.checkpoint(id)?.is_none() {
+                        return Ok(None);
+                    }
+                    *owned = Some(self.open_replica(id, disk_size).await?);
+                }
+                if let Some(r) = owned.as_ref() {
+                    self.publish(&slot, r);
+                }
+                continue;
+            }
+            // A session owns the replica and is about to publish where it stands.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Err(ReplicaError::Io {
+            file: format!("disk {id}"),
+            source: std::io::Error::other("its session did not publish its state within 5 s"),
+        })
+    }
+
+    pub(crate) fn slot(&self, id: &StreamId) -> Arc<DiskSlot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots
             .entry(id.clone())
@@ -81,6 +153,7 @@ impl MasterTarget {
                 Arc::new(DiskSlot {
                     replica: Arc::new(tokio::sync::Mutex::new(None)),
                     generation: watch::channel(0).0,
+                    status: Mutex::new(None),
                 })
             })
             .clone();
@@ -154,15 +227,26 @@ impl MasterTarget {
             peer.entitlement.clone(),
             Instant::now(),
         );
-        let (id, disk_size) = match reader.receive_hello(&mut receiver).await {
-            Ok(Some(hello)) => hello,
-            Ok(None) => return,
-            Err(refusal) => return self.refuse(&mut writer, &refusal, None).await,
-        };
-        let span = tracing::info_span!("stream", stream = %id);
-        self.serve_disk(receiver, id, disk_size, reader, writer)
-            .instrument(span)
-            .await
+        match reader.receive_hello(&mut receiver).await {
+            Ok(Some(Opening::Data { stream, disk_size })) => {
+                let span = tracing::info_span!("stream", stream = %stream);
+                self.serve_disk(receiver, stream, disk_size, reader, writer)
+                    .instrument(span)
+                    .await
+            }
+            Ok(Some(Opening::Hashes {
+                stream,
+                disk_size,
+                key,
+            })) => {
+                let span = tracing::info_span!("hashes", stream = %stream);
+                crate::hashes::serve(self, receiver, stream, disk_size, key, reader, writer)
+                    .instrument(span)
+                    .await
+            }
+            Ok(None) => {}
+            Err(refusal) => self.refuse(&mut writer, &refusal, None).await,
+        }
     }
 
     /// Owns the disk, opens its replica, accepts, and runs the reader and the applier.
@@ -210,6 +294,8 @@ impl MasterTarget {
                 }
             },
         };
+        self.publish(&slot, &replica);
+        receiver.track_resync(replica.sync_state().resync().map(|m| m.id));
         let accept = receiver.accept(replica.hwm() + 1, self.credit_bytes);
         tracing::info!(next_seq = replica.hwm() + 1, "stream accepted");
         if writer.send(&accept).await.is_err() {
@@ -226,8 +312,15 @@ impl MasterTarget {
                 .in_current_span(),
         );
         // Applier: batch, make durable, acknowledge.
-        let (replica, failure) =
-            crate::apply::run(&self, replica, queue, &mut generation_rx, &mut writer).await;
+        let (replica, failure) = crate::apply::run(
+            &self,
+            &slot,
+            replica,
+            queue,
+            &mut generation_rx,
+            &mut writer,
+        )
+        .await;
         reader_task.abort();
         *owned = replica;
         match failure {
@@ -254,7 +347,12 @@ impl MasterTarget {
     }
 
     /// Refuses or closes a stream with a coded error, and counts it.
-    async fn refuse(&self, writer: &mut FrameWriter, refusal: &Refusal, stream: Option<&StreamId>) {
+    pub(crate) async fn refuse(
+        &self,
+        writer: &mut FrameWriter,
+        refusal: &Refusal,
+        stream: Option<&StreamId>,
+    ) {
         self.metrics.stream_errors_total.count(refusal.code);
         writer.refuse(refusal, stream).await;
     }

@@ -12,15 +12,16 @@ use fbr_protocol::{ErrorCode, Frame, Record};
 use fbr_transport::FrameWriter;
 use tokio::sync::{mpsc, watch};
 
-use crate::accept::MasterTarget;
+use crate::accept::{DiskSlot, MasterTarget};
 use crate::replica::DiskReplica;
 use crate::unpack::{Item, Unpacked, MAX_APPLY_BYTES};
 
 /// Applies queued records until the queue ends, a refusal or failure arrives, or a newer
 /// session supersedes this one. Returns the replica (unless applying failed) and the
 /// refusal to send, if any.
-pub async fn run(
+pub(crate) async fn run(
     mt: &MasterTarget,
+    slot: &DiskSlot,
     replica: DiskReplica,
     mut queue: mpsc::UnboundedReceiver<Item>,
     generation_rx: &mut watch::Receiver<u64>,
@@ -43,6 +44,7 @@ pub async fn run(
             match apply(mt, r, batch).await {
                 Ok(r) => {
                     let hwm = r.hwm();
+                    mt.publish(slot, &r);
                     replica = Some(r);
                     if writer.send(&Frame::Ack { seq: hwm }).await.is_err() {
                         return (replica, None);

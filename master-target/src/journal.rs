@@ -287,7 +287,7 @@ pub fn apply_record(record: &Record, sink: &mut impl ImageSink) -> io::Result<()
     match record {
         Record::Write { offset, data, .. } => sink.write_at(*offset, data),
         Record::Zero { offset, len, .. } => sink.zero(*offset, *len),
-        Record::Tag { .. } => Ok(()),
+        Record::Tag { .. } | Record::Resync { .. } => Ok(()),
     }
 }
 

@@ -11,11 +11,15 @@
 //! - [`files`]: where a replica's files live, behind [`files::ReplicaFiles`] (the data
 //!   directory, or memory with crashes and injected faults for the model test).
 //! - [`replica`]: one disk's image + journal + high-water mark; durability and recovery.
+//! - [`seed`]: adopting an existing disk image as a stale replica (original location).
+//! - [`sync`]: whether a replica offers recovery points (consistent, stale, resyncing).
 //! - [`accept`]: QUIC connections from relays, one session per disk stream (a thin
 //!   driver of `fbr_protocol::stream::StreamReceiver`), one owner per disk.
 //! - [`unpack`]: frames through the receiver machine into checked records; WAN batches'
 //!   references resolved against the [`content`] index.
 //! - [`apply`]: group commit of queued records into the replica, then `Ack`.
+//! - [`hashes`]: hash streams: the replica described as keyed node hashes, for a
+//!   resync's comparison.
 //! - [`content`]: which blocks the master target holds, for the relay's dedup.
 //!
 //! ## Data directory
@@ -37,10 +41,13 @@ pub mod accept;
 pub mod apply;
 pub mod content;
 pub mod files;
+pub mod hashes;
 pub mod journal;
 pub mod replica;
+pub mod seed;
 pub mod settings;
 pub mod store;
+pub mod sync;
 pub mod unpack;
 
 pub use accept::MasterTarget;

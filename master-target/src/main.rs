@@ -45,6 +45,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Adopt an existing disk image as the replica of a disk (the original location of a
+    /// reprotect; daemon stopped). The replica is stale, with no recovery point, until a
+    /// delta resync has made it equal to its source and the next tag arrives.
+    SeedDisk {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        disk: u32,
+        /// The disk image to adopt (its size is the disk's size).
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the image of one disk at one recovery point to a file (daemon stopped).
     Materialize {
         #[arg(long)]
@@ -135,6 +151,13 @@ fn main() -> ExitCode {
         ),
         Command::CheckConfig(args) => fbr_daemon::report_check("master-target", args.settings()),
         Command::Points { data, json } => report(points(&data, json)),
+        Command::SeedDisk {
+            data,
+            vm,
+            disk,
+            image,
+            json,
+        } => report(seed_disk(&data, &StreamId { vm, disk }, &image, json)),
         Command::Materialize {
             data,
             group,
@@ -254,9 +277,35 @@ fn points(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 p.kind,
                 p.landed.len(),
                 p.members,
-                if p.complete { "complete" } else { "incomplete" }
+                if p.complete {
+                    "complete"
+                } else if !p.consistent {
+                    "inconsistent (landed while a disk was stale or resyncing)"
+                } else {
+                    "incomplete"
+                }
             );
         }
+    }
+    Ok(())
+}
+
+fn seed_disk(
+    data: &std::path::Path,
+    id: &StreamId,
+    image: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let seeded = fbr_master_target::seed::seed_disk(data, id, image)?;
+    if json {
+        println!("{}", serde_json::to_string(&seeded)?);
+    } else {
+        println!(
+            "seeded {id} from {} ({} bytes, {} copied); stale until a delta resync completes",
+            image.display(),
+            seeded.disk_size,
+            seeded.copied_bytes
+        );
     }
     Ok(())
 }
@@ -274,6 +323,10 @@ fn materialize(
         .into_iter()
         .find(|p| p.group == group && p.tag_id == tag)
         .with_context(|| format!("no recovery point {tag} in group {group}"))?;
+    anyhow::ensure!(
+        point.consistent,
+        "recovery point {tag} of group {group} landed while a disk was stale or resyncing: it is no recovery point"
+    );
     anyhow::ensure!(
         point.complete,
         "recovery point {tag} of group {group} is incomplete"

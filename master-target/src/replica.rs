@@ -34,6 +34,7 @@ use crate::journal::{
     self, apply_record, encode_entry, ImageSink, JournalReader, JOURNAL_HEADER_LEN,
 };
 use crate::store::{DiskCheckpoint, ReplicaIndex, StoreError, TagLanding};
+use crate::sync::SyncState;
 
 /// Take a checkpoint after this many journal bytes...
 const CHECKPOINT_BYTES: u64 = 512 << 20;
@@ -86,6 +87,8 @@ pub struct DiskReplica<F = File> {
     journal: Arc<F>,
     journal_len: u64,
     hwm: u64,
+    /// Whether tags landing now are recovery points (stale, resyncing, ...).
+    sync: SyncState,
     checkpoint: DiskCheckpoint,
     last_checkpoint_at: Instant,
     encode_buf: BytesMut,
@@ -141,6 +144,7 @@ impl<F: DurableFile> DiskReplica<F> {
             disk_size,
             journal_offset: JOURNAL_HEADER_LEN,
             seq: 0,
+            sync: SyncState::Consistent,
         });
         if journal_len < checkpoint.journal_offset {
             return Err(ReplicaError::Corrupt {
@@ -160,6 +164,7 @@ impl<F: DurableFile> DiskReplica<F> {
             checkpoint.journal_offset,
         )?;
         let mut hwm = checkpoint.seq;
+        let mut sync = checkpoint.sync;
         let mut tags = Vec::new();
         let mut sink = FileImage(&image);
         while let Some((record, end)) = reader.next_record()? {
@@ -173,7 +178,8 @@ impl<F: DurableFile> DiskReplica<F> {
                 });
             }
             apply_record(&record, &mut sink).map_err(io_err(&image_name))?;
-            if let Some(t) = landing(id, &record, end) {
+            let consistent = sync.follow(&record);
+            if let Some(t) = landing(id, &record, end, consistent) {
                 tags.push(t);
             }
             hwm = record.seq();
@@ -205,6 +211,7 @@ impl<F: DurableFile> DiskReplica<F> {
             journal,
             journal_len,
             hwm,
+            sync,
             checkpoint,
             last_checkpoint_at: Instant::now(),
             encode_buf: BytesMut::new(),
@@ -216,6 +223,11 @@ impl<F: DurableFile> DiskReplica<F> {
     /// The highest sequence number durably held.
     pub fn hwm(&self) -> u64 {
         self.hwm
+    }
+
+    /// Whether the replica is in step, stale or resyncing (as of [`Self::hwm`]).
+    pub fn sync_state(&self) -> SyncState {
+        self.sync
     }
 
     /// Durably appends `records` (validated by the caller: sequence numbers increasing
@@ -250,14 +262,17 @@ impl<F: DurableFile> DiskReplica<F> {
             .write_at(&self.encode_buf, self.journal_len)
             .map_err(io_err(&self.journal_name))?;
         self.journal.sync().map_err(io_err(&self.journal_name))?;
+        let mut sync = self.sync;
         for (r, end) in records.iter().zip(ends) {
-            if let Some(t) = landing(&self.id, r, end) {
+            let consistent = sync.follow(r);
+            if let Some(t) = landing(&self.id, r, end, consistent) {
                 tags.push(t);
             }
         }
         if !tags.is_empty() {
             index.commit(&self.id, None, &tags)?;
         }
+        self.sync = sync;
         self.journal_len += self.encode_buf.len() as u64;
         self.hwm = records.last().map(Record::seq).unwrap_or(self.hwm);
         let mut sink = FileImage(&self.image);
@@ -293,6 +308,7 @@ impl<F: DurableFile> DiskReplica<F> {
             disk_size: self.disk_size,
             journal_offset: self.journal_len,
             seq: self.hwm,
+            sync: self.sync,
         };
         index.commit(&self.id, Some(c), tags)?;
         self.checkpoint = c;
@@ -301,7 +317,14 @@ impl<F: DurableFile> DiskReplica<F> {
     }
 }
 
-fn landing(id: &StreamId, record: &Record, journal_end: u64) -> Option<TagLanding> {
+/// The landing of `record` if it is a tag (`consistent`: whether it is a recovery point
+/// of this disk, from [`SyncState::follow`]).
+fn landing(
+    id: &StreamId,
+    record: &Record,
+    journal_end: u64,
+    consistent: Option<bool>,
+) -> Option<TagLanding> {
     match record {
         Record::Tag {
             seq,
@@ -317,6 +340,7 @@ fn landing(id: &StreamId, record: &Record, journal_end: u64) -> Option<TagLandin
             kind: *kind,
             members: *members,
             journal_end,
+            consistent: consistent.unwrap_or(true),
         }),
         _ => None,
     }

@@ -8,7 +8,12 @@
 //!
 //! Tables (do not change key or value types without a migration):
 //! - `disks`: `"vm/disk"` -> `(disk_size, checkpoint_offset, checkpoint_seq)`
+//! - `disk_state`: `"vm/disk"` -> the sync state as of the checkpoint
+//!   ([`crate::sync::SyncRow`]); no row means consistent (data directories made before
+//!   resync existed)
 //! - `tags`: `(group, tag_id, "vm/disk")` -> `(seq, kind, members, journal_end)`
+//! - `inconsistent_tags`: `(group, tag_id, "vm/disk")` -> `()`: tags that landed while
+//!   the disk was stale or resyncing, so they are no recovery point
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,7 +24,11 @@ use fbr_protocol::{StreamId, TagKind};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::Serialize;
 
+use crate::sync::{SyncRow, SyncState};
+
 const DISKS: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("disks");
+const DISK_STATE: TableDefinition<&str, SyncRow> = TableDefinition::new("disk_state");
+const INCONSISTENT_TAGS: TableDefinition<TagKey, ()> = TableDefinition::new("inconsistent_tags");
 /// `(group, tag_id, "vm/disk")`.
 type TagKey<'a> = (&'a str, u64, &'a str);
 /// `(seq, kind, members, journal_end)`.
@@ -35,22 +44,33 @@ fn e(err: impl std::fmt::Display) -> StoreError {
     StoreError(err.to_string())
 }
 
-/// Where a disk's image is known to be flushed up to.
+/// Where a disk's image is known to be flushed up to, and its sync state there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskCheckpoint {
     pub disk_size: u64,
     pub journal_offset: u64,
     pub seq: u64,
+    pub sync: SyncState,
 }
 
 impl DiskCheckpoint {
-    /// From a `disks` row: `(disk_size, checkpoint_offset, checkpoint_seq)`.
-    fn from_row((disk_size, journal_offset, seq): (u64, u64, u64)) -> Self {
-        DiskCheckpoint {
+    /// From a `disks` row, `(disk_size, checkpoint_offset, checkpoint_seq)`, and the
+    /// disk's `disk_state` row if it has one.
+    fn from_rows(
+        (disk_size, journal_offset, seq): (u64, u64, u64),
+        sync: Option<SyncRow>,
+    ) -> Result<Self, StoreError> {
+        let sync = match sync {
+            None => SyncState::Consistent,
+            Some(row) => SyncState::from_row(row)
+                .ok_or_else(|| StoreError(format!("unknown disk state row {row:?}")))?,
+        };
+        Ok(DiskCheckpoint {
             disk_size,
             journal_offset,
             seq,
-        }
+            sync,
+        })
     }
 }
 
@@ -65,6 +85,8 @@ pub struct TagLanding {
     pub members: u32,
     /// Journal offset just past the tag's entry.
     pub journal_end: u64,
+    /// Whether the disk was in step when the tag landed (not stale, not resyncing).
+    pub consistent: bool,
 }
 
 /// One recovery point of a replication group, as known to this master target.
@@ -77,7 +99,9 @@ pub struct RecoveryPoint {
     pub members: u32,
     /// Disks on which the tag is durable here, with the tag's sequence number on each.
     pub landed: Vec<LandedOn>,
-    /// `landed.len() == members`: the point can be failed over to.
+    /// Every landing was on a disk in step (none stale or resyncing).
+    pub consistent: bool,
+    /// Landed on every member and consistent: the point can be failed over to.
     pub complete: bool,
 }
 
@@ -133,7 +157,9 @@ impl Store {
         })?;
         let tx = db.begin_write().map_err(e)?;
         tx.open_table(DISKS).map_err(e)?;
+        tx.open_table(DISK_STATE).map_err(e)?;
         tx.open_table(TAGS).map_err(e)?;
+        tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(Store { db })
     }
@@ -142,11 +168,13 @@ impl Store {
     pub fn disks(&self) -> Result<Vec<(StreamId, DiskCheckpoint)>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(DISKS).map_err(e)?;
+        let states = tx.open_table(DISK_STATE).map_err(e)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
             if let Some(id) = parse_stream_key(k.value()) {
-                out.push((id, DiskCheckpoint::from_row(v.value())));
+                let sync = states.get(k.value()).map_err(e)?.map(|s| s.value());
+                out.push((id, DiskCheckpoint::from_rows(v.value(), sync)?));
             }
         }
         Ok(out)
@@ -156,6 +184,7 @@ impl Store {
     pub fn recovery_points(&self) -> Result<Vec<RecoveryPoint>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(TAGS).map_err(e)?;
+        let inconsistent = tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
         let mut points: BTreeMap<(String, u64), RecoveryPoint> = BTreeMap::new();
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
@@ -176,8 +205,12 @@ impl Store {
                     },
                     members,
                     landed: vec![],
+                    consistent: true,
                     complete: false,
                 });
+            if inconsistent.get(k.value()).map_err(e)?.is_some() {
+                p.consistent = false;
+            }
             p.landed.push(LandedOn {
                 vm: stream.vm,
                 disk: stream.disk,
@@ -187,7 +220,7 @@ impl Store {
         Ok(points
             .into_values()
             .map(|mut p| {
-                p.complete = p.landed.len() == p.members as usize;
+                p.complete = p.landed.len() == p.members as usize && p.consistent;
                 p
             })
             .collect())
@@ -198,9 +231,13 @@ impl ReplicaIndex for Store {
     fn checkpoint(&self, id: &StreamId) -> Result<Option<DiskCheckpoint>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(DISKS).map_err(e)?;
-        Ok(t.get(stream_key(id).as_str())
-            .map_err(e)?
-            .map(|v| DiskCheckpoint::from_row(v.value())))
+        let states = tx.open_table(DISK_STATE).map_err(e)?;
+        let key = stream_key(id);
+        let Some(row) = t.get(key.as_str()).map_err(e)? else {
+            return Ok(None);
+        };
+        let sync = states.get(key.as_str()).map_err(e)?.map(|s| s.value());
+        DiskCheckpoint::from_rows(row.value(), sync).map(Some)
     }
 
     fn commit(
@@ -212,21 +249,28 @@ impl ReplicaIndex for Store {
         let tx = self.db.begin_write().map_err(e)?;
         {
             if let Some(c) = checkpoint {
+                let key = stream_key(id);
                 let mut t = tx.open_table(DISKS).map_err(e)?;
-                t.insert(
-                    stream_key(id).as_str(),
-                    (c.disk_size, c.journal_offset, c.seq),
-                )
-                .map_err(e)?;
+                t.insert(key.as_str(), (c.disk_size, c.journal_offset, c.seq))
+                    .map_err(e)?;
+                let mut t = tx.open_table(DISK_STATE).map_err(e)?;
+                t.insert(key.as_str(), c.sync.to_row()).map_err(e)?;
             }
             let mut t = tx.open_table(TAGS).map_err(e)?;
+            let mut inconsistent = tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
             for tag in tags {
                 let key = stream_key(&tag.stream);
+                let tag_key = (tag.group.as_str(), tag.id, key.as_str());
                 t.insert(
-                    (tag.group.as_str(), tag.id, key.as_str()),
+                    tag_key,
                     (tag.seq, tag.kind as u8, tag.members, tag.journal_end),
                 )
                 .map_err(e)?;
+                if tag.consistent {
+                    inconsistent.remove(tag_key).map_err(e)?;
+                } else {
+                    inconsistent.insert(tag_key, ()).map_err(e)?;
+                }
             }
         }
         tx.commit().map_err(e)

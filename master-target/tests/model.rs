@@ -18,8 +18,9 @@ use fbr_master_target::journal::{
     apply_record, replay_from, JournalReader, MemoryImage, JOURNAL_HEADER_LEN,
 };
 use fbr_master_target::store::MemIndex;
+use fbr_master_target::sync::SyncState;
 use fbr_master_target::DiskReplica;
-use fbr_protocol::{Record, StreamId, TagKind};
+use fbr_protocol::{Record, ResyncMark, ResyncMode, ResyncPhase, StreamId, TagKind};
 use fbr_storage::{Crash, MemFile};
 use proptest::prelude::*;
 
@@ -41,6 +42,8 @@ enum Item {
     Tag {
         app: bool,
     },
+    /// A resync mark (begin, progress or end of resync 1).
+    Mark(u8),
     /// A sequence number the relay coalesced away (a record superseded before the
     /// next recovery point).
     Skip,
@@ -68,6 +71,7 @@ fn item() -> impl Strategy<Value = Item> {
             sectors: sectors.min(SECTORS - sector),
         }),
         2 => any::<bool>().prop_map(|app| Item::Tag { app }),
+        1 => (1u8..4).prop_map(Item::Mark),
         1 => Just(Item::Skip),
     ]
 }
@@ -146,6 +150,19 @@ impl Model {
                         group: "g".into(),
                     }
                 }
+                Item::Mark(phase) => Record::Resync {
+                    seq,
+                    mark: ResyncMark {
+                        id: 1,
+                        phase: [ResyncPhase::Begin, ResyncPhase::Progress, ResyncPhase::End]
+                            [phase as usize - 1],
+                        mode: ResyncMode::Delta,
+                        next_region: 0,
+                        regions: 1,
+                        compared_bytes: 0,
+                        sent_bytes: 0,
+                    },
+                },
                 Item::Skip => continue,
             });
         }
@@ -204,22 +221,31 @@ fn check(replica: &DiskReplica<MemFile>, files: &MemFiles, index: &MemIndex, mod
         records == model.held.iter().collect::<Vec<_>>(),
         "the journal holds exactly the records applied"
     );
-    let want: Vec<(u64, u64, u64, TagKind)> = entries
+    // Which tags are recovery points follows from the marks before them (the rule is
+    // `SyncState::follow`, unit-tested on its own); crashes must not change it.
+    let mut sync = SyncState::Consistent;
+    let want: Vec<(u64, u64, u64, TagKind, bool)> = entries
         .iter()
-        .filter_map(|(r, end)| match r {
-            Record::Tag { seq, id, kind, .. } => Some((*seq, *id, *end, *kind)),
-            _ => None,
+        .filter_map(|(r, end)| {
+            let consistent = sync.follow(r);
+            match r {
+                Record::Tag { seq, id, kind, .. } => {
+                    Some((*seq, *id, *end, *kind, consistent.unwrap_or(false)))
+                }
+                _ => None,
+            }
         })
         .collect();
-    let got: Vec<(u64, u64, u64, TagKind)> = index
+    let got: Vec<(u64, u64, u64, TagKind, bool)> = index
         .tags_of(&disk())
         .into_iter()
-        .map(|t| (t.seq, t.id, t.journal_end, t.kind))
+        .map(|t| (t.seq, t.id, t.journal_end, t.kind, t.consistent))
         .collect();
     assert_eq!(
         got, want,
         "the index holds the journal's tags, where they landed"
     );
+    assert_eq!(replica.sync_state(), sync, "the replica's sync state");
 }
 
 /// Every recovery point in the journal replays to the model's disk at that tag (at the

@@ -1,6 +1,6 @@
 //! The master target's metrics: what it applied, what it keeps, how it is connected.
 
-use prometheus::{IntCounter, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::{register, register_process_metrics, StreamErrors};
 
@@ -23,6 +23,15 @@ pub struct MasterTargetMetrics {
     pub disks: IntGauge,
     pub relay_streams: IntGauge,
     pub content_index_blocks: IntGauge,
+    /// Per disk: 0 consistent, 1 resynced (waiting for a tag), 2 resyncing, 3 stale.
+    pub disk_sync_state: IntGaugeVec,
+    /// Per disk: regions (1 MiB) of the resync in progress done, and in all.
+    pub resync_regions_done: IntGaugeVec,
+    pub resync_regions_total: IntGaugeVec,
+    pub hash_requests_total: IntCounter,
+    /// Replica bytes read and hashed to answer hash requests.
+    pub hashed_bytes_total: IntCounter,
+    pub hash_bytes_sent_total: IntCounter,
 }
 
 impl MasterTargetMetrics {
@@ -94,6 +103,33 @@ impl MasterTargetMetrics {
                 "fbr_master_target_relay_streams",
                 "Disk streams with a relay session open now.",
             ),
+            disk_sync_state: per_disk(
+                &r,
+                "fbr_master_target_disk_sync_state",
+                "Whether a replica offers recovery points: 0 consistent, 1 resynced (the next tag is a point), 2 resyncing, 3 stale (seeded, not resynced).",
+            ),
+            resync_regions_done: per_disk(
+                &r,
+                "fbr_master_target_resync_regions_done",
+                "Regions (1 MiB) of the disk's resync in progress compared and sent, as applied here.",
+            ),
+            resync_regions_total: per_disk(
+                &r,
+                "fbr_master_target_resync_regions_total",
+                "Regions (1 MiB) the disk's resync in progress covers.",
+            ),
+            hash_requests_total: counter(
+                "fbr_master_target_hash_requests_total",
+                "Resync hash requests answered.",
+            ),
+            hashed_bytes_total: counter(
+                "fbr_master_target_hashed_bytes_total",
+                "Replica bytes read and hashed to answer resync hash requests.",
+            ),
+            hash_bytes_sent_total: counter(
+                "fbr_master_target_hash_bytes_sent_total",
+                "Bytes of node hashes sent to agents (what a resync's comparison costs on the WAN).",
+            ),
             registry: r,
         };
         register_process_metrics(&m.registry);
@@ -105,4 +141,12 @@ impl Default for MasterTargetMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A gauge per disk (`vm`, `disk` labels).
+fn per_disk(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), &["vm", "disk"]).expect("valid metric"),
+    )
 }

@@ -66,6 +66,15 @@ pub struct RelayMetrics {
     pub health_state: IntGauge,
     /// Severity of each health condition (0 none, 1 warning, 2 critical).
     pub health_condition: IntGaugeVec,
+    /// Per disk, while it resyncs: fraction done, bytes compared and sent, and the ETA.
+    pub resync_progress_ratio: GaugeVec,
+    pub resync_compared_bytes: IntGaugeVec,
+    pub resync_sent_bytes: IntGaugeVec,
+    pub resync_eta_seconds: GaugeVec,
+    pub resyncs_completed_total: IntCounter,
+    /// Resyncs the relay asked agents for (cache corruption, an operator).
+    pub resyncs_requested_total: IntCounter,
+    pub hash_streams_total: IntCounter,
     /// The children of `bytes_total`, one per [`BYTE_STAGES`] entry, resolved once: the
     /// ingest path adds to them per record, without a label lookup.
     stage_counters: Vec<IntCounter>,
@@ -257,6 +266,50 @@ impl RelayMetrics {
                 )
                 .expect("valid metric"),
             ),
+            resync_progress_ratio: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "fbr_relay_resync_progress_ratio",
+                        "Fraction of a resyncing disk's regions compared and sent (as the agent's progress marks pass the relay).",
+                    ),
+                    &["vm", "disk"],
+                )
+                .expect("valid metric"),
+            ),
+            resync_compared_bytes: per_disk(
+                &r,
+                "fbr_relay_resync_compared_bytes",
+                "Bytes of a resyncing disk compared so far.",
+            ),
+            resync_sent_bytes: per_disk(
+                &r,
+                "fbr_relay_resync_sent_bytes",
+                "Bytes of differing blocks a resyncing disk sent so far.",
+            ),
+            resync_eta_seconds: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "fbr_relay_resync_eta_seconds",
+                        "Estimated seconds until a resyncing disk is in step (what remains at the rate measured over the last 30 s; NaN until measured).",
+                    ),
+                    &["vm", "disk"],
+                )
+                .expect("valid metric"),
+            ),
+            resyncs_completed_total: counter(
+                "fbr_relay_resyncs_completed_total",
+                "Resyncs whose end mark passed the relay.",
+            ),
+            resyncs_requested_total: counter(
+                "fbr_relay_resyncs_requested_total",
+                "Resyncs the relay asked an agent for (cache corruption, an operator's request).",
+            ),
+            hash_streams_total: counter(
+                "fbr_relay_hash_streams_total",
+                "Resync hash streams relayed between an agent and the master target.",
+            ),
             stage_counters: Vec::new(),
             registry: r,
         };
@@ -275,6 +328,14 @@ impl RelayMetrics {
             None => self.bytes_total.with_label_values(&[stage]).inc_by(n),
         }
     }
+}
+
+/// A gauge per disk (`vm`, `disk` labels).
+fn per_disk(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), &["vm", "disk"]).expect("valid metric"),
+    )
 }
 
 impl Default for RelayMetrics {

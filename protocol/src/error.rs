@@ -37,6 +37,9 @@ pub enum ErrorCode {
     /// (evicted from its content index, or lost in a restart). The sender resends from
     /// the next expected record with that record's data in full.
     UnknownReference,
+    /// A `Resync` progress or end mark names a resync that is not in progress on the
+    /// replica (resync data for a disk not resyncing).
+    ResyncMismatch,
     /// The relay cannot reach the master target.
     UpstreamUnavailable,
     /// A failure inside the receiver (I/O error, ...). Retrying may help.
@@ -59,7 +62,7 @@ pub enum Recovery {
 
 impl ErrorCode {
     /// Every code this version defines (metrics start each at zero).
-    pub const KNOWN: [ErrorCode; 14] = [
+    pub const KNOWN: [ErrorCode; 15] = [
         ErrorCode::MalformedFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::FrameTooLarge,
@@ -72,6 +75,7 @@ impl ErrorCode {
         ErrorCode::DiskSizeMismatch,
         ErrorCode::StreamBusy,
         ErrorCode::UnknownReference,
+        ErrorCode::ResyncMismatch,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::Internal,
     ];
@@ -111,6 +115,7 @@ impl ErrorCode {
             ErrorCode::DiskSizeMismatch => 23,
             ErrorCode::StreamBusy => 24,
             ErrorCode::UnknownReference => 25,
+            ErrorCode::ResyncMismatch => 26,
             ErrorCode::UpstreamUnavailable => 30,
             ErrorCode::Internal => 40,
             ErrorCode::Unknown(n) => n,
@@ -132,6 +137,7 @@ impl ErrorCode {
             23 => ErrorCode::DiskSizeMismatch,
             24 => ErrorCode::StreamBusy,
             25 => ErrorCode::UnknownReference,
+            26 => ErrorCode::ResyncMismatch,
             30 => ErrorCode::UpstreamUnavailable,
             40 => ErrorCode::Internal,
             n => ErrorCode::Unknown(n),
@@ -153,6 +159,7 @@ impl ErrorCode {
             ErrorCode::DiskSizeMismatch => "disk_size_mismatch",
             ErrorCode::StreamBusy => "stream_busy",
             ErrorCode::UnknownReference => "unknown_reference",
+            ErrorCode::ResyncMismatch => "resync_mismatch",
             ErrorCode::UpstreamUnavailable => "upstream_unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown(_) => "unknown",
@@ -213,6 +220,8 @@ mod tests {
             (ErrorCode::Misaligned, 22),
             (ErrorCode::DiskSizeMismatch, 23),
             (ErrorCode::StreamBusy, 24),
+            (ErrorCode::UnknownReference, 25),
+            (ErrorCode::ResyncMismatch, 26),
             (ErrorCode::UpstreamUnavailable, 30),
             (ErrorCode::Internal, 40),
         ];

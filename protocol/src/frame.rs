@@ -37,13 +37,19 @@ pub const MAX_ERROR_MESSAGE: usize = 1024;
 pub enum FrameType {
     Hello = 0x01,
     Accept = 0x02,
+    HashHello = 0x03,
+    HashAccept = 0x04,
+    HashRequest = 0x05,
     Write = 0x10,
     Zero = 0x11,
     Tag = 0x12,
     Batch = 0x13,
+    Resync = 0x14,
     Ack = 0x20,
     Credit = 0x21,
     Applied = 0x22,
+    Hashes = 0x23,
+    ResyncRequest = 0x24,
     Error = 0x30,
 }
 
@@ -52,13 +58,19 @@ impl FrameType {
         Some(match b {
             0x01 => FrameType::Hello,
             0x02 => FrameType::Accept,
+            0x03 => FrameType::HashHello,
+            0x04 => FrameType::HashAccept,
+            0x05 => FrameType::HashRequest,
             0x10 => FrameType::Write,
             0x11 => FrameType::Zero,
             0x12 => FrameType::Tag,
             0x13 => FrameType::Batch,
+            0x14 => FrameType::Resync,
             0x20 => FrameType::Ack,
             0x21 => FrameType::Credit,
             0x22 => FrameType::Applied,
+            0x23 => FrameType::Hashes,
+            0x24 => FrameType::ResyncRequest,
             0x30 => FrameType::Error,
             _ => return None,
         })
@@ -96,6 +108,79 @@ impl TagKind {
     }
 }
 
+/// Where a resync stands, as a `Resync` record says it (see [`ResyncMark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResyncPhase {
+    /// The resync starts (or resumes) here: the replica is inconsistent from now on.
+    Begin = 1,
+    /// Every region before `next_region` has been compared, and its differing blocks sent
+    /// before this record.
+    Progress = 2,
+    /// Every region was compared and sent: the next tag is a recovery point again.
+    End = 3,
+}
+
+/// How a resync finds what to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResyncMode {
+    /// Compare hashes of regions with the replica, send only the blocks that differ
+    /// (reprotect to the original location).
+    Delta = 1,
+    /// Send every block, zero runs as `Zero` records (an alternate location: an empty
+    /// disk).
+    Full = 2,
+}
+
+impl ResyncMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ResyncMode::Delta => "delta",
+            ResyncMode::Full => "full",
+        }
+    }
+}
+
+/// A resync marker on a disk's ordered stream: where the resync `id` stands. Carried
+/// through the relay's cache and the master target's journal like any record, so the
+/// master target knows durably where to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResyncMark {
+    pub id: u64,
+    pub phase: ResyncPhase,
+    pub mode: ResyncMode,
+    /// Regions (of [`crate::resync::REGION_BYTES`]) before this one are done.
+    pub next_region: u64,
+    /// Regions the resync covers in all.
+    pub regions: u64,
+    /// Disk bytes compared (hashed) so far, and bytes of blocks sent so far.
+    pub compared_bytes: u64,
+    pub sent_bytes: u64,
+}
+
+/// What a master target knows of its replica of a disk (in `HashAccept`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplicaState {
+    /// Never seen: empty.
+    New = 1,
+    /// Seeded from an existing disk (the original location) and never resynced.
+    Stale = 2,
+    /// In step with its stream: no resync needed as far as it knows.
+    Consistent = 3,
+    /// A resync began and has not ended (`HashAccept` says which, and how far).
+    Resyncing = 4,
+}
+
+impl ReplicaState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaState::New => "new",
+            ReplicaState::Stale => "stale",
+            ReplicaState::Consistent => "consistent",
+            ReplicaState::Resyncing => "resyncing",
+        }
+    }
+}
+
 /// A change to a disk, or a recovery-point marker, at one position of a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -112,13 +197,18 @@ pub enum Record {
         members: u32,
         group: String,
     },
+    /// A resync marker (begin, progress, end): changes nothing on the disk.
+    Resync { seq: u64, mark: ResyncMark },
 }
 
 impl Record {
     /// The record's position in its stream.
     pub fn seq(&self) -> u64 {
         match self {
-            Record::Write { seq, .. } | Record::Zero { seq, .. } | Record::Tag { seq, .. } => *seq,
+            Record::Write { seq, .. }
+            | Record::Zero { seq, .. }
+            | Record::Tag { seq, .. }
+            | Record::Resync { seq, .. } => *seq,
         }
     }
 
@@ -127,8 +217,14 @@ impl Record {
         match self {
             Record::Write { data, .. } => data.len() as u64,
             Record::Zero { len, .. } => *len,
-            Record::Tag { .. } => 0,
+            Record::Tag { .. } | Record::Resync { .. } => 0,
         }
+    }
+
+    /// Whether the record changes the disk (a write or a zero range), as opposed to a
+    /// marker (tag or resync mark) that only says where the stream stands.
+    pub fn is_marker(&self) -> bool {
+        matches!(self, Record::Tag { .. } | Record::Resync { .. })
     }
 
     /// Bytes this record occupies encoded as a frame (header included). Credit (the
@@ -139,6 +235,7 @@ impl Record {
                 Record::Write { data, .. } => 16 + data.len(),
                 Record::Zero { .. } => 24,
                 Record::Tag { group, .. } => 22 + group.len(),
+                Record::Resync { .. } => RESYNC_PAYLOAD_LEN,
             }
     }
 
@@ -148,7 +245,7 @@ impl Record {
         let (offset, len) = match self {
             Record::Write { offset, data, .. } => (*offset, data.len() as u64),
             Record::Zero { offset, len, .. } => (*offset, *len),
-            Record::Tag { .. } => return Ok(()),
+            Record::Tag { .. } | Record::Resync { .. } => return Ok(()),
         };
         if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
             return Err((
@@ -195,9 +292,45 @@ pub enum Frame {
     /// Receiver -> sender: from now on at most `credit_bytes` of encoded records may be
     /// unacknowledged. Zero withholds all credit (backpressure).
     Credit { credit_bytes: u64 },
+    /// Relay -> agent on a disk stream: the relay lost records it had acknowledged
+    /// (cache corruption) or an operator asked for it: start a resync of `mode`.
+    ResyncRequest { mode: ResyncMode, reason: String },
+    /// Agent -> relay -> master target, first frame of a *hash stream*: describe the
+    /// replica of this disk as hashes keyed with `key` (chosen by the agent, so nobody
+    /// can prepare colliding blocks).
+    HashHello {
+        stream: StreamId,
+        disk_size: u64,
+        key: [u8; 32],
+    },
+    /// Master target -> agent, answer to `HashHello`: what it knows of the replica, and
+    /// where an unfinished resync stands (its id, mode, next region; zeros if none).
+    HashAccept {
+        replica: ReplicaState,
+        resync_id: u64,
+        mode: ResyncMode,
+        next_region: u64,
+        hwm: u64,
+    },
+    /// Agent -> master target on a hash stream: the hashes of `count` nodes of `level`
+    /// from index `first` (see [`crate::resync`]).
+    HashRequest { level: u8, first: u64, count: u32 },
+    /// Master target -> agent: the answer to one `HashRequest`, 16 bytes per node.
+    Hashes {
+        level: u8,
+        first: u64,
+        hashes: Vec<[u8; 16]>,
+    },
     /// Either way: the stream is refused or closed, and why.
     Error { code: ErrorCode, message: String },
 }
+
+/// Bytes of a `Resync` record's payload.
+pub const RESYNC_PAYLOAD_LEN: usize = 52;
+/// Bytes of one node hash in `Hashes`.
+pub const NODE_HASH_LEN: usize = 16;
+/// Most nodes one `HashRequest` may ask for (a `Hashes` frame of 64 KiB of hashes).
+pub const MAX_HASH_NODES: u32 = 4096;
 
 impl Frame {
     pub fn frame_type(&self) -> FrameType {
@@ -207,7 +340,13 @@ impl Frame {
             Frame::Record(Record::Write { .. }) => FrameType::Write,
             Frame::Record(Record::Zero { .. }) => FrameType::Zero,
             Frame::Record(Record::Tag { .. }) => FrameType::Tag,
+            Frame::Record(Record::Resync { .. }) => FrameType::Resync,
             Frame::Batch(_) => FrameType::Batch,
+            Frame::ResyncRequest { .. } => FrameType::ResyncRequest,
+            Frame::HashHello { .. } => FrameType::HashHello,
+            Frame::HashAccept { .. } => FrameType::HashAccept,
+            Frame::HashRequest { .. } => FrameType::HashRequest,
+            Frame::Hashes { .. } => FrameType::Hashes,
             Frame::Ack { .. } => FrameType::Ack,
             Frame::Applied { .. } => FrameType::Applied,
             Frame::Credit { .. } => FrameType::Credit,
@@ -258,8 +397,8 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
             out.put_u64_le(*offset);
             out.put_slice(data);
         }
-        Frame::Record(r @ (Record::Zero { .. } | Record::Tag { .. })) => {
-            put_zero_or_tag_fields(r, out)
+        Frame::Record(r @ (Record::Zero { .. } | Record::Tag { .. } | Record::Resync { .. })) => {
+            put_marker_fields(r, out)
         }
         Frame::Batch(payload) => {
             assert!(
@@ -270,6 +409,55 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
         }
         Frame::Ack { seq } | Frame::Applied { seq } => out.put_u64_le(*seq),
         Frame::Credit { credit_bytes } => out.put_u64_le(*credit_bytes),
+        Frame::ResyncRequest { mode, reason } => {
+            out.put_u8(*mode as u8);
+            out.put_slice(reason.as_bytes());
+        }
+        Frame::HashHello {
+            stream,
+            disk_size,
+            key,
+        } => {
+            out.put_u32_le(stream.disk);
+            out.put_u64_le(*disk_size);
+            out.put_slice(key);
+            put_short_str(out, &stream.vm);
+        }
+        Frame::HashAccept {
+            replica,
+            resync_id,
+            mode,
+            next_region,
+            hwm,
+        } => {
+            out.put_u8(*replica as u8);
+            out.put_u8(*mode as u8);
+            out.put_u64_le(*resync_id);
+            out.put_u64_le(*next_region);
+            out.put_u64_le(*hwm);
+        }
+        Frame::HashRequest {
+            level,
+            first,
+            count,
+        } => {
+            out.put_u8(*level);
+            out.put_u64_le(*first);
+            out.put_u32_le(*count);
+        }
+        Frame::Hashes {
+            level,
+            first,
+            hashes,
+        } => {
+            assert!(hashes.len() <= MAX_HASH_NODES as usize, "too many hashes");
+            out.put_u8(*level);
+            out.put_u64_le(*first);
+            out.put_u32_le(hashes.len() as u32);
+            for h in hashes {
+                out.put_slice(h);
+            }
+        }
         Frame::Error { code, message } => {
             out.put_u16_le(code.as_u16());
             out.put_slice(message.as_bytes());
@@ -279,9 +467,9 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     out[start + 4..start + 8].copy_from_slice(&payload_len.to_le_bytes());
 }
 
-/// The fields of a `Zero` or `Tag` record, as in its frame's payload (WAN batch items
-/// carry the same bytes). Writes nothing for a `Write`.
-pub(crate) fn put_zero_or_tag_fields(record: &Record, out: &mut impl BufMut) {
+/// The fields of a `Zero`, `Tag` or `Resync` record, as in its frame's payload (WAN
+/// batch items carry the same bytes). Writes nothing for a `Write`.
+pub(crate) fn put_marker_fields(record: &Record, out: &mut impl BufMut) {
     match record {
         Record::Zero { seq, offset, len } => {
             out.put_u64_le(*seq);
@@ -301,7 +489,78 @@ pub(crate) fn put_zero_or_tag_fields(record: &Record, out: &mut impl BufMut) {
             out.put_u32_le(*members);
             put_short_str(out, group);
         }
+        Record::Resync { seq, mark } => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(mark.id);
+            out.put_u8(mark.phase as u8);
+            out.put_u8(mark.mode as u8);
+            out.put_u16_le(0);
+            out.put_u64_le(mark.next_region);
+            out.put_u64_le(mark.regions);
+            out.put_u64_le(mark.compared_bytes);
+            out.put_u64_le(mark.sent_bytes);
+        }
         Record::Write { .. } => {}
+    }
+}
+
+/// Decodes the fields of a `Resync` record (its frame payload, or a WAN batch item after
+/// the kind byte): exactly [`RESYNC_PAYLOAD_LEN`] bytes.
+pub(crate) fn get_resync_fields(
+    frame: &'static str,
+    p: &mut impl Buf,
+) -> Result<Record, DecodeError> {
+    if p.remaining() < RESYNC_PAYLOAD_LEN {
+        return Err(malformed(
+            frame,
+            format!(
+                "resync mark is {} bytes, expected {RESYNC_PAYLOAD_LEN}",
+                p.remaining()
+            ),
+        ));
+    }
+    let seq = p.get_u64_le();
+    check_seq(frame, seq)?;
+    let id = p.get_u64_le();
+    let phase = match p.get_u8() {
+        1 => ResyncPhase::Begin,
+        2 => ResyncPhase::Progress,
+        3 => ResyncPhase::End,
+        k => return Err(malformed(frame, format!("unknown resync phase {k}"))),
+    };
+    let mode = get_mode(frame, p.get_u8())?;
+    if p.get_u16_le() != 0 {
+        return Err(malformed(frame, "reserved bytes are not zero"));
+    }
+    let next_region = p.get_u64_le();
+    let regions = p.get_u64_le();
+    let compared_bytes = p.get_u64_le();
+    let sent_bytes = p.get_u64_le();
+    if next_region > regions {
+        return Err(malformed(
+            frame,
+            format!("next region {next_region} is beyond the {regions} regions"),
+        ));
+    }
+    Ok(Record::Resync {
+        seq,
+        mark: ResyncMark {
+            id,
+            phase,
+            mode,
+            next_region,
+            regions,
+            compared_bytes,
+            sent_bytes,
+        },
+    })
+}
+
+fn get_mode(frame: &'static str, b: u8) -> Result<ResyncMode, DecodeError> {
+    match b {
+        1 => Ok(ResyncMode::Delta),
+        2 => Ok(ResyncMode::Full),
+        k => Err(malformed(frame, format!("unknown resync mode {k}"))),
     }
 }
 
@@ -418,12 +677,7 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             let disk = p.get_u32_le();
             let disk_size = p.get_u64_le();
             let vm = get_short_str(F, &mut p)?;
-            if disk_size == 0 || disk_size % SECTOR_SIZE != 0 {
-                return Err(malformed(
-                    F,
-                    format!("disk size {disk_size} is not a positive multiple of {SECTOR_SIZE}"),
-                ));
-            }
+            check_disk_size(F, disk_size)?;
             Frame::Hello {
                 stream: StreamId { vm, disk },
                 disk_size,
@@ -502,6 +756,107 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             })
         }
         FrameType::Batch => Frame::Batch(p),
+        FrameType::Resync => {
+            exact("Resync", &p, RESYNC_PAYLOAD_LEN)?;
+            Frame::Record(get_resync_fields("Resync", &mut p)?)
+        }
+        FrameType::ResyncRequest => {
+            const F: &str = "ResyncRequest";
+            if p.is_empty() {
+                return Err(malformed(F, "missing resync mode"));
+            }
+            let mode = get_mode(F, p.get_u8())?;
+            if p.len() > MAX_ERROR_MESSAGE {
+                return Err(malformed(
+                    F,
+                    format!("reason is {} bytes, limit {MAX_ERROR_MESSAGE}", p.len()),
+                ));
+            }
+            let reason = std::str::from_utf8(&p)
+                .map_err(|_| malformed(F, "reason is not UTF-8"))?
+                .to_owned();
+            Frame::ResyncRequest { mode, reason }
+        }
+        FrameType::HashHello => {
+            const F: &str = "HashHello";
+            if p.len() < 45 {
+                return Err(malformed(
+                    F,
+                    format!("payload is {} bytes, at least 45 expected", p.len()),
+                ));
+            }
+            let disk = p.get_u32_le();
+            let disk_size = p.get_u64_le();
+            let mut key = [0u8; 32];
+            p.copy_to_slice(&mut key);
+            let vm = get_short_str(F, &mut p)?;
+            check_disk_size(F, disk_size)?;
+            Frame::HashHello {
+                stream: StreamId { vm, disk },
+                disk_size,
+                key,
+            }
+        }
+        FrameType::HashAccept => {
+            const F: &str = "HashAccept";
+            exact(F, &p, 26)?;
+            let replica = match p.get_u8() {
+                1 => ReplicaState::New,
+                2 => ReplicaState::Stale,
+                3 => ReplicaState::Consistent,
+                4 => ReplicaState::Resyncing,
+                k => return Err(malformed(F, format!("unknown replica state {k}"))),
+            };
+            let mode = get_mode(F, p.get_u8())?;
+            Frame::HashAccept {
+                replica,
+                mode,
+                resync_id: p.get_u64_le(),
+                next_region: p.get_u64_le(),
+                hwm: p.get_u64_le(),
+            }
+        }
+        FrameType::HashRequest => {
+            const F: &str = "HashRequest";
+            exact(F, &p, 13)?;
+            let level = p.get_u8();
+            let first = p.get_u64_le();
+            let count = p.get_u32_le();
+            check_hash_range(F, level, count)?;
+            Frame::HashRequest {
+                level,
+                first,
+                count,
+            }
+        }
+        FrameType::Hashes => {
+            const F: &str = "Hashes";
+            if p.len() < 13 {
+                return Err(malformed(
+                    F,
+                    format!("payload is {} bytes, at least 13 expected", p.len()),
+                ));
+            }
+            let level = p.get_u8();
+            let first = p.get_u64_le();
+            let count = p.get_u32_le();
+            check_hash_range(F, level, count)?;
+            if p.len() != count as usize * NODE_HASH_LEN {
+                return Err(malformed(
+                    F,
+                    format!("{count} hashes announced, {} bytes follow", p.len()),
+                ));
+            }
+            let hashes = p
+                .chunks_exact(NODE_HASH_LEN)
+                .map(|c| c.try_into().expect("16-byte chunks"))
+                .collect();
+            Frame::Hashes {
+                level,
+                first,
+                hashes,
+            }
+        }
         FrameType::Ack => {
             exact("Ack", &p, 8)?;
             Frame::Ack {
@@ -538,6 +893,35 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             Frame::Error { code, message }
         }
     })
+}
+
+fn check_disk_size(frame: &'static str, disk_size: u64) -> Result<(), DecodeError> {
+    if disk_size == 0 || disk_size % SECTOR_SIZE != 0 {
+        return Err(malformed(
+            frame,
+            format!("disk size {disk_size} is not a positive multiple of {SECTOR_SIZE}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_hash_range(frame: &'static str, level: u8, count: u32) -> Result<(), DecodeError> {
+    if level as usize >= crate::resync::LEVELS {
+        return Err(malformed(
+            frame,
+            format!(
+                "level {level} (levels are 0 to {})",
+                crate::resync::LEVELS - 1
+            ),
+        ));
+    }
+    if count == 0 || count > MAX_HASH_NODES {
+        return Err(malformed(
+            frame,
+            format!("{count} nodes (1 to {MAX_HASH_NODES} per request)"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_seq(frame: &'static str, seq: u64) -> Result<(), DecodeError> {

@@ -16,8 +16,8 @@ use bytes::{Bytes, BytesMut};
 use crate::error::ErrorCode;
 use crate::frame::{decode_frame, Frame, StreamId};
 use crate::stream::{
-    Delivery, Entitlement, Incoming, ReceiverConfig, Reconnect, SenderConfig, SenderEvent,
-    SourcePosition, StreamReceiver, StreamSender,
+    Delivery, Entitlement, HashInput, Incoming, Opening, ReceiverConfig, Reconnect, SenderConfig,
+    SenderEvent, SourcePosition, StreamReceiver, StreamSender,
 };
 
 /// Reads the fuzzer's bytes as small decisions.
@@ -65,7 +65,7 @@ impl Program<'_> {
     /// A frame built from a few bytes, so that short inputs still reach deep states.
     fn plausible_frame(&mut self) -> Option<Frame> {
         let n = self.u64()?;
-        Some(match self.byte()? % 6 {
+        Some(match self.byte()? % 8 {
             0 => Frame::Accept {
                 next_seq: n.max(1),
                 credit_bytes: self.u64()?,
@@ -76,12 +76,52 @@ impl Program<'_> {
                 credit_bytes: self.u64()?,
             },
             4 => Frame::error(ErrorCode::from_u16(n as u16), "fuzz"),
+            5 => Frame::Record(crate::frame::Record::Resync {
+                seq: n.max(1),
+                mark: crate::frame::ResyncMark {
+                    id: self.u64()? % 4,
+                    phase: match self.byte()? % 3 {
+                        0 => crate::frame::ResyncPhase::Begin,
+                        1 => crate::frame::ResyncPhase::Progress,
+                        _ => crate::frame::ResyncPhase::End,
+                    },
+                    mode: crate::frame::ResyncMode::Delta,
+                    next_region: 0,
+                    regions: 4,
+                    compared_bytes: 0,
+                    sent_bytes: 0,
+                },
+            }),
+            6 => Frame::ResyncRequest {
+                mode: crate::frame::ResyncMode::Delta,
+                reason: "fuzz".into(),
+            },
             _ => Frame::Record(crate::frame::Record::Write {
                 seq: n.max(1),
                 offset: self.u64()? * 512,
                 data: Bytes::from(vec![1u8; 512]),
             }),
         })
+    }
+}
+
+/// A hash stream's receiver: every request it passes names nodes on the disk.
+fn drive_hash_stream(rx: &mut StreamReceiver, program: &mut Program<'_>, disk_size: u64) {
+    while let Some(incoming) = program.incoming() {
+        match rx.handle_hash_request(incoming) {
+            Ok(HashInput::Request {
+                level,
+                first,
+                count,
+            }) => {
+                let nodes = crate::resync::node_count(level, disk_size);
+                assert!(
+                    first + u64::from(count) <= nodes,
+                    "requests stay on the disk"
+                );
+            }
+            Ok(HashInput::Finished) | Err(_) => return,
+        }
     }
 }
 
@@ -128,18 +168,27 @@ pub fn drive_receiver(data: &[u8]) {
                     let Some(incoming) = program.incoming() else {
                         return;
                     };
-                    if let Ok(Some((_, disk_size))) = rx.handle_hello(incoming) {
-                        let on_record = if step % 3 == 0 {
-                            disk_size + 512
-                        } else {
-                            disk_size
-                        };
-                        if rx.check_disk_size(on_record).is_ok() {
-                            let next = program.u64().unwrap_or(1);
-                            rx.accept(next, 1 << 20);
-                            last_delivered = rx.expected().saturating_sub(1);
-                            hello_done = true;
+                    match rx.handle_hello(incoming) {
+                        Ok(Some(Opening::Data { disk_size, .. })) => {
+                            let on_record = if step % 3 == 0 {
+                                disk_size + 512
+                            } else {
+                                disk_size
+                            };
+                            if rx.check_disk_size(on_record).is_ok() {
+                                if step % 5 == 0 {
+                                    rx.track_resync(program.u64().map(|id| id % 4));
+                                }
+                                let next = program.u64().unwrap_or(1);
+                                rx.accept(next, 1 << 20);
+                                last_delivered = rx.expected().saturating_sub(1);
+                                hello_done = true;
+                            }
                         }
+                        Ok(Some(Opening::Hashes { disk_size, .. })) => {
+                            return drive_hash_stream(&mut rx, &mut program, disk_size);
+                        }
+                        _ => {}
                     }
                 }
             }

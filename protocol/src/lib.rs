@@ -12,6 +12,8 @@
 //! - [`error`]: numeric error codes carried by `Error` frames, and decode errors.
 //! - [`names`]: validation of VM and replication-group names.
 //! - [`wan`]: the WAN batch codec (relay -> master target).
+//! - [`resync`]: the hash tree a resync compares, the agent's scanner and the ETA
+//!   estimator (sans-IO).
 //! - [`stream`]: the per-stream protocol as two state machines, [`stream::StreamSender`]
 //!   and [`stream::StreamReceiver`], driven by the daemons' async loops.
 //!
@@ -29,11 +31,14 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod names;
+pub mod resync;
 pub mod stream;
 pub mod wan;
 
 pub use error::{DecodeError, ErrorCode, Recovery};
 pub use frame::{
-    decode_frame, encode_frame, encode_to_bytes, Frame, FrameType, Record, StreamId, TagKind,
-    FRAME_HEADER_LEN, MAGIC, MAX_FRAME_PAYLOAD, MAX_WRITE_BYTES, PROTOCOL_VERSION, SECTOR_SIZE,
+    decode_frame, encode_frame, encode_to_bytes, Frame, FrameType, Record, ReplicaState,
+    ResyncMark, ResyncMode, ResyncPhase, StreamId, TagKind, FRAME_HEADER_LEN, MAGIC,
+    MAX_FRAME_PAYLOAD, MAX_HASH_NODES, MAX_WRITE_BYTES, NODE_HASH_LEN, PROTOCOL_VERSION,
+    SECTOR_SIZE,
 };

@@ -178,8 +178,42 @@ enum ReceiverState {
         disk_size: u64,
         expected: u64,
     },
+    /// A hash stream (`HashHello` checked): only `HashRequest`s from here on.
+    Hashing { stream: StreamId, disk_size: u64 },
     /// Refused, finished or broken: nothing more is delivered.
     Closed,
+}
+
+/// What the first frame of a new stream opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// A disk's data stream (`Hello`): the driver checks the size, then accepts.
+    Data { stream: StreamId, disk_size: u64 },
+    /// A hash stream for a resync (`HashHello`): the driver answers `HashAccept`, then
+    /// serves (or forwards) hash requests.
+    Hashes {
+        stream: StreamId,
+        disk_size: u64,
+        key: [u8; 32],
+    },
+}
+
+/// What a hash stream's receiver hands its driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashInput {
+    /// A checked request: these nodes exist on the disk.
+    Request { level: u8, first: u64, count: u32 },
+    /// The agent finished the stream (the resync is done, or it gave up).
+    Finished,
+}
+
+/// Which resync the replica is in, for checking `Resync` marks (master target only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResyncCheck {
+    /// Marks are not checked (the relay passes them through).
+    Off,
+    /// The resync in progress, if any: progress and end marks must name it.
+    Current(Option<u64>),
 }
 
 /// What the receiver hands its driver once the stream is open.
@@ -208,6 +242,7 @@ pub struct StreamReceiver {
     config: ReceiverConfig,
     entitlement: Entitlement,
     state: ReceiverState,
+    resync: ResyncCheck,
 }
 
 impl StreamReceiver {
@@ -219,45 +254,109 @@ impl StreamReceiver {
             state: ReceiverState::AwaitingHello {
                 deadline: now + config.hello_timeout,
             },
+            resync: ResyncCheck::Off,
         }
     }
 
     // --- inputs ---------------------------------------------------------------------
 
-    /// The first input of a stream. `Ok(Some)` is a checked `Hello` (the peer may write
-    /// this VM); `Ok(None)` means the peer went away before saying anything.
-    pub fn handle_hello(&mut self, incoming: Incoming) -> Result<Option<(StreamId, u64)>, Refusal> {
+    /// The first input of a stream. `Ok(Some)` is a checked `Hello` or `HashHello` (the
+    /// peer may write this VM); `Ok(None)` means the peer went away before saying
+    /// anything.
+    pub fn handle_hello(&mut self, incoming: Incoming) -> Result<Option<Opening>, Refusal> {
         if !matches!(self.state, ReceiverState::AwaitingHello { .. }) {
             return Err(self.close(Refusal::new(
                 ErrorCode::Internal,
                 "receiver bug: Hello handled twice",
             )));
         }
-        match incoming {
-            Incoming::Frame(Frame::Hello { stream, disk_size }) => {
-                if !self.entitlement.may_write(&stream.vm) {
-                    let message = format!(
-                        "the peer's certificate does not entitle it to write VM {}",
-                        stream.vm
-                    );
-                    return Err(self.close(Refusal::new(ErrorCode::NotEntitled, message)));
-                }
+        let (stream, disk_size, key) = match incoming {
+            Incoming::Frame(Frame::Hello { stream, disk_size }) => (stream, disk_size, None),
+            Incoming::Frame(Frame::HashHello {
+                stream,
+                disk_size,
+                key,
+            }) => (stream, disk_size, Some(key)),
+            Incoming::Frame(other) => {
+                let message = format!("expected Hello, got {:?}", other.frame_type());
+                return Err(self.close(Refusal::new(ErrorCode::UnexpectedFrame, message)));
+            }
+            Incoming::Malformed { code, reason } => {
+                return Err(self.close(Refusal::new(code, reason)))
+            }
+            Incoming::Finished | Incoming::Broken(_) => {
+                self.state = ReceiverState::Closed;
+                return Ok(None);
+            }
+        };
+        if !self.entitlement.may_write(&stream.vm) {
+            let message = format!(
+                "the peer's certificate does not entitle it to write VM {}",
+                stream.vm
+            );
+            return Err(self.close(Refusal::new(ErrorCode::NotEntitled, message)));
+        }
+        Ok(Some(match key {
+            None => {
                 self.state = ReceiverState::Opening {
                     stream: stream.clone(),
                     disk_size,
                 };
-                Ok(Some((stream, disk_size)))
+                Opening::Data { stream, disk_size }
             }
+            Some(key) => {
+                self.state = ReceiverState::Hashing {
+                    stream: stream.clone(),
+                    disk_size,
+                };
+                Opening::Hashes {
+                    stream,
+                    disk_size,
+                    key,
+                }
+            }
+        }))
+    }
+
+    /// Every input of a hash stream after `HashHello`: a request for nodes that exist
+    /// on the disk, or why the stream ends (anything but `HashRequest` is refused).
+    pub fn handle_hash_request(&mut self, incoming: Incoming) -> Result<HashInput, Refusal> {
+        let ReceiverState::Hashing { disk_size, .. } = self.state else {
+            return Err(self.close(Refusal::new(
+                ErrorCode::Internal,
+                "receiver bug: not a hash stream",
+            )));
+        };
+        match incoming {
+            Incoming::Frame(Frame::HashRequest {
+                level,
+                first,
+                count,
+            }) => match crate::resync::check_request(level, first, count, disk_size) {
+                Ok(()) => Ok(HashInput::Request {
+                    level,
+                    first,
+                    count,
+                }),
+                Err((code, message)) => Err(self.close(Refusal::new(code, message))),
+            },
             Incoming::Frame(other) => {
-                let message = format!("expected Hello, got {:?}", other.frame_type());
+                let message = format!("{:?} frame on a hash stream", other.frame_type());
                 Err(self.close(Refusal::new(ErrorCode::UnexpectedFrame, message)))
             }
             Incoming::Malformed { code, reason } => Err(self.close(Refusal::new(code, reason))),
             Incoming::Finished | Incoming::Broken(_) => {
                 self.state = ReceiverState::Closed;
-                Ok(None)
+                Ok(HashInput::Finished)
             }
         }
+    }
+
+    /// From now on, `Resync` marks are checked against the replica's resync in progress
+    /// (`current`, or none): a progress or end mark for another resync is refused
+    /// ([`ErrorCode::ResyncMismatch`]). The master target calls this before `accept`.
+    pub fn track_resync(&mut self, current: Option<u64>) {
+        self.resync = ResyncCheck::Current(current);
     }
 
     /// The `Hello` deadline passed at `now`: the refusal to send, if it is due.
@@ -271,9 +370,11 @@ impl StreamReceiver {
         }
     }
 
-    /// Checks the size `Hello` announced against the one on record for the disk.
+    /// Checks the size `Hello` (or `HashHello`) announced against the one on record.
     pub fn check_disk_size(&mut self, on_record: u64) -> Result<(), Refusal> {
-        let ReceiverState::Opening { stream, disk_size } = &self.state else {
+        let (ReceiverState::Opening { stream, disk_size }
+        | ReceiverState::Hashing { stream, disk_size }) = &self.state
+        else {
             return Err(self.close(Refusal::new(
                 ErrorCode::Internal,
                 "receiver bug: disk size checked outside Hello",
@@ -338,6 +439,9 @@ impl StreamReceiver {
                 if let Err((code, message)) = record.check_against_disk(disk_size) {
                     return Err(self.refuse_open(code, message));
                 }
+                if let Err(message) = self.check_mark(&record) {
+                    return Err(self.refuse_open(ErrorCode::ResyncMismatch, message));
+                }
                 let Some(next) = seq.checked_add(1) else {
                     return Err(self.refuse_open(ErrorCode::MalformedFrame, SEQ_EXHAUSTED.into()));
                 };
@@ -363,6 +467,23 @@ impl StreamReceiver {
                         records: batch.items.len() as u64,
                         batch: true,
                     });
+                }
+                // Resync marks are checked in order, before anything of the batch is
+                // applied (a refusal refuses the whole batch).
+                let marks: Vec<Record> = batch
+                    .items
+                    .iter()
+                    .filter_map(|i| match i {
+                        wan::Item::Plain(r @ Record::Resync { .. }) if r.seq() >= expected => {
+                            Some(r.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                for mark in &marks {
+                    if let Err(message) = self.check_mark(mark) {
+                        return Err(self.refuse_open(ErrorCode::ResyncMismatch, message));
+                    }
                 }
                 // Items before `expected` are held already; the rest bring the state to
                 // exactly `last_seq` (the relay coalesced only within the batch's span).
@@ -405,9 +526,9 @@ impl StreamReceiver {
     /// The stream, once `Hello` named it.
     pub fn stream(&self) -> Option<&StreamId> {
         match &self.state {
-            ReceiverState::Opening { stream, .. } | ReceiverState::Open { stream, .. } => {
-                Some(stream)
-            }
+            ReceiverState::Opening { stream, .. }
+            | ReceiverState::Open { stream, .. }
+            | ReceiverState::Hashing { stream, .. } => Some(stream),
             _ => None,
         }
     }
@@ -426,6 +547,34 @@ impl StreamReceiver {
     }
 
     // --- internals --------------------------------------------------------------------
+
+    /// Checks a `Resync` mark against the resync in progress and follows it.
+    fn check_mark(&mut self, record: &Record) -> Result<(), String> {
+        let (ResyncCheck::Current(current), Record::Resync { seq, mark }) =
+            (&mut self.resync, record)
+        else {
+            return Ok(());
+        };
+        match mark.phase {
+            crate::frame::ResyncPhase::Begin => *current = Some(mark.id),
+            phase if *current == Some(mark.id) => {
+                if phase == crate::frame::ResyncPhase::End {
+                    *current = None;
+                }
+            }
+            phase => {
+                return Err(format!(
+                    "record {seq}: {phase:?} mark of resync {}, but {}",
+                    mark.id,
+                    match current {
+                        Some(id) => format!("resync {id} is in progress"),
+                        None => "the disk is not resyncing".into(),
+                    }
+                ))
+            }
+        }
+        Ok(())
+    }
 
     fn set_expected(&mut self, next: u64) {
         if let ReceiverState::Open { expected, .. } = &mut self.state {
@@ -1024,7 +1173,10 @@ mod tests {
         };
         assert_eq!(
             rx.handle_hello(Incoming::Frame(hello)).unwrap(),
-            Some((id(), 1 << 20))
+            Some(Opening::Data {
+                stream: id(),
+                disk_size: 1 << 20
+            })
         );
         rx.check_disk_size(1 << 20).unwrap();
         rx.accept(next, 1 << 20);
@@ -1134,6 +1286,138 @@ mod tests {
             .unwrap_err();
         assert_eq!(r.code, ErrorCode::UnexpectedFrame);
         assert!(r.message.contains("Batch frame in the middle of a stream"));
+    }
+
+    #[test]
+    fn hash_streams_take_only_requests_for_nodes_on_the_disk() {
+        let now = Instant::now();
+        let mut rx = StreamReceiver::new(ReceiverConfig::relay_facing(), Entitlement::any(), now);
+        let hello = Frame::HashHello {
+            stream: id(),
+            disk_size: 3 << 20,
+            key: [1; 32],
+        };
+        assert!(matches!(
+            rx.handle_hello(Incoming::Frame(hello)),
+            Ok(Some(Opening::Hashes { disk_size, .. })) if disk_size == 3 << 20
+        ));
+        rx.check_disk_size(3 << 20).unwrap();
+        let req = |level, first, count| {
+            Incoming::Frame(Frame::HashRequest {
+                level,
+                first,
+                count,
+            })
+        };
+        assert_eq!(
+            rx.handle_hash_request(req(0, 0, 3)),
+            Ok(HashInput::Request {
+                level: 0,
+                first: 0,
+                count: 3
+            })
+        );
+        assert_eq!(
+            rx.handle_hash_request(req(2, 767, 2)).unwrap_err().code,
+            ErrorCode::OutOfBounds,
+            "node 768 of level 2 is beyond a 3 MiB disk"
+        );
+        let mut rx = StreamReceiver::new(ReceiverConfig::relay_facing(), Entitlement::any(), now);
+        rx.handle_hello(Incoming::Frame(Frame::HashHello {
+            stream: id(),
+            disk_size: 4096,
+            key: [0; 32],
+        }))
+        .unwrap();
+        let r = rx
+            .handle_hash_request(Incoming::Frame(Frame::Record(write(1, 0))))
+            .unwrap_err();
+        assert_eq!(r.code, ErrorCode::UnexpectedFrame);
+        // Entitlement applies to hash streams too.
+        let mut rx = StreamReceiver::new(
+            ReceiverConfig::agent_facing(),
+            Entitlement {
+                all_vms: false,
+                vms: vec!["other".into()],
+            },
+            now,
+        );
+        let r = rx
+            .handle_hello(Incoming::Frame(Frame::HashHello {
+                stream: id(),
+                disk_size: 4096,
+                key: [0; 32],
+            }))
+            .unwrap_err();
+        assert_eq!(r.code, ErrorCode::NotEntitled);
+    }
+
+    fn mark(seq: u64, id: u64, phase: crate::frame::ResyncPhase) -> Record {
+        Record::Resync {
+            seq,
+            mark: crate::frame::ResyncMark {
+                id,
+                phase,
+                mode: crate::frame::ResyncMode::Delta,
+                next_region: 0,
+                regions: 1,
+                compared_bytes: 0,
+                sent_bytes: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn resync_marks_must_belong_to_the_resync_in_progress() {
+        use crate::frame::ResyncPhase::{Begin, End, Progress};
+        let opened = |current| {
+            let now = Instant::now();
+            let mut rx =
+                StreamReceiver::new(ReceiverConfig::relay_facing(), Entitlement::any(), now);
+            rx.handle_hello(Incoming::Frame(Frame::Hello {
+                stream: id(),
+                disk_size: 1 << 20,
+            }))
+            .unwrap();
+            rx.track_resync(current);
+            rx.accept(1, 1 << 20);
+            rx
+        };
+        let rec = |r: Record| Incoming::Frame(Frame::Record(r));
+        // Resync data for a disk that is not resyncing.
+        let mut rx = opened(None);
+        let r = rx.handle(rec(mark(1, 7, Progress))).unwrap_err();
+        assert_eq!(r.code, ErrorCode::ResyncMismatch);
+        assert!(r.message.contains("not resyncing"), "{}", r.message);
+        // Begin, progress, end of one resync; then its marks are refused.
+        let mut rx = opened(None);
+        for (seq, phase) in [(1, Begin), (2, Progress), (3, End)] {
+            assert!(matches!(
+                rx.handle(rec(mark(seq, 7, phase))),
+                Ok(Delivery::Record(_))
+            ));
+        }
+        assert_eq!(
+            rx.handle(rec(mark(4, 7, End))).unwrap_err().code,
+            ErrorCode::ResyncMismatch
+        );
+        // A resumed resync continues with its id; another id is refused.
+        let mut rx = opened(Some(9));
+        assert!(rx.handle(rec(mark(1, 9, Progress))).is_ok());
+        assert_eq!(
+            rx.handle(rec(mark(2, 8, Progress))).unwrap_err().code,
+            ErrorCode::ResyncMismatch
+        );
+        // The relay does not check (it passes marks through).
+        let now = Instant::now();
+        let mut rx = StreamReceiver::new(ReceiverConfig::agent_facing(), Entitlement::any(), now);
+        rx.handle_hello(Incoming::Frame(Frame::Hello {
+            stream: id(),
+            disk_size: 1 << 20,
+        }))
+        .unwrap();
+        rx.accept(1, 1 << 20);
+        assert!(rx.handle(rec(mark(1, 7, End))).is_ok());
     }
 
     fn batch(first: u64, last: u64, items: Vec<wan::Item>) -> Frame {

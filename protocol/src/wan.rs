@@ -21,6 +21,7 @@
 //! item    = 1 Write | seq u64 | offset u64 | len u32 | block*   (len/4096 rounded up)
 //!         | 2 Zero  | seq u64 | offset u64 | len u64
 //!         | 3 Tag   | seq u64 | id u64 | kind u8 | members u32 | group_len u8 | group
+//!         | 4 Resync | the Resync record's 52 payload bytes (docs/PROTOCOL.md)
 //! block   = 0 literal | bytes (4096, or what remains of len)
 //!         | 1 zero
 //!         | 2 ref     | sha256 (32)
@@ -55,6 +56,7 @@ const FLAG_LZ4: u8 = 1;
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
 const KIND_TAG: u8 = 3;
+const KIND_RESYNC: u8 = 4;
 const BLOCK_LITERAL: u8 = 0;
 const BLOCK_ZERO: u8 = 1;
 const BLOCK_REF: u8 = 2;
@@ -146,6 +148,7 @@ pub fn item_body_len(item: &Item) -> usize {
         }
         Item::Plain(Record::Zero { .. }) => 25,
         Item::Plain(Record::Tag { group, .. }) => 23 + group.len(),
+        Item::Plain(Record::Resync { .. }) => 1 + crate::frame::RESYNC_PAYLOAD_LEN,
         Item::Plain(Record::Write { data, .. }) => {
             21 + data.len().div_ceil(BLOCK_SIZE) + data.len()
         }
@@ -238,13 +241,14 @@ fn encode_item(item: &Item, out: &mut Vec<u8>) {
             }
         }
         Item::Plain(r) => {
-            let kind = if matches!(r, Record::Zero { .. }) {
-                KIND_ZERO
-            } else {
-                KIND_TAG
+            let kind = match r {
+                Record::Zero { .. } => KIND_ZERO,
+                Record::Tag { .. } => KIND_TAG,
+                Record::Resync { .. } => KIND_RESYNC,
+                Record::Write { .. } => unreachable!("writes are encoded above"),
             };
             out.put_u8(kind);
-            crate::frame::put_zero_or_tag_fields(r, out);
+            crate::frame::put_marker_fields(r, out);
         }
     }
 }
@@ -436,6 +440,7 @@ fn decode_item(p: &mut Bytes) -> Result<Item, DecodeError> {
                 group,
             }))
         }
+        KIND_RESYNC => Ok(Item::Plain(crate::frame::get_resync_fields("Batch", p)?)),
         k => Err(malformed(format!("unknown item kind {k}"))),
     }
 }

@@ -185,3 +185,139 @@ fn batch() {
         .concat(),
     );
 }
+
+#[test]
+fn resync_mark() {
+    use fbr_protocol::{ResyncMark, ResyncMode, ResyncPhase};
+    check(
+        Frame::Record(Record::Resync {
+            seq: 9,
+            mark: ResyncMark {
+                id: 0x0102,
+                phase: ResyncPhase::Progress,
+                mode: ResyncMode::Delta,
+                next_region: 3,
+                regions: 16,
+                compared_bytes: 0x30_0000,
+                sent_bytes: 0x1000,
+            },
+        }),
+        &[
+            b'F', b'B', 1, 0x14, 52, 0, 0, 0, // header: Resync, len 52
+            9, 0, 0, 0, 0, 0, 0, 0, // seq 9
+            2, 1, 0, 0, 0, 0, 0, 0, // id 0x0102
+            2, 1, 0, 0, // phase progress, mode delta, reserved
+            3, 0, 0, 0, 0, 0, 0, 0, // next region 3
+            16, 0, 0, 0, 0, 0, 0, 0, // of 16 regions
+            0, 0, 0x30, 0, 0, 0, 0, 0, // 3 MiB compared
+            0, 0x10, 0, 0, 0, 0, 0, 0, // 4 KiB sent
+        ],
+    );
+}
+
+#[test]
+fn resync_request() {
+    check(
+        Frame::ResyncRequest {
+            mode: fbr_protocol::ResyncMode::Full,
+            reason: "lost".into(),
+        },
+        &[b'F', b'B', 1, 0x24, 5, 0, 0, 0, 2, b'l', b'o', b's', b't'],
+    );
+}
+
+#[test]
+fn hash_stream_frames() {
+    let mut golden = vec![b'F', b'B', 1, 0x03, 48, 0, 0, 0]; // HashHello, len 48
+    golden.extend_from_slice(&[1, 0, 0, 0]); // disk 1
+    golden.extend_from_slice(&[0, 0, 0x10, 0, 0, 0, 0, 0]); // disk size 1 MiB
+    golden.extend_from_slice(&[0xAA; 32]); // key
+    golden.extend_from_slice(&[3, b'v', b'm', b'1']);
+    check(
+        Frame::HashHello {
+            stream: StreamId {
+                vm: "vm1".into(),
+                disk: 1,
+            },
+            disk_size: 1 << 20,
+            key: [0xAA; 32],
+        },
+        &golden,
+    );
+    check(
+        Frame::HashAccept {
+            replica: fbr_protocol::ReplicaState::Resyncing,
+            resync_id: 7,
+            mode: fbr_protocol::ResyncMode::Delta,
+            next_region: 2,
+            hwm: 40,
+        },
+        &[
+            b'F', b'B', 1, 0x04, 26, 0, 0, 0, // HashAccept, len 26
+            4, 1, // resyncing, delta
+            7, 0, 0, 0, 0, 0, 0, 0, // resync id 7
+            2, 0, 0, 0, 0, 0, 0, 0, // next region 2
+            40, 0, 0, 0, 0, 0, 0, 0, // high-water mark 40
+        ],
+    );
+    check(
+        Frame::HashRequest {
+            level: 1,
+            first: 32,
+            count: 16,
+        },
+        &[
+            b'F', b'B', 1, 0x05, 13, 0, 0, 0, //
+            1, // level 1
+            32, 0, 0, 0, 0, 0, 0, 0, // first node 32
+            16, 0, 0, 0, // 16 nodes
+        ],
+    );
+    let mut golden = vec![b'F', b'B', 1, 0x23, 45, 0, 0, 0]; // Hashes, len 13 + 2 * 16
+    golden.extend_from_slice(&[2, 5, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]);
+    golden.extend_from_slice(&[0x11; 16]);
+    golden.extend_from_slice(&[0x22; 16]);
+    check(
+        Frame::Hashes {
+            level: 2,
+            first: 5,
+            hashes: vec![[0x11; 16], [0x22; 16]],
+        },
+        &golden,
+    );
+}
+
+#[test]
+fn hostile_hash_frames_are_refused() {
+    let bad = [
+        // HashRequest for level 3 (there are three levels, 0-2).
+        vec![
+            b'F', b'B', 1, 0x05, 13, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
+        ],
+        // HashRequest for 0 nodes.
+        vec![
+            b'F', b'B', 1, 0x05, 13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+        // Hashes announcing 2 nodes with one hash.
+        {
+            let mut v = vec![
+                b'F', b'B', 1, 0x23, 29, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0,
+            ];
+            v.extend_from_slice(&[0; 16]);
+            v
+        },
+        // A resync mark with an unknown phase.
+        {
+            let mut v = vec![b'F', b'B', 1, 0x14, 52, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+            v.extend_from_slice(&[0; 8]);
+            v.extend_from_slice(&[9, 1, 0, 0]);
+            v.extend_from_slice(&[0; 32]);
+            v
+        },
+    ];
+    for frame in bad {
+        let mut buf = BytesMut::from(&frame[..]);
+        let err = decode_frame(&mut buf).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::MalformedFrame, "{err}");
+    }
+}

@@ -3,7 +3,10 @@
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use bytes::{Bytes, BytesMut};
-use fbr_protocol::{decode_frame, encode_frame, ErrorCode, Frame, Record, StreamId, TagKind};
+use fbr_protocol::{
+    decode_frame, encode_frame, ErrorCode, Frame, Record, ReplicaState, ResyncMark, ResyncMode,
+    ResyncPhase, StreamId, TagKind,
+};
 use proptest::prelude::*;
 
 fn name() -> impl Strategy<Value = String> {
@@ -44,6 +47,76 @@ fn frame() -> impl Strategy<Value = Frame> {
                 group
             })
         ),
+        (
+            1u64..,
+            any::<u64>(),
+            1u8..4,
+            any::<bool>(),
+            any::<[u64; 4]>()
+        )
+            .prop_map(|(seq, id, phase, full, [a, b, c, d])| Frame::Record(
+                Record::Resync {
+                    seq,
+                    mark: ResyncMark {
+                        id,
+                        phase: [ResyncPhase::Begin, ResyncPhase::Progress, ResyncPhase::End]
+                            [phase as usize - 1],
+                        mode: if full {
+                            ResyncMode::Full
+                        } else {
+                            ResyncMode::Delta
+                        },
+                        next_region: a.min(b),
+                        regions: a.max(b),
+                        compared_bytes: c,
+                        sent_bytes: d,
+                    },
+                }
+            )),
+        (any::<bool>(), "\\PC{0,100}").prop_map(|(full, reason)| Frame::ResyncRequest {
+            mode: if full {
+                ResyncMode::Full
+            } else {
+                ResyncMode::Delta
+            },
+            reason
+        }),
+        (name(), any::<u32>(), 1u64..1 << 40, any::<[u8; 32]>()).prop_map(|(vm, disk, s, key)| {
+            Frame::HashHello {
+                stream: StreamId { vm, disk },
+                disk_size: s * 512,
+                key,
+            }
+        }),
+        (1u8..5, any::<[u64; 3]>()).prop_map(|(state, [id, next, hwm])| Frame::HashAccept {
+            replica: [
+                ReplicaState::New,
+                ReplicaState::Stale,
+                ReplicaState::Consistent,
+                ReplicaState::Resyncing
+            ][state as usize - 1],
+            resync_id: id,
+            mode: ResyncMode::Delta,
+            next_region: next,
+            hwm
+        }),
+        (0u8..3, any::<u64>(), 1u32..=4096).prop_map(|(level, first, count)| {
+            Frame::HashRequest {
+                level,
+                first,
+                count,
+            }
+        }),
+        (
+            0u8..3,
+            any::<u64>(),
+            prop::collection::vec(any::<[u8; 16]>(), 1..64)
+        )
+            .prop_map(|(level, first, hashes)| Frame::Hashes {
+                level,
+                first,
+                hashes
+            }),
         any::<u64>().prop_map(|seq| Frame::Ack { seq }),
         any::<u64>().prop_map(|seq| Frame::Applied { seq }),
         any::<u64>().prop_map(|credit_bytes| Frame::Credit { credit_bytes }),

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fbr_protocol::stream::{
-    Delivery, Entitlement, Incoming, ReceiverConfig, Reconnect, Resend, SenderConfig, SenderEvent,
-    SourcePosition, StreamReceiver, StreamSender,
+    Delivery, Entitlement, Incoming, Opening, ReceiverConfig, Reconnect, Resend, SenderConfig,
+    SenderEvent, SourcePosition, StreamReceiver, StreamSender,
 };
 use fbr_protocol::{wan, Frame, Record, StreamId, TagKind};
 use proptest::prelude::*;
@@ -111,7 +111,13 @@ impl Receiver {
         let m = self.machine.as_mut()?;
         if m.expected() == 0 {
             // A new session: Hello, then Accept at the durable high-water mark.
-            let (id, disk_size) = m.handle_hello(incoming).unwrap()?;
+            let Opening::Data {
+                stream: id,
+                disk_size,
+            } = m.handle_hello(incoming).unwrap()?
+            else {
+                panic!("a data stream")
+            };
             assert_eq!(id, stream());
             m.check_disk_size(disk_size).unwrap();
             self.store.truncate(self.durable);

@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fbr_metrics::relay::RelayMetrics;
-use fbr_protocol::stream::{Delivery, ReceiverConfig, Refusal, StreamReceiver};
-use fbr_protocol::{ErrorCode, Frame, StreamId};
+use fbr_protocol::stream::{Delivery, Opening, ReceiverConfig, Refusal, StreamReceiver};
+use fbr_protocol::{ErrorCode, Frame, Record, StreamId};
 use fbr_transport::{FrameReader, FrameWriter, PeerIdentity, PeerLink};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -59,6 +59,8 @@ pub struct IngestContext {
     pub metrics: RelayMetrics,
     /// Credit granted to each agent stream: bytes of records it may have unacknowledged.
     pub agent_credit_bytes: u64,
+    /// Where each resyncing disk stands, from the marks passing through.
+    pub resync_progress: crate::resync::ResyncProgress,
     /// One generation counter per disk: a new session bumps it, older ones stop.
     generations: Mutex<HashMap<StreamId, watch::Sender<u64>>>,
 }
@@ -76,6 +78,7 @@ impl IngestContext {
             throttled: watch::channel(Arc::new(BTreeSet::new())).0,
             metrics,
             agent_credit_bytes,
+            resync_progress: crate::resync::ResyncProgress::default(),
             generations: Mutex::new(HashMap::new()),
         }
     }
@@ -94,7 +97,12 @@ impl IngestContext {
     }
 
     /// Refuses or closes a stream with a coded error, and counts it.
-    async fn refuse(&self, writer: &mut FrameWriter, refusal: &Refusal, stream: Option<&StreamId>) {
+    pub(crate) async fn refuse(
+        &self,
+        writer: &mut FrameWriter,
+        refusal: &Refusal,
+        stream: Option<&StreamId>,
+    ) {
         self.metrics.stream_errors_total.count(refusal.code);
         writer.refuse(refusal, stream).await;
     }
@@ -114,15 +122,26 @@ pub async fn serve_stream(
         peer.entitlement.clone(),
         Instant::now(),
     );
-    let (id, disk_size) = match reader.receive_hello(&mut receiver).await {
-        Ok(Some(hello)) => hello,
-        Ok(None) => return,
-        Err(refusal) => return ctx.refuse(&mut writer, &refusal, None).await,
-    };
-    let span = tracing::info_span!("stream", stream = %id);
-    open_and_ingest(ctx, receiver, id, disk_size, reader, writer)
-        .instrument(span)
-        .await
+    match reader.receive_hello(&mut receiver).await {
+        Ok(Some(Opening::Data { stream, disk_size })) => {
+            let span = tracing::info_span!("stream", stream = %stream);
+            open_and_ingest(ctx, receiver, stream, disk_size, reader, writer)
+                .instrument(span)
+                .await
+        }
+        Ok(Some(Opening::Hashes {
+            stream,
+            disk_size,
+            key,
+        })) => {
+            let span = tracing::info_span!("hashes", stream = %stream);
+            crate::hashproxy::relay(ctx, receiver, stream, disk_size, key, reader, writer)
+                .instrument(span)
+                .await
+        }
+        Ok(None) => {}
+        Err(refusal) => ctx.refuse(&mut writer, &refusal, None).await,
+    }
 }
 
 /// Everything after the `Hello`: where the stream continues, `Accept`, ingest and acks,
@@ -248,6 +267,9 @@ async fn ingest(
         wait_while_throttled(ctx, id).await;
         match receiver.handle(reader.receive().await)? {
             Delivery::Record(record) => {
+                if let Record::Resync { mark, .. } = &record {
+                    ctx.resync_progress.observe(id, mark, &ctx.metrics);
+                }
                 let m = &ctx.metrics;
                 m.records_ingested_total.inc();
                 m.add_bytes("ingested", record.encoded_len() as u64);

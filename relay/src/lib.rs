@@ -11,6 +11,8 @@
 //! - [`ingest`]: one agent disk stream, a thin driver of
 //!   `fbr_protocol::stream::StreamReceiver`: durable append, `Ack`/`Applied`;
 //!   [`ingest::IngestContext`] is all a session uses.
+//! - [`hashproxy`]: resync hash streams, passed between agents and the master target.
+//! - [`resync`]: where each resyncing disk stands (progress, ETA), from the marks.
 //! - [`cache`]: the durable cache (`fbr-cache`) behind a group-commit writer thread.
 //! - [`egress`]: rate limit (weekly schedule) and weighted fair sharing of the WAN leg.
 //! - [`reduce`]: WAN reductions per batch: coalescing, zero elision, dedup, LZ4.
@@ -41,11 +43,13 @@ pub mod cache;
 pub mod egress;
 pub mod error;
 pub mod forwarder;
+pub mod hashproxy;
 pub mod health;
 pub mod ingest;
 pub mod memsource;
 pub mod observe;
 pub mod reduce;
+pub mod resync;
 pub mod server;
 pub mod settings;
 

@@ -73,6 +73,7 @@ pub fn plans(vms: u32, disks: u32, disk_size: u64, content: Content, seed: u64) 
                     profile: Profile::ALL[n % Profile::ALL.len()],
                     content,
                 },
+                start: Default::default(),
             });
         }
     }

@@ -52,6 +52,7 @@ async fn replayed_write_log_is_byte_exact() {
                 path: log.clone(),
                 index,
             },
+            start: Default::default(),
         })
         .collect();
     let mut opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(50));

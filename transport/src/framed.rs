@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use fbr_protocol::stream::{Incoming, Refusal, StreamReceiver};
+use fbr_protocol::stream::{Incoming, Opening, Refusal, StreamReceiver};
 use fbr_protocol::{decode_frame, encode_frame, DecodeError, ErrorCode, Frame, StreamId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -101,13 +101,13 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
         }
     }
 
-    /// Reads a new stream's `Hello` into `receiver`, until the receiver's deadline:
-    /// `Ok(Some((stream, disk_size)))` once checked, `Ok(None)` if the peer went away,
-    /// or the refusal to send.
+    /// Reads a new stream's first frame (`Hello` or `HashHello`) into `receiver`, until
+    /// the receiver's deadline: `Ok(Some(opening))` once checked, `Ok(None)` if the peer
+    /// went away, or the refusal to send.
     pub async fn receive_hello(
         &mut self,
         receiver: &mut StreamReceiver,
-    ) -> Result<Option<(StreamId, u64)>, Refusal> {
+    ) -> Result<Option<Opening>, Refusal> {
         loop {
             match self.receive_until(receiver.poll_timeout()).await {
                 Some(incoming) => return receiver.handle_hello(incoming),

@@ -14,12 +14,12 @@ use bytes::BytesMut;
 use fbr_protocol::wan::BLOCK_SIZE;
 use fbr_protocol::Record;
 
-/// The disk range a record writes or zeroes (`None` for tags).
+/// The disk range a record writes or zeroes (`None` for markers: tags, resync marks).
 pub(super) fn range(r: &Record) -> Option<(u64, u64)> {
     match r {
         Record::Write { offset, data, .. } => Some((*offset, offset + data.len() as u64)),
         Record::Zero { offset, len, .. } => Some((*offset, offset + len)),
-        Record::Tag { .. } => None,
+        Record::Tag { .. } | Record::Resync { .. } => None,
     }
 }
 
@@ -184,7 +184,7 @@ mod tests {
             Record::Zero { offset, len, .. } => {
                 img[*offset as usize..(*offset + *len) as usize].fill(0)
             }
-            Record::Tag { .. } => {}
+            Record::Tag { .. } | Record::Resync { .. } => {}
         }
     }
 
