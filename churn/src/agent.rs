@@ -98,6 +98,9 @@ pub struct DiskStart {
     /// nowhere (changes are drawn, sent and forgotten; no resync possible).
     pub disk_file: Option<PathBuf>,
     pub resync: ResyncPlan,
+    /// Send resync blocks at most this fast (bytes per second; `None`: as fast as the
+    /// path accepts), as agents throttle resync to spare the VM's disk.
+    pub resync_rate: Option<u64>,
     /// This agent takes over a disk an earlier agent streamed and lost (killed): the
     /// stream continues where the relay stands, and the regions the earlier agent may
     /// have written without an acknowledgement (its dirty file) are resynced.
@@ -352,9 +355,23 @@ pub struct RunHandle {
     disks: Vec<Arc<DiskRuntime>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<Result<RunReport, String>>,
+    /// Every task of the run, for [`RunHandle::kill`].
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    endpoint: quinn::Endpoint,
 }
 
 impl RunHandle {
+    /// Ends the run as kill -9 would end a real agent: every task stops where it is,
+    /// connections drop, what was not acknowledged is lost from memory (the disk files
+    /// and their dirty regions stay).
+    pub fn kill(self) {
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            t.abort();
+        }
+        self.task.abort();
+        self.endpoint.close(0u32.into(), b"agent killed");
+    }
+
     /// Asks the run to stop drawing changes now (a final tag is still inserted).
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -451,20 +468,26 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
         }));
     }
     let disks = runtimes.clone();
+    let tasks = Arc::new(Mutex::new(Vec::new()));
     let task = tokio::spawn(run(
         opts,
         runtimes,
         links,
-        stats.clone(),
-        stop.clone(),
+        RunShared {
+            stats: stats.clone(),
+            stop: stop.clone(),
+            tasks: tasks.clone(),
+        },
         seed,
-        endpoint,
+        endpoint.clone(),
     ));
     Ok(RunHandle {
         stats,
         disks,
         stop,
         task,
+        tasks,
+        endpoint,
     })
 }
 
@@ -499,15 +522,28 @@ fn open_disk_file(plan: &DiskPlan) -> Result<(Option<Arc<File>>, Option<DirtyReg
     Ok((Some(Arc::new(file)), Some(dirty)))
 }
 
+/// What a run shares with its handle.
+struct RunShared {
+    stats: Arc<RunStats>,
+    /// Set by [`RunHandle::request_stop`].
+    stop: Arc<AtomicBool>,
+    /// Every task the run spawns, for [`RunHandle::kill`].
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
 async fn run(
     opts: AgentOptions,
     disks: Vec<Arc<DiskRuntime>>,
     links: BTreeMap<String, Arc<PeerLink>>,
-    stats: Arc<RunStats>,
-    stop: Arc<AtomicBool>,
+    shared: RunShared,
     seed: u64,
     endpoint: quinn::Endpoint,
 ) -> Result<RunReport, String> {
+    let RunShared {
+        stats,
+        stop,
+        tasks: spawned,
+    } = shared;
     let started = Instant::now();
     let drawing_stopped = Arc::new(AtomicBool::new(false));
     let mut groups: BTreeMap<String, Vec<Arc<DiskRuntime>>> = BTreeMap::new();
@@ -528,14 +564,22 @@ async fn run(
             drawing_stopped.clone(),
         )));
         if d.lock_gen().resync_busy {
-            tokio::spawn(resync::drive(
+            let t = tokio::spawn(resync::drive(
                 d.clone(),
                 link,
                 stats.clone(),
                 opts.reconnect_timeout,
             ));
+            spawned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(t.abort_handle());
         }
     }
+    spawned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(tasks.iter().map(|t| t.abort_handle()));
     // No tag before every disk knows whether it resyncs (its begin mark numbered).
     for d in &disks {
         let mut ready = d.ready.subscribe();
@@ -806,6 +850,7 @@ async fn send_records(
                     Some(record)
                 } else if drawing_stopped.load(Ordering::SeqCst)
                     || g.exhausted
+                    || !*disk.ready.borrow()
                     || disk.pace.as_ref().is_some_and(|p| !p.allows_more())
                 {
                     None

@@ -228,6 +228,52 @@ impl Site {
         stop_daemon(&mut self.relay, kill9)
     }
 
+    /// Where the master target listens (once started).
+    pub fn master_target_addr(&self) -> Option<SocketAddr> {
+        self.mt.addr
+    }
+
+    /// Adopts `image` as the master target's replica of `vm`'s `disk` (an original
+    /// location): builds the image from its spec, then runs `master-target seed-disk`
+    /// with the master target stopped, and restarts it if it was running.
+    pub fn seed_disk(
+        &mut self,
+        vm: &str,
+        disk: u32,
+        image: &crate::image::ImageSpec,
+        disk_size: u64,
+    ) -> anyhow::Result<()> {
+        let path = self.root.join(format!("seed-{vm}-disk{disk}.img"));
+        image
+            .create_file(&path, disk_size)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let running = self.mt.child.is_some();
+        if running {
+            self.stop_master_target(false)?;
+        }
+        let out = Command::new(bin_path("master-target")?)
+            .arg("seed-disk")
+            .arg("--data")
+            .arg(&self.mt_data)
+            .arg("--vm")
+            .arg(vm)
+            .arg("--disk")
+            .arg(disk.to_string())
+            .arg("--image")
+            .arg(&path)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "master-target seed-disk failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_file(&path)?;
+        if running {
+            self.start_master_target()?;
+        }
+        Ok(())
+    }
+
     /// Keeps the site directory after this value is dropped; returns its path.
     pub fn keep(&mut self) -> PathBuf {
         if let Some(t) = self._tmp.take() {

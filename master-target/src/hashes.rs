@@ -56,8 +56,13 @@ pub async fn serve(
         },
         Some(s) => {
             let resync = s.sync.resync();
+            // A replica that holds nothing yet is new, whoever created it.
+            let replica = match s.sync.replica_state() {
+                ReplicaState::Consistent if s.hwm == 0 => ReplicaState::New,
+                state => state,
+            };
             Frame::HashAccept {
-                replica: s.sync.replica_state(),
+                replica,
                 resync_id: resync.map_or(0, |m| m.id),
                 mode: resync.map_or(ResyncMode::Delta, |m| m.mode),
                 next_region: resync.map_or(0, |m| m.next_region),

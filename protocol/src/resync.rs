@@ -58,8 +58,12 @@ pub const REGION_BYTES: u64 = 1 << LEVEL_SHIFT[0];
 pub const BLOCK_BYTES: u64 = 1 << LEVEL_SHIFT[LEVELS - 1];
 /// Most hashes a scanner has asked for and not yet received.
 pub const MAX_OUTSTANDING_NODES: u64 = 64 * 1024;
-/// Level-0 nodes asked for in one request.
-const L0_BATCH: u64 = 1024;
+/// Level-0 nodes asked for in one request (64 MiB of disk for the master target to
+/// hash before it answers).
+const L0_BATCH: u64 = 64;
+/// Most regions started and not done: the comparison runs at most this far (1 GiB)
+/// ahead of what was sent, so progress advances region by region.
+pub const MAX_OPEN_REGIONS: usize = 1024;
 
 /// One node hash.
 pub type NodeHash = [u8; NODE_HASH_LEN];
@@ -333,6 +337,9 @@ impl ResyncScanner {
         }
         self.outstanding.remove(pos);
         self.outstanding_nodes -= req.count as u64;
+        // Children are asked for before anything queued, in disk order, so regions
+        // complete (and progress advances) in order.
+        let mut children = Vec::new();
         for (index, theirs) in (first..).zip(hashes) {
             let (offset, len) =
                 node_range(level, index, self.disk_size).expect("counted within the disk");
@@ -348,18 +355,21 @@ impl ResyncScanner {
             if (level as usize) + 1 < LEVELS {
                 let child_level = level + 1;
                 let first_child = index * FANOUT;
-                let children = (first_child..first_child + FANOUT)
+                let children_count = (first_child..first_child + FANOUT)
                     .take_while(|c| node_range(child_level, *c, self.disk_size).is_some())
                     .count() as u32;
-                self.queued.push_front(Request {
+                children.push(Request {
                     level: child_level,
                     first: first_child,
-                    count: children,
+                    count: children_count,
                 });
                 *self.open.entry(region).or_insert(0) += 1;
             } else {
                 self.push_send(region, offset, len);
             }
+        }
+        for r in children.into_iter().rev() {
+            self.queued.push_front(r);
         }
         // The request's own work item (one per region for level 0) is done.
         if level == 0 {
@@ -400,6 +410,9 @@ impl ResyncScanner {
         let next = match self.queued.front() {
             Some(r) => *r,
             None => {
+                if self.open.len() >= MAX_OPEN_REGIONS {
+                    return None;
+                }
                 let first = self.set.get(self.cursor)?;
                 // A run of consecutive regions of the set, in one request.
                 let mut count = 1u64;

@@ -312,6 +312,21 @@ async fn resync(
         while let Some(range) = scanner.poll_send() {
             send_range(disk, &file, range).await?;
             scanner.sent(range);
+            if let Some(rate) = disk.plan.start.resync_rate {
+                // Paced: the blocks sent so far may not run ahead of the rate.
+                let due = Duration::from_secs_f64(scanner.sent_bytes() as f64 / rate.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            stats
+                .resync_sent_bytes
+                .fetch_add(range.len, Ordering::Relaxed);
+            if mode == ResyncMode::Full {
+                stats
+                    .resync_compared_bytes
+                    .fetch_add(range.len, Ordering::Relaxed);
+            }
         }
         if last_mark.elapsed() >= PROGRESS_EVERY {
             let m = mark(ResyncPhase::Progress, &scanner);
