@@ -715,6 +715,25 @@ impl<S: Storage> SegmentLog<S> {
         self.trim()
     }
 
+    /// Forgets `stream`'s records and makes it continue at `next_seq` (where the master
+    /// target stands): after corruption, once the source has been asked for a resync
+    /// that replaces what was lost. Appends of the old numbering are refused from here
+    /// on (out of order).
+    pub fn reset_stream(&mut self, stream: &StreamId, next_seq: u64) -> Result<u64, CacheError> {
+        if let Some(s) = self.streams.get_mut(stream) {
+            let last = next_seq.max(1) - 1;
+            s.entries.clear();
+            s.cached_bytes = 0;
+            s.pending_bytes = 0;
+            s.first_seq = last + 1;
+            s.appended_seq = last;
+            s.durable_seq = last;
+            s.acked_seq = last;
+            s.needs_resync = None;
+        }
+        self.trim()
+    }
+
     /// Deletes sealed segments whose records are all acknowledged, oldest first per
     /// stream: a segment is kept while an older segment still holds records of any of its
     /// streams. So the records of a stream that survive are always the newest ones, and

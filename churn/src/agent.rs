@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use crate::dirty::DirtyRegions;
 use crate::image::ImageSpec;
 use crate::source::{
-    ChangeSource, DiskManifest, Manifest, SourceSpec, TagRecord, MANIFEST_VERSION,
+    ChangeSource, DiskManifest, Manifest, Renumber, SourceSpec, TagRecord, MANIFEST_VERSION,
 };
 use crate::workload::ContentPools;
 
@@ -105,6 +105,15 @@ pub struct DiskStart {
     /// stream continues where the relay stands, and the regions the earlier agent may
     /// have written without an acknowledgement (its dirty file) are resynced.
     pub resume: bool,
+}
+
+impl From<ResyncMode> for ResyncPlan {
+    fn from(mode: ResyncMode) -> Self {
+        match mode {
+            ResyncMode::Delta => ResyncPlan::Delta,
+            ResyncMode::Full => ResyncPlan::Full,
+        }
+    }
 }
 
 /// Whether a disk resyncs when its agent starts.
@@ -200,11 +209,22 @@ struct GenState {
     resync_busy: bool,
     /// Runs of sequence numbers that carried resync records (for the manifest).
     resync_runs: Vec<(u64, u64)>,
+    /// Changes drawn from the workload so far.
+    changes_drawn: u64,
+    /// Where the stream was numbered again (for the manifest).
+    renumbers: Vec<Renumber>,
+    /// Bumped when a resync starts or its records are lost; a resync task whose epoch
+    /// is stale numbers nothing more and stops.
+    resync_epoch: u64,
 }
 
 impl GenState {
-    /// Numbers a resync record (a block read from the disk, or a mark) and queues it.
-    fn push_resync(&mut self, make: impl FnOnce(u64) -> Record) {
+    /// Numbers a resync record (a block read from the disk, or a mark) of the resync
+    /// `epoch` and queues it; refused if that resync was superseded.
+    fn push_resync(&mut self, epoch: u64, make: impl FnOnce(u64) -> Record) -> Result<(), String> {
+        if self.resync_epoch != epoch {
+            return Err("superseded by a newer resync".into());
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.push_pending(make(seq));
@@ -212,6 +232,7 @@ impl GenState {
             Some(run) if run.1 + 1 == seq => run.1 = seq,
             _ => self.resync_runs.push((seq, seq)),
         }
+        Ok(())
     }
 
     /// Queues a numbered tag or resync record for the stream.
@@ -274,6 +295,16 @@ struct DiskRuntime {
     ready: watch::Sender<bool>,
     /// The resync's live progress, for displays and benchmarks.
     resync: Mutex<ResyncLive>,
+    ctx: DiskCtx,
+}
+
+/// What a disk's tasks share with the run.
+#[derive(Debug, Clone)]
+struct DiskCtx {
+    link: Arc<PeerLink>,
+    stats: Arc<RunStats>,
+    reconnect_timeout: Duration,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 /// Where a disk's resync stands, live.
@@ -292,6 +323,58 @@ pub struct ResyncLive {
 }
 
 impl DiskRuntime {
+    /// Starts a resync of `plan` unless one runs (`restart`: the running one's records
+    /// were lost, so it starts over).
+    fn start_resync(self: &Arc<Self>, plan: ResyncPlan, restart: bool) {
+        let epoch = {
+            let mut g = self.lock_gen();
+            if g.disk.is_none() {
+                tracing::warn!(stream = %self.plan.id, "a resync was asked for, but the disk has no file to read");
+                return;
+            }
+            if g.resync_busy && !restart {
+                return;
+            }
+            g.resync_busy = true;
+            g.resync_open = false;
+            g.resync_epoch += 1;
+            g.resync_epoch
+        };
+        let t = tokio::spawn(resync::drive(self.clone(), plan, epoch));
+        self.ctx
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(t.abort_handle());
+    }
+
+    /// The relay lost records it had acknowledged: number again from `next_seq`, and
+    /// forget what was numbered since (a resync replaces it).
+    fn renumber(&self, next_seq: u64) {
+        let mut g = self.lock_gen();
+        g.next_seq = next_seq;
+        // A resync running now lost its records too: it must not number more.
+        g.resync_epoch += 1;
+        g.resync_open = false;
+        g.pending.clear();
+        g.pending_bytes = 0;
+        g.tags.retain(|t| t.seq < next_seq);
+        g.resync_runs.retain(|(first, _)| *first < next_seq);
+        if let Some(last) = g.resync_runs.last_mut() {
+            last.1 = last.1.min(next_seq - 1);
+        }
+        let changes_drawn = g.changes_drawn;
+        g.renumbers.push(Renumber {
+            at_seq: next_seq,
+            changes_drawn,
+        });
+        drop(g);
+        self.lag_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn lock_sender(&self) -> std::sync::MutexGuard<'_, StreamSender<Record>> {
         self.sender.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -417,6 +500,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
     let stats = RunStats::new();
     let stop = Arc::new(AtomicBool::new(false));
 
+    let tasks = Arc::new(Mutex::new(Vec::new()));
     // One connection per VM, as one agent per VM would have.
     let mut links: BTreeMap<String, Arc<PeerLink>> = BTreeMap::new();
     let mut runtimes = Vec::new();
@@ -432,6 +516,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
         });
         let source = ChangeSource::open(&plan.source, plan.disk_size, &pools)?;
         let (disk, dirty) = open_disk_file(&plan)?;
+        let plan_vm = plan.id.vm.clone();
         let resync_busy =
             disk.is_some() && (plan.start.resync != ResyncPlan::None || plan.start.resume);
         let ready = watch::channel(!resync_busy).0;
@@ -449,11 +534,20 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
                 resync_open: false,
                 resync_busy,
                 resync_runs: Vec::new(),
+                changes_drawn: 0,
+                renumbers: Vec::new(),
+                resync_epoch: 0,
             }),
             dirty: dirty.map(Mutex::new),
             accepted_once: watch::channel(false).0,
             ready,
             resync: Mutex::new(ResyncLive::default()),
+            ctx: DiskCtx {
+                link: links[&plan_vm].clone(),
+                stats: stats.clone(),
+                reconnect_timeout: opts.reconnect_timeout,
+                tasks: tasks.clone(),
+            },
             sender: Mutex::new(StreamSender::new(SenderConfig::agent(
                 opts.reconnect_timeout,
             ))),
@@ -468,7 +562,6 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
         }));
     }
     let disks = runtimes.clone();
-    let tasks = Arc::new(Mutex::new(Vec::new()));
     let task = tokio::spawn(run(
         opts,
         runtimes,
@@ -563,18 +656,20 @@ async fn run(
             stats.clone(),
             drawing_stopped.clone(),
         )));
-        if d.lock_gen().resync_busy {
-            let t = tokio::spawn(resync::drive(
-                d.clone(),
-                link,
-                stats.clone(),
-                opts.reconnect_timeout,
-            ));
+        let planned = {
+            let mut g = d.lock_gen();
+            g.resync_epoch += 1;
+            g.resync_busy.then_some(g.resync_epoch)
+        };
+        if let Some(epoch) = planned {
+            // Planned at start (or a resumed disk): marked busy already.
+            let t = tokio::spawn(resync::drive(d.clone(), d.plan.start.resync, epoch));
             spawned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(t.abort_handle());
         }
+        drop(link);
     }
     spawned
         .lock()
@@ -657,6 +752,7 @@ async fn run(
                     replica_base: d.plan.start.replica_base.clone(),
                     first_seq: g.first_seq,
                     resync_runs: g.resync_runs.clone(),
+                    renumbers: g.renumbers.clone(),
                 }
             })
             .collect(),
@@ -758,34 +854,60 @@ async fn session(
         .await
         .map_err(|e| SessionEnd::retry(format!("sending Hello: {e}")))?;
     let deadline = disk.lock_sender().poll_timeout();
-    let answer = match reader.receive_until(deadline).await {
-        Some(incoming) => disk.lock_sender().handle(incoming),
-        None => Err(disk
-            .lock_sender()
-            .handle_timeout(Instant::now())
-            .unwrap_or_else(|| SessionEnd::retry("no Accept in time"))),
-    };
-    // Reconcile: whatever the master target holds is acknowledged; the rest is resent.
-    let resend: Vec<Record> = match answer? {
-        SenderEvent::Accepted { released, next_seq } => {
-            if disk.plan.start.resume && !*disk.accepted_once.borrow() {
-                // A resumed disk numbers on from where the relay stands.
-                let mut g = disk.lock_gen();
-                if g.next_seq == 1 {
-                    g.next_seq = next_seq;
-                    g.first_seq = next_seq;
-                }
+    // The relay may ask for a resync before it accepts (it lost records).
+    let mut resync_asked = None;
+    let mut renumbered = false;
+    let resend: Vec<Record> = loop {
+        let answer = match reader.receive_until(deadline).await {
+            Some(incoming) => disk.lock_sender().handle(incoming),
+            None => Err(disk
+                .lock_sender()
+                .handle_timeout(Instant::now())
+                .unwrap_or_else(|| SessionEnd::retry("no Accept in time"))),
+        };
+        // Reconcile: whatever the relay holds is acknowledged; the rest is resent.
+        match answer? {
+            SenderEvent::ResyncRequested { mode, reason } => {
+                tracing::info!(stream = %disk.plan.id, "the relay asks for a resync: {reason}");
+                resync_asked = Some(mode);
             }
-            disk.accepted_once.send_replace(true);
-            disk.count_acked(released, stats);
-            disk.lock_sender().unacked().cloned().collect()
-        }
-        other => {
-            return Err(SessionEnd::retry(format!(
-                "unexpected answer to Hello: {other:?}"
-            )))
+            SenderEvent::Accepted { released, next_seq } => {
+                if disk.plan.start.resume && !*disk.accepted_once.borrow() {
+                    // A resumed disk numbers on from where the relay stands.
+                    let mut g = disk.lock_gen();
+                    if g.next_seq == 1 {
+                        g.next_seq = next_seq;
+                        g.first_seq = next_seq;
+                    }
+                }
+                disk.accepted_once.send_replace(true);
+                disk.count_acked(released, stats);
+                break disk.lock_sender().unacked().cloned().collect();
+            }
+            SenderEvent::Renumbered {
+                next_seq, reason, ..
+            } => {
+                tracing::warn!(
+                    stream = %disk.plan.id,
+                    next_seq,
+                    "the relay lost acknowledged records ({reason}); numbering again, resync follows"
+                );
+                disk.renumber(next_seq);
+                disk.accepted_once.send_replace(true);
+                renumbered = true;
+                break Vec::new();
+            }
+            other => {
+                return Err(SessionEnd::retry(format!(
+                    "unexpected answer to Hello: {other:?}"
+                )))
+            }
         }
     };
+    if let Some(mode) = resync_asked {
+        // After a renumbering, a resync in progress lost its records: start over.
+        disk.start_resync(mode.into(), renumbered);
+    }
     let mut window_rx = disk.window_changed.subscribe();
 
     // Acks arrive concurrently with sending.
@@ -800,7 +922,15 @@ async fn session(
                     ack_disk.count_acked(released, &ack_stats)
                 }
                 Ok(SenderEvent::Applied { seq }) => ack_disk.applied(seq, &ack_stats),
-                Ok(SenderEvent::Credit { .. } | SenderEvent::Accepted { .. }) => {}
+                Ok(SenderEvent::ResyncRequested { mode, reason }) => {
+                    tracing::info!(stream = %ack_disk.plan.id, "the relay asks for a resync: {reason}");
+                    ack_disk.start_resync(mode.into(), false);
+                }
+                Ok(
+                    SenderEvent::Credit { .. }
+                    | SenderEvent::Accepted { .. }
+                    | SenderEvent::Renumbered { .. },
+                ) => {}
                 Err(end) => return end,
             }
             ack_disk.window_changed.send_modify(|v| *v += 1);
@@ -859,6 +989,7 @@ async fn send_records(
                         Ok(Some(change)) => {
                             let seq = g.next_seq;
                             g.next_seq += 1;
+                            g.changes_drawn += 1;
                             let record = change.into_record(seq);
                             // The VM writes its disk; the dirty mark goes first, so a
                             // crash never forgets a write the relay did not get.

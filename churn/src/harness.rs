@@ -213,6 +213,8 @@ impl Site {
             .arg(self.opts.cache_segment_mib.to_string())
             .arg("--max-udp-payload")
             .arg(self.opts.max_udp_payload.to_string())
+            .arg("--control-socket")
+            .arg(self.relay_control_socket())
             .args(&self.opts.relay_args);
         let root = self.root.clone();
         start_daemon(&mut self.relay, &root, cmd)
@@ -226,6 +228,22 @@ impl Site {
     /// Stops the relay: SIGTERM and wait, or SIGKILL (`kill9`).
     pub fn stop_relay(&mut self, kill9: bool) -> anyhow::Result<()> {
         stop_daemon(&mut self.relay, kill9)
+    }
+
+    /// The relay's control socket (`relay resync`).
+    pub fn relay_control_socket(&self) -> PathBuf {
+        self.root.join("relay-control.sock")
+    }
+
+    /// Runs `relay <args>` (a client command, e.g. `resync`) and returns its stdout.
+    pub fn relay_command(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin_path("relay")?).args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "relay {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Where the master target listens (once started).

@@ -119,6 +119,18 @@ pub struct DiskManifest {
     /// from the source disk, and marks): they change the replica, not the source.
     #[serde(default)]
     pub resync_runs: Vec<(u64, u64)>,
+    /// Where the stream was numbered again because the relay lost records it had
+    /// acknowledged (a resync replaced them), in order.
+    #[serde(default)]
+    pub renumbers: Vec<Renumber>,
+}
+
+/// The stream continued at `at_seq` after the relay lost records; by then the source
+/// had drawn `changes_drawn` changes (the lost ones were on its disk all the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renumber {
+    pub at_seq: u64,
+    pub changes_drawn: u64,
 }
 
 fn zeros() -> ImageSpec {

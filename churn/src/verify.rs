@@ -334,6 +334,8 @@ fn verify_disk(
         everything: d.source_base != d.replica_base || d.first_seq > 1,
     };
     let mut seq = 0u64;
+    let mut drawn = 0u64;
+    let mut renumbers = d.renumbers.iter().peekable();
     // Walk the journal; the source follows. Sequence numbers may skip where the relay
     // coalesced records superseded between two recovery points (docs/WAN.md), and a
     // record may differ from the source's (cut down, or an all-zero write sent as a
@@ -362,6 +364,14 @@ fn verify_disk(
             }
             // The source's records the journal skipped (coalesced away): never a tag.
             for skipped in (seq + 1).max(d.first_seq)..at {
+                renumbered(
+                    &mut renumbers,
+                    skipped,
+                    &mut drawn,
+                    &mut source,
+                    &src,
+                    &mut dirty,
+                )?;
                 if let Some(t) = tags.get(&skipped) {
                     return Err(format!(
                         "recovery point {} (sequence {skipped}) is missing from the journal",
@@ -369,12 +379,21 @@ fn verify_disk(
                     ));
                 }
                 if !d.is_resync(skipped) {
+                    drawn += 1;
                     let want = draw(&mut source, skipped)?;
                     src.apply(&want)
                         .map_err(|e| format!("source scratch: {e}"))?;
                     dirty.mark(&want);
                 }
             }
+            renumbered(
+                &mut renumbers,
+                at,
+                &mut drawn,
+                &mut source,
+                &src,
+                &mut dirty,
+            )?;
             seq = at;
             let replica_only = at < d.first_seq || d.is_resync(at);
             match (&record, tags.get(&seq)) {
@@ -406,6 +425,7 @@ fn verify_disk(
                     dirty.mark(&record);
                 }
                 (Record::Write { .. } | Record::Zero { .. }, None) => {
+                    drawn += 1;
                     let want = draw(&mut source, seq)?;
                     src.apply(&want)
                         .map_err(|e| format!("source scratch: {e}"))?;
@@ -465,6 +485,29 @@ fn verify_disk(
         Err(e) => fail(&mut out, format!("reading image: {e}")),
     }
     out
+}
+
+/// Where the stream was numbered again (at or before `seq`), the changes the relay lost
+/// were on the source's disk all the same: apply them to the source. The resync that
+/// followed replaced them on the replica; the sides are compared whole at the next point.
+fn renumbered(
+    renumbers: &mut std::iter::Peekable<std::slice::Iter<'_, crate::source::Renumber>>,
+    seq: u64,
+    drawn: &mut u64,
+    source: &mut ChangeSource,
+    src: &Scratch,
+    dirty: &mut Dirty,
+) -> Result<(), String> {
+    while let Some(r) = renumbers.next_if(|r| r.at_seq <= seq) {
+        while *drawn < r.changes_drawn {
+            *drawn += 1;
+            let lost = draw(source, 0)?;
+            src.apply(&lost)
+                .map_err(|e| format!("source scratch: {e}"))?;
+        }
+        dirty.everything = true;
+    }
+    Ok(())
 }
 
 /// The source's change at `seq`, drawn again.

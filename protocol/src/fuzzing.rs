@@ -286,6 +286,12 @@ pub fn drive_sender(data: &[u8]) {
                             assert_eq!(tx.next_seq(), next_seq);
                         }
                     }
+                    Ok(SenderEvent::Renumbered { next_seq, lost, .. }) => {
+                        assert_eq!(tx.next_seq(), next_seq);
+                        assert_eq!(tx.acked(), next_seq - 1);
+                        assert_eq!(lost.len() as u64, sent_bytes.len() as u64);
+                        sent_bytes.clear();
+                    }
                     Ok(SenderEvent::Acked { seq, released }) => {
                         assert!(seq < tx.next_seq(), "acks cover only what was sent");
                         for item in released {

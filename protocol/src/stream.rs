@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::error::{ErrorCode, Recovery};
-use crate::frame::{Frame, Record, StreamId};
+use crate::frame::{Frame, Record, ResyncMode, StreamId};
 use crate::wan;
 
 /// How long a receiver waits for the `Hello` of a new stream.
@@ -827,6 +827,19 @@ pub enum SenderEvent<T> {
     Applied { seq: u64 },
     /// The receiver changed the credit.
     Credit { credit_bytes: u64 },
+    /// The receiver asks for a resync of `mode` (an operator asked for it). The stream
+    /// goes on; the driver starts the resync.
+    ResyncRequested { mode: ResyncMode, reason: String },
+    /// The receiver lost records it had acknowledged (its cache was corrupt) and asked
+    /// for a resync before accepting: the stream continues at `next_seq`, numbering
+    /// again from there; `lost` are the items in flight, forgotten (the resync of
+    /// `mode` replaces whatever the lost records carried).
+    Renumbered {
+        next_seq: u64,
+        lost: Vec<T>,
+        mode: ResyncMode,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -866,6 +879,8 @@ pub struct StreamSender<T> {
     backoff: Duration,
     /// When reconnecting started failing (`None` while sessions get accepted).
     failing_since: Option<Instant>,
+    /// A resync the receiver asked for before its `Accept` (it lost records).
+    resync_before_accept: Option<(ResyncMode, String)>,
 }
 
 impl<T> StreamSender<T> {
@@ -882,6 +897,7 @@ impl<T> StreamSender<T> {
             accepted: false,
             backoff: config.backoff_initial,
             failing_since: None,
+            resync_before_accept: None,
         }
     }
 
@@ -901,6 +917,7 @@ impl<T> StreamSender<T> {
             position,
         };
         self.accepted = false;
+        self.resync_before_accept = None;
         Frame::Hello { stream, disk_size }
     }
 
@@ -935,6 +952,13 @@ impl<T> StreamSender<T> {
         match (self.state, frame) {
             (_, Frame::Error { code, message }) => {
                 Err(self.end(SessionEnd::refused(code, &message)))
+            }
+            (SenderState::AwaitingAccept { .. }, Frame::ResyncRequest { mode, reason }) => {
+                self.resync_before_accept = Some((mode, reason.clone()));
+                Ok(SenderEvent::ResyncRequested { mode, reason })
+            }
+            (SenderState::Open, Frame::ResyncRequest { mode, reason }) => {
+                Ok(SenderEvent::ResyncRequested { mode, reason })
             }
             (
                 SenderState::AwaitingAccept { position, .. },
@@ -1106,6 +1130,23 @@ impl<T> StreamSender<T> {
     ) -> Result<SenderEvent<T>, SessionEnd> {
         let held = next_seq.saturating_sub(1);
         if held < self.acked {
+            if let Some((mode, reason)) = self.resync_before_accept.take() {
+                // The receiver says it lost what it acknowledged, and a resync replaces
+                // it: number again from where it stands.
+                self.state = SenderState::Open;
+                self.accepted = true;
+                self.credit = credit_bytes.max(1);
+                self.acked = held;
+                self.in_flight_bytes = 0;
+                self.next_seq = next_seq;
+                let lost = self.in_flight.drain(..).map(|f| f.item).collect();
+                return Ok(SenderEvent::Renumbered {
+                    next_seq,
+                    lost,
+                    mode,
+                    reason,
+                });
+            }
             return Err(self.end(SessionEnd::give_up(format!(
                 "INVARIANT VIOLATED: the receiver holds up to sequence {held}, but {} was acknowledged",
                 self.acked
@@ -1645,6 +1686,64 @@ mod tests {
             end.reason.contains("only records before 1 were sent"),
             "{end}"
         );
+    }
+
+    #[test]
+    fn a_receiver_that_lost_records_renumbers_the_stream_only_with_a_resync() {
+        let mut s = sender(Resend::Retained);
+        accept(&mut s, 1, produced(0)).unwrap();
+        for seq in 1..=6 {
+            s.on_send(seq, seq, 1, seq);
+        }
+        s.handle(Incoming::Frame(Frame::Ack { seq: 4 })).unwrap();
+        let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
+        s.session_ended(&end, Instant::now());
+        // The relay lost 3 and 4 (acknowledged) and asks for a resync first.
+        s.start(Instant::now(), id(), 4096, produced(6));
+        assert!(matches!(
+            s.handle(Incoming::Frame(Frame::ResyncRequest {
+                mode: ResyncMode::Delta,
+                reason: "cache corruption".into()
+            })),
+            Ok(SenderEvent::ResyncRequested { .. })
+        ));
+        assert_eq!(
+            s.handle(Incoming::Frame(Frame::Accept {
+                next_seq: 3,
+                credit_bytes: 100
+            })),
+            Ok(SenderEvent::Renumbered {
+                next_seq: 3,
+                lost: vec![5, 6],
+                mode: ResyncMode::Delta,
+                reason: "cache corruption".into()
+            })
+        );
+        assert_eq!((s.next_seq(), s.acked(), s.in_flight_bytes()), (3, 2, 0));
+        assert!(s.is_open());
+        // Without the request, the same answer is a broken promise.
+        let mut s = sender(Resend::Retained);
+        accept(&mut s, 1, produced(0)).unwrap();
+        s.on_send(1, 1, 1, 1);
+        s.handle(Incoming::Frame(Frame::Ack { seq: 1 })).unwrap();
+        let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
+        s.session_ended(&end, Instant::now());
+        let end = accept(&mut s, 1, produced(1)).unwrap_err();
+        assert!(end.reason.contains("INVARIANT VIOLATED"), "{end}");
+        // Mid-stream, a request is only news.
+        let mut s = sender(Resend::Retained);
+        accept(&mut s, 1, produced(0)).unwrap();
+        assert!(matches!(
+            s.handle(Incoming::Frame(Frame::ResyncRequest {
+                mode: ResyncMode::Full,
+                reason: "operator".into()
+            })),
+            Ok(SenderEvent::ResyncRequested {
+                mode: ResyncMode::Full,
+                ..
+            })
+        ));
+        assert!(s.is_open());
     }
 
     #[test]

@@ -229,6 +229,15 @@ impl RelayCache {
         Ok(())
     }
 
+    /// Forgets `stream`'s records and continues it at `next_seq` (after corruption,
+    /// with a resync asked of its source): see [`fbr_cache::SegmentLog::reset_stream`].
+    pub fn reset_stream(&self, stream: &StreamId, next_seq: u64) -> Result<(), CacheError> {
+        self.lock_log().reset_stream(stream, next_seq)?;
+        self.watch(stream).durable.send_replace(next_seq.max(1) - 1);
+        self.space.1.notify_all();
+        Ok(())
+    }
+
     /// One durable record and its entry's size, checked; `None` if it is not cached.
     /// The log's lock is held only to find it, not for the read.
     fn read_one(
@@ -367,7 +376,9 @@ impl RelayCache {
 
 impl RecordSource for RelayCache {
     /// Reads durable records of `stream` from `from` on, up to about `max_bytes`.
-    /// Payloads are checked (CRC32C); corruption is an error, never returned data.
+    /// Payloads are checked (CRC32C); corruption is an error, never returned data (the
+    /// records before a damaged one are returned first; the error comes when the read
+    /// starts at it).
     fn read_batch(
         &self,
         stream: &StreamId,
@@ -378,7 +389,13 @@ impl RecordSource for RelayCache {
         let mut bytes = 0usize;
         let mut seq = from;
         while bytes < max_bytes {
-            let Some((record, len)) = self.read_one(stream, seq)? else {
+            let read = match self.read_one(stream, seq) {
+                // The records before a damaged one are good: send them first; the next
+                // read starts at the damage and reports it.
+                Err(CacheError::Corrupt { .. }) if !out.is_empty() => break,
+                other => other?,
+            };
+            let Some((record, len)) = read else {
                 break;
             };
             out.push(record);
@@ -432,7 +449,7 @@ impl ForwardSource for RelayCache {
         RelayCache::ack(self, stream, seq)
     }
 
-    fn drop_stream(&self, stream: &StreamId, reason: String) -> Result<(), CacheError> {
-        RelayCache::drop_stream(self, stream, reason)
+    fn reset_stream(&self, stream: &StreamId, next_seq: u64) -> Result<(), CacheError> {
+        RelayCache::reset_stream(self, stream, next_seq)
     }
 }

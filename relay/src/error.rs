@@ -35,9 +35,6 @@ pub enum RelayError {
     /// The relay's cache failed (I/O error, or the cache is shutting down).
     #[error("cache: {0}")]
     Cache(#[from] CacheError),
-    /// The stream's cached records are unusable (corruption): it needs resync.
-    #[error("{0}")]
-    NeedsResync(String),
     /// A task of the relay died (a bug; the work is retried).
     #[error("{what} task: {reason}")]
     Task { what: &'static str, reason: String },
@@ -51,7 +48,7 @@ impl RelayError {
     pub fn recovery(&self) -> Recovery {
         match self {
             RelayError::Stream(end) => end.recovery,
-            RelayError::NeedsResync(_) | RelayError::ShuttingDown => Recovery::GiveUp,
+            RelayError::ShuttingDown => Recovery::GiveUp,
             RelayError::Cache(CacheError::Corrupt { .. }) => Recovery::GiveUp,
             RelayError::Unreachable(_)
             | RelayError::Send(_)
@@ -71,10 +68,9 @@ impl RelayError {
             RelayError::Unreachable(_) | RelayError::Stream(_) | RelayError::Send(_) => {
                 Origin::Peer
             }
-            RelayError::Cache(_)
-            | RelayError::NeedsResync(_)
-            | RelayError::Task { .. }
-            | RelayError::ShuttingDown => Origin::Local,
+            RelayError::Cache(_) | RelayError::Task { .. } | RelayError::ShuttingDown => {
+                Origin::Local
+            }
         }
     }
 
@@ -116,7 +112,7 @@ mod tests {
             (Origin::Local, false)
         );
         assert_eq!(
-            RelayError::NeedsResync("r".into()).session_end().recovery,
+            RelayError::ShuttingDown.session_end().recovery,
             Recovery::GiveUp
         );
     }

@@ -16,8 +16,10 @@
 //! at most the master target's credit in flight, and reads payloads from disk, so its
 //! memory does not grow with the backlog.
 //!
-//! A record that fails its checksum is never sent: the stream is flagged as needing
-//! resync, its cached records are dropped, and the forwarder stops.
+//! A record that fails its checksum is never sent: the stream's cached records are
+//! dropped, the stream continues at the master target's position, and the stream's
+//! agent is asked for a delta resync ([`ForwarderState::resync_needed`]), which
+//! replaces whatever the lost records carried.
 //!
 //! Everything a forwarder uses comes in its [`ForwardContext`]: the master target
 //! through [`Upstream`] (QUIC in the relay, an in-memory pipe in tests), the cache
@@ -80,7 +82,8 @@ pub trait ForwardSource: RecordSource {
     /// What the cache can still send of `stream` (checked against the master target's
     /// `Accept`).
     fn position(&self, stream: &StreamId) -> SourcePosition;
-    /// Why `stream` can no longer be forwarded (corruption found), if it cannot.
+    /// Why `stream`'s cached records cannot be forwarded (corruption found at
+    /// recovery), if they cannot.
     fn needs_resync(&self, stream: &StreamId) -> Option<String>;
     /// The highest durable sequence number of `stream`, as it changes.
     fn durable(&self, stream: &StreamId) -> watch::Receiver<u64>;
@@ -88,8 +91,9 @@ pub trait ForwardSource: RecordSource {
     fn next_tag(&self, stream: &StreamId, from: u64) -> Option<u64>;
     /// The master target holds `stream` up to `seq`: the cache may free it.
     fn ack(&self, stream: &StreamId, seq: u64) -> Result<(), CacheError>;
-    /// Stops keeping `stream` (corruption): frees its space.
-    fn drop_stream(&self, stream: &StreamId, reason: String) -> Result<(), CacheError>;
+    /// Forgets `stream`'s records (corruption) and continues it at `next_seq`, where
+    /// the master target stands: its source is asked for a resync.
+    fn reset_stream(&self, stream: &StreamId, next_seq: u64) -> Result<(), CacheError>;
 }
 
 /// The metrics a forwarder moves (handles onto the relay's registry, or unregistered in
@@ -160,8 +164,11 @@ pub struct ForwarderState {
     pub disk_size: u64,
     /// The master target's next expected sequence number, once known.
     pub mt_next: watch::Sender<Option<u64>>,
-    /// Why forwarding stopped for good (the stream needs resync or was refused).
+    /// Why forwarding stopped for good (the master target refused the stream).
     pub failed: watch::Sender<Option<String>>,
+    /// The relay lost records of this stream it had acknowledged (cache corruption)
+    /// or an operator asked: the agent must resync. Cleared when the resync begins.
+    pub resync_needed: watch::Sender<Option<ResyncNeed>>,
     /// When the newest recovery point (tag) the master target acknowledged was appended
     /// to the cache, Unix milliseconds; 0 before the first one (the RPO metric).
     pub newest_applied_tag_ms: AtomicU64,
@@ -175,10 +182,21 @@ impl ForwarderState {
             disk_size,
             mt_next: watch::channel(None).0,
             failed: watch::channel(None).0,
+            resync_needed: watch::channel(None).0,
             newest_applied_tag_ms: AtomicU64::new(0),
             stages: StageBytes::default(),
         }
     }
+}
+
+/// A resync the stream's agent must run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncNeed {
+    pub mode: fbr_protocol::ResyncMode,
+    pub reason: String,
+    /// The relay lost records it had acknowledged: the agent numbers again from where
+    /// the master target stands (its session is restarted for that).
+    pub records_lost: bool,
 }
 
 /// The forwarders of a relay: one per stream, started on demand.
@@ -383,6 +401,12 @@ async fn read_acks<U: Upstream, S: ForwardSource>(
                 acked.send_replace(());
             }
             Ok(SenderEvent::Applied { .. } | SenderEvent::Accepted { .. }) => {}
+            Ok(SenderEvent::ResyncRequested { .. } | SenderEvent::Renumbered { .. }) => {
+                // Resyncs are the agent's business; a master target never asks a relay.
+                return RelayError::Stream(SessionEnd::retry(
+                    "the master target sent ResyncRequest, which only relays send",
+                ));
+            }
             Err(end) => return RelayError::Stream(end),
         }
     }
@@ -442,10 +466,13 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
                 plan = p;
                 b
             }
-            Ok((_, _, Err(e @ CacheError::Corrupt { .. }))) => {
-                let reason = format!("cache corruption, stream needs resync: {e}");
-                let _ = ctx.source.drop_stream(id, reason.clone());
-                return RelayError::NeedsResync(reason);
+            Ok((r, _, Err(e @ CacheError::Corrupt { .. }))) => {
+                // The plan (if any) covered the lost records: it goes with them.
+                reducer = Some(r);
+                if let Err(e) = lost_records(ctx, id, state, cursor, e.to_string()) {
+                    return e;
+                }
+                continue;
             }
             Ok((_, _, Err(e))) => return e.into(),
             Err(e) => {
@@ -457,7 +484,10 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
         };
         if batches.is_empty() {
             if let Some(reason) = ctx.source.needs_resync(id) {
-                return RelayError::NeedsResync(reason);
+                if let Err(e) = lost_records(ctx, id, state, cursor, reason) {
+                    return e;
+                }
+                continue;
             }
             // Durable but no longer indexed: acknowledged meanwhile; re-read the state.
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -485,6 +515,27 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
             return write_failed(e, acks).await;
         }
     }
+}
+
+/// The cache lost records of `id` (corruption): forget them, continue at `cursor` (what
+/// the master target expects next), and have the agent resync what they carried.
+fn lost_records<U, S: ForwardSource>(
+    ctx: &ForwardContext<U, S>,
+    id: &StreamId,
+    state: &ForwarderState,
+    cursor: u64,
+    why: String,
+) -> Result<(), RelayError> {
+    tracing::error!(
+        "cached records from {cursor} on are unusable ({why}): dropped; asking the agent for a delta resync"
+    );
+    ctx.source.reset_stream(id, cursor)?;
+    state.resync_needed.send_replace(Some(ResyncNeed {
+        mode: fbr_protocol::ResyncMode::Delta,
+        reason: format!("the relay lost records from {cursor} on: {why}"),
+        records_lost: true,
+    }));
+    Ok(())
 }
 
 /// A write to the master target failed: its refusal, if the ack reader reads one within

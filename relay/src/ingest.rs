@@ -31,13 +31,13 @@ use std::time::{Duration, Instant};
 
 use fbr_metrics::relay::RelayMetrics;
 use fbr_protocol::stream::{Delivery, Opening, ReceiverConfig, Refusal, StreamReceiver};
-use fbr_protocol::{ErrorCode, Frame, Record, StreamId};
+use fbr_protocol::{ErrorCode, Frame, Record, ResyncMode, ResyncPhase, StreamId};
 use fbr_transport::{FrameReader, FrameWriter, PeerIdentity, PeerLink};
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::cache::RelayCache;
-use crate::forwarder::Forwarders;
+use crate::forwarder::{ForwarderState, Forwarders, ResyncNeed};
 
 /// How long to wait for the master target's position of a stream the cache never saw.
 const POSITION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,6 +81,31 @@ impl IngestContext {
             resync_progress: crate::resync::ResyncProgress::default(),
             generations: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Asks the agent of `id` for a resync of `mode` (an operator's request): its
+    /// session is told at once, or at its next `Hello`.
+    pub fn request_resync(
+        &self,
+        id: &StreamId,
+        mode: ResyncMode,
+        reason: &str,
+    ) -> Result<(), String> {
+        let forwarder = self
+            .forwarders
+            .all()
+            .into_iter()
+            .find(|(s, _)| s == id)
+            .map(|(_, f)| f)
+            .ok_or_else(|| format!("this relay has never seen disk {id}"))?;
+        forwarder.resync_needed.send_replace(Some(ResyncNeed {
+            mode,
+            reason: reason.to_owned(),
+            records_lost: false,
+        }));
+        self.metrics.resyncs_requested_total.inc();
+        tracing::info!(stream = %id, mode = mode.name(), "resync requested: {reason}");
+        Ok(())
     }
 
     /// Makes the caller the current session of `id`; the receiver changes when a newer
@@ -203,6 +228,20 @@ async fn open_and_ingest(
         }
     };
     let next_seq = cache_next.unwrap_or(1).max(mt_next.unwrap_or(1));
+    // A resync the agent must run is asked for before Accept: if the relay lost
+    // records it had acknowledged, the agent learns so before it hears where the stream
+    // continues (and numbers again from there).
+    let mut resync_rx = forwarder.resync_needed.subscribe();
+    let need = resync_rx.borrow_and_update().clone();
+    if let Some(need) = need {
+        let request = Frame::ResyncRequest {
+            mode: need.mode,
+            reason: need.reason,
+        };
+        if writer.send(&request).await.is_err() {
+            return;
+        }
+    }
     let accept = receiver.accept(next_seq, ctx.agent_credit_bytes);
     if writer.send(&accept).await.is_err() {
         return;
@@ -216,21 +255,42 @@ async fn open_and_ingest(
     broken_rx.borrow_and_update();
     let mut acker =
         tokio::spawn(send_acks(ctx.clone(), id.clone(), writer.clone()).in_current_span());
-    let ingest = ingest(&ctx, &id, disk_size, receiver, reader);
+    let ingest = ingest(&ctx, &id, disk_size, &forwarder, receiver, reader);
     tokio::pin!(ingest);
 
-    let outcome = tokio::select! {
-        outcome = &mut ingest => outcome,
-        _ = broken_rx.changed() => Err(Refusal::new(
-            ErrorCode::Internal,
-            "the relay's cache failed to commit; resend from the last acknowledged record",
-        )),
-        _ = generation_rx.changed() => {
-            tracing::info!("superseded by a newer session");
-            acker.abort();
-            return;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut ingest => break outcome,
+            _ = broken_rx.changed() => break Err(Refusal::new(
+                ErrorCode::Internal,
+                "the relay's cache failed to commit; resend from the last acknowledged record",
+            )),
+            _ = generation_rx.changed() => {
+                tracing::info!("superseded by a newer session");
+                acker.abort();
+                return;
+            }
+            _ = &mut acker => break Ok(()),
+            changed = resync_rx.changed() => {
+                let need = resync_rx.borrow_and_update().clone();
+                match need {
+                    _ if changed.is_err() => break Ok(()),
+                    // Lost records: the agent reconnects, hears the request before
+                    // Accept, and numbers again from the master target's position.
+                    Some(need) if need.records_lost => break Err(Refusal::new(
+                        ErrorCode::Internal,
+                        format!("{}; reconnect to resync", need.reason),
+                    )),
+                    Some(need) => {
+                        let request = Frame::ResyncRequest { mode: need.mode, reason: need.reason };
+                        if writer.lock().await.send(&request).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                    None => {}
+                }
+            }
         }
-        _ = &mut acker => Ok(()),
     };
     acker.abort();
     match outcome {
@@ -260,6 +320,7 @@ async fn ingest(
     ctx: &IngestContext,
     id: &StreamId,
     disk_size: u64,
+    forwarder: &ForwarderState,
     mut receiver: StreamReceiver,
     mut reader: FrameReader,
 ) -> Result<(), Refusal> {
@@ -269,6 +330,10 @@ async fn ingest(
             Delivery::Record(record) => {
                 if let Record::Resync { mark, .. } = &record {
                     ctx.resync_progress.observe(id, mark, &ctx.metrics);
+                    if mark.phase == ResyncPhase::Begin {
+                        // The resync asked for (if any) is under way.
+                        forwarder.resync_needed.send_replace(None);
+                    }
                 }
                 let m = &ctx.metrics;
                 m.records_ingested_total.inc();

@@ -22,6 +22,7 @@
 //!   a test without QUIC, metrics or cache files).
 //! - [`memsource`]: streams' records in memory, as the forwarders' and plans' source in
 //!   tests (no cache files).
+//! - [`control`]: the control socket: operator requests (`relay resync`).
 //! - [`error`]: [`RelayError`], where a failure came from and whether to retry.
 //! - [`health`]: health conditions and ingest throttling under cache pressure (sans-IO).
 //! - [`observe`]: the health task and the `/metrics`, `/healthz`, `/readyz` endpoints.
@@ -40,6 +41,7 @@
 
 pub mod bench;
 pub mod cache;
+pub mod control;
 pub mod egress;
 pub mod error;
 pub mod forwarder;

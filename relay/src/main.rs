@@ -12,8 +12,9 @@ use fbr_cache::CacheConfig;
 use fbr_daemon::settings::{flag_overrides, load_settings, mib_flag};
 use fbr_daemon::{ConfigError, EX_USAGE};
 use fbr_relay::cache::RelayCache;
+use fbr_relay::control::{ModeName, Request};
 use fbr_relay::egress::Egress;
-use fbr_relay::settings::RelaySettings;
+use fbr_relay::settings::{RelaySettings, DEFAULT_CONTROL_SOCKET};
 use fbr_relay::{observe, Relay, RelayConfig};
 use fbr_transport::pki::{self, IssueRequest};
 use fbr_transport::{
@@ -44,6 +45,28 @@ enum Command {
     /// Manage the site's certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Ask a disk's agent for a resync (through the running relay's control socket).
+    Resync {
+        /// The relay's control socket [control_socket].
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        disk: u32,
+        /// delta: compare hashes, send what differs; full: send everything.
+        #[arg(long, value_enum, default_value = "delta")]
+        mode: ModeName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The resyncs in progress, with their progress and ETA.
+    Resyncs {
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmark the durable cache (release build; uses real fsync on --dir's disk).
     BenchCache {
         /// Where to put the benchmark's files (emptied afterwards): the cache disk.
@@ -102,6 +125,10 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "listen")]
     listen: Option<SocketAddr>,
+    /// Unix socket for operator requests (`relay resync`); "" disables [control_socket].
+    #[arg(long)]
+    #[serde(rename = "control_socket")]
+    control_socket: Option<String>,
     /// UDP address of the master target [master_target.address].
     #[arg(long)]
     #[serde(rename = "master_target.address")]
@@ -235,6 +262,17 @@ fn main() -> ExitCode {
                 Ok(())
             }))
         }
+        Command::Resync {
+            control_socket,
+            vm,
+            disk,
+            mode,
+            json,
+        } => control(&control_socket, &Request::Resync { vm, disk, mode }, json),
+        Command::Resyncs {
+            control_socket,
+            json,
+        } => control(&control_socket, &Request::Resyncs, json),
         Command::Pki(PkiCommand::Init { dir, common_name }) => {
             report(pki::init_ca(&dir, &common_name).map_err(Into::into))
         }
@@ -271,6 +309,50 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
     fbr_daemon::report("relay", r)
+}
+
+/// Sends one request to the running relay and prints its answer.
+fn control(socket: &PathBuf, request: &Request, json: bool) -> ExitCode {
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    report(rt.block_on(async {
+        let answer = fbr_relay::control::request(socket, request)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if json {
+            println!("{}", serde_json::to_string(&answer)?);
+        } else if let Some(resyncs) = &answer.resyncs {
+            println!(
+                "{:<24} {:<6} {:>7} {:>12} {:>12} {:>8}",
+                "DISK", "MODE", "DONE", "COMPARED", "SENT", "ETA"
+            );
+            for r in resyncs {
+                let done = if r.regions == 0 {
+                    100.0
+                } else {
+                    100.0 * r.next_region as f64 / r.regions as f64
+                };
+                println!(
+                    "{:<24} {:<6} {:>6.1}% {:>12} {:>12} {:>8}",
+                    format!("{}/disk{}", r.vm, r.disk),
+                    r.mode,
+                    done,
+                    r.compared_bytes,
+                    r.sent_bytes,
+                    r.eta_seconds.map_or("-".into(), |s| format!("{s:.0} s"))
+                );
+            }
+        } else if answer.ok {
+            println!("resync requested");
+        }
+        anyhow::ensure!(
+            answer.ok,
+            "{}",
+            answer.error.unwrap_or_else(|| "refused".into())
+        );
+        Ok(())
+    }))
 }
 
 async fn run(settings: RelaySettings) -> anyhow::Result<()> {
@@ -330,6 +412,13 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         egress,
     );
     let health = tokio::spawn(observe::run_health_task(relay.clone()));
+    let control = match settings.control_socket.as_str() {
+        "" => None,
+        path => Some(
+            fbr_relay::control::serve(std::path::Path::new(path), relay.clone())
+                .with_context(|| format!("control_socket {path}"))?,
+        ),
+    };
     let metrics = match settings.metrics_addr()? {
         Some(addr) => Some(
             fbr_metrics::start(
@@ -355,6 +444,10 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     upstream_endpoint.close(0u32.into(), b"relay shutting down");
     server.abort();
     health.abort();
+    if let Some(c) = control {
+        c.abort();
+        let _ = std::fs::remove_file(&settings.control_socket);
+    }
     if let Some(m) = metrics {
         m.abort();
     }

@@ -23,6 +23,8 @@ struct MemStream {
     records: Vec<CachedRecord>,
     durable: watch::Sender<u64>,
     acked: u64,
+    /// Records whose reads fail their checksum.
+    corrupt: Vec<u64>,
 }
 
 /// Durable records of any number of streams, in memory.
@@ -42,6 +44,7 @@ impl MemSource {
             records: Vec::new(),
             durable: watch::channel(0).0,
             acked: 0,
+            corrupt: Vec::new(),
         });
         f(s)
     }
@@ -66,6 +69,11 @@ impl MemSource {
         self.with(stream, |s| s.records.retain(|r| r.record.seq() != seq));
     }
 
+    /// Reads of record `seq` fail as a corrupt cache entry would.
+    pub fn corrupt(&self, stream: &StreamId, seq: u64) {
+        self.with(stream, |s| s.corrupt.push(seq));
+    }
+
     /// The highest sequence number the master target acknowledged.
     pub fn acked(&self, stream: &StreamId) -> u64 {
         self.with(stream, |s| s.acked)
@@ -88,6 +96,13 @@ impl RecordSource for MemSource {
                 if bytes >= max_bytes || r.record.seq() != expected {
                     break;
                 }
+                if s.corrupt.contains(&expected) {
+                    // As the cache does: the good records first, the damage next time.
+                    if out.is_empty() {
+                        return Err(corrupt(stream, expected));
+                    }
+                    break;
+                }
                 bytes += r.record.encoded_len();
                 out.push(r.clone());
             }
@@ -97,6 +112,9 @@ impl RecordSource for MemSource {
 
     fn read_seqs(&self, stream: &StreamId, seqs: &[u64]) -> Result<Vec<CachedRecord>, CacheError> {
         self.with(stream, |s| {
+            if let Some(bad) = seqs.iter().find(|q| s.corrupt.contains(q)) {
+                return Err(corrupt(stream, *bad));
+            }
             Ok(seqs
                 .iter()
                 .map_while(|seq| s.records.iter().find(|r| r.record.seq() == *seq).cloned())
@@ -140,8 +158,19 @@ impl ForwardSource for MemSource {
         Ok(())
     }
 
-    fn drop_stream(&self, stream: &StreamId, _reason: String) -> Result<(), CacheError> {
-        self.with(stream, |s| s.records.clear());
+    fn reset_stream(&self, stream: &StreamId, next_seq: u64) -> Result<(), CacheError> {
+        self.with(stream, |s| {
+            s.records.clear();
+            s.corrupt.clear();
+            s.durable.send_replace(next_seq.max(1) - 1);
+        });
         Ok(())
+    }
+}
+
+fn corrupt(stream: &StreamId, seq: u64) -> CacheError {
+    CacheError::Corrupt {
+        where_: format!("{stream} record {seq}"),
+        reason: "CRC32C mismatch (injected)".into(),
     }
 }

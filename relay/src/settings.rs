@@ -22,6 +22,8 @@ use crate::reduce::{Compression, WanConfig};
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/relay/relay.toml";
 /// Prefix of the relay's environment variables.
 pub const ENV_PREFIX: &str = "RELAY";
+/// Where `relay run` listens for operator requests, and `relay resync` sends them.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/relay/control.sock";
 /// Tables whose keys are chosen by the operator.
 pub const FREE_FORM_TABLES: &[&str] = &["egress.vm_weights"];
 
@@ -31,6 +33,8 @@ pub const FREE_FORM_TABLES: &[&str] = &["egress.vm_weights"];
 pub struct RelaySettings {
     /// UDP address for agents.
     pub listen: SocketAddr,
+    /// Unix socket for operator requests (mode 0600); empty to disable.
+    pub control_socket: String,
     /// TCP address of `/metrics`, `/healthz` and `/readyz`; empty to disable.
     pub metrics_listen: String,
     pub pki_dir: PathBuf,
@@ -125,6 +129,7 @@ impl Default for RelaySettings {
     fn default() -> Self {
         RelaySettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
+            control_socket: DEFAULT_CONTROL_SOCKET.into(),
             metrics_listen: "0.0.0.0:9464".into(),
             pki_dir: PathBuf::from("/etc/relay/pki"),
             cert_name: "relay".into(),

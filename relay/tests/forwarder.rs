@@ -311,3 +311,45 @@ async fn a_master_target_that_lost_its_content_gets_the_blocks_again() {
     let resent = fw.context().metrics.unknown_references_total.get();
     assert!(resent > 0, "the forwarder resent without references");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cached_record_is_dropped_and_a_resync_asked_for() {
+    let records = source_records(600);
+    let mt = PipeMasterTarget::new(0, false);
+    let (fw, source) = forwarders(&mt, records.clone());
+    source.corrupt(&stream(), 300);
+    let state = fw.ensure(&stream(), DISK);
+    let mut need = state.resync_needed.subscribe();
+    let need = tokio::time::timeout(Duration::from_secs(30), need.wait_for(Option::is_some))
+        .await
+        .expect("a resync is asked for")
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert!(need.records_lost, "{need:?}");
+    assert!(need.reason.contains("record 300"), "{need:?}");
+    // What came before the damage reached the master target (up to the interval that
+    // holds it), nothing of it or after.
+    let started = Instant::now();
+    while mt.lock().hwm < 290 {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hwm = mt.lock().hwm;
+    assert!(
+        (290..300).contains(&hwm),
+        "stopped before the damage: {hwm}"
+    );
+    assert!(state.failed.borrow().is_none(), "the forwarder carries on");
+    // The stream continues where the master target stands.
+    source.append(&stream(), source_records(hwm + 1).pop().unwrap(), 0);
+    let started = Instant::now();
+    while mt.lock().hwm <= hwm {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "new records flow again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

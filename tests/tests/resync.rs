@@ -412,3 +412,126 @@ async fn hostile_hash_streams_get_coded_errors() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_asks_for_a_resync_of_a_live_disk() {
+    let disk_size = 32 * MIB;
+    let site = start_site(&["vm1"]);
+    let mut disk = plan(
+        &site,
+        disk_size,
+        ImageSpec::Zeros,
+        ImageSpec::Zeros,
+        ResyncPlan::None,
+        false,
+    );
+    disk.start.resync_rate = Some(4 << 20);
+    let handle = start(&site, disk, 60);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(handle.stats.resyncs_started.load(Ordering::Relaxed), 0);
+    let socket = site.relay_control_socket();
+    let socket = socket.to_str().unwrap();
+    let out = tokio::task::block_in_place(|| {
+        site.relay_command(&[
+            "resync",
+            "--control-socket",
+            socket,
+            "--vm",
+            "vm1",
+            "--disk",
+            "0",
+            "--mode",
+            "full",
+            "--json",
+        ])
+    })
+    .unwrap();
+    assert!(out.contains("\"ok\":true"), "{out}");
+    // Unknown disks are refused with a reason.
+    let err = tokio::task::block_in_place(|| {
+        site.relay_command(&[
+            "resync",
+            "--control-socket",
+            socket,
+            "--vm",
+            "nope",
+            "--disk",
+            "0",
+        ])
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("never seen disk nope/disk0"), "{err}");
+    wait_progress(&handle, 0.3).await;
+    let listed = tokio::task::block_in_place(|| {
+        site.relay_command(&["resyncs", "--control-socket", socket, "--json"])
+    })
+    .unwrap();
+    assert!(
+        listed.contains("\"vm\":\"vm1\"") || handle.resync_progress()[0].finished.is_some(),
+        "{listed}"
+    );
+    let stats = handle.stats.clone();
+    finish_and_verify(site, handle).await;
+    assert_eq!(stats.resyncs_done.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_corruption_is_repaired_by_an_automatic_resync() {
+    let disk_size = 32 * MIB;
+    let mut site = start_site(&["vm1"]);
+    let disk = plan(
+        &site,
+        disk_size,
+        ImageSpec::Zeros,
+        ImageSpec::Zeros,
+        ResyncPlan::None,
+        false,
+    );
+    let mut opts = agent_options(&site, Duration::from_secs(120), Duration::from_millis(200));
+    opts.rate_bytes_per_s = Some(12_000_000);
+    let handle = fbr_churn::agent::start(opts, vec![disk], 9).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The master target goes away: the backlog builds up in sealed cache segments.
+    tokio::task::block_in_place(|| site.stop_master_target(false)).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A bit flips in a sealed segment written while the master target was away (its
+    // records were never forwarded) while the relay is down.
+    tokio::task::block_in_place(|| site.stop_relay(false)).unwrap();
+    let mut segments: Vec<_> = std::fs::read_dir(&site.cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "fbrc"))
+        .collect();
+    segments.sort();
+    assert!(
+        segments.len() >= 3,
+        "a backlog of sealed segments: {segments:?}"
+    );
+    let victim = &segments[segments.len() - 2];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5A;
+    std::fs::write(victim, &bytes).unwrap();
+    tokio::task::block_in_place(|| {
+        site.start_relay().unwrap();
+        site.start_master_target().unwrap();
+    });
+    // The relay finds the damage, drops what it cannot send, and has the agent resync.
+    let started = Instant::now();
+    while handle.stats.resyncs_done.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no resync repaired the lost records"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    handle.request_stop();
+    let report = handle.finish().await.unwrap();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let d = &report.manifest.disks[0];
+    assert_eq!(d.renumbers.len(), 1, "the stream was numbered again once");
+    let v = tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
+    assert!(v.recovery_points_verified >= 3, "{v:?}");
+}

@@ -37,6 +37,7 @@ use fbr_protocol::{
 use fbr_transport::{FrameReader, FrameWriter, PeerLink};
 
 use super::{DiskRuntime, ResyncPlan, RunStats};
+
 use crate::image::read_padded;
 
 /// How often a progress mark is numbered while a resync runs.
@@ -194,14 +195,23 @@ async fn connect(
     }
 }
 
-/// Runs the disk's resync, if it needs one; tells the tag coordinator once decided.
-pub(super) async fn drive(
-    disk: Arc<DiskRuntime>,
-    link: Arc<PeerLink>,
-    stats: Arc<RunStats>,
-    give_up_after: Duration,
-) {
-    let outcome = resync(&disk, &link, &stats, give_up_after).await;
+/// Runs the disk's resync of `plan` (if the replica needs one); tells the tag
+/// coordinator once decided. `epoch` is the resync's number: when another resync
+/// starts (the relay lost this one's records), this one stops without a word.
+pub(super) async fn drive(disk: Arc<DiskRuntime>, plan: ResyncPlan, epoch: u64) {
+    let ctx = disk.ctx.clone();
+    let outcome = resync(
+        &disk,
+        plan,
+        epoch,
+        &ctx.link,
+        &ctx.stats,
+        ctx.reconnect_timeout,
+    )
+    .await;
+    if disk.lock_gen().resync_epoch != epoch {
+        return; // superseded: the newer resync owns the disk's resync state
+    }
     if let Err(e) = &outcome {
         tracing::error!(stream = %disk.plan.id, "{e}");
     }
@@ -218,10 +228,13 @@ pub(super) async fn drive(
 
 async fn resync(
     disk: &Arc<DiskRuntime>,
+    plan: ResyncPlan,
+    epoch: u64,
     link: &PeerLink,
     stats: &RunStats,
     give_up_after: Duration,
 ) -> Result<(), String> {
+    let superseded = || disk.lock_gen().resync_epoch != epoch;
     // A resumed disk numbers on from where the relay stands: wait for that first.
     if disk.plan.start.resume {
         let mut accepted = disk.accepted_once.subscribe();
@@ -247,7 +260,7 @@ async fn resync(
         .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).runs())
         .unwrap_or_default();
     let decision = decide(
-        disk.plan.start.resync,
+        plan,
         hs.report,
         !disk.plan.start.source_base.is_empty(),
         &dirty,
@@ -273,7 +286,7 @@ async fn resync(
     {
         let begin = mark(ResyncPhase::Begin, &scanner);
         let mut g = disk.lock_gen();
-        g.push_resync(|seq| Record::Resync { seq, mark: begin });
+        g.push_resync(epoch, |seq| Record::Resync { seq, mark: begin })?;
         g.resync_open = true;
     }
     stats.resyncs_started.fetch_add(1, Ordering::Relaxed);
@@ -287,6 +300,9 @@ async fn resync(
     let mut hash_bytes = 0u64;
     let mut outstanding = 0usize;
     loop {
+        if superseded() {
+            return Err("superseded by a newer resync".into());
+        }
         // Ask for what the window allows.
         while let Some((level, first, count)) = scanner.poll_request() {
             hs.writer.push(&Frame::HashRequest {
@@ -310,7 +326,7 @@ async fn resync(
         }
         // Send what differs.
         while let Some(range) = scanner.poll_send() {
-            send_range(disk, &file, range).await?;
+            send_range(disk, epoch, &file, range).await?;
             scanner.sent(range);
             if let Some(rate) = disk.plan.start.resync_rate {
                 // Paced: the blocks sent so far may not run ahead of the rate.
@@ -331,7 +347,7 @@ async fn resync(
         if last_mark.elapsed() >= PROGRESS_EVERY {
             let m = mark(ResyncPhase::Progress, &scanner);
             disk.lock_gen()
-                .push_resync(|seq| Record::Resync { seq, mark: m });
+                .push_resync(epoch, |seq| Record::Resync { seq, mark: m })?;
             disk.window_changed.send_modify(|v| *v += 1);
             last_mark = Instant::now();
             rate.observe(last_mark, scanner.next_region());
@@ -418,10 +434,13 @@ async fn resync(
         }
     }
     hs.writer.finish().await;
+    if superseded() {
+        return Err("superseded by a newer resync".into());
+    }
     {
         let end = mark(ResyncPhase::End, &scanner);
         let mut g = disk.lock_gen();
-        g.push_resync(|seq| Record::Resync { seq, mark: end });
+        g.push_resync(epoch, |seq| Record::Resync { seq, mark: end })?;
         g.resync_open = false;
     }
     disk.window_changed.send_modify(|v| *v += 1);
@@ -465,6 +484,7 @@ async fn reconnect(
 /// (after waiting for room in the stream's queue).
 async fn send_range(
     disk: &DiskRuntime,
+    epoch: u64,
     file: &std::fs::File,
     range: SendRange,
 ) -> Result<(), String> {
@@ -477,7 +497,7 @@ async fn send_range(
     read_padded(file, range.offset, &mut buf)
         .map_err(|e| format!("reading the disk at {}: {e}", range.offset))?;
     for record in records_of(range.offset, &buf) {
-        g.push_resync(|seq| with_seq(record, seq));
+        g.push_resync(epoch, |seq| with_seq(record, seq))?;
     }
     drop(g);
     disk.window_changed.send_modify(|v| *v += 1);
