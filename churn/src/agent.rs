@@ -62,7 +62,8 @@ pub struct AgentOptions {
     pub tag_interval: Duration,
     /// Every n-th tag is application-consistent (0: never).
     pub app_tag_every: u64,
-    /// Stop drawing changes after this long (`None`: when every source is exhausted).
+    /// Stop drawing changes after this long once every disk is in step, i.e. its
+    /// resync (if any) done (`None`: when every source is exhausted).
     pub duration: Option<Duration>,
     /// After stopping, how long to wait for everything to be acknowledged.
     pub drain_timeout: Duration,
@@ -689,8 +690,18 @@ async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     let mut failed_early = false;
+    // The churn lasts `duration` once every disk is in step (resyncs done), so a run
+    // that starts with a resync still ends on recovery points.
+    let mut in_step_since = None;
     loop {
-        let deadline_passed = opts.duration.is_some_and(|d| started.elapsed() >= d);
+        if disks.iter().any(|d| d.lock_gen().resync_busy) {
+            in_step_since = None;
+        } else if in_step_since.is_none() {
+            in_step_since = Some(Instant::now());
+        }
+        let deadline_passed = opts
+            .duration
+            .is_some_and(|d| in_step_since.is_some_and(|t| t.elapsed() >= d));
         let all_exhausted = disks.iter().all(|d| d.lock_gen().exhausted);
         if tasks.iter().all(|t| t.is_finished()) {
             failed_early = true;

@@ -14,8 +14,9 @@ use fbr_protocol::StreamId;
 use fbr_transport::QuicTuning;
 use serde::Serialize;
 
-use crate::agent::{self, AgentOptions, DiskPlan, RunStats};
+use crate::agent::{self, AgentOptions, DiskPlan, DiskStart, ResyncPlan, RunStats};
 use crate::harness::{process_cpu_seconds, Site, SiteOptions};
+use crate::image::ImageSpec;
 use crate::source::SourceSpec;
 use crate::verify;
 use crate::workload::{Content, Profile};
@@ -42,6 +43,40 @@ pub struct DrillOptions {
     pub credit_mib: u64,
     /// Steady churn rate in bytes per second, all disks together (`None`: flat out).
     pub rate_bytes_per_s: Option<u64>,
+    /// Start as a reprotect: the disks hold data, and the replicas resync first.
+    pub reprotect: Option<Reprotect>,
+}
+
+/// A drill that starts as a reprotect (failback's first step).
+#[derive(Debug, Clone, Copy)]
+pub struct Reprotect {
+    pub location: ReprotectLocation,
+    /// Percent of each disk's 4 KiB blocks that hold data at failover.
+    pub used_percent: f64,
+    /// Percent of the blocks the Azure VM rewrote since (original location: what the
+    /// delta resync must send).
+    pub stale_percent: f64,
+}
+
+/// Where the VMs fail back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReprotectLocation {
+    /// The on-premises disks still exist: seeded with their failover-day state, resynced
+    /// by block-hash delta.
+    Original,
+    /// New, empty disks: a full copy.
+    Alternate,
+}
+
+/// Summary of the resyncs of a reprotect drill.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResyncSummary {
+    /// From the agents' start until the last disk was in step.
+    pub seconds: f64,
+    pub compared_bytes: u64,
+    pub sent_bytes: u64,
+    /// Node hashes received from the master target (the comparison's WAN cost).
+    pub hash_bytes: u64,
 }
 
 /// The lag figures, milliseconds.
@@ -79,6 +114,8 @@ pub struct DrillSummary {
     pub errors: Vec<String>,
     /// Where the site was kept (logs, data, manifest), if it was.
     pub site_dir: Option<PathBuf>,
+    /// The resyncs of a reprotect drill.
+    pub resync: Option<ResyncSummary>,
 }
 
 /// The disks of a drill: `vm1..vmN`, disks `0..D`, profiles cycled, groups round-robin.
@@ -110,9 +147,52 @@ pub fn plan_disks(opts: &DrillOptions) -> Vec<DiskPlan> {
     plans
 }
 
+/// Makes the disks of a reprotect drill start with data: the failover-day state is
+/// deterministic per disk; at the original location the master target is seeded with it
+/// and the source has diverged from it; at an alternate location the replica is new.
+fn prepare_reprotect(
+    site: &mut Site,
+    plans: &mut [DiskPlan],
+    r: &Reprotect,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let ppm = |percent: f64| (percent.clamp(0.0, 100.0) * 10_000.0) as u32;
+    for (i, p) in plans.iter_mut().enumerate() {
+        let base = ImageSpec::Generated {
+            seed: seed ^ (0xFA11_BAC0 + i as u64),
+            used_ppm: ppm(r.used_percent),
+        };
+        let disk_file = site
+            .root
+            .join("sources")
+            .join(format!("{}-disk{}.img", p.id.vm, p.id.disk));
+        let (source_base, replica_base) = match r.location {
+            ReprotectLocation::Original => {
+                site.seed_disk(&p.id.vm, p.id.disk, &base, p.disk_size)?;
+                let source = ImageSpec::Diverged {
+                    base: Box::new(base.clone()),
+                    seed: seed ^ (0x5EED_D1FF + i as u64),
+                    changed_ppm: ppm(r.stale_percent),
+                };
+                (source, base)
+            }
+            ReprotectLocation::Alternate => (base, ImageSpec::Zeros),
+        };
+        p.start = DiskStart {
+            source_base,
+            replica_base,
+            disk_file: Some(disk_file),
+            resync: ResyncPlan::Auto,
+            resync_rate: None,
+            resume: false,
+        };
+    }
+    Ok(())
+}
+
 /// Runs a whole drill and verifies it.
 pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
-    let plans = plan_disks(&opts);
+    let mut plans = plan_disks(&opts);
     let vms: Vec<String> = (1..=opts.vms).map(|v| format!("vm{v}")).collect();
     let site_opts = SiteOptions {
         agent_vms: vms,
@@ -125,6 +205,12 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     };
     let mut site = Site::create(opts.keep.clone(), site_opts)?;
     site.start_master_target()?;
+    if let Some(r) = &opts.reprotect {
+        if opts.progress {
+            eprintln!("preparing a reprotect to the {:?} location...", r.location);
+        }
+        prepare_reprotect(&mut site, &mut plans, r, opts.seed)?;
+    }
     site.start_relay()?;
     let relay_pid = site.relay_pid().context("relay pid")?;
     let mt_pid = site.master_target_pid().context("master target pid")?;
@@ -141,12 +227,30 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     let mut last_bytes = 0u64;
+    let mut in_step_at = None;
     while !handle.is_finished() {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        let resyncs = handle.resync_progress();
+        if in_step_at.is_none()
+            && resyncs
+                .iter()
+                .all(|r| r.mode.is_none() || r.finished.is_some())
+        {
+            in_step_at = Some(started.elapsed());
+        }
         if opts.progress && started.elapsed().as_millis() % 1000 < 250 {
-            last_bytes = print_progress(&handle.stats, started, last_bytes);
+            last_bytes = print_progress(&handle.stats, started, last_bytes, &resyncs);
         }
     }
+    let resync = opts.reprotect.map(|_| {
+        use std::sync::atomic::Ordering::Relaxed;
+        ResyncSummary {
+            seconds: in_step_at.unwrap_or_default().as_secs_f64(),
+            compared_bytes: handle.stats.resync_compared_bytes.load(Relaxed),
+            sent_bytes: handle.stats.resync_sent_bytes.load(Relaxed),
+            hash_bytes: handle.stats.resync_hash_bytes.load(Relaxed),
+        }
+    });
     let stats = handle.stats.clone();
     let report = handle.finish().await.map_err(anyhow::Error::msg)?;
     let relay_cpu_s = process_cpu_seconds(relay_pid).unwrap_or(f64::NAN);
@@ -205,10 +309,16 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         rate_mb_per_s: opts.rate_bytes_per_s.map(|r| r as f64 / 1e6),
         errors,
         site_dir,
+        resync,
     })
 }
 
-fn print_progress(stats: &RunStats, started: Instant, last_bytes: u64) -> u64 {
+fn print_progress(
+    stats: &RunStats,
+    started: Instant,
+    last_bytes: u64,
+    resyncs: &[agent::ResyncLive],
+) -> u64 {
     use std::sync::atomic::Ordering::Relaxed;
     let bytes = stats.logical_bytes_acked.load(Relaxed);
     let (p50, p99, _) = stats.lag_ms();
@@ -225,6 +335,27 @@ fn print_progress(stats: &RunStats, started: Instant, last_bytes: u64) -> u64 {
         stats.tags_inserted.load(Relaxed),
         stats.reconnects.load(Relaxed),
     );
+    // Disks still resyncing: how far, and when they will be in step.
+    let running: Vec<&agent::ResyncLive> = resyncs
+        .iter()
+        .filter(|r| r.mode.is_some() && r.finished.is_none())
+        .collect();
+    if !running.is_empty() {
+        let (done, total) = running.iter().fold((0, 0), |(d, t), r| {
+            (d + r.regions_done, t + r.regions_total)
+        });
+        let sent: u64 = running.iter().map(|r| r.sent_bytes).sum();
+        let eta = running.iter().filter_map(|r| r.eta).max();
+        let _ = writeln!(
+            err,
+            "         resyncing {} disks: {:>5.1}% of {} regions, {:.1} MB sent, ETA {}",
+            running.len(),
+            100.0 * done as f64 / total.max(1) as f64,
+            total,
+            sent as f64 / 1e6,
+            eta.map_or("measuring".into(), |e| format!("{:.0} s", e.as_secs_f64()))
+        );
+    }
     bytes
 }
 
@@ -270,6 +401,16 @@ pub fn print_summary(s: &DrillSummary) {
         "CPU: relay {:.2} s, master target {:.2} s; verification {:.1} s",
         s.relay_cpu_s, s.master_target_cpu_s, s.verify_s
     );
+    if let Some(r) = &s.resync {
+        let _ = writeln!(
+            err,
+            "reprotect: in step after {:.1} s; compared {:.1} MB, sent {:.1} MB of blocks, {:.1} KB of hashes",
+            r.seconds,
+            r.compared_bytes as f64 / 1e6,
+            r.sent_bytes as f64 / 1e6,
+            r.hash_bytes as f64 / 1e3
+        );
+    }
     for e in &s.errors {
         let _ = writeln!(err, "error: {e}");
     }
@@ -345,6 +486,7 @@ pub async fn run_throttle_bench(
         cache_capacity: 4 << 30,
         credit_mib: 16,
         rate_bytes_per_s: Some(rate * 2),
+        reprotect: None,
     };
     let plans: Vec<DiskPlan> = plan_disks(&opts)
         .into_iter()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use fbr_churn::agent::{self, AgentOptions, DiskPlan};
-use fbr_churn::drill::{self, DrillOptions, DrillSummary};
+use fbr_churn::drill::{self, DrillOptions, DrillSummary, Reprotect, ReprotectLocation};
 use fbr_churn::source::{Manifest, SourceSpec};
 use fbr_churn::workload::{Content, Profile};
 use fbr_churn::writelog;
@@ -86,6 +86,18 @@ struct WorkloadArgs {
     /// path accepts; lag is then the recovery-point objective at that load.
     #[arg(long)]
     rate_mb: Option<f64>,
+    /// Start as a reprotect: to the original location (the master target holds the
+    /// disks as they were at failover; a delta resync sends what changed since) or to
+    /// an alternate one (empty disks; a full copy). The churn lasts --seconds once in
+    /// step.
+    #[arg(long, value_enum)]
+    reprotect: Option<ReprotectLocation>,
+    /// With --reprotect: percent of each disk's blocks holding data at failover.
+    #[arg(long, default_value_t = 50.0)]
+    used_percent: f64,
+    /// With --reprotect original: percent of the blocks rewritten in Azure since.
+    #[arg(long, default_value_t = 5.0)]
+    stale_percent: f64,
 }
 
 impl WorkloadArgs {
@@ -107,6 +119,11 @@ impl WorkloadArgs {
             cache_capacity: 8 << 30,
             credit_mib: 16,
             rate_bytes_per_s: self.rate_mb.map(|r| (r * 1e6) as u64),
+            reprotect: self.reprotect.map(|location| Reprotect {
+                location,
+                used_percent: self.used_percent,
+                stale_percent: self.stale_percent,
+            }),
         }
     }
 }
@@ -375,6 +392,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 cache_capacity: 16 << 30,
                 credit_mib: 16,
                 rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
+                reprotect: None,
             };
             finish_drill(drill::run_drill(opts).await?, json)
         }
