@@ -108,6 +108,28 @@ impl ImageSpec {
         Ok(())
     }
 
+    /// Whether `[offset, offset + len)` may hold data (`false`: certainly all zeros),
+    /// without building it: lets a terabyte image with little data be created fast.
+    fn may_have_data(&self, offset: u64, len: u64) -> bool {
+        let blocks = offset / BLOCK..(offset + len).div_ceil(BLOCK);
+        match self {
+            ImageSpec::Zeros => false,
+            ImageSpec::File { .. } => true,
+            ImageSpec::Generated { seed, used_ppm } => {
+                *used_ppm > 0 && blocks.into_iter().any(|b| chosen(*seed, b, *used_ppm))
+            }
+            ImageSpec::Diverged {
+                base,
+                seed,
+                changed_ppm,
+            } => {
+                base.may_have_data(offset, len)
+                    || (*changed_ppm > 0
+                        && blocks.into_iter().any(|b| chosen(*seed, b, *changed_ppm)))
+            }
+        }
+    }
+
     /// Whether the image holds nothing but zeros (an empty disk needs no resync).
     pub fn is_empty(&self) -> bool {
         match self {
@@ -137,9 +159,11 @@ impl ImageSpec {
             let mut offset = 0;
             while offset < disk_size {
                 let n = (disk_size - offset).min(STRIPE) as usize;
-                self.read(offset, &mut buf[..n])?;
-                if !fbr_protocol::wan::is_zero(&buf[..n]) {
-                    DurableFile::write_at(&f, &buf[..n], offset)?;
+                if self.may_have_data(offset, n as u64) {
+                    self.read(offset, &mut buf[..n])?;
+                    if !fbr_protocol::wan::is_zero(&buf[..n]) {
+                        DurableFile::write_at(&f, &buf[..n], offset)?;
+                    }
                 }
                 offset += n as u64;
             }
@@ -161,6 +185,10 @@ pub fn first_difference(
     let mut offset = 0;
     while offset < len {
         let n = (len - offset).min(STRIPE) as usize;
+        if a.is_hole(offset, n as u64) && b.is_hole(offset, n as u64) {
+            offset += n as u64;
+            continue;
+        }
         read_padded(a, offset, &mut x[..n])?;
         read_padded(b, offset, &mut y[..n])?;
         if x[..n] != y[..n] {
@@ -176,11 +204,12 @@ pub fn first_difference(
     Ok(None)
 }
 
-/// Reads at `offset`, zeros past the file's end (a sparse disk's tail may be unwritten).
+/// Reads at `offset`, zeros past the file's end (a sparse disk's tail may be unwritten)
+/// and in holes (not read at all: a terabyte disk with little data scans fast).
 pub fn read_padded(f: &impl DurableFile, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     let len = f.size()?;
     buf.fill(0);
-    if offset < len {
+    if offset < len && !f.is_hole(offset, buf.len() as u64) {
         let n = ((len - offset) as usize).min(buf.len());
         f.read_at(&mut buf[..n], offset)?;
     }

@@ -131,16 +131,18 @@ pub async fn serve(
     }
 }
 
-/// Reads `buf.len()` bytes of the image at `offset`; zeros past its end or without one.
-fn read_image(image: Option<&File>, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    buf.fill(0);
+/// Reads `buf.len()` bytes of the image at `offset`; `true` (nothing read) where the
+/// image is a hole, has ended, or does not exist: zeros.
+fn read_image(image: Option<&File>, offset: u64, buf: &mut [u8]) -> std::io::Result<bool> {
     let Some(file) = image else {
-        return Ok(());
+        return Ok(true);
     };
     let len = DurableFile::size(file)?;
-    if offset >= len {
-        return Ok(());
+    if offset >= len || file.is_hole(offset, buf.len() as u64) {
+        return Ok(true);
     }
+    buf.fill(0);
     let n = ((len - offset) as usize).min(buf.len());
-    DurableFile::read_at(file, &mut buf[..n], offset)
+    DurableFile::read_at(file, &mut buf[..n], offset)?;
+    Ok(false)
 }

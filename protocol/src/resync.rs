@@ -106,13 +106,18 @@ impl NodeHasher {
 
     pub fn hash(&mut self, data: &[u8]) -> NodeHash {
         if crate::wan::is_zero(data) {
-            let key = self.key;
-            return *self
-                .zero
-                .entry(data.len())
-                .or_insert_with(|| Self::keyed(&key, data));
+            return self.zero_hash(data.len());
         }
         Self::keyed(&self.key, data)
+    }
+
+    /// The hash of `len` zero bytes (a hole), without reading or scanning anything.
+    pub fn zero_hash(&mut self, len: usize) -> NodeHash {
+        let key = self.key;
+        *self
+            .zero
+            .entry(len)
+            .or_insert_with(|| Self::keyed(&key, &vec![0u8; len]))
     }
 
     fn keyed(key: &[u8; 32], data: &[u8]) -> NodeHash {
@@ -149,7 +154,9 @@ pub fn check_request(
 }
 
 /// The master target's answer to a checked request: hashes of the nodes, read with
-/// `read(offset, buf)` (the replica's bytes; holes read as zeros).
+/// `read(offset, buf)` (the replica's bytes), which returns `true` instead when the
+/// range is a hole it did not read (all zeros: a sparse disk's empty stretches cost
+/// nothing to hash).
 pub fn hash_nodes<E>(
     level: u8,
     first: u64,
@@ -157,7 +164,7 @@ pub fn hash_nodes<E>(
     disk_size: u64,
     hasher: &mut NodeHasher,
     buf: &mut Vec<u8>,
-    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<bool, E>,
 ) -> Result<Vec<NodeHash>, E> {
     let mut out = Vec::with_capacity(count as usize);
     for index in first..first + count as u64 {
@@ -165,8 +172,12 @@ pub fn hash_nodes<E>(
             break;
         };
         buf.resize(len as usize, 0);
-        read(offset, buf)?;
-        out.push(hasher.hash(buf));
+        let hole = read(offset, buf)?;
+        out.push(if hole {
+            hasher.zero_hash(len as usize)
+        } else {
+            hasher.hash(buf)
+        });
     }
     Ok(out)
 }
@@ -604,7 +615,7 @@ mod tests {
                 let hashes =
                     hash_nodes(level, first, count, DISK, &mut hasher, &mut buf, |o, b| {
                         b.copy_from_slice(&replica[o as usize..o as usize + b.len()]);
-                        Ok::<_, String>(())
+                        Ok::<_, String>(false)
                     })
                     .unwrap();
                 hash_bytes += 16 * hashes.len() as u64;
@@ -682,7 +693,7 @@ mod tests {
         let mut answer = |s: &mut ResyncScanner, (level, first, count): (u8, u64, u32)| {
             let h = hash_nodes(level, first, count, DISK, &mut hasher, &mut buf, |o, b| {
                 b.copy_from_slice(&replica[o as usize..o as usize + b.len()]);
-                Ok::<_, String>(())
+                Ok::<_, String>(false)
             })
             .unwrap();
             s.handle_hashes(level, first, &h, |l, i| {

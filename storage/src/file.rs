@@ -27,6 +27,13 @@ pub trait DurableFile: Send + Sync + 'static {
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zeros(self, offset, len)
     }
+
+    /// Whether `len` bytes at `offset` are known to be a hole (read as zeros without
+    /// reading): sparse disks of terabytes are scanned by skipping them. `false` when
+    /// unknown.
+    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// Zeroes a range by writing zeros, a chunk at a time.
@@ -67,6 +74,19 @@ impl DurableFile for File {
         }
         write_zeros(self, offset, len)
     }
+
+    /// Asks the file system where the next data after `offset` is (`SEEK_DATA`; the
+    /// file position is not used by positioned reads and writes).
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        use rustix::fs::{seek, SeekFrom};
+        let Ok(at) = i64::try_from(offset) else {
+            return false;
+        };
+        match seek(self, SeekFrom::Data(at)) {
+            Ok(data) => data >= offset.saturating_add(len),
+            Err(e) => e == rustix::io::Errno::NXIO,
+        }
+    }
 }
 
 /// Shared handles to a file (a content index reading a journal its replica appends to).
@@ -88,6 +108,9 @@ impl<F: DurableFile + ?Sized> DurableFile for Arc<F> {
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).zero_range(offset, len)
+    }
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        (**self).is_hole(offset, len)
     }
 }
 
@@ -115,5 +138,13 @@ mod tests {
         assert!(buf[12288..].iter().all(|b| *b == 7));
         assert_eq!(DurableFile::size(&f).unwrap(), 16384);
         assert!(DurableFile::read_at(&f, &mut buf, 1).is_err());
+        // A sparse tail is a hole; data is not.
+        f.set_len(64 << 20).unwrap();
+        assert!(f.is_hole(32 << 20, 1 << 20));
+        assert!(
+            f.is_hole(60 << 20, 8 << 20),
+            "past the end counts as a hole"
+        );
+        assert!(!f.is_hole(0, 4096));
     }
 }

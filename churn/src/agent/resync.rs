@@ -39,7 +39,10 @@ use fbr_transport::{FrameReader, FrameWriter, PeerLink};
 use super::{DiskRuntime, ResyncPlan, RunStats};
 
 use crate::image::read_padded;
+use fbr_storage::DurableFile;
 
+/// Most regions (1 MiB each) one zero range covers when a full copy crosses holes.
+const HOLE_RUN_REGIONS: u64 = 4096;
 /// How often a progress mark is numbered while a resync runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Most bytes of resync records queued for the stream at once.
@@ -324,10 +327,23 @@ async fn resync(
             .await?;
             continue;
         }
-        // Send what differs.
+        // Send what differs. Consecutive holes (a sparse disk's empty stretches) go as
+        // one zero range.
+        let mut holes: Vec<SendRange> = Vec::new();
         while let Some(range) = scanner.poll_send() {
+            let hole = file.is_hole(range.offset, range.len);
+            let contiguous = holes
+                .last()
+                .is_none_or(|h| h.offset + h.len == range.offset);
+            if !hole || !contiguous || holes.len() as u64 >= HOLE_RUN_REGIONS {
+                send_holes(disk, epoch, &mut holes, &mut scanner, stats)?;
+            }
+            if hole {
+                holes.push(range);
+                continue;
+            }
             send_range(disk, epoch, &file, range).await?;
-            scanner.sent(range);
+            sent(&mut scanner, range, stats);
             if let Some(rate) = disk.plan.start.resync_rate {
                 // Paced: the blocks sent so far may not run ahead of the rate.
                 let due = Duration::from_secs_f64(scanner.sent_bytes() as f64 / rate.max(1) as f64);
@@ -335,15 +351,8 @@ async fn resync(
                     tokio::time::sleep(wait).await;
                 }
             }
-            stats
-                .resync_sent_bytes
-                .fetch_add(range.len, Ordering::Relaxed);
-            if mode == ResyncMode::Full {
-                stats
-                    .resync_compared_bytes
-                    .fetch_add(range.len, Ordering::Relaxed);
-            }
         }
+        send_holes(disk, epoch, &mut holes, &mut scanner, stats)?;
         if last_mark.elapsed() >= PROGRESS_EVERY {
             let m = mark(ResyncPhase::Progress, &scanner);
             disk.lock_gen()
@@ -395,9 +404,12 @@ async fn resync(
                     let mut buf = Vec::new();
                     let result = s.handle_hashes(level, first, &hashes, |l, i| {
                         let (offset, len) = node_range(l, i, disk_size).ok_or("beyond the disk")?;
+                        if f.is_hole(offset, len) {
+                            return Ok::<_, String>(h.zero_hash(len as usize));
+                        }
                         buf.resize(len as usize, 0);
                         read_padded(&*f, offset, &mut buf).map_err(|e| e.to_string())?;
-                        Ok::<_, String>(h.hash(&buf))
+                        Ok(h.hash(&buf))
                     });
                     (s, h, result)
                 })
@@ -466,6 +478,40 @@ async fn resync(
     Ok(())
 }
 
+/// `range` was numbered: the scanner and the counters learn it.
+fn sent(scanner: &mut ResyncScanner, range: SendRange, stats: &RunStats) {
+    scanner.sent(range);
+    stats
+        .resync_sent_bytes
+        .fetch_add(range.len, Ordering::Relaxed);
+    if scanner.mode() == ResyncMode::Full {
+        stats
+            .resync_compared_bytes
+            .fetch_add(range.len, Ordering::Relaxed);
+    }
+}
+
+/// Numbers a run of holes (contiguous ranges known to read as zeros) as one zero range.
+fn send_holes(
+    disk: &DiskRuntime,
+    epoch: u64,
+    holes: &mut Vec<SendRange>,
+    scanner: &mut ResyncScanner,
+    stats: &RunStats,
+) -> Result<(), String> {
+    let (Some(first), Some(last)) = (holes.first(), holes.last()) else {
+        return Ok(());
+    };
+    let (offset, len) = (first.offset, last.offset + last.len - first.offset);
+    disk.lock_gen()
+        .push_resync(epoch, |seq| Record::Zero { seq, offset, len })?;
+    disk.window_changed.send_modify(|v| *v += 1);
+    for range in holes.drain(..) {
+        sent(scanner, range, stats);
+    }
+    Ok(())
+}
+
 /// The hash stream broke: open another, and ask again what was not answered.
 async fn reconnect(
     link: &PeerLink,
@@ -493,10 +539,20 @@ async fn send_range(
         let _ = tokio::time::timeout(Duration::from_millis(20), window.changed()).await;
     }
     let mut g = disk.lock_gen();
-    let mut buf = vec![0u8; range.len as usize];
-    read_padded(file, range.offset, &mut buf)
-        .map_err(|e| format!("reading the disk at {}: {e}", range.offset))?;
-    for record in records_of(range.offset, &buf) {
+    let records = if file.is_hole(range.offset, range.len) {
+        // A hole: zeros, without reading them.
+        vec![Record::Zero {
+            seq: 0,
+            offset: range.offset,
+            len: range.len,
+        }]
+    } else {
+        let mut buf = vec![0u8; range.len as usize];
+        read_padded(file, range.offset, &mut buf)
+            .map_err(|e| format!("reading the disk at {}: {e}", range.offset))?;
+        records_of(range.offset, &buf)
+    };
+    for record in records {
         g.push_resync(epoch, |seq| with_seq(record, seq))?;
     }
     drop(g);
