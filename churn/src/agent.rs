@@ -141,6 +141,8 @@ pub struct RunStats {
     pub data_bytes_acked: AtomicU64,
     pub records_acked: AtomicU64,
     pub logical_bytes_sent: AtomicU64,
+    /// Disk bytes the workload changed (drawn changes only: not resync records).
+    pub change_bytes_drawn: AtomicU64,
     pub tags_inserted: AtomicU64,
     pub reconnects: AtomicU64,
     /// Resyncs started, and finished (their end mark assigned).
@@ -222,7 +224,7 @@ struct GenState {
 impl GenState {
     /// Numbers a resync record (a block read from the disk, or a mark) of the resync
     /// `epoch` and queues it; refused if that resync was superseded.
-    fn push_resync(&mut self, epoch: u64, make: impl FnOnce(u64) -> Record) -> Result<(), String> {
+    fn push_resync(&mut self, epoch: u64, make: impl FnOnce(u64) -> Record) -> Result<u64, String> {
         if self.resync_epoch != epoch {
             return Err("superseded by a newer resync".into());
         }
@@ -233,7 +235,7 @@ impl GenState {
             Some(run) if run.1 + 1 == seq => run.1 = seq,
             _ => self.resync_runs.push((seq, seq)),
         }
-        Ok(())
+        Ok(seq)
     }
 
     /// Queues a numbered tag or resync record for the stream.
@@ -296,6 +298,7 @@ struct DiskRuntime {
     ready: watch::Sender<bool>,
     /// The resync's live progress, for displays and benchmarks.
     resync: Mutex<ResyncLive>,
+    resync_marks: Mutex<MarksInFlight>,
     ctx: DiskCtx,
 }
 
@@ -312,15 +315,43 @@ struct DiskCtx {
 #[derive(Debug, Clone, Default)]
 pub struct ResyncLive {
     pub mode: Option<ResyncMode>,
+    /// Regions compared and sent by this agent (of `regions_total` in the resync).
     pub regions_done: u64,
     pub regions_total: u64,
+    /// Regions of the disk the master target has applied the resync up to (from the
+    /// progress marks it acknowledged), of `disk_regions`.
+    pub applied_region: u64,
+    pub disk_regions: u64,
     pub compared_bytes: u64,
     pub sent_bytes: u64,
     pub hash_bytes: u64,
-    /// The ETA at the rate measured over the last 30 s.
+    /// Until the replica is in step, at the rate the master target applied the last
+    /// 30 s.
     pub eta: Option<Duration>,
     pub started: Option<Instant>,
+    /// When the agent numbered the end mark.
     pub finished: Option<Instant>,
+    /// When the master target applied it: the replica is resynced (the next tag is a
+    /// recovery point).
+    pub in_step: Option<Instant>,
+}
+
+/// Marks numbered and not yet applied at the master target, for the resync's applied
+/// progress and ETA.
+#[derive(Debug)]
+struct MarksInFlight {
+    /// `(seq, next_region, is_end)`, in sequence order.
+    marks: VecDeque<(u64, u64, bool)>,
+    rate: fbr_protocol::resync::RateEstimator,
+}
+
+impl Default for MarksInFlight {
+    fn default() -> Self {
+        MarksInFlight {
+            marks: VecDeque::new(),
+            rate: fbr_protocol::resync::RateEstimator::new(Duration::from_secs(30)),
+        }
+    }
 }
 
 impl DiskRuntime {
@@ -374,6 +405,11 @@ impl DiskRuntime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.resync_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .marks
+            .clear();
     }
 
     fn lock_sender(&self) -> std::sync::MutexGuard<'_, StreamSender<Record>> {
@@ -409,8 +445,41 @@ impl DiskRuntime {
         }
     }
 
+    /// A resync mark was numbered `seq`: where the resync stands once it is applied.
+    fn mark_numbered(&self, seq: u64, next_region: u64, is_end: bool) {
+        self.resync_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .marks
+            .push_back((seq, next_region, is_end));
+    }
+
+    /// Follows the resync's marks the master target applied: its progress there, the
+    /// ETA at that rate, and when the replica is in step.
+    fn resync_applied(&self, seq: u64) {
+        let mut m = self.resync_marks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reached = None;
+        while m.marks.front().is_some_and(|(s, _, _)| *s <= seq) {
+            reached = m.marks.pop_front();
+        }
+        let Some((_, region, is_end)) = reached else {
+            return;
+        };
+        let now = Instant::now();
+        m.rate.observe(now, region);
+        let mut live = self.resync.lock().unwrap_or_else(|p| p.into_inner());
+        live.applied_region = region;
+        live.eta = m.rate.eta(live.disk_regions.saturating_sub(region));
+        if is_end {
+            live.in_step = Some(now);
+            live.eta = Some(Duration::ZERO);
+            m.rate = fbr_protocol::resync::RateEstimator::new(Duration::from_secs(30));
+        }
+    }
+
     /// `Applied`: everything up to `seq` is at the master target; records the lag.
     fn applied(&self, seq: u64, stats: &RunStats) {
+        self.resync_applied(seq);
         let now = Instant::now();
         let mut lags = Vec::new();
         {
@@ -543,6 +612,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             accepted_once: watch::channel(false).0,
             ready,
             resync: Mutex::new(ResyncLive::default()),
+            resync_marks: Mutex::new(MarksInFlight::default()),
             ctx: DiskCtx {
                 link: links[&plan_vm].clone(),
                 stats: stats.clone(),
@@ -1002,6 +1072,9 @@ async fn send_records(
                             g.next_seq += 1;
                             g.changes_drawn += 1;
                             let record = change.into_record(seq);
+                            stats
+                                .change_bytes_drawn
+                                .fetch_add(record.logical_bytes(), Ordering::Relaxed);
                             // The VM writes its disk; the dirty mark goes first, so a
                             // crash never forgets a write the relay did not get.
                             if let Some(dirty) = &disk.dirty {

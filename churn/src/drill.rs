@@ -234,7 +234,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         if in_step_at.is_none()
             && resyncs
                 .iter()
-                .all(|r| r.mode.is_none() || r.finished.is_some())
+                .all(|r| r.mode.is_none() || r.in_step.is_some())
         {
             in_step_at = Some(started.elapsed());
         }
@@ -338,7 +338,7 @@ fn print_progress(
     // Disks still resyncing: how far, and when they will be in step.
     let running: Vec<&agent::ResyncLive> = resyncs
         .iter()
-        .filter(|r| r.mode.is_some() && r.finished.is_none())
+        .filter(|r| r.mode.is_some() && r.in_step.is_none())
         .collect();
     if !running.is_empty() {
         let (done, total) = running.iter().fold((0, 0), |(d, t), r| {

@@ -100,7 +100,8 @@ impl ImageSpec {
                 for (i, b) in buf.chunks_mut(BLOCK as usize).enumerate() {
                     let block = offset / BLOCK + i as u64;
                     if chosen(*seed, block, *changed_ppm) {
-                        random_block(seed ^ 0xD1FF, block, b);
+                        // New content, whatever seed the base has (never the base's).
+                        random_block(mix(*seed, 0xD1FF_0000_D1FF), block, b);
                     }
                 }
             }
@@ -234,6 +235,25 @@ mod tests {
             seed: 4,
             changed_ppm: 100_000,
         };
+        // A diverged image differs even when its seed is chosen to cancel out the base's.
+        let tricky = ImageSpec::Diverged {
+            base: Box::new(ImageSpec::Generated {
+                seed: 7,
+                used_ppm: 1_000_000,
+            }),
+            seed: 7 ^ 0xD1FF,
+            changed_ppm: 1_000_000,
+        };
+        let mut x0 = vec![0u8; BLOCK as usize];
+        let mut y0 = vec![0u8; BLOCK as usize];
+        tricky.read(0, &mut x0).unwrap();
+        ImageSpec::Generated {
+            seed: 7,
+            used_ppm: 1_000_000,
+        }
+        .read(0, &mut y0)
+        .unwrap();
+        assert_ne!(x0, y0);
         let a = base.create_file(&dir.path().join("a"), size).unwrap();
         let b = source.create_file(&dir.path().join("b"), size).unwrap();
         let mut x = vec![0u8; BLOCK as usize];

@@ -16,6 +16,7 @@
 //!   when it comes back).
 //! - [`verify`]: rebuilds sources and replicas and compares them at every recovery point.
 //! - [`harness`]: a loopback site of real `master-target` and `relay` processes.
+//! - [`resyncbench`]: `churn bench-resync`, a reprotect's speed, cost and ETA.
 //! - [`drill`]: `churn drill` and `churn bench` on top of all of the above.
 #![forbid(unsafe_code)]
 
@@ -24,6 +25,7 @@ pub mod dirty;
 pub mod drill;
 pub mod harness;
 pub mod image;
+pub mod resyncbench;
 pub mod source;
 pub mod verify;
 pub mod wanbench;

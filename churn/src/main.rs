@@ -235,6 +235,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark a reprotect to the original location (release build; needs rsync and
+    /// room for three images of --disk-size): per case, a replica differing from its
+    /// source in that share of blocks (0: unchanged) is resynced while the VM keeps
+    /// writing.
+    BenchResync {
+        #[arg(long, default_value = "16GiB", value_parser = fbr_daemon::parse_size)]
+        disk_size: u64,
+        /// Percent of the blocks that differ, one case each (repeat).
+        #[arg(long = "differing", default_values_t = [0.0, 1.0, 10.0, 100.0])]
+        differing: Vec<f64>,
+        /// The VM's steady churn meanwhile, MB/s.
+        #[arg(long, default_value_t = 1.0)]
+        churn_mb: f64,
+        /// Skip the rsync comparison.
+        #[arg(long)]
+        no_rsync: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Drive an already running relay with generated churn.
     Run {
         #[command(flatten)]
@@ -460,6 +481,37 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 out.display()
             );
             Ok(true)
+        }
+        Command::BenchResync {
+            disk_size,
+            differing,
+            churn_mb,
+            no_rsync,
+            seed,
+            json,
+        } => {
+            anyhow::ensure!(
+                disk_size >= 1 << 20 && disk_size % 4096 == 0,
+                "--disk-size must be a multiple of 4 KiB, at least 1 MiB"
+            );
+            anyhow::ensure!(
+                differing.iter().all(|p| (0.0..=100.0).contains(p)),
+                "--differing must be between 0 and 100 percent"
+            );
+            let opts = fbr_churn::resyncbench::ResyncBenchOptions {
+                disk_size,
+                differing_percent: differing,
+                churn_mb,
+                rsync: !no_rsync,
+                seed,
+                progress: true,
+            };
+            let result = fbr_churn::resyncbench::run(opts).await?;
+            fbr_churn::resyncbench::print(&result);
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            }
+            Ok(result.cases.iter().all(|c| c.verified))
         }
         Command::BenchWan {
             seconds,

@@ -371,13 +371,7 @@ fn primitives(manifest: &Manifest) -> anyhow::Result<(f64, f64, f64)> {
 /// point: (total wire bytes, seconds, wire bytes of one rsync first point -> last).
 fn rsync_comparison(manifest: &Manifest, root: &Path) -> anyhow::Result<(u64, f64, u64)> {
     let dir = root.join("rsync");
-    std::fs::create_dir_all(&dir)?;
-    let rsh = dir.join("local-rsh");
-    std::fs::write(
-        &rsh,
-        "#!/bin/sh\n# rsync's remote shell, run locally: drop the host.\nshift\nexec \"$@\"\n",
-    )?;
-    std::fs::set_permissions(&rsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let rsh = local_rsh(&dir)?;
     let pools = ContentPools::new(manifest.seed);
     let (mut wire, mut secs, mut single) = (0u64, 0f64, 0u64);
     for (i, d) in manifest.disks.iter().enumerate() {
@@ -413,8 +407,21 @@ fn rsync_comparison(manifest: &Manifest, root: &Path) -> anyhow::Result<(u64, f6
     Ok((wire, secs, single))
 }
 
+/// A "remote shell" for rsync that runs the remote side locally (drops the host), so
+/// rsync really uses its delta algorithm and compression between two local paths.
+pub(crate) fn local_rsh(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let rsh = dir.join("local-rsh");
+    std::fs::write(
+        &rsh,
+        "#!/bin/sh\n# rsync's remote shell, run locally: drop the host.\nshift\nexec \"$@\"\n",
+    )?;
+    std::fs::set_permissions(&rsh, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(rsh)
+}
+
 /// One `rsync` of `src` onto `dest` through the local remote shell: (wire bytes, s).
-fn rsync(rsh: &Path, src: &Path, dest: &Path) -> anyhow::Result<(u64, f64)> {
+pub(crate) fn rsync(rsh: &Path, src: &Path, dest: &Path) -> anyhow::Result<(u64, f64)> {
     let t = Instant::now();
     let out = Command::new("rsync")
         .args(["-I", "--inplace", "--no-whole-file", "-z", "--stats", "-e"])

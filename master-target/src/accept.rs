@@ -106,7 +106,7 @@ impl MasterTarget {
         m.resync_regions_done
             .with_label_values(&labels)
             .set(done as i64);
-        m.resync_regions_total
+        m.resync_regions
             .with_label_values(&labels)
             .set(total as i64);
     }

@@ -71,10 +71,24 @@ pub fn encode(registry: &prometheus::Registry) -> Result<String, String> {
 
 /// Registers `collector` on `registry`. Names are fixed at compile time and unique per
 /// registry, so a failure is a programming error caught by every test that builds one.
+///
+/// It also holds every name to the rule `promtool check metrics` enforces (newer
+/// versions more strictly than older ones): `_total` on counters and only on counters.
+/// Checked here, on the collector's own families (a vector with no children yet still
+/// has one), so an older local promtool cannot hide a name the CI's would refuse.
 fn register<C: prometheus::core::Collector + Clone + 'static>(
     registry: &prometheus::Registry,
     collector: C,
 ) -> C {
+    for family in collector.collect() {
+        let name = family.get_name();
+        let is_counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+        assert_eq!(
+            is_counter,
+            name.ends_with("_total"),
+            "metric {name}: `_total` belongs on counters and only on counters"
+        );
+    }
     registry
         .register(Box::new(collector.clone()))
         .expect("metric names are unique within a registry");

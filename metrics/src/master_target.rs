@@ -27,7 +27,7 @@ pub struct MasterTargetMetrics {
     pub disk_sync_state: IntGaugeVec,
     /// Per disk: regions (1 MiB) of the resync in progress done, and in all.
     pub resync_regions_done: IntGaugeVec,
-    pub resync_regions_total: IntGaugeVec,
+    pub resync_regions: IntGaugeVec,
     pub hash_requests_total: IntCounter,
     /// Replica bytes read and hashed to answer hash requests.
     pub hashed_bytes_total: IntCounter,
@@ -113,9 +113,9 @@ impl MasterTargetMetrics {
                 "fbr_master_target_resync_regions_done",
                 "Regions (1 MiB) of the disk's resync in progress compared and sent, as applied here.",
             ),
-            resync_regions_total: per_disk(
+            resync_regions: per_disk(
                 &r,
-                "fbr_master_target_resync_regions_total",
+                "fbr_master_target_resync_regions",
                 "Regions (1 MiB) the disk's resync in progress covers.",
             ),
             hash_requests_total: counter(
@@ -149,4 +149,29 @@ fn per_disk(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
         r,
         IntGaugeVec::new(Opts::new(name, help), &["vm", "disk"]).expect("valid metric"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Building the metrics runs the naming checks of `register`; the scrape carries
+    /// the per-disk gauges once a disk has them.
+    #[test]
+    fn every_metric_is_exposed_with_help_and_type() {
+        let m = MasterTargetMetrics::new();
+        m.resync_regions
+            .with_label_values(&["vm-1", "disk-0"])
+            .set(7);
+        m.tags_applied_total.inc();
+        let text = crate::encode(&m.registry).unwrap();
+        for line in [
+            "# TYPE fbr_master_target_resync_regions gauge",
+            "fbr_master_target_resync_regions{disk=\"disk-0\",vm=\"vm-1\"} 7",
+            "fbr_master_target_tags_applied_total 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
 }

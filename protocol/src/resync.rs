@@ -271,6 +271,54 @@ struct Request {
     count: u32,
 }
 
+/// How often the children of a differing node differ too (decayed counts): when nearly
+/// all do, asking for their hashes costs more than sending the node whole.
+#[derive(Debug, Clone, Copy, Default)]
+struct Descent {
+    children: f64,
+    differing: f64,
+    decisions: u64,
+    /// Children asked for and not answered yet. Once the sample is asked for, further
+    /// differing nodes wait for its answers (see `ResyncScanner::deferred`), or the
+    /// whole pipeline (up to a GiB of regions) would be descended into before the first
+    /// answer taught anything.
+    pending: u64,
+}
+
+/// Children seen before the scanner trusts its estimate.
+const DESCENT_SAMPLE: f64 = 1024.0;
+/// Every this many decisions, it descends anyway, to keep the estimate current.
+const DESCENT_PROBE: u64 = 32;
+
+impl Descent {
+    /// Whether to ask for the children of a differing node of `node_len` bytes, or send
+    /// it whole: descend while the bytes expected to be equal (so saved) exceed twice
+    /// what the children's hashes cost.
+    fn worth_it(&mut self, node_len: u64) -> bool {
+        self.decisions += 1;
+        if self.children < DESCENT_SAMPLE || self.decisions % DESCENT_PROBE == 0 {
+            return true;
+        }
+        let equal = 1.0 - self.differing / self.children;
+        equal * node_len as f64 > 2.0 * (FANOUT as usize * NODE_HASH_LEN) as f64
+    }
+
+    /// Whether the sample was asked for and its answers are awaited: decisions wait.
+    fn awaiting_sample(&self) -> bool {
+        self.children < DESCENT_SAMPLE && self.children + self.pending as f64 >= DESCENT_SAMPLE
+    }
+
+    fn learn(&mut self, children: usize, differing: usize) {
+        self.pending = self.pending.saturating_sub(children as u64);
+        self.children += children as f64;
+        self.differing += differing as f64;
+        if self.children > 64.0 * DESCENT_SAMPLE {
+            self.children /= 2.0;
+            self.differing /= 2.0;
+        }
+    }
+}
+
 /// The agent's side of one resync (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct ResyncScanner {
@@ -279,8 +327,10 @@ pub struct ResyncScanner {
     set: RegionSet,
     /// Position in `set` of the next region to request (or, in full mode, to send).
     cursor: u64,
-    /// Requests waiting to be sent: children of differing nodes first.
-    queued: VecDeque<Request>,
+    /// Requests waiting to be sent (children of differing nodes), by the disk offset
+    /// they start at: the earliest region is finished first, so progress advances
+    /// region by region and the ETA follows a steady rate.
+    queued: BTreeMap<(u64, u8), Request>,
     /// Requests sent and not answered, oldest first.
     outstanding: VecDeque<Request>,
     outstanding_nodes: u64,
@@ -289,6 +339,11 @@ pub struct ResyncScanner {
     to_send: VecDeque<SendRange>,
     compared_bytes: u64,
     sent_bytes: u64,
+    /// Per parent level: whether descending below a differing node pays.
+    descent: [Descent; LEVELS - 1],
+    /// Per parent level: differing nodes `(index, offset, len)` whose descent waits for
+    /// the sample's answers (their regions stay open).
+    deferred: [Vec<(u64, u64, u64)>; LEVELS - 1],
 }
 
 impl ResyncScanner {
@@ -299,13 +354,15 @@ impl ResyncScanner {
             mode,
             set,
             cursor: 0,
-            queued: VecDeque::new(),
+            queued: BTreeMap::new(),
             outstanding: VecDeque::new(),
             outstanding_nodes: 0,
             open: BTreeMap::new(),
             to_send: VecDeque::new(),
             compared_bytes: 0,
             sent_bytes: 0,
+            descent: [Descent::default(); LEVELS - 1],
+            deferred: Default::default(),
         }
     }
 
@@ -348,13 +405,10 @@ impl ResyncScanner {
         }
         self.outstanding.remove(pos);
         self.outstanding_nodes -= req.count as u64;
-        // Children are asked for before anything queued, in disk order, so regions
-        // complete (and progress advances) in order.
-        let mut children = Vec::new();
+        let mut differing = 0;
         for (index, theirs) in (first..).zip(hashes) {
             let (offset, len) =
                 node_range(level, index, self.disk_size).expect("counted within the disk");
-            let region = offset >> LEVEL_SHIFT[0];
             let ours = local(level, index)
                 .map_err(|e| ScanError(format!("reading the source disk at {offset}: {e}")))?;
             if level == 0 {
@@ -363,24 +417,25 @@ impl ResyncScanner {
             if ours == *theirs {
                 continue;
             }
-            if (level as usize) + 1 < LEVELS {
-                let child_level = level + 1;
-                let first_child = index * FANOUT;
-                let children_count = (first_child..first_child + FANOUT)
-                    .take_while(|c| node_range(child_level, *c, self.disk_size).is_some())
-                    .count() as u32;
-                children.push(Request {
-                    level: child_level,
-                    first: first_child,
-                    count: children_count,
-                });
-                *self.open.entry(region).or_insert(0) += 1;
+            differing += 1;
+            if (level as usize) + 1 == LEVELS {
+                self.push_send(offset >> LEVEL_SHIFT[0], offset, len);
+            } else if self.descent[level as usize].awaiting_sample() {
+                *self.open.entry(offset >> LEVEL_SHIFT[0]).or_insert(0) += 1;
+                self.deferred[level as usize].push((index, offset, len));
             } else {
-                self.push_send(region, offset, len);
+                self.descend_or_send(level, index, offset, len);
             }
         }
-        for r in children.into_iter().rev() {
-            self.queued.push_front(r);
+        if level > 0 {
+            let parent = level as usize - 1;
+            self.descent[parent].learn(hashes.len(), differing);
+            if !self.descent[parent].awaiting_sample() {
+                for (index, offset, len) in std::mem::take(&mut self.deferred[parent]) {
+                    self.descend_or_send(parent as u8, index, offset, len);
+                    self.close(offset >> LEVEL_SHIFT[0]);
+                }
+            }
         }
         // The request's own work item (one per region for level 0) is done.
         if level == 0 {
@@ -405,7 +460,7 @@ impl ResyncScanner {
     /// The hash stream broke: requests not answered are asked again.
     pub fn reconnected(&mut self) {
         while let Some(r) = self.outstanding.pop_back() {
-            self.queued.push_front(r);
+            self.queue(r);
         }
         self.outstanding_nodes = 0;
     }
@@ -418,8 +473,8 @@ impl ResyncScanner {
         if self.mode == ResyncMode::Full {
             return None;
         }
-        let next = match self.queued.front() {
-            Some(r) => *r,
+        let next = match self.queued.first_key_value() {
+            Some((_, r)) => *r,
             None => {
                 if self.open.len() >= MAX_OPEN_REGIONS {
                     return None;
@@ -442,8 +497,8 @@ impl ResyncScanner {
         {
             return None;
         }
-        if self.queued.front() == Some(&next) {
-            self.queued.pop_front();
+        if self.queued.first_key_value().map(|(_, r)| r) == Some(&next) {
+            self.queued.pop_first();
         } else {
             self.cursor += next.count as u64;
             for region in next.first..next.first + next.count as u64 {
@@ -516,6 +571,33 @@ impl ResyncScanner {
 
     // --- internals --------------------------------------------------------------------
 
+    /// A differing node of a level with children: ask for their hashes, or send it
+    /// whole where that costs less.
+    fn descend_or_send(&mut self, level: u8, index: u64, offset: u64, len: u64) {
+        let region = offset >> LEVEL_SHIFT[0];
+        if !self.descent[level as usize].worth_it(len) {
+            self.push_send(region, offset, len);
+            return;
+        }
+        let child_level = level + 1;
+        let first_child = index * FANOUT;
+        let count = (first_child..first_child + FANOUT)
+            .take_while(|c| node_range(child_level, *c, self.disk_size).is_some())
+            .count() as u32;
+        self.descent[level as usize].pending += count as u64;
+        *self.open.entry(region).or_insert(0) += 1;
+        self.queue(Request {
+            level: child_level,
+            first: first_child,
+            count,
+        });
+    }
+
+    fn queue(&mut self, r: Request) {
+        let offset = r.first << LEVEL_SHIFT[r.level as usize];
+        self.queued.insert((offset, r.level), r);
+    }
+
     fn push_send(&mut self, region: u64, offset: u64, len: u64) {
         // Adjacent blocks of one region go as one range.
         if let Some(last) = self.to_send.back_mut() {
@@ -544,9 +626,15 @@ impl ResyncScanner {
 
 /// A measured rate and the time left at it: the resync's (and later any job's) ETA.
 /// Sans-IO: samples come with their time.
+///
+/// The rate is measured over the last `window`, and never over more than the later half
+/// of the time since the first sample: a job's start (pipelines filling, caches warming)
+/// is slower or faster than its steady state, and an ETA taken early would carry that
+/// start into the whole remainder.
 #[derive(Debug, Clone)]
 pub struct RateEstimator {
     window: Duration,
+    first: Option<Instant>,
     samples: VecDeque<(Instant, u64)>,
 }
 
@@ -555,12 +643,14 @@ impl RateEstimator {
     pub fn new(window: Duration) -> Self {
         RateEstimator {
             window,
+            first: None,
             samples: VecDeque::new(),
         }
     }
 
     /// `done` units were done in all at `now`.
     pub fn observe(&mut self, now: Instant, done: u64) {
+        self.first.get_or_insert(now);
         self.samples.push_back((now, done));
         while self
             .samples
@@ -574,10 +664,18 @@ impl RateEstimator {
 
     /// Units per second over the window, once two samples at least 100 ms apart exist.
     pub fn rate(&self) -> Option<f64> {
-        let (t0, d0) = self.samples.front()?;
-        let (t1, d1) = self.samples.back()?;
-        let dt = t1.duration_since(*t0).as_secs_f64();
-        (dt >= 0.1).then(|| d1.saturating_sub(*d0) as f64 / dt)
+        let (t1, d1) = *self.samples.back()?;
+        let span = t1.duration_since(self.first?).min(2 * self.window) / 2;
+        // The oldest sample within the span; at least the one before the last.
+        let (t0, d0) = self
+            .samples
+            .iter()
+            .find(|(t, _)| t1.duration_since(*t) <= span)
+            .filter(|(t, _)| *t < t1)
+            .or_else(|| self.samples.iter().rev().nth(1))
+            .copied()?;
+        let dt = t1.duration_since(t0).as_secs_f64();
+        (dt >= 0.1).then(|| d1.saturating_sub(d0) as f64 / dt)
     }
 
     /// How long `remaining` units take at the measured rate.
@@ -668,6 +766,55 @@ mod tests {
         assert_eq!(bytes, 4096 + 65536 + 1024, "{sent:?}");
         apply(&mut replica, &source, &sent);
         assert!(replica == source);
+    }
+
+    #[test]
+    fn where_everything_differs_it_stops_asking_for_fine_hashes() {
+        // A disk of 128 MiB whose every block differs: after a sample, regions are sent
+        // whole instead of asking for their 64 KiB and 4 KiB hashes. Requests are
+        // answered only once the window is full (a deep pipeline), so the sample must
+        // not be taken from regions asked for long before the first answer.
+        const BIG: u64 = 128 << 20;
+        let mut hasher = NodeHasher::new([5; 32]);
+        let mut local = hasher.clone();
+        let mut s = ResyncScanner::whole_disk(BIG, ResyncMode::Delta, 0);
+        let (mut hash_bytes, mut sent) = (0u64, 0u64);
+        let mut buf = Vec::new();
+        let theirs = |o: u64, b: &mut [u8]| {
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = ((o as usize + i) / 4096) as u8 ^ 0x55;
+            }
+        };
+        while !s.is_done() {
+            let mut in_flight = Vec::new();
+            while let Some(request) = s.poll_request() {
+                in_flight.push(request);
+            }
+            for (level, first, count) in in_flight {
+                let h = hash_nodes(level, first, count, BIG, &mut hasher, &mut buf, |o, b| {
+                    theirs(o, b);
+                    Ok::<_, String>(false)
+                })
+                .unwrap();
+                hash_bytes += 16 * h.len() as u64;
+                s.handle_hashes(level, first, &h, |l, i| {
+                    let (o, n) = node_range(l, i, BIG).unwrap();
+                    let mine: Vec<u8> = (o..o + n).map(|x| (x / 4096) as u8).collect();
+                    Ok::<_, String>(local.hash(&mine))
+                })
+                .unwrap();
+            }
+            while let Some(r) = s.poll_send() {
+                sent += r.len;
+                s.sent(r);
+            }
+        }
+        assert_eq!(sent, BIG, "everything differs, everything is sent");
+        let always_descending = 16 * (128 + 128 * 16 + 128 * 256);
+        assert!(
+            hash_bytes < always_descending / 4,
+            "{hash_bytes} bytes of hashes, {always_descending} when always descending"
+        );
     }
 
     #[test]
@@ -781,5 +928,28 @@ mod tests {
         e.observe(t0 + Duration::from_secs(2), 200);
         assert_eq!(e.rate(), Some(100.0));
         assert_eq!(e.eta(500), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_slow_start_does_not_weigh_on_the_eta() {
+        // 4 s filling a pipeline (10 units), then 100 units/s: from 6 s on, the rate is
+        // the steady one, while the average since the start is far lower.
+        let t0 = Instant::now();
+        let mut e = RateEstimator::new(Duration::from_secs(30));
+        e.observe(t0, 0);
+        e.observe(t0 + Duration::from_secs(4), 10);
+        for s in 5..=12u64 {
+            e.observe(t0 + Duration::from_secs(s), 10 + (s - 4) * 100);
+        }
+        assert_eq!(e.rate(), Some(100.0));
+        // Over a long job, the window binds: the last 30 s.
+        let mut e = RateEstimator::new(Duration::from_secs(30));
+        for s in 0..=100u64 {
+            e.observe(
+                t0 + Duration::from_secs(s),
+                if s < 70 { s } else { 70 + (s - 70) * 3 },
+            );
+        }
+        assert_eq!(e.rate(), Some(3.0));
     }
 }

@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fbr_protocol::resync::{
-    node_range, regions, NodeHasher, RateEstimator, RegionSet, ResyncScanner, SendRange,
-    BLOCK_BYTES,
+    node_range, regions, NodeHasher, RegionSet, ResyncScanner, SendRange, BLOCK_BYTES,
 };
 use fbr_protocol::{
     Frame, Record, ReplicaState, ResyncMark, ResyncMode, ResyncPhase, MAX_WRITE_BYTES,
@@ -47,8 +46,6 @@ const HOLE_RUN_REGIONS: u64 = 4096;
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Most bytes of resync records queued for the stream at once.
 pub const PENDING_LIMIT: usize = 8 << 20;
-/// Over how long the resync's rate is measured for its ETA.
-const RATE_WINDOW: Duration = Duration::from_secs(30);
 
 /// What the master target said of the replica, from `HashAccept`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,16 +286,22 @@ async fn resync(
     {
         let begin = mark(ResyncPhase::Begin, &scanner);
         let mut g = disk.lock_gen();
-        g.push_resync(epoch, |seq| Record::Resync { seq, mark: begin })?;
+        let seq = g.push_resync(epoch, |seq| Record::Resync { seq, mark: begin })?;
         g.resync_open = true;
+        disk.mark_numbered(seq, begin.next_region, false);
     }
     stats.resyncs_started.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    update_live(disk, &scanner, None, Some(started), None, 0);
+    *disk.resync.lock().unwrap_or_else(|p| p.into_inner()) = super::ResyncLive {
+        disk_regions: regions(disk_size),
+        applied_region: scanner.next_region(),
+        started: Some(started),
+        ..Default::default()
+    };
+    update_live(disk, &scanner, None, 0);
     disk.ready.send_replace(true);
 
     let mut hasher = NodeHasher::new(key);
-    let mut rate = RateEstimator::new(RATE_WINDOW);
     let mut last_mark = Instant::now();
     let mut hash_bytes = 0u64;
     let mut outstanding = 0usize;
@@ -355,13 +358,13 @@ async fn resync(
         send_holes(disk, epoch, &mut holes, &mut scanner, stats)?;
         if last_mark.elapsed() >= PROGRESS_EVERY {
             let m = mark(ResyncPhase::Progress, &scanner);
-            disk.lock_gen()
+            let seq = disk
+                .lock_gen()
                 .push_resync(epoch, |seq| Record::Resync { seq, mark: m })?;
+            disk.mark_numbered(seq, m.next_region, false);
             disk.window_changed.send_modify(|v| *v += 1);
             last_mark = Instant::now();
-            rate.observe(last_mark, scanner.next_region());
-            let eta = rate.eta(regions(disk_size).saturating_sub(scanner.next_region()));
-            update_live(disk, &scanner, eta, None, None, hash_bytes);
+            update_live(disk, &scanner, None, hash_bytes);
         }
         if scanner.is_done() {
             break;
@@ -452,20 +455,14 @@ async fn resync(
     {
         let end = mark(ResyncPhase::End, &scanner);
         let mut g = disk.lock_gen();
-        g.push_resync(epoch, |seq| Record::Resync { seq, mark: end })?;
+        let seq = g.push_resync(epoch, |seq| Record::Resync { seq, mark: end })?;
         g.resync_open = false;
+        disk.mark_numbered(seq, end.next_region, true);
     }
     disk.window_changed.send_modify(|v| *v += 1);
     release_dirty(disk);
     stats.resyncs_done.fetch_add(1, Ordering::Relaxed);
-    update_live(
-        disk,
-        &scanner,
-        Some(Duration::ZERO),
-        None,
-        Some(Instant::now()),
-        hash_bytes,
-    );
+    update_live(disk, &scanner, Some(Instant::now()), hash_bytes);
     tracing::info!(
         stream = %disk.plan.id,
         mode = mode.name(),
@@ -608,11 +605,11 @@ fn release_dirty(disk: &DiskRuntime) {
     }
 }
 
+/// The agent's side of the resync's live progress (the master target's side follows
+/// its acknowledgements, in `DiskRuntime::resync_applied`).
 fn update_live(
     disk: &DiskRuntime,
     scanner: &ResyncScanner,
-    eta: Option<Duration>,
-    started: Option<Instant>,
     finished: Option<Instant>,
     hash_bytes: u64,
 ) {
@@ -623,12 +620,6 @@ fn update_live(
     live.compared_bytes = scanner.compared_bytes();
     live.sent_bytes = scanner.sent_bytes();
     live.hash_bytes = hash_bytes.max(live.hash_bytes);
-    if eta.is_some() {
-        live.eta = eta;
-    }
-    if started.is_some() {
-        live.started = started;
-    }
     if finished.is_some() {
         live.finished = finished;
     }
