@@ -241,6 +241,7 @@ async fn run_case(opts: &ResyncBenchOptions, pct: f64) -> anyhow::Result<ResyncC
     let churn0 = handle.stats.change_bytes_drawn.load(Relaxed);
     let payload0 = payload(relay_metrics);
     let mut eta_at: [Option<(Instant, Duration)>; 2] = [None, None];
+    let mut next_report = Instant::now();
     let finished = loop {
         let live = handle.resync_progress()[0].clone();
         // In step when the master target applied the end mark.
@@ -249,6 +250,16 @@ async fn run_case(opts: &ResyncBenchOptions, pct: f64) -> anyhow::Result<ResyncC
         }
         // Progress as the master target applied it: what the ETA is about.
         let done = live.applied_region as f64 / live.disk_regions.max(1) as f64;
+        if opts.progress && Instant::now() >= next_report {
+            next_report += Duration::from_secs(1);
+            eprintln!(
+                "case {pct}%: {:5.1} s: {:5.1}% applied, {:5.1}% sent, ETA {}",
+                started.elapsed().as_secs_f64(),
+                100.0 * done,
+                100.0 * live.regions_done as f64 / live.disk_regions.max(1) as f64,
+                live.eta.map_or("-".into(), |e| format!("{:.1} s", e.as_secs_f64())),
+            );
+        }
         for (slot, at) in eta_at.iter_mut().zip([0.25, 0.5]) {
             if slot.is_none() && done >= at {
                 *slot = live.eta.map(|eta| (Instant::now(), eta));

@@ -33,6 +33,14 @@
 //! progress marks so a resync resumes there after any crash. A full copy asks for no
 //! hashes: every block is sent.
 //!
+//! Where nearly every child of a differing node differs too, asking for the children
+//! costs more than sending the node whole; the scanner learns that per level from a
+//! sample of 1,024 children (and a probe every 32 decisions after it). While a sample's
+//! answers are awaited, further differing nodes of that level wait, and no new regions
+//! are asked for: the master target answers in order, so anything asked before the
+//! sample's requests delays them. For the same reason the window of open regions starts
+//! at one batch and doubles with each level-0 answer.
+//!
 //! ## Invariants
 //! - A region counts as done only once every block of it that may differ was handed to
 //!   the driver and reported sent.
@@ -64,6 +72,11 @@ const L0_BATCH: u64 = 64;
 /// Most regions started and not done: the comparison runs at most this far (1 GiB)
 /// ahead of what was sent, so progress advances region by region.
 pub const MAX_OPEN_REGIONS: usize = 1024;
+/// Bytes of differing blocks the regions asked for (and not yet answered) are expected
+/// to hold, at most: where much differs, the comparison runs only this far ahead of the
+/// sending, so a child request (answered in order, behind every region asked before it)
+/// comes back before long and the region it holds open closes.
+const SEND_AHEAD_BYTES: f64 = 128.0 * 1024.0 * 1024.0;
 
 /// One node hash.
 pub type NodeHash = [u8; NODE_HASH_LEN];
@@ -344,6 +357,12 @@ pub struct ResyncScanner {
     /// Per parent level: differing nodes `(index, offset, len)` whose descent waits for
     /// the sample's answers (their regions stay open).
     deferred: [Vec<(u64, u64, u64)>; LEVELS - 1],
+    /// Regions that may be open at once: starts at one batch and doubles with each
+    /// level-0 answer, up to `MAX_OPEN_REGIONS`. The master target answers requests in
+    /// order, so a child request waits behind every region already asked for: a full
+    /// window sent blind at the start would hold up the descent sample (and every
+    /// region's progress) until the whole window was hashed.
+    window: u64,
 }
 
 impl ResyncScanner {
@@ -363,6 +382,7 @@ impl ResyncScanner {
             sent_bytes: 0,
             descent: [Descent::default(); LEVELS - 1],
             deferred: Default::default(),
+            window: L0_BATCH,
         }
     }
 
@@ -439,6 +459,7 @@ impl ResyncScanner {
         }
         // The request's own work item (one per region for level 0) is done.
         if level == 0 {
+            self.window = (self.window * 2).min(MAX_OPEN_REGIONS as u64);
             // Level-0 requests open their regions when sent; close each one.
             for index in first..first + hashes.len() as u64 {
                 self.close(index);
@@ -476,7 +497,10 @@ impl ResyncScanner {
         let next = match self.queued.first_key_value() {
             Some((_, r)) => *r,
             None => {
-                if self.open.len() >= MAX_OPEN_REGIONS {
+                // While a sample's answers are awaited, the stream stays clear for them.
+                if self.open.len() as u64 >= self.window.min(self.send_ahead_regions())
+                    || self.descent.iter().any(Descent::awaiting_sample)
+                {
                     return None;
                 }
                 let first = self.set.get(self.cursor)?;
@@ -570,6 +594,17 @@ impl ResyncScanner {
     }
 
     // --- internals --------------------------------------------------------------------
+
+    /// How many regions may be open so that their differing blocks, at the share of
+    /// the disk sent so far, stay within `SEND_AHEAD_BYTES`.
+    fn send_ahead_regions(&self) -> u64 {
+        if self.compared_bytes == 0 || self.sent_bytes == 0 {
+            return MAX_OPEN_REGIONS as u64;
+        }
+        let share = self.sent_bytes as f64 / self.compared_bytes as f64;
+        (SEND_AHEAD_BYTES / (share * REGION_BYTES as f64))
+            .clamp(L0_BATCH as f64, MAX_OPEN_REGIONS as f64) as u64
+    }
 
     /// A differing node of a level with children: ask for their hashes, or send it
     /// whole where that costs less.
@@ -785,12 +820,20 @@ mod tests {
                 *x = ((o as usize + i) / 4096) as u8 ^ 0x55;
             }
         };
+        // Regions asked for before the first child request: what the sample's
+        // requests wait behind at the master target.
+        let (mut regions_asked, mut before_first_child) = (0u64, None);
         while !s.is_done() {
             let mut in_flight = Vec::new();
             while let Some(request) = s.poll_request() {
                 in_flight.push(request);
             }
             for (level, first, count) in in_flight {
+                if level == 0 {
+                    regions_asked += count as u64;
+                } else if before_first_child.is_none() {
+                    before_first_child = Some(regions_asked);
+                }
                 let h = hash_nodes(level, first, count, BIG, &mut hasher, &mut buf, |o, b| {
                     theirs(o, b);
                     Ok::<_, String>(false)
@@ -814,6 +857,11 @@ mod tests {
         assert!(
             hash_bytes < always_descending / 4,
             "{hash_bytes} bytes of hashes, {always_descending} when always descending"
+        );
+        assert_eq!(
+            before_first_child,
+            Some(L0_BATCH),
+            "the sample's requests wait behind one batch of regions, not a full window"
         );
     }
 
