@@ -43,6 +43,7 @@ use crate::source::{
     ChangeSource, DiskManifest, Manifest, Renumber, SourceSpec, TagRecord, MANIFEST_VERSION,
 };
 use crate::workload::ContentPools;
+use crate::writelog::LogItem;
 
 mod resync;
 
@@ -58,8 +59,12 @@ pub struct AgentOptions {
     pub pki_dir: PathBuf,
     pub cert_name: String,
     pub tuning: QuicTuning,
-    /// A crash-consistent tag on every group this often.
+    /// A crash-consistent tag on every group this often (unless `log_tags`).
     pub tag_interval: Duration,
+    /// The tags of the write log the disks replay, in order (`None`: tags every
+    /// `tag_interval`). Each is cut where the log has it: on every disk it covers, after
+    /// exactly the changes before it.
+    pub log_tags: Option<Vec<crate::writelog::LogTag>>,
     /// Every n-th tag is application-consistent (0: never).
     pub app_tag_every: u64,
     /// Stop drawing changes after this long once every disk is in step, i.e. its
@@ -203,6 +208,9 @@ struct GenState {
     pending_bytes: usize,
     tags: Vec<TagRecord>,
     exhausted: bool,
+    /// The disk's log reached its tag number `n` and draws nothing more until the tag
+    /// coordinator cut it.
+    at_log_tag: Option<u64>,
     /// The emulated disk, when it lives in a file: every change is written to it.
     disk: Option<Arc<File>>,
     /// A resync's begin mark was assigned and its end mark not yet: tags cut now are no
@@ -600,6 +608,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
                 pending_bytes: 0,
                 tags: vec![],
                 exhausted: false,
+                at_log_tag: None,
                 disk,
                 resync_open: false,
                 resync_busy,
@@ -780,6 +789,15 @@ async fn run(
         if deadline_passed || all_exhausted || stop.load(Ordering::SeqCst) {
             break;
         }
+        if let Some(log_tags) = &opts.log_tags {
+            // A replayed log's tags, where the log has them.
+            if let Some(n) = cut_log_tag(&groups, log_tags, &stats) {
+                tag_id = n;
+            } else {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            continue;
+        }
         tokio::select! {
             _ = ticker.tick() => {
                 tag_id += 1;
@@ -848,9 +866,72 @@ async fn run(
 /// Inserts tag `id` on every disk of `group` at one consistent cut.
 fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats: &RunStats) {
     let app = app_every > 0 && id % app_every == 0;
-    let kind = if app { TagKind::App } else { TagKind::Crash };
-    // Lock every member (always in the same order) so no disk draws during the cut.
     let mut guards: Vec<_> = members.iter().map(|d| d.lock_gen()).collect();
+    cut_locked(group, &mut guards, id, app, None);
+    stats.tags_inserted.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Cuts the earliest tag of a replayed log once every disk has drawn all its changes
+/// before it (every disk waits at a tag or is exhausted): tag `n` on the disks that
+/// wait at `n` (a disk declared after it waits at a later one). Returns `n`, or `None`
+/// when some disk is still drawing.
+fn cut_log_tag(
+    groups: &BTreeMap<String, Vec<Arc<DiskRuntime>>>,
+    log_tags: &[crate::writelog::LogTag],
+    stats: &RunStats,
+) -> Option<u64> {
+    let mut earliest: Option<u64> = None;
+    for members in groups.values() {
+        for d in members {
+            let g = d.lock_gen();
+            match g.at_log_tag {
+                Some(n) => earliest = Some(earliest.map_or(n, |e| e.min(n))),
+                None if g.exhausted => {}
+                None => return None,
+            }
+        }
+    }
+    let n = earliest?;
+    let tag = log_tags.get(n as usize - 1);
+    for (group, members) in groups {
+        let covered: Vec<&Arc<DiskRuntime>> = members
+            .iter()
+            .filter(|d| d.lock_gen().at_log_tag == Some(n))
+            .collect();
+        if covered.is_empty() {
+            continue;
+        }
+        let mut guards: Vec<_> = covered.iter().map(|d| d.lock_gen()).collect();
+        cut_locked(
+            group,
+            &mut guards,
+            n,
+            tag.is_some_and(|t| t.app),
+            tag.map(|t| t.name.clone()),
+        );
+        for g in guards.iter_mut() {
+            g.at_log_tag = None;
+        }
+        drop(guards);
+        for d in covered {
+            d.window_changed.send_modify(|v| *v += 1);
+        }
+        stats.tags_inserted.fetch_add(1, Ordering::Relaxed);
+    }
+    Some(n)
+}
+
+/// Numbers and queues tag `id` on every locked member (locked together, always in the
+/// same order, so no disk draws during the cut).
+fn cut_locked(
+    group: &str,
+    guards: &mut [std::sync::MutexGuard<'_, GenState>],
+    id: u64,
+    app: bool,
+    name: Option<String>,
+) {
+    let kind = if app { TagKind::App } else { TagKind::Crash };
+    let members = guards.len() as u32;
     for g in guards.iter_mut() {
         let seq = g.next_seq;
         g.next_seq += 1;
@@ -858,7 +939,7 @@ fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats
             seq,
             id,
             kind,
-            members: members.len() as u32,
+            members,
             group: group.to_owned(),
         });
         let in_resync = g.resync_open;
@@ -867,9 +948,9 @@ fn cut(group: &str, members: &[Arc<DiskRuntime>], id: u64, app_every: u64, stats
             seq,
             app,
             in_resync,
+            name: name.clone(),
         });
     }
-    stats.tags_inserted.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Runs sessions for one disk until it is done, reconnecting (with the machine's
@@ -1061,13 +1142,18 @@ async fn send_records(
                     Some(record)
                 } else if drawing_stopped.load(Ordering::SeqCst)
                     || g.exhausted
+                    || g.at_log_tag.is_some()
                     || !*disk.ready.borrow()
                     || disk.pace.as_ref().is_some_and(|p| !p.allows_more())
                 {
                     None
                 } else {
-                    match g.source.next_change() {
-                        Ok(Some(change)) => {
+                    match g.source.next_item() {
+                        Ok(Some(LogItem::Tag(n))) => {
+                            g.at_log_tag = Some(n);
+                            None
+                        }
+                        Ok(Some(LogItem::Change(change))) => {
                             let seq = g.next_seq;
                             g.next_seq += 1;
                             g.changes_drawn += 1;

@@ -29,6 +29,8 @@ pub struct DrillOptions {
     pub disk_size: u64,
     pub duration: Duration,
     pub tag_interval: Duration,
+    /// Every n-th tag is app-consistent (0: none).
+    pub app_tag_every: u64,
     /// `None`: every profile, cycled over the disks.
     pub profile: Option<Profile>,
     pub content: Content,
@@ -221,6 +223,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     let agent_opts = AgentOptions {
         tuning,
         rate_bytes_per_s: opts.rate_bytes_per_s,
+        app_tag_every: opts.app_tag_every,
         ..site.agent_options(opts.duration, opts.tag_interval)?
     };
     let streams = plans.len();
@@ -474,6 +477,7 @@ pub async fn run_throttle_bench(
         disk_size: 8 << 20,
         duration: window + Duration::from_secs(4),
         tag_interval: Duration::from_millis(1000),
+        app_tag_every: 5,
         // Every stream must contend: trims would spend their pace on Zero records,
         // which are tiny on the wire, and so never ask for their share.
         profile: Some(Profile::Mixed),
@@ -510,6 +514,7 @@ pub async fn run_throttle_bench(
     let agent_opts = AgentOptions {
         drain_timeout: Duration::from_secs(120),
         rate_bytes_per_s: opts.rate_bytes_per_s,
+        app_tag_every: opts.app_tag_every,
         ..site.agent_options(opts.duration, opts.tag_interval)?
     };
     let n = plans.len();

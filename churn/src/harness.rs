@@ -138,6 +138,7 @@ impl Site {
             tuning: fbr_transport::QuicTuning::default(),
             tag_interval,
             app_tag_every: 5,
+            log_tags: None,
             duration: Some(duration),
             drain_timeout: Duration::from_secs(60),
             reconnect_timeout: Duration::from_secs(30),

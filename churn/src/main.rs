@@ -79,6 +79,11 @@ struct WorkloadArgs {
     /// Milliseconds between crash-consistent tags.
     #[arg(long, default_value_t = 500)]
     tag_interval_ms: u64,
+    /// Milliseconds between app-consistent tags (the agent quiesces the VM's
+    /// applications, then cuts the tag in place of a crash-consistent one); rounded to a
+    /// multiple of --tag-interval-ms; 0: none.
+    #[arg(long, default_value_t = 2500)]
+    app_tag_interval_ms: u64,
     /// Largest UDP payload MTU discovery may use.
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
@@ -101,6 +106,15 @@ struct WorkloadArgs {
 }
 
 impl WorkloadArgs {
+    /// Which tags are app-consistent: every n-th (0: none).
+    fn app_tag_every(&self) -> u64 {
+        if self.app_tag_interval_ms == 0 {
+            return 0;
+        }
+        let every = self.app_tag_interval_ms as f64 / self.tag_interval_ms.max(1) as f64;
+        (every.round() as u64).max(1)
+    }
+
     /// The drill these flags describe (also how `churn run` plans its disks).
     fn drill_options(&self, seconds: f64) -> DrillOptions {
         DrillOptions {
@@ -109,6 +123,7 @@ impl WorkloadArgs {
             disk_size: self.disk_size,
             duration: Duration::from_secs_f64(seconds),
             tag_interval: Duration::from_millis(self.tag_interval_ms),
+            app_tag_every: self.app_tag_every(),
             profile: self.profile.profile(),
             content: self.content,
             seed: self.seed,
@@ -276,6 +291,8 @@ enum Command {
         /// Replication group of every disk in the log.
         #[arg(long, default_value = "replay")]
         group: String,
+        /// A crash-consistent tag this often, for a log without TAG records (a log
+        /// with them replays with its own tags, where it has them).
         #[arg(long, default_value_t = 500)]
         tag_interval_ms: u64,
         #[arg(long, default_value_t = 1452)]
@@ -290,6 +307,13 @@ enum Command {
         /// Changes in the log, interleaved round-robin over the disks.
         #[arg(long, default_value_t = 2000)]
         records: u64,
+        /// A TAG record (a consistency point of every disk) after every this many
+        /// changes; 0: none.
+        #[arg(long, default_value_t = 0)]
+        tag_every: u64,
+        /// Every this many TAGs is app-consistent; 0: none.
+        #[arg(long, default_value_t = 4)]
+        app_tag_every: u64,
     },
     /// Verify a master target's data directory against a run manifest (daemon stopped).
     Verify {
@@ -403,6 +427,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 disk_size,
                 duration: Duration::from_secs_f64(seconds),
                 tag_interval: Duration::from_millis(tag_interval_ms),
+                app_tag_every: 5,
                 profile: profile.profile(),
                 content,
                 seed: 1,
@@ -430,6 +455,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 w.max_udp_payload,
                 Some(Duration::from_secs_f64(seconds)),
             );
+            let opts = AgentOptions {
+                app_tag_every: w.app_tag_every(),
+                ..opts
+            };
             run_agent(opts, plans, w.seed, &relay.manifest).await
         }
         Command::Replay {
@@ -440,9 +469,23 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             max_udp_payload,
         } => {
             let log = std::fs::canonicalize(&log).with_context(|| format!("{}", log.display()))?;
-            let disks = writelog::scan_disks(&log)?;
-            anyhow::ensure!(!disks.is_empty(), "{} declares no disks", log.display());
-            let plans = disks
+            let summary = writelog::scan_log(&log)?;
+            anyhow::ensure!(
+                !summary.disks.is_empty(),
+                "{} declares no disks",
+                log.display()
+            );
+            if !summary.tags.is_empty() {
+                eprintln!(
+                    "{}: version {}, {} tags of its own: replayed where the log has them",
+                    log.display(),
+                    summary.version,
+                    summary.tags.len()
+                );
+            }
+            let log_tags = (!summary.tags.is_empty()).then_some(summary.tags);
+            let plans = summary
+                .disks
                 .into_iter()
                 .map(|(index, id, size)| DiskPlan {
                     id,
@@ -455,13 +498,16 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                     start: Default::default(),
                 })
                 .collect();
-            let opts = agent_options(None, &relay, tag_interval_ms, max_udp_payload, None);
+            let mut opts = agent_options(None, &relay, tag_interval_ms, max_udp_payload, None);
+            opts.log_tags = log_tags;
             run_agent(opts, plans, 0, &relay.manifest).await
         }
         Command::MakeLog {
             out,
             workload: w,
             records,
+            tag_every,
+            app_tag_every,
         } => {
             let profile = w.profile.profile();
             writelog::generate_log(
@@ -473,6 +519,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 w.content,
                 w.seed,
                 records,
+                writelog::GeneratedTags {
+                    every: tag_every,
+                    app_every: app_tag_every,
+                },
             )
             .with_context(|| format!("writing {}", out.display()))?;
             eprintln!(
@@ -646,6 +696,7 @@ fn agent_options(
         },
         tag_interval: Duration::from_millis(tag_interval_ms.max(1)),
         app_tag_every: 5,
+        log_tags: None,
         duration,
         drain_timeout: Duration::from_secs(120),
         reconnect_timeout: Duration::from_secs(120),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::ImageSpec;
 use crate::workload::{Change, Content, ContentPools, DiskGenerator, Profile};
-use crate::writelog::LogDiskSource;
+use crate::writelog::{LogDiskSource, LogItem};
 
 /// Manifest format version. Version 2 adds, per disk, the images the source and the
 /// replica started from, the first sequence number of the run, the sequence numbers of
@@ -72,7 +72,16 @@ impl ChangeSource {
         })
     }
 
-    /// The next change; `Ok(None)` when a log is exhausted (generators never are).
+    /// The next change, or the next tag of a log that covers this disk; `Ok(None)` when
+    /// a log is exhausted (generators never are, and have no tags).
+    pub fn next_item(&mut self) -> Result<Option<LogItem>, String> {
+        match self {
+            ChangeSource::Generated(g) => Ok(Some(LogItem::Change(g.next_change()))),
+            ChangeSource::Log(l) => l.next_item().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The next change (a log's tags passed over); `Ok(None)` when a log is exhausted.
     pub fn next_change(&mut self) -> Result<Option<Change>, String> {
         match self {
             ChangeSource::Generated(g) => Ok(Some(g.next_change())),
@@ -152,7 +161,7 @@ impl DiskManifest {
 }
 
 /// A tag as inserted by the source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
     pub id: u64,
     pub seq: u64,
@@ -160,4 +169,7 @@ pub struct TagRecord {
     /// Cut while the disk resynced: the replica has no recovery point there.
     #[serde(default)]
     pub in_resync: bool,
+    /// The name a replayed write log gave the tag (its TAG record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }

@@ -1,21 +1,25 @@
 //! The write-log format: a recorded workload that `churn replay` feeds through the path.
 //!
 //! Captured from a real system (or made by `churn make-log`), it lists, in the order they
-//! happened, every change to every disk. Version 1, little-endian
-//! (`docs/WRITE-LOG-FORMAT.md` has the byte tables; `tests/golden.rs` pins them):
+//! happened, every change to every disk, and the system's consistency points. Version 2,
+//! little-endian (`docs/WRITE-LOG-FORMAT.md` has the byte tables; `tests/golden.rs` pins
+//! them):
 //!
 //! ```text
 //! file   = header record*
-//! header = magic "FBRWLOG1" (8) | version u32 = 1 | reserved u32 = 0     (16 bytes)
+//! header = magic "FBRWLOG1" (8) | version u32 = 2 | reserved u32 = 0     (16 bytes)
 //! record = kind u8, then by kind:
 //!   1 DISK  : index u32 | size u64 | vm_len u8 | vm | disk u32   declares disk `index`
 //!   2 WRITE : index u32 | offset u64 | len u32 | data[len]       len <= 1 MiB
 //!   3 ZERO  : index u32 | offset u64 | len u64
+//!   4 TAG   : tag_kind u8 (1 crash, 2 app) | name_len u8 | name   (version 2 only)
 //! ```
 //!
 //! A disk must be declared before it is written. Offsets and lengths must be multiples
 //! of 512 and stay inside the declared size; [`LogReader`] checks all of it and names the
-//! record that breaks a rule.
+//! record that breaks a rule. A TAG is a consistency point of every disk declared before
+//! it: each disk's state after exactly the changes before the TAG. Version 1 files (no
+//! TAG) still read.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -28,16 +32,32 @@ use fbr_protocol::{names::validate_name, StreamId, MAX_WRITE_BYTES, SECTOR_SIZE}
 use crate::workload::{Change, Content, ContentPools, DiskGenerator, Profile};
 
 pub const LOG_MAGIC: [u8; 8] = *b"FBRWLOG1";
-pub const LOG_VERSION: u32 = 1;
+/// The version this code writes; it reads 1 and 2.
+pub const LOG_VERSION: u32 = 2;
+/// The first version with TAG records.
+const FIRST_VERSION_WITH_TAGS: u32 = 2;
 const KIND_DISK: u8 = 1;
 const KIND_WRITE: u8 = 2;
 const KIND_ZERO: u8 = 3;
+const KIND_TAG: u8 = 4;
+/// Longest tag name, bytes.
+pub const MAX_TAG_NAME: usize = 128;
 
 /// One record of a write log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRecord {
     Disk { index: u32, size: u64, id: StreamId },
     Change { index: u32, change: Change },
+    Tag(LogTag),
+}
+
+/// A consistency point of the captured system (a TAG record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogTag {
+    /// App-consistent (the applications were quiesced) rather than crash-consistent.
+    pub app: bool,
+    /// What the capture called it (e.g. a snapshot's name); may be empty.
+    pub name: String,
 }
 
 /// A malformed log, with the position of the offending record.
@@ -90,6 +110,12 @@ pub fn encode_record(r: &LogRecord, out: &mut BytesMut) {
             out.put_u32_le(*index);
             out.put_u64_le(*offset);
             out.put_u64_le(*len);
+        }
+        LogRecord::Tag(tag) => {
+            out.put_u8(KIND_TAG);
+            out.put_u8(if tag.app { 2 } else { 1 });
+            out.put_u8(tag.name.len() as u8);
+            out.put_slice(tag.name.as_bytes());
         }
     }
 }
@@ -163,6 +189,33 @@ pub fn decode_record(b: &[u8]) -> Result<Option<(LogRecord, usize)>, String> {
                 change: Change::Zero { offset, len },
             }
         }
+        KIND_TAG => {
+            if !need(p, 2) {
+                return Ok(None);
+            }
+            let app = match p.get_u8() {
+                1 => false,
+                2 => true,
+                k => return Err(format!("tag kind {k} is neither 1 (crash) nor 2 (app)")),
+            };
+            let name_len = p.get_u8() as usize;
+            if name_len > MAX_TAG_NAME {
+                return Err(format!(
+                    "tag name of {name_len} bytes, at most {MAX_TAG_NAME}"
+                ));
+            }
+            if !need(p, name_len) {
+                return Ok(None);
+            }
+            let name = std::str::from_utf8(&p[..name_len])
+                .map_err(|_| "tag name is not UTF-8".to_string())?;
+            if name.chars().any(char::is_control) {
+                return Err("tag name holds control characters".into());
+            }
+            let name = name.to_owned();
+            p.advance(name_len);
+            LogRecord::Tag(LogTag { app, name })
+        }
         k => return Err(format!("unknown record kind {k}")),
     };
     Ok(Some((rec, b.len() - p.len())))
@@ -205,6 +258,7 @@ pub struct LogReader {
     offset: u64,
     record: u64,
     disks: HashMap<u32, (StreamId, u64)>,
+    version: u32,
     eof: bool,
 }
 
@@ -219,8 +273,12 @@ impl LogReader {
             return Err(invalid(0, 0, "bad magic: not a write log"));
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-        if version != LOG_VERSION {
-            return Err(invalid(0, 8, &format!("unsupported version {version}")));
+        if !(1..=LOG_VERSION).contains(&version) {
+            return Err(invalid(
+                0,
+                8,
+                &format!("unsupported version {version} (this churn reads 1 to {LOG_VERSION})"),
+            ));
         }
         Ok(LogReader {
             input,
@@ -228,8 +286,14 @@ impl LogReader {
             offset: 16,
             record: 0,
             disks: HashMap::new(),
+            version,
             eof: false,
         })
+    }
+
+    /// The file's format version.
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// The next checked record; `Ok(None)` at the end of the file.
@@ -311,6 +375,15 @@ impl LogReader {
                     ));
                 }
             }
+            LogRecord::Tag(_) => {
+                if self.version < FIRST_VERSION_WITH_TAGS {
+                    return Err(invalid(
+                        record,
+                        offset,
+                        &format!("a TAG record in a version {} log", self.version),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -324,24 +397,55 @@ fn invalid(record: u64, offset: u64, reason: &str) -> LogError {
     }
 }
 
-/// Every disk declared in a log, with its index and size (reads the whole log once, so
-/// it is also a full validation pass).
-pub fn scan_disks(path: &Path) -> Result<Vec<(u32, StreamId, u64)>, LogError> {
-    let mut r = LogReader::open(path)?;
-    let mut disks = Vec::new();
-    while let Some(rec) = r.next_record()? {
-        if let LogRecord::Disk { index, size, id } = rec {
-            disks.push((index, id, size));
-        }
-    }
-    Ok(disks)
+/// What a whole log holds (read once, so also a full validation pass).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogSummary {
+    /// Every disk declared, with its index and size.
+    pub disks: Vec<(u32, StreamId, u64)>,
+    /// Every TAG, in order: the `n`-th (from 1) is the log's tag number `n`.
+    pub tags: Vec<LogTag>,
+    pub version: u32,
 }
 
-/// The changes of one disk of a log, in order.
+/// Reads a whole log: its disks and its tags.
+pub fn scan_log(path: &Path) -> Result<LogSummary, LogError> {
+    let mut r = LogReader::open(path)?;
+    let mut summary = LogSummary {
+        version: r.version(),
+        ..LogSummary::default()
+    };
+    while let Some(rec) = r.next_record()? {
+        match rec {
+            LogRecord::Disk { index, size, id } => summary.disks.push((index, id, size)),
+            LogRecord::Tag(tag) => summary.tags.push(tag),
+            LogRecord::Change { .. } => {}
+        }
+    }
+    Ok(summary)
+}
+
+/// Every disk declared in a log, with its index and size.
+pub fn scan_disks(path: &Path) -> Result<Vec<(u32, StreamId, u64)>, LogError> {
+    Ok(scan_log(path)?.disks)
+}
+
+/// What one disk's reader of a log meets next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogItem {
+    Change(Change),
+    /// The log's tag number `n` (from 1): the disk's changes before it are all drawn,
+    /// and none after it may be until the tag is cut.
+    Tag(u64),
+}
+
+/// The changes of one disk of a log, in order, and the tags that cover it.
 #[derive(Debug)]
 pub struct LogDiskSource {
     reader: LogReader,
     index: u32,
+    /// Whether this disk was declared yet (a tag before its declaration is not its own).
+    declared: bool,
+    tags_seen: u64,
 }
 
 impl LogDiskSource {
@@ -349,23 +453,55 @@ impl LogDiskSource {
         Ok(LogDiskSource {
             reader: LogReader::open(path)?,
             index,
+            declared: false,
+            tags_seen: 0,
         })
     }
 
-    pub fn next_change(&mut self) -> Result<Option<Change>, LogError> {
+    /// The next change of this disk, or the next tag that covers it; `Ok(None)` at the
+    /// end of the log.
+    pub fn next_item(&mut self) -> Result<Option<LogItem>, LogError> {
         while let Some(rec) = self.reader.next_record()? {
-            if let LogRecord::Change { index, change } = rec {
-                if index == self.index {
-                    return Ok(Some(change));
+            match rec {
+                LogRecord::Change { index, change } if index == self.index => {
+                    return Ok(Some(LogItem::Change(change)));
                 }
+                LogRecord::Disk { index, .. } if index == self.index => self.declared = true,
+                LogRecord::Tag(_) => {
+                    self.tags_seen += 1;
+                    if self.declared {
+                        return Ok(Some(LogItem::Tag(self.tags_seen)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next change of this disk, passing over tags.
+    pub fn next_change(&mut self) -> Result<Option<Change>, LogError> {
+        while let Some(item) = self.next_item()? {
+            if let LogItem::Change(change) = item {
+                return Ok(Some(change));
             }
         }
         Ok(None)
     }
 }
 
+/// How often a generated log has TAG records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GeneratedTags {
+    /// A TAG after every this many changes (0: none).
+    pub every: u64,
+    /// Every this many TAGs is app-consistent (0: none).
+    pub app_every: u64,
+}
+
 /// Writes a log of `records` generated changes over `vms` x `disks` disks named
-/// `vm<N>`/`<disk>`, interleaved round-robin (`profile: None` cycles every profile).
+/// `vm<N>`/`<disk>`, interleaved round-robin (`profile: None` cycles every profile), with
+/// TAG records as `tags` says.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_log(
     out: &Path,
@@ -376,6 +512,7 @@ pub fn generate_log(
     content: Content,
     seed: u64,
     records: u64,
+    tags: GeneratedTags,
 ) -> io::Result<()> {
     let pools = ContentPools::new(seed);
     let mut log = LogWriter::create(out)?;
@@ -411,6 +548,14 @@ pub fn generate_log(
             index: index as u32,
             change,
         })?;
+        if tags.every > 0 && (i + 1) % tags.every == 0 {
+            let n = (i + 1) / tags.every;
+            let app = tags.app_every > 0 && n % tags.app_every == 0;
+            log.append(&LogRecord::Tag(LogTag {
+                app,
+                name: format!("{}-{n}", if app { "app" } else { "crash" }),
+            }))?;
+        }
     }
     log.finish()
 }

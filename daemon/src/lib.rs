@@ -13,6 +13,8 @@
 //!   line.
 //! - [`run`]: the `run` / `check-config` skeleton: bad configuration exits 64 naming
 //!   the key, then logging, the runtime, the daemon's body, and its error report.
+//! - [`systemd`]: `sd_notify` for `Type=notify` units: `READY=1` from the daemon's own
+//!   readiness, `STATUS=` with the reason, `STOPPING=1`.
 //!
 //! ## Invariants
 //! - Invalid configuration never starts a daemon: it exits with [`EX_USAGE`] (64) and a
@@ -24,6 +26,7 @@
 pub mod process;
 pub mod run;
 pub mod settings;
+pub mod systemd;
 
 pub use process::{init_logging, parse_size, shutdown_signal, write_port_file};
 pub use run::{report, report_check, run_daemon};

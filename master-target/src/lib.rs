@@ -21,6 +21,8 @@
 //! - [`hashes`]: hash streams: the replica described as keyed node hashes, for a
 //!   resync's comparison.
 //! - [`content`]: which blocks the master target holds, for the relay's dedup.
+//! - [`points`]: the recovery points an operator can fail back to, per group and VM,
+//!   and the window they span (`master-target points`).
 //!
 //! ## Data directory
 //! ```text
@@ -43,6 +45,7 @@ pub mod content;
 pub mod files;
 pub mod hashes;
 pub mod journal;
+pub mod points;
 pub mod replica;
 pub mod seed;
 pub mod settings;

@@ -196,12 +196,13 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         settings.credit.0,
         settings.content_index_entries as usize,
     );
+    let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(mt.clone()));
     let metrics = match settings.metrics_addr()? {
         Some(addr) => Some(
             fbr_metrics::start(
                 addr,
                 settings.metrics_port_file.as_deref(),
-                Arc::new(Endpoints(mt.clone())),
+                endpoints.clone(),
             )
             .await
             .map_err(anyhow::Error::msg)?,
@@ -214,8 +215,12 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     }
     tracing::info!(listen = %local, data = %data.display(), "master target listening");
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));
+    let notify = fbr_metrics::spawn_systemd_readiness(endpoints)
+        .context("NOTIFY_SOCKET (systemd notification)")?;
     fbr_daemon::shutdown_signal().await;
     tracing::info!("shutting down");
+    notify.abort();
+    let _ = fbr_daemon::systemd::Notifier::from_env().and_then(|n| n.notify("STOPPING=1"));
     endpoint.close(quinn::VarInt::from_u32(0), b"master target shutting down");
     server.abort();
     if let Some(m) = metrics {
@@ -261,20 +266,30 @@ impl fbr_metrics::Endpoints for Endpoints {
 
 fn points(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let store = Store::open(data)?;
-    let points = store.recovery_points()?;
+    let listing = fbr_master_target::points::PointsListing::new(store.recovery_points()?);
     if json {
-        println!("{}", serde_json::to_string(&points)?);
-    } else {
+        println!("{}", serde_json::to_string(&listing)?);
+        return Ok(());
+    }
+    for g in &listing.groups {
         println!(
-            "{:<16} {:>8} {:<6} {:>8} STATE",
-            "GROUP", "TAG", "KIND", "DISKS"
+            "group {}: {} points, {} recovery points from {} to {}",
+            g.group,
+            g.points.len(),
+            g.window.recovery_points,
+            g.window.oldest_time.as_deref().unwrap_or("-"),
+            g.window.newest_time.as_deref().unwrap_or("-"),
         );
-        for p in &points {
+        println!(
+            "  {:>8} {:<6} {:<24} {:>9} STATE",
+            "TAG", "KIND", "TIME (UTC)", "DISKS"
+        );
+        for p in &g.points {
             println!(
-                "{:<16} {:>8} {:<6} {:>3}/{:<4} {}",
-                p.group,
+                "  {:>8} {:<6} {:<24} {:>4}/{:<4} {}",
                 p.tag_id,
                 p.kind,
+                p.time.as_deref().unwrap_or("-"),
                 p.landed.len(),
                 p.members,
                 if p.complete {
@@ -282,7 +297,7 @@ fn points(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 } else if !p.consistent {
                     "inconsistent (landed while a disk was stale or resyncing)"
                 } else {
-                    "incomplete"
+                    "incomplete (not on every disk of the group yet)"
                 }
             );
         }

@@ -341,7 +341,14 @@ fn landing(
             members: *members,
             journal_end,
             consistent: consistent.unwrap_or(true),
+            landed_at_ms: unix_ms(std::time::SystemTime::now()),
         }),
         _ => None,
     }
+}
+
+/// Milliseconds since the UNIX epoch (0 for a clock set before it).
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

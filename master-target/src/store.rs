@@ -14,6 +14,9 @@
 //! - `tags`: `(group, tag_id, "vm/disk")` -> `(seq, kind, members, journal_end)`
 //! - `inconsistent_tags`: `(group, tag_id, "vm/disk")` -> `()`: tags that landed while
 //!   the disk was stale or resyncing, so they are no recovery point
+//! - `tag_times`: `(group, tag_id, "vm/disk")` -> UNIX time in milliseconds when the tag
+//!   first became durable here (kept when recovery indexes the tag again); no row: a
+//!   tag indexed before times were recorded
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,6 +37,7 @@ type TagKey<'a> = (&'a str, u64, &'a str);
 /// `(seq, kind, members, journal_end)`.
 type TagValue = (u64, u8, u32, u64);
 const TAGS: TableDefinition<TagKey, TagValue> = TableDefinition::new("tags");
+const TAG_TIMES: TableDefinition<TagKey, u64> = TableDefinition::new("tag_times");
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,9 @@ pub struct TagLanding {
     pub journal_end: u64,
     /// Whether the disk was in step when the tag landed (not stale, not resyncing).
     pub consistent: bool,
+    /// When it became durable here, UNIX milliseconds (an earlier landing of the same
+    /// tag, already indexed, keeps its time).
+    pub landed_at_ms: u64,
 }
 
 /// One recovery point of a replication group, as known to this master target.
@@ -103,6 +110,11 @@ pub struct RecoveryPoint {
     pub consistent: bool,
     /// Landed on every member and consistent: the point can be failed over to.
     pub complete: bool,
+    /// When the last of its landings became durable here (for a complete point: since
+    /// when it can be failed over to), UNIX milliseconds; `None` for points indexed
+    /// before times were recorded. The master target's clock, so the source's moment
+    /// plus the replication lag.
+    pub time_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -110,6 +122,8 @@ pub struct LandedOn {
     pub vm: String,
     pub disk: u32,
     pub seq: u64,
+    /// When the tag became durable on this disk, UNIX milliseconds.
+    pub landed_at_ms: Option<u64>,
 }
 
 pub fn stream_key(id: &StreamId) -> String {
@@ -160,6 +174,7 @@ impl Store {
         tx.open_table(DISK_STATE).map_err(e)?;
         tx.open_table(TAGS).map_err(e)?;
         tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
+        tx.open_table(TAG_TIMES).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(Store { db })
     }
@@ -185,6 +200,7 @@ impl Store {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(TAGS).map_err(e)?;
         let inconsistent = tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
+        let times = tx.open_table(TAG_TIMES).map_err(e)?;
         let mut points: BTreeMap<(String, u64), RecoveryPoint> = BTreeMap::new();
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
@@ -207,6 +223,7 @@ impl Store {
                     landed: vec![],
                     consistent: true,
                     complete: false,
+                    time_ms: None,
                 });
             if inconsistent.get(k.value()).map_err(e)?.is_some() {
                 p.consistent = false;
@@ -215,12 +232,19 @@ impl Store {
                 vm: stream.vm,
                 disk: stream.disk,
                 seq,
+                landed_at_ms: times.get(k.value()).map_err(e)?.map(|t| t.value()),
             });
         }
         Ok(points
             .into_values()
             .map(|mut p| {
                 p.complete = p.landed.len() == p.members as usize && p.consistent;
+                p.time_ms = p
+                    .landed
+                    .iter()
+                    .map(|l| l.landed_at_ms)
+                    .collect::<Option<Vec<u64>>>()
+                    .and_then(|t| t.into_iter().max());
                 p
             })
             .collect())
@@ -258,6 +282,7 @@ impl ReplicaIndex for Store {
             }
             let mut t = tx.open_table(TAGS).map_err(e)?;
             let mut inconsistent = tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
+            let mut times = tx.open_table(TAG_TIMES).map_err(e)?;
             for tag in tags {
                 let key = stream_key(&tag.stream);
                 let tag_key = (tag.group.as_str(), tag.id, key.as_str());
@@ -270,6 +295,9 @@ impl ReplicaIndex for Store {
                     inconsistent.remove(tag_key).map_err(e)?;
                 } else {
                     inconsistent.insert(tag_key, ()).map_err(e)?;
+                }
+                if times.get(tag_key).map_err(e)?.is_none() {
+                    times.insert(tag_key, tag.landed_at_ms).map_err(e)?;
                 }
             }
         }
@@ -343,5 +371,57 @@ impl ReplicaIndex for MemIndex {
             s.tags.insert(key, t.clone());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn landing(disk: u32, members: u32, at: u64) -> TagLanding {
+        TagLanding {
+            group: "g".into(),
+            id: 7,
+            stream: StreamId {
+                vm: "vm1".into(),
+                disk,
+            },
+            seq: 10,
+            kind: TagKind::App,
+            members,
+            journal_end: 100,
+            consistent: true,
+            landed_at_ms: at,
+        }
+    }
+
+    /// A point's time is when its last landing became durable; recovery indexing a tag
+    /// again (after a crash) does not move it.
+    #[test]
+    fn a_point_keeps_the_time_it_landed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = landing(0, 2, 1_000);
+        store
+            .commit(&t0.stream, None, std::slice::from_ref(&t0))
+            .unwrap();
+        let p = &store.recovery_points().unwrap()[0];
+        assert!(!p.complete);
+        assert_eq!(p.time_ms, Some(1_000));
+        let t1 = landing(1, 2, 1_250);
+        store
+            .commit(&t1.stream, None, std::slice::from_ref(&t1))
+            .unwrap();
+        // Re-indexed by recovery, later.
+        store
+            .commit(&t0.stream, None, &[landing(0, 2, 9_000)])
+            .unwrap();
+        let p = &store.recovery_points().unwrap()[0];
+        assert!(p.complete);
+        assert_eq!(p.kind, "app");
+        assert_eq!(p.time_ms, Some(1_250));
+        let times: Vec<Option<u64>> = p.landed.iter().map(|l| l.landed_at_ms).collect();
+        assert_eq!(times, vec![Some(1_000), Some(1_250)]);
     }
 }

@@ -38,7 +38,10 @@ fn points_of_an_empty_data_directory() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"version":1,"groups":[],"vms":[]}"#
+    );
 }
 
 #[test]

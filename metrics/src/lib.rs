@@ -59,6 +59,23 @@ impl StreamErrors {
     }
 }
 
+/// Tells systemd (`Type=notify`, when `NOTIFY_SOCKET` is set) the daemon's readiness as
+/// `/readyz` answers it, checked every second: `READY=1` once ready, `STATUS=` with the
+/// reason whenever it changes ([`fbr_daemon::systemd::follow_readiness`]).
+pub fn spawn_systemd_readiness(
+    endpoints: std::sync::Arc<dyn Endpoints>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let notifier = fbr_daemon::systemd::Notifier::from_env()?;
+    Ok(tokio::spawn(fbr_daemon::systemd::follow_readiness(
+        notifier,
+        std::time::Duration::from_secs(1),
+        move || {
+            let probe = endpoints.readiness();
+            (probe.ok, probe.body)
+        },
+    )))
+}
+
 /// Encodes everything in `registry` in the Prometheus text format.
 pub fn encode(registry: &prometheus::Registry) -> Result<String, String> {
     use prometheus::Encoder;

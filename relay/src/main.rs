@@ -419,12 +419,13 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
                 .with_context(|| format!("control_socket {path}"))?,
         ),
     };
+    let endpoints = observe::RelayEndpoints::new(relay.clone());
     let metrics = match settings.metrics_addr()? {
         Some(addr) => Some(
             fbr_metrics::start(
                 addr,
                 settings.metrics_port_file.as_deref(),
-                observe::RelayEndpoints::new(relay.clone()),
+                endpoints.clone(),
             )
             .await
             .map_err(anyhow::Error::msg)?,
@@ -438,8 +439,12 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     }
     tracing::info!(listen = %local, %master_target, "relay listening");
     let server = tokio::spawn(relay.clone().serve(agents.clone()));
+    let notify = fbr_metrics::spawn_systemd_readiness(endpoints)
+        .context("NOTIFY_SOCKET (systemd notification)")?;
     fbr_daemon::shutdown_signal().await;
     tracing::info!("shutting down");
+    notify.abort();
+    let _ = fbr_daemon::systemd::Notifier::from_env().and_then(|n| n.notify("STOPPING=1"));
     agents.close(0u32.into(), b"relay shutting down");
     upstream_endpoint.close(0u32.into(), b"relay shutting down");
     server.abort();

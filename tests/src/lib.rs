@@ -46,6 +46,7 @@ pub fn start_site_with(vms: &[&str], cache_capacity: u64, cache_segment_mib: u64
 pub fn agent_options(site: &Site, duration: Duration, tag_interval: Duration) -> AgentOptions {
     AgentOptions {
         app_tag_every: 4,
+        log_tags: None,
         reconnect_timeout: Duration::from_secs(60),
         ..site
             .agent_options(duration, tag_interval)

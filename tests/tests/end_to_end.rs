@@ -38,11 +38,18 @@ async fn three_vms_every_profile_byte_exact_at_every_recovery_point() {
 async fn replayed_write_log_is_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("capture.fbrwlog");
-    writelog::generate_log(&log, 2, 2, 8 << 20, None, Content::Mixed, 5, 600).unwrap();
-    let disks = writelog::scan_disks(&log).unwrap();
-    assert_eq!(disks.len(), 4);
+    // A capture with its own consistency points: a TAG every 50 changes, every third
+    // app-consistent.
+    let tags = writelog::GeneratedTags {
+        every: 50,
+        app_every: 3,
+    };
+    writelog::generate_log(&log, 2, 2, 8 << 20, None, Content::Mixed, 5, 600, tags).unwrap();
+    let summary = writelog::scan_log(&log).unwrap();
+    assert_eq!((summary.disks.len(), summary.tags.len()), (4, 12));
     let mut site = start_site(&["vm1", "vm2"]);
-    let plans = disks
+    let plans = summary
+        .disks
         .into_iter()
         .map(|(index, id, size)| fbr_churn::agent::DiskPlan {
             id,
@@ -57,7 +64,30 @@ async fn replayed_write_log_is_byte_exact() {
         .collect();
     let mut opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(50));
     opts.duration = None; // until the log is exhausted
+    opts.log_tags = Some(summary.tags);
     let report = churn(opts, plans, 0).await;
+    for d in &report.manifest.disks {
+        // The log's 12 tags where it has them (each disk has 150 changes, a tag after
+        // every 50 of all: one after every 12.5 of its own), then the final one.
+        let ids: Vec<u64> = d.tags.iter().map(|t| t.id).collect();
+        assert_eq!(ids, (1..=13).collect::<Vec<_>>(), "{}/{}", d.vm, d.disk);
+        let apps: Vec<u64> = d.tags.iter().filter(|t| t.app).map(|t| t.id).collect();
+        assert_eq!(apps, vec![3, 6, 9, 12], "{}/{}", d.vm, d.disk);
+        assert_eq!(d.tags[2].name.as_deref(), Some("app-3"));
+        // Tag n comes after exactly the disk's changes among the log's first 50·n.
+        let index = (d.vm.trim_start_matches("vm").parse::<u64>().unwrap() - 1) * 2 + d.disk as u64;
+        for (n, t) in d.tags.iter().take(12).enumerate() {
+            let before = (0..50 * (n as u64 + 1)).filter(|i| i % 4 == index).count() as u64;
+            assert_eq!(
+                t.seq,
+                before + n as u64 + 1,
+                "tag {} of {}/{}",
+                t.id,
+                d.vm,
+                d.disk
+            );
+        }
+    }
     let total: u64 = report
         .manifest
         .disks
@@ -66,7 +96,50 @@ async fn replayed_write_log_is_byte_exact() {
         .sum();
     assert_eq!(total, 600, "every logged change was sent");
     let v = tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
-    assert!(v.recovery_points_verified >= 1);
+    assert!(
+        v.recovery_points_verified >= 13,
+        "{} recovery points verified",
+        v.recovery_points_verified
+    );
+    // The operator's listing: the 13 points, app-consistent where the log said, common
+    // to the group's 4 disks, with times in order, and the window they span.
+    let out = std::process::Command::new(fbr_churn::harness::bin_path("master-target").unwrap())
+        .args(["points", "--json", "--data"])
+        .arg(&site.mt_data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let group = &listing["groups"][0];
+    assert_eq!(group["group"], "replay");
+    let points = group["points"].as_array().unwrap();
+    assert_eq!(points.len(), 13);
+    assert!(points
+        .iter()
+        .all(|p| p["common"] == true && p["complete"] == true));
+    let apps: Vec<u64> = points
+        .iter()
+        .filter(|p| p["kind"] == "app")
+        .map(|p| p["tag_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(apps, vec![3, 6, 9, 12]);
+    let times: Vec<u64> = points
+        .iter()
+        .map(|p| p["time_ms"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    let window = &group["window"];
+    assert_eq!(window["recovery_points"], 13);
+    assert_eq!(
+        (window["oldest_tag"].as_u64(), window["newest_tag"].as_u64()),
+        (Some(1), Some(13))
+    );
+    assert_eq!(window["newest_time_ms"].as_u64(), times.last().copied());
+    assert_eq!(listing["vms"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
