@@ -94,6 +94,12 @@ pub async fn follow_readiness(
     let mut warned = false;
     loop {
         let (ok, reason) = readiness();
+        // The reason says what it is; the state is said first once, plainly.
+        let reason = reason
+            .trim_start()
+            .trim_start_matches("ready:")
+            .trim_start_matches("not ready:")
+            .trim_start();
         let status = status_line(&if ok {
             format!("ready: {reason}")
         } else {
