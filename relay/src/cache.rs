@@ -5,8 +5,9 @@
 //! whatever the load), then publishes each stream's new durable sequence number on its
 //! `durable` watch channel, which ingest turns into acks to the agent.
 //!
-//! When the cache is full the writer commits what it has and waits until trimming frees
-//! space. Ingest meanwhile waits on a byte budget for queued appends, stops reading its
+//! When the cache is full (its configured capacity, or its filesystem short of room for
+//! the next batch and a 4 MiB reserve) the writer commits what it has and waits until
+//! trimming frees space. Ingest meanwhile waits on a byte budget for queued appends, stops reading its
 //! QUIC stream, and the agent, whose records go unacknowledged, runs out of credit:
 //! backpressure, and nothing is dropped.
 //!
@@ -62,6 +63,17 @@ struct AppendRequest {
     disk_size: u64,
     record: Record,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Room the writer leaves free on the cache's filesystem, whatever the configured
+/// capacity: segment footers and the seal of a segment are written after its records.
+const DISK_RESERVE_BYTES: u64 = 4 << 20;
+
+/// The cache filesystem's space (see [`RelayCache::disk_space`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub available_bytes: u64,
+    pub size_bytes: u64,
 }
 
 /// The cache shared by the relay's tasks.
@@ -126,6 +138,16 @@ impl RelayCache {
             .name("cache-writer".into())
             .spawn(move || writer.run_writer(rx))?;
         Ok((cache, report))
+    }
+
+    /// What the cache's filesystem still offers this relay (`statvfs`: blocks available
+    /// to unprivileged users), and its whole size, in bytes; `None` if it cannot say.
+    pub fn disk_space(&self) -> Option<DiskSpace> {
+        let s = rustix::fs::fstatvfs(&self._lock).ok()?;
+        Some(DiskSpace {
+            available_bytes: s.f_bavail.saturating_mul(s.f_frsize),
+            size_bytes: s.f_blocks.saturating_mul(s.f_frsize),
+        })
     }
 
     fn lock_log(&self) -> std::sync::MutexGuard<'_, SegmentLog<FileStorage>> {
@@ -293,7 +315,23 @@ impl RelayCache {
                 }
             }
             let mut in_batch: Vec<StreamId> = Vec::new();
+            // Appended and not yet written by a commit.
+            let mut uncommitted = 0u64;
             for req in batch {
+                // The disk may hold less than the configured capacity (or be shared):
+                // never buffer what it has no room for. Commit what we have, then wait,
+                // as when full, until trimming frees room.
+                let len = req.record.encoded_len() as u64;
+                while !self.disk_has_room(uncommitted + len) {
+                    self.full.store(true, Ordering::SeqCst);
+                    if uncommitted > 0 {
+                        self.commit(&mut in_batch);
+                        uncommitted = 0;
+                    } else if !self.wait_for_space() {
+                        return;
+                    }
+                }
+                uncommitted += len;
                 loop {
                     let result =
                         self.lock_log()
@@ -315,6 +353,7 @@ impl RelayCache {
                             // Commit what we have, then wait for the forwarders to free space.
                             self.full.store(true, Ordering::SeqCst);
                             self.commit(&mut in_batch);
+                            uncommitted = 0;
                             if !self.wait_for_space() {
                                 return;
                             }
@@ -361,6 +400,12 @@ impl RelayCache {
 
     fn break_stream(&self, stream: &StreamId) {
         self.watch(stream).broken.send_modify(|g| *g += 1);
+    }
+
+    /// Whether the cache's filesystem has room for `bytes` more and the reserve.
+    fn disk_has_room(&self, bytes: u64) -> bool {
+        self.disk_space()
+            .is_none_or(|d| d.available_bytes >= bytes.saturating_add(DISK_RESERVE_BYTES))
     }
 
     /// Waits until trimming frees space; `false` on shutdown.

@@ -7,10 +7,14 @@
 //!
 //! | condition          | warning                         | critical                         |
 //! |--------------------|---------------------------------|----------------------------------|
-//! | `cache_free_space` | free < 30% of capacity          | free < 25%                       |
+//! | `cache_free_space` | free < 30% of capacity*         | free < 25%                       |
 //! | `backlog_age`      | oldest cached record > 30 min   | > 45 min                         |
 //! | `master_target`    | —                               | unreachable for > 30 s           |
 //! | `ingest_throttled` | some streams' ingest is paused  | —                                |
+//!
+//! \* The capacity that binds ([`Observation::effective_capacity_bytes`]): the configured
+//! one, or what the cache uses plus what its filesystem still has (`statvfs`), whichever
+//! is smaller. Free space is measured against it, by health and the governor alike.
 //!
 //! **Ingest throttling** ([`IngestGovernor`]) protects the cache from filling up. It
 //! engages when free space falls below 20% and then pauses ingest of the streams with the
@@ -134,22 +138,37 @@ pub struct StreamObservation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
     pub cache_used_bytes: u64,
+    /// The configured capacity.
     pub cache_capacity_bytes: u64,
+    /// What the cache's filesystem still has for it (`statvfs`), when known: the cache
+    /// can grow only by that much, whatever its configured capacity.
+    pub cache_disk_available_bytes: Option<u64>,
     pub streams: Vec<StreamObservation>,
     /// How long the master target has been unreachable, if it is.
     pub master_target_down_s: Option<u64>,
 }
 
 impl Observation {
-    /// Free space of the cache, in percent of its capacity.
+    /// The capacity that binds: the configured one, or what is used plus what the
+    /// filesystem still has, whichever is smaller (a capacity left at its default on a
+    /// smaller disk would otherwise look half empty until commits fail with ENOSPC).
+    pub fn effective_capacity_bytes(&self) -> u64 {
+        match self.cache_disk_available_bytes {
+            Some(available) => self
+                .cache_capacity_bytes
+                .min(self.cache_used_bytes.saturating_add(available)),
+            None => self.cache_capacity_bytes,
+        }
+    }
+
+    /// Free space of the cache, in percent of its effective capacity.
     pub fn cache_free_percent(&self) -> f64 {
-        if self.cache_capacity_bytes == 0 {
+        let capacity = self.effective_capacity_bytes();
+        if capacity == 0 {
             return 0.0;
         }
-        let free = self
-            .cache_capacity_bytes
-            .saturating_sub(self.cache_used_bytes);
-        100.0 * free as f64 / self.cache_capacity_bytes as f64
+        let free = capacity.saturating_sub(self.cache_used_bytes);
+        100.0 * free as f64 / capacity as f64
     }
 
     pub fn oldest_backlog_age_s(&self) -> Option<u64> {
@@ -210,10 +229,21 @@ pub fn evaluate(t: &HealthThresholds, obs: &Observation, throttled: usize) -> He
         conditions.push(Condition {
             name: "cache_free_space",
             severity,
-            reason: format!(
-                "cache {:.1}% free ({} of {} bytes used)",
-                free, obs.cache_used_bytes, obs.cache_capacity_bytes
-            ),
+            reason: if obs.effective_capacity_bytes() < obs.cache_capacity_bytes {
+                format!(
+                    "cache {:.1}% free ({} of {} bytes used: the cache disk has room for only \
+                     that much, less than the configured capacity of {} bytes)",
+                    free,
+                    obs.cache_used_bytes,
+                    obs.effective_capacity_bytes(),
+                    obs.cache_capacity_bytes
+                )
+            } else {
+                format!(
+                    "cache {:.1}% free ({} of {} bytes used)",
+                    free, obs.cache_used_bytes, obs.cache_capacity_bytes
+                )
+            },
         });
     }
     if let Some(age) = obs.oldest_backlog_age_s() {
@@ -330,9 +360,37 @@ mod tests {
         Observation {
             cache_used_bytes: used_percent * 1000,
             cache_capacity_bytes: 100_000,
+            cache_disk_available_bytes: None,
             streams,
             master_target_down_s: None,
         }
+    }
+
+    /// A capacity left at 8 GiB on a 96 MiB disk: free space is what the disk has, so
+    /// health turns critical and ingest is throttled before commits would fail.
+    #[test]
+    fn a_disk_smaller_than_the_capacity_binds() {
+        const MIB: u64 = 1 << 20;
+        let t = HealthThresholds::default();
+        let mut o = obs(0, vec![stream(1, 80 * MIB), stream(2, 1)]);
+        o.cache_capacity_bytes = 8 << 30;
+        o.cache_used_bytes = 80 * MIB;
+        o.cache_disk_available_bytes = Some(16 * MIB);
+        assert_eq!(o.effective_capacity_bytes(), 96 * MIB);
+        assert!((o.cache_free_percent() - 100.0 / 6.0).abs() < 1e-9);
+        let report = evaluate(&t, &o, 0);
+        assert_eq!(report.state, Severity::Critical);
+        let reason = &report.conditions[0].reason;
+        assert!(
+            reason.contains("the cache disk has room for only"),
+            "{reason}"
+        );
+        let throttled = IngestGovernor::default().update(&t, &o);
+        assert!(throttled.contains(&stream(1, 0).id), "{throttled:?}");
+        // A roomy disk changes nothing: the configured capacity binds.
+        o.cache_disk_available_bytes = Some(100 << 30);
+        assert!(o.cache_free_percent() > 98.0);
+        assert_eq!(evaluate(&t, &o, 0).state, Severity::Healthy);
     }
 
     #[test]

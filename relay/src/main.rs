@@ -246,7 +246,15 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             fbr_daemon::run_daemon("relay", args.settings(), cli.log_json, |s| s.log_json, run)
         }
-        Command::CheckConfig(args) => fbr_daemon::report_check("relay", args.settings()),
+        Command::CheckConfig(args) => {
+            let settings = args.settings();
+            if let Ok(s) = &settings {
+                if let Some(warning) = cache_disk_warning(&s.cache.dir, s.cache.capacity.0) {
+                    eprintln!("relay: warning: {warning}");
+                }
+            }
+            fbr_daemon::report_check("relay", settings)
+        }
         Command::BenchCache { dir, quick, json } => {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("fbr-bench-cache-{}", std::process::id()))
@@ -368,6 +376,9 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         .master_target
         .address
         .context("master_target.address is not set")?;
+    if let Some(warning) = cache_disk_warning(&settings.cache.dir, settings.cache.capacity.0) {
+        tracing::warn!("{warning}");
+    }
     let (cache, report) = RelayCache::open(&settings.cache.dir, cache_config)?;
     tracing::info!(
         segments = report.segments,
@@ -464,4 +475,22 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         "final counters"
     );
     Ok(())
+}
+
+/// A warning when the configured cache capacity exceeds the filesystem that holds (or
+/// will hold) the cache directory: the cache could never grow that far, and health
+/// measures free space against the disk instead (docs/CONFIGURATION.md).
+fn cache_disk_warning(dir: &std::path::Path, capacity: u64) -> Option<String> {
+    // The directory may not exist yet: its nearest existing ancestor is on the same disk
+    // unless a mount comes in between, which creating the directory would not change.
+    let existing = dir.ancestors().find(|a| a.exists())?;
+    let s = rustix::fs::statvfs(existing).ok()?;
+    let size = s.f_blocks.saturating_mul(s.f_frsize);
+    (capacity > size).then(|| {
+        format!(
+            "cache.capacity is {capacity} bytes, but the filesystem of {} holds only {size}: \
+             the cache can never be that large; free space is measured against the disk",
+            dir.display()
+        )
+    })
 }

@@ -43,6 +43,7 @@ pub fn observe(relay: &Relay) -> Observation {
     Observation {
         cache_used_bytes: cache.used_bytes(),
         cache_capacity_bytes: cache.capacity_bytes(),
+        cache_disk_available_bytes: cache.disk_space().map(|d| d.available_bytes),
         streams,
         master_target_down_s: link.down_for.map(|d| d.as_secs()),
     }

@@ -216,3 +216,115 @@ async fn cache_pressure_throttles_the_largest_backlogs_then_releases_losing_noth
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
 }
+
+/// A mounted tmpfs, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Result<Self, String> {
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(Tmpfs(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: on a failed test the relay may still hold it open.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The capacity left at 8 GiB on a 24 MiB cache disk: health measures free space against
+/// the disk, so it turns critical with that reason and ingest is throttled before
+/// commits fail; no stream is closed for an I/O error, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_disk_smaller_than_the_capacity_is_what_health_measures() {
+    let mut site = Site::create(
+        None,
+        SiteOptions {
+            agent_vms: vec!["vm1".into(), "vm2".into()],
+            cache_capacity: 8 << 30,
+            cache_segment_mib: 1,
+            mt_credit_mib: 8,
+            max_udp_payload: 1452,
+            relay_args: vec!["--health-interval-ms".into(), "100".into()],
+            mt_args: vec![],
+        },
+    )
+    .unwrap();
+    let _disk = match Tmpfs::mount(&site.cache_dir, "24m") {
+        Ok(disk) => disk,
+        Err(e) => {
+            eprintln!("skipped: this test mounts a 24 MiB tmpfs as the cache disk and cannot here (it needs root): {e}");
+            return;
+        }
+    };
+    let check = std::process::Command::new(fbr_churn::harness::bin_path("relay").unwrap())
+        .args([
+            "check-config",
+            "--master-target",
+            "127.0.0.1:9",
+            "--cache-dir",
+        ])
+        .arg(&site.cache_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        check.status.success() && stderr.contains("the cache can never be that large"),
+        "{stderr}"
+    );
+    site.start_master_target().unwrap();
+    site.start_relay().unwrap();
+    let opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(200));
+    let handle =
+        fbr_churn::agent::start(opts, plans(2, 2, 16 << 20, Content::Mixed, 63), 63).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| site.stop_master_target(false).unwrap());
+
+    let text = tokio::task::block_in_place(|| {
+        wait_for_metrics(&site, "ingest throttling", |t| {
+            sample(t, "fbr_relay_ingest_throttled_streams").unwrap_or(0.0) >= 1.0
+        })
+    });
+    assert_eq!(sample(&text, "fbr_relay_health_state"), Some(2.0), "{text}");
+    let (status, body) =
+        tokio::task::block_in_place(|| http_get(site.relay_metrics_addr().unwrap(), "/readyz"));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the cache disk has room for only"), "{body}");
+    assert_eq!(
+        sample(&text, "fbr_relay_stream_errors_total{code=\"internal\"}"),
+        Some(0.0),
+        "no commit failed: {text}"
+    );
+
+    tokio::task::block_in_place(|| site.start_master_target().unwrap());
+    tokio::task::block_in_place(|| {
+        wait_for_metrics(&site, "release", |t| {
+            sample(t, "fbr_relay_ingest_throttled_streams") == Some(0.0)
+                && sample(t, "fbr_relay_health_state") == Some(0.0)
+        })
+    });
+    handle.request_stop();
+    let report = handle.finish().await.unwrap();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let text =
+        tokio::task::block_in_place(|| http_get(site.relay_metrics_addr().unwrap(), "/metrics").1);
+    assert_eq!(
+        sample(&text, "fbr_relay_stream_errors_total{code=\"internal\"}"),
+        Some(0.0),
+        "no commit failed: {text}"
+    );
+    tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
+}
