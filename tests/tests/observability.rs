@@ -151,11 +151,10 @@ fn wait_for_metrics(site: &Site, what: &str, done: impl Fn(&str) -> bool) -> Str
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cache_pressure_throttles_the_largest_backlogs_then_releases_losing_nothing() {
-    // 16 MiB of cache in 1 MiB segments; health evaluated every 100 ms.
-    let capacity: u64 = 16 << 20;
-    let mut site = Site::create(
+/// A site (not started) for cache pressure: two VMs, a relay cache of `capacity` bytes
+/// in 1 MiB segments, health evaluated every 100 ms.
+fn pressure_site(capacity: u64) -> Site {
+    Site::create(
         None,
         SiteOptions {
             agent_vms: vec!["vm1".into(), "vm2".into()],
@@ -167,7 +166,14 @@ async fn cache_pressure_throttles_the_largest_backlogs_then_releases_losing_noth
             mt_args: vec![],
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_pressure_throttles_the_largest_backlogs_then_releases_losing_nothing() {
+    // 16 MiB of cache in 1 MiB segments; health evaluated every 100 ms.
+    let capacity: u64 = 16 << 20;
+    let mut site = pressure_site(capacity);
     site.start_master_target().unwrap();
     site.start_relay().unwrap();
     let opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(200));
@@ -250,19 +256,7 @@ impl Drop for Tmpfs {
 /// commits fail; no stream is closed for an I/O error, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_disk_smaller_than_the_capacity_is_what_health_measures() {
-    let mut site = Site::create(
-        None,
-        SiteOptions {
-            agent_vms: vec!["vm1".into(), "vm2".into()],
-            cache_capacity: 8 << 30,
-            cache_segment_mib: 1,
-            mt_credit_mib: 8,
-            max_udp_payload: 1452,
-            relay_args: vec!["--health-interval-ms".into(), "100".into()],
-            mt_args: vec![],
-        },
-    )
-    .unwrap();
+    let mut site = pressure_site(8 << 30);
     let _disk = match Tmpfs::mount(&site.cache_dir, "24m") {
         Ok(disk) => disk,
         Err(e) => {
