@@ -169,26 +169,55 @@ fn pressure_site(capacity: u64) -> Site {
     .unwrap()
 }
 
+/// Starts the site and churns 2 VMs x 2 disks (seed `seed`), then stops the master
+/// target so the backlog builds up, until the relay throttles ingest. Returns the run
+/// and the metrics scraped then.
+async fn churn_until_throttled(
+    site: &mut Site,
+    seed: u64,
+) -> (fbr_churn::agent::RunHandle, String) {
+    site.start_master_target().unwrap();
+    site.start_relay().unwrap();
+    let opts = agent_options(site, Duration::from_secs(60), Duration::from_millis(200));
+    let handle =
+        fbr_churn::agent::start(opts, plans(2, 2, 16 << 20, Content::Mixed, seed), seed).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| site.stop_master_target(false).unwrap());
+    let text = tokio::task::block_in_place(|| {
+        wait_for_metrics(site, "ingest throttling", |t| {
+            sample(t, "fbr_relay_ingest_throttled_streams").unwrap_or(0.0) >= 1.0
+        })
+    });
+    (handle, text)
+}
+
+/// The master target returns: waits until throttling lifts and health is back, then
+/// ends the run, which must have lost nothing.
+async fn release_and_finish(
+    site: &mut Site,
+    handle: fbr_churn::agent::RunHandle,
+) -> fbr_churn::agent::RunReport {
+    tokio::task::block_in_place(|| site.start_master_target().unwrap());
+    tokio::task::block_in_place(|| {
+        wait_for_metrics(site, "release", |t| {
+            sample(t, "fbr_relay_ingest_throttled_streams") == Some(0.0)
+                && sample(t, "fbr_relay_health_state") == Some(0.0)
+        })
+    });
+    handle.request_stop();
+    let report = handle.finish().await.unwrap();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    report
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_pressure_throttles_the_largest_backlogs_then_releases_losing_nothing() {
     // 16 MiB of cache in 1 MiB segments; health evaluated every 100 ms.
     let capacity: u64 = 16 << 20;
     let mut site = pressure_site(capacity);
-    site.start_master_target().unwrap();
-    site.start_relay().unwrap();
-    let opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(200));
-    let handle =
-        fbr_churn::agent::start(opts, plans(2, 2, 16 << 20, Content::Mixed, 62), 62).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    tokio::task::block_in_place(|| site.stop_master_target(false).unwrap());
-
     // The backlog grows until free space falls below 20%: ingest of the largest
     // backlogs pauses, health turns critical (below 25% free) and readiness fails.
-    let text = tokio::task::block_in_place(|| {
-        wait_for_metrics(&site, "ingest throttling", |t| {
-            sample(t, "fbr_relay_ingest_throttled_streams").unwrap_or(0.0) >= 1.0
-        })
-    });
+    let (handle, text) = churn_until_throttled(&mut site, 62).await;
     assert_eq!(sample(&text, "fbr_relay_health_state"), Some(2.0), "{text}");
     assert_eq!(
         sample(
@@ -210,16 +239,7 @@ async fn cache_pressure_throttles_the_largest_backlogs_then_releases_losing_noth
     // The master target returns: the backlog drains, throttling lifts, health recovers.
     // (The paused agents then send their credit at once, so with a cache this small it
     // may engage again; what matters is that it releases and nothing is lost.)
-    tokio::task::block_in_place(|| site.start_master_target().unwrap());
-    tokio::task::block_in_place(|| {
-        wait_for_metrics(&site, "release", |t| {
-            sample(t, "fbr_relay_ingest_throttled_streams") == Some(0.0)
-                && sample(t, "fbr_relay_health_state") == Some(0.0)
-        })
-    });
-    handle.request_stop();
-    let report = handle.finish().await.unwrap();
-    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let report = release_and_finish(&mut site, handle).await;
     tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
 }
 
@@ -279,19 +299,7 @@ async fn a_cache_disk_smaller_than_the_capacity_is_what_health_measures() {
         check.status.success() && stderr.contains("the cache can never be that large"),
         "{stderr}"
     );
-    site.start_master_target().unwrap();
-    site.start_relay().unwrap();
-    let opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(200));
-    let handle =
-        fbr_churn::agent::start(opts, plans(2, 2, 16 << 20, Content::Mixed, 63), 63).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    tokio::task::block_in_place(|| site.stop_master_target(false).unwrap());
-
-    let text = tokio::task::block_in_place(|| {
-        wait_for_metrics(&site, "ingest throttling", |t| {
-            sample(t, "fbr_relay_ingest_throttled_streams").unwrap_or(0.0) >= 1.0
-        })
-    });
+    let (handle, text) = churn_until_throttled(&mut site, 63).await;
     assert_eq!(sample(&text, "fbr_relay_health_state"), Some(2.0), "{text}");
     let (status, body) =
         tokio::task::block_in_place(|| http_get(site.relay_metrics_addr().unwrap(), "/readyz"));
@@ -303,16 +311,7 @@ async fn a_cache_disk_smaller_than_the_capacity_is_what_health_measures() {
         "no commit failed: {text}"
     );
 
-    tokio::task::block_in_place(|| site.start_master_target().unwrap());
-    tokio::task::block_in_place(|| {
-        wait_for_metrics(&site, "release", |t| {
-            sample(t, "fbr_relay_ingest_throttled_streams") == Some(0.0)
-                && sample(t, "fbr_relay_health_state") == Some(0.0)
-        })
-    });
-    handle.request_stop();
-    let report = handle.finish().await.unwrap();
-    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let report = release_and_finish(&mut site, handle).await;
     let text =
         tokio::task::block_in_place(|| http_get(site.relay_metrics_addr().unwrap(), "/metrics").1);
     assert_eq!(
