@@ -221,7 +221,8 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     notify.abort();
     let _ = fbr_daemon::systemd::Notifier::from_env().and_then(|n| n.notify("STOPPING=1"));
-    endpoint.close(quinn::VarInt::from_u32(0), b"master target shutting down");
+    // Relays hear at once that the master target stopped (and report it).
+    fbr_transport::quic::close_gracefully(&endpoint, b"master target shutting down").await;
     server.abort();
     if let Some(m) = metrics {
         m.abort();

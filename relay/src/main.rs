@@ -456,8 +456,11 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     notify.abort();
     let _ = fbr_daemon::systemd::Notifier::from_env().and_then(|n| n.notify("STOPPING=1"));
-    agents.close(0u32.into(), b"relay shutting down");
-    upstream_endpoint.close(0u32.into(), b"relay shutting down");
+    // Agents and the master target hear at once that the relay stopped.
+    tokio::join!(
+        fbr_transport::quic::close_gracefully(&agents, b"relay shutting down"),
+        fbr_transport::quic::close_gracefully(&upstream_endpoint, b"relay shutting down"),
+    );
     server.abort();
     health.abort();
     if let Some(c) = control {

@@ -252,3 +252,15 @@ pub fn any_addr_for(peer: SocketAddr) -> SocketAddr {
         "0.0.0.0:0".parse().expect("literal")
     }
 }
+
+/// How long a stopping daemon waits for its peers to hear that it closed.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Closes `endpoint` and waits (at most [`CLOSE_GRACE`]) until its peers have been told:
+/// without the wait the process may exit before the CONNECTION_CLOSE frames leave, and
+/// each peer would find out only by its idle timeout (30 s), reporting the daemon as up
+/// all that time and reconnecting late. A stopped daemon is seen as gone at once.
+pub async fn close_gracefully(endpoint: &Endpoint, reason: &'static [u8]) {
+    endpoint.close(VarInt::from_u32(0), reason);
+    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+}
