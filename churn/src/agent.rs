@@ -378,6 +378,11 @@ impl DiskRuntime {
             g.resync_busy = true;
             g.resync_open = false;
             g.resync_epoch += 1;
+            // Nothing is drawn and no tag is cut until the resync's begin mark is
+            // numbered (or it is decided there is none): a tag before the mark would be
+            // a recovery point at the master target, which does not yet know the
+            // replica is behind.
+            self.ready.send_replace(false);
             g.resync_epoch
         };
         let t = tokio::spawn(resync::drive(self.clone(), plan, epoch));
@@ -393,6 +398,14 @@ impl DiskRuntime {
     fn renumber(&self, next_seq: u64) {
         let mut g = self.lock_gen();
         g.next_seq = next_seq;
+        // The replica lacks what the lost records carried: from here until the resync
+        // that repairs it has numbered its begin mark, nothing is drawn and no tag is
+        // cut (a tag now would be a recovery point at the master target that differs
+        // from the source). A disk without a file cannot resync: its tags are no
+        // recovery point and it goes on.
+        if g.disk.is_some() {
+            self.ready.send_replace(false);
+        }
         // A resync running now lost its records too: it must not number more.
         g.resync_epoch += 1;
         g.resync_open = false;
@@ -802,7 +815,11 @@ async fn run(
             _ = ticker.tick() => {
                 tag_id += 1;
                 for (group, members) in &groups {
-                    cut(group, members, tag_id, opts.app_tag_every, &stats);
+                    // A disk waiting for its resync's begin mark holds the group's tags
+                    // back (they would be recovery points the replica does not match).
+                    if members.iter().all(|d| *d.ready.borrow()) {
+                        cut(group, members, tag_id, opts.app_tag_every, &stats);
+                    }
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -1066,9 +1083,12 @@ async fn session(
             }
         }
     };
-    if let Some(mode) = resync_asked {
+    match resync_asked {
         // After a renumbering, a resync in progress lost its records: start over.
-        disk.start_resync(mode.into(), renumbered);
+        Some(mode) => disk.start_resync(mode.into(), renumbered),
+        // Lost records always need a resync, even from a relay that did not ask.
+        None if renumbered => disk.start_resync(ResyncPlan::Delta, true),
+        None => {}
     }
     let mut window_rx = disk.window_changed.subscribe();
 
