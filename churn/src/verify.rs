@@ -142,6 +142,13 @@ struct DiskOutcome {
 /// Verifies the run described by `manifest` against the master target data directory.
 pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, String> {
     let store = Store::open(mt_data).map_err(|e| e.to_string())?;
+    let pending = store.pending_rollbacks().map_err(|e| e.to_string())?;
+    if let Some((id, _)) = pending.first() {
+        return Err(format!(
+            "a rollback of {id} was interrupted: run `master-target points --data {}` (or start the master target) to complete it first",
+            mt_data.display()
+        ));
+    }
     let points = store.recovery_points().map_err(|e| e.to_string())?;
     drop(store);
     let pools = ContentPools::new(manifest.seed);

@@ -1,17 +1,23 @@
-//! Feeds arbitrary bytes to the journal entry decoder (what recovery reads after a
-//! crash or on a damaged disk): it must never panic, and whatever it accepts must
-//! re-encode to the same bytes.
+//! Feeds arbitrary bytes to the journal entry decoder (what recovery and a rollback read
+//! after a crash or on a damaged disk), records and before-images alike: it must never
+//! panic, and whatever it accepts must re-encode to the same bytes.
 #![no_main]
 
 use bytes::BytesMut;
-use fbr_master_target::journal::{decode_entry, encode_entry};
+use fbr_master_target::journal::{decode_any_entry, encode_entry, encode_undo, Before, JournalEntry};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut at = 0;
-    while let Ok(Some((record, used))) = decode_entry(&data[at..], at as u64) {
+    while let Ok(Some((entry, used))) = decode_any_entry(&data[at..], at as u64) {
         let mut again = BytesMut::new();
-        encode_entry(&record, &mut again);
+        match &entry {
+            JournalEntry::Record(record) => encode_entry(record, &mut again),
+            JournalEntry::Undo(u) => match &u.before {
+                Before::Data(d) => encode_undo(u.seq, u.offset, d.len() as u64, Some(d), &mut again),
+                Before::Zeros(n) => encode_undo(u.seq, u.offset, *n, None, &mut again),
+            },
+        }
         assert_eq!(&again[..], &data[at..at + used]);
         at += used;
     }

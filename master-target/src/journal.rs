@@ -6,22 +6,33 @@
 //! last checkpoint. Because it keeps every record, any recovery point can be
 //! materialised by replaying it up to that point ([`replay`]).
 //!
-//! ## Format (version 1, little-endian; `docs/JOURNAL-FORMAT.md` has the byte tables)
+//! ## Format (version 2, little-endian; `docs/JOURNAL-FORMAT.md` has the byte tables)
 //!
 //! ```text
 //! file   = header entry*
-//! header = magic "FBRJOURN" (8) | version u32 = 1 | reserved u32 = 0        (16 bytes)
+//! header = magic "FBRJOURN" (8) | version u32 = 2 | reserved u32 = 0        (16 bytes)
 //! entry  = frame_len u32 | crc32c(frame) u32 | frame (frame_len bytes)
+//! frame  = record frame | undo frame
+//! undo   = "UN" | kind u8 | 0 u8 | 0 u32 | seq u64 | offset u64 | len u64 | data
 //! ```
 //!
-//! `frame` is the record's wire encoding (`fbr_protocol`), header included, so the
-//! journal needs no second record format. Do not change this layout without bumping
-//! [`JOURNAL_VERSION`]; `tests/golden.rs` pins it.
+//! A record frame is the record's wire encoding (`fbr_protocol`), header included, so
+//! the journal needs no second record format. An undo frame (version 2) holds a
+//! *before-image*: what the image held at `offset..offset + len` just before record
+//! `seq` changed it, as bytes (`kind` 1) or as zeros (`kind` 2, no data). Every `Write`
+//! and `Zero` record journaled by version 2 is preceded by the undo entries that cover
+//! its range, in offset order, so the image can be rolled back in place from its
+//! newest state to any point, newest record first, in time proportional to what
+//! changed since ([`crate::rollback`]). Version 1 files (no undo entries) still read;
+//! opening one for writing upgrades its header to 2. Do not change this layout without
+//! bumping [`JOURNAL_VERSION`]; `tests/golden.rs` pins it.
 //!
 //! ## Invariants
 //! - Entries hold `Write`, `Zero` and `Tag` records with strictly increasing sequence
 //!   numbers. They increase by one except where the relay coalesced records superseded
 //!   between two recovery points (docs/WAN.md); a `Tag` is never skipped.
+//! - An undo entry names the record that follows it (`seq`) and lies inside that
+//!   record's range; together, a record's undo entries cover its range exactly.
 //! - A reader stops at the first entry that is incomplete or fails its CRC and reports
 //!   its offset; the writer's owner truncates there (a torn tail from a crash).
 
@@ -29,7 +40,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use fbr_protocol::{
     decode_frame, encode_frame, Frame, Record, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
 };
@@ -38,7 +49,18 @@ use fbr_storage::DurableFile;
 /// First eight bytes of every journal file.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"FBRJOURN";
 /// The journal format version written by this code.
-pub const JOURNAL_VERSION: u32 = 1;
+pub const JOURNAL_VERSION: u32 = 2;
+/// The oldest version this code reads (version 1 has no undo entries).
+pub const OLDEST_JOURNAL_VERSION: u32 = 1;
+/// First two bytes of an undo entry's frame (a record frame starts with the wire
+/// protocol's magic instead).
+pub const UNDO_MAGIC: [u8; 2] = *b"UN";
+/// Bytes of an undo frame before its data.
+pub const UNDO_HEADER_LEN: usize = 32;
+/// Most bytes of before-image one undo entry carries (larger ranges take several).
+pub const MAX_UNDO_CHUNK: usize = 512 * 1024;
+const UNDO_KIND_DATA: u8 = 1;
+const UNDO_KIND_ZEROS: u8 = 2;
 /// Bytes before the first entry.
 pub const JOURNAL_HEADER_LEN: u64 = 16;
 /// Bytes of an entry before its frame.
@@ -63,6 +85,117 @@ pub fn encode_entry(record: &Record, out: &mut BytesMut) {
     let crc = crc32c::crc32c(frame);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What the image held before a record changed it (version 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndoEntry {
+    /// The record whose change this undoes (the next record in the journal).
+    pub seq: u64,
+    pub offset: u64,
+    pub before: Before,
+}
+
+/// A before-image's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Before {
+    Data(Bytes),
+    /// `len` zero bytes (a hole, or zeros written).
+    Zeros(u64),
+}
+
+impl UndoEntry {
+    /// Bytes of the image it covers.
+    pub fn len(&self) -> u64 {
+        match &self.before {
+            Before::Data(d) => d.len() as u64,
+            Before::Zeros(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Puts the before-image back into `sink`.
+    pub fn apply(&self, sink: &mut impl ImageSink) -> io::Result<()> {
+        match &self.before {
+            Before::Data(d) => sink.write_at(self.offset, d),
+            Before::Zeros(n) => sink.zero(self.offset, *n),
+        }
+    }
+}
+
+/// One entry of a journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalEntry {
+    Record(Record),
+    Undo(UndoEntry),
+}
+
+/// Appends one undo entry to `out`: `data` as the before-image of `offset..` for record
+/// `seq`, or `None` for `len` zeros. At most [`MAX_UNDO_CHUNK`] bytes.
+pub fn encode_undo(seq: u64, offset: u64, len: u64, data: Option<&[u8]>, out: &mut BytesMut) {
+    debug_assert!(len as usize <= MAX_UNDO_CHUNK);
+    debug_assert!(data.is_none_or(|d| d.len() as u64 == len));
+    let start = out.len();
+    out.put_u64_le(0); // frame_len and crc, patched below
+    out.put_slice(&UNDO_MAGIC);
+    out.put_u8(if data.is_some() {
+        UNDO_KIND_DATA
+    } else {
+        UNDO_KIND_ZEROS
+    });
+    out.put_u8(0);
+    out.put_u32_le(0);
+    out.put_u64_le(seq);
+    out.put_u64_le(offset);
+    out.put_u64_le(len);
+    if let Some(d) = data {
+        out.put_slice(d);
+    }
+    let frame = &out[start + ENTRY_HEADER_LEN..];
+    let frame_len = frame.len() as u32;
+    let crc = crc32c::crc32c(frame);
+    out[start..start + 4].copy_from_slice(&frame_len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn decode_undo(frame: &[u8], offset: u64) -> Result<UndoEntry, JournalDamage> {
+    let corrupt = |reason: String| JournalDamage::Corrupt { offset, reason };
+    if frame.len() < UNDO_HEADER_LEN {
+        return Err(corrupt(format!(
+            "undo entry of {} bytes is too short",
+            frame.len()
+        )));
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(frame[i..i + 8].try_into().expect("8 bytes"));
+    let (kind, seq, at, len) = (frame[2], u64_at(8), u64_at(16), u64_at(24));
+    if frame[3] != 0 || frame[4..8] != [0; 4] {
+        return Err(corrupt("undo entry: reserved bytes are not zero".into()));
+    }
+    if len == 0 || len as usize > MAX_UNDO_CHUNK || at.checked_add(len).is_none() {
+        return Err(corrupt(format!(
+            "undo entry: length {len} at {at} is out of range"
+        )));
+    }
+    let data = &frame[UNDO_HEADER_LEN..];
+    let before = match kind {
+        UNDO_KIND_DATA if data.len() as u64 == len => Before::Data(Bytes::copy_from_slice(data)),
+        UNDO_KIND_ZEROS if data.is_empty() => Before::Zeros(len),
+        UNDO_KIND_DATA | UNDO_KIND_ZEROS => {
+            return Err(corrupt(format!(
+                "undo entry: {} data bytes for kind {kind} of length {len}",
+                data.len()
+            )))
+        }
+        other => return Err(corrupt(format!("undo entry: unknown kind {other}"))),
+    };
+    Ok(UndoEntry {
+        seq,
+        offset: at,
+        before,
+    })
 }
 
 /// Why reading stopped before the end of the file.
@@ -95,11 +228,28 @@ pub enum JournalError {
     Version { file: String, version: u32 },
 }
 
-/// Decodes one entry from the front of `bytes`.
+/// Decodes one record entry from the front of `bytes` (an undo entry is damage here:
+/// see [`decode_any_entry`]).
 ///
 /// Returns the record and the entry's length, `Ok(None)` if `bytes` holds only part of an
 /// entry, or the damage found.
 pub fn decode_entry(bytes: &[u8], offset: u64) -> Result<Option<(Record, usize)>, JournalDamage> {
+    match decode_any_entry(bytes, offset)? {
+        None => Ok(None),
+        Some((JournalEntry::Record(r), used)) => Ok(Some((r, used))),
+        Some((JournalEntry::Undo(_), _)) => Err(JournalDamage::Corrupt {
+            offset,
+            reason: "an undo entry where a record was expected".into(),
+        }),
+    }
+}
+
+/// Decodes one entry, record or undo, from the front of `bytes`: the entry and its
+/// length, `Ok(None)` if `bytes` holds only part of an entry, or the damage found.
+pub fn decode_any_entry(
+    bytes: &[u8],
+    offset: u64,
+) -> Result<Option<(JournalEntry, usize)>, JournalDamage> {
     if bytes.len() < ENTRY_HEADER_LEN {
         return Ok(None);
     }
@@ -122,9 +272,16 @@ pub fn decode_entry(bytes: &[u8], offset: u64) -> Result<Option<(Record, usize)>
             reason: format!("CRC32C mismatch (stored {crc:#010x}, computed {actual:#010x})"),
         });
     }
+    let used = ENTRY_HEADER_LEN + len;
+    if frame[..2] == UNDO_MAGIC {
+        return Ok(Some((
+            JournalEntry::Undo(decode_undo(frame, offset)?),
+            used,
+        )));
+    }
     let mut buf = BytesMut::from(frame);
     match decode_frame(&mut buf) {
-        Ok(Some(Frame::Record(r))) if buf.is_empty() => Ok(Some((r, ENTRY_HEADER_LEN + len))),
+        Ok(Some(Frame::Record(r))) if buf.is_empty() => Ok(Some((JournalEntry::Record(r), used))),
         Ok(_) => Err(JournalDamage::Corrupt {
             offset,
             reason: "entry does not hold exactly one record frame".into(),
@@ -184,7 +341,7 @@ impl<F: DurableFile> JournalReader<F> {
             return Err(JournalError::BadMagic { file: name });
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-        if version != JOURNAL_VERSION {
+        if !(OLDEST_JOURNAL_VERSION..=JOURNAL_VERSION).contains(&version) {
             return Err(JournalError::Version {
                 file: name,
                 version,
@@ -224,9 +381,21 @@ impl<F: DurableFile> JournalReader<F> {
         Ok(self.buf.len())
     }
 
-    /// The next record and the offset just past it; `Ok(None)` at the end of the valid
-    /// entries (see [`Self::damage`] for why, if not a clean end).
+    /// The next record and the offset just past it, undo entries skipped; `Ok(None)` at
+    /// the end of the valid entries (see [`Self::damage`] for why, if not a clean end).
     pub fn next_record(&mut self) -> Result<Option<(Record, u64)>, JournalError> {
+        loop {
+            match self.next_entry()? {
+                Some((JournalEntry::Record(r), end)) => return Ok(Some((r, end))),
+                Some((JournalEntry::Undo(_), _)) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next entry, record or undo, and the offset just past it; `Ok(None)` at the
+    /// end of the valid entries.
+    pub fn next_entry(&mut self) -> Result<Option<(JournalEntry, u64)>, JournalError> {
         if self.damage.is_some() {
             return Ok(None);
         }
@@ -241,11 +410,11 @@ impl<F: DurableFile> JournalReader<F> {
                 self.fill(ENTRY_HEADER_LEN + len)?;
             }
         }
-        match decode_entry(&self.buf[self.pos..], self.offset) {
-            Ok(Some((record, used))) => {
+        match decode_any_entry(&self.buf[self.pos..], self.offset) {
+            Ok(Some((entry, used))) => {
                 self.pos += used;
                 self.offset += used as u64;
-                Ok(Some((record, self.offset)))
+                Ok(Some((entry, self.offset)))
             }
             Ok(None) => {
                 self.damage = Some(JournalDamage::Incomplete {
@@ -280,6 +449,17 @@ impl<F: DurableFile> JournalReader<F> {
 pub trait ImageSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// The image range `record` changes, if any: `(offset, len)`.
+pub fn record_range(record: &Record) -> Option<(u64, u64)> {
+    match record {
+        Record::Write { offset, data, .. } if !data.is_empty() => {
+            Some((*offset, data.len() as u64))
+        }
+        Record::Zero { offset, len, .. } if *len > 0 => Some((*offset, *len)),
+        _ => None,
+    }
 }
 
 /// Applies one record to `sink` (tags change nothing).

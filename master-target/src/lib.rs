@@ -23,12 +23,15 @@
 //! - [`content`]: which blocks the master target holds, for the relay's dedup.
 //! - [`points`]: the recovery points an operator can fail back to, per group and VM,
 //!   and the window they span (`master-target points`).
+//! - [`rollback`]: rolling a replica back in place to an earlier point from the
+//!   journal's before-images, crash-safe (`master-target rollback`).
 //!
 //! ## Data directory
 //! ```text
 //! <data>/index.redb                         checkpoints and tags (exclusively locked)
 //! <data>/disks/<vm>/disk<N>/image.raw       the replica, sparse, latest state
-//! <data>/disks/<vm>/disk<N>/journal.fbrj    every record applied, in order
+//! <data>/disks/<vm>/disk<N>/journal.fbrj    every record applied, in order, each
+//!                                           change after its before-image
 //! ```
 //!
 //! ## Invariants
@@ -47,6 +50,7 @@ pub mod hashes;
 pub mod journal;
 pub mod points;
 pub mod replica;
+pub mod rollback;
 pub mod seed;
 pub mod settings;
 pub mod store;

@@ -61,6 +61,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Roll every disk of a replication group back in place to one of its recovery
+    /// points (daemon stopped): the failover to an older point. Costs time in proportion
+    /// to what changed since the point; the points after it are gone. Crash-safe: an
+    /// interrupted rollback completes at the next start or command.
+    Rollback {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        group: String,
+        /// The recovery point's tag id (`master-target points`).
+        #[arg(long)]
+        tag: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the image of one disk at one recovery point to a file (daemon stopped).
     Materialize {
         #[arg(long)]
@@ -158,6 +173,12 @@ fn main() -> ExitCode {
             image,
             json,
         } => report(seed_disk(&data, &StreamId { vm, disk }, &image, json)),
+        Command::Rollback {
+            data,
+            group,
+            tag,
+            json,
+        } => report(rollback(&data, &group, tag, json)),
         Command::Materialize {
             data,
             group,
@@ -183,6 +204,10 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     let data = &settings.data_dir;
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let store = Store::open(data)?;
+    // A rollback a crash interrupted is finished before any relay is served.
+    for id in fbr_master_target::rollback::complete_pending(data, &store)? {
+        tracing::warn!(disk = %id, "completed an interrupted rollback");
+    }
     let creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
     let tuning = QuicTuning {
         max_udp_payload: settings.max_udp_payload,
@@ -267,6 +292,7 @@ impl fbr_metrics::Endpoints for Endpoints {
 
 fn points(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let store = Store::open(data)?;
+    fbr_master_target::rollback::complete_pending(data, &store)?;
     let listing = fbr_master_target::points::PointsListing::new(store.recovery_points()?);
     if json {
         println!("{}", serde_json::to_string(&listing)?);
@@ -326,6 +352,31 @@ fn seed_disk(
     Ok(())
 }
 
+fn rollback(data: &std::path::Path, group: &str, tag: u64, json: bool) -> anyhow::Result<()> {
+    let done = fbr_master_target::rollback::roll_back_group(data, group, tag)?;
+    if json {
+        println!("{}", serde_json::to_string(&done)?);
+        return Ok(());
+    }
+    for d in &done.disks {
+        println!(
+            "{}/{}: {} records undone, {} bytes restored, {} journal bytes cut, {:.3} s",
+            d.vm,
+            d.disk,
+            d.done.records_undone,
+            d.done.restored_bytes,
+            d.done.journal_bytes_cut,
+            d.seconds
+        );
+    }
+    println!(
+        "group {group} is at recovery point {tag} ({} disks, {:.3} s)",
+        done.disks.len(),
+        done.seconds
+    );
+    Ok(())
+}
+
 fn materialize(
     data: &std::path::Path,
     group: &str,
@@ -334,6 +385,7 @@ fn materialize(
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
     let store = Store::open(data)?;
+    fbr_master_target::rollback::complete_pending(data, &store)?;
     let point = store
         .recovery_points()?
         .into_iter()

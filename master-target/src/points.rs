@@ -200,6 +200,7 @@ mod tests {
             vm: vm.into(),
             disk,
             seq: 1,
+            journal_end: 100,
             landed_at_ms: Some(at),
         }
     }

@@ -1,7 +1,10 @@
 //! One replicated disk at the master target: its image, its journal, its high-water mark.
 //!
 //! ## Durability protocol (write-ahead)
-//! 1. A batch of validated records is appended to the journal and `fdatasync`ed.
+//! 1. A batch of validated records is appended to the journal and `fdatasync`ed, each
+//!    `Write` and `Zero` preceded by its before-image (undo entries, read from the image
+//!    before the batch, with the batch's earlier records laid over it): one sync covers
+//!    both, and the image is never changed before what it held is durable.
 //! 2. Tags in the batch are committed to the index durably.
 //! 3. Only then is the batch acknowledged (the caller does that).
 //! 4. The records are applied to the sparse image file in place (page cache).
@@ -31,10 +34,16 @@ use fbr_storage::DurableFile;
 
 use crate::files::{ReplicaFiles, IMAGE_FILE, JOURNAL_FILE};
 use crate::journal::{
-    self, apply_record, encode_entry, ImageSink, JournalReader, JOURNAL_HEADER_LEN,
+    self, apply_record, encode_entry, encode_undo, record_range, ImageSink, JournalReader,
+    JOURNAL_HEADER_LEN, JOURNAL_VERSION, MAX_UNDO_CHUNK,
 };
-use crate::store::{DiskCheckpoint, ReplicaIndex, StoreError, TagLanding};
+use crate::rollback::{self, RollbackError, RollbackStop, RolledBack};
+use crate::store::{DiskCheckpoint, ReplicaIndex, RollbackTarget, StoreError, TagLanding};
 use crate::sync::SyncState;
+
+/// A batch's journal bytes are written out (not yet synced) once this many are
+/// buffered, so a batch of large before-images stays bounded in memory.
+const JOURNAL_WRITE_CHUNK: usize = 8 << 20;
 
 /// Take a checkpoint after this many journal bytes...
 const CHECKPOINT_BYTES: u64 = 512 << 20;
@@ -58,6 +67,8 @@ pub enum ReplicaError {
     Store(#[from] StoreError),
     #[error("{file}: corrupt journal: {reason}")]
     Corrupt { file: String, reason: String },
+    #[error("{0}")]
+    Rollback(#[from] RollbackError),
 }
 
 /// A disk image file as an [`ImageSink`]; zeroing punches holes where the file system
@@ -139,6 +150,8 @@ impl<F: DurableFile> DiskReplica<F> {
             journal.sync().map_err(io_err(&journal_name))?;
             files.sync_dir(id).map_err(io_err(&journal_name))?;
             journal_len = JOURNAL_HEADER_LEN;
+        } else {
+            upgrade_header(&journal, &journal_name)?;
         }
         let checkpoint = existing.unwrap_or(DiskCheckpoint {
             disk_size,
@@ -217,7 +230,87 @@ impl<F: DurableFile> DiskReplica<F> {
             encode_buf: BytesMut::new(),
         };
         replica.take_checkpoint(index, &tags)?;
+        if let Some(target) = index.rollback_target(id)? {
+            // Recovery brought the image to the journal's end; the rollback a crash
+            // interrupted goes from there (see crate::rollback).
+            tracing::warn!(disk = %id, ?target, "completing an interrupted rollback");
+            replica.roll_back_until(index, target, RollbackStop::Never)?;
+        }
         Ok(replica)
+    }
+
+    /// Rolls the image back in place to the point whose tag ends at
+    /// `target.journal_end` (a recovery point of this disk; the caller checks that),
+    /// in time proportional to what changed since: see [`crate::rollback`]. Crash-safe:
+    /// opening the replica again completes an interrupted rollback.
+    pub fn roll_back(
+        &mut self,
+        index: &impl ReplicaIndex,
+        target: RollbackTarget,
+    ) -> Result<RolledBack, ReplicaError> {
+        self.roll_back_until(index, target, RollbackStop::Never)
+    }
+
+    /// [`Self::roll_back`], stopping where `stop` says (tests: a kill -9 there).
+    #[doc(hidden)]
+    pub fn roll_back_until(
+        &mut self,
+        index: &impl ReplicaIndex,
+        target: RollbackTarget,
+        stop: RollbackStop,
+    ) -> Result<RolledBack, ReplicaError> {
+        // Checked before anything changes: every record past the point can be undone.
+        let plan = rollback::plan(self.journal.clone(), &self.journal_name, target.journal_end)?;
+        let done = RolledBack {
+            records_undone: plan.records,
+            undo_entries: plan.entries(),
+            restored_bytes: plan.restored_bytes,
+            journal_bytes_cut: self.journal_len - target.journal_end,
+        };
+        index.set_rollback_target(&self.id, Some(target))?;
+        if stop == RollbackStop::Recorded {
+            return Ok(done);
+        }
+        let limit = match stop {
+            RollbackStop::PutBack(n) => n,
+            _ => usize::MAX,
+        };
+        rollback::put_back(
+            &*self.journal,
+            &self.journal_name,
+            &plan,
+            &self.image,
+            limit,
+        )?;
+        if matches!(stop, RollbackStop::PutBack(_)) {
+            return Ok(done);
+        }
+        self.image.sync().map_err(io_err(&self.image_name))?;
+        // At a recovery point the disk is in step.
+        let checkpoint = DiskCheckpoint {
+            disk_size: self.disk_size,
+            journal_offset: target.journal_end,
+            seq: target.seq,
+            sync: SyncState::Consistent,
+        };
+        index.roll_back_index(&self.id, checkpoint)?;
+        if stop == RollbackStop::IndexRolledBack {
+            return Ok(done);
+        }
+        self.journal
+            .truncate(target.journal_end)
+            .map_err(io_err(&self.journal_name))?;
+        self.journal.sync().map_err(io_err(&self.journal_name))?;
+        if stop == RollbackStop::Truncated {
+            return Ok(done);
+        }
+        index.set_rollback_target(&self.id, None)?;
+        self.journal_len = target.journal_end;
+        self.hwm = target.seq;
+        self.sync = SyncState::Consistent;
+        self.checkpoint = checkpoint;
+        self.last_checkpoint_at = Instant::now();
+        Ok(done)
     }
 
     /// The highest sequence number durably held.
@@ -250,17 +343,40 @@ impl<F: DurableFile> DiskReplica<F> {
         let mut ends = Vec::with_capacity(records.len());
         let mut payloads = Vec::with_capacity(records.len());
         let mut prev = self.hwm;
-        for r in records {
+        // Journal bytes of this batch already written (not synced) to bound memory.
+        let mut flushed = 0u64;
+        let mut before = BeforeImages::default();
+        for (i, r) in records.iter().enumerate() {
             debug_assert!(r.seq() > prev, "caller validates order");
             prev = r.seq();
+            if let Some(range) = record_range(r) {
+                before
+                    .encode(
+                        &self.image,
+                        &records[..i],
+                        r.seq(),
+                        range,
+                        &mut self.encode_buf,
+                    )
+                    .map_err(io_err(&self.image_name))?;
+            }
             // entry = len u32 | crc u32 | frame header (8) | seq u64 | offset u64 | data
-            payloads.push(self.journal_len + self.encode_buf.len() as u64 + 32);
+            let at = self.journal_len + flushed + self.encode_buf.len() as u64;
+            payloads.push(at + 32);
             encode_entry(r, &mut self.encode_buf);
-            ends.push(self.journal_len + self.encode_buf.len() as u64);
+            ends.push(self.journal_len + flushed + self.encode_buf.len() as u64);
+            if self.encode_buf.len() >= JOURNAL_WRITE_CHUNK {
+                self.journal
+                    .write_at(&self.encode_buf, self.journal_len + flushed)
+                    .map_err(io_err(&self.journal_name))?;
+                flushed += self.encode_buf.len() as u64;
+                self.encode_buf.clear();
+            }
         }
         self.journal
-            .write_at(&self.encode_buf, self.journal_len)
+            .write_at(&self.encode_buf, self.journal_len + flushed)
             .map_err(io_err(&self.journal_name))?;
+        let batch_len = flushed + self.encode_buf.len() as u64;
         self.journal.sync().map_err(io_err(&self.journal_name))?;
         let mut sync = self.sync;
         for (r, end) in records.iter().zip(ends) {
@@ -273,7 +389,7 @@ impl<F: DurableFile> DiskReplica<F> {
             index.commit(&self.id, None, &tags)?;
         }
         self.sync = sync;
-        self.journal_len += self.encode_buf.len() as u64;
+        self.journal_len += batch_len;
         self.hwm = records.last().map(Record::seq).unwrap_or(self.hwm);
         let mut sink = FileImage(&self.image);
         for r in records {
@@ -314,6 +430,118 @@ impl<F: DurableFile> DiskReplica<F> {
         self.checkpoint = c;
         self.last_checkpoint_at = Instant::now();
         Ok(())
+    }
+}
+
+/// Rewrites a version 1 journal's header as version 2 (its entries are valid version 2
+/// entries; only records journaled from now on have before-images). Synced at once.
+fn upgrade_header<F: DurableFile>(journal: &F, name: &str) -> Result<(), ReplicaError> {
+    let mut version = [0u8; 4];
+    journal.read_at(&mut version, 8).map_err(io_err(name))?;
+    let version = u32::from_le_bytes(version);
+    if (journal::OLDEST_JOURNAL_VERSION..JOURNAL_VERSION).contains(&version) {
+        tracing::info!(file = %name, "journal format {version} upgraded to {JOURNAL_VERSION}: records from here on keep before-images");
+        journal
+            .write_at(&JOURNAL_VERSION.to_le_bytes(), 8)
+            .map_err(io_err(name))?;
+        journal.sync().map_err(io_err(name))?;
+    }
+    Ok(())
+}
+
+/// Builds each record's before-image for a batch: the image as it is before the batch
+/// (nothing of the batch is applied until its journal is durable), with the batch's
+/// earlier records laid over the ranges they touched.
+#[derive(Debug, Default)]
+struct BeforeImages {
+    /// Ranges the batch's earlier records changed, merged: start -> end.
+    changed: std::collections::BTreeMap<u64, u64>,
+    chunk: Vec<u8>,
+}
+
+impl BeforeImages {
+    /// Appends the undo entries of record `seq` (changing `range`) to `out` and notes the
+    /// range as changed for the records after it.
+    fn encode<F: DurableFile>(
+        &mut self,
+        image: &F,
+        earlier: &[Record],
+        seq: u64,
+        (offset, len): (u64, u64),
+        out: &mut BytesMut,
+    ) -> io::Result<()> {
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(MAX_UNDO_CHUNK as u64);
+            let overlaps = self.overlaps(at, at + n);
+            if !overlaps && image.is_hole(at, n) {
+                // Never written (or trimmed): zeros, known without reading.
+                encode_undo(seq, at, n, None, out);
+                at += n;
+                continue;
+            }
+            self.chunk.resize(n as usize, 0);
+            image.read_at(&mut self.chunk, at)?;
+            if overlaps {
+                for r in earlier {
+                    overlay(r, at, &mut self.chunk);
+                }
+            }
+            let data = self
+                .chunk
+                .iter()
+                .any(|&b| b != 0)
+                .then_some(&self.chunk[..]);
+            encode_undo(seq, at, n, data, out);
+            at += n;
+        }
+        self.note(offset, end);
+        Ok(())
+    }
+
+    /// Whether `start..end` meets a range an earlier record of the batch changed.
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.changed
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > start)
+    }
+
+    fn note(&mut self, mut start: u64, mut end: u64) {
+        // Merge with every range it touches.
+        let touching: Vec<(u64, u64)> = self
+            .changed
+            .range(..=end)
+            .rev()
+            .take_while(|(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            self.changed.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.changed.insert(start, end);
+    }
+}
+
+/// Lays what `record` wrote over `chunk`, which holds the image from `chunk_at` on.
+fn overlay(record: &Record, chunk_at: u64, chunk: &mut [u8]) {
+    let Some((offset, len)) = record_range(record) else {
+        return;
+    };
+    let chunk_end = chunk_at + chunk.len() as u64;
+    let (from, to) = (offset.max(chunk_at), (offset + len).min(chunk_end));
+    if from >= to {
+        return;
+    }
+    let dst = &mut chunk[(from - chunk_at) as usize..(to - chunk_at) as usize];
+    match record {
+        Record::Write { data, .. } => {
+            dst.copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize])
+        }
+        _ => dst.fill(0),
     }
 }
 

@@ -17,6 +17,9 @@
 //! - `tag_times`: `(group, tag_id, "vm/disk")` -> UNIX time in milliseconds when the tag
 //!   first became durable here (kept when recovery indexes the tag again); no row: a
 //!   tag indexed before times were recorded
+//! - `rollbacks`: `"vm/disk"` -> `(journal_end, seq)`: a rollback in place under way,
+//!   back to the point whose tag ends there ([`crate::rollback`]); opening the replica
+//!   completes it
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,6 +41,7 @@ type TagKey<'a> = (&'a str, u64, &'a str);
 type TagValue = (u64, u8, u32, u64);
 const TAGS: TableDefinition<TagKey, TagValue> = TableDefinition::new("tags");
 const TAG_TIMES: TableDefinition<TagKey, u64> = TableDefinition::new("tag_times");
+const ROLLBACKS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("rollbacks");
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +80,14 @@ impl DiskCheckpoint {
             sync,
         })
     }
+}
+
+/// Where a rollback in place takes a disk: just past the target tag's journal entry,
+/// and that tag's sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RollbackTarget {
+    pub journal_end: u64,
+    pub seq: u64,
 }
 
 /// A tag as it landed on one disk.
@@ -122,6 +134,9 @@ pub struct LandedOn {
     pub vm: String,
     pub disk: u32,
     pub seq: u64,
+    /// Journal offset just past the tag's entry (where a rollback to it cuts).
+    #[serde(skip)]
+    pub journal_end: u64,
     /// When the tag became durable on this disk, UNIX milliseconds.
     pub landed_at_ms: Option<u64>,
 }
@@ -151,6 +166,17 @@ pub trait ReplicaIndex: Send + Sync {
         checkpoint: Option<DiskCheckpoint>,
         tags: &[TagLanding],
     ) -> Result<(), StoreError>;
+    /// The rollback in place of disk `id` under way, if any.
+    fn rollback_target(&self, id: &StreamId) -> Result<Option<RollbackTarget>, StoreError>;
+    /// Durably records (`Some`) or clears (`None`) the rollback under way.
+    fn set_rollback_target(
+        &self,
+        id: &StreamId,
+        target: Option<RollbackTarget>,
+    ) -> Result<(), StoreError>;
+    /// Once the image is back at a point: records `checkpoint` there and forgets every
+    /// tag of disk `id` past it, in one transaction.
+    fn roll_back_index(&self, id: &StreamId, checkpoint: DiskCheckpoint) -> Result<(), StoreError>;
 }
 
 /// The index database of one data directory (exclusively locked while open).
@@ -175,6 +201,7 @@ impl Store {
         tx.open_table(TAGS).map_err(e)?;
         tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
         tx.open_table(TAG_TIMES).map_err(e)?;
+        tx.open_table(ROLLBACKS).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(Store { db })
     }
@@ -205,7 +232,7 @@ impl Store {
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
             let (group, id, stream) = k.value();
-            let (seq, kind, members, _) = v.value();
+            let (seq, kind, members, journal_end) = v.value();
             let Some(stream) = parse_stream_key(stream) else {
                 continue;
             };
@@ -232,6 +259,7 @@ impl Store {
                 vm: stream.vm,
                 disk: stream.disk,
                 seq,
+                journal_end,
                 landed_at_ms: times.get(k.value()).map_err(e)?.map(|t| t.value()),
             });
         }
@@ -248,6 +276,40 @@ impl Store {
                 p
             })
             .collect())
+    }
+}
+
+impl Store {
+    /// Records rollback targets for several disks in one transaction: a group's disks
+    /// are rolled back all or none, whatever a crash interrupts.
+    pub fn record_rollbacks(
+        &self,
+        targets: &[(StreamId, RollbackTarget)],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(ROLLBACKS).map_err(e)?;
+            for (id, r) in targets {
+                t.insert(stream_key(id).as_str(), (r.journal_end, r.seq))
+                    .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Disks with a rollback under way (interrupted), and where to.
+    pub fn pending_rollbacks(&self) -> Result<Vec<(StreamId, RollbackTarget)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(ROLLBACKS).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            if let Some(id) = parse_stream_key(k.value()) {
+                let (journal_end, seq) = v.value();
+                out.push((id, RollbackTarget { journal_end, seq }));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -303,6 +365,64 @@ impl ReplicaIndex for Store {
         }
         tx.commit().map_err(e)
     }
+
+    fn rollback_target(&self, id: &StreamId) -> Result<Option<RollbackTarget>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(ROLLBACKS).map_err(e)?;
+        let row = t.get(stream_key(id).as_str()).map_err(e)?;
+        Ok(row.map(|r| {
+            let (journal_end, seq) = r.value();
+            RollbackTarget { journal_end, seq }
+        }))
+    }
+
+    fn set_rollback_target(
+        &self,
+        id: &StreamId,
+        target: Option<RollbackTarget>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(ROLLBACKS).map_err(e)?;
+            let key = stream_key(id);
+            match target {
+                Some(r) => t.insert(key.as_str(), (r.journal_end, r.seq)).map(drop),
+                None => t.remove(key.as_str()).map(drop),
+            }
+            .map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    fn roll_back_index(&self, id: &StreamId, c: DiskCheckpoint) -> Result<(), StoreError> {
+        let key = stream_key(id);
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(DISKS).map_err(e)?;
+            t.insert(key.as_str(), (c.disk_size, c.journal_offset, c.seq))
+                .map_err(e)?;
+            let mut t = tx.open_table(DISK_STATE).map_err(e)?;
+            t.insert(key.as_str(), c.sync.to_row()).map_err(e)?;
+            let mut tags = tx.open_table(TAGS).map_err(e)?;
+            let mut past: Vec<(String, u64)> = Vec::new();
+            for row in tags.iter().map_err(e)? {
+                let (k, v) = row.map_err(e)?;
+                let (group, tag_id, stream) = k.value();
+                if stream == key && v.value().3 > c.journal_offset {
+                    past.push((group.to_owned(), tag_id));
+                }
+            }
+            let mut inconsistent = tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
+            let mut times = tx.open_table(TAG_TIMES).map_err(e)?;
+            for (group, tag_id) in &past {
+                let k = (group.as_str(), *tag_id, key.as_str());
+                tags.remove(k).map_err(e)?;
+                inconsistent.remove(k).map_err(e)?;
+                times.remove(k).map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
 }
 
 /// An in-memory index (the model test): a commit is durable when it returns, as with
@@ -318,11 +438,24 @@ struct MemIndexState {
     checkpoints: BTreeMap<StreamId, DiskCheckpoint>,
     /// By `(group, tag id, disk)`, as in the `tags` table.
     tags: BTreeMap<(String, u64, StreamId), TagLanding>,
+    rollbacks: BTreeMap<StreamId, RollbackTarget>,
 }
 
 impl MemIndex {
     fn lock(&self) -> MutexGuard<'_, MemIndexState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails (committing nothing) while injected failures are left.
+    fn injected_failure(&self) -> Result<(), StoreError> {
+        if self
+            .fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError("injected commit failure".into()));
+        }
+        Ok(())
     }
 
     /// The next `n` commits fail, committing nothing.
@@ -355,13 +488,7 @@ impl ReplicaIndex for MemIndex {
         checkpoint: Option<DiskCheckpoint>,
         tags: &[TagLanding],
     ) -> Result<(), StoreError> {
-        if self
-            .fail_commits
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(StoreError("injected commit failure".into()));
-        }
+        self.injected_failure()?;
         let mut s = self.lock();
         if let Some(c) = checkpoint {
             s.checkpoints.insert(id.clone(), c);
@@ -370,6 +497,33 @@ impl ReplicaIndex for MemIndex {
             let key = (t.group.clone(), t.id, t.stream.clone());
             s.tags.insert(key, t.clone());
         }
+        Ok(())
+    }
+
+    fn rollback_target(&self, id: &StreamId) -> Result<Option<RollbackTarget>, StoreError> {
+        Ok(self.lock().rollbacks.get(id).copied())
+    }
+
+    fn set_rollback_target(
+        &self,
+        id: &StreamId,
+        target: Option<RollbackTarget>,
+    ) -> Result<(), StoreError> {
+        self.injected_failure()?;
+        let mut s = self.lock();
+        match target {
+            Some(t) => s.rollbacks.insert(id.clone(), t),
+            None => s.rollbacks.remove(id),
+        };
+        Ok(())
+    }
+
+    fn roll_back_index(&self, id: &StreamId, checkpoint: DiskCheckpoint) -> Result<(), StoreError> {
+        self.injected_failure()?;
+        let mut s = self.lock();
+        s.checkpoints.insert(id.clone(), checkpoint);
+        s.tags
+            .retain(|_, t| t.stream != *id || t.journal_end <= checkpoint.journal_offset);
         Ok(())
     }
 }
