@@ -182,6 +182,8 @@ impl Site {
             .arg(self.opts.mt_credit_mib.to_string())
             .arg("--max-udp-payload")
             .arg(self.opts.max_udp_payload.to_string())
+            .arg("--control-socket")
+            .arg(self.master_target_control_socket())
             .args(&self.opts.mt_args);
         let root = self.root.clone();
         start_daemon(&mut self.mt, &root, cmd)
@@ -229,6 +231,11 @@ impl Site {
     /// Stops the relay: SIGTERM and wait, or SIGKILL (`kill9`).
     pub fn stop_relay(&mut self, kill9: bool) -> anyhow::Result<()> {
         stop_daemon(&mut self.relay, kill9)
+    }
+
+    /// The master target's control socket (`master-target test-failover`).
+    pub fn master_target_control_socket(&self) -> PathBuf {
+        self.root.join("master-target-control.sock")
     }
 
     /// The relay's control socket (`relay resync`).

@@ -15,6 +15,8 @@
 //!   the key, then logging, the runtime, the daemon's body, and its error report.
 //! - [`systemd`]: `sd_notify` for `Type=notify` units: `READY=1` from the daemon's own
 //!   readiness, `STATUS=` with the reason, `STOPPING=1`.
+//! - [`control`]: the control socket (a Unix socket, mode 0600, one JSON request and
+//!   answer per line) and its client, each daemon's requests its own.
 //!
 //! ## Invariants
 //! - Invalid configuration never starts a daemon: it exits with [`EX_USAGE`] (64) and a
@@ -23,6 +25,7 @@
 //!   `fbr-metrics` do).
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod process;
 pub mod run;
 pub mod settings;

@@ -56,7 +56,30 @@ pub(crate) struct DiskSlot {
     /// Where the replica stands, published by the session that owns it (hash streams
     /// read it without taking the replica from its session).
     status: Mutex<Option<DiskStatus>>,
+    /// Snapshots of the image asked for (test failovers): whoever holds the replica
+    /// takes them between two batches ([`MasterTarget::serve_snapshots`]).
+    snapshots: Mutex<Vec<SnapshotJob>>,
+    pub(crate) snapshot_wake: tokio::sync::Notify,
 }
+
+/// A snapshot of a disk's image asked for: written to `dest`, answered on `reply`.
+#[derive(Debug)]
+pub(crate) struct SnapshotJob {
+    dest: std::path::PathBuf,
+    reply: tokio::sync::oneshot::Sender<Result<Snapshot, String>>,
+}
+
+/// The image of a disk copied at a batch boundary: it is the state at journal offset
+/// `journal_end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub journal_end: u64,
+    pub disk_size: u64,
+    pub method: crate::replica::CopyMethod,
+}
+
+/// How long a snapshot may wait for the disk's session to reach a batch boundary.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where an open replica stands: enough to answer `HashAccept`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +168,78 @@ impl MasterTarget {
         })
     }
 
+    /// Copies the image of disk `id` to `dest` at a batch boundary while replication goes
+    /// on: the session that owns the disk takes the copy between two batches, or, with
+    /// no session, this call opens the replica and takes it.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        id: &StreamId,
+        disk_size: u64,
+        dest: std::path::PathBuf,
+    ) -> Result<Snapshot, String> {
+        let slot = self.slot(id);
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        slot.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(SnapshotJob { dest, reply });
+        slot.snapshot_wake.notify_one();
+        let started = Instant::now();
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(250), &mut answer).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(_)) => return Err(format!("disk {id}: the snapshot was dropped")),
+                Err(_) if started.elapsed() > SNAPSHOT_WAIT => {
+                    return Err(format!(
+                        "disk {id}: its session reached no batch boundary within {SNAPSHOT_WAIT:?}"
+                    ))
+                }
+                Err(_) => {}
+            }
+            // Not taken yet: perhaps no session holds the disk.
+            if let Ok(mut owned) = slot.replica.clone().try_lock_owned() {
+                let replica = match owned.take() {
+                    Some(r) => r,
+                    None => self
+                        .open_replica(id, disk_size)
+                        .await
+                        .map_err(|e| format!("disk {id}: {e}"))?,
+                };
+                *owned = Some(self.serve_snapshots(&slot, replica).await);
+            }
+        }
+    }
+
+    /// Takes every snapshot asked of `slot` from `replica` (at a batch boundary), off
+    /// the async threads; gives the replica back.
+    pub(crate) async fn serve_snapshots(
+        &self,
+        slot: &DiskSlot,
+        replica: DiskReplica,
+    ) -> DiskReplica {
+        let jobs = std::mem::take(&mut *slot.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
+        if jobs.is_empty() {
+            return replica;
+        }
+        let replica = Arc::new(replica);
+        let r = replica.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for job in jobs {
+                let taken = r
+                    .snapshot_image(&job.dest)
+                    .map(|(journal_end, method)| Snapshot {
+                        journal_end,
+                        disk_size: r.disk_size,
+                        method,
+                    })
+                    .map_err(|e| format!("copying {} to {}: {e}", r.id, job.dest.display()));
+                let _ = job.reply.send(taken);
+            }
+        })
+        .await;
+        Arc::try_unwrap(replica).unwrap_or_else(|_| unreachable!("the snapshot task has ended"))
+    }
+
     pub(crate) fn slot(&self, id: &StreamId) -> Arc<DiskSlot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = slots
@@ -154,6 +249,8 @@ impl MasterTarget {
                     replica: Arc::new(tokio::sync::Mutex::new(None)),
                     generation: watch::channel(0).0,
                     status: Mutex::new(None),
+                    snapshots: Mutex::new(Vec::new()),
+                    snapshot_wake: tokio::sync::Notify::new(),
                 })
             })
             .clone();

@@ -35,6 +35,14 @@ pub(crate) async fn run(
                 tracing::info!("superseded by a newer session");
                 return (replica, None);
             }
+            // A test failover's snapshot, between two batches.
+            _ = slot.snapshot_wake.notified() => {
+                let Some(r) = replica.take() else {
+                    return (None, None);
+                };
+                replica = Some(mt.serve_snapshots(slot, r).await);
+                continue;
+            }
         };
         let (batch, end) = take_batch(first, &mut queue);
         if !batch.is_empty() {

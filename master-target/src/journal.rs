@@ -429,6 +429,11 @@ impl<F: DurableFile> JournalReader<F> {
         }
     }
 
+    /// Reads nothing at or past `end` (entries appended after a snapshot, say).
+    pub fn limit(&mut self, end: u64) {
+        self.len = self.len.min(end);
+    }
+
     /// Offset of the next entry (the end of the valid prefix once reading has stopped).
     pub fn offset(&self) -> u64 {
         self.offset

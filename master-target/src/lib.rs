@@ -25,6 +25,8 @@
 //!   and the window they span (`master-target points`).
 //! - [`rollback`]: rolling a replica back in place to an earlier point from the
 //!   journal's before-images, crash-safe (`master-target rollback`).
+//! - [`testcopy`]: test failovers: writable copies of a group's disks at a recovery
+//!   point, made while replication goes on; [`control`] is the socket that asks for them.
 //!
 //! ## Data directory
 //! ```text
@@ -32,6 +34,7 @@
 //! <data>/disks/<vm>/disk<N>/image.raw       the replica, sparse, latest state
 //! <data>/disks/<vm>/disk<N>/journal.fbrj    every record applied, in order, each
 //!                                           change after its before-image
+//! <data>/test-failovers/<name>/             a test failover's copies and description
 //! ```
 //!
 //! ## Invariants
@@ -45,6 +48,7 @@
 pub mod accept;
 pub mod apply;
 pub mod content;
+pub mod control;
 pub mod files;
 pub mod hashes;
 pub mod journal;
@@ -55,6 +59,7 @@ pub mod seed;
 pub mod settings;
 pub mod store;
 pub mod sync;
+pub mod testcopy;
 pub mod unpack;
 
 pub use accept::MasterTarget;

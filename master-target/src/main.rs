@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use fbr_daemon::settings::{flag_overrides, load_settings, mib_flag};
 use fbr_daemon::ConfigError;
 use fbr_master_target::files::{self, DataDir};
-use fbr_master_target::settings::MasterTargetSettings;
+use fbr_master_target::settings::{MasterTargetSettings, DEFAULT_CONTROL_SOCKET};
 use fbr_master_target::{journal, replica, MasterTarget, Store};
 use fbr_protocol::StreamId;
 use fbr_transport::{server_endpoint, Credentials, QuicTuning};
@@ -76,6 +76,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Test failovers: writable copies of a group's disks at a recovery point, made by
+    /// the running master target while replication goes on.
+    #[command(subcommand)]
+    TestFailover(TestFailoverCommand),
     /// Write the image of one disk at one recovery point to a file (daemon stopped).
     Materialize {
         #[arg(long)]
@@ -90,6 +94,41 @@ enum Command {
         disk: u32,
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TestFailoverCommand {
+    /// Copy every disk of `--group` at recovery point `--tag` into
+    /// <data>/test-failovers/<name>/ (reflink clones where the file system can).
+    Create {
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        tag: u64,
+        /// Letters, digits, '-' and '_'.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The test failovers there are.
+    List {
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a test failover's copies.
+    Delete {
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -142,6 +181,10 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "content_index_entries")]
     content_index_entries: Option<u64>,
+    /// Unix socket for operator requests (`test-failover`); "" disables [control_socket].
+    #[arg(long)]
+    #[serde(rename = "control_socket")]
+    control_socket: Option<String>,
 }
 
 impl RunArgs {
@@ -179,6 +222,7 @@ fn main() -> ExitCode {
             tag,
             json,
         } => report(rollback(&data, &group, tag, json)),
+        Command::TestFailover(cmd) => test_failover(cmd),
         Command::Materialize {
             data,
             group,
@@ -238,6 +282,13 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         fbr_daemon::write_port_file(pf, local)
             .with_context(|| format!("writing {}", pf.display()))?;
     }
+    let control = match settings.control_socket.as_str() {
+        "" => None,
+        path => Some(
+            fbr_master_target::control::serve(std::path::Path::new(path), mt.clone())
+                .with_context(|| format!("control_socket {path}"))?,
+        ),
+    };
     tracing::info!(listen = %local, data = %data.display(), "master target listening");
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));
     let notify = fbr_metrics::spawn_systemd_readiness(endpoints)
@@ -249,6 +300,10 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     // Relays hear at once that the master target stopped (and report it).
     fbr_transport::quic::close_gracefully(&endpoint, b"master target shutting down").await;
     server.abort();
+    if let Some(c) = control {
+        c.abort();
+        let _ = std::fs::remove_file(&settings.control_socket);
+    }
     if let Some(m) = metrics {
         m.abort();
     }
@@ -350,6 +405,81 @@ fn seed_disk(
         );
     }
     Ok(())
+}
+
+/// Sends one test-failover request to the running master target and prints its answer.
+fn test_failover(cmd: TestFailoverCommand) -> ExitCode {
+    use fbr_master_target::control::{Request, Response};
+    let (socket, request, json) = match cmd {
+        TestFailoverCommand::Create {
+            control_socket,
+            group,
+            tag,
+            name,
+            json,
+        } => (
+            control_socket,
+            Request::TestFailoverCreate { group, tag, name },
+            json,
+        ),
+        TestFailoverCommand::List {
+            control_socket,
+            json,
+        } => (control_socket, Request::TestFailoverList, json),
+        TestFailoverCommand::Delete {
+            control_socket,
+            name,
+            json,
+        } => (control_socket, Request::TestFailoverDelete { name }, json),
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("master-target: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    report(rt.block_on(async {
+        let answer: Response = fbr_daemon::control::request(&socket, "master target", &request)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if json {
+            println!("{}", serde_json::to_string(&answer)?);
+        }
+        if let Some(e) = answer.error {
+            anyhow::bail!(e);
+        }
+        if json {
+            return Ok(());
+        }
+        let print = |tf: &fbr_master_target::testcopy::TestFailover| {
+            println!(
+                "{}: group {} at point {}, {} disks, made in {:.3} s",
+                tf.name,
+                tf.group,
+                tf.tag_id,
+                tf.disks.len(),
+                tf.seconds
+            );
+            for d in &tf.disks {
+                println!(
+                    "  {}/{} {} ({:?}, {} records undone)",
+                    d.vm,
+                    d.disk,
+                    d.path.display(),
+                    d.method,
+                    d.records_undone
+                );
+            }
+        };
+        match (&request, answer.test_failover, answer.test_failovers) {
+            (Request::TestFailoverDelete { name }, _, _) => println!("deleted {name}"),
+            (_, Some(tf), _) => print(&tf),
+            (_, _, Some(all)) => all.iter().for_each(print),
+            _ => {}
+        }
+        Ok(())
+    }))
 }
 
 fn rollback(data: &std::path::Path, group: &str, tag: u64, json: bool) -> anyhow::Result<()> {

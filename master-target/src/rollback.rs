@@ -96,10 +96,24 @@ pub fn plan<F: DurableFile>(
     name: &str,
     target_end: u64,
 ) -> Result<UndoPlan, RollbackError> {
-    let len = journal.size().map_err(|source| RollbackError::Io {
-        file: name.to_owned(),
-        source,
-    })?;
+    plan_until(journal, name, target_end, u64::MAX)
+}
+
+/// [`plan`] for the journal up to `until` only (an entry boundary: where a snapshot of
+/// the image was taken while the journal goes on growing).
+pub fn plan_until<F: DurableFile>(
+    journal: Arc<F>,
+    name: &str,
+    target_end: u64,
+    until: u64,
+) -> Result<UndoPlan, RollbackError> {
+    let len = journal
+        .size()
+        .map_err(|source| RollbackError::Io {
+            file: name.to_owned(),
+            source,
+        })?
+        .min(until);
     if len < target_end {
         return Err(RollbackError::PointBeyondJournal {
             file: name.to_owned(),
@@ -108,6 +122,7 @@ pub fn plan<F: DurableFile>(
         });
     }
     let mut reader = JournalReader::new(journal, name.to_owned(), target_end)?;
+    reader.limit(len);
     let mut plan = UndoPlan {
         entries: Vec::new(),
         restored_bytes: 0,

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 /// Where the master target looks for its config file when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/master-target/master-target.toml";
+/// Where the control socket is, unless configured (the unit's runtime directory).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/master-target/control.sock";
 /// Prefix of the master target's environment variables.
 pub const ENV_PREFIX: &str = "MASTER_TARGET";
 
@@ -37,6 +39,9 @@ pub struct MasterTargetSettings {
     /// Most 4 KiB blocks in the dedup content index (about 100 bytes each); 0 disables
     /// dedup (the relay then resends every referenced block).
     pub content_index_entries: u64,
+    /// Unix socket (mode 0600) for operator requests (`master-target test-failover`);
+    /// empty to disable.
+    pub control_socket: String,
     pub log_json: bool,
 }
 
@@ -53,6 +58,7 @@ impl Default for MasterTargetSettings {
             credit: ByteSize::mib(16),
             max_udp_payload: 1452,
             content_index_entries: 1 << 20,
+            control_socket: DEFAULT_CONTROL_SOCKET.into(),
             log_json: false,
         }
     }

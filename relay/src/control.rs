@@ -13,15 +13,12 @@
 //! [`MAX_CLIENTS`] connections at once, [`MAX_LINE`] bytes per request, [`TIMEOUT`] per
 //! connection. (The controller's HTTPS API, to come, calls the same functions.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fbr_protocol::{ResyncMode, StreamId};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 
 use crate::server::Relay;
 
@@ -145,69 +142,25 @@ pub fn handle(relay: &Relay, request: Request) -> Response {
 
 /// Binds the control socket at `path` (replacing a stale one) and serves it.
 pub fn serve(path: &Path, relay: Arc<Relay>) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if std::fs::symlink_metadata(path).is_ok() {
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    tracing::info!(socket = %path.display(), "control socket listening");
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                drop(stream); // too many at once: the client sees the connection close
-                continue;
-            };
-            let relay = relay.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(TIMEOUT, serve_one(stream, &relay)).await;
-                drop(permit);
-            });
-        }
-    }))
-}
-
-async fn serve_one(stream: UnixStream, relay: &Relay) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let n = BufReader::new(read.take(MAX_LINE as u64 + 1))
-        .read_line(&mut line)
-        .await?;
-    let response = if n > MAX_LINE {
-        Response::error(format!("request longer than {MAX_LINE} bytes"))
-    } else {
-        match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => handle(relay, request),
-            Err(e) => Response::error(format!("bad request: {e}")),
-        }
+    let limits = fbr_daemon::control::ControlLimits {
+        max_clients: MAX_CLIENTS,
+        max_line: MAX_LINE,
+        timeout: TIMEOUT,
     };
-    let mut out = serde_json::to_vec(&response).unwrap_or_default();
-    out.push(b'\n');
-    write.write_all(&out).await
+    fbr_daemon::control::serve(path, limits, move |request: Result<Request, String>| {
+        let relay = relay.clone();
+        async move {
+            match request {
+                Ok(request) => handle(&relay, request),
+                Err(e) => Response::error(e),
+            }
+        }
+    })
 }
 
 /// Sends `request` to the relay whose control socket is `path` (the CLI's side).
-pub async fn request(path: &PathBuf, request: &Request) -> Result<Response, String> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|e| format!("{}: {e} (is the relay running?)", path.display()))?;
-    let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    write.write_all(&line).await.map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    BufReader::new(read.take(1 << 20))
-        .read_line(&mut answer)
-        .await
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(answer.trim()).map_err(|e| format!("bad answer {answer:?}: {e}"))
+pub async fn request(path: &Path, request: &Request) -> Result<Response, String> {
+    fbr_daemon::control::request(path, "relay", request).await
 }
 
 #[cfg(test)]

@@ -320,7 +320,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 /// Sends one request to the running relay and prints its answer.
-fn control(socket: &PathBuf, request: &Request, json: bool) -> ExitCode {
+fn control(socket: &std::path::Path, request: &Request, json: bool) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
