@@ -26,6 +26,7 @@ pub mod drill;
 pub mod harness;
 pub mod image;
 pub mod resyncbench;
+pub mod retentionbench;
 pub mod source;
 pub mod verify;
 pub mod wanbench;

@@ -271,6 +271,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark going back in time at the master target (release build): test
+    /// failovers and rollbacks to points 1%, 10% and 50% of a churned window ago, against
+    /// the disk's write rate; the journal's bytes per byte applied.
+    BenchRetention {
+        /// The window: seconds of steady churn (a tag a second).
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Disks (one VM each, one replication group).
+        #[arg(long, default_value_t = 2)]
+        disks: u32,
+        #[arg(long, default_value = "1GiB", value_parser = fbr_daemon::parse_size)]
+        disk_size: u64,
+        /// Steady churn over all disks, MB/s.
+        #[arg(long, default_value_t = 20.0)]
+        rate_mb: f64,
+        /// Where the site lives: its file system decides reflink clones or sparse copies
+        /// (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Drive an already running relay with generated churn.
     Run {
         #[command(flatten)]
@@ -562,6 +586,41 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 println!("{}", serde_json::to_string(&result)?);
             }
             Ok(result.cases.iter().all(|c| c.verified))
+        }
+        Command::BenchRetention {
+            seconds,
+            disks,
+            disk_size,
+            rate_mb,
+            dir,
+            seed,
+            json,
+        } => {
+            anyhow::ensure!(disks >= 1, "--disks must be at least 1");
+            anyhow::ensure!(
+                disk_size >= 1 << 20 && disk_size % 4096 == 0,
+                "--disk-size must be a multiple of 4 KiB, at least 1 MiB"
+            );
+            anyhow::ensure!(
+                seconds >= 5.0 && seconds.is_finite(),
+                "--seconds must be at least 5"
+            );
+            anyhow::ensure!(rate_mb > 0.0, "--rate-mb must be positive");
+            let r =
+                fbr_churn::retentionbench::run(fbr_churn::retentionbench::RetentionBenchOptions {
+                    disks,
+                    disk_size,
+                    seconds,
+                    rate_mb,
+                    dir,
+                    seed,
+                })
+                .await?;
+            fbr_churn::retentionbench::print(&r);
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(r.verified)
         }
         Command::BenchWan {
             seconds,

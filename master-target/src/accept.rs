@@ -186,17 +186,8 @@ impl MasterTarget {
         slot.snapshot_wake.notify_one();
         let started = Instant::now();
         loop {
-            match tokio::time::timeout(std::time::Duration::from_millis(250), &mut answer).await {
-                Ok(Ok(result)) => return result,
-                Ok(Err(_)) => return Err(format!("disk {id}: the snapshot was dropped")),
-                Err(_) if started.elapsed() > SNAPSHOT_WAIT => {
-                    return Err(format!(
-                        "disk {id}: its session reached no batch boundary within {SNAPSHOT_WAIT:?}"
-                    ))
-                }
-                Err(_) => {}
-            }
-            // Not taken yet: perhaps no session holds the disk.
+            // No session holds the disk: take it here. Else its applier takes it at its
+            // next batch boundary.
             if let Ok(mut owned) = slot.replica.clone().try_lock_owned() {
                 let replica = match owned.take() {
                     Some(r) => r,
@@ -206,6 +197,16 @@ impl MasterTarget {
                         .map_err(|e| format!("disk {id}: {e}"))?,
                 };
                 *owned = Some(self.serve_snapshots(&slot, replica).await);
+            }
+            match tokio::time::timeout(std::time::Duration::from_millis(250), &mut answer).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(_)) => return Err(format!("disk {id}: the snapshot was dropped")),
+                Err(_) if started.elapsed() > SNAPSHOT_WAIT => {
+                    return Err(format!(
+                        "disk {id}: its session reached no batch boundary within {SNAPSHOT_WAIT:?}"
+                    ))
+                }
+                Err(_) => {}
             }
         }
     }
@@ -238,6 +239,44 @@ impl MasterTarget {
         })
         .await;
         Arc::try_unwrap(replica).unwrap_or_else(|_| unreachable!("the snapshot task has ended"))
+    }
+
+    /// At a graceful stop: waits (at most `wait` in all) for each disk's session to hand
+    /// its replica back, and takes a checkpoint of every open replica, so the next start
+    /// (or a rollback) has nothing to replay. Returns the disks checkpointed.
+    pub async fn checkpoint_all(self: &Arc<Self>, wait: std::time::Duration) -> usize {
+        let slots: Vec<Arc<DiskSlot>> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut done = 0;
+        let deadline = tokio::time::Instant::now() + wait;
+        for slot in slots {
+            let lock = slot.replica.clone().lock_owned();
+            let Ok(mut owned) = tokio::time::timeout_at(deadline, lock).await else {
+                continue; // a session still applies: recovery replays from its checkpoint
+            };
+            let Some(mut replica) = owned.take() else {
+                continue;
+            };
+            let store = self.store.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let r = replica.take_checkpoint(&*store, &[]);
+                (replica, r)
+            })
+            .await;
+            if let Ok((replica, r)) = result {
+                match r {
+                    Ok(()) => done += 1,
+                    Err(e) => tracing::warn!(disk = %replica.id, "checkpoint at stop: {e}"),
+                }
+                *owned = Some(replica);
+            }
+        }
+        done
     }
 
     pub(crate) fn slot(&self, id: &StreamId) -> Arc<DiskSlot> {

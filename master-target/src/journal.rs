@@ -161,7 +161,55 @@ pub fn encode_undo(seq: u64, offset: u64, len: u64, data: Option<&[u8]>, out: &m
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn decode_undo(frame: &[u8], offset: u64) -> Result<UndoEntry, JournalDamage> {
+/// An undo entry read in place: its data borrowed from the buffer it was read into
+/// (a rollback puts it back without copying it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UndoView<'a> {
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// `None`: zeros.
+    pub data: Option<&'a [u8]>,
+}
+
+impl UndoView<'_> {
+    /// Puts the before-image back into `sink`.
+    pub fn apply(&self, sink: &mut impl ImageSink) -> io::Result<()> {
+        match self.data {
+            Some(d) => sink.write_at(self.offset, d),
+            None => sink.zero(self.offset, self.len),
+        }
+    }
+}
+
+/// Checks and reads a whole undo entry (entry header, CRC, frame) in place.
+pub fn undo_entry_view(bytes: &[u8], offset: u64) -> Result<UndoView<'_>, JournalDamage> {
+    let corrupt = |reason: String| JournalDamage::Corrupt { offset, reason };
+    if bytes.len() < ENTRY_HEADER_LEN {
+        return Err(corrupt("not an undo entry: too short".into()));
+    }
+    let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    if bytes.len() != ENTRY_HEADER_LEN + len {
+        return Err(corrupt(format!(
+            "not an undo entry of {} bytes",
+            bytes.len()
+        )));
+    }
+    let frame = &bytes[ENTRY_HEADER_LEN..];
+    let actual = crc32c::crc32c(frame);
+    if actual != crc {
+        return Err(corrupt(format!(
+            "CRC32C mismatch (stored {crc:#010x}, computed {actual:#010x})"
+        )));
+    }
+    if frame.len() < 2 || frame[..2] != UNDO_MAGIC {
+        return Err(corrupt("not an undo entry".into()));
+    }
+    undo_view(frame, offset)
+}
+
+fn undo_view(frame: &[u8], offset: u64) -> Result<UndoView<'_>, JournalDamage> {
     let corrupt = |reason: String| JournalDamage::Corrupt { offset, reason };
     if frame.len() < UNDO_HEADER_LEN {
         return Err(corrupt(format!(
@@ -180,9 +228,9 @@ fn decode_undo(frame: &[u8], offset: u64) -> Result<UndoEntry, JournalDamage> {
         )));
     }
     let data = &frame[UNDO_HEADER_LEN..];
-    let before = match kind {
-        UNDO_KIND_DATA if data.len() as u64 == len => Before::Data(Bytes::copy_from_slice(data)),
-        UNDO_KIND_ZEROS if data.is_empty() => Before::Zeros(len),
+    let data = match kind {
+        UNDO_KIND_DATA if data.len() as u64 == len => Some(data),
+        UNDO_KIND_ZEROS if data.is_empty() => None,
         UNDO_KIND_DATA | UNDO_KIND_ZEROS => {
             return Err(corrupt(format!(
                 "undo entry: {} data bytes for kind {kind} of length {len}",
@@ -191,10 +239,23 @@ fn decode_undo(frame: &[u8], offset: u64) -> Result<UndoEntry, JournalDamage> {
         }
         other => return Err(corrupt(format!("undo entry: unknown kind {other}"))),
     };
-    Ok(UndoEntry {
+    Ok(UndoView {
         seq,
         offset: at,
-        before,
+        len,
+        data,
+    })
+}
+
+fn decode_undo(frame: &[u8], offset: u64) -> Result<UndoEntry, JournalDamage> {
+    let v = undo_view(frame, offset)?;
+    Ok(UndoEntry {
+        seq: v.seq,
+        offset: v.offset,
+        before: match v.data {
+            Some(d) => Before::Data(Bytes::copy_from_slice(d)),
+            None => Before::Zeros(v.len),
+        },
     })
 }
 

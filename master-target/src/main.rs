@@ -300,6 +300,10 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     // Relays hear at once that the master target stopped (and report it).
     fbr_transport::quic::close_gracefully(&endpoint, b"master target shutting down").await;
     server.abort();
+    // The sessions end with their connections: checkpoint what they hand back, so the
+    // next start replays nothing.
+    let checkpointed = mt.checkpoint_all(std::time::Duration::from_secs(5)).await;
+    tracing::info!(disks = checkpointed, "checkpointed at stop");
     if let Some(c) = control {
         c.abort();
         let _ = std::fs::remove_file(&settings.control_socket);

@@ -261,6 +261,18 @@ impl<F: DurableFile> DiskReplica<F> {
     ) -> Result<RolledBack, ReplicaError> {
         // Checked before anything changes: every record past the point can be undone.
         let plan = rollback::plan(self.journal.clone(), &self.journal_name, target.journal_end)?;
+        self.roll_back_planned(index, target, plan, stop)
+    }
+
+    /// [`Self::roll_back_until`] with the journal past the point already checked
+    /// (`plan`, from [`rollback::plan`] on this replica as it is now).
+    pub fn roll_back_planned(
+        &mut self,
+        index: &impl ReplicaIndex,
+        target: RollbackTarget,
+        plan: rollback::UndoPlan,
+        stop: RollbackStop,
+    ) -> Result<RolledBack, ReplicaError> {
         let done = RolledBack {
             records_undone: plan.records,
             undo_entries: plan.entries(),

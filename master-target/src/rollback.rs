@@ -40,7 +40,7 @@ use crate::files::{DataDir, ReplicaFiles, JOURNAL_FILE};
 use crate::replica::{DiskReplica, ReplicaError};
 use crate::store::{ReplicaIndex, RollbackTarget, Store, StoreError};
 
-use crate::journal::{decode_any_entry, record_range, JournalEntry, JournalReader, UndoEntry};
+use crate::journal::{record_range, undo_entry_view, JournalEntry, JournalReader};
 use crate::replica::FileImage;
 
 /// Why a disk cannot be rolled back.
@@ -203,30 +203,21 @@ pub fn put_back<F: DurableFile>(
         let file = file.to_owned();
         move |source| RollbackError::Io { file, source }
     };
-    let mut buf = vec![0u8; 0];
+    let mut buf = Vec::new();
     let mut sink = FileImage(image);
     for r in plan.entries.iter().rev().take(limit) {
         buf.resize(r.len as usize, 0);
         journal
             .read_at(&mut buf, r.offset)
             .map_err(io(journal_name))?;
-        let undo = decode_undo_at(&buf, r.offset, journal_name)?;
+        let undo = undo_entry_view(&buf, r.offset).map_err(|d| RollbackError::Damaged {
+            file: journal_name.to_owned(),
+            offset: r.offset,
+            reason: d.to_string(),
+        })?;
         undo.apply(&mut sink).map_err(io("the image"))?;
     }
     Ok(())
-}
-
-fn decode_undo_at(buf: &[u8], offset: u64, name: &str) -> Result<UndoEntry, RollbackError> {
-    let damaged = |reason: String| RollbackError::Damaged {
-        file: name.to_owned(),
-        offset,
-        reason,
-    };
-    match decode_any_entry(buf, offset) {
-        Ok(Some((JournalEntry::Undo(u), used))) if used == buf.len() => Ok(u),
-        Ok(_) => Err(damaged("not the undo entry the plan found there".into())),
-        Err(d) => Err(damaged(d.to_string())),
-    }
 }
 
 /// Where a test stops a rollback, as a kill -9 would ([`crate::replica::DiskReplica::roll_back_until`]).
@@ -357,21 +348,25 @@ pub fn roll_back_group(
             seq: l.seq,
         };
         // Nothing changes before every disk is known to roll back.
-        plan(
+        let undo = plan(
             replica.journal().clone(),
             &files.describe(&id, JOURNAL_FILE),
             target.journal_end,
         )
         .map_err(|e| disk_err(&id)(e.into()))?;
-        replicas.push((id, replica, target));
+        replicas.push((id, replica, target, undo));
     }
-    let targets: Vec<(StreamId, RollbackTarget)> =
-        replicas.iter().map(|(id, _, t)| (id.clone(), *t)).collect();
+    let targets: Vec<(StreamId, RollbackTarget)> = replicas
+        .iter()
+        .map(|(id, _, t, _)| (id.clone(), *t))
+        .collect();
     store.record_rollbacks(&targets)?;
     let mut disks = Vec::new();
-    for (id, mut replica, target) in replicas {
+    for (id, mut replica, target, undo) in replicas {
         let t = Instant::now();
-        let done = replica.roll_back(&store, target).map_err(disk_err(&id))?;
+        let done = replica
+            .roll_back_planned(&store, target, undo, RollbackStop::Never)
+            .map_err(disk_err(&id))?;
         disks.push(DiskRollback {
             vm: id.vm.clone(),
             disk: id.disk,
