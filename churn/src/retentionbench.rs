@@ -53,8 +53,8 @@ pub struct BackInTime {
     pub changed_bytes: u64,
     /// `changed_bytes` / the disk's write rate.
     pub floor_seconds: f64,
-    /// `seconds / floor_seconds`: target <= 2.
-    pub ratio_to_floor: f64,
+    /// `seconds / floor_seconds`: target <= 2 (`None` when nothing changed since).
+    pub ratio_to_floor: Option<f64>,
     /// Test failovers: how the copies were made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
@@ -77,8 +77,10 @@ pub struct RetentionBench {
     pub retention_bytes_per_changed_byte: f64,
     pub test_failovers: Vec<BackInTime>,
     pub rollbacks: Vec<BackInTime>,
-    /// Every recovery point verified byte for byte before going back.
+    /// Every recovery point verified byte for byte before going back, and the images
+    /// after the last rollback equal to that point replayed from the journal's start.
     pub verified: bool,
+    pub rolled_back_images_match: bool,
 }
 
 const AGO: [f64; 3] = [1.0, 10.0, 50.0];
@@ -215,7 +217,7 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
             seconds,
             changed_bytes: changed,
             floor_seconds: floor(changed),
-            ratio_to_floor: seconds / floor(changed).max(1e-9),
+            ratio_to_floor: ratio(seconds, floor(changed)),
             method,
         });
         ask(&site, &Request::TestFailoverDelete { name }).await?;
@@ -225,6 +227,11 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
     site.stop_master_target(false)?;
     let journal_bytes = journals_size(&site.mt_data)?;
     let v = crate::verify::verify(&report.manifest, &site.mt_data).map_err(anyhow::Error::msg)?;
+
+    // The oldest target as the journal replays it from the start: what the last
+    // rollback must give, byte for byte.
+    let oldest = at(AGO[AGO.len() - 1]);
+    let expected = materialize_all(&site.mt_data, "g", oldest)?;
 
     let mut rollbacks = Vec::new();
     for pct in AGO {
@@ -239,9 +246,17 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
             seconds,
             changed_bytes: changed,
             floor_seconds: floor(changed),
-            ratio_to_floor: seconds / floor(changed).max(1e-9),
+            ratio_to_floor: ratio(seconds, floor(changed)),
             method: None,
         });
+    }
+    let mut rolled_back_images_match = true;
+    for (image, want) in &expected {
+        let got = std::fs::File::open(image)?;
+        let want_f = std::fs::File::open(want)?;
+        let size = got.metadata()?.len();
+        rolled_back_images_match &= crate::image::first_difference(&got, &want_f, size)?.is_none();
+        std::fs::remove_file(want)?;
     }
     Ok(RetentionBench {
         disks: o.disks,
@@ -255,8 +270,50 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
         retention_bytes_per_changed_byte: journal_bytes as f64 / (applied_bytes.max(1)) as f64,
         test_failovers,
         rollbacks,
-        verified: v.verified,
+        verified: v.verified && rolled_back_images_match,
+        rolled_back_images_match,
     })
+}
+
+/// Each disk of `group` at point `tag`, replayed from its journal's start into a file
+/// beside its image: `(image, materialized)` pairs.
+fn materialize_all(
+    mt_data: &Path,
+    group: &str,
+    tag: u64,
+) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+    use fbr_master_target::files::{image_path, journal_path};
+    let store = fbr_master_target::Store::open(mt_data)?;
+    let point = store
+        .recovery_points()?
+        .into_iter()
+        .find(|p| p.group == group && p.tag_id == tag)
+        .context("the point to check")?;
+    drop(store);
+    let mut out = Vec::new();
+    for l in &point.landed {
+        let id = StreamId {
+            vm: l.vm.clone(),
+            disk: l.disk,
+        };
+        let image = image_path(mt_data, &id);
+        let want = image.with_extension("expected");
+        let f = std::fs::File::create(&want)?;
+        f.set_len(std::fs::metadata(&image)?.len())?;
+        fbr_master_target::journal::replay(
+            &journal_path(mt_data, &id),
+            l.seq,
+            &mut fbr_master_target::replica::FileImage(&f),
+        )
+        .map_err(anyhow::Error::msg)?;
+        out.push((image, want));
+    }
+    Ok(out)
+}
+
+/// `seconds / floor`, when there was something to do.
+fn ratio(seconds: f64, floor: f64) -> Option<f64> {
+    (floor > 0.0).then(|| seconds / floor)
 }
 
 /// The answer of the running master target to `request`.
@@ -317,13 +374,15 @@ pub fn print(r: &RetentionBench) {
     ] {
         for b in list {
             eprintln!(
-                "  {what} to {:>4.0}% ago (tag {}): {:.3} s for {:.1} MB changed; floor {:.3} s; {:.2}x{}",
+                "  {what} to {:>4.0}% ago (tag {}): {:.3} s for {:.1} MB changed; floor {:.3} s; {}{}",
                 b.percent_ago,
                 b.tag_id,
                 b.seconds,
                 b.changed_bytes as f64 / 1e6,
                 b.floor_seconds,
-                b.ratio_to_floor,
+                b.ratio_to_floor
+                    .map(|r| format!("{r:.2}x"))
+                    .unwrap_or_else(|| "-".into()),
                 b.method.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
             );
         }
