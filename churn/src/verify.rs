@@ -150,6 +150,18 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
         ));
     }
     let points = store.recovery_points().map_err(|e| e.to_string())?;
+    // Disks whose oldest history was trimmed to the retention window: verified from
+    // where their journal starts now.
+    let mut trims: HashMap<StreamId, (u64, u64)> = HashMap::new();
+    for d in &manifest.disks {
+        let id = StreamId {
+            vm: d.vm.clone(),
+            disk: d.disk,
+        };
+        if let Some(t) = store.trim_point(&id).map_err(|e| e.to_string())? {
+            trims.insert(id, t);
+        }
+    }
     drop(store);
     let pools = ContentPools::new(manifest.seed);
 
@@ -167,7 +179,11 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
                 let Some(disk) = manifest.disks.get(i) else {
                     return;
                 };
-                let outcome = verify_disk(disk, mt_data, &pools);
+                let id = StreamId {
+                    vm: disk.vm.clone(),
+                    disk: disk.disk,
+                };
+                let outcome = verify_disk(disk, mt_data, &pools, trims.get(&id).copied());
                 outcomes
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -248,7 +264,14 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
     let mut acked_tags: BTreeMap<(&str, u64), (usize, usize)> = BTreeMap::new();
     for d in &manifest.disks {
         let members = manifest.disks.iter().filter(|x| x.group == d.group).count();
-        for t in &d.tags {
+        let trimmed_to = trims
+            .get(&StreamId {
+                vm: d.vm.clone(),
+                disk: d.disk,
+            })
+            .map_or(0, |(_, seq)| *seq);
+        // Points older than the retention window were trimmed on purpose.
+        for t in d.tags.iter().filter(|t| t.seq >= trimmed_to) {
             let e = acked_tags
                 .entry((d.group.as_str(), t.id))
                 .or_insert((0, members));
@@ -283,6 +306,7 @@ fn verify_disk(
     d: &DiskManifest,
     mt_data: &Path,
     pools: &std::sync::Arc<ContentPools>,
+    trim: Option<(u64, u64)>,
 ) -> DiskOutcome {
     let id = StreamId {
         vm: d.vm.clone(),
@@ -309,7 +333,8 @@ fn verify_disk(
             return out;
         }
     };
-    let mut journal = match JournalReader::open(&journal_path(mt_data, &id), JOURNAL_HEADER_LEN) {
+    let start = trim.map_or(JOURNAL_HEADER_LEN, |(offset, _)| offset);
+    let mut journal = match JournalReader::open(&journal_path(mt_data, &id), start) {
         Ok(j) => j,
         Err(e) => {
             fail(&mut out, format!("no journal at the master target: {e}"));
@@ -325,8 +350,15 @@ fn verify_disk(
     };
     let images =
         Scratch::new(scratch.path(), "source", &d.source_base, d.disk_size).and_then(|src| {
-            Scratch::new(scratch.path(), "replica", &d.replica_base, d.disk_size)
-                .map(|rep| (src, rep))
+            match trim {
+                // The replica where its journal starts now: image.raw with every
+                // before-image since put back (what a rollback there would give).
+                Some((offset, _)) => {
+                    replica_at_trim(mt_data, &id, offset, scratch.path(), d.disk_size)
+                }
+                None => Scratch::new(scratch.path(), "replica", &d.replica_base, d.disk_size),
+            }
+            .map(|rep| (src, rep))
         });
     let (src, rep) = match images {
         Ok(pair) => pair,
@@ -338,8 +370,9 @@ fn verify_disk(
     let tags: HashMap<u64, &crate::source::TagRecord> = d.tags.iter().map(|t| (t.seq, t)).collect();
     let mut dirty = Dirty {
         chunks: BTreeSet::new(),
-        everything: d.source_base != d.replica_base || d.first_seq > 1,
+        everything: d.source_base != d.replica_base || d.first_seq > 1 || trim.is_some(),
     };
+    let trimmed_to = trim.map_or(0, |(_, seq)| seq);
     let mut seq = 0u64;
     let mut drawn = 0u64;
     let mut renumbers = d.renumbers.iter().peekable();
@@ -379,11 +412,36 @@ fn verify_disk(
                     &src,
                     &mut dirty,
                 )?;
-                if let Some(t) = tags.get(&skipped) {
-                    return Err(format!(
-                        "recovery point {} (sequence {skipped}) is missing from the journal",
-                        t.id
-                    ));
+                match tags.get(&skipped) {
+                    // The oldest point kept: the journal starts just past it, and the
+                    // replica there is what its before-images give back.
+                    Some(t) if skipped == trimmed_to && !t.in_resync => {
+                        out.report.tags_checked += 1;
+                        let diff = dirty
+                            .compare(&src, &rep)
+                            .map_err(|e| format!("comparing at tag {}: {e}", t.id))?;
+                        match diff {
+                            Some(at) => fail(
+                                &mut out,
+                                format!(
+                                    "replica differs from the source at tag {} (first at byte {at}), where its journal starts",
+                                    t.id
+                                ),
+                            ),
+                            None => out.report.tags_matching += 1,
+                        }
+                        out.tag_matches.insert(t.id, diff.is_none());
+                        continue; // a tag changes nothing: nothing to draw
+                    }
+                    // Older than the retention window: trimmed on purpose.
+                    Some(_) if skipped <= trimmed_to => continue,
+                    Some(t) => {
+                        return Err(format!(
+                            "recovery point {} (sequence {skipped}) is missing from the journal",
+                            t.id
+                        ))
+                    }
+                    None => {}
                 }
                 if !d.is_resync(skipped) {
                     drawn += 1;
@@ -492,6 +550,34 @@ fn verify_disk(
         Err(e) => fail(&mut out, format!("reading image: {e}")),
     }
     out
+}
+
+/// The replica at journal offset `offset` (where a trimmed journal starts): a sparse
+/// copy of image.raw with every before-image journaled since put back, newest first.
+fn replica_at_trim(
+    mt_data: &Path,
+    id: &StreamId,
+    offset: u64,
+    dir: &Path,
+    disk_size: u64,
+) -> std::io::Result<Scratch> {
+    use fbr_master_target::rollback;
+    let other = |e: String| std::io::Error::other(e);
+    let image = File::open(image_path(mt_data, id))?;
+    let path = dir.join("replica");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    fbr_master_target::replica::sparse_copy(&image, &file, disk_size)?;
+    let jpath = journal_path(mt_data, id);
+    let name = jpath.display().to_string();
+    let journal = std::sync::Arc::new(File::open(&jpath)?);
+    let plan = rollback::plan(journal.clone(), &name, offset).map_err(|e| other(e.to_string()))?;
+    rollback::put_back(&*journal, &name, &plan, &file, usize::MAX)
+        .map_err(|e| other(e.to_string()))?;
+    Ok(Scratch { file, disk_size })
 }
 
 /// Where the stream was numbered again (at or before `seq`), the changes the relay lost

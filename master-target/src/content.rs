@@ -176,6 +176,34 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Retention punches the oldest journal blocks out: a reference to them is never
+    /// resolved (zeros fail the re-hash), so the relay resends the data.
+    #[test]
+    fn a_block_in_a_trimmed_journal_range_is_never_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("journal"))
+            .unwrap();
+        let journal = Arc::new(file);
+        let data = vec![5u8; BLOCK_SIZE];
+        journal.write_at(&data, 8192).unwrap();
+        let index = ContentIndex::new(8);
+        let disk = StreamId {
+            vm: "vm".into(),
+            disk: 0,
+        };
+        index.insert_write(&disk, &journal, 8192, &data, None);
+        let hash = block_hash(&data);
+        assert!(index.lookup(&hash, BLOCK_SIZE).is_some());
+        journal.zero_range(4096, 8192).unwrap();
+        assert!(index.lookup(&hash, BLOCK_SIZE).is_none());
+        assert_eq!(index.stats.stale.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn finds_verifies_and_evicts() {
         let journal = Arc::new(fbr_storage::MemFile::default());

@@ -3,8 +3,9 @@
 //! The journal is the master target's source of truth. A batch of records is appended
 //! and `fdatasync`ed **before** it is acknowledged; the disk image is then updated in
 //! place and only flushed at checkpoints, and recovery re-applies the journal from the
-//! last checkpoint. Because it keeps every record, any recovery point can be
-//! materialised by replaying it up to that point ([`replay`]).
+//! last checkpoint. Until retention trims it ([`crate::retention`]), it keeps every
+//! record, so a recovery point can be materialised by replaying it up to that point
+//! ([`replay`]); from a trimmed journal's start, by putting before-images back.
 //!
 //! ## Format (version 2, little-endian; `docs/JOURNAL-FORMAT.md` has the byte tables)
 //!

@@ -25,6 +25,8 @@
 //!   and the window they span (`master-target points`).
 //! - [`rollback`]: rolling a replica back in place to an earlier point from the
 //!   journal's before-images, crash-safe (`master-target rollback`).
+//! - [`retention`]: the bounded window (time and size per group) and trimming the
+//!   oldest history.
 //! - [`testcopy`]: test failovers: writable copies of a group's disks at a recovery
 //!   point, made while replication goes on; [`control`] is the socket that asks for them.
 //!
@@ -54,6 +56,7 @@ pub mod hashes;
 pub mod journal;
 pub mod points;
 pub mod replica;
+pub mod retention;
 pub mod rollback;
 pub mod seed;
 pub mod settings;

@@ -185,6 +185,14 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "control_socket")]
     control_socket: Option<String>,
+    /// How far back recovery points are kept per group, e.g. 24h [retention_window].
+    #[arg(long)]
+    #[serde(rename = "retention_window")]
+    retention_window: Option<String>,
+    /// Journal bytes kept per group, e.g. 500GiB; 0: no cap [retention_max].
+    #[arg(long)]
+    #[serde(rename = "retention_max")]
+    retention_max: Option<String>,
 }
 
 impl RunArgs {
@@ -289,6 +297,7 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
                 .with_context(|| format!("control_socket {path}"))?,
         ),
     };
+    let trimmer = tokio::spawn(trim_forever(mt.clone(), settings.retention()?));
     tracing::info!(listen = %local, data = %data.display(), "master target listening");
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));
     let notify = fbr_metrics::spawn_systemd_readiness(endpoints)
@@ -300,6 +309,7 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     // Relays hear at once that the master target stopped (and report it).
     fbr_transport::quic::close_gracefully(&endpoint, b"master target shutting down").await;
     server.abort();
+    trimmer.abort();
     // The sessions end with their connections: checkpoint what they hand back, so the
     // next start replays nothing.
     let checkpointed = mt.checkpoint_all(std::time::Duration::from_secs(5)).await;
@@ -345,6 +355,37 @@ impl fbr_metrics::Endpoints for Endpoints {
                 "ready: {} relay streams open\n",
                 self.0.metrics.relay_streams.get()
             ),
+        }
+    }
+}
+
+/// Trims every group to its retention, a few times a window, off the async threads.
+async fn trim_forever(
+    mt: Arc<MasterTarget>,
+    policy: fbr_master_target::retention::RetentionPolicy,
+) {
+    let mut tick =
+        tokio::time::interval(fbr_master_target::retention::trim_interval(policy.window));
+    loop {
+        tick.tick().await;
+        let mt = mt.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let now = replica::unix_ms(std::time::SystemTime::now());
+            fbr_master_target::retention::trim_pass(mt.files.root(), &mt.store, policy, now)
+        })
+        .await;
+        match pass {
+            Ok(Ok(p)) if p.disks_trimmed > 0 => {
+                tracing::info!(
+                    disks = p.disks_trimmed,
+                    tags = p.tags_dropped,
+                    bytes = p.bytes_punched,
+                    "trimmed to the retention window"
+                )
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("trimming: {e}"),
+            Err(e) => tracing::error!("trim task: {e}"),
         }
     }
 }
@@ -548,10 +589,21 @@ fn materialize(
         .create_new(true)
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
-    file.set_len(ckpt.disk_size)?;
-    let mut sink = replica::FileImage(&file);
-    journal::replay(&files::journal_path(data, id), landed.seq, &mut sink)
-        .map_err(anyhow::Error::msg)?;
+    let jpath = files::journal_path(data, id);
+    if store.trim_point(id)?.is_some() {
+        // The journal no longer starts at the disk's beginning: the image with the
+        // before-images since the point put back (time proportional to the change).
+        let image = std::fs::File::open(files::image_path(data, id))?;
+        replica::sparse_copy(&image, &file, ckpt.disk_size)?;
+        let name = jpath.display().to_string();
+        let journal = Arc::new(std::fs::File::open(&jpath)?);
+        let plan = fbr_master_target::rollback::plan(journal.clone(), &name, landed.journal_end)?;
+        fbr_master_target::rollback::put_back(&*journal, &name, &plan, &file, usize::MAX)?;
+    } else {
+        file.set_len(ckpt.disk_size)?;
+        let mut sink = replica::FileImage(&file);
+        journal::replay(&jpath, landed.seq, &mut sink).map_err(anyhow::Error::msg)?;
+    }
     file.sync_all()?;
     println!(
         "wrote {} at recovery point {group}/{tag} to {}",

@@ -479,7 +479,7 @@ impl DiskReplica<File> {
 }
 
 /// Copies `len` bytes of `from` to `to`, leaving holes where `from` has holes or zeros.
-fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
+pub fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;
     to.set_len(len)?;
     let mut buf = vec![0u8; CHUNK as usize];

@@ -42,6 +42,12 @@ pub struct MasterTargetSettings {
     /// Unix socket (mode 0600) for operator requests (`master-target test-failover`);
     /// empty to disable.
     pub control_socket: String,
+    /// How far back recovery points are kept, per replication group: `<n>s`, `<n>m`,
+    /// `<n>h` or `<n>d`, from 1s (drills) to 15d.
+    pub retention_window: String,
+    /// Journal bytes kept per replication group, all its disks together; 0: no cap (the
+    /// window alone bounds it).
+    pub retention_max: ByteSize,
     pub log_json: bool,
 }
 
@@ -59,6 +65,8 @@ impl Default for MasterTargetSettings {
             max_udp_payload: 1452,
             content_index_entries: 1 << 20,
             control_socket: DEFAULT_CONTROL_SOCKET.into(),
+            retention_window: "24h".into(),
+            retention_max: ByteSize(0),
             log_json: false,
         }
     }
@@ -92,13 +100,59 @@ impl DaemonSettings for MasterTargetSettings {
             ));
         }
         self.metrics_addr()?;
+        self.retention()?;
         Ok(())
     }
 }
 
 impl MasterTargetSettings {
+    /// The retention policy the settings describe.
+    pub fn retention(&self) -> Result<crate::retention::RetentionPolicy, ConfigError> {
+        let window = parse_window(&self.retention_window)
+            .map_err(|e| ConfigError::new("retention_window", e))?;
+        Ok(crate::retention::RetentionPolicy {
+            window,
+            max_bytes: (self.retention_max.0 > 0).then_some(self.retention_max.0),
+        })
+    }
+
     /// The metrics endpoint's address, `None` when disabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         fbr_daemon::settings::listen_addr("metrics_listen", &self.metrics_listen)
+    }
+}
+
+/// `<n>s`, `<n>m`, `<n>h` or `<n>d`, from one second to 15 days.
+fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90m, 24h or 15d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    if !(1..=15 * 86_400).contains(&secs) {
+        return Err(format!("{s} is out of range 1s..=15d"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::parse_window;
+
+    #[test]
+    fn windows_parse_with_their_units_and_range() {
+        assert_eq!(parse_window("24h").unwrap().as_secs(), 86_400);
+        assert_eq!(parse_window("90m").unwrap().as_secs(), 5_400);
+        assert_eq!(parse_window("15d").unwrap().as_secs(), 1_296_000);
+        for bad in ["16d", "0s", "24", "h", "2w", "-1h"] {
+            assert!(parse_window(bad).is_err(), "{bad}");
+        }
     }
 }

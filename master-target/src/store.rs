@@ -17,6 +17,8 @@
 //! - `tag_times`: `(group, tag_id, "vm/disk")` -> UNIX time in milliseconds when the tag
 //!   first became durable here (kept when recovery indexes the tag again); no row: a
 //!   tag indexed before times were recorded
+//! - `trims`: `"vm/disk"` -> `(journal_offset, seq)`: the journal before that offset is
+//!   trimmed (holes); it starts at the entry just past the tag `seq` ([`crate::retention`])
 //! - `rollbacks`: `"vm/disk"` -> `(journal_end, seq)`: a rollback in place under way,
 //!   back to the point whose tag ends there ([`crate::rollback`]); opening the replica
 //!   completes it
@@ -42,6 +44,7 @@ type TagValue = (u64, u8, u32, u64);
 const TAGS: TableDefinition<TagKey, TagValue> = TableDefinition::new("tags");
 const TAG_TIMES: TableDefinition<TagKey, u64> = TableDefinition::new("tag_times");
 const ROLLBACKS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("rollbacks");
+const TRIMS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("trims");
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +205,7 @@ impl Store {
         tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
         tx.open_table(TAG_TIMES).map_err(e)?;
         tx.open_table(ROLLBACKS).map_err(e)?;
+        tx.open_table(TRIMS).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(Store { db })
     }
@@ -295,6 +299,52 @@ impl Store {
             }
         }
         tx.commit().map_err(e)
+    }
+
+    /// Where disk `id`'s journal starts now: `(offset, seq)` of the entry boundary just
+    /// past the oldest kept point's tag; `None`: never trimmed (it starts after the
+    /// header).
+    pub fn trim_point(&self, id: &StreamId) -> Result<Option<(u64, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(TRIMS).map_err(e)?;
+        let row = t.get(stream_key(id).as_str()).map_err(e)?;
+        Ok(row.map(|r| r.value()))
+    }
+
+    /// Records that the journals of `disks` now start at `(offset, seq)` each and
+    /// forgets their tags before that (older than the oldest kept point), in one
+    /// transaction: a group's disks are trimmed together. Called before the bytes are
+    /// punched out, so nothing ever reads where a hole may be.
+    pub fn record_trims(&self, disks: &[(StreamId, u64, u64)]) -> Result<usize, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let mut dropped = 0;
+        {
+            let mut trims = tx.open_table(TRIMS).map_err(e)?;
+            let mut tags = tx.open_table(TAGS).map_err(e)?;
+            let mut inconsistent = tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
+            let mut times = tx.open_table(TAG_TIMES).map_err(e)?;
+            for (id, offset, seq) in disks {
+                let key = stream_key(id);
+                trims.insert(key.as_str(), (*offset, *seq)).map_err(e)?;
+                let mut old: Vec<(String, u64)> = Vec::new();
+                for row in tags.iter().map_err(e)? {
+                    let (k, v) = row.map_err(e)?;
+                    let (group, tag_id, stream) = k.value();
+                    if stream == key && v.value().3 < *offset {
+                        old.push((group.to_owned(), tag_id));
+                    }
+                }
+                for (group, tag_id) in &old {
+                    let k = (group.as_str(), *tag_id, key.as_str());
+                    tags.remove(k).map_err(e)?;
+                    inconsistent.remove(k).map_err(e)?;
+                    times.remove(k).map_err(e)?;
+                }
+                dropped += old.len();
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(dropped)
     }
 
     /// Disks with a rollback under way (interrupted), and where to.

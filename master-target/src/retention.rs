@@ -1,0 +1,237 @@
+//! Bounded retention: per replication group, the recovery points of the last `window`
+//! (default 24 h, at most 15 days), and at most `max_bytes` of journal. Whichever binds
+//! first trims the oldest history.
+//!
+//! A trim pass (every [`trim_interval`] in the daemon, off the apply path) picks, per
+//! group, the oldest recovery point to keep ([`keep_from`], pure). For every disk of the
+//! group, the journal then starts just past that point's tag. It is still a full
+//! undo log from there: the newest state is the image, and rollbacks and test failovers
+//! reach every kept point. Trimming is
+//! 1. recorded in the index first (`trims`, and the older tags forgotten), for all the
+//!    group's disks in one transaction, then
+//! 2. done with `fallocate(PUNCH_HOLE)` on whole 4 KiB blocks below the new start: the
+//!    journal keeps its length and offsets (the content index refers to them), only its
+//!    blocks are freed.
+//!
+//! So nothing reads where a hole may be: every reader starts at the recorded start or
+//! later. A crash between the two steps leaves blocks unfreed until the disk's next
+//! trim, which punches from the journal's first block again (idempotent). A content index entry pointing into a hole reads zeros,
+//! fails its re-hash and is dropped: the relay resends. A dedup reference therefore never
+//! resolves to trimmed bytes. Trimming never touches the newest state (the image) and
+//! never waits for, or holds up, applying. A disk whose last checkpoint lies before the
+//! chosen point is trimmed at a later pass: recovery starts at the checkpoint, so the
+//! journal must keep everything after it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fbr_protocol::StreamId;
+use fbr_storage::DurableFile;
+
+use crate::files::journal_path;
+use crate::journal::JOURNAL_HEADER_LEN;
+use crate::store::{RecoveryPoint, ReplicaIndex, Store};
+
+/// How often the daemon trims: four times a window, between 1 s and 10 s apart.
+pub fn trim_interval(window: Duration) -> Duration {
+    (window / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+/// The unit of freed journal space (a file system block).
+const PUNCH_ALIGN: u64 = 4096;
+
+/// How much history a group keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub window: Duration,
+    /// Journal bytes kept per group (all its disks), `None`: no cap.
+    pub max_bytes: Option<u64>,
+}
+
+/// A group's complete recovery point, as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptPoint {
+    pub tag_id: u64,
+    pub time_ms: Option<u64>,
+    /// Per disk: `(id, journal_end of its tag, seq)`.
+    pub disks: Vec<(StreamId, u64, u64)>,
+}
+
+/// The oldest point to keep (an index into `points`, oldest first), given the journals'
+/// lengths: the oldest one inside the window, moved newer while the journal bytes kept
+/// from it exceed the cap. Never past the newest point. `None` with no points.
+pub fn keep_from(
+    points: &[KeptPoint],
+    now_ms: u64,
+    policy: RetentionPolicy,
+    journal_len: impl Fn(&StreamId) -> u64,
+) -> Option<usize> {
+    let newest = points.len().checked_sub(1)?;
+    let horizon = now_ms.saturating_sub(policy.window.as_millis() as u64);
+    // Points without a time (indexed before times were kept) count as old.
+    let mut keep = points
+        .iter()
+        .position(|p| p.time_ms.is_some_and(|t| t >= horizon))
+        .unwrap_or(newest);
+    if let Some(cap) = policy.max_bytes {
+        let kept = |p: &KeptPoint| -> u64 {
+            p.disks
+                .iter()
+                .map(|(id, end, _)| journal_len(id).saturating_sub(*end))
+                .sum()
+        };
+        while keep < newest && kept(&points[keep]) > cap {
+            keep += 1;
+        }
+    }
+    Some(keep)
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrimPass {
+    pub disks_trimmed: usize,
+    pub tags_dropped: usize,
+    /// Journal bytes punched out this pass (whole blocks).
+    pub bytes_punched: u64,
+}
+
+/// One trim pass over every group of the data directory's index `store` (see the
+/// module docs). `now_ms`: the clock, for the window.
+pub fn trim_pass(
+    data_dir: &Path,
+    store: &Store,
+    policy: RetentionPolicy,
+    now_ms: u64,
+) -> Result<TrimPass, String> {
+    let err = |e: crate::store::StoreError| e.to_string();
+    let mut by_group: std::collections::BTreeMap<String, Vec<KeptPoint>> = Default::default();
+    for p in store.recovery_points().map_err(err)? {
+        if let Some(k) = kept_point(&p) {
+            by_group.entry(p.group.clone()).or_default().push(k);
+        }
+    }
+    let mut pass = TrimPass::default();
+    for points in by_group.values() {
+        let len =
+            |id: &StreamId| std::fs::metadata(journal_path(data_dir, id)).map_or(0, |m| m.len());
+        let Some(keep) = keep_from(points, now_ms, policy, len) else {
+            continue;
+        };
+        let mut trims = Vec::new();
+        let mut ready = true;
+        for (id, end, seq) in &points[keep].disks {
+            let start = store
+                .trim_point(id)
+                .map_err(err)?
+                .map_or(JOURNAL_HEADER_LEN, |(o, _)| o);
+            let checkpoint = store
+                .checkpoint(id)
+                .map_err(err)?
+                .map_or(0, |c| c.journal_offset);
+            if *end > checkpoint {
+                ready = false; // recovery still needs the journal from its checkpoint
+            }
+            if *end > start {
+                trims.push((id.clone(), *end, *seq));
+            }
+        }
+        if !ready || trims.is_empty() {
+            continue;
+        }
+        pass.tags_dropped += store.record_trims(&trims).map_err(err)?;
+        for (id, end, _) in &trims {
+            pass.bytes_punched += punch(&journal_path(data_dir, id), *end)?;
+            pass.disks_trimmed += 1;
+        }
+    }
+    Ok(pass)
+}
+
+/// Punches the whole blocks of `path` between its header's block and `end`; returns the
+/// bytes punched (freed now or before).
+fn punch(path: &Path, end: u64) -> Result<u64, String> {
+    let to = end / PUNCH_ALIGN * PUNCH_ALIGN;
+    if to <= PUNCH_ALIGN {
+        return Ok(0);
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.zero_range(PUNCH_ALIGN, to - PUNCH_ALIGN)
+        .map_err(|e| format!("{}: trimming: {e}", path.display()))?;
+    Ok(to - PUNCH_ALIGN)
+}
+
+/// A complete, consistent point, with where its tag ends on each disk.
+fn kept_point(p: &RecoveryPoint) -> Option<KeptPoint> {
+    (p.complete && p.consistent).then(|| KeptPoint {
+        tag_id: p.tag_id,
+        time_ms: p.time_ms,
+        disks: p
+            .landed
+            .iter()
+            .map(|l| {
+                (
+                    StreamId {
+                        vm: l.vm.clone(),
+                        disk: l.disk,
+                    },
+                    l.journal_end,
+                    l.seq,
+                )
+            })
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(tag: u64, time: u64, end: u64) -> KeptPoint {
+        KeptPoint {
+            tag_id: tag,
+            time_ms: Some(time),
+            disks: vec![(
+                StreamId {
+                    vm: "vm1".into(),
+                    disk: 0,
+                },
+                end,
+                tag,
+            )],
+        }
+    }
+
+    #[test]
+    fn the_window_keeps_the_points_inside_it() {
+        let points: Vec<KeptPoint> = (0..10).map(|i| point(i, i * 1000, i * 100)).collect();
+        let policy = RetentionPolicy {
+            window: Duration::from_secs(3),
+            max_bytes: None,
+        };
+        // Now is 9.5 s: points at 6.5 s or later are kept.
+        assert_eq!(keep_from(&points, 9_500, policy, |_| 1000), Some(7));
+        // All older than the window: the newest stays.
+        assert_eq!(keep_from(&points, 60_000, policy, |_| 1000), Some(9));
+        assert_eq!(keep_from(&[], 0, policy, |_| 0), None);
+    }
+
+    #[test]
+    fn the_cap_binds_when_it_is_tighter() {
+        let points: Vec<KeptPoint> = (0..10).map(|i| point(i, i * 1000, i * 100)).collect();
+        let policy = RetentionPolicy {
+            window: Duration::from_secs(3600),
+            max_bytes: Some(250),
+        };
+        // The journal is 1000 bytes: keeping from point i keeps 1000 - 100 i.
+        assert_eq!(keep_from(&points, 9_500, policy, |_| 1000), Some(8));
+        // A cap nothing meets keeps the newest point only.
+        let tiny = RetentionPolicy {
+            max_bytes: Some(0),
+            ..policy
+        };
+        assert_eq!(keep_from(&points, 9_500, tiny, |_| 1000), Some(9));
+    }
+}

@@ -1,0 +1,116 @@
+//! Bounded retention, end to end: a master target keeping a 3 s window trims the oldest
+//! history while churn goes on. Afterwards:
+//! - the points listed all lie inside the window, and the oldest ones are gone;
+//! - the journals' trimmed blocks are freed (holes), while their offsets stay;
+//! - `churn verify` proves every kept point byte for byte, starting from where each
+//!   journal now starts (the image with its before-images put back);
+//! - a rollback to the oldest kept point equals `materialize` of it.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::time::Duration;
+
+use fbr_churn::harness::{bin_path, Site, SiteOptions};
+use fbr_churn::workload::Content;
+use fbr_tests::{agent_options, churn, plans, stop_and_verify};
+
+fn master_target(args: &[&str]) -> String {
+    let out = Command::new(bin_path("master-target").unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "master-target {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_point_in_it() {
+    let mut site = Site::create(
+        None,
+        SiteOptions {
+            agent_vms: vec!["vm1".into(), "vm2".into()],
+            cache_capacity: 256 << 20,
+            cache_segment_mib: 4,
+            mt_credit_mib: 8,
+            max_udp_payload: 1452,
+            relay_args: vec![],
+            mt_args: vec!["--retention-window".into(), "3s".into()],
+        },
+    )
+    .unwrap();
+    site.start_master_target().unwrap();
+    site.start_relay().unwrap();
+    // Long enough for checkpoints (every 10 s) to pass points outside the window.
+    let mut opts = agent_options(&site, Duration::from_secs(16), Duration::from_millis(200));
+    opts.rate_bytes_per_s = Some(4_000_000);
+    let report = churn(opts, plans(2, 1, 8 << 20, Content::Mixed, 47), 47).await;
+    let first_tag = report.manifest.disks[0].tags[0].id;
+    // Trimming runs a few times a window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
+
+    let data = site.mt_data.to_str().unwrap().to_owned();
+    let listing: serde_json::Value =
+        serde_json::from_str(&master_target(&["points", "--data", &data, "--json"])).unwrap();
+    let window = &listing["groups"][0]["window"];
+    let oldest = window["oldest_tag"].as_u64().unwrap();
+    let newest = window["newest_tag"].as_u64().unwrap();
+    assert!(
+        oldest > first_tag + 10,
+        "the oldest history was trimmed: oldest kept {oldest}, first {first_tag}"
+    );
+    // Inside the window, give or take the checkpoint that trimming waits for (10 s).
+    let span =
+        window["newest_time_ms"].as_u64().unwrap() - window["oldest_time_ms"].as_u64().unwrap();
+    assert!(span <= 14_000, "kept {span} ms of points for a 3 s window");
+    assert!(newest > oldest, "{window}");
+    for vm in ["vm1", "vm2"] {
+        let journal = site.mt_data.join(format!("disks/{vm}/disk0/journal.fbrj"));
+        let m = std::fs::metadata(&journal).unwrap();
+        assert!(
+            m.blocks() * 512 < m.len() / 2,
+            "{vm}: trimmed blocks are freed ({} of {} bytes allocated)",
+            m.blocks() * 512,
+            m.len()
+        );
+    }
+
+    // Back to the oldest kept point: what materialize makes of it.
+    let tag = oldest.to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let mut expected = Vec::new();
+    for vm in ["vm1", "vm2"] {
+        let out = scratch.path().join(format!("{vm}.raw"));
+        master_target(&[
+            "materialize",
+            "--data",
+            &data,
+            "--group",
+            "group1",
+            "--tag",
+            &tag,
+            "--vm",
+            vm,
+            "--disk",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        expected.push((vm, std::fs::read(&out).unwrap()));
+    }
+    master_target(&[
+        "rollback", "--data", &data, "--group", "group1", "--tag", &tag,
+    ]);
+    for (vm, want) in expected {
+        let got = std::fs::read(site.mt_data.join(format!("disks/{vm}/disk0/image.raw"))).unwrap();
+        assert!(
+            got == want,
+            "{vm}: rolled back to {tag}, it differs from materialize"
+        );
+    }
+}
