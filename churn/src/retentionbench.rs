@@ -8,6 +8,9 @@
 //! - the group is rolled back in place (daemon stopped), newest target first, each
 //!   timed.
 //!
+//! Last, a trim pass drops every point but the newest, timed, with the journal blocks
+//! it frees (trimming throughput).
+//!
 //! Each is compared with its *floor*: the bytes changed since the point divided by the
 //! disk's write rate (target: within 2x). Also reported: the journal's bytes per byte
 //! applied (records and before-images; the design's cost, target <= 2), and the apply
@@ -60,6 +63,16 @@ pub struct BackInTime {
     pub method: Option<String>,
 }
 
+/// One trim pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trim {
+    pub seconds: f64,
+    pub tags_dropped: usize,
+    /// Journal blocks freed (allocated bytes before minus after).
+    pub bytes_freed: u64,
+    pub gb_per_s: f64,
+}
+
 /// The benchmark's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct RetentionBench {
@@ -77,6 +90,8 @@ pub struct RetentionBench {
     pub retention_bytes_per_changed_byte: f64,
     pub test_failovers: Vec<BackInTime>,
     pub rollbacks: Vec<BackInTime>,
+    /// After the rollbacks, trimming every point but the newest.
+    pub trim: Trim,
     /// Every recovery point verified byte for byte before going back, and the images
     /// after the last rollback equal to that point replayed from the journal's start.
     pub verified: bool,
@@ -250,6 +265,31 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
             method: None,
         });
     }
+    // Trimming: everything older than the newest point goes (a window of 1 s).
+    let trim = {
+        let store = fbr_master_target::Store::open(&site.mt_data)?;
+        let before = allocated(&site.mt_data)?;
+        let t = Instant::now();
+        let pass = fbr_master_target::retention::trim_pass(
+            &site.mt_data,
+            &store,
+            fbr_master_target::retention::RetentionPolicy {
+                window: Duration::from_secs(1),
+                max_bytes: None,
+            },
+            fbr_master_target::replica::unix_ms(std::time::SystemTime::now()),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let seconds = t.elapsed().as_secs_f64();
+        let freed = before.saturating_sub(allocated(&site.mt_data)?);
+        Trim {
+            seconds,
+            tags_dropped: pass.tags_dropped,
+            bytes_freed: freed,
+            gb_per_s: freed as f64 / seconds.max(1e-9) / 1e9,
+        }
+    };
+
     let mut rolled_back_images_match = true;
     for (image, want) in &expected {
         let got = std::fs::File::open(image)?;
@@ -270,6 +310,7 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
         retention_bytes_per_changed_byte: journal_bytes as f64 / (applied_bytes.max(1)) as f64,
         test_failovers,
         rollbacks,
+        trim,
         verified: v.verified && rolled_back_images_match,
         rolled_back_images_match,
     })
@@ -345,6 +386,18 @@ fn disk_write_rate(dir: &Path) -> anyhow::Result<f64> {
     Ok(256.0 * (1 << 20) as f64 / secs / 1e6)
 }
 
+/// Bytes of disk the journals occupy (allocated blocks).
+fn allocated(mt_data: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for vm in std::fs::read_dir(mt_data.join("disks"))? {
+        for disk in std::fs::read_dir(vm?.path())? {
+            total += std::fs::metadata(disk?.path().join("journal.fbrj"))?.blocks() * 512;
+        }
+    }
+    Ok(total)
+}
+
 /// Bytes of every disk's journal.
 fn journals_size(mt_data: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
@@ -367,6 +420,13 @@ pub fn print(r: &RetentionBench) {
         r.apply_mb_per_s,
         r.retention_bytes_per_changed_byte,
         r.disk_write_mb_per_s
+    );
+    eprintln!(
+        "  trim of all but the newest point: {:.3} s, {:.1} MB freed, {} tags dropped, {:.1} GB/s",
+        r.trim.seconds,
+        r.trim.bytes_freed as f64 / 1e6,
+        r.trim.tags_dropped,
+        r.trim.gb_per_s
     );
     for (what, list) in [
         ("test failover", &r.test_failovers),

@@ -364,8 +364,7 @@ async fn trim_forever(
     mt: Arc<MasterTarget>,
     policy: fbr_master_target::retention::RetentionPolicy,
 ) {
-    let mut tick =
-        tokio::time::interval(fbr_master_target::retention::trim_interval(policy.window));
+    let mut tick = tokio::time::interval(fbr_master_target::retention::trim_interval(policy));
     loop {
         tick.tick().await;
         let mt = mt.clone();

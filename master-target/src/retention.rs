@@ -18,9 +18,9 @@
 //! trim, which punches from the journal's first block again (idempotent). A content index entry pointing into a hole reads zeros,
 //! fails its re-hash and is dropped: the relay resends. A dedup reference therefore never
 //! resolves to trimmed bytes. Trimming never touches the newest state (the image) and
-//! never waits for, or holds up, applying. A disk whose last checkpoint lies before the
-//! chosen point is trimmed at a later pass: recovery starts at the checkpoint, so the
-//! journal must keep everything after it.
+//! never waits for, or holds up, applying. A group is trimmed only as far as its newest
+//! point at or before every disk's last checkpoint (the rest at a later pass): recovery
+//! starts at the checkpoint, so the journal must keep everything after it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -32,9 +32,15 @@ use crate::files::journal_path;
 use crate::journal::JOURNAL_HEADER_LEN;
 use crate::store::{RecoveryPoint, ReplicaIndex, Store};
 
-/// How often the daemon trims: four times a window, between 1 s and 10 s apart.
-pub fn trim_interval(window: Duration) -> Duration {
-    (window / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
+/// How often the daemon trims: four times a window, between 1 s and 10 s apart, and
+/// every 2 s under a size cap (so the journals exceed it by little more than what was
+/// written since each disk's last checkpoint).
+pub fn trim_interval(policy: RetentionPolicy) -> Duration {
+    let interval = (policy.window / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    match policy.max_bytes {
+        Some(_) => interval.min(Duration::from_secs(2)),
+        None => interval,
+    }
 }
 /// The unit of freed journal space (a file system block).
 const PUNCH_ALIGN: u64 = 4096;
@@ -117,25 +123,37 @@ pub fn trim_pass(
         let Some(keep) = keep_from(points, now_ms, policy, len) else {
             continue;
         };
+        // Recovery replays each disk's journal from its last checkpoint: trim only as far
+        // as the newest point at or before every disk's checkpoint (the rest at a later
+        // pass).
+        let mut checkpoints = std::collections::HashMap::new();
+        for (id, _, _) in &points[keep].disks {
+            let c = store
+                .checkpoint(id)
+                .map_err(err)?
+                .map_or(0, |c| c.journal_offset);
+            checkpoints.insert(id.clone(), c);
+        }
+        let allowed = (0..=keep).rev().find(|&i| {
+            points[i]
+                .disks
+                .iter()
+                .all(|(id, end, _)| checkpoints.get(id).is_some_and(|c| end <= c))
+        });
+        let Some(keep) = allowed else {
+            continue;
+        };
         let mut trims = Vec::new();
-        let mut ready = true;
         for (id, end, seq) in &points[keep].disks {
             let start = store
                 .trim_point(id)
                 .map_err(err)?
                 .map_or(JOURNAL_HEADER_LEN, |(o, _)| o);
-            let checkpoint = store
-                .checkpoint(id)
-                .map_err(err)?
-                .map_or(0, |c| c.journal_offset);
-            if *end > checkpoint {
-                ready = false; // recovery still needs the journal from its checkpoint
-            }
             if *end > start {
                 trims.push((id.clone(), *end, *seq));
             }
         }
-        if !ready || trims.is_empty() {
+        if trims.is_empty() {
             continue;
         }
         pass.tags_dropped += store.record_trims(&trims).map_err(err)?;

@@ -114,3 +114,53 @@ async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_poin
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_cap_bounds_the_journals_under_churn() {
+    const CAP: u64 = 4 << 20;
+    let mut site = Site::create(
+        None,
+        SiteOptions {
+            agent_vms: vec!["vm1".into(), "vm2".into()],
+            cache_capacity: 256 << 20,
+            cache_segment_mib: 4,
+            mt_credit_mib: 8,
+            max_udp_payload: 1452,
+            relay_args: vec![],
+            mt_args: vec![
+                "--retention-window".into(),
+                "15d".into(),
+                "--retention-max".into(),
+                "4MiB".into(),
+            ],
+        },
+    )
+    .unwrap();
+    site.start_master_target().unwrap();
+    site.start_relay().unwrap();
+    let mut opts = agent_options(&site, Duration::from_secs(24), Duration::from_millis(200));
+    opts.rate_bytes_per_s = Some(1_000_000);
+    let report = churn(opts, plans(2, 1, 8 << 20, Content::Mixed, 53), 53).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut allocated = 0;
+    let mut written = 0;
+    for vm in ["vm1", "vm2"] {
+        let m =
+            std::fs::metadata(site.mt_data.join(format!("disks/{vm}/disk0/journal.fbrj"))).unwrap();
+        allocated += m.blocks() * 512;
+        written += m.len();
+    }
+    // The cap, plus what trimming must keep after each disk's last checkpoint (10 s of
+    // churn at most) and since the last pass (2 s): 12 s at 1 MB/s, at about 1.5
+    // journal bytes per byte written, plus margin.
+    eprintln!("journals: {allocated} bytes kept of {written} written");
+    assert!(
+        allocated <= CAP + 20_000_000,
+        "{allocated} bytes of journal kept for a {CAP}-byte cap ({written} written)"
+    );
+    assert!(
+        written > allocated + 8_000_000,
+        "the cap was binding: {written} written"
+    );
+    tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
+}
