@@ -62,34 +62,37 @@ pub struct KeptPoint {
     pub disks: Vec<(StreamId, u64, u64)>,
 }
 
-/// The oldest point to keep (an index into `points`, oldest first), given the journals'
-/// lengths: the oldest one inside the window, moved newer while the journal bytes kept
-/// from it exceed the cap. Never past the newest point. `None` with no points.
+/// The point to trim to (an index into `points`, oldest first), or `None` when neither
+/// bound binds (nothing is trimmed, not even what came before the first point). The
+/// window binds when the oldest point is older than it: keep from the oldest point
+/// inside it (or the newest). The cap binds when the journals hold more than it from
+/// where they start now (`kept_now`, over the group's disks): keep from the oldest point
+/// whose journal bytes from it (`journal_len` minus its tag's end) fit, or the newest.
+/// The later of the two wins.
 pub fn keep_from(
     points: &[KeptPoint],
     now_ms: u64,
     policy: RetentionPolicy,
     journal_len: impl Fn(&StreamId) -> u64,
+    kept_now: u64,
 ) -> Option<usize> {
     let newest = points.len().checked_sub(1)?;
     let horizon = now_ms.saturating_sub(policy.window.as_millis() as u64);
     // Points without a time (indexed before times were kept) count as old.
-    let mut keep = points
-        .iter()
-        .position(|p| p.time_ms.is_some_and(|t| t >= horizon))
-        .unwrap_or(newest);
-    if let Some(cap) = policy.max_bytes {
+    let inside = |p: &KeptPoint| p.time_ms.is_some_and(|t| t >= horizon);
+    let by_window = (!inside(&points[0])).then(|| points.iter().position(inside).unwrap_or(newest));
+    let by_cap = policy.max_bytes.filter(|cap| kept_now > *cap).map(|cap| {
         let kept = |p: &KeptPoint| -> u64 {
             p.disks
                 .iter()
                 .map(|(id, end, _)| journal_len(id).saturating_sub(*end))
                 .sum()
         };
-        while keep < newest && kept(&points[keep]) > cap {
-            keep += 1;
-        }
-    }
-    Some(keep)
+        (0..newest)
+            .find(|&i| kept(&points[i]) <= cap)
+            .unwrap_or(newest)
+    });
+    by_window.max(by_cap)
 }
 
 /// What one pass did.
@@ -120,7 +123,15 @@ pub fn trim_pass(
     for points in by_group.values() {
         let len =
             |id: &StreamId| std::fs::metadata(journal_path(data_dir, id)).map_or(0, |m| m.len());
-        let Some(keep) = keep_from(points, now_ms, policy, len) else {
+        let mut kept_now = 0;
+        for (id, _, _) in &points[points.len() - 1].disks {
+            let start = store
+                .trim_point(id)
+                .map_err(err)?
+                .map_or(JOURNAL_HEADER_LEN, |(o, _)| o);
+            kept_now += len(id).saturating_sub(start);
+        }
+        let Some(keep) = keep_from(points, now_ms, policy, len, kept_now) else {
             continue;
         };
         // Recovery replays each disk's journal from its last checkpoint: trim only as far
@@ -230,10 +241,12 @@ mod tests {
             max_bytes: None,
         };
         // Now is 9.5 s: points at 6.5 s or later are kept.
-        assert_eq!(keep_from(&points, 9_500, policy, |_| 1000), Some(7));
+        assert_eq!(keep_from(&points, 9_500, policy, |_| 1000, 984), Some(7));
         // All older than the window: the newest stays.
-        assert_eq!(keep_from(&points, 60_000, policy, |_| 1000), Some(9));
-        assert_eq!(keep_from(&[], 0, policy, |_| 0), None);
+        assert_eq!(keep_from(&points, 60_000, policy, |_| 1000, 984), Some(9));
+        // All inside: nothing is trimmed, not even what came before the first point.
+        assert_eq!(keep_from(&points, 2_000, policy, |_| 1000, 984), None);
+        assert_eq!(keep_from(&[], 0, policy, |_| 0, 0), None);
     }
 
     #[test]
@@ -244,12 +257,20 @@ mod tests {
             max_bytes: Some(250),
         };
         // The journal is 1000 bytes: keeping from point i keeps 1000 - 100 i.
-        assert_eq!(keep_from(&points, 9_500, policy, |_| 1000), Some(8));
+        assert_eq!(keep_from(&points, 9_500, policy, |_| 1000, 984), Some(8));
+        // Under the cap: nothing to do.
+        assert_eq!(keep_from(&points, 9_500, policy, |_| 1000, 200), None);
         // A cap nothing meets keeps the newest point only.
         let tiny = RetentionPolicy {
             max_bytes: Some(0),
             ..policy
         };
-        assert_eq!(keep_from(&points, 9_500, tiny, |_| 1000), Some(9));
+        assert_eq!(keep_from(&points, 9_500, tiny, |_| 1000, 984), Some(9));
+        // Both bind: the later point wins.
+        let both = RetentionPolicy {
+            window: Duration::from_secs(5),
+            max_bytes: Some(450),
+        };
+        assert_eq!(keep_from(&points, 9_500, both, |_| 1000, 984), Some(6));
     }
 }
