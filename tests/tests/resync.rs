@@ -249,18 +249,19 @@ async fn a_killed_agent_comes_back_and_resumes() {
     let source = generated(52, 1_000_000);
     let mut site = start_site(&["vm1"]);
     tokio::task::block_in_place(|| site.seed_disk("vm1", 0, &base, disk_size)).unwrap();
-    let first = start(
+    let mut first_plan = plan(
         &site,
-        plan(
-            &site,
-            disk_size,
-            source,
-            base.clone(),
-            ResyncPlan::Auto,
-            false,
-        ),
-        120,
+        disk_size,
+        source,
+        base.clone(),
+        ResyncPlan::Auto,
+        false,
     );
+    // Slower than the path, so the agent is not far ahead of what the master target has
+    // applied when it dies: its resync must still be unfinished there (else the next
+    // agent finds the replica in step, with nothing to resume).
+    first_plan.start.resync_rate = Some(4 << 20);
+    let first = start(&site, first_plan, 120);
     wait_progress(&first, 0.4).await;
     first.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -268,18 +269,15 @@ async fn a_killed_agent_comes_back_and_resumes() {
     let disk_file = site.root.join("sources/vm1-disk0.img");
     let snapshot = site.root.join("sources/at-restart.img");
     std::fs::copy(&disk_file, &snapshot).unwrap();
-    let second = start(
+    let mut second_plan = plan(
         &site,
-        plan(
-            &site,
-            disk_size,
-            ImageSpec::File { path: snapshot },
-            base,
-            ResyncPlan::Auto,
-            true,
-        ),
-        120,
+        disk_size,
+        ImageSpec::File { path: snapshot },
+        base,
+        ResyncPlan::Auto,
+        true,
     );
+    let second = start(&site, second_plan, 120);
     wait_progress(&second, 0.01).await;
     let resumed = second.resync_progress()[0].clone();
     assert!(
@@ -289,7 +287,9 @@ async fn a_killed_agent_comes_back_and_resumes() {
         disk_size / MIB
     );
     let stats = second.stats.clone();
-    finish_and_verify(site, second).await;
+    // What is left of the resync after the resume may be done before a tag is due: the
+    // resume itself is what this test checks (above), then every point verifies.
+    finish_and_verify_with(site, second, false).await;
     assert!(stats.resync_sent_bytes.load(Ordering::Relaxed) < disk_size * 9 / 10);
 }
 
