@@ -269,7 +269,7 @@ async fn a_killed_agent_comes_back_and_resumes() {
     let disk_file = site.root.join("sources/vm1-disk0.img");
     let snapshot = site.root.join("sources/at-restart.img");
     std::fs::copy(&disk_file, &snapshot).unwrap();
-    let mut second_plan = plan(
+    let second_plan = plan(
         &site,
         disk_size,
         ImageSpec::File { path: snapshot },
