@@ -269,6 +269,22 @@ pub fn stop_and_verify(
 
 pub use fbr_churn::harness::{http_get, sample};
 
+/// Runs `master-target <args>` (an offline command: points, materialize, rollback, or a
+/// client of the running daemon) and returns its stdout; panics with its stderr if it
+/// fails.
+pub fn master_target(args: &[&str]) -> String {
+    let out = std::process::Command::new(fbr_churn::harness::bin_path("master-target").unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "master-target {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Runs `promtool` with `args` and `stdin`; panics with its output if it is missing or
 /// refuses. The test command (`./scripts/test`) installs it.
 pub fn promtool(args: &[&str], stdin: &str) -> String {

@@ -8,25 +8,11 @@
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 use std::time::Duration;
 
-use fbr_churn::harness::{bin_path, Site, SiteOptions};
+use fbr_churn::harness::{Site, SiteOptions};
 use fbr_churn::workload::Content;
-use fbr_tests::{agent_options, churn, plans, stop_and_verify};
-
-fn master_target(args: &[&str]) -> String {
-    let out = Command::new(bin_path("master-target").unwrap())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "master-target {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use fbr_tests::{agent_options, churn, master_target, plans, stop_and_verify};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_point_in_it() {

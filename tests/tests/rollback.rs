@@ -13,20 +13,7 @@ use std::time::Duration;
 
 use fbr_churn::harness::bin_path;
 use fbr_churn::workload::Content;
-use fbr_tests::{agent_options, churn, plans, start_site, stop_and_verify};
-
-fn master_target(args: &[&str]) -> String {
-    let out = Command::new(bin_path("master-target").unwrap())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "master-target {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use fbr_tests::{agent_options, churn, master_target, plans, start_site, stop_and_verify};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_rolls_back_to_older_and_older_points_exactly() {
