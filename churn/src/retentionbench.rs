@@ -273,10 +273,12 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
         let pass = fbr_master_target::retention::trim_pass(
             &site.mt_data,
             &store,
-            fbr_master_target::retention::RetentionPolicy {
-                window: Duration::from_secs(1),
-                max_bytes: None,
-            },
+            &fbr_master_target::retention::Retention::uniform(
+                fbr_master_target::retention::RetentionPolicy {
+                    window: Duration::from_secs(1),
+                    max_bytes: None,
+                },
+            ),
             fbr_master_target::replica::unix_ms(std::time::SystemTime::now()),
         )
         .map_err(anyhow::Error::msg)?;

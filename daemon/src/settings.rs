@@ -188,12 +188,14 @@ fn check_keys(
             continue;
         }
         if !known.contains(&key) {
+            // A table (`[a.b]` in a file) carries no origin: say nothing rather than guess.
             let origin = match value.origin() {
-                Some(o) if !o.contains("environment") => format!(" (set in {o})"),
-                _ => format!(
+                Some(o) if o.contains("environment") => format!(
                     " (set by the environment variable {env_prefix}_{})",
                     key.to_ascii_uppercase().replace('.', "__")
                 ),
+                Some(o) => format!(" (set in {o})"),
+                None => String::new(),
             };
             return Err(ConfigError::new(
                 key,

@@ -360,17 +360,16 @@ impl fbr_metrics::Endpoints for Endpoints {
 }
 
 /// Trims every group to its retention, a few times a window, off the async threads.
-async fn trim_forever(
-    mt: Arc<MasterTarget>,
-    policy: fbr_master_target::retention::RetentionPolicy,
-) {
-    let mut tick = tokio::time::interval(fbr_master_target::retention::trim_interval(policy));
+async fn trim_forever(mt: Arc<MasterTarget>, retention: fbr_master_target::retention::Retention) {
+    let retention = Arc::new(retention);
+    let mut tick = tokio::time::interval(retention.trim_interval());
     loop {
         tick.tick().await;
         let mt = mt.clone();
+        let retention = retention.clone();
         let pass = tokio::task::spawn_blocking(move || {
             let now = replica::unix_ms(std::time::SystemTime::now());
-            fbr_master_target::retention::trim_pass(mt.files.root(), &mt.store, policy, now)
+            fbr_master_target::retention::trim_pass(mt.files.root(), &mt.store, &retention, now)
         })
         .await;
         match pass {

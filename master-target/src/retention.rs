@@ -32,14 +32,47 @@ use crate::files::journal_path;
 use crate::journal::JOURNAL_HEADER_LEN;
 use crate::store::{RecoveryPoint, ReplicaIndex, Store};
 
-/// How often the daemon trims: four times a window, between 1 s and 10 s apart, and
-/// every 2 s under a size cap (so the journals exceed it by little more than what was
-/// written since each disk's last checkpoint).
+/// How often the daemon trims under `policy`: four times a window, between 1 s and 10 s
+/// apart, and every 2 s under a size cap (so the journals exceed it by little more than
+/// what was written since each disk's last checkpoint).
 pub fn trim_interval(policy: RetentionPolicy) -> Duration {
     let interval = (policy.window / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
     match policy.max_bytes {
         Some(_) => interval.min(Duration::from_secs(2)),
         None => interval,
+    }
+}
+
+/// Every group's policy: the daemon-wide one, and those of the groups configured apart
+/// (`retention_groups`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub default: RetentionPolicy,
+    pub groups: std::collections::BTreeMap<String, RetentionPolicy>,
+}
+
+impl Retention {
+    /// One policy for every group.
+    pub fn uniform(default: RetentionPolicy) -> Self {
+        Retention {
+            default,
+            groups: Default::default(),
+        }
+    }
+
+    /// The policy of group `group`.
+    pub fn for_group(&self, group: &str) -> RetentionPolicy {
+        self.groups.get(group).copied().unwrap_or(self.default)
+    }
+
+    /// How often the daemon trims: as often as the most demanding policy needs.
+    pub fn trim_interval(&self) -> Duration {
+        self.groups
+            .values()
+            .chain([&self.default])
+            .map(|p| trim_interval(*p))
+            .min()
+            .unwrap_or(Duration::from_secs(10))
     }
 }
 /// The unit of freed journal space (a file system block).
@@ -104,12 +137,12 @@ pub struct TrimPass {
     pub bytes_punched: u64,
 }
 
-/// One trim pass over every group of the data directory's index `store` (see the
-/// module docs). `now_ms`: the clock, for the window.
+/// One trim pass over every group of the data directory's index `store`, each to its
+/// policy in `retention` (see the module docs). `now_ms`: the clock, for the window.
 pub fn trim_pass(
     data_dir: &Path,
     store: &Store,
-    policy: RetentionPolicy,
+    retention: &Retention,
     now_ms: u64,
 ) -> Result<TrimPass, String> {
     let err = |e: crate::store::StoreError| e.to_string();
@@ -120,7 +153,8 @@ pub fn trim_pass(
         }
     }
     let mut pass = TrimPass::default();
-    for points in by_group.values() {
+    for (group, points) in &by_group {
+        let policy = retention.for_group(group);
         let len =
             |id: &StreamId| std::fs::metadata(journal_path(data_dir, id)).map_or(0, |m| m.len());
         let mut kept_now = 0;
@@ -272,5 +306,29 @@ mod tests {
             max_bytes: Some(450),
         };
         assert_eq!(keep_from(&points, 9_500, both, |_| 1000, 984), Some(6));
+    }
+
+    #[test]
+    fn a_group_configured_apart_keeps_its_own_policy() {
+        let day = RetentionPolicy {
+            window: Duration::from_secs(86_400),
+            max_bytes: None,
+        };
+        let tight = RetentionPolicy {
+            window: Duration::from_secs(8),
+            max_bytes: Some(1 << 30),
+        };
+        let retention = Retention {
+            default: day,
+            groups: [("sql".to_string(), tight)].into(),
+        };
+        assert_eq!(retention.for_group("sql"), tight);
+        assert_eq!(retention.for_group("web"), day);
+        // The tightest policy sets the pace: a 2 s window/4, capped groups every 2 s.
+        assert_eq!(retention.trim_interval(), Duration::from_secs(2));
+        assert_eq!(
+            Retention::uniform(day).trim_interval(),
+            Duration::from_secs(10)
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! `/etc/master-target/master-target.toml` or `--config`, `MASTER_TARGET_`-prefixed
 //! environment variables, flags). Every key is listed in `docs/CONFIGURATION.md`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -48,7 +49,18 @@ pub struct MasterTargetSettings {
     /// Journal bytes kept per replication group, all its disks together; 0: no cap (the
     /// window alone bounds it).
     pub retention_max: ByteSize,
+    /// Per replication group, by name: a window or a cap of its own instead of the two
+    /// above (`[retention_groups.<group>]` with `window` and/or `max`).
+    pub retention_groups: BTreeMap<String, GroupRetention>,
     pub log_json: bool,
+}
+
+/// One group's own retention; what it leaves out is the daemon-wide value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupRetention {
+    pub window: Option<String>,
+    pub max: Option<ByteSize>,
 }
 
 impl Default for MasterTargetSettings {
@@ -67,6 +79,7 @@ impl Default for MasterTargetSettings {
             control_socket: DEFAULT_CONTROL_SOCKET.into(),
             retention_window: "24h".into(),
             retention_max: ByteSize(0),
+            retention_groups: BTreeMap::new(),
             log_json: false,
         }
     }
@@ -75,6 +88,8 @@ impl Default for MasterTargetSettings {
 impl DaemonSettings for MasterTargetSettings {
     const DEFAULT_CONFIG_FILE: &'static str = DEFAULT_CONFIG_FILE;
     const ENV_PREFIX: &'static str = ENV_PREFIX;
+    /// Group names are the operator's: serde checks each group's keys.
+    const FREE_FORM_TABLES: &'static [&'static str] = &["retention_groups"];
 
     /// Checks every value; the first problem names its key.
     fn validate(&self) -> Result<(), ConfigError> {
@@ -106,20 +121,40 @@ impl DaemonSettings for MasterTargetSettings {
 }
 
 impl MasterTargetSettings {
-    /// The retention policy the settings describe.
-    pub fn retention(&self) -> Result<crate::retention::RetentionPolicy, ConfigError> {
+    /// The retention policies the settings describe: the daemon-wide one and each
+    /// group's own.
+    pub fn retention(&self) -> Result<crate::retention::Retention, ConfigError> {
         let window = parse_window(&self.retention_window)
             .map_err(|e| ConfigError::new("retention_window", e))?;
-        Ok(crate::retention::RetentionPolicy {
+        let default = crate::retention::RetentionPolicy {
             window,
-            max_bytes: (self.retention_max.0 > 0).then_some(self.retention_max.0),
-        })
+            max_bytes: cap(self.retention_max),
+        };
+        let mut groups = BTreeMap::new();
+        for (group, own) in &self.retention_groups {
+            let window = match &own.window {
+                Some(w) => parse_window(w)
+                    .map_err(|e| ConfigError::new(format!("retention_groups.{group}.window"), e))?,
+                None => default.window,
+            };
+            let max_bytes = own.max.map_or(default.max_bytes, cap);
+            groups.insert(
+                group.clone(),
+                crate::retention::RetentionPolicy { window, max_bytes },
+            );
+        }
+        Ok(crate::retention::Retention { default, groups })
     }
 
     /// The metrics endpoint's address, `None` when disabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         fbr_daemon::settings::listen_addr("metrics_listen", &self.metrics_listen)
     }
+}
+
+/// A size cap: 0 is none.
+fn cap(max: ByteSize) -> Option<u64> {
+    (max.0 > 0).then_some(max.0)
 }
 
 /// `<n>s`, `<n>m`, `<n>h` or `<n>d`, from one second to 15 days.

@@ -210,3 +210,36 @@ fn master_target_config_is_checked_the_same_way() {
         "1200",
     );
 }
+
+#[test]
+fn a_replication_group_can_have_a_retention_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mt.toml");
+    std::fs::write(
+        &file,
+        "retention_window = \"24h\"\n[retention_groups.sql]\nwindow = \"72h\"\nmax = \"500GiB\"\n",
+    )
+    .unwrap();
+    let out = master_target(&file, &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("[retention_groups.sql]"), "{text}");
+    assert!(text.contains("window = \"72h\""), "{text}");
+    std::fs::write(&file, "[retention_groups.sql]\nwindow = \"16d\"\n").unwrap();
+    assert_usage_error(
+        &master_target(&file, &[]),
+        "retention_groups.sql.window",
+        "out of range",
+    );
+    std::fs::write(&file, "[retention_groups.sql]\nwindows = \"1d\"\n").unwrap();
+    let out = master_target(&file, &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("windows"),
+        "{out:?}"
+    );
+}

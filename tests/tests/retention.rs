@@ -1,5 +1,6 @@
-//! Bounded retention, end to end: a master target keeping a 3 s window trims the oldest
-//! history while churn goes on. Afterwards:
+//! Bounded retention, end to end: a master target keeping a 3 s window for one group
+//! (its own, configured apart from the daemon-wide 15 days) trims the oldest history
+//! while churn goes on. Afterwards:
 //! - the points listed all lie inside the window, and the oldest ones are gone;
 //! - the journals' trimmed blocks are freed (holes), while their offsets stay;
 //! - `churn verify` proves every kept point byte for byte, starting from where each
@@ -25,8 +26,14 @@ async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_poin
             mt_credit_mib: 8,
             max_udp_payload: 1452,
             relay_args: vec![],
-            mt_args: vec!["--retention-window".into(), "3s".into()],
+            mt_args: vec!["--retention-window".into(), "15d".into()],
         },
+    )
+    .unwrap();
+    // The harness's config file for the master target (flags override the file).
+    std::fs::write(
+        site.root.join("master-target.toml"),
+        "[retention_groups.group1]\nwindow = \"3s\"\n",
     )
     .unwrap();
     site.start_master_target().unwrap();
