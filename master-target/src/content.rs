@@ -148,11 +148,16 @@ impl ContentIndex {
     /// The `len` bytes of the block whose SHA-256 is `hash`, read and re-verified; `None`
     /// when unknown, unreadable or no longer matching.
     pub fn lookup(&self, hash: &[u8; 32], len: usize) -> Option<Bytes> {
+        self.lookup_block(hash, len).ok()
+    }
+
+    /// Like [`ContentIndex::lookup`], saying why a block was not found.
+    pub fn lookup_block(&self, hash: &[u8; 32], len: usize) -> Result<Bytes, LookupMiss> {
         let (place, file) = {
             let g = self.lock();
             let Some(place) = g.map.get(hash).copied() else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
+                return Err(LookupMiss::Unknown);
             };
             (place, g.journals[place.journal as usize].clone())
         };
@@ -164,11 +169,21 @@ impl ContentIndex {
             if g.map.get(hash) == Some(&place) {
                 g.map.remove(hash);
             }
-            return None;
+            return Err(LookupMiss::Stale);
         }
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        Some(Bytes::from(buf))
+        Ok(Bytes::from(buf))
     }
+}
+
+/// Why a block was not found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupMiss {
+    /// Never indexed, or evicted.
+    Unknown,
+    /// Indexed, but its place no longer holds it (its journal history trimmed by
+    /// retention, or unreadable): the entry is dropped.
+    Stale,
 }
 
 #[cfg(test)]

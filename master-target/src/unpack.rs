@@ -101,22 +101,26 @@ async fn resolve(
     batch: ReceivedBatch,
 ) -> Result<Vec<(Record, Option<Vec<bool>>)>, Refusal> {
     let content = mt.content.clone();
-    let (resolved, hits, misses) = tokio::task::spawn_blocking(move || {
-        let (mut hits, mut misses) = (0u64, 0u64);
-        let resolved = batch.resolve(|hash, len| {
-            let found = content.lookup(hash, len);
-            match found {
-                Some(_) => hits += 1,
-                None => misses += 1,
+    let (resolved, hits, misses, stale) = tokio::task::spawn_blocking(move || {
+        let (mut hits, mut misses, mut stale) = (0u64, 0u64, 0u64);
+        let resolved = batch.resolve(|hash, len| match content.lookup_block(hash, len) {
+            Ok(block) => {
+                hits += 1;
+                Some(block)
             }
-            found
+            Err(miss) => {
+                misses += 1;
+                stale += u64::from(miss == crate::content::LookupMiss::Stale);
+                None
+            }
         });
-        (resolved, hits, misses)
+        (resolved, hits, misses, stale)
     })
     .await
     .map_err(|e| Refusal::new(ErrorCode::Internal, format!("resolving a batch: {e}")))?;
     mt.metrics.dedup_references_resolved_total.inc_by(hits);
     mt.metrics.dedup_references_missing_total.inc_by(misses);
+    mt.metrics.dedup_references_stale_total.inc_by(stale);
     Ok(resolved?
         .into_iter()
         .map(|r| (r.record, Some(r.literal_blocks)))

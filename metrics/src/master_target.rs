@@ -19,6 +19,8 @@ pub struct MasterTargetMetrics {
     pub stream_errors_total: StreamErrors,
     pub dedup_references_resolved_total: IntCounter,
     pub dedup_references_missing_total: IntCounter,
+    /// Of the missing: indexed, but the journal no longer held the block (trimmed).
+    pub dedup_references_stale_total: IntCounter,
     pub batches_received_total: IntCounter,
     pub disks: IntGauge,
     pub relay_streams: IntGauge,
@@ -86,6 +88,10 @@ impl MasterTargetMetrics {
             dedup_references_missing_total: counter(
                 "fbr_master_target_dedup_references_missing_total",
                 "References that could not be resolved (evicted, restarted): answered with unknown_reference so the relay resends the data.",
+            ),
+            dedup_references_stale_total: counter(
+                "fbr_master_target_dedup_references_stale_total",
+                "Of the missing references: indexed, but the journal place no longer held the block (its history trimmed by retention); the entry is dropped and the relay resends.",
             ),
             batches_received_total: counter(
                 "fbr_master_target_batches_received_total",

@@ -5,13 +5,15 @@
 //! - the journals' trimmed blocks are freed (holes), while their offsets stay;
 //! - `churn verify` proves every kept point byte for byte, starting from where each
 //!   journal now starts (the image with its before-images put back);
-//! - a rollback to the oldest kept point equals `materialize` of it.
+//! - a rollback to the oldest kept point equals `materialize` of it;
+//! - the relay's dedup references to blocks of trimmed history were never resolved (the
+//!   master target found them stale) but resent as bytes.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use fbr_churn::harness::{Site, SiteOptions};
+use fbr_churn::harness::{http_get, sample, Site, SiteOptions};
 use fbr_churn::workload::Content;
 use fbr_tests::{agent_options, churn, master_target, plans, stop_and_verify};
 
@@ -45,6 +47,23 @@ async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_poin
     let first_tag = report.manifest.disks[0].tags[0].id;
     // Trimming runs a few times a window.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // A third of the writes repeat a small pool of blocks, so the relay keeps sending
+    // references to their first copies, which trimming punched out.
+    let (mt_metrics, relay_metrics) = tokio::task::block_in_place(|| {
+        (
+            http_get(site.master_target_metrics_addr().unwrap(), "/metrics").1,
+            http_get(site.relay_metrics_addr().unwrap(), "/metrics").1,
+        )
+    });
+    let stale = sample(&mt_metrics, "fbr_master_target_dedup_references_stale_total").unwrap();
+    let resolved =
+        sample(&mt_metrics, "fbr_master_target_dedup_references_resolved_total").unwrap();
+    let resent = sample(&relay_metrics, "fbr_relay_unknown_references_total").unwrap();
+    eprintln!("references: {resolved} resolved, {stale} stale (trimmed), {resent} resends");
+    assert!(
+        stale > 0.0 && resent > 0.0 && resolved > 0.0,
+        "references into trimmed history: {stale} stale, {resent} resends, {resolved} resolved"
+    );
     tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
 
     let data = site.mt_data.to_str().unwrap().to_owned();
