@@ -362,6 +362,19 @@ impl fbr_metrics::Endpoints for Endpoints {
 /// Trims every group to its retention, a few times a window, off the async threads.
 async fn trim_forever(mt: Arc<MasterTarget>, retention: fbr_master_target::retention::Retention) {
     let retention = Arc::new(retention);
+    // First, free what a kill between a trim's two steps may have left allocated.
+    let punched = {
+        let mt = mt.clone();
+        tokio::task::spawn_blocking(move || {
+            fbr_master_target::retention::punch_recorded(mt.files.root(), &mt.store)
+        })
+        .await
+    };
+    match punched {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("freeing trimmed journal blocks: {e}"),
+        Err(e) => tracing::error!("trim task: {e}"),
+    }
     let mut tick = tokio::time::interval(retention.trim_interval());
     loop {
         tick.tick().await;

@@ -14,8 +14,9 @@
 //!    blocks are freed.
 //!
 //! So nothing reads where a hole may be: every reader starts at the recorded start or
-//! later. A crash between the two steps leaves blocks unfreed until the disk's next
-//! trim, which punches from the journal's first block again (idempotent). A content index entry pointing into a hole reads zeros,
+//! later. A crash between the two steps leaves blocks unfreed until the daemon starts
+//! again ([`punch_recorded`] punches every disk up to its recorded start; punching is
+//! idempotent). A content index entry pointing into a hole reads zeros,
 //! fails its re-hash and is dropped: the relay resends. A dedup reference therefore never
 //! resolves to trimmed bytes. Trimming never touches the newest state (the image) and
 //! never waits for, or holds up, applying. A group is trimmed only as far as its newest
@@ -137,6 +138,15 @@ pub struct TrimPass {
     pub bytes_punched: u64,
 }
 
+/// Where [`trim_pass_until`] stops: the states a kill -9 can leave (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrimStop {
+    /// The trims recorded in the index, no block punched yet.
+    Recorded,
+    /// The whole pass.
+    Done,
+}
+
 /// One trim pass over every group of the data directory's index `store`, each to its
 /// policy in `retention` (see the module docs). `now_ms`: the clock, for the window.
 pub fn trim_pass(
@@ -144,6 +154,17 @@ pub fn trim_pass(
     store: &Store,
     retention: &Retention,
     now_ms: u64,
+) -> Result<TrimPass, String> {
+    trim_pass_until(data_dir, store, retention, now_ms, TrimStop::Done)
+}
+
+/// [`trim_pass`], stopping at `stop`.
+pub fn trim_pass_until(
+    data_dir: &Path,
+    store: &Store,
+    retention: &Retention,
+    now_ms: u64,
+    stop: TrimStop,
 ) -> Result<TrimPass, String> {
     let err = |e: crate::store::StoreError| e.to_string();
     let mut by_group: std::collections::BTreeMap<String, Vec<KeptPoint>> = Default::default();
@@ -202,12 +223,29 @@ pub fn trim_pass(
             continue;
         }
         pass.tags_dropped += store.record_trims(&trims).map_err(err)?;
+        pass.disks_trimmed += trims.len();
+        if stop == TrimStop::Recorded {
+            continue;
+        }
         for (id, end, _) in &trims {
             pass.bytes_punched += punch(&journal_path(data_dir, id), *end)?;
-            pass.disks_trimmed += 1;
         }
     }
     Ok(pass)
+}
+
+/// Frees what a kill between a trim's two steps left allocated: every disk's journal is
+/// punched up to where its index says it now starts. Idempotent (holes stay holes); the
+/// daemon runs it as it starts. Returns the bytes punched (freed now or before).
+pub fn punch_recorded(data_dir: &Path, store: &Store) -> Result<u64, String> {
+    let err = |e: crate::store::StoreError| e.to_string();
+    let mut punched = 0;
+    for (id, _) in store.disks().map_err(err)? {
+        if let Some((start, _)) = store.trim_point(&id).map_err(err)? {
+            punched += punch(&journal_path(data_dir, &id), start)?;
+        }
+    }
+    Ok(punched)
 }
 
 /// Punches the whole blocks of `path` between its header's block and `end`; returns the

@@ -285,6 +285,42 @@ pub fn master_target(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The image of disk 0 of each of `vms` at point `tag` of `group`, as `master-target
+/// materialize` makes it from the data directory `data` (the daemon stopped), made in
+/// the scratch directory `scratch`.
+pub fn materialize_point(
+    data: &str,
+    group: &str,
+    tag: u64,
+    vms: &[&str],
+    scratch: &std::path::Path,
+) -> Vec<(String, Vec<u8>)> {
+    let tag = tag.to_string();
+    vms.iter()
+        .map(|vm| {
+            let out = scratch.join(format!("{vm}-{tag}.raw"));
+            master_target(&[
+                "materialize",
+                "--data",
+                data,
+                "--group",
+                group,
+                "--tag",
+                &tag,
+                "--vm",
+                vm,
+                "--disk",
+                "0",
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            let image = std::fs::read(&out).unwrap();
+            std::fs::remove_file(&out).unwrap();
+            (vm.to_string(), image)
+        })
+        .collect()
+}
+
 /// Runs `promtool` with `args` and `stdin`; panics with its output if it is missing or
 /// refuses. The test command (`./scripts/test`) installs it.
 pub fn promtool(args: &[&str], stdin: &str) -> String {

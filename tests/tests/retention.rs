@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use fbr_churn::harness::{http_get, sample, Site, SiteOptions};
 use fbr_churn::workload::Content;
-use fbr_tests::{agent_options, churn, master_target, plans, stop_and_verify};
+use fbr_tests::{agent_options, churn, master_target, materialize_point, plans, stop_and_verify};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_point_in_it() {
@@ -55,9 +55,16 @@ async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_poin
             http_get(site.relay_metrics_addr().unwrap(), "/metrics").1,
         )
     });
-    let stale = sample(&mt_metrics, "fbr_master_target_dedup_references_stale_total").unwrap();
-    let resolved =
-        sample(&mt_metrics, "fbr_master_target_dedup_references_resolved_total").unwrap();
+    let stale = sample(
+        &mt_metrics,
+        "fbr_master_target_dedup_references_stale_total",
+    )
+    .unwrap();
+    let resolved = sample(
+        &mt_metrics,
+        "fbr_master_target_dedup_references_resolved_total",
+    )
+    .unwrap();
     let resent = sample(&relay_metrics, "fbr_relay_unknown_references_total").unwrap();
     eprintln!("references: {resolved} resolved, {stale} stale (trimmed), {resent} resends");
     assert!(
@@ -95,26 +102,7 @@ async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_poin
     // Back to the oldest kept point: what materialize makes of it.
     let tag = oldest.to_string();
     let scratch = tempfile::tempdir().unwrap();
-    let mut expected = Vec::new();
-    for vm in ["vm1", "vm2"] {
-        let out = scratch.path().join(format!("{vm}.raw"));
-        master_target(&[
-            "materialize",
-            "--data",
-            &data,
-            "--group",
-            "group1",
-            "--tag",
-            &tag,
-            "--vm",
-            vm,
-            "--disk",
-            "0",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        expected.push((vm, std::fs::read(&out).unwrap()));
-    }
+    let expected = materialize_point(&data, "group1", oldest, &["vm1", "vm2"], scratch.path());
     master_target(&[
         "rollback", "--data", &data, "--group", "group1", "--tag", &tag,
     ]);

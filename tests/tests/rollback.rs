@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use fbr_churn::harness::bin_path;
 use fbr_churn::workload::Content;
-use fbr_tests::{agent_options, churn, master_target, plans, start_site, stop_and_verify};
+use fbr_tests::{
+    agent_options, churn, master_target, materialize_point, plans, start_site, stop_and_verify,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_rolls_back_to_older_and_older_points_exactly() {
@@ -42,26 +44,7 @@ async fn a_group_rolls_back_to_older_and_older_points_exactly() {
     let scratch = tempfile::tempdir().unwrap();
     for tag in targets {
         let tag_s = tag.to_string();
-        let mut expected = Vec::new();
-        for vm in ["vm1", "vm2"] {
-            let out = scratch.path().join(format!("{vm}-{tag}.raw"));
-            master_target(&[
-                "materialize",
-                "--data",
-                &data,
-                "--group",
-                "group1",
-                "--tag",
-                &tag_s,
-                "--vm",
-                vm,
-                "--disk",
-                "0",
-                "--out",
-                out.to_str().unwrap(),
-            ]);
-            expected.push((vm, std::fs::read(&out).unwrap()));
-        }
+        let expected = materialize_point(&data, "group1", tag, &["vm1", "vm2"], scratch.path());
         let done: serde_json::Value = serde_json::from_str(&master_target(&[
             "rollback", "--data", &data, "--group", "group1", "--tag", &tag_s, "--json",
         ]))
@@ -196,32 +179,16 @@ async fn a_test_failover_is_its_point_while_replication_goes_on_and_stays_apart(
     );
     let data = site.mt_data.to_str().unwrap().to_owned();
     let scratch = tempfile::tempdir().unwrap();
-    for (i, vm) in ["vm1", "vm2"].iter().enumerate() {
-        assert_eq!(disks[i]["vm"], *vm);
-        let out = scratch.path().join(format!("{vm}.raw"));
-        master_target(&[
-            "materialize",
-            "--data",
-            &data,
-            "--group",
-            "group1",
-            "--tag",
-            &tag_s,
-            "--vm",
-            vm,
-            "--disk",
-            "0",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        let want = std::fs::read(&out).unwrap();
+    let expected = materialize_point(&data, "group1", tag, &["vm1", "vm2"], scratch.path());
+    for (i, (vm, want)) in expected.iter().enumerate() {
+        assert_eq!(disks[i]["vm"], vm.as_str());
         let mut got = std::fs::read(path(i)).unwrap();
         if i == 1 {
             assert!(got[65536..65536 + 8192].iter().all(|&b| b == 0xEE));
             got[65536..65536 + 8192].copy_from_slice(&want[65536..65536 + 8192]);
         }
         assert!(
-            got == want,
+            got == *want,
             "{vm}: the test failover differs from point {tag}"
         );
     }
