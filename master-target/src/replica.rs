@@ -277,6 +277,7 @@ impl<F: DurableFile> DiskReplica<F> {
             records_undone: plan.records,
             undo_entries: plan.entries(),
             restored_bytes: plan.restored_bytes,
+            put_back_bytes: plan.put_back_bytes,
             journal_bytes_cut: self.journal_len - target.journal_end,
         };
         index.set_rollback_target(&self.id, Some(target))?;

@@ -4,15 +4,17 @@
 //! disk or to the whole history. Since journal format 2, every `Write` and `Zero` is
 //! journaled after its *before-image* (undo entries: what the image held there just
 //! before). The image is the newest state. Rolling back to the point whose tag ends at
-//! journal offset `E` therefore reads only the journal past `E` and puts back the
-//! before-images, newest record first. The cost is proportional to what changed since
-//! the point. The journal is then cut at `E`, and the disk goes on from there as if
-//! nothing had come after.
+//! journal offset `E` therefore reads only the journal past `E`: the oldest
+//! before-image of each byte changed past `E` is that byte's value at the point. Those
+//! are put back, each byte once, in image order. The cost is proportional to what
+//! changed since the point (less when the same blocks were written over and over).
+//! The journal is then cut at `E`, and the disk goes on from there as if nothing had
+//! come after.
 //!
 //! ## Crash safety
 //! The steps, each durable before the next:
 //! 1. the target is recorded in the index (`rollbacks` table);
-//! 2. the before-images are put back, newest first, and the image is synced;
+//! 2. the oldest before-image of each changed byte is put back, and the image synced;
 //! 3. the index gets the checkpoint at `E` and forgets the disk's tags past it;
 //! 4. the journal is truncated at `E` and synced;
 //! 5. the target is cleared.
@@ -20,10 +22,9 @@
 //! [`crate::replica::DiskReplica::open`] completes a rollback it finds recorded. The
 //! ordinary recovery comes first: it re-applies the journal from the checkpoint, which
 //! brings every block changed past `E` to its newest value. Then steps 2 to 5 run
-//! again. Putting back every before-image past `E`, newest first, leaves each such
-//! block with the oldest one, its value at the point, whatever state a crash left. Blocks
-//! not changed past `E` are never touched. So a kill -9 at any step resumes and
-//! completes.
+//! again. Step 2 writes every byte changed past `E` with its value at the point,
+//! whatever state a crash left it in; blocks not changed past `E` are never touched. So
+//! a kill -9 at any step resumes and completes.
 //!
 //! Before anything changes, the journal past `E` is checked: each record there must
 //! have before-images covering exactly its range. Records journaled in format 1 have
@@ -40,7 +41,9 @@ use crate::files::{DataDir, ReplicaFiles, JOURNAL_FILE};
 use crate::replica::{DiskReplica, ReplicaError};
 use crate::store::{ReplicaIndex, RollbackTarget, Store, StoreError};
 
-use crate::journal::{record_range, undo_entry_view, JournalEntry, JournalReader};
+use crate::journal::{
+    record_range, Before, ImageSink, JournalEntry, JournalReader, ENTRY_HEADER_LEN, UNDO_HEADER_LEN,
+};
 use crate::replica::FileImage;
 
 /// Why a disk cannot be rolled back.
@@ -65,19 +68,68 @@ pub enum RollbackError {
     Journal(#[from] crate::journal::JournalError),
 }
 
-/// Where one undo entry lies in the journal.
+/// A run of image bytes to put back: the oldest before-image of each of its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct UndoRef {
-    offset: u64,
-    len: u32,
+struct Piece {
+    /// Where it goes in the image.
+    image_offset: u64,
+    len: u64,
+    /// Where its bytes are in the journal; `None`: zeros.
+    journal_offset: Option<u64>,
+}
+
+/// The image ranges already claimed by an older before-image (disjoint; start -> end).
+#[derive(Debug, Default)]
+struct Claimed(std::collections::BTreeMap<u64, u64>);
+
+impl Claimed {
+    /// The parts of `start..end` no older before-image covers, oldest first; they are
+    /// claimed from now on.
+    fn claim(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut overlapping: Vec<(u64, u64)> = Vec::new();
+        if let Some((&s, &e)) = self.0.range(..start).next_back() {
+            if e > start {
+                overlapping.push((s, e));
+            }
+        }
+        overlapping.extend(self.0.range(start..end).map(|(&s, &e)| (s, e)));
+        let mut gaps = Vec::new();
+        let mut at = start;
+        for &(s, e) in &overlapping {
+            if s > at {
+                gaps.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        let merged_start = overlapping.first().map_or(start, |o| o.0.min(start));
+        let merged_end = overlapping.last().map_or(end, |o| o.1.max(end));
+        for (s, _) in &overlapping {
+            self.0.remove(s);
+        }
+        self.0.insert(merged_start, merged_end);
+        gaps
+    }
 }
 
 /// The before-images past a point, checked and ready to put back.
+///
+/// Each image byte changed past the point gets back the **oldest** before-image of it
+/// past the point: its value at the point. So each byte is written once, whatever how
+/// often it was overwritten since, and the pieces go in image order.
 #[derive(Debug)]
 pub struct UndoPlan {
-    entries: Vec<UndoRef>,
-    /// Bytes of the image they restore.
+    /// In image order.
+    pieces: Vec<Piece>,
+    /// Undo entries past the point.
+    pub entries: usize,
+    /// Bytes their before-images hold: what was written since the point (repeats
+    /// counted).
     pub restored_bytes: u64,
+    /// Distinct image bytes put back (each changed byte once).
+    pub put_back_bytes: u64,
     /// Records past the point that they undo.
     pub records: u64,
 }
@@ -85,7 +137,7 @@ pub struct UndoPlan {
 impl UndoPlan {
     /// Undo entries to put back.
     pub fn entries(&self) -> usize {
-        self.entries.len()
+        self.entries
     }
 }
 
@@ -124,25 +176,38 @@ pub fn plan_until<F: DurableFile>(
     let mut reader = JournalReader::new(journal, name.to_owned(), target_end)?;
     reader.limit(len);
     let mut plan = UndoPlan {
-        entries: Vec::new(),
+        pieces: Vec::new(),
+        entries: 0,
         restored_bytes: 0,
+        put_back_bytes: 0,
         records: 0,
     };
+    let mut claimed = Claimed::default();
     // The undo entries seen since the last record: (seq, offset, len), in order.
     let mut pending: Vec<(u64, u64, u64)> = Vec::new();
     loop {
         let start = reader.offset();
-        let Some((entry, end)) = reader.next_entry()? else {
+        let Some((entry, _end)) = reader.next_entry()? else {
             break;
         };
         match entry {
             JournalEntry::Undo(u) => {
                 pending.push((u.seq, u.offset, u.len()));
-                plan.entries.push(UndoRef {
-                    offset: start,
-                    len: (end - start) as u32,
-                });
+                plan.entries += 1;
                 plan.restored_bytes += u.len();
+                // The before-image's bytes follow the entry and undo headers.
+                let data_at = start + (ENTRY_HEADER_LEN + UNDO_HEADER_LEN) as u64;
+                for (from, to) in claimed.claim(u.offset, u.offset + u.len()) {
+                    plan.pieces.push(Piece {
+                        image_offset: from,
+                        len: to - from,
+                        journal_offset: match u.before {
+                            Before::Data(_) => Some(data_at + (from - u.offset)),
+                            Before::Zeros(_) => None,
+                        },
+                    });
+                    plan.put_back_bytes += to - from;
+                }
             }
             JournalEntry::Record(r) => {
                 let covered = match record_range(&r) {
@@ -174,6 +239,7 @@ pub fn plan_until<F: DurableFile>(
             reason: "before-images at the end of the journal with no record after them".into(),
         });
     }
+    plan.pieces.sort_unstable_by_key(|p| p.image_offset);
     Ok(plan)
 }
 
@@ -190,8 +256,9 @@ fn covers(undo: &[(u64, u64, u64)], seq: u64, offset: u64, len: u64) -> bool {
     at == offset + len && !undo.is_empty()
 }
 
-/// Puts the plan's before-images back into `image`, newest first (at most `limit` of
-/// them: a test's interrupted rollback).
+/// Puts the plan's before-images back into `image`, in image order (at most `limit`
+/// pieces: a test's interrupted rollback). The plan's entries were checked (CRC
+/// included) as it was made, and the journal before its end never changes.
 pub fn put_back<F: DurableFile>(
     journal: &F,
     journal_name: &str,
@@ -205,17 +272,17 @@ pub fn put_back<F: DurableFile>(
     };
     let mut buf = Vec::new();
     let mut sink = FileImage(image);
-    for r in plan.entries.iter().rev().take(limit) {
-        buf.resize(r.len as usize, 0);
-        journal
-            .read_at(&mut buf, r.offset)
-            .map_err(io(journal_name))?;
-        let undo = undo_entry_view(&buf, r.offset).map_err(|d| RollbackError::Damaged {
-            file: journal_name.to_owned(),
-            offset: r.offset,
-            reason: d.to_string(),
-        })?;
-        undo.apply(&mut sink).map_err(io("the image"))?;
+    for p in plan.pieces.iter().take(limit) {
+        match p.journal_offset {
+            Some(at) => {
+                // A piece is at most one before-image (512 KiB).
+                buf.resize(p.len as usize, 0);
+                journal.read_at(&mut buf, at).map_err(io(journal_name))?;
+                sink.write_at(p.image_offset, &buf)
+                    .map_err(io("the image"))?;
+            }
+            None => sink.zero(p.image_offset, p.len).map_err(io("the image"))?,
+        }
     }
     Ok(())
 }
@@ -241,9 +308,12 @@ pub enum RollbackStop {
 pub struct RolledBack {
     /// Records past the point that were undone.
     pub records_undone: u64,
-    /// Before-images put back, and the image bytes they covered.
+    /// Before-images past the point, and the image bytes they covered (what was
+    /// written since the point, repeats counted).
     pub undo_entries: usize,
     pub restored_bytes: u64,
+    /// Distinct image bytes put back (each changed byte once).
+    pub put_back_bytes: u64,
     /// Journal bytes cut.
     pub journal_bytes_cut: u64,
 }
@@ -403,4 +473,61 @@ pub fn complete_pending(
         done.push(id);
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Claimed;
+
+    /// Each byte is claimed by the first (oldest) range that covers it, exactly once.
+    #[test]
+    fn the_oldest_before_image_of_each_byte_claims_it() {
+        let mut c = Claimed::default();
+        assert_eq!(c.claim(100, 200), vec![(100, 200)]);
+        assert_eq!(c.claim(150, 250), vec![(200, 250)]);
+        assert_eq!(c.claim(0, 300), vec![(0, 100), (250, 300)]);
+        assert_eq!(c.claim(10, 20), vec![]);
+        assert_eq!(c.claim(400, 500), vec![(400, 500)]);
+        assert_eq!(c.claim(350, 450), vec![(350, 400)]);
+        assert_eq!(c.claim(300, 350), vec![(300, 350)]);
+        assert_eq!(c.claim(0, 600), vec![(500, 600)]);
+        assert_eq!(c.0.len(), 1, "{:?}", c.0);
+    }
+
+    /// Against a byte map: random ranges, every byte claimed once, by the first.
+    #[test]
+    fn claims_match_a_byte_map() {
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut c = Claimed::default();
+        let mut owner = vec![None; 4096];
+        for i in 0..500 {
+            let start = next(4000);
+            let end = start + 1 + next(96);
+            for (from, to) in c.claim(start, end) {
+                for (b, o) in owner
+                    .iter_mut()
+                    .enumerate()
+                    .take(to as usize)
+                    .skip(from as usize)
+                {
+                    assert_eq!(*o, None, "byte {b} claimed twice");
+                    *o = Some(i);
+                }
+            }
+            for (b, o) in owner
+                .iter()
+                .enumerate()
+                .take(end as usize)
+                .skip(start as usize)
+            {
+                assert!(o.is_some_and(|o| o <= i), "byte {b} of range {i} unclaimed");
+            }
+        }
+    }
 }

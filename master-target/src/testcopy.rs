@@ -62,7 +62,11 @@ pub struct TestDisk {
     pub method: CopyMethod,
     /// Records journaled after the point whose changes were taken back out of the copy.
     pub records_undone: u64,
+    /// Bytes those records wrote (repeats counted).
     pub restored_bytes: u64,
+    /// Distinct bytes of the copy put back (each changed byte once).
+    #[serde(default)]
+    pub put_back_bytes: u64,
 }
 
 /// The directory of test failover `name`, which must be a plain name.
@@ -175,6 +179,7 @@ async fn make_disks(
             method: snap.method,
             records_undone: undone.records,
             restored_bytes: undone.restored_bytes,
+            put_back_bytes: undone.put_back_bytes,
         });
     }
     Ok(disks)
