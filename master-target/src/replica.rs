@@ -470,6 +470,20 @@ impl DiskReplica<File> {
         let method = match rustix::fs::ioctl_ficlone(&out, &self.image) {
             Ok(()) => CopyMethod::Reflink,
             Err(_) => {
+                // Refuse up front rather than fill the file system the replicas live on.
+                use std::os::unix::fs::MetadataExt;
+                let need = self.image.metadata()?.blocks() * 512;
+                let fs = rustix::fs::fstatvfs(&out)?;
+                let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+                if need > free {
+                    return Err(io::Error::new(
+                        io::ErrorKind::StorageFull,
+                        format!(
+                            "a sparse copy of {} needs {need} bytes, and {free} are free (a file system with reflinks, XFS or Btrfs, needs next to none)",
+                            self.image_name
+                        ),
+                    ));
+                }
                 sparse_copy(&self.image, &out, self.disk_size)?;
                 CopyMethod::SparseCopy
             }
