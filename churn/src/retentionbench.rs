@@ -52,8 +52,11 @@ pub struct BackInTime {
     pub percent_ago: f64,
     pub tag_id: u64,
     pub seconds: f64,
-    /// Bytes of before-images put back: what was written since the point.
+    /// Bytes of before-images past the point: what was written since it.
     pub changed_bytes: u64,
+    /// Distinct image bytes actually put back (each changed byte once; at most
+    /// `changed_bytes`).
+    pub put_back_bytes: u64,
     /// `changed_bytes` / the disk's write rate.
     pub floor_seconds: f64,
     /// `seconds / floor_seconds`: target <= 2 (`None` when nothing changed since).
@@ -217,6 +220,7 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
             .test_failover
             .context("no test failover in the answer")?;
         let changed: u64 = tf.disks.iter().map(|d| d.restored_bytes).sum();
+        let put_back: u64 = tf.disks.iter().map(|d| d.put_back_bytes).sum();
         let method = tf
             .disks
             .first()
@@ -231,6 +235,7 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
             tag_id: tag,
             seconds,
             changed_bytes: changed,
+            put_back_bytes: put_back,
             floor_seconds: floor(changed),
             ratio_to_floor: ratio(seconds, floor(changed)),
             method,
@@ -255,11 +260,13 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
         let done = fbr_master_target::rollback::roll_back_group(&site.mt_data, "g", tag)?;
         let seconds = t.elapsed().as_secs_f64();
         let changed: u64 = done.disks.iter().map(|d| d.done.restored_bytes).sum();
+        let put_back: u64 = done.disks.iter().map(|d| d.done.put_back_bytes).sum();
         rollbacks.push(BackInTime {
             percent_ago: pct,
             tag_id: tag,
             seconds,
             changed_bytes: changed,
+            put_back_bytes: put_back,
             floor_seconds: floor(changed),
             ratio_to_floor: ratio(seconds, floor(changed)),
             method: None,
