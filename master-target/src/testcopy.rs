@@ -132,57 +132,92 @@ pub async fn create(
     result
 }
 
+/// Every disk's copy of `point`, the disks side by side (each copies at its own batch
+/// boundary, then takes its changes since the point back out).
 async fn make_disks(
     mt: &Arc<MasterTarget>,
     data_dir: &Path,
     dir: &Path,
     point: &crate::store::RecoveryPoint,
 ) -> Result<Vec<TestDisk>, String> {
-    let mut disks = Vec::new();
-    for l in &point.landed {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, l) in point.landed.iter().enumerate() {
+        let (mt, data_dir, dir) = (mt.clone(), data_dir.to_owned(), dir.to_owned());
         let id = StreamId {
             vm: l.vm.clone(),
             disk: l.disk,
         };
-        let disk_size = mt
-            .store
-            .checkpoint(&id)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("disk {id} is not known here"))?
-            .disk_size;
-        let path = dir.join(format!("{}-disk{}.raw", id.vm, id.disk));
-        let snap = mt.snapshot(&id, disk_size, path.clone()).await?;
-        let journal = journal_path(data_dir, &id);
-        let (copy, target_end) = (path.clone(), l.journal_end);
-        let undone = tokio::task::spawn_blocking(move || -> Result<rollback::UndoPlan, String> {
-            let name = journal.display().to_string();
-            let j = Arc::new(File::open(&journal).map_err(|e| format!("{name}: {e}"))?);
-            let plan = rollback::plan_until(j.clone(), &name, target_end, snap.journal_end)
-                .map_err(|e| e.to_string())?;
-            let out = std::fs::OpenOptions::new()
-                .write(true)
-                .read(true)
-                .open(&copy)
-                .map_err(|e| format!("{}: {e}", copy.display()))?;
-            rollback::put_back(&*j, &name, &plan, &out, usize::MAX).map_err(|e| e.to_string())?;
-            out.sync_all()
-                .map_err(|e| format!("{}: {e}", copy.display()))?;
-            Ok(plan)
-        })
-        .await
-        .map_err(|e| format!("test failover task: {e}"))??;
-        disks.push(TestDisk {
-            vm: id.vm.clone(),
-            disk: id.disk,
-            path,
-            disk_size,
-            method: snap.method,
-            records_undone: undone.records,
-            restored_bytes: undone.restored_bytes,
-            put_back_bytes: undone.put_back_bytes,
+        let target_end = l.journal_end;
+        tasks.spawn(async move {
+            let made = make_disk(&mt, &data_dir, &dir, id, target_end).await;
+            (i, made)
         });
     }
-    Ok(disks)
+    let mut disks: Vec<Option<TestDisk>> = vec![None; point.landed.len()];
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((i, Ok(disk))) => disks[i] = Some(disk),
+            Ok((_, Err(e))) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(format!("test failover task: {e}"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(disks.into_iter().flatten().collect()),
+    }
+}
+
+/// One disk's copy: its image at a batch boundary, with the before-images between the
+/// point (its tag ending at journal offset `target_end`) and that boundary put back.
+async fn make_disk(
+    mt: &Arc<MasterTarget>,
+    data_dir: &Path,
+    dir: &Path,
+    id: StreamId,
+    target_end: u64,
+) -> Result<TestDisk, String> {
+    let disk_size = mt
+        .store
+        .checkpoint(&id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("disk {id} is not known here"))?
+        .disk_size;
+    let path = dir.join(format!("{}-disk{}.raw", id.vm, id.disk));
+    let snap = mt.snapshot(&id, disk_size, path.clone()).await?;
+    let journal = journal_path(data_dir, &id);
+    let copy = path.clone();
+    let undone = tokio::task::spawn_blocking(move || -> Result<rollback::UndoPlan, String> {
+        let name = journal.display().to_string();
+        let j = Arc::new(File::open(&journal).map_err(|e| format!("{name}: {e}"))?);
+        let plan = rollback::plan_until(j.clone(), &name, target_end, snap.journal_end)
+            .map_err(|e| e.to_string())?;
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&copy)
+            .map_err(|e| format!("{}: {e}", copy.display()))?;
+        rollback::put_back(&*j, &name, &plan, &out, usize::MAX).map_err(|e| e.to_string())?;
+        out.sync_all()
+            .map_err(|e| format!("{}: {e}", copy.display()))?;
+        Ok(plan)
+    })
+    .await
+    .map_err(|e| format!("test failover task: {e}"))??;
+    Ok(TestDisk {
+        vm: id.vm.clone(),
+        disk: id.disk,
+        path,
+        disk_size,
+        method: snap.method,
+        records_undone: undone.records,
+        restored_bytes: undone.restored_bytes,
+        put_back_bytes: undone.put_back_bytes,
+    })
 }
 
 fn write_manifest(dir: &Path, tf: &TestFailover) -> Result<(), String> {
