@@ -164,6 +164,10 @@ struct RelayArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Enroll this agent with the site's configuration server using its passphrase:
+    /// writes its key (kept if it exists), certificate and the site CA; `--vm` names the
+    /// VMs whose disks it writes.
+    Enroll(fbr_enroll::cli::RegisterArgs),
     /// Run the whole path locally (fresh PKI, master target, relay), churn, verify.
     Drill {
         #[command(flatten)]
@@ -353,6 +357,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     fbr_daemon::init_logging(false, "warn");
+    if let Command::Enroll(args) = cli.command {
+        return fbr_enroll::cli::run("churn", args, fbr_transport::Role::Agent, "pki", "agent");
+    }
     if let Some(msg) = usage_error(&cli.command) {
         eprintln!("churn: {msg}");
         return ExitCode::from(EX_USAGE);
@@ -417,6 +424,7 @@ fn usage_error(cmd: &Command) -> Option<String> {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
     match cmd {
+        Command::Enroll(_) => anyhow::bail!("enroll is run before the runtime starts"),
         Command::Drill {
             workload: w,
             seconds,

@@ -416,21 +416,15 @@ fn verify_disk(
                     // The oldest point kept: the journal starts just past it, and the
                     // replica there is what its before-images give back.
                     Some(t) if skipped == trimmed_to && !t.in_resync => {
-                        out.report.tags_checked += 1;
-                        let diff = dirty
-                            .compare(&src, &rep)
-                            .map_err(|e| format!("comparing at tag {}: {e}", t.id))?;
-                        match diff {
-                            Some(at) => fail(
-                                &mut out,
-                                format!(
-                                    "replica differs from the source at tag {} (first at byte {at}), where its journal starts",
-                                    t.id
-                                ),
-                            ),
-                            None => out.report.tags_matching += 1,
-                        }
-                        out.tag_matches.insert(t.id, diff.is_none());
+                        compare_at_tag(
+                            &id,
+                            &mut out,
+                            &mut dirty,
+                            &src,
+                            &rep,
+                            t.id,
+                            ", where its journal starts",
+                        )?;
                         continue; // a tag changes nothing: nothing to draw
                     }
                     // Older than the retention window: trimmed on purpose.
@@ -466,21 +460,7 @@ fn verify_disk(
                     if t.in_resync {
                         continue;
                     }
-                    out.report.tags_checked += 1;
-                    let diff = dirty
-                        .compare(&src, &rep)
-                        .map_err(|e| format!("comparing at tag {}: {e}", t.id))?;
-                    match diff {
-                        Some(at) => fail(
-                            &mut out,
-                            format!(
-                                "replica differs from the source at tag {} (first at byte {at})",
-                                t.id
-                            ),
-                        ),
-                        None => out.report.tags_matching += 1,
-                    }
-                    out.tag_matches.insert(t.id, diff.is_none());
+                    compare_at_tag(&id, &mut out, &mut dirty, &src, &rep, t.id, "")?;
                 }
                 (Record::Write { .. } | Record::Zero { .. } | Record::Resync { .. }, None)
                     if replica_only =>
@@ -552,8 +532,34 @@ fn verify_disk(
     out
 }
 
+/// Compares source and replica of disk `id` at tag `tag` and records the outcome
+/// (`where_`: what to add to a mismatch's message). Only an I/O error stops the disk's
+/// verification.
+fn compare_at_tag(
+    id: &StreamId,
+    out: &mut DiskOutcome,
+    dirty: &mut Dirty,
+    src: &Scratch,
+    rep: &Scratch,
+    tag: u64,
+    where_: &str,
+) -> Result<(), String> {
+    out.report.tags_checked += 1;
+    let diff = dirty
+        .compare(src, rep)
+        .map_err(|e| format!("comparing at tag {tag}: {e}"))?;
+    match diff {
+        Some(at) => out.errors.push(format!(
+            "{id}: replica differs from the source at tag {tag} (first at byte {at}){where_}"
+        )),
+        None => out.report.tags_matching += 1,
+    }
+    out.tag_matches.insert(tag, diff.is_none());
+    Ok(())
+}
+
 /// The replica at journal offset `offset` (where a trimmed journal starts): a sparse
-/// copy of image.raw with every before-image journaled since put back, newest first.
+/// copy of image.raw with its value at that offset put back wherever the journal since changed it.
 fn replica_at_trim(
     mt_data: &Path,
     id: &StreamId,

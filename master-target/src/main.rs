@@ -35,6 +35,10 @@ struct Cli {
 enum Command {
     /// Run the receiver.
     Run(RunArgs),
+    /// Enroll with the site's configuration server using its passphrase: writes this
+    /// master target's key (kept if it exists), certificate and the site CA into the
+    /// PKI directory. `--advertise` is the address relays are given.
+    Register(fbr_enroll::cli::RegisterArgs),
     /// Validate the configuration (file, environment and flags) without starting, and
     /// print the effective settings. Exit status 64 names the key at fault.
     CheckConfig(RunArgs),
@@ -216,6 +220,13 @@ fn main() -> ExitCode {
             run,
         ),
         Command::CheckConfig(args) => fbr_daemon::report_check("master-target", args.settings()),
+        Command::Register(args) => fbr_enroll::cli::run(
+            "master-target",
+            args,
+            fbr_transport::Role::MasterTarget,
+            "/etc/master-target/pki",
+            "master-target",
+        ),
         Command::Points { data, json } => report(points(&data, json)),
         Command::SeedDisk {
             data,

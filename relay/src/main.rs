@@ -42,9 +42,13 @@ enum Command {
     /// Validate the configuration (file, environment and flags) without starting, and
     /// print the effective settings. Exit status 64 names the key at fault.
     CheckConfig(RunArgs),
-    /// Manage the site's certificates.
+    /// Manage the site's certificates by hand (labs; a site enrolls with `register`).
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Enroll with the site's configuration server using its passphrase: writes this
+    /// relay's key (kept if it exists), certificate and the site CA into the PKI
+    /// directory, and prints the master target assigned.
+    Register(fbr_enroll::cli::RegisterArgs),
     /// Ask a disk's agent for a resync (through the running relay's control socket).
     Resync {
         /// The relay's control socket [control_socket].
@@ -281,6 +285,13 @@ fn main() -> ExitCode {
             control_socket,
             json,
         } => control(&control_socket, &Request::Resyncs, json),
+        Command::Register(args) => fbr_enroll::cli::run(
+            "relay",
+            args,
+            fbr_transport::Role::Relay,
+            "/etc/relay/pki",
+            "relay",
+        ),
         Command::Pki(PkiCommand::Init { dir, common_name }) => {
             report(pki::init_ca(&dir, &common_name).map_err(Into::into))
         }

@@ -22,18 +22,27 @@ pub fn start_site(vms: &[&str]) -> Site {
     start_site_with(vms, 256 << 20, 4)
 }
 
+/// The tests' usual site: the agent entitled to `vms`, a 256 MiB relay cache.
+pub fn site_options(vms: &[&str]) -> SiteOptions {
+    SiteOptions {
+        agent_vms: vms.iter().map(|s| s.to_string()).collect(),
+        cache_capacity: 256 << 20,
+        cache_segment_mib: 4,
+        mt_credit_mib: 8,
+        max_udp_payload: 1452,
+        relay_args: vec![],
+        mt_args: vec![],
+    }
+}
+
 /// Like [`start_site`], with the relay's cache capacity and segment size chosen.
 pub fn start_site_with(vms: &[&str], cache_capacity: u64, cache_segment_mib: u64) -> Site {
     let mut site = Site::create(
         None,
         SiteOptions {
-            agent_vms: vms.iter().map(|s| s.to_string()).collect(),
             cache_capacity,
             cache_segment_mib,
-            mt_credit_mib: 8,
-            max_udp_payload: 1452,
-            relay_args: vec![],
-            mt_args: vec![],
+            ..site_options(vms)
         },
     )
     .expect("create site");

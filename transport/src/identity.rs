@@ -19,6 +19,8 @@ pub enum Role {
     Agent,
     Relay,
     MasterTarget,
+    /// The site's configuration server (its HTTPS API's certificate).
+    ConfigServer,
 }
 
 impl Role {
@@ -27,6 +29,7 @@ impl Role {
             Role::Agent => "agent",
             Role::Relay => "relay",
             Role::MasterTarget => "master-target",
+            Role::ConfigServer => "config-server",
         }
     }
 
@@ -35,6 +38,7 @@ impl Role {
             "agent" => Some(Role::Agent),
             "relay" => Some(Role::Relay),
             "master-target" => Some(Role::MasterTarget),
+            "config-server" => Some(Role::ConfigServer),
             _ => None,
         }
     }

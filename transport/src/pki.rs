@@ -8,6 +8,7 @@
 //! | `urn:fbr:role:agent`      | a source agent (writes VM disks into the relay)       |
 //! | `urn:fbr:role:relay`      | a relay (process server)                              |
 //! | `urn:fbr:role:master-target` | a master target                                    |
+//! | `urn:fbr:role:config-server` | the site's configuration server                    |
 //! | `urn:fbr:vm:<name>`       | may write the disks of VM `<name>`                    |
 //! | `urn:fbr:vm:*`            | may write the disks of any VM (relays)                |
 //!
@@ -95,6 +96,74 @@ pub struct IssueRequest {
 
 /// Issues `<name>.pem` and `<name>.key` in `dir`, signed by the CA there.
 pub fn issue(dir: &Path, req: &IssueRequest) -> Result<(), PkiError> {
+    validate_request(req)?;
+    let cert_path = dir.join(format!("{}.pem", req.name));
+    let key_path = dir.join(format!("{}.key", req.name));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(PkiError::Exists(p.clone()));
+        }
+    }
+    let (ca_cert, ca_key) = load_ca(dir)?;
+    let key = KeyPair::generate()?;
+    let cert = certificate_params(req)?.signed_by(&key, &ca_cert, &ca_key)?;
+    write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_new(&cert_path, cert.pem().as_bytes(), false)?;
+    Ok(())
+}
+
+/// Signs a certificate for the key of `csr_pem` (a PKCS#10 request, its signature
+/// checked) with the CA in `dir`. What the certificate says comes from `req` alone,
+/// never from the request: a requester cannot grant itself a role or a VM. Returns the
+/// certificate's PEM; nothing is written.
+pub fn issue_from_csr(dir: &Path, req: &IssueRequest, csr_pem: &str) -> Result<String, PkiError> {
+    validate_request(req)?;
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let (ca_cert, ca_key) = load_ca(dir)?;
+    let cert = certificate_params(req)?.signed_by(&csr.public_key, &ca_cert, &ca_key)?;
+    Ok(cert.pem())
+}
+
+/// The key `<name>.key` in `dir`, made (mode 0600) if there is none yet, and a
+/// certificate request for it: what a component sends when it enrolls. An existing key
+/// is kept, so enrolling again keeps the identity.
+pub fn key_and_request(dir: &Path, name: &str) -> Result<String, PkiError> {
+    fbr_protocol::names::validate_name(name).map_err(|reason| PkiError::BadName {
+        name: name.to_owned(),
+        reason,
+    })?;
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let key_path = dir.join(format!("{name}.key"));
+    let key = match fs::read_to_string(&key_path) {
+        Ok(pem) => KeyPair::from_pem(&pem)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = KeyPair::generate()?;
+            write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
+            key
+        }
+        Err(e) => return Err(io_err(&key_path)(e)),
+    };
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
+/// Writes `contents` to `path` whole or not at all (a temporary file renamed over it),
+/// synced: a certificate replaced by a newer one.
+pub fn replace_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, contents, false)?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(parent) = path.parent() {
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(parent))?;
+    }
+    Ok(())
+}
+
+fn validate_request(req: &IssueRequest) -> Result<(), PkiError> {
     fbr_protocol::names::validate_name(&req.name).map_err(|reason| PkiError::BadName {
         name: req.name.clone(),
         reason,
@@ -107,13 +176,11 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<(), PkiError> {
             })?;
         }
     }
-    let cert_path = dir.join(format!("{}.pem", req.name));
-    let key_path = dir.join(format!("{}.key", req.name));
-    for p in [&cert_path, &key_path] {
-        if p.exists() {
-            return Err(PkiError::Exists(p.clone()));
-        }
-    }
+    Ok(())
+}
+
+/// The CA of `dir`, ready to sign.
+fn load_ca(dir: &Path) -> Result<(rcgen::Certificate, KeyPair), PkiError> {
     let ca_key_path = dir.join("ca.key");
     let ca_cert_path = dir.join("ca.pem");
     let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
@@ -122,7 +189,11 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<(), PkiError> {
     // Rebuilding the CA certificate object from its PEM keeps its subject and key, which
     // is all that issuing needs; the CA file itself is untouched.
     let ca_cert = CertificateParams::from_ca_cert_pem(&ca_cert_pem)?.self_signed(&ca_key)?;
+    Ok((ca_cert, ca_key))
+}
 
+/// What a certificate for `req` says: its name, addresses, role and VMs.
+fn certificate_params(req: &IssueRequest) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(req.dns_names.clone())?;
     params
         .distinguished_name
@@ -145,11 +216,7 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<(), PkiError> {
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-    write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
-    write_new(&cert_path, cert.pem().as_bytes(), false)?;
-    Ok(())
+    Ok(params)
 }
 
 /// Writes a file that must not exist yet; keys get mode 0600.

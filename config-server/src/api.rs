@@ -1,0 +1,433 @@
+//! The HTTPS API (docs/API.md): TLS 1.3 only, HTTP/1.1, JSON.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /v1/enroll/params` | the site id, the PBKDF2 salt and iterations |
+//! | `POST /v1/enroll` | enroll: a certificate request and the client proof in, the certificate, the CA, the server proof and the assignment out |
+//!
+//! Every error is `{"error": {"code", "message"}}` with its status. Bodies over
+//! [`MAX_BODY`] are refused unread (413). At most [`MAX_CONNECTIONS`] connections are
+//! served at once, each for at most [`CONNECTION_TIMEOUT`].
+//!
+//! Wrong passphrases: each failure from an address makes its next attempts wait longer
+//! before they are even checked ([`failure_delay`]: 0.5 s, 1 s, 2 s... up to 30 s); a
+//! success clears the count. The counts are in the state database, so a restart does
+//! not reset them.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use fbr_enroll::proof::{self, Verifier};
+use fbr_enroll::wire::{
+    parse_enroll_request, ApiError, Assignment, EnrollParams, EnrollResponse, API_VERSION, MAX_BODY,
+};
+
+use crate::site::{now_ms, pki_dir, SERVER_CERT_NAME};
+use crate::state::{Component, SiteRecord, State};
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Longest a connection may stay open.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the next attempt from an address waits after `failures` wrong passphrases
+/// in a row.
+pub fn failure_delay(failures: u64) -> Duration {
+    match failures {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(500u64.saturating_mul(1 << (n - 1).min(6)))
+            .min(Duration::from_secs(30)),
+    }
+}
+
+/// The configuration server's metrics.
+#[derive(Debug, Clone)]
+pub struct ApiMetrics {
+    pub registry: Registry,
+    /// By outcome: `enrolled`, `wrong_passphrase`, `refused` (any other coded error).
+    pub enrollments_total: IntCounterVec,
+    pub components: IntGauge,
+}
+
+impl ApiMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let enrollments_total = IntCounterVec::new(
+            Opts::new(
+                "fbr_config_server_enrollments_total",
+                "Enrollment attempts, by outcome: enrolled, wrong_passphrase, refused (any other coded error).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let components = IntGauge::with_opts(Opts::new(
+            "fbr_config_server_components",
+            "Components (relays, master targets, agents) enrolled in the site.",
+        ))
+        .expect("valid metric");
+        registry
+            .register(Box::new(enrollments_total.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(components.clone()))
+            .expect("unique metric");
+        ApiMetrics {
+            registry,
+            enrollments_total,
+            components,
+        }
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the API serves from.
+#[derive(Debug)]
+pub struct Server {
+    pub state: State,
+    pub site: SiteRecord,
+    verifier: Verifier,
+    pki: std::path::PathBuf,
+    pub metrics: ApiMetrics,
+}
+
+impl Server {
+    /// From an initialised data directory.
+    pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<Self>> {
+        let state = State::open(data_dir)?;
+        let site = state.site()?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} holds no site: run `config-server init --data {}` first",
+                data_dir.display(),
+                data_dir.display()
+            )
+        })?;
+        let verifier = proof::from_hex(&site.verifier)
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .map(Verifier)
+            .ok_or_else(|| anyhow::anyhow!("the site's verifier is damaged"))?;
+        let metrics = ApiMetrics::new();
+        metrics.components.set(state.components()?.len() as i64);
+        Ok(Arc::new(Server {
+            state,
+            site,
+            verifier,
+            pki: pki_dir(data_dir),
+            metrics,
+        }))
+    }
+
+    /// TLS 1.3 with the server's certificate; no client certificate asked.
+    pub fn tls_config(&self) -> anyhow::Result<rustls::ServerConfig> {
+        let creds = fbr_transport::Credentials::load(&self.pki, SERVER_CERT_NAME)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(creds.chain, creds.key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
+    /// One request on a TLS session whose exporter value is `exporter`.
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: IpAddr,
+        exporter: [u8; 32],
+    ) -> (StatusCode, Vec<u8>) {
+        let result = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/v1/enroll/params") => Ok(json(&EnrollParams {
+                version: API_VERSION,
+                site_id: self.site.site_id.clone(),
+                salt: self.site.salt.clone(),
+                iterations: self.site.iterations,
+            })),
+            (&Method::POST, "/v1/enroll") => match read_body(req).await {
+                Ok(body) => self.enroll(&body, client, exporter).await,
+                Err(e) => Err(e),
+            },
+            (_, "/v1/enroll/params" | "/v1/enroll") => Err(ApiError::new(
+                "method_not_allowed",
+                "use GET for /v1/enroll/params and POST for /v1/enroll",
+            )),
+            (_, path) => Err(ApiError::new("not_found", format!("no endpoint {path}"))),
+        };
+        match result {
+            Ok(body) => (StatusCode::OK, body),
+            Err(e) => (
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                json(&e),
+            ),
+        }
+    }
+
+    async fn enroll(
+        &self,
+        body: &[u8],
+        client: IpAddr,
+        exporter: [u8; 32],
+    ) -> Result<Vec<u8>, ApiError> {
+        let outcome = self.try_enroll(body, client, exporter).await;
+        let label = match &outcome {
+            Ok(_) => "enrolled",
+            Err(e) if e.error.code == "wrong_passphrase" => "wrong_passphrase",
+            Err(_) => "refused",
+        };
+        self.metrics
+            .enrollments_total
+            .with_label_values(&[label])
+            .inc();
+        outcome
+    }
+
+    async fn try_enroll(
+        &self,
+        body: &[u8],
+        client: IpAddr,
+        exporter: [u8; 32],
+    ) -> Result<Vec<u8>, ApiError> {
+        let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
+        let checked = parse_enroll_request(body)?;
+        let who = client.to_string();
+        let failures = self.state.failures(&who).map_err(internal)?;
+        tokio::time::sleep(failure_delay(failures)).await;
+        if !proof::check_client_proof(
+            &self.verifier,
+            &exporter,
+            &checked.request.csr_pem,
+            &checked.proof,
+        ) {
+            let n = self
+                .state
+                .record_failure(&who, now_ms())
+                .map_err(internal)?;
+            tracing::warn!(client = %who, failures = n, name = %checked.request.name, "enrollment with a wrong passphrase");
+            return Err(ApiError::new(
+                "wrong_passphrase",
+                format!(
+                    "the passphrase proof does not hold for this session (wrong passphrase, or a man in the middle); the next attempt from {who} waits {:?}",
+                    failure_delay(n)
+                ),
+            ));
+        }
+        let r = &checked.request;
+        let key_sha256 = csr_key_sha256(&r.csr_pem)?;
+        let existing = self.state.component(&r.name).map_err(internal)?;
+        if let Some(c) = &existing {
+            if c.key_sha256 != key_sha256 || c.role != r.role {
+                return Err(ApiError::new(
+                    "name_taken",
+                    format!(
+                        "{} is enrolled already, as a {} with another key: pick another name (or keep the component's key to enroll it again)",
+                        r.name, c.role
+                    ),
+                ));
+            }
+        }
+        let vms = match checked.role {
+            fbr_transport::Role::Relay => vec!["*".to_owned()],
+            fbr_transport::Role::Agent => r.vms.clone(),
+            _ => vec![],
+        };
+        let issue = fbr_transport::pki::IssueRequest {
+            name: r.name.clone(),
+            role: checked.role,
+            vms: vms.clone(),
+            dns_names: r.dns_names.clone(),
+            ip_addresses: r.ip_addresses.clone(),
+        };
+        let certificate_pem = fbr_transport::pki::issue_from_csr(&self.pki, &issue, &r.csr_pem)
+            .map_err(|e| ApiError::new("bad_csr", format!("the certificate request: {e}")))?;
+        let ca_pem = std::fs::read_to_string(self.pki.join("ca.pem"))
+            .map_err(|e| ApiError::new("internal", format!("the site CA: {e}")))?;
+        let now = now_ms();
+        let component = Component {
+            name: r.name.clone(),
+            role: r.role.clone(),
+            vms: r.vms.clone(),
+            advertise: r.advertise.clone(),
+            key_sha256,
+            enrolled_ms: existing.as_ref().map_or(now, |c| c.enrolled_ms),
+            last_enrolled_ms: now,
+            enrollments: existing.as_ref().map_or(0, |c| c.enrollments) + 1,
+        };
+        self.state
+            .record_enrollment(&component, &who)
+            .map_err(internal)?;
+        let components = self.state.components().map_err(internal)?;
+        self.metrics.components.set(components.len() as i64);
+        let assignment = match checked.role {
+            fbr_transport::Role::Relay => Assignment {
+                master_target: components
+                    .iter()
+                    .find(|c| c.role == "master-target" && c.advertise.is_some())
+                    .and_then(|c| c.advertise.clone()),
+                vms: vec![],
+            },
+            fbr_transport::Role::Agent => Assignment {
+                master_target: None,
+                vms,
+            },
+            _ => Assignment::default(),
+        };
+        tracing::info!(name = %r.name, role = %r.role, client = %who, again = existing.is_some(), "enrolled");
+        Ok(json(&EnrollResponse {
+            version: API_VERSION,
+            site_id: self.site.site_id.clone(),
+            proof: proof::to_hex(&proof::server_proof(
+                &self.verifier,
+                &exporter,
+                &certificate_pem,
+            )),
+            certificate_pem,
+            ca_pem,
+            assignment,
+        }))
+    }
+}
+
+/// SHA-256 of the certificate request's public key, hex (the component's identity).
+fn csr_key_sha256(csr_pem: &str) -> Result<String, ApiError> {
+    let bad = |e: String| ApiError::new("bad_csr", format!("the certificate request: {e}"));
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| bad(e.to_string()))?;
+    let spki = csr.certification_request_info.subject_pki.raw;
+    Ok(proof::to_hex(
+        ring::digest::digest(&ring::digest::SHA256, spki).as_ref(),
+    ))
+}
+
+use x509_parser::prelude::FromDer;
+
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes().to_vec()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::new(
+                "body_too_large",
+                format!("bodies are at most {MAX_BODY} bytes"),
+            ))
+        }
+        Err(e) => Err(ApiError::new(
+            "bad_request",
+            format!("reading the body: {e}"),
+        )),
+    }
+}
+
+/// Serves the API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, server: Arc<Server>) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server.tls_config()?));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            continue;
+        };
+        let (acceptor, server) = (acceptor.clone(), server.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = tokio::time::timeout(
+                CONNECTION_TIMEOUT,
+                connection(acceptor, server, tcp, remote),
+            )
+            .await;
+        });
+    }
+}
+
+async fn connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    server: Arc<Server>,
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut exporter = [0u8; 32];
+    if let Err(e) =
+        tls.get_ref()
+            .1
+            .export_keying_material(&mut exporter, proof::EXPORTER_LABEL, None)
+    {
+        tracing::warn!(%remote, "TLS exporter: {e}");
+        return;
+    }
+    let client = remote.ip();
+    let service = hyper::service::service_fn(move |req| {
+        let server = server.clone();
+        async move {
+            let (status, body) = server.handle(req, client, exporter).await;
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn each_failure_doubles_the_wait_up_to_half_a_minute() {
+        let waits: Vec<u64> = (0..10)
+            .map(|n| failure_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            waits,
+            [0, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert_eq!(failure_delay(u64::MAX), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,281 @@
+//! `config-server`: the site's configuration server (see the crate docs).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fbr_config_server::api::Server;
+use fbr_config_server::settings::ConfigServerSettings;
+use fbr_daemon::settings::{flag_overrides, load_settings, ConfigError};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "config-server",
+    version,
+    about = "Failback configuration server: the site's CA and the enrollment of its relays, master targets and agents"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the site in a data directory: its CA, this server's certificate, and a
+    /// random passphrase, shown once (stored only as a salted verifier).
+    Init {
+        #[arg(long)]
+        data: PathBuf,
+        /// DNS names the server is reached under (its certificate carries them).
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
+        /// IP addresses the server is reached under.
+        #[arg(long = "ip")]
+        ip_addresses: Vec<IpAddr>,
+        /// Write the passphrase to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        passphrase_out: Option<PathBuf>,
+        /// PBKDF2 iterations of the verifier.
+        #[arg(long, default_value_t = fbr_enroll::proof::DEFAULT_ITERATIONS)]
+        iterations: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the API.
+    Run(RunArgs),
+    /// Validate the configuration without starting, and print the effective settings.
+    CheckConfig(RunArgs),
+    /// The enrolled components (the daemon must be stopped: the state is locked).
+    Components {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Flags of `config-server run` and `check-config`; each overrides the config key in
+/// brackets (docs/CONFIGURATION.md).
+#[derive(clap::Args, Debug, serde::Serialize)]
+struct RunArgs {
+    /// Config file (TOML). Default: /etc/config-server/config-server.toml if it exists.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// HTTPS address of the API [listen].
+    #[arg(long)]
+    #[serde(rename = "listen")]
+    listen: Option<SocketAddr>,
+    /// The site's data directory [data_dir].
+    #[arg(long)]
+    #[serde(rename = "data_dir")]
+    data: Option<PathBuf>,
+    /// Write the bound address here once listening [port_file].
+    #[arg(long)]
+    #[serde(rename = "port_file")]
+    port_file: Option<PathBuf>,
+    /// TCP address of /metrics, /healthz and /readyz; "" disables [metrics_listen].
+    #[arg(long)]
+    #[serde(rename = "metrics_listen")]
+    metrics_listen: Option<String>,
+    /// Write the metrics endpoint's bound address here [metrics_port_file].
+    #[arg(long)]
+    #[serde(rename = "metrics_port_file")]
+    metrics_port_file: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn settings(&self) -> Result<ConfigServerSettings, ConfigError> {
+        load_settings(self.config.as_deref(), flag_overrides(self)?)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        fbr_daemon::init_logging(cli.log_json, "info");
+    }
+    match cli.command {
+        Command::Run(args) => fbr_daemon::run_daemon(
+            "config-server",
+            args.settings(),
+            cli.log_json,
+            |s| s.log_json,
+            run,
+        ),
+        Command::CheckConfig(args) => fbr_daemon::report_check("config-server", args.settings()),
+        Command::Init {
+            data,
+            dns_names,
+            ip_addresses,
+            passphrase_out,
+            iterations,
+            json,
+        } => report(init(
+            &data,
+            &dns_names,
+            &ip_addresses,
+            passphrase_out,
+            iterations,
+            json,
+        )),
+        Command::Components { data, json } => report(components(&data, json)),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    fbr_daemon::report("config-server", r)
+}
+
+fn init(
+    data: &std::path::Path,
+    dns_names: &[String],
+    ip_addresses: &[IpAddr],
+    passphrase_out: Option<PathBuf>,
+    iterations: u32,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (fbr_enroll::proof::MIN_ITERATIONS..=fbr_enroll::proof::MAX_ITERATIONS)
+            .contains(&iterations),
+        "--iterations {iterations}: components accept {}..={}",
+        fbr_enroll::proof::MIN_ITERATIONS,
+        fbr_enroll::proof::MAX_ITERATIONS
+    );
+    if let Some(out) = &passphrase_out {
+        anyhow::ensure!(
+            !out.exists(),
+            "{} exists: refusing to overwrite it",
+            out.display()
+        );
+    }
+    let site = fbr_config_server::site::init(data, dns_names, ip_addresses, iterations)?;
+    let shown = match &passphrase_out {
+        Some(out) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .with_context(|| format!("{}", out.display()))?;
+            writeln!(f, "{}", site.passphrase)?;
+            f.sync_all()?;
+            None
+        }
+        None => Some(site.passphrase.clone()),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "site_id": site.site_id,
+                "ca": site.ca,
+                "passphrase": shown,
+                "passphrase_file": passphrase_out,
+            })
+        );
+    } else {
+        println!("site {} created in {}", site.site_id, data.display());
+        println!("CA certificate: {}", site.ca.display());
+        match shown {
+            Some(p) => println!(
+                "passphrase (shown once, stored nowhere; give it to each component's --passphrase-file):\n  {p}"
+            ),
+            None => println!(
+                "passphrase written to {}",
+                passphrase_out.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn components(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let state = fbr_config_server::state::State::open(data)?;
+    let list = state.components()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<24} {:<14} {:<24} enrollments",
+            "name", "role", "advertise"
+        );
+        for c in &list {
+            println!(
+                "{:<24} {:<14} {:<24} {}",
+                c.name,
+                c.role,
+                c.advertise.as_deref().unwrap_or("-"),
+                c.enrollments
+            );
+        }
+    }
+    Ok(())
+}
+
+struct Endpoints(Arc<Server>);
+
+impl fbr_metrics::Endpoints for Endpoints {
+    fn metrics_text(&self) -> Result<String, String> {
+        fbr_metrics::encode(&self.0.metrics.registry)
+    }
+    fn liveness(&self) -> fbr_metrics::Probe {
+        fbr_metrics::Probe {
+            ok: true,
+            body: "alive\n".into(),
+        }
+    }
+    fn readiness(&self) -> fbr_metrics::Probe {
+        fbr_metrics::Probe {
+            ok: true,
+            body: format!("ready: site {}\n", self.0.site.site_id),
+        }
+    }
+}
+
+async fn run(settings: ConfigServerSettings) -> anyhow::Result<()> {
+    let server = Server::open(&settings.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listen {}", settings.listen))?;
+    let local = listener.local_addr()?;
+    let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(server.clone()));
+    let metrics = match settings.metrics_addr()? {
+        Some(addr) => Some(
+            fbr_metrics::start(
+                addr,
+                settings.metrics_port_file.as_deref(),
+                endpoints.clone(),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    if let Some(pf) = &settings.port_file {
+        fbr_daemon::write_port_file(pf, local)
+            .with_context(|| format!("writing {}", pf.display()))?;
+    }
+    tracing::info!(listen = %local, site = %server.site.site_id, "configuration server listening");
+    let api = tokio::spawn(fbr_config_server::api::serve(listener, server.clone()));
+    let notify = fbr_metrics::spawn_systemd_readiness(endpoints)
+        .context("NOTIFY_SOCKET (systemd notification)")?;
+    tokio::select! {
+        _ = fbr_daemon::shutdown_signal() => {}
+        r = api => r.context("API task")??,
+    }
+    notify.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    tracing::info!("configuration server stopped");
+    Ok(())
+}

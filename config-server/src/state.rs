@@ -1,0 +1,161 @@
+//! The configuration server's state: one redb database, `state.redb` in the data
+//! directory, every change one transaction (so a kill -9 leaves the last committed
+//! state).
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `site` | `"site"` | [`SiteRecord`], JSON |
+//! | `components` | component name | [`Component`], JSON |
+//! | `failures` | client IP address | `(failed attempts in a row, last failure, UNIX ms)` |
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const SITE: TableDefinition<&str, &str> = TableDefinition::new("site");
+const COMPONENTS: TableDefinition<&str, &str> = TableDefinition::new("components");
+const FAILURES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("failures");
+
+/// File name of the database in the data directory.
+pub const STATE_FILE: &str = "state.redb";
+
+/// The site, as `config-server init` made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub version: u32,
+    pub site_id: String,
+    /// PBKDF2 salt and iterations, and the verifier `K` (hex): never the passphrase.
+    pub salt: String,
+    pub iterations: u32,
+    pub verifier: String,
+    pub created_ms: u64,
+}
+
+/// An enrolled relay, master target or agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Component {
+    pub name: String,
+    pub role: String,
+    #[serde(default)]
+    pub vms: Vec<String>,
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// SHA-256 of its public key (SubjectPublicKeyInfo), hex: its identity.
+    pub key_sha256: String,
+    pub enrolled_ms: u64,
+    pub last_enrolled_ms: u64,
+    pub enrollments: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration server state: {0}")]
+pub struct StateError(String);
+
+fn e(x: impl std::fmt::Display) -> StateError {
+    StateError(x.to_string())
+}
+
+/// The open database (locked: one process at a time).
+#[derive(Debug)]
+pub struct State {
+    db: Database,
+}
+
+impl State {
+    /// Opens (or creates) `state.redb` in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(data_dir).map_err(|x| e(format!("{}: {x}", data_dir.display())))?;
+        let path = data_dir.join(STATE_FILE);
+        let db = Database::create(&path).map_err(|x| e(format!("{}: {x}", path.display())))?;
+        let tx = db.begin_write().map_err(e)?;
+        tx.open_table(SITE).map_err(e)?;
+        tx.open_table(COMPONENTS).map_err(e)?;
+        tx.open_table(FAILURES).map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(State { db })
+    }
+
+    pub fn site(&self) -> Result<Option<SiteRecord>, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(SITE).map_err(e)?;
+        let row = t.get("site").map_err(e)?;
+        row.map(|v| serde_json::from_str(v.value()).map_err(e))
+            .transpose()
+    }
+
+    /// Records the site; refused if there is one.
+    pub fn create_site(&self, site: &SiteRecord) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(SITE).map_err(e)?;
+            if t.get("site").map_err(e)?.is_some() {
+                return Err(StateError(
+                    "this data directory already holds a site (config-server init runs once)"
+                        .into(),
+                ));
+            }
+            let json = serde_json::to_string(site).map_err(e)?;
+            t.insert("site", json.as_str()).map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    pub fn component(&self, name: &str) -> Result<Option<Component>, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(COMPONENTS).map_err(e)?;
+        let row = t.get(name).map_err(e)?;
+        row.map(|v| serde_json::from_str(v.value()).map_err(e))
+            .transpose()
+    }
+
+    /// Every component, by name.
+    pub fn components(&self) -> Result<Vec<Component>, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(COMPONENTS).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (_, v) = row.map_err(e)?;
+            out.push(serde_json::from_str(v.value()).map_err(e)?);
+        }
+        Ok(out)
+    }
+
+    /// Records an enrollment (and clears the client address's failures), in one
+    /// transaction.
+    pub fn record_enrollment(&self, c: &Component, client: &str) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(COMPONENTS).map_err(e)?;
+            let json = serde_json::to_string(c).map_err(e)?;
+            t.insert(c.name.as_str(), json.as_str()).map_err(e)?;
+            tx.open_table(FAILURES)
+                .map_err(e)?
+                .remove(client)
+                .map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Failed attempts in a row from `client`.
+    pub fn failures(&self, client: &str) -> Result<u64, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(FAILURES).map_err(e)?;
+        let row = t.get(client).map_err(e)?;
+        Ok(row.map_or(0, |v| v.value().0))
+    }
+
+    /// Counts one more failure from `client`; returns how many in a row.
+    pub fn record_failure(&self, client: &str, now_ms: u64) -> Result<u64, StateError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let n;
+        {
+            let mut t = tx.open_table(FAILURES).map_err(e)?;
+            let before = t.get(client).map_err(e)?.map_or(0, |v| v.value().0);
+            n = before + 1;
+            t.insert(client, (n, now_ms)).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(n)
+    }
+}

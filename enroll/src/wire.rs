@@ -1,0 +1,268 @@
+//! The JSON documents of the configuration server's enrollment API (docs/API.md), and
+//! the checks every request passes before anything acts on it.
+//!
+//! Version 1. Fields are only ever added; a document with a `version` other than 1 is
+//! refused with code `unsupported_version`.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of every document here.
+pub const API_VERSION: u32 = 1;
+/// Largest request body the server reads (a bigger one is refused, unread).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest certificate request accepted.
+pub const MAX_CSR: usize = 16 * 1024;
+/// Most VMs, DNS names or IP addresses one request may name.
+pub const MAX_LIST: usize = 256;
+
+/// `GET /v1/enroll/params`: what a component needs to derive the verifier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollParams {
+    pub version: u32,
+    /// The site's identity (random, made by `config-server init`).
+    pub site_id: String,
+    /// PBKDF2 salt, hex.
+    pub salt: String,
+    pub iterations: u32,
+}
+
+/// `POST /v1/enroll`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub version: u32,
+    /// `relay`, `master-target` or `agent`.
+    pub role: String,
+    /// The component's name: its certificate's common name and file stem.
+    pub name: String,
+    /// Agents: the VMs whose disks it writes.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Names and addresses its certificate must carry (servers: relays, master targets).
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    /// Where others reach it (`host:port`), e.g. the master target's address for relays.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// PKCS#10 certificate request, PEM: the key stays with the component.
+    pub csr_pem: String,
+    /// The client proof, hex ([`crate::proof`]).
+    pub proof: String,
+}
+
+/// The answer to a successful `POST /v1/enroll`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub version: u32,
+    pub site_id: String,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+    /// The server proof, hex: over the certificate issued.
+    pub proof: String,
+    pub assignment: Assignment,
+}
+
+/// What the configuration server assigns a component.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Relays: the master target to forward to, as it advertised itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_target: Option<String>,
+    /// Agents: the VMs it may write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<String>,
+}
+
+/// Every error answer: `{"error": {"code": ..., "message": ...}}` with an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable, machine-readable (docs/API.md lists them).
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            error: ErrorBody {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+
+    /// The HTTP status that goes with the code.
+    pub fn status(&self) -> u16 {
+        match self.error.code.as_str() {
+            "wrong_passphrase" => 401,
+            "not_found" => 404,
+            "method_not_allowed" => 405,
+            "name_taken" => 409,
+            "body_too_large" => 413,
+            "internal" => 500,
+            _ => 400,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.error.message, self.error.code)
+    }
+}
+
+/// A checked enrollment request: decoded, version 1, names valid, lists bounded, the
+/// proof 32 bytes. The certificate request's signature is checked when it is signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedRequest {
+    pub request: EnrollRequest,
+    pub role: fbr_transport::Role,
+    pub proof: [u8; 32],
+}
+
+/// Decodes and checks a `POST /v1/enroll` body (a fuzz target: any bytes get a value or
+/// a coded error, never a panic).
+pub fn parse_enroll_request(body: &[u8]) -> Result<CheckedRequest, ApiError> {
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(
+            "body_too_large",
+            format!("the body is {} bytes, over {MAX_BODY}", body.len()),
+        ));
+    }
+    let request: EnrollRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new("bad_json", format!("not an enrollment request: {e}")))?;
+    if request.version != API_VERSION {
+        return Err(ApiError::new(
+            "unsupported_version",
+            format!(
+                "version {} (this server speaks {API_VERSION})",
+                request.version
+            ),
+        ));
+    }
+    let role = match fbr_transport::Role::parse(&request.role) {
+        Some(
+            r @ (fbr_transport::Role::Relay
+            | fbr_transport::Role::MasterTarget
+            | fbr_transport::Role::Agent),
+        ) => r,
+        _ => {
+            return Err(ApiError::new(
+                "bad_role",
+                format!(
+                    "role {:?}: must be relay, master-target or agent",
+                    request.role
+                ),
+            ))
+        }
+    };
+    let bad_name = |what: &str, name: &str, reason: String| {
+        ApiError::new("bad_name", format!("{what} {name:?}: {reason}"))
+    };
+    fbr_protocol::names::validate_name(&request.name)
+        .map_err(|r| bad_name("name", &request.name, r))?;
+    for (what, n) in [
+        ("vms", request.vms.len()),
+        ("dns_names", request.dns_names.len()),
+        ("ip_addresses", request.ip_addresses.len()),
+    ] {
+        if n > MAX_LIST {
+            return Err(ApiError::new(
+                "too_many",
+                format!("{n} {what}, over {MAX_LIST}"),
+            ));
+        }
+    }
+    for vm in &request.vms {
+        fbr_protocol::names::validate_name(vm).map_err(|r| bad_name("vm", vm, r))?;
+    }
+    for dns in &request.dns_names {
+        let ok = !dns.is_empty()
+            && dns.len() <= 253
+            && dns
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !ok {
+            return Err(bad_name("dns name", dns, "not a host name".into()));
+        }
+    }
+    if let Some(a) = &request.advertise {
+        if a.is_empty() || a.len() > 260 || !a.contains(':') || a.chars().any(char::is_whitespace) {
+            return Err(ApiError::new(
+                "bad_address",
+                format!("advertise {a:?}: must be host:port"),
+            ));
+        }
+    }
+    if request.csr_pem.len() > MAX_CSR {
+        return Err(ApiError::new(
+            "bad_csr",
+            format!("the certificate request is over {MAX_CSR} bytes"),
+        ));
+    }
+    let proof: [u8; 32] = crate::proof::from_hex(&request.proof)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| ApiError::new("bad_proof", "the proof must be 64 hex digits"))?;
+    Ok(CheckedRequest {
+        request,
+        role,
+        proof,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> serde_json::Value {
+        serde_json::json!({
+            "version": 1,
+            "role": "relay",
+            "name": "relay-1",
+            "dns_names": ["relay-1.example"],
+            "csr_pem": "-----BEGIN CERTIFICATE REQUEST-----",
+            "proof": "00".repeat(32),
+        })
+    }
+
+    fn code(v: &serde_json::Value) -> String {
+        parse_enroll_request(&serde_json::to_vec(v).unwrap())
+            .unwrap_err()
+            .error
+            .code
+    }
+
+    #[test]
+    fn a_good_request_passes_and_each_bad_field_gets_its_code() {
+        let ok = parse_enroll_request(&serde_json::to_vec(&request()).unwrap()).unwrap();
+        assert_eq!(ok.role, fbr_transport::Role::Relay);
+        let cases: [(&str, serde_json::Value, &str); 7] = [
+            ("version", 2.into(), "unsupported_version"),
+            ("role", "config-server".into(), "bad_role"),
+            ("name", "../etc".into(), "bad_name"),
+            ("proof", "abc".into(), "bad_proof"),
+            ("advertise", "nowhere".into(), "bad_address"),
+            ("dns_names", serde_json::json!(["a b"]), "bad_name"),
+            ("surprise", 1.into(), "bad_json"),
+        ];
+        for (field, value, want) in cases {
+            let mut r = request();
+            r[field] = value;
+            assert_eq!(code(&r), want, "{field}");
+        }
+        assert_eq!(
+            parse_enroll_request(b"{not json").unwrap_err().error.code,
+            "bad_json"
+        );
+        let big = vec![b' '; MAX_BODY + 1];
+        let e = parse_enroll_request(&big).unwrap_err();
+        assert_eq!((e.error.code.as_str(), e.status()), ("body_too_large", 413));
+    }
+}
