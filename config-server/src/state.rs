@@ -65,9 +65,17 @@ pub struct State {
 impl State {
     /// Opens (or creates) `state.redb` in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StateError> {
+        use std::os::unix::fs::PermissionsExt;
+        let private = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .map_err(|x| e(format!("{}: {x}", p.display())))
+        };
         std::fs::create_dir_all(data_dir).map_err(|x| e(format!("{}: {x}", data_dir.display())))?;
+        // The site's CA key and verifier live here: the daemon's user only.
+        private(data_dir, 0o700)?;
         let path = data_dir.join(STATE_FILE);
         let db = Database::create(&path).map_err(|x| e(format!("{}: {x}", path.display())))?;
+        private(&path, 0o600)?;
         let tx = db.begin_write().map_err(e)?;
         tx.open_table(SITE).map_err(e)?;
         tx.open_table(COMPONENTS).map_err(e)?;
