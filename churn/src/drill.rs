@@ -206,6 +206,14 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         max_udp_payload: opts.max_udp_payload,
     };
     let mut site = Site::create(opts.keep.clone(), site_opts)?;
+    // As a real site: a configuration server, and every component enrolled with its
+    // passphrase (no certificate made by hand).
+    let config_server = site.enroll_through_config_server()?;
+    if opts.progress {
+        eprintln!(
+            "configuration server on {config_server}: master target, relay and agent enrolled"
+        );
+    }
     site.start_master_target()?;
     if let Some(r) = &opts.reprotect {
         if opts.progress {

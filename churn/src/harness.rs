@@ -77,6 +77,8 @@ pub struct Site {
     opts: SiteOptions,
     mt: Daemon,
     relay: Daemon,
+    /// The site's configuration server, once [`Site::enroll_through_config_server`] ran.
+    config_server: Daemon,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -110,6 +112,12 @@ impl Site {
             },
             relay: Daemon {
                 name: "relay",
+                child: None,
+                addr: None,
+                metrics_addr: None,
+            },
+            config_server: Daemon {
+                name: "config-server",
                 child: None,
                 addr: None,
                 metrics_addr: None,
@@ -300,6 +308,75 @@ impl Site {
         Ok(())
     }
 
+    /// Replaces the certificates `create` made by hand with the way a real site gets
+    /// them: a configuration server is made (`config-server init`) and started on
+    /// loopback, and the master target, the relay and the agent each enroll with its
+    /// passphrase (`register`, `enroll`). Call before starting the daemons. The
+    /// configuration server runs until the site is dropped.
+    pub fn enroll_through_config_server(&mut self) -> anyhow::Result<SocketAddr> {
+        let data = self.root.join("config-server");
+        let passphrase = self.root.join("site.passphrase");
+        let out = Command::new(bin_path("config-server")?)
+            .args(["init", "--ip", "127.0.0.1", "--dns", "localhost", "--data"])
+            .arg(&data)
+            .arg("--passphrase-out")
+            .arg(&passphrase)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "config-server init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut cmd = Command::new(bin_path("config-server")?);
+        cmd.args(["run", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data);
+        let root = self.root.clone();
+        let server = start_daemon(&mut self.config_server, &root, cmd)?;
+        fs::remove_dir_all(&self.pki_dir)
+            .with_context(|| format!("removing {}", self.pki_dir.display()))?;
+        let mt_advertise = "127.0.0.1:9444".to_owned();
+        let loopback = ["--ip", "127.0.0.1", "--ip", "::1", "--dns", "localhost"];
+        let mut vms = Vec::new();
+        for vm in &self.opts.agent_vms {
+            vms.extend(["--vm", vm.as_str()]);
+        }
+        let enrollments: [(&str, &str, Vec<&str>); 3] = [
+            (
+                "master-target",
+                "register",
+                [
+                    &loopback[..],
+                    &["--dns", "master-target", "--advertise", &mt_advertise],
+                ]
+                .concat(),
+            ),
+            (
+                "relay",
+                "register",
+                [&loopback[..], &["--dns", "relay"]].concat(),
+            ),
+            ("churn", "enroll", [&["--name", "agent"][..], &vms].concat()),
+        ];
+        for (program, verb, args) in enrollments {
+            let out = Command::new(bin_path(program)?)
+                .arg(verb)
+                .arg("--config-server")
+                .arg(server.to_string())
+                .arg("--passphrase-file")
+                .arg(&passphrase)
+                .arg("--pki-dir")
+                .arg(&self.pki_dir)
+                .args(&args)
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{program} {verb} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(server)
+    }
+
     /// Keeps the site directory after this value is dropped; returns its path.
     pub fn keep(&mut self) -> PathBuf {
         if let Some(t) = self._tmp.take() {
@@ -313,6 +390,7 @@ impl Drop for Site {
     fn drop(&mut self) {
         let _ = stop_daemon(&mut self.relay, true);
         let _ = stop_daemon(&mut self.mt, true);
+        let _ = stop_daemon(&mut self.config_server, true);
     }
 }
 
@@ -332,7 +410,10 @@ fn start_daemon(d: &mut Daemon, root: &Path, mut cmd: Command) -> anyhow::Result
     }
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if k.starts_with("RELAY_") || k.starts_with("MASTER_TARGET_") {
+        if k.starts_with("RELAY_")
+            || k.starts_with("MASTER_TARGET_")
+            || k.starts_with("CONFIG_SERVER_")
+        {
             cmd.env_remove(&key);
         }
     }
