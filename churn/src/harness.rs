@@ -327,11 +327,7 @@ impl Site {
             "config-server init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut cmd = Command::new(bin_path("config-server")?);
-        cmd.args(["run", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&data);
-        let root = self.root.clone();
-        let server = start_daemon(&mut self.config_server, &root, cmd)?;
+        let server = self.start_config_server()?;
         fs::remove_dir_all(&self.pki_dir)
             .with_context(|| format!("removing {}", self.pki_dir.display()))?;
         let mt_advertise = "127.0.0.1:9444".to_owned();
@@ -375,6 +371,47 @@ impl Site {
             );
         }
         Ok(server)
+    }
+
+    /// Starts (or restarts, on the same port) the configuration server of
+    /// [`Site::enroll_through_config_server`].
+    pub fn start_config_server(&mut self) -> anyhow::Result<SocketAddr> {
+        let listen = self
+            .config_server
+            .addr
+            .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let mut cmd = Command::new(bin_path("config-server")?);
+        cmd.arg("run")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--data")
+            .arg(self.root.join("config-server"));
+        let root = self.root.clone();
+        start_daemon(&mut self.config_server, &root, cmd)
+    }
+
+    /// Stops the configuration server: SIGTERM and wait, or SIGKILL (`kill9`).
+    pub fn stop_config_server(&mut self, kill9: bool) -> anyhow::Result<()> {
+        stop_daemon(&mut self.config_server, kill9)
+    }
+
+    /// Where the configuration server listens (once started).
+    pub fn config_server_addr(&self) -> Option<SocketAddr> {
+        self.config_server.addr
+    }
+
+    pub fn config_server_metrics_addr(&self) -> Option<SocketAddr> {
+        self.config_server.metrics_addr
+    }
+
+    /// Extra arguments of `relay run` from now on (e.g. `--config-server`).
+    pub fn relay_args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.opts.relay_args
+    }
+
+    /// Extra arguments of `master-target run` from now on.
+    pub fn master_target_args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.opts.mt_args
     }
 
     /// Keeps the site directory after this value is dropped; returns its path.

@@ -4,7 +4,12 @@
 //! |---|---|
 //! | `GET /v1/enroll/params` | the site id, the PBKDF2 salt and iterations |
 //! | `POST /v1/enroll` | enroll: a certificate request and the client proof in, the certificate, the CA, the server proof and the assignment out |
+//! | `POST /v1/heartbeat` | an enrolled component's report (its site certificate required) |
+//! | `GET /v1/components` | the inventory: every component, connected or not, with its last report (a site certificate required) |
 //!
+//! Client certificates are asked for, not required: enrolling components have none
+//! yet. The endpoints past enrollment refuse a request without one (401
+//! `certificate_required`); the TLS layer has checked any it got against the site CA.
 //! Every error is `{"error": {"code", "message"}}` with its status. Bodies over
 //! [`MAX_BODY`] are refused unread (413). At most [`MAX_CONNECTIONS`] connections are
 //! served at once, each for at most [`CONNECTION_TIMEOUT`].
@@ -29,7 +34,8 @@ use tokio::sync::Semaphore;
 
 use fbr_enroll::proof::{self, Verifier};
 use fbr_enroll::wire::{
-    parse_enroll_request, ApiError, Assignment, EnrollParams, EnrollResponse, API_VERSION, MAX_BODY,
+    parse_enroll_request, ApiError, Assignment, EnrollParams, EnrollResponse, API_VERSION,
+    MAX_BODY, MAX_HEARTBEAT_BODY,
 };
 
 use crate::site::{now_ms, pki_dir, SERVER_CERT_NAME};
@@ -59,6 +65,9 @@ pub struct ApiMetrics {
     /// By outcome: `enrolled`, `wrong_passphrase`, `refused` (any other coded error).
     pub enrollments_total: IntCounterVec,
     pub components: IntGauge,
+    pub heartbeats_total: prometheus::IntCounter,
+    /// Components not connected (no heartbeat for 3 of their intervals, or never).
+    pub components_disconnected: IntGauge,
 }
 
 impl ApiMetrics {
@@ -77,6 +86,22 @@ impl ApiMetrics {
             "Components (relays, master targets, agents) enrolled in the site.",
         ))
         .expect("valid metric");
+        let heartbeats_total = prometheus::IntCounter::with_opts(Opts::new(
+            "fbr_config_server_heartbeats_total",
+            "Heartbeats received from enrolled components.",
+        ))
+        .expect("valid metric");
+        let components_disconnected = IntGauge::with_opts(Opts::new(
+            "fbr_config_server_components_disconnected",
+            "Enrolled components not connected: no heartbeat for 3 of their intervals, or none yet.",
+        ))
+        .expect("valid metric");
+        registry
+            .register(Box::new(heartbeats_total.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(components_disconnected.clone()))
+            .expect("unique metric");
         registry
             .register(Box::new(enrollments_total.clone()))
             .expect("unique metric");
@@ -87,6 +112,8 @@ impl ApiMetrics {
             registry,
             enrollments_total,
             components,
+            heartbeats_total,
+            components_disconnected,
         }
     }
 }
@@ -133,24 +160,33 @@ impl Server {
         }))
     }
 
-    /// TLS 1.3 with the server's certificate; no client certificate asked.
+    /// TLS 1.3 with the server's certificate; a client certificate of the site CA
+    /// asked for, not required.
     pub fn tls_config(&self) -> anyhow::Result<rustls::ServerConfig> {
         let creds = fbr_transport::Credentials::load(&self.pki, SERVER_CERT_NAME)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(creds.roots.clone()),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
+            .with_client_cert_verifier(clients)
             .with_single_cert(creds.chain, creds.key)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
 
-    /// One request on a TLS session whose exporter value is `exporter`.
+    /// One request on a TLS session whose exporter value is `exporter`, from `peer`
+    /// when it presented a site certificate.
     async fn handle(
         &self,
         req: Request<Incoming>,
         client: IpAddr,
         exporter: [u8; 32],
+        peer: Option<&fbr_transport::PeerIdentity>,
     ) -> (StatusCode, Vec<u8>) {
         let result = match (req.method(), req.uri().path()) {
             (&Method::GET, "/v1/enroll/params") => Ok(json(&EnrollParams {
@@ -163,10 +199,27 @@ impl Server {
                 Ok(body) => self.enroll(&body, client, exporter).await,
                 Err(e) => Err(e),
             },
-            (_, "/v1/enroll/params" | "/v1/enroll") => Err(ApiError::new(
-                "method_not_allowed",
-                "use GET for /v1/enroll/params and POST for /v1/enroll",
-            )),
+            (&Method::POST, "/v1/heartbeat") => match peer {
+                None => Err(certificate_required()),
+                Some(p) => match read_body_limited(req, MAX_HEARTBEAT_BODY).await {
+                    Ok(body) => self.heartbeat(p, &body),
+                    Err(e) => Err(e),
+                },
+            },
+            (&Method::GET, "/v1/components") => match peer {
+                None => Err(certificate_required()),
+                Some(_) => self
+                    .state
+                    .inventory(now_ms())
+                    .map(|inv| json(&serde_json::json!({"version": API_VERSION, "components": inv})))
+                    .map_err(|e| ApiError::new("internal", e.to_string())),
+            },
+            (_, "/v1/enroll/params" | "/v1/enroll" | "/v1/heartbeat" | "/v1/components") => {
+                Err(ApiError::new(
+                    "method_not_allowed",
+                    "GET /v1/enroll/params, POST /v1/enroll, POST /v1/heartbeat, GET /v1/components",
+                ))
+            }
             (_, path) => Err(ApiError::new("not_found", format!("no endpoint {path}"))),
         };
         match result {
@@ -176,6 +229,43 @@ impl Server {
                 json(&e),
             ),
         }
+    }
+
+    /// Records `peer`'s heartbeat: it must be enrolled, under the name and role its
+    /// certificate says.
+    fn heartbeat(
+        &self,
+        peer: &fbr_transport::PeerIdentity,
+        body: &[u8],
+    ) -> Result<Vec<u8>, ApiError> {
+        let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
+        let report = fbr_enroll::wire::parse_heartbeat(body)?;
+        let enrolled = self
+            .state
+            .component(&peer.common_name)
+            .map_err(internal)?
+            .filter(|c| fbr_transport::Role::parse(&c.role).is_some_and(|r| peer.has_role(r)));
+        if enrolled.is_none() {
+            return Err(ApiError::new(
+                "not_enrolled",
+                format!(
+                    "{} is not enrolled in this site (run `register`)",
+                    peer.common_name
+                ),
+            ));
+        }
+        let beat = crate::state::LastHeartbeat {
+            received_ms: now_ms(),
+            report,
+        };
+        self.state
+            .record_heartbeat(&peer.common_name, &beat)
+            .map_err(internal)?;
+        self.metrics.heartbeats_total.inc();
+        Ok(json(&fbr_enroll::wire::HeartbeatAck {
+            version: API_VERSION,
+            site_id: self.site.site_id.clone(),
+        }))
     }
 
     async fn enroll(
@@ -324,7 +414,11 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    read_body_limited(req, MAX_BODY).await
+}
+
+async fn read_body_limited(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, ApiError> {
+    match Limited::new(req.into_body(), limit).collect().await {
         Ok(c) => Ok(c.to_bytes().to_vec()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -332,7 +426,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
         {
             Err(ApiError::new(
                 "body_too_large",
-                format!("bodies are at most {MAX_BODY} bytes"),
+                format!("bodies are at most {limit} bytes"),
             ))
         }
         Err(e) => Err(ApiError::new(
@@ -340,6 +434,13 @@ async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
             format!("reading the body: {e}"),
         )),
     }
+}
+
+fn certificate_required() -> ApiError {
+    ApiError::new(
+        "certificate_required",
+        "this endpoint needs the component's site certificate (mutual TLS): enroll first",
+    )
 }
 
 /// Serves the API on `listener` until the task is dropped.
@@ -395,10 +496,18 @@ async fn connection(
         return;
     }
     let client = remote.ip();
+    // A certificate the TLS layer checked against the site CA, if the client sent one.
+    let peer: Option<Arc<fbr_transport::PeerIdentity>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| fbr_transport::identity::identity_from_der(c).ok())
+        .map(Arc::new);
     let service = hyper::service::service_fn(move |req| {
-        let server = server.clone();
+        let (server, peer) = (server.clone(), peer.clone());
         async move {
-            let (status, body) = server.handle(req, client, exporter).await;
+            let (status, body) = server.handle(req, client, exporter, peer.as_deref()).await;
             let response = Response::builder()
                 .status(status)
                 .header("content-type", "application/json")

@@ -200,21 +200,22 @@ fn init(
 
 fn components(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let state = fbr_config_server::state::State::open(data)?;
-    let list = state.components()?;
+    let list = state.inventory(fbr_config_server::site::now_ms())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         println!(
-            "{:<24} {:<14} {:<24} enrollments",
-            "name", "role", "advertise"
+            "{:<24} {:<14} {:<13} {:<24} health",
+            "name", "role", "state", "advertise"
         );
         for c in &list {
             println!(
-                "{:<24} {:<14} {:<24} {}",
-                c.name,
-                c.role,
-                c.advertise.as_deref().unwrap_or("-"),
-                c.enrollments
+                "{:<24} {:<14} {:<13} {:<24} {}",
+                c.component.name,
+                c.component.role,
+                c.state,
+                c.component.advertise.as_deref().unwrap_or("-"),
+                c.report.as_ref().map_or("-", |r| r.health.state.as_str())
             );
         }
     }
@@ -225,7 +226,16 @@ struct Endpoints(Arc<Server>);
 
 impl fbr_metrics::Endpoints for Endpoints {
     fn metrics_text(&self) -> Result<String, String> {
-        fbr_metrics::encode(&self.0.metrics.registry)
+        let inventory = self
+            .0
+            .state
+            .inventory(fbr_config_server::site::now_ms())
+            .map_err(|e| e.to_string())?;
+        let m = &self.0.metrics;
+        m.components.set(inventory.len() as i64);
+        m.components_disconnected
+            .set(inventory.iter().filter(|c| c.state != "connected").count() as i64);
+        fbr_metrics::encode(&m.registry)
     }
     fn liveness(&self) -> fbr_metrics::Probe {
         fbr_metrics::Probe {

@@ -7,6 +7,7 @@
 //! | `site` | `"site"` | [`SiteRecord`], JSON |
 //! | `components` | component name | [`Component`], JSON |
 //! | `failures` | client IP address | `(failed attempts in a row, last failure, UNIX ms)` |
+//! | `heartbeats` | component name | [`LastHeartbeat`], JSON |
 
 use std::path::Path;
 
@@ -16,6 +17,31 @@ use serde::{Deserialize, Serialize};
 const SITE: TableDefinition<&str, &str> = TableDefinition::new("site");
 const COMPONENTS: TableDefinition<&str, &str> = TableDefinition::new("components");
 const FAILURES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("failures");
+const HEARTBEATS: TableDefinition<&str, &str> = TableDefinition::new("heartbeats");
+
+/// A component's last heartbeat, as received.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastHeartbeat {
+    pub received_ms: u64,
+    pub report: fbr_enroll::wire::Heartbeat,
+}
+
+/// Whether a component reports: `connected` (its last heartbeat is at most
+/// [`fbr_enroll::wire::MISSED_HEARTBEATS`] of its intervals old), `disconnected`, or
+/// `never` (no heartbeat yet).
+pub fn connection_state(last: Option<&LastHeartbeat>, now_ms: u64) -> &'static str {
+    match last {
+        None => "never",
+        Some(h) => {
+            let allowed = h.report.interval_s * 1000 * fbr_enroll::wire::MISSED_HEARTBEATS;
+            if now_ms.saturating_sub(h.received_ms) <= allowed {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        }
+    }
+}
 
 /// File name of the database in the data directory.
 pub const STATE_FILE: &str = "state.redb";
@@ -80,6 +106,7 @@ impl State {
         tx.open_table(SITE).map_err(e)?;
         tx.open_table(COMPONENTS).map_err(e)?;
         tx.open_table(FAILURES).map_err(e)?;
+        tx.open_table(HEARTBEATS).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(State { db })
     }
@@ -166,4 +193,63 @@ impl State {
         tx.commit().map_err(e)?;
         Ok(n)
     }
+
+    /// Records a component's heartbeat.
+    pub fn record_heartbeat(&self, name: &str, beat: &LastHeartbeat) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let json = serde_json::to_string(beat).map_err(e)?;
+            tx.open_table(HEARTBEATS)
+                .map_err(e)?
+                .insert(name, json.as_str())
+                .map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every component's last heartbeat, by name.
+    pub fn heartbeats(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, LastHeartbeat>, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(HEARTBEATS).map_err(e)?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.insert(
+                k.value().to_owned(),
+                serde_json::from_str(v.value()).map_err(e)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The inventory: every component with its connection state and last report.
+    pub fn inventory(&self, now_ms: u64) -> Result<Vec<InventoryEntry>, StateError> {
+        let beats = self.heartbeats()?;
+        Ok(self
+            .components()?
+            .into_iter()
+            .map(|c| {
+                let last = beats.get(&c.name).cloned();
+                InventoryEntry {
+                    state: connection_state(last.as_ref(), now_ms),
+                    last_heartbeat_ms: last.as_ref().map(|h| h.received_ms),
+                    report: last.map(|h| h.report),
+                    component: c,
+                }
+            })
+            .collect())
+    }
+}
+
+/// One component as the inventory shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InventoryEntry {
+    #[serde(flatten)]
+    pub component: Component,
+    /// `connected`, `disconnected` or `never`.
+    pub state: &'static str,
+    pub last_heartbeat_ms: Option<u64>,
+    pub report: Option<fbr_enroll::wire::Heartbeat>,
 }

@@ -9,6 +9,8 @@
 //! - [`wire`]: the API's JSON documents (docs/API.md) and the checks every request
 //!   passes (decoding is a fuzz target).
 //! - [`cli`]: the `register` subcommand of every component's binary.
+//! - [`heartbeat`]: an enrolled component's reports to the server (mutual TLS), and
+//!   what it knows of them (unreachable after three silent intervals).
 //! - [`client`]: the component's side: its key made or kept locally, a certificate
 //!   request, the proofs, then the certificate and the site CA written.
 //!
@@ -18,6 +20,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod heartbeat;
 pub mod proof;
 pub mod wire;
 

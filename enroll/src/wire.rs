@@ -8,8 +8,17 @@ use serde::{Deserialize, Serialize};
 
 /// Version of every document here.
 pub const API_VERSION: u32 = 1;
-/// Largest request body the server reads (a bigger one is refused, unread).
+/// Largest enrollment body the server reads (a bigger one is refused, unread).
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest heartbeat body (a relay with thousands of disks reports each).
+pub const MAX_HEARTBEAT_BODY: usize = 4 << 20;
+/// Most streams one heartbeat reports.
+pub const MAX_STREAMS: usize = 20_000;
+/// Heartbeat intervals a component may declare, seconds.
+pub const HEARTBEAT_INTERVALS_S: std::ops::RangeInclusive<u64> = 1..=3600;
+/// Missed heartbeats after which the configuration server marks a component
+/// disconnected.
+pub const MISSED_HEARTBEATS: u64 = 3;
 /// Largest certificate request accepted.
 pub const MAX_CSR: usize = 16 * 1024;
 /// Most VMs, DNS names or IP addresses one request may name.
@@ -75,6 +84,98 @@ pub struct Assignment {
     pub vms: Vec<String>,
 }
 
+/// `POST /v1/heartbeat` (client certificate required): what a component reports every
+/// `interval_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub version: u32,
+    /// The component's software version.
+    pub software_version: String,
+    /// How often it reports: 3 intervals without one and it is disconnected.
+    pub interval_s: u64,
+    pub health: HealthSummary,
+    #[serde(default)]
+    pub cache: Option<CacheUsage>,
+    #[serde(default)]
+    pub streams: Vec<StreamReport>,
+}
+
+/// A component's health as it sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSummary {
+    /// `healthy`, `warning` or `critical`.
+    pub state: String,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheUsage {
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+/// One disk stream through the component.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamReport {
+    pub vm: String,
+    pub disk: u32,
+    /// Bytes received but not yet durable at the master target.
+    pub backlog_bytes: u64,
+    /// Age of the oldest of them, seconds (the stream's RPO, as the relay sees it).
+    #[serde(default)]
+    pub rpo_s: Option<u64>,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    pub version: u32,
+    pub site_id: String,
+}
+
+/// Decodes and checks a `POST /v1/heartbeat` body.
+pub fn parse_heartbeat(body: &[u8]) -> Result<Heartbeat, ApiError> {
+    if body.len() > MAX_HEARTBEAT_BODY {
+        return Err(ApiError::new(
+            "body_too_large",
+            format!(
+                "the body is {} bytes, over {MAX_HEARTBEAT_BODY}",
+                body.len()
+            ),
+        ));
+    }
+    let h: Heartbeat = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new("bad_json", format!("not a heartbeat: {e}")))?;
+    if h.version != API_VERSION {
+        return Err(ApiError::new(
+            "unsupported_version",
+            format!("version {} (this server speaks {API_VERSION})", h.version),
+        ));
+    }
+    if !HEARTBEAT_INTERVALS_S.contains(&h.interval_s) {
+        return Err(ApiError::new(
+            "bad_interval",
+            format!("interval_s {} is outside 1..=3600", h.interval_s),
+        ));
+    }
+    if !["healthy", "warning", "critical"].contains(&h.health.state.as_str()) {
+        return Err(ApiError::new(
+            "bad_health",
+            format!("health state {:?}", h.health.state),
+        ));
+    }
+    if h.streams.len() > MAX_STREAMS || h.health.reasons.len() > MAX_LIST {
+        return Err(ApiError::new("too_many", "too many streams or reasons"));
+    }
+    for st in &h.streams {
+        fbr_protocol::names::validate_name(&st.vm)
+            .map_err(|r| ApiError::new("bad_name", format!("vm {:?}: {r}", st.vm)))?;
+    }
+    Ok(h)
+}
+
 /// Every error answer: `{"error": {"code": ..., "message": ...}}` with an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
@@ -101,7 +202,8 @@ impl ApiError {
     /// The HTTP status that goes with the code.
     pub fn status(&self) -> u16 {
         match self.error.code.as_str() {
-            "wrong_passphrase" => 401,
+            "wrong_passphrase" | "certificate_required" => 401,
+            "not_enrolled" => 403,
             "not_found" => 404,
             "method_not_allowed" => 405,
             "name_taken" => 409,
@@ -261,6 +363,26 @@ mod tests {
             parse_enroll_request(b"{not json").unwrap_err().error.code,
             "bad_json"
         );
+        let beat = serde_json::json!({
+            "version": 1, "software_version": "0.1.0", "interval_s": 30,
+            "health": {"state": "warning", "reasons": ["cache 28% free"]},
+            "streams": [{"vm": "vm1", "disk": 0, "backlog_bytes": 4096, "rpo_s": 2}],
+        });
+        assert!(parse_heartbeat(&serde_json::to_vec(&beat).unwrap()).is_ok());
+        for (field, value, want) in [
+            ("interval_s", serde_json::json!(0), "bad_interval"),
+            ("health", serde_json::json!({"state": "fine"}), "bad_health"),
+            (
+                "streams",
+                serde_json::json!([{"vm": "a/b", "disk": 0, "backlog_bytes": 0}]),
+                "bad_name",
+            ),
+        ] {
+            let mut b = beat.clone();
+            b[field] = value;
+            let e = parse_heartbeat(&serde_json::to_vec(&b).unwrap()).unwrap_err();
+            assert_eq!(e.error.code, want, "{field}");
+        }
         let big = vec![b' '; MAX_BODY + 1];
         let e = parse_enroll_request(&big).unwrap_err();
         assert_eq!((e.error.code.as_str(), e.status()), ("body_too_large", 413));

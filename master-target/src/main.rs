@@ -189,6 +189,16 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "control_socket")]
     control_socket: Option<String>,
+    /// The site's configuration server, IP:PORT, for heartbeats; "" for none
+    /// [config_server.address].
+    #[arg(long)]
+    #[serde(rename = "config_server.address")]
+    config_server: Option<String>,
+    /// Seconds between heartbeats to the configuration server
+    /// [config_server.heartbeat_interval_s].
+    #[arg(long)]
+    #[serde(rename = "config_server.heartbeat_interval_s")]
+    heartbeat_interval_s: Option<u64>,
     /// How far back recovery points are kept per group, e.g. 24h [retention_window].
     #[arg(long)]
     #[serde(rename = "retention_window")]
@@ -309,6 +319,32 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         ),
     };
     let trimmer = tokio::spawn(trim_forever(mt.clone(), settings.retention()?));
+    let heartbeats = match settings
+        .config_server
+        .address()
+        .map_err(|(k, r)| anyhow::anyhow!("{k}: {r}"))?
+    {
+        Some(addr) => {
+            let client = fbr_enroll::heartbeat::HeartbeatClient::new(
+                addr,
+                &settings.config_server.name,
+                &settings.pki_dir,
+                &settings.cert_name,
+            )
+            .map_err(anyhow::Error::msg)
+            .context("config_server")?;
+            let status = Arc::new(std::sync::Mutex::new(
+                fbr_enroll::heartbeat::HeartbeatStatus::new(settings.config_server.interval()),
+            ));
+            let (m, every) = (mt.clone(), settings.config_server.heartbeat_interval_s);
+            Some(tokio::spawn(fbr_enroll::heartbeat::run(
+                client,
+                status,
+                move || heartbeat(&m, every),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(listen = %local, data = %data.display(), "master target listening");
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));
     let notify = fbr_metrics::spawn_systemd_readiness(endpoints)
@@ -321,6 +357,9 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     fbr_transport::quic::close_gracefully(&endpoint, b"master target shutting down").await;
     server.abort();
     trimmer.abort();
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
     // The sessions end with their connections: checkpoint what they hand back, so the
     // next start replays nothing.
     let checkpointed = mt.checkpoint_all(std::time::Duration::from_secs(5)).await;
@@ -367,6 +406,25 @@ impl fbr_metrics::Endpoints for Endpoints {
                 self.0.metrics.relay_streams.get()
             ),
         }
+    }
+}
+
+/// The heartbeat the master target sends its configuration server.
+fn heartbeat(mt: &MasterTarget, interval_s: u64) -> fbr_enroll::wire::Heartbeat {
+    fbr_enroll::wire::Heartbeat {
+        version: fbr_enroll::wire::API_VERSION,
+        software_version: env!("CARGO_PKG_VERSION").into(),
+        interval_s,
+        health: fbr_enroll::wire::HealthSummary {
+            state: "healthy".into(),
+            reasons: vec![format!(
+                "{} relay streams open, {} disks",
+                mt.metrics.relay_streams.get(),
+                mt.metrics.disks.get()
+            )],
+        },
+        cache: None,
+        streams: vec![],
     }
 }
 

@@ -52,6 +52,8 @@ pub struct MasterTargetSettings {
     /// Per replication group, by name: a window or a cap of its own instead of the two
     /// above (`[retention_groups.<group>]` with `window` and/or `max`).
     pub retention_groups: BTreeMap<String, GroupRetention>,
+    /// The site's configuration server (heartbeats), if any.
+    pub config_server: fbr_enroll::heartbeat::ConfigServerSettings,
     pub log_json: bool,
 }
 
@@ -80,6 +82,7 @@ impl Default for MasterTargetSettings {
             retention_window: "24h".into(),
             retention_max: ByteSize(0),
             retention_groups: BTreeMap::new(),
+            config_server: Default::default(),
             log_json: false,
         }
     }
@@ -116,6 +119,9 @@ impl DaemonSettings for MasterTargetSettings {
         }
         self.metrics_addr()?;
         self.retention()?;
+        self.config_server
+            .address()
+            .map_err(|(key, reason)| ConfigError::new(key, reason))?;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@
 //! | `backlog_age`      | oldest cached record > 30 min   | > 45 min                         |
 //! | `master_target`    | —                               | unreachable for > 30 s           |
 //! | `ingest_throttled` | some streams' ingest is paused  | —                                |
+//! | `config_server`    | no heartbeat acknowledged for 3 intervals | —                      |
 //!
 //! \* The capacity that binds ([`Observation::effective_capacity_bytes`]): the configured
 //! one, or what the cache uses plus what its filesystem still has (`statvfs`), whichever
@@ -146,6 +147,9 @@ pub struct Observation {
     pub streams: Vec<StreamObservation>,
     /// How long the master target has been unreachable, if it is.
     pub master_target_down_s: Option<u64>,
+    /// How long the configuration server has acknowledged no heartbeat, once that is
+    /// over 3 intervals, and the last error.
+    pub config_server_unreachable: Option<(u64, String)>,
 }
 
 impl Observation {
@@ -189,11 +193,12 @@ pub struct Condition {
 }
 
 /// Every condition's name, for metrics (a condition that is not active is 0).
-pub const CONDITIONS: [&str; 4] = [
+pub const CONDITIONS: [&str; 5] = [
     "cache_free_space",
     "backlog_age",
     "master_target",
     "ingest_throttled",
+    "config_server",
 ];
 
 /// The relay's health at one moment.
@@ -270,6 +275,13 @@ pub fn evaluate(t: &HealthThresholds, obs: &Observation, throttled: usize) -> He
                 reason: format!("master target unreachable for {down} s"),
             });
         }
+    }
+    if let Some((quiet, error)) = &obs.config_server_unreachable {
+        conditions.push(Condition {
+            name: "config_server",
+            severity: Severity::Warning,
+            reason: format!("configuration server unreachable for {quiet} s (no heartbeat acknowledged): {error}"),
+        });
     }
     if throttled > 0 {
         conditions.push(Condition {
@@ -363,6 +375,7 @@ mod tests {
             cache_disk_available_bytes: None,
             streams,
             master_target_down_s: None,
+            config_server_unreachable: None,
         }
     }
 

@@ -209,6 +209,16 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "wan.coalesce")]
     wan_coalesce: Option<bool>,
+    /// The site's configuration server, IP:PORT, for heartbeats; "" for none
+    /// [config_server.address].
+    #[arg(long)]
+    #[serde(rename = "config_server.address")]
+    config_server: Option<String>,
+    /// Seconds between heartbeats to the configuration server
+    /// [config_server.heartbeat_interval_s].
+    #[arg(long)]
+    #[serde(rename = "config_server.heartbeat_interval_s")]
+    heartbeat_interval_s: Option<u64>,
     /// Send blocks the master target holds as their SHA-256: true or false [wan.dedup].
     #[arg(long)]
     #[serde(rename = "wan.dedup")]
@@ -434,6 +444,33 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         egress,
     );
     let health = tokio::spawn(observe::run_health_task(relay.clone()));
+    let heartbeats = match settings
+        .config_server
+        .address()
+        .map_err(|(k, r)| anyhow::anyhow!("{k}: {r}"))?
+    {
+        Some(addr) => {
+            let client = fbr_enroll::heartbeat::HeartbeatClient::new(
+                addr,
+                &settings.config_server.name,
+                &settings.pki_dir,
+                &settings.cert_name,
+            )
+            .map_err(anyhow::Error::msg)
+            .context("config_server")?;
+            let status = std::sync::Arc::new(std::sync::Mutex::new(
+                fbr_enroll::heartbeat::HeartbeatStatus::new(settings.config_server.interval()),
+            ));
+            relay.watch_config_server(status.clone());
+            let (r, every) = (relay.clone(), settings.config_server.heartbeat_interval_s);
+            Some(tokio::spawn(fbr_enroll::heartbeat::run(
+                client,
+                status,
+                move || observe::heartbeat(&r, every),
+            )))
+        }
+        None => None,
+    };
     let control = match settings.control_socket.as_str() {
         "" => None,
         path => Some(
@@ -474,6 +511,9 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     );
     server.abort();
     health.abort();
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
     if let Some(c) = control {
         c.abort();
         let _ = std::fs::remove_file(&settings.control_socket);

@@ -46,6 +46,48 @@ pub fn observe(relay: &Relay) -> Observation {
         cache_disk_available_bytes: cache.disk_space().map(|d| d.available_bytes),
         streams,
         master_target_down_s: link.down_for.map(|d| d.as_secs()),
+        config_server_unreachable: relay.config_server_status().and_then(|s| {
+            s.unreachable_for(Instant::now()).map(|quiet| {
+                (
+                    quiet.as_secs(),
+                    s.last_error.unwrap_or_else(|| "no answer yet".into()),
+                )
+            })
+        }),
+    }
+}
+
+/// The heartbeat the relay sends its configuration server: version, health with its
+/// reasons, cache usage, and every stream's backlog and RPO.
+pub fn heartbeat(relay: &Relay, interval_s: u64) -> fbr_enroll::wire::Heartbeat {
+    let obs = observe(relay);
+    let health = relay.health();
+    fbr_enroll::wire::Heartbeat {
+        version: fbr_enroll::wire::API_VERSION,
+        software_version: env!("CARGO_PKG_VERSION").into(),
+        interval_s,
+        health: fbr_enroll::wire::HealthSummary {
+            state: health
+                .as_ref()
+                .map_or("healthy".into(), |h| h.report.state.to_string()),
+            reasons: health
+                .map(|h| h.report.conditions.into_iter().map(|c| c.reason).collect())
+                .unwrap_or_default(),
+        },
+        cache: Some(fbr_enroll::wire::CacheUsage {
+            used_bytes: obs.cache_used_bytes,
+            capacity_bytes: obs.effective_capacity_bytes(),
+        }),
+        streams: obs
+            .streams
+            .iter()
+            .map(|s| fbr_enroll::wire::StreamReport {
+                vm: s.id.vm.clone(),
+                disk: s.id.disk,
+                backlog_bytes: s.backlog_bytes,
+                rpo_s: s.oldest_backlog_age_s,
+            })
+            .collect(),
     }
 }
 

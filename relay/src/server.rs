@@ -54,6 +54,8 @@ pub struct Relay {
     upstream: Arc<PeerLink>,
     /// Set by the health task ([`crate::observe`]).
     health: Mutex<Option<HealthSnapshot>>,
+    /// The heartbeats to the configuration server, when the relay has one.
+    config_server: std::sync::OnceLock<Arc<Mutex<fbr_enroll::heartbeat::HeartbeatStatus>>>,
 }
 
 impl Relay {
@@ -95,6 +97,7 @@ impl Relay {
             forwarders,
             upstream,
             health: Mutex::new(None),
+            config_server: std::sync::OnceLock::new(),
         })
     }
 
@@ -127,6 +130,18 @@ impl Relay {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Makes the heartbeats' status part of the relay's health (once, at start).
+    pub fn watch_config_server(&self, status: Arc<Mutex<fbr_enroll::heartbeat::HeartbeatStatus>>) {
+        let _ = self.config_server.set(status);
+    }
+
+    /// The heartbeats' status, when the relay reports to a configuration server.
+    pub fn config_server_status(&self) -> Option<fbr_enroll::heartbeat::HeartbeatStatus> {
+        self.config_server
+            .get()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     /// Records a health evaluation (the health task).

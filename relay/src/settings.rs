@@ -50,6 +50,8 @@ pub struct RelaySettings {
     pub egress: EgressSettings,
     pub health: HealthSettings,
     pub wan: WanSettings,
+    /// The site's configuration server (heartbeats), if any.
+    pub config_server: fbr_enroll::heartbeat::ConfigServerSettings,
 }
 
 /// WAN reductions (docs/WAN.md).
@@ -143,6 +145,7 @@ impl Default for RelaySettings {
             egress: EgressSettings::default(),
             health: HealthSettings::default(),
             wan: WanSettings::default(),
+            config_server: Default::default(),
         }
     }
 }
@@ -209,6 +212,9 @@ impl DaemonSettings for RelaySettings {
 
     /// Checks every value; the first problem names its key.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.config_server
+            .address()
+            .map_err(|(key, reason)| ConfigError::new(key, reason))?;
         if self.master_target.address.is_none() {
             return Err(ConfigError::new(
                 "master_target.address",

@@ -9,8 +9,11 @@
 //!   passphrase refuses the component's proof, and the component refuses its answer
 //!   (its server proof does not hold); one relaying every byte between its own two TLS
 //!   sessions gets the component's proof refused by the real server.
-//! - Hostile API input (oversized bodies, bad JSON, unknown paths and methods) gets
-//!   coded errors.
+//! - Heartbeats: the relay and the master target report every second; the inventory
+//!   shows them connected; the configuration server's loss shows in the relay's health
+//!   (and clears when it is back), and a killed relay shows disconnected.
+//! - Hostile API input (oversized bodies, bad JSON, unknown paths and methods, the
+//!   endpoints past enrollment without a certificate) gets coded errors.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::net::SocketAddr;
@@ -296,6 +299,11 @@ fn a_wrong_passphrase_gets_a_coded_error_and_every_retry_waits_longer() {
 /// A TLS client that accepts any server certificate (what a man in the middle, or a
 /// component before it knows the CA, faces).
 fn trusting_client() -> tokio_rustls::TlsConnector {
+    trusting_client_as(None)
+}
+
+/// [`trusting_client`], presenting the certificate `<name>` of `pki` when given.
+fn trusting_client_as(cert: Option<(&Path, &str)>) -> tokio_rustls::TlsConnector {
     #[derive(Debug)]
     struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
     impl rustls::client::danger::ServerCertVerifier for AnyCert {
@@ -335,20 +343,37 @@ fn trusting_client() -> tokio_rustls::TlsConnector {
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)));
+    let config = match cert {
+        None => builder.with_no_client_auth(),
+        Some((pki, name)) => {
+            let creds = fbr_transport::Credentials::load(pki, name).unwrap();
+            builder
+                .with_client_auth_cert(creds.chain, creds.key)
+                .unwrap()
+        }
+    };
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// One HTTP/1.1 request over TLS (any certificate accepted): (status, body).
 async fn https(addr: SocketAddr, request: Vec<u8>) -> (u16, String) {
+    https_as(addr, request, None).await
+}
+
+/// [`https`], presenting a site certificate when given.
+async fn https_as(
+    addr: SocketAddr,
+    request: Vec<u8>,
+    cert: Option<(&Path, &str)>,
+) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("config-server").unwrap();
-    let mut tls = trusting_client().connect(name, tcp).await.unwrap();
+    let mut tls = trusting_client_as(cert).connect(name, tcp).await.unwrap();
     tls.write_all(&request).await.unwrap();
     let mut answer = Vec::new();
     let _ = tls.read_to_end(&mut answer).await;
@@ -589,4 +614,141 @@ async fn hostile_api_input_gets_coded_errors() {
             .trim()
             .to_owned()
     ));
+}
+
+/// The inventory, as the agent's certificate sees it: name -> (state, report).
+async fn inventory(site: &Site) -> std::collections::BTreeMap<String, (String, serde_json::Value)> {
+    let (status, body) = https_as(
+        site.config_server_addr().unwrap(),
+        request("GET", "/v1/components", b""),
+        Some((&site.pki_dir, "agent")),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                (c["state"].as_str().unwrap().to_owned(), c["report"].clone()),
+            )
+        })
+        .collect()
+}
+
+/// Polls `check` every 200 ms for up to `secs` seconds.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_mark_components_connected_and_their_loss_shows_on_both_sides() {
+    let mut site = Site::create(None, site_options(&["vm1"])).unwrap();
+    let server = tokio::task::block_in_place(|| site.enroll_through_config_server()).unwrap();
+    let heartbeat_args = [
+        "--config-server".to_owned(),
+        server.to_string(),
+        "--heartbeat-interval-s".to_owned(),
+        "1".to_owned(),
+    ];
+    site.relay_args_mut().extend(heartbeat_args.clone());
+    site.master_target_args_mut().extend(heartbeat_args);
+    tokio::task::block_in_place(|| {
+        site.start_master_target().unwrap();
+        site.start_relay().unwrap();
+    });
+    eventually(10, "both daemons connected", || async {
+        let inv = inventory(&site).await;
+        let state = |n: &str| inv.get(n).map(|c| c.0.clone()).unwrap_or_default();
+        match (
+            state("relay").as_str(),
+            state("master-target").as_str(),
+            state("agent").as_str(),
+        ) {
+            ("connected", "connected", "never") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let inv = inventory(&site).await;
+    let report = &inv["relay"].1;
+    assert_eq!(report["health"]["state"], "healthy", "{report}");
+    assert!(
+        report["cache"]["capacity_bytes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+
+    // The configuration server goes away: the relay's health says so (a warning: it
+    // still replicates), and recovers when the server is back.
+    tokio::task::block_in_place(|| site.stop_config_server(true)).unwrap();
+    let relay_metrics = site.relay_metrics_addr().unwrap();
+    eventually(
+        15,
+        "the relay's health shows the configuration server lost",
+        || async {
+            let (status, body) = tokio::task::block_in_place(|| {
+                fbr_churn::harness::http_get(relay_metrics, "/readyz")
+            });
+            let text = tokio::task::block_in_place(|| {
+                fbr_churn::harness::http_get(relay_metrics, "/metrics").1
+            });
+            let gauge = fbr_churn::harness::sample(
+                &text,
+                "fbr_relay_health_condition{condition=\"config_server\"}",
+            );
+            if status == 200
+                && body.contains("configuration server unreachable for")
+                && gauge == Some(1.0)
+            {
+                Ok(())
+            } else {
+                Err(format!("{status} {body} {gauge:?}"))
+            }
+        },
+    )
+    .await;
+    tokio::task::block_in_place(|| site.start_config_server()).unwrap();
+    eventually(15, "the relay's health recovers", || async {
+        let (_, body) =
+            tokio::task::block_in_place(|| fbr_churn::harness::http_get(relay_metrics, "/readyz"));
+        if body.contains("config_server") {
+            Err(body)
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+
+    // A relay that stops reporting is marked disconnected after 3 intervals.
+    tokio::task::block_in_place(|| site.stop_relay(true)).unwrap();
+    eventually(15, "the killed relay shown disconnected", || async {
+        let inv = inventory(&site).await;
+        match (inv["relay"].0.as_str(), inv["master-target"].0.as_str()) {
+            ("disconnected", "connected") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let text = tokio::task::block_in_place(|| {
+        fbr_churn::harness::http_get(site.config_server_metrics_addr().unwrap(), "/metrics").1
+    });
+    assert_eq!(
+        fbr_churn::harness::sample(&text, "fbr_config_server_components_disconnected"),
+        Some(2.0),
+        "the relay and the agent (which sends none)"
+    );
 }
