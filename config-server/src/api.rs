@@ -66,7 +66,8 @@ pub struct ApiMetrics {
     pub enrollments_total: IntCounterVec,
     pub components: IntGauge,
     pub heartbeats_total: prometheus::IntCounter,
-    /// Components not connected (no heartbeat for 3 of their intervals, or never).
+    /// Relays and master targets not connected (no heartbeat for 3 of their intervals,
+    /// or never).
     pub components_disconnected: IntGauge,
 }
 
@@ -93,7 +94,7 @@ impl ApiMetrics {
         .expect("valid metric");
         let components_disconnected = IntGauge::with_opts(Opts::new(
             "fbr_config_server_components_disconnected",
-            "Enrolled components not connected: no heartbeat for 3 of their intervals, or none yet.",
+            "Enrolled relays and master targets not connected: no heartbeat for 3 of their intervals, or none yet.",
         ))
         .expect("valid metric");
         registry

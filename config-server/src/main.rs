@@ -233,8 +233,13 @@ impl fbr_metrics::Endpoints for Endpoints {
             .map_err(|e| e.to_string())?;
         let m = &self.0.metrics;
         m.components.set(inventory.len() as i64);
-        m.components_disconnected
-            .set(inventory.iter().filter(|c| c.state != "connected").count() as i64);
+        // Agents send no heartbeats (yet): only relays and master targets count.
+        m.components_disconnected.set(
+            inventory
+                .iter()
+                .filter(|c| c.component.role != "agent" && c.state != "connected")
+                .count() as i64,
+        );
         fbr_metrics::encode(&m.registry)
     }
     fn liveness(&self) -> fbr_metrics::Probe {

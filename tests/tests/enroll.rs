@@ -748,7 +748,7 @@ async fn heartbeats_mark_components_connected_and_their_loss_shows_on_both_sides
     });
     assert_eq!(
         fbr_churn::harness::sample(&text, "fbr_config_server_components_disconnected"),
-        Some(2.0),
-        "the relay and the agent (which sends none)"
+        Some(1.0),
+        "the relay (agents send no heartbeats and do not count)"
     );
 }
