@@ -348,6 +348,14 @@ impl Server {
             .map_err(|e| ApiError::new("bad_csr", format!("the certificate request: {e}")))?;
         let ca_pem = std::fs::read_to_string(self.pki.join("ca.pem"))
             .map_err(|e| ApiError::new("internal", format!("the site CA: {e}")))?;
+        let placed = match checked.role {
+            fbr_transport::Role::Agent => {
+                let inventory = self.state.inventory(now_ms()).map_err(internal)?;
+                crate::placement::choose_relay(&inventory, r.relay.as_deref())
+                    .map_err(|e| ApiError::new("unknown_relay", e))?
+            }
+            _ => None,
+        };
         let now = now_ms();
         let component = Component {
             name: r.name.clone(),
@@ -358,6 +366,7 @@ impl Server {
             enrolled_ms: existing.as_ref().map_or(now, |c| c.enrolled_ms),
             last_enrolled_ms: now,
             enrollments: existing.as_ref().map_or(0, |c| c.enrollments) + 1,
+            assigned_relay: placed.as_ref().map(|p| p.0.clone()),
         };
         self.state
             .record_enrollment(&component, &who)
@@ -370,11 +379,13 @@ impl Server {
                     .iter()
                     .find(|c| c.role == "master-target" && c.advertise.is_some())
                     .and_then(|c| c.advertise.clone()),
-                vms: vec![],
+                ..Assignment::default()
             },
             fbr_transport::Role::Agent => Assignment {
                 master_target: None,
                 vms,
+                relay: placed.as_ref().map(|p| p.0.clone()),
+                relay_address: placed.map(|p| p.1),
             },
             _ => Assignment::default(),
         };

@@ -10,6 +10,7 @@
 //! - [`api`]: the HTTPS API (TLS 1.3): enrollment, with the passphrase proofs of
 //!   [`fbr_enroll::proof`] bound to each TLS session, coded errors, and a growing delay
 //!   after wrong passphrases.
+//! - [`placement`]: which relay a new VM's agent is assigned (the most headroom).
 //! - [`settings`]: the daemon's configuration.
 //!
 //! Invariants: the passphrase is never stored or logged; a certificate is issued only
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod placement;
 pub mod settings;
 pub mod site;
 pub mod state;

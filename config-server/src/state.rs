@@ -72,6 +72,9 @@ pub struct Component {
     pub enrolled_ms: u64,
     pub last_enrolled_ms: u64,
     pub enrollments: u64,
+    /// Agents: the relay it was assigned (its name).
+    #[serde(default)]
+    pub assigned_relay: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -37,6 +37,9 @@ pub struct RegisterArgs {
     /// Agents: a VM whose disks it writes (repeat for several).
     #[arg(long = "vm")]
     pub vms: Vec<String>,
+    /// Agents: the relay to write to, by name (default: the one with the most headroom).
+    #[arg(long)]
+    pub relay: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -64,6 +67,7 @@ pub fn run(
         dns_names: args.dns_names,
         ip_addresses: args.ip_addresses,
         advertise: args.advertise,
+        relay: args.relay,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -92,6 +96,9 @@ pub fn run(
             );
             if let Some(mt) = &r.assignment.master_target {
                 println!("assigned master target: {mt}");
+            }
+            if let (Some(name), Some(addr)) = (&r.assignment.relay, &r.assignment.relay_address) {
+                println!("assigned relay: {name} at {addr}");
             }
             if !r.assignment.vms.is_empty() {
                 println!("may write VMs: {}", r.assignment.vms.join(", "));

@@ -49,6 +49,8 @@ pub struct RegisterOptions {
     pub dns_names: Vec<String>,
     pub ip_addresses: Vec<std::net::IpAddr>,
     pub advertise: Option<String>,
+    /// Agents: the relay chosen by the operator.
+    pub relay: Option<String>,
 }
 
 /// A finished enrollment.
@@ -149,6 +151,7 @@ pub async fn register(o: &RegisterOptions) -> Result<Registration, EnrollError> 
         dns_names: o.dns_names.clone(),
         ip_addresses: o.ip_addresses.clone(),
         advertise: o.advertise.clone(),
+        relay: o.relay.clone(),
         proof: proof::to_hex(&proof::client_proof(&k, &session.exporter, &csr_pem)),
         csr_pem,
     };

@@ -55,6 +55,9 @@ pub struct EnrollRequest {
     /// Where others reach it (`host:port`), e.g. the master target's address for relays.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// Agents: the relay the operator chose (its name); none: the server places it.
+    #[serde(default)]
+    pub relay: Option<String>,
     /// PKCS#10 certificate request, PEM: the key stays with the component.
     pub csr_pem: String,
     /// The client proof, hex ([`crate::proof`]).
@@ -82,6 +85,12 @@ pub struct Assignment {
     /// Agents: the VMs it may write.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vms: Vec<String>,
+    /// Agents: the relay to write to, its name and address (the one named, or the one
+    /// with the most headroom).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_address: Option<String>,
 }
 
 /// `POST /v1/heartbeat` (client certificate required): what a component reports every
@@ -99,6 +108,10 @@ pub struct Heartbeat {
     pub cache: Option<CacheUsage>,
     #[serde(default)]
     pub streams: Vec<StreamReport>,
+    /// Relays: bytes written by agents per second since the last heartbeat (the churn
+    /// it carries).
+    #[serde(default)]
+    pub ingest_bytes_per_s: Option<f64>,
 }
 
 /// A component's health as it sees it.
@@ -294,6 +307,9 @@ pub fn parse_enroll_request(body: &[u8]) -> Result<CheckedRequest, ApiError> {
         if !ok {
             return Err(bad_name("dns name", dns, "not a host name".into()));
         }
+    }
+    if let Some(r) = &request.relay {
+        fbr_protocol::names::validate_name(r).map_err(|e| bad_name("relay", r, e))?;
     }
     if let Some(a) = &request.advertise {
         if a.is_empty() || a.len() > 260 || !a.contains(':') || a.chars().any(char::is_whitespace) {

@@ -425,6 +425,7 @@ fn heartbeat(mt: &MasterTarget, interval_s: u64) -> fbr_enroll::wire::Heartbeat 
         },
         cache: None,
         streams: vec![],
+        ingest_bytes_per_s: None,
     }
 }
 

@@ -463,10 +463,14 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
             ));
             relay.watch_config_server(status.clone());
             let (r, every) = (relay.clone(), settings.config_server.heartbeat_interval_s);
+            let last = std::sync::Mutex::new(None);
             Some(tokio::spawn(fbr_enroll::heartbeat::run(
                 client,
                 status,
-                move || observe::heartbeat(&r, every),
+                move || {
+                    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                    observe::heartbeat(&r, every, &mut last)
+                },
             )))
         }
         None => None,

@@ -58,9 +58,24 @@ pub fn observe(relay: &Relay) -> Observation {
 }
 
 /// The heartbeat the relay sends its configuration server: version, health with its
-/// reasons, cache usage, and every stream's backlog and RPO.
-pub fn heartbeat(relay: &Relay, interval_s: u64) -> fbr_enroll::wire::Heartbeat {
+/// reasons, cache usage, the churn it carries (agent bytes per second since the last
+/// heartbeat: `last` holds that count and when), and every stream's backlog and RPO.
+pub fn heartbeat(
+    relay: &Relay,
+    interval_s: u64,
+    last: &mut Option<(u64, Instant)>,
+) -> fbr_enroll::wire::Heartbeat {
     let obs = observe(relay);
+    let ingested = relay
+        .metrics()
+        .bytes_total
+        .with_label_values(&["logical"])
+        .get();
+    let now = Instant::now();
+    let ingest_bytes_per_s = last.map(|(bytes, at)| {
+        ingested.saturating_sub(bytes) as f64 / now.duration_since(at).as_secs_f64().max(1e-3)
+    });
+    *last = Some((ingested, now));
     let health = relay.health();
     fbr_enroll::wire::Heartbeat {
         version: fbr_enroll::wire::API_VERSION,
@@ -88,6 +103,7 @@ pub fn heartbeat(relay: &Relay, interval_s: u64) -> fbr_enroll::wire::Heartbeat 
                 rpo_s: s.oldest_backlog_age_s,
             })
             .collect(),
+        ingest_bytes_per_s,
     }
 }
 

@@ -197,7 +197,11 @@ async fn components_enrolled_with_the_passphrase_replicate_byte_exact() {
         cs.addr,
         &cs.passphrase(),
         &pki,
-        &[&loopback[..], &["--dns", "relay", "--json"]].concat(),
+        &[
+            &loopback[..],
+            &["--dns", "relay", "--advertise", "127.0.0.1:9443", "--json"],
+        ]
+        .concat(),
     )))
     .unwrap();
     assert_eq!(relay["assignment"]["master_target"], "127.0.0.1:9444");
@@ -210,6 +214,37 @@ async fn components_enrolled_with_the_passphrase_replicate_byte_exact() {
     )))
     .unwrap();
     assert_eq!(agent["assignment"]["vms"], serde_json::json!(["vm1"]));
+    assert_eq!(agent["assignment"]["relay"], "relay", "{agent}");
+    assert_eq!(agent["assignment"]["relay_address"], "127.0.0.1:9443");
+    // A second relay: a new agent goes where the operator says, and a relay that is
+    // not enrolled is refused.
+    let elsewhere = tempfile::tempdir().unwrap();
+    ok(enroll(
+        "relay",
+        cs.addr,
+        &cs.passphrase(),
+        &elsewhere.path().join("relay-b"),
+        &["--name", "relay-b", "--advertise", "127.0.0.1:19443"],
+    ));
+    let placed: serde_json::Value = serde_json::from_str(&ok(enroll(
+        "churn",
+        cs.addr,
+        &cs.passphrase(),
+        &elsewhere.path().join("agent-b"),
+        &[
+            "--name", "agent-b", "--vm", "vm2", "--relay", "relay-b", "--json",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(placed["assignment"]["relay_address"], "127.0.0.1:19443");
+    let refused = enroll(
+        "churn",
+        cs.addr,
+        &cs.passphrase(),
+        &elsewhere.path().join("agent-c"),
+        &["--name", "agent-c", "--relay", "nobody"],
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("(unknown_relay)"));
     // Enrolling again keeps the identity: the same key, a fresh certificate.
     let key_before = std::fs::read(pki.join("relay.key")).unwrap();
     let again: serde_json::Value = serde_json::from_str(&ok(enroll(
@@ -217,12 +252,16 @@ async fn components_enrolled_with_the_passphrase_replicate_byte_exact() {
         cs.addr,
         &cs.passphrase(),
         &pki,
-        &[&loopback[..], &["--dns", "relay", "--json"]].concat(),
+        &[
+            &loopback[..],
+            &["--dns", "relay", "--advertise", "127.0.0.1:9443", "--json"],
+        ]
+        .concat(),
     )))
     .unwrap();
     assert_eq!(again["kept_key"], true);
     assert_eq!(std::fs::read(pki.join("relay.key")).unwrap(), key_before);
-    assert_eq!(cs.metric("fbr_config_server_components"), 3.0);
+    assert_eq!(cs.metric("fbr_config_server_components"), 5.0);
 
     // The data path on those certificates.
     site.start_master_target().unwrap();
@@ -251,7 +290,16 @@ async fn components_enrolled_with_the_passphrase_replicate_byte_exact() {
             )
         })
         .collect();
-    assert_eq!(names, [("agent", 1), ("master-target", 1), ("relay", 2)]);
+    assert_eq!(
+        names,
+        [
+            ("agent", 1),
+            ("agent-b", 1),
+            ("master-target", 1),
+            ("relay", 2),
+            ("relay-b", 1)
+        ]
+    );
 }
 
 #[test]
