@@ -254,3 +254,28 @@ impl ConfigServerSettings {
         Duration::from_secs(self.heartbeat_interval_s)
     }
 }
+
+/// A daemon's heartbeats: the task sending them and what it knows of them.
+pub type Reporting = (tokio::task::JoinHandle<()>, Arc<Mutex<HeartbeatStatus>>);
+
+/// Starts reporting to the configuration server `settings` name, when it has an address,
+/// as the certificate `<cert_name>` of `pki_dir`, with heartbeats built by `report`.
+/// `None` when there is no configuration server; an error names the key at fault.
+pub fn start(
+    settings: &ConfigServerSettings,
+    pki_dir: &Path,
+    cert_name: &str,
+    report: impl Fn() -> Heartbeat + Send + 'static,
+) -> Result<Option<Reporting>, String> {
+    let Some(addr) = settings
+        .address()
+        .map_err(|(key, e)| format!("{key}: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let client = HeartbeatClient::new(addr, &settings.name, pki_dir, cert_name)
+        .map_err(|e| format!("config_server: {e}"))?;
+    let status = Arc::new(Mutex::new(HeartbeatStatus::new(settings.interval())));
+    let task = tokio::spawn(run(client, status.clone(), report));
+    Ok(Some((task, status)))
+}

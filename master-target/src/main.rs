@@ -319,31 +319,16 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         ),
     };
     let trimmer = tokio::spawn(trim_forever(mt.clone(), settings.retention()?));
-    let heartbeats = match settings
-        .config_server
-        .address()
-        .map_err(|(k, r)| anyhow::anyhow!("{k}: {r}"))?
-    {
-        Some(addr) => {
-            let client = fbr_enroll::heartbeat::HeartbeatClient::new(
-                addr,
-                &settings.config_server.name,
-                &settings.pki_dir,
-                &settings.cert_name,
-            )
-            .map_err(anyhow::Error::msg)
-            .context("config_server")?;
-            let status = Arc::new(std::sync::Mutex::new(
-                fbr_enroll::heartbeat::HeartbeatStatus::new(settings.config_server.interval()),
-            ));
-            let (m, every) = (mt.clone(), settings.config_server.heartbeat_interval_s);
-            Some(tokio::spawn(fbr_enroll::heartbeat::run(
-                client,
-                status,
-                move || heartbeat(&m, every),
-            )))
-        }
-        None => None,
+    let heartbeats = {
+        let (m, every) = (mt.clone(), settings.config_server.heartbeat_interval_s);
+        fbr_enroll::heartbeat::start(
+            &settings.config_server,
+            &settings.pki_dir,
+            &settings.cert_name,
+            move || heartbeat(&m, every),
+        )
+        .map_err(anyhow::Error::msg)?
+        .map(|(task, _)| task)
     };
     tracing::info!(listen = %local, data = %data.display(), "master target listening");
     let server = tokio::spawn(mt.clone().serve(endpoint.clone()));

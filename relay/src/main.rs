@@ -444,36 +444,23 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         egress,
     );
     let health = tokio::spawn(observe::run_health_task(relay.clone()));
-    let heartbeats = match settings
-        .config_server
-        .address()
-        .map_err(|(k, r)| anyhow::anyhow!("{k}: {r}"))?
-    {
-        Some(addr) => {
-            let client = fbr_enroll::heartbeat::HeartbeatClient::new(
-                addr,
-                &settings.config_server.name,
-                &settings.pki_dir,
-                &settings.cert_name,
-            )
-            .map_err(anyhow::Error::msg)
-            .context("config_server")?;
-            let status = std::sync::Arc::new(std::sync::Mutex::new(
-                fbr_enroll::heartbeat::HeartbeatStatus::new(settings.config_server.interval()),
-            ));
-            relay.watch_config_server(status.clone());
-            let (r, every) = (relay.clone(), settings.config_server.heartbeat_interval_s);
-            let last = std::sync::Mutex::new(None);
-            Some(tokio::spawn(fbr_enroll::heartbeat::run(
-                client,
-                status,
-                move || {
-                    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                    observe::heartbeat(&r, every, &mut last)
-                },
-            )))
-        }
-        None => None,
+    let heartbeats = {
+        let (r, every) = (relay.clone(), settings.config_server.heartbeat_interval_s);
+        let last = std::sync::Mutex::new(None);
+        fbr_enroll::heartbeat::start(
+            &settings.config_server,
+            &settings.pki_dir,
+            &settings.cert_name,
+            move || {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                observe::heartbeat(&r, every, &mut last)
+            },
+        )
+        .map_err(anyhow::Error::msg)?
+        .map(|(task, status)| {
+            relay.watch_config_server(status);
+            task
+        })
     };
     let control = match settings.control_socket.as_str() {
         "" => None,

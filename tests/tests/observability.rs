@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fbr_churn::harness::{Site, SiteOptions};
 use fbr_churn::workload::Content;
 use fbr_tests::{
-    agent_options, churn, http_get, plans, promtool, sample, start_site, stop_and_verify,
+    agent_options, churn, http_get, plans, promtool, sample, site_options, stop_and_verify,
 };
 
 fn repo_file(rel: &str) -> std::path::PathBuf {
@@ -47,9 +47,19 @@ fn family(name: &str) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_scrapes_pass_promtool_and_packaging_uses_real_metrics() {
-    let mut site = start_site(&["vm1", "vm2"]);
+    // A site as deployed: enrolled through its configuration server, heartbeats on.
+    let mut site = Site::create(None, site_options(&["vm1", "vm2"])).unwrap();
+    let server = tokio::task::block_in_place(|| site.enroll_through_config_server()).unwrap();
+    let heartbeats = ["--config-server".to_owned(), server.to_string()];
+    site.relay_args_mut().extend(heartbeats.clone());
+    site.master_target_args_mut().extend(heartbeats);
+    tokio::task::block_in_place(|| {
+        site.start_master_target().unwrap();
+        site.start_relay().unwrap();
+    });
     let relay_metrics = site.relay_metrics_addr().unwrap();
     let mt_metrics = site.master_target_metrics_addr().unwrap();
+    let cs_metrics = site.config_server_metrics_addr().unwrap();
     let opts = agent_options(&site, Duration::from_secs(3), Duration::from_millis(200));
     let report = churn(opts, plans(2, 2, 8 << 20, Content::Mixed, 61), 61).await;
 
@@ -70,6 +80,14 @@ async fn live_scrapes_pass_promtool_and_packaging_uses_real_metrics() {
     let (status, mt_text) = tokio::task::block_in_place(|| http_get(mt_metrics, "/metrics"));
     assert_eq!(status, 200);
     promtool(&["check", "metrics"], &mt_text);
+    let (status, cs_text) = tokio::task::block_in_place(|| http_get(cs_metrics, "/metrics"));
+    assert_eq!(status, 200);
+    promtool(&["check", "metrics"], &cs_text);
+    // The relay and the master target each sent their first heartbeat at start.
+    assert!(
+        sample(&cs_text, "fbr_config_server_heartbeats_total").unwrap() >= 2.0,
+        "{cs_text}"
+    );
 
     // The figures are real: what was written shows up, per VM and per stage.
     let logical = sample(&relay_text, "fbr_relay_bytes_total{stage=\"logical\"}").unwrap();
@@ -135,8 +153,10 @@ async fn live_scrapes_pass_promtool_and_packaging_uses_real_metrics() {
     let rules = repo_file("packaging/prometheus/failback-alerts.yml");
     promtool(&["check", "rules", rules.to_str().unwrap()], "");
     let exposed: BTreeSet<String> = metric_names(&relay_text)
-        .union(&metric_names(&mt_text))
-        .map(|n| family(n).to_string())
+        .into_iter()
+        .chain(metric_names(&mt_text))
+        .chain(metric_names(&cs_text))
+        .map(|n| family(&n).to_string())
         .collect();
     for file in [
         "packaging/prometheus/failback-alerts.yml",
