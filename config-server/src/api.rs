@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use x509_parser::prelude::FromDer;
 
 use fbr_enroll::proof::{self, Verifier};
 use fbr_enroll::wire::{
@@ -418,8 +419,6 @@ fn csr_key_sha256(csr_pem: &str) -> Result<String, ApiError> {
         ring::digest::digest(&ring::digest::SHA256, spki).as_ref(),
     ))
 }
-
-use x509_parser::prelude::FromDer;
 
 fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec())

@@ -261,17 +261,10 @@ fn check_issued(
     Ok(())
 }
 
+/// The DER of a PEM certificate (x509-parser's PEM reader).
 fn der_of(pem: &str) -> Option<Vec<u8>> {
-    use base64_free::decode_pem;
-    decode_pem(pem)
-}
-
-/// PEM to DER without another dependency: x509-parser's PEM reader.
-mod base64_free {
-    pub fn decode_pem(pem: &str) -> Option<Vec<u8>> {
-        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
-        Some(p.contents)
-    }
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    Some(p.contents)
 }
 
 /// One HTTP/1.1 connection over TLS to the configuration server.
