@@ -79,6 +79,9 @@ pub struct Site {
     relay: Daemon,
     /// The site's configuration server, once [`Site::enroll_through_config_server`] ran.
     config_server: Daemon,
+    /// The relay is started without `--master-target`: it asks its configuration server
+    /// (given in its arguments) for the master target it is assigned.
+    relay_asks_for_master_target: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -122,6 +125,7 @@ impl Site {
                 addr: None,
                 metrics_addr: None,
             },
+            relay_asks_for_master_target: false,
             _tmp: tmp,
         })
     }
@@ -209,12 +213,11 @@ impl Site {
             .addr
             .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
         let mut cmd = Command::new(bin_path("relay")?);
-        cmd.arg("run")
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--master-target")
-            .arg(mt.to_string())
-            .arg("--pki-dir")
+        cmd.arg("run").arg("--listen").arg(listen.to_string());
+        if !self.relay_asks_for_master_target {
+            cmd.arg("--master-target").arg(mt.to_string());
+        }
+        cmd.arg("--pki-dir")
             .arg(&self.pki_dir)
             .arg("--cache-dir")
             .arg(&self.cache_dir)
@@ -402,6 +405,12 @@ impl Site {
 
     pub fn config_server_metrics_addr(&self) -> Option<SocketAddr> {
         self.config_server.metrics_addr
+    }
+
+    /// From now on the relay starts without `--master-target` and asks the
+    /// configuration server in its arguments (`--config-server`) for its assignment.
+    pub fn relay_asks_for_master_target(&mut self) {
+        self.relay_asks_for_master_target = true;
     }
 
     /// Extra arguments of `relay run` from now on (e.g. `--config-server`).

@@ -208,6 +208,10 @@ impl Server {
                     Err(e) => Err(e),
                 },
             },
+            (&Method::GET, "/v1/assignment") => match peer {
+                None => Err(certificate_required()),
+                Some(p) => self.assignment(p),
+            },
             (&Method::GET, "/v1/components") => match peer {
                 None => Err(certificate_required()),
                 Some(_) => self
@@ -216,10 +220,14 @@ impl Server {
                     .map(|inv| json(&serde_json::json!({"version": API_VERSION, "components": inv})))
                     .map_err(|e| ApiError::new("internal", e.to_string())),
             },
-            (_, "/v1/enroll/params" | "/v1/enroll" | "/v1/heartbeat" | "/v1/components") => {
+            (
+                _,
+                "/v1/enroll/params" | "/v1/enroll" | "/v1/heartbeat" | "/v1/components"
+                | "/v1/assignment",
+            ) => {
                 Err(ApiError::new(
                     "method_not_allowed",
-                    "GET /v1/enroll/params, POST /v1/enroll, POST /v1/heartbeat, GET /v1/components",
+                    "GET /v1/enroll/params, POST /v1/enroll, POST /v1/heartbeat, GET /v1/assignment, GET /v1/components",
                 ))
             }
             (_, path) => Err(ApiError::new("not_found", format!("no endpoint {path}"))),
@@ -233,6 +241,37 @@ impl Server {
         }
     }
 
+    /// `peer`'s assignment as it stands now (what enrollment answered, with addresses
+    /// as advertised since).
+    fn assignment(&self, peer: &fbr_transport::PeerIdentity) -> Result<Vec<u8>, ApiError> {
+        let me = self.enrolled(peer)?;
+        let components = self
+            .state
+            .components()
+            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        Ok(json(&serde_json::json!({
+            "version": API_VERSION,
+            "assignment": assignment_of(&me, &components),
+        })))
+    }
+
+    /// The enrolled component `peer`'s certificate names (name and role).
+    fn enrolled(&self, peer: &fbr_transport::PeerIdentity) -> Result<Component, ApiError> {
+        self.state
+            .component(&peer.common_name)
+            .map_err(|e| ApiError::new("internal", e.to_string()))?
+            .filter(|c| fbr_transport::Role::parse(&c.role).is_some_and(|r| peer.has_role(r)))
+            .ok_or_else(|| {
+                ApiError::new(
+                    "not_enrolled",
+                    format!(
+                        "{} is not enrolled in this site (run `register`)",
+                        peer.common_name
+                    ),
+                )
+            })
+    }
+
     /// Records `peer`'s heartbeat: it must be enrolled, under the name and role its
     /// certificate says.
     fn heartbeat(
@@ -242,20 +281,7 @@ impl Server {
     ) -> Result<Vec<u8>, ApiError> {
         let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
         let report = fbr_enroll::wire::parse_heartbeat(body)?;
-        let enrolled = self
-            .state
-            .component(&peer.common_name)
-            .map_err(internal)?
-            .filter(|c| fbr_transport::Role::parse(&c.role).is_some_and(|r| peer.has_role(r)));
-        if enrolled.is_none() {
-            return Err(ApiError::new(
-                "not_enrolled",
-                format!(
-                    "{} is not enrolled in this site (run `register`)",
-                    peer.common_name
-                ),
-            ));
-        }
+        self.enrolled(peer)?;
         let beat = crate::state::LastHeartbeat {
             received_ms: now_ms(),
             report,
@@ -374,22 +400,7 @@ impl Server {
             .map_err(internal)?;
         let components = self.state.components().map_err(internal)?;
         self.metrics.components.set(components.len() as i64);
-        let assignment = match checked.role {
-            fbr_transport::Role::Relay => Assignment {
-                master_target: components
-                    .iter()
-                    .find(|c| c.role == "master-target" && c.advertise.is_some())
-                    .and_then(|c| c.advertise.clone()),
-                ..Assignment::default()
-            },
-            fbr_transport::Role::Agent => Assignment {
-                master_target: None,
-                vms,
-                relay: placed.as_ref().map(|p| p.0.clone()),
-                relay_address: placed.map(|p| p.1),
-            },
-            _ => Assignment::default(),
-        };
+        let assignment = assignment_of(&component, &components);
         tracing::info!(name = %r.name, role = %r.role, client = %who, again = existing.is_some(), "enrolled");
         Ok(json(&EnrollResponse {
             version: API_VERSION,
@@ -403,6 +414,34 @@ impl Server {
             ca_pem,
             assignment,
         }))
+    }
+}
+
+/// What `component` is assigned, given every enrolled component: a relay, the first
+/// master target that advertised an address; an agent, its VMs and the relay it was
+/// placed on (with that relay's address as it advertises it now).
+fn assignment_of(component: &Component, components: &[Component]) -> Assignment {
+    let advertised = |role: &str, name: Option<&str>| {
+        components
+            .iter()
+            .filter(|c| c.role == role && name.is_none_or(|n| c.name == n))
+            .find_map(|c| c.advertise.clone())
+    };
+    match component.role.as_str() {
+        "relay" => Assignment {
+            master_target: advertised("master-target", None),
+            ..Assignment::default()
+        },
+        "agent" => Assignment {
+            vms: component.vms.clone(),
+            relay: component.assigned_relay.clone(),
+            relay_address: component
+                .assigned_relay
+                .as_deref()
+                .and_then(|r| advertised("relay", Some(r))),
+            ..Assignment::default()
+        },
+        _ => Assignment::default(),
     }
 }
 

@@ -62,12 +62,31 @@ impl HeartbeatClient {
 
     /// Sends one heartbeat; the server's acknowledgement, or why not.
     pub async fn send(&self, beat: &Heartbeat) -> Result<HeartbeatAck, String> {
-        tokio::time::timeout(TIMEOUT, self.send_once(beat))
+        let body = serde_json::to_vec(beat).map_err(|e| e.to_string())?;
+        let answer = self.call("POST", "/v1/heartbeat", body).await?;
+        serde_json::from_slice(&answer).map_err(|e| format!("{}: the answer: {e}", self.server))
+    }
+
+    /// This component's assignment as the configuration server has it now.
+    pub async fn assignment(&self) -> Result<crate::wire::Assignment, String> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            assignment: crate::wire::Assignment,
+        }
+        let answer = self.call("GET", "/v1/assignment", Vec::new()).await?;
+        serde_json::from_slice::<Answer>(&answer)
+            .map(|a| a.assignment)
+            .map_err(|e| format!("{}: the answer: {e}", self.server))
+    }
+
+    /// One request on a new connection; the answer's body, or why not.
+    async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Bytes, String> {
+        tokio::time::timeout(TIMEOUT, self.call_once(method, path, body))
             .await
             .map_err(|_| format!("no answer from {} within {TIMEOUT:?}", self.server))?
     }
 
-    async fn send_once(&self, beat: &Heartbeat) -> Result<HeartbeatAck, String> {
+    async fn call_once(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Bytes, String> {
         let at = |e: String| format!("{}: {e}", self.server);
         let tcp = tokio::net::TcpStream::connect(self.server)
             .await
@@ -84,10 +103,9 @@ impl HeartbeatClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let body = serde_json::to_vec(beat).map_err(|e| e.to_string())?;
         let request = hyper::Request::builder()
-            .method("POST")
-            .uri("/v1/heartbeat")
+            .method(method)
+            .uri(path)
             .header("host", "config-server")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
@@ -109,7 +127,7 @@ impl HeartbeatClient {
                 None => format!("HTTP {status}"),
             }));
         }
-        serde_json::from_slice(&bytes).map_err(|e| at(format!("the answer: {e}")))
+        Ok(bytes)
     }
 }
 

@@ -384,6 +384,48 @@ fn control(socket: &std::path::Path, request: &Request, json: bool) -> ExitCode 
     }))
 }
 
+/// The master target the configuration server assigns this relay (no
+/// `master_target.address` set): asked up to 5 times, 2 s apart.
+async fn assigned_master_target(settings: &RelaySettings) -> anyhow::Result<SocketAddr> {
+    let server = settings
+        .config_server
+        .address()
+        .map_err(|(k, e)| anyhow::anyhow!("{k}: {e}"))?
+        .context("master_target.address or config_server.address must be set")?;
+    let client = fbr_enroll::heartbeat::HeartbeatClient::new(
+        server,
+        &settings.config_server.name,
+        &settings.pki_dir,
+        &settings.cert_name,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("config_server")?;
+    let mut last_error = String::new();
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        match client.assignment().await {
+            Ok(a) => {
+                let target = a.master_target.context(
+                    "the configuration server assigns no master target yet (register one with --advertise)",
+                )?;
+                let addr = tokio::net::lookup_host(&target)
+                    .await
+                    .with_context(|| format!("the assigned master target {target}"))?
+                    .next()
+                    .with_context(|| {
+                        format!("the assigned master target {target} resolves to nothing")
+                    })?;
+                tracing::info!(master_target = %addr, "master target assigned by the configuration server");
+                return Ok(addr);
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    anyhow::bail!("asking the configuration server for the master target: {last_error}")
+}
+
 async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     let tuning = QuicTuning {
         max_udp_payload: settings.max_udp_payload,
@@ -393,10 +435,10 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         segment_bytes: settings.cache.segment_size.0,
         capacity_bytes: settings.cache.capacity.0,
     };
-    let master_target = settings
-        .master_target
-        .address
-        .context("master_target.address is not set")?;
+    let master_target = match settings.master_target.address {
+        Some(a) => a,
+        None => assigned_master_target(&settings).await?,
+    };
     if let Some(warning) = cache_disk_warning(&settings.cache.dir, settings.cache.capacity.0) {
         tracing::warn!("{warning}");
     }

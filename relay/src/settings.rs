@@ -212,13 +212,16 @@ impl DaemonSettings for RelaySettings {
 
     /// Checks every value; the first problem names its key.
     fn validate(&self) -> Result<(), ConfigError> {
-        self.config_server
+        let config_server = self
+            .config_server
             .address()
             .map_err(|(key, reason)| ConfigError::new(key, reason))?;
-        if self.master_target.address.is_none() {
+        // Without an address of its own, the relay asks the configuration server for
+        // the master target it is assigned.
+        if self.master_target.address.is_none() && config_server.is_none() {
             return Err(ConfigError::new(
                 "master_target.address",
-                "missing: the master target's UDP address (e.g. 10.1.2.3:9444)",
+                "missing: the master target's UDP address (e.g. 10.1.2.3:9444), or config_server.address to be assigned one",
             ));
         }
         self.metrics_addr()?;

@@ -262,10 +262,43 @@ async fn components_enrolled_with_the_passphrase_replicate_byte_exact() {
     assert_eq!(again["kept_key"], true);
     assert_eq!(std::fs::read(pki.join("relay.key")).unwrap(), key_before);
     assert_eq!(cs.metric("fbr_config_server_components"), 5.0);
+    // Past enrollment, a component asks for its assignment with its certificate.
+    let (status, body) = https_as(
+        cs.addr,
+        request("GET", "/v1/assignment", b""),
+        Some((&pki, "agent")),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"relay_address\": \"127.0.0.1:9443\""),
+        "{body}"
+    );
 
-    // The data path on those certificates.
-    site.start_master_target().unwrap();
+    // The data path on those certificates. The master target, once it listens,
+    // enrolls again to advertise where (same key, same identity); the relay takes its
+    // master target from the configuration server.
+    let mt_addr = site.start_master_target().unwrap().to_string();
+    ok(enroll(
+        "master-target",
+        cs.addr,
+        &cs.passphrase(),
+        &pki,
+        &[
+            &loopback[..],
+            &["--dns", "master-target", "--advertise", &mt_addr],
+        ]
+        .concat(),
+    ));
+    site.relay_args_mut()
+        .extend(["--config-server".to_owned(), cs.addr.to_string()]);
+    site.relay_asks_for_master_target();
     site.start_relay().unwrap();
+    let log = std::fs::read_to_string(site.root.join("logs/relay.log")).unwrap();
+    assert!(
+        log.contains("master target assigned by the configuration server"),
+        "{log}"
+    );
     let opts = agent_options(&site, Duration::from_secs(3), Duration::from_millis(200));
     let report = churn(opts, plans(1, 1, 4 << 20, Content::Mixed, 61), 61).await;
     tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
@@ -295,7 +328,7 @@ async fn components_enrolled_with_the_passphrase_replicate_byte_exact() {
         [
             ("agent", 1),
             ("agent-b", 1),
-            ("master-target", 1),
+            ("master-target", 2),
             ("relay", 2),
             ("relay-b", 1)
         ]
