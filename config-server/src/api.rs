@@ -5,7 +5,9 @@
 //! | `GET /v1/enroll/params` | the site id, the PBKDF2 salt and iterations |
 //! | `POST /v1/enroll` | enroll: a certificate request and the client proof in, the certificate, the CA, the server proof and the assignment out |
 //! | `POST /v1/heartbeat` | an enrolled component's report (its site certificate required) |
-//! | `GET /v1/components` | the inventory: every component, connected or not, with its last report (a site certificate required) |
+//! | `GET /v1/assignment` | the caller's assignment (its site certificate required) |
+//! | `GET /v1/components` | every component, connected or not, with its last report (a site certificate required) |
+//! | `GET /v1/inventory` | the site: VMs and disks, groups, relays, master targets (a site certificate required) |
 //!
 //! Client certificates are asked for, not required: enrolling components have none
 //! yet. The endpoints past enrollment refuse a request without one (401
@@ -212,6 +214,14 @@ impl Server {
                 None => Err(certificate_required()),
                 Some(p) => self.assignment(p),
             },
+            (&Method::GET, "/v1/inventory") => match peer {
+                None => Err(certificate_required()),
+                Some(_) => self
+                    .state
+                    .site_inventory(now_ms())
+                    .map(|inv| json(&inv))
+                    .map_err(|e| ApiError::new("internal", e.to_string())),
+            },
             (&Method::GET, "/v1/components") => match peer {
                 None => Err(certificate_required()),
                 Some(_) => self
@@ -223,11 +233,11 @@ impl Server {
             (
                 _,
                 "/v1/enroll/params" | "/v1/enroll" | "/v1/heartbeat" | "/v1/components"
-                | "/v1/assignment",
+                | "/v1/assignment" | "/v1/inventory",
             ) => {
                 Err(ApiError::new(
                     "method_not_allowed",
-                    "GET /v1/enroll/params, POST /v1/enroll, POST /v1/heartbeat, GET /v1/assignment, GET /v1/components",
+                    "GET /v1/enroll/params, POST /v1/enroll, POST /v1/heartbeat, GET /v1/assignment, GET /v1/components, GET /v1/inventory",
                 ))
             }
             (_, path) => Err(ApiError::new("not_found", format!("no endpoint {path}"))),

@@ -10,6 +10,8 @@
 //! - [`api`]: the HTTPS API (TLS 1.3): enrollment, with the passphrase proofs of
 //!   [`fbr_enroll::proof`] bound to each TLS session, coded errors, and a growing delay
 //!   after wrong passphrases.
+//! - [`inventory`]: the site as a whole (VMs and disks, groups, relays, master
+//!   targets) from enrollments and heartbeats.
 //! - [`placement`]: which relay a new VM's agent is assigned (the most headroom).
 //! - [`settings`]: the daemon's configuration.
 //!
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod inventory;
 pub mod placement;
 pub mod settings;
 pub mod site;

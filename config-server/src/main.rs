@@ -58,6 +58,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The site: its VMs and their disks, replication groups, relays and master
+    /// targets, from enrollments and heartbeats (the daemon must be stopped; running,
+    /// `GET /v1/inventory` answers the same).
+    Inventory {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Flags of `config-server run` and `check-config`; each overrides the config key in
@@ -126,6 +135,7 @@ fn main() -> ExitCode {
             json,
         )),
         Command::Components { data, json } => report(components(&data, json)),
+        Command::Inventory { data, json } => report(inventory(&data, json)),
     }
 }
 
@@ -216,6 +226,65 @@ fn components(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 c.state,
                 c.component.advertise.as_deref().unwrap_or("-"),
                 c.report.as_ref().map_or("-", |r| r.health.state.as_str())
+            );
+        }
+    }
+    Ok(())
+}
+
+fn inventory(data: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let state = fbr_config_server::state::State::open(data)?;
+    let inv = state.site_inventory(fbr_config_server::site::now_ms())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&inv)?);
+        return Ok(());
+    }
+    let or = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("VMs");
+    for v in &inv.vms {
+        println!(
+            "  {} (agent {}, relay {})",
+            v.vm,
+            or(&v.agent),
+            or(&v.assigned_relay)
+        );
+        for d in &v.disks {
+            println!(
+                "    disk {}: {} bytes, group {}, {}, on {} -> {}, backlog {} bytes, RPO {} s",
+                d.disk,
+                d.size_bytes.map_or("?".into(), |s| s.to_string()),
+                or(&d.group),
+                or(&d.sync),
+                or(&d.relay),
+                or(&d.master_target),
+                d.backlog_bytes.map_or("-".into(), |b| b.to_string()),
+                d.rpo_s.map_or("-".into(), |r| r.to_string()),
+            );
+        }
+    }
+    println!("groups");
+    for g in &inv.groups {
+        println!(
+            "  {} on {}: {} recovery points, disks {}",
+            g.group,
+            g.master_target,
+            g.recovery_points,
+            g.disks.join(", ")
+        );
+    }
+    for (title, list) in [
+        ("relays", &inv.relays),
+        ("master targets", &inv.master_targets),
+    ] {
+        println!("{title}");
+        for r in list {
+            println!(
+                "  {} ({}) {}, {} disks, health {}",
+                r.name,
+                or(&r.advertise),
+                r.state,
+                r.disks,
+                or(&r.health)
             );
         }
     }

@@ -103,6 +103,8 @@ mod tests {
                 }),
                 streams: vec![],
                 ingest_bytes_per_s: Some(churn),
+                disks: vec![],
+                groups: vec![],
             }),
         }
     }

@@ -227,6 +227,18 @@ impl State {
         Ok(out)
     }
 
+    /// The site as a whole ([`crate::inventory`]).
+    pub fn site_inventory(
+        &self,
+        now_ms: u64,
+    ) -> Result<crate::inventory::SiteInventory, StateError> {
+        Ok(crate::inventory::site_inventory(
+            &self.components()?,
+            &self.heartbeats()?,
+            now_ms,
+        ))
+    }
+
     /// The inventory: every component with its connection state and last report.
     pub fn inventory(&self, now_ms: u64) -> Result<Vec<InventoryEntry>, StateError> {
         let beats = self.heartbeats()?;

@@ -112,6 +112,35 @@ pub struct Heartbeat {
     /// it carries).
     #[serde(default)]
     pub ingest_bytes_per_s: Option<f64>,
+    /// Master targets: every disk replica held.
+    #[serde(default)]
+    pub disks: Vec<DiskReport>,
+    /// Master targets: every replication group's newest recovery point.
+    #[serde(default)]
+    pub groups: Vec<GroupReport>,
+}
+
+/// A disk replica, as its master target reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub vm: String,
+    pub disk: u32,
+    pub size_bytes: u64,
+    /// The replication group of its newest recovery point, if it has one.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `consistent`, `resynced`, `resyncing` or `stale`.
+    pub sync: String,
+}
+
+/// A replication group, as its master target reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub group: String,
+    /// Complete recovery points held, and the newest one's time (UNIX ms).
+    pub recovery_points: u64,
+    #[serde(default)]
+    pub newest_point_ms: Option<u64>,
 }
 
 /// A component's health as it sees it.
@@ -179,12 +208,21 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<Heartbeat, ApiError> {
             format!("health state {:?}", h.health.state),
         ));
     }
-    if h.streams.len() > MAX_STREAMS || h.health.reasons.len() > MAX_LIST {
+    if h.streams.len() > MAX_STREAMS
+        || h.disks.len() > MAX_STREAMS
+        || h.groups.len() > MAX_STREAMS
+        || h.health.reasons.len() > MAX_LIST
+    {
         return Err(ApiError::new("too_many", "too many streams or reasons"));
     }
-    for st in &h.streams {
-        fbr_protocol::names::validate_name(&st.vm)
-            .map_err(|r| ApiError::new("bad_name", format!("vm {:?}: {r}", st.vm)))?;
+    let vms = h
+        .streams
+        .iter()
+        .map(|s| &s.vm)
+        .chain(h.disks.iter().map(|d| &d.vm));
+    for vm in vms {
+        fbr_protocol::names::validate_name(vm)
+            .map_err(|r| ApiError::new("bad_name", format!("vm {vm:?}: {r}")))?;
     }
     Ok(h)
 }

@@ -394,8 +394,10 @@ impl fbr_metrics::Endpoints for Endpoints {
     }
 }
 
-/// The heartbeat the master target sends its configuration server.
+/// The heartbeat the master target sends its configuration server: its disks (size,
+/// group, sync state) and groups (recovery points, the newest one's time).
 fn heartbeat(mt: &MasterTarget, interval_s: u64) -> fbr_enroll::wire::Heartbeat {
+    let (disks, groups) = held(mt);
     fbr_enroll::wire::Heartbeat {
         version: fbr_enroll::wire::API_VERSION,
         software_version: env!("CARGO_PKG_VERSION").into(),
@@ -411,7 +413,63 @@ fn heartbeat(mt: &MasterTarget, interval_s: u64) -> fbr_enroll::wire::Heartbeat 
         cache: None,
         streams: vec![],
         ingest_bytes_per_s: None,
+        disks,
+        groups,
     }
+}
+
+/// The disks and groups the master target's index holds, for its heartbeat (empty,
+/// with a warning, when the index cannot be read).
+fn held(
+    mt: &MasterTarget,
+) -> (
+    Vec<fbr_enroll::wire::DiskReport>,
+    Vec<fbr_enroll::wire::GroupReport>,
+) {
+    use std::collections::BTreeMap;
+    let (disks, points) = match (mt.store.disks(), mt.store.recovery_points()) {
+        (Ok(d), Ok(p)) => (d, p),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("heartbeat: reading the index: {e}");
+            return (vec![], vec![]);
+        }
+    };
+    // The group of each disk's newest point; each group's complete points.
+    let mut group_of: BTreeMap<(String, u32), String> = BTreeMap::new();
+    let mut groups: BTreeMap<String, fbr_enroll::wire::GroupReport> = BTreeMap::new();
+    for p in &points {
+        for l in &p.landed {
+            group_of.insert((l.vm.clone(), l.disk), p.group.clone());
+        }
+        let g = groups
+            .entry(p.group.clone())
+            .or_insert_with(|| fbr_enroll::wire::GroupReport {
+                group: p.group.clone(),
+                recovery_points: 0,
+                newest_point_ms: None,
+            });
+        if p.complete {
+            g.recovery_points += 1;
+            g.newest_point_ms = g.newest_point_ms.max(p.time_ms);
+        }
+    }
+    let disks = disks
+        .into_iter()
+        .map(|(id, c)| fbr_enroll::wire::DiskReport {
+            group: group_of.get(&(id.vm.clone(), id.disk)).cloned(),
+            vm: id.vm,
+            disk: id.disk,
+            size_bytes: c.disk_size,
+            sync: match c.sync {
+                fbr_master_target::sync::SyncState::Consistent => "consistent",
+                fbr_master_target::sync::SyncState::Stale => "stale",
+                fbr_master_target::sync::SyncState::Resyncing(_) => "resyncing",
+                fbr_master_target::sync::SyncState::Resynced => "resynced",
+            }
+            .into(),
+        })
+        .collect();
+    (disks, groups.into_values().collect())
 }
 
 /// Trims every group to its retention, a few times a window, off the async threads.

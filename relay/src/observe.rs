@@ -104,6 +104,8 @@ pub fn heartbeat(
             })
             .collect(),
         ingest_bytes_per_s,
+        disks: vec![],
+        groups: vec![],
     }
 }
 

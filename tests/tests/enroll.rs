@@ -773,6 +773,38 @@ async fn heartbeats_mark_components_connected_and_their_loss_shows_on_both_sides
         "{report}"
     );
 
+    // After some churn the site's inventory knows the VM's disk: its size, group and
+    // sync state from the master target, the relay carrying it, and the group's points.
+    let opts = agent_options(&site, Duration::from_secs(2), Duration::from_millis(200));
+    churn(opts, plans(1, 1, 4 << 20, Content::Mixed, 67), 67).await;
+    eventually(10, "the inventory shows the disk and its group", || async {
+        let (status, body) = https_as(
+            site.config_server_addr().unwrap(),
+            request("GET", "/v1/inventory", b""),
+            Some((&site.pki_dir, "agent")),
+        )
+        .await;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{status} {e}"))?;
+        let disk = &v["vms"][0]["disks"][0];
+        let group = &v["groups"][0];
+        let ok = v["vms"][0]["vm"] == "vm1"
+            && v["vms"][0]["agent"] == "agent"
+            && disk["size_bytes"] == 4 << 20
+            && disk["group"] == "group1"
+            && disk["sync"] == "consistent"
+            && disk["master_target"] == "master-target"
+            && disk["relay"] == "relay"
+            && group["group"] == "group1"
+            && group["recovery_points"].as_u64().is_some_and(|n| n > 0);
+        if ok {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    })
+    .await;
+
     // The configuration server goes away: the relay's health says so (a warning: it
     // still replicates), and recovers when the server is back.
     tokio::task::block_in_place(|| site.stop_config_server(true)).unwrap();
