@@ -83,7 +83,7 @@ pub fn site_inventory(
             disks: vec![],
         })
     }
-    fn disk<'a>(v: &'a mut VmEntry, n: u32) -> &'a mut DiskEntry {
+    fn disk(v: &mut VmEntry, n: u32) -> &mut DiskEntry {
         if let Some(i) = v.disks.iter().position(|d| d.disk == n) {
             return &mut v.disks[i];
         }
