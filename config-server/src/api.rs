@@ -136,6 +136,9 @@ pub struct Server {
     verifier: Verifier,
     pki: std::path::PathBuf,
     pub metrics: ApiMetrics,
+    /// Enrollments one at a time past their proof: a name is checked and recorded
+    /// together, so two components cannot both take it.
+    enrolling: tokio::sync::Mutex<()>,
 }
 
 impl Server {
@@ -161,6 +164,7 @@ impl Server {
             verifier,
             pki: pki_dir(data_dir),
             metrics,
+            enrolling: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -355,6 +359,7 @@ impl Server {
                 ),
             ));
         }
+        let _one_at_a_time = self.enrolling.lock().await;
         let r = &checked.request;
         let key_sha256 = csr_key_sha256(&r.csr_pem)?;
         let existing = self.state.component(&r.name).map_err(internal)?;

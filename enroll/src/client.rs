@@ -177,7 +177,15 @@ pub async fn register(o: &RegisterOptions) -> Result<Registration, EnrollError> 
             )))
         }
         Ok(_) => {}
-        Err(_) => fbr_transport::pki::replace_file(&ca_path, answer.ca_pem.as_bytes())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fbr_transport::pki::replace_file(&ca_path, answer.ca_pem.as_bytes())?
+        }
+        Err(e) => {
+            return Err(EnrollError::File {
+                path: ca_path,
+                reason: e.to_string(),
+            })
+        }
     }
     let cert_path = o.pki_dir.join(format!("{}.pem", o.name));
     fbr_transport::pki::replace_file(&cert_path, answer.certificate_pem.as_bytes())?;
