@@ -101,13 +101,13 @@ async fn every_point_in_the_window_survives_kill_9_and_recovers_by_test_copy_and
     site.start_relay().unwrap();
 
     // 1. Churn, with the master target killed mid-apply and once trimming has begun.
-    let mut opts = agent_options(&site, Duration::from_secs(19), Duration::from_millis(400));
+    let mut opts = agent_options(&site, Duration::from_secs(20), Duration::from_millis(400));
     opts.rate_bytes_per_s = Some(3_000_000);
     let handle =
         fbr_churn::agent::start(opts, plans(2, 1, 4 << 20, Content::Mixed, 59), 59).unwrap();
     let started = Instant::now();
     // Checkpoints come 10 s after a start: the last kill is past the first of them.
-    for at in [2.5, 5.0, 16.0] {
+    for at in [2.5, 5.0, 17.5] {
         let wait = Duration::from_secs_f64(at).saturating_sub(started.elapsed());
         tokio::time::sleep(wait).await;
         tokio::task::block_in_place(|| {
