@@ -103,7 +103,13 @@ impl State {
         // The site's CA key and verifier live here: the daemon's user only.
         private(data_dir, 0o700)?;
         let path = data_dir.join(STATE_FILE);
-        let db = Database::create(&path).map_err(|x| e(format!("{}: {x}", path.display())))?;
+        let db = Database::create(&path).map_err(|x| match x {
+            redb::DatabaseError::DatabaseAlreadyOpen => e(format!(
+                "{}: in use by a running config-server (stop it, or ask its API: GET /v1/components, GET /v1/inventory)",
+                path.display()
+            )),
+            x => e(format!("{}: {x}", path.display())),
+        })?;
         private(&path, 0o600)?;
         let tx = db.begin_write().map_err(e)?;
         tx.open_table(SITE).map_err(e)?;
