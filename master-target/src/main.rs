@@ -402,13 +402,11 @@ fn heartbeat(mt: &MasterTarget, interval_s: u64) -> fbr_enroll::wire::Heartbeat 
         version: fbr_enroll::wire::API_VERSION,
         software_version: env!("CARGO_PKG_VERSION").into(),
         interval_s,
+        // The master target's readiness has no conditions beyond serving (which this
+        // heartbeat shows); its disks and groups follow.
         health: fbr_enroll::wire::HealthSummary {
             state: "healthy".into(),
-            reasons: vec![format!(
-                "{} relay streams open, {} disks",
-                mt.metrics.relay_streams.get(),
-                mt.metrics.disks.get()
-            )],
+            reasons: vec![],
         },
         cache: None,
         streams: vec![],

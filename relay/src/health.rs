@@ -437,6 +437,16 @@ mod tests {
         down.master_target_down_s = Some(31);
         assert_eq!(evaluate(&t, &down, 0).state, Severity::Critical);
 
+        // A configuration server out of reach is a warning that says for how long and why.
+        let mut lonely = obs(50, vec![]);
+        lonely.config_server_unreachable = Some((95, "connection refused".into()));
+        let r = evaluate(&t, &lonely, 0);
+        assert_eq!(r.state, Severity::Warning);
+        assert_eq!(r.conditions[0].name, "config_server");
+        assert!(
+            r.conditions[0].reason.contains("95 s") && r.conditions[0].reason.contains("refused")
+        );
+
         // The overall state is the worst condition; every condition is listed.
         let r = evaluate(&t, &obs(72, vec![]), 3);
         assert_eq!(r.state, Severity::Warning);
