@@ -111,3 +111,20 @@ pub fn run(
         }
     }
 }
+
+/// The flags of a relay's or master target's `run` that point it at its configuration
+/// server; each overrides the config key in brackets (flattened into the daemon's own
+/// flags).
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct ConfigServerFlags {
+    /// The site's configuration server, IP:PORT, for heartbeats; "" for none
+    /// [config_server.address].
+    #[arg(long)]
+    #[serde(rename = "config_server.address")]
+    pub config_server: Option<String>,
+    /// Seconds between heartbeats to the configuration server
+    /// [config_server.heartbeat_interval_s].
+    #[arg(long)]
+    #[serde(rename = "config_server.heartbeat_interval_s")]
+    pub heartbeat_interval_s: Option<u64>,
+}

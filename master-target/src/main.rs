@@ -189,16 +189,9 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "control_socket")]
     control_socket: Option<String>,
-    /// The site's configuration server, IP:PORT, for heartbeats; "" for none
-    /// [config_server.address].
-    #[arg(long)]
-    #[serde(rename = "config_server.address")]
-    config_server: Option<String>,
-    /// Seconds between heartbeats to the configuration server
-    /// [config_server.heartbeat_interval_s].
-    #[arg(long)]
-    #[serde(rename = "config_server.heartbeat_interval_s")]
-    heartbeat_interval_s: Option<u64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    config_server: fbr_enroll::cli::ConfigServerFlags,
     /// How far back recovery points are kept per group, e.g. 24h [retention_window].
     #[arg(long)]
     #[serde(rename = "retention_window")]

@@ -209,16 +209,9 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "wan.coalesce")]
     wan_coalesce: Option<bool>,
-    /// The site's configuration server, IP:PORT, for heartbeats; "" for none
-    /// [config_server.address].
-    #[arg(long)]
-    #[serde(rename = "config_server.address")]
-    config_server: Option<String>,
-    /// Seconds between heartbeats to the configuration server
-    /// [config_server.heartbeat_interval_s].
-    #[arg(long)]
-    #[serde(rename = "config_server.heartbeat_interval_s")]
-    heartbeat_interval_s: Option<u64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    config_server: fbr_enroll::cli::ConfigServerFlags,
     /// Send blocks the master target holds as their SHA-256: true or false [wan.dedup].
     #[arg(long)]
     #[serde(rename = "wan.dedup")]
