@@ -35,6 +35,28 @@ pub fn site_options(vms: &[&str]) -> SiteOptions {
     }
 }
 
+/// A running site for `vm1` and `vm2` whose master target keeps 15 days daemon-wide
+/// and `window` for `group1` (its own `[retention_groups.group1]`, in the harness's
+/// config file: flags override the file).
+pub fn start_site_keeping_group1_for(window: &str) -> Site {
+    let mut site = Site::create(
+        None,
+        SiteOptions {
+            mt_args: vec!["--retention-window".into(), "15d".into()],
+            ..site_options(&["vm1", "vm2"])
+        },
+    )
+    .expect("create site");
+    std::fs::write(
+        site.root.join("master-target.toml"),
+        format!("[retention_groups.group1]\nwindow = \"{window}\"\n"),
+    )
+    .expect("master target config");
+    site.start_master_target().expect("start master target");
+    site.start_relay().expect("start relay");
+    site
+}
+
 /// Like [`start_site`], with the relay's cache capacity and segment size chosen.
 pub fn start_site_with(vms: &[&str], cache_capacity: u64, cache_segment_mib: u64) -> Site {
     let mut site = Site::create(

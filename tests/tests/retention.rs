@@ -15,31 +15,14 @@ use std::time::Duration;
 
 use fbr_churn::harness::{http_get, sample, Site, SiteOptions};
 use fbr_churn::workload::Content;
-use fbr_tests::{agent_options, churn, master_target, materialize_point, plans, stop_and_verify};
+use fbr_tests::{
+    agent_options, churn, master_target, materialize_point, plans, start_site_keeping_group1_for,
+    stop_and_verify,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_of_three_seconds_trims_the_oldest_history_and_keeps_every_point_in_it() {
-    let mut site = Site::create(
-        None,
-        SiteOptions {
-            agent_vms: vec!["vm1".into(), "vm2".into()],
-            cache_capacity: 256 << 20,
-            cache_segment_mib: 4,
-            mt_credit_mib: 8,
-            max_udp_payload: 1452,
-            relay_args: vec![],
-            mt_args: vec!["--retention-window".into(), "15d".into()],
-        },
-    )
-    .unwrap();
-    // The harness's config file for the master target (flags override the file).
-    std::fs::write(
-        site.root.join("master-target.toml"),
-        "[retention_groups.group1]\nwindow = \"3s\"\n",
-    )
-    .unwrap();
-    site.start_master_target().unwrap();
-    site.start_relay().unwrap();
+    let mut site = start_site_keeping_group1_for("3s");
     // Long enough for checkpoints (every 10 s) to pass points outside the window.
     let mut opts = agent_options(&site, Duration::from_secs(16), Duration::from_millis(200));
     opts.rate_bytes_per_s = Some(4_000_000);

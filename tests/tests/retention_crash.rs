@@ -23,12 +23,15 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fbr_churn::harness::{bin_path, Site, SiteOptions};
+use fbr_churn::harness::{bin_path, Site};
 use fbr_churn::workload::Content;
 use fbr_master_target::control::Request;
 use fbr_master_target::store::ReplicaIndex;
 use fbr_protocol::StreamId;
-use fbr_tests::{agent_options, master_target, materialize_point, plans, stop_and_verify};
+use fbr_tests::{
+    agent_options, master_target, materialize_point, plans, start_site_keeping_group1_for,
+    stop_and_verify,
+};
 
 const VMS: [&str; 2] = ["vm1", "vm2"];
 
@@ -79,26 +82,7 @@ fn image(site: &Site, vm: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_point_in_the_window_survives_kill_9_and_recovers_by_test_copy_and_rollback() {
-    let mut site = Site::create(
-        None,
-        SiteOptions {
-            agent_vms: VMS.iter().map(|v| v.to_string()).collect(),
-            cache_capacity: 256 << 20,
-            cache_segment_mib: 4,
-            mt_credit_mib: 8,
-            max_udp_payload: 1452,
-            relay_args: vec![],
-            mt_args: vec!["--retention-window".into(), "15d".into()],
-        },
-    )
-    .unwrap();
-    std::fs::write(
-        site.root.join("master-target.toml"),
-        "[retention_groups.group1]\nwindow = \"3s\"\n",
-    )
-    .unwrap();
-    site.start_master_target().unwrap();
-    site.start_relay().unwrap();
+    let mut site = start_site_keeping_group1_for("3s");
 
     // 1. Churn, with the master target killed mid-apply and once trimming has begun.
     let mut opts = agent_options(&site, Duration::from_secs(20), Duration::from_millis(400));
