@@ -20,7 +20,11 @@ fn init_makes_a_site_once_and_check_config_names_bad_keys() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--iterations 5"));
     let out = config_server(&["init", "--data", data, "--iterations", "10000", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(made["passphrase"].as_str().unwrap().len(), 23);
     let again = config_server(&["init", "--data", data, "--iterations", "10000"]);
