@@ -59,6 +59,8 @@ pub enum CacheError {
     Corrupt { where_: String, reason: String },
     #[error("{0}")]
     Config(String),
+    #[error("{stream}: the cache is committing; retry")]
+    Busy { stream: StreamId },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CacheError {
@@ -198,8 +200,14 @@ pub struct SegmentLog<S: Storage> {
     footer: Footer,
     footer_refs: HashMap<StreamId, u32>,
     streams: HashMap<StreamId, StreamIndex>,
+    /// Streams retired (their VM moved away, or here from elsewhere), with the first
+    /// segment of their current path: their records in older segments are never
+    /// indexed again ([`SegmentLog::retire_stream`]).
+    fences: HashMap<StreamId, u64>,
     /// Streams with records appended since the last commit.
     dirty: Vec<StreamId>,
+    /// A commit's write is under way (between `begin_commit` and `finish_commit`).
+    commit_in_flight: bool,
     used_bytes: u64,
 }
 
@@ -207,6 +215,17 @@ impl<S: Storage> SegmentLog<S> {
     /// Opens the log in `storage`, recovering whatever is there, and starts a new
     /// active segment.
     pub fn open(storage: S, config: CacheConfig) -> Result<(Self, RecoveryReport), CacheError> {
+        Self::open_fenced(storage, config, HashMap::new())
+    }
+
+    /// [`SegmentLog::open`], skipping the records of each stream in `fences` held by
+    /// segments older than its fence (what [`SegmentLog::retire_stream`] returned, kept
+    /// by the caller): they came by a path the stream has since moved away from.
+    pub fn open_fenced(
+        storage: S,
+        config: CacheConfig,
+        fences: HashMap<StreamId, u64>,
+    ) -> Result<(Self, RecoveryReport), CacheError> {
         if config.segment_bytes < 64 * 1024 || config.segment_bytes > 1 << 30 {
             return Err(CacheError::Config(format!(
                 "segment size {} must be between 64 KiB and 1 GiB",
@@ -230,7 +249,9 @@ impl<S: Storage> SegmentLog<S> {
             footer: Footer::default(),
             footer_refs: HashMap::new(),
             streams: HashMap::new(),
+            fences,
             dirty: Vec::new(),
+            commit_in_flight: false,
             used_bytes: 0,
         };
         let mut report = RecoveryReport::default();
@@ -309,7 +330,7 @@ impl<S: Storage> SegmentLog<S> {
                     len: e.len,
                     appended_s: (e.appended_ms / 1000) as u32,
                 };
-                self.index_recovered(stream, *disk_size, e.seq, loc, &name, &mut segment);
+                self.index_recovered(stream, *disk_size, e.seq, loc, &name, id, &mut segment);
                 report.records += 1;
             }
         } else {
@@ -354,6 +375,7 @@ impl<S: Storage> SegmentLog<S> {
                             entry.record.seq(),
                             loc,
                             &name,
+                            id,
                             &mut segment,
                         );
                         report.records += 1;
@@ -397,8 +419,13 @@ impl<S: Storage> SegmentLog<S> {
         seq: u64,
         loc: Loc,
         name: &str,
+        segment_id: u64,
         segment: &mut Segment<S::File>,
     ) {
+        if self.fences.get(stream).is_some_and(|f| segment_id < *f) {
+            // From the path the stream moved away from: not this placement's records.
+            return;
+        }
         let s = self
             .streams
             .entry(stream.clone())
@@ -556,6 +583,7 @@ impl<S: Storage> SegmentLog<S> {
             .segments
             .get(&self.active)
             .expect("active segment exists");
+        self.commit_in_flight = true;
         Some(PendingCommit {
             file: active.file.clone(),
             offset: active.len,
@@ -572,6 +600,7 @@ impl<S: Storage> SegmentLog<S> {
         commit: PendingCommit<S::File>,
         result: std::io::Result<()>,
     ) -> Result<Vec<(StreamId, u64)>, CacheError> {
+        self.commit_in_flight = false;
         let name = self.storage.describe(self.active);
         if let Err(e) = result {
             self.rollback_undurable();
@@ -713,6 +742,35 @@ impl<S: Storage> SegmentLog<S> {
             s.needs_resync = Some(reason);
         }
         self.trim()
+    }
+
+    /// Forgets `stream` entirely, for good: its VM moved to another relay (the master
+    /// target refused this relay's copy as stale), or moved here from another relay
+    /// (whatever this cache held of it came by a path since superseded). The active
+    /// segment is sealed first, so every record of the old path is in a segment older
+    /// than the one returned: the caller keeps that fence durably and passes it to
+    /// [`SegmentLog::open_fenced`], so a restart never brings those records back. The
+    /// stream is then unknown (its next record may start anywhere). `Busy` while some
+    /// of its records are not durable yet.
+    pub fn retire_stream(&mut self, stream: &StreamId) -> Result<u64, CacheError> {
+        // Sealing needs the active segment at rest: nothing appended and no commit
+        // writing (the caller retries between two commits).
+        if self.commit_in_flight || !self.write_buf.is_empty() {
+            return Err(CacheError::Busy {
+                stream: stream.clone(),
+            });
+        }
+        let active_len = self.segments.get(&self.active).map_or(0, |s| s.len);
+        if active_len > SEGMENT_HEADER_LEN {
+            self.seal_and_roll()?;
+        }
+        self.streams.remove(stream);
+        for seg in self.segments.values_mut() {
+            seg.max_seq.remove(stream);
+        }
+        self.fences.insert(stream.clone(), self.active);
+        self.trim()?;
+        Ok(self.active)
     }
 
     /// Forgets `stream`'s records and makes it continue at `next_seq` (where the master

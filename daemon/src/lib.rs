@@ -15,6 +15,8 @@
 //!   the key, then logging, the runtime, the daemon's body, and its error report.
 //! - [`systemd`]: `sd_notify` for `Type=notify` units: `READY=1` from the daemon's own
 //!   readiness, `STATUS=` with the reason, `STOPPING=1`.
+//! - [`placements`]: the durable table of each stream's placement (where it moved),
+//!   which the relay and the master target check every `Hello` against.
 //! - [`control`]: the control socket (a Unix socket, mode 0600, one JSON request and
 //!   answer per line) and its client, each daemon's requests its own.
 //!
@@ -26,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod placements;
 pub mod process;
 pub mod run;
 pub mod settings;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fbr_metrics::master_target::MasterTargetMetrics;
+use fbr_protocol::placement::Admission;
 use fbr_protocol::stream::{Opening, ReceiverConfig, Refusal, StreamReceiver};
 use fbr_protocol::{ErrorCode, StreamId};
 use fbr_transport::{require_role, FrameReader, FrameWriter, PeerIdentity, Role};
@@ -44,6 +45,9 @@ pub struct MasterTarget {
     pub metrics: MasterTargetMetrics,
     /// Blocks held, for resolving the relay's dedup references.
     pub content: Arc<ContentIndex>,
+    /// Each stream's placement on record: a relay's `Hello` below it is refused
+    /// before it can take the disk over ([`fbr_protocol::placement`]).
+    pub placements: fbr_daemon::placements::PlacementStore,
     slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
 }
 
@@ -97,6 +101,7 @@ impl MasterTarget {
         store: Store,
         credit_bytes: u64,
         content_index_entries: usize,
+        placements: fbr_daemon::placements::PlacementStore,
     ) -> Arc<Self> {
         Arc::new(MasterTarget {
             files,
@@ -104,6 +109,7 @@ impl MasterTarget {
             credit_bytes,
             metrics: MasterTargetMetrics::new(),
             content: Arc::new(ContentIndex::new(content_index_entries)),
+            placements,
             slots: Mutex::new(HashMap::new()),
         })
     }
@@ -364,9 +370,13 @@ impl MasterTarget {
             Instant::now(),
         );
         match reader.receive_hello(&mut receiver).await {
-            Ok(Some(Opening::Data { stream, disk_size })) => {
+            Ok(Some(Opening::Data {
+                stream,
+                disk_size,
+                placement,
+            })) => {
                 let span = tracing::info_span!("stream", stream = %stream);
-                self.serve_disk(receiver, stream, disk_size, reader, writer)
+                self.serve_disk(receiver, stream, disk_size, placement, reader, writer)
                     .instrument(span)
                     .await
             }
@@ -391,16 +401,43 @@ impl MasterTarget {
         mut receiver: StreamReceiver,
         id: StreamId,
         disk_size: u64,
+        placement: u64,
         reader: FrameReader,
         mut writer: FrameWriter,
     ) {
-        // Take ownership of the disk, superseding any older session.
+        // Take ownership of the disk, superseding any older session, unless this
+        // relay's placement is stale: checked (and a higher one recorded) in the same
+        // step as the generation bump, so a stale relay cannot supersede the current
+        // one between the two.
         let slot = self.slot(&id);
         let mut my_generation = 0;
+        let mut admitted = Ok(Admission::Current);
         slot.generation.send_modify(|g| {
-            *g += 1;
-            my_generation = *g;
+            admitted = self.placements.admit(&id, placement);
+            if matches!(admitted, Ok(Admission::Current | Admission::Raised { .. })) {
+                *g += 1;
+                my_generation = *g;
+            }
         });
+        match admitted {
+            Ok(Admission::Current) => {}
+            Ok(Admission::Raised { from }) => {
+                self.metrics.stream_moves_total.inc();
+                tracing::info!(from, placement, "the stream moved to this relay");
+            }
+            Ok(Admission::Stale { on_record }) => {
+                let refusal = receiver
+                    .check_placement(placement, on_record)
+                    .err()
+                    .unwrap_or_else(|| receiver.refuse(ErrorCode::Internal, "placement"));
+                return self.refuse(&mut writer, &refusal, Some(&id)).await;
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                let refusal = receiver.refuse(ErrorCode::Internal, e.to_string());
+                return self.refuse(&mut writer, &refusal, Some(&id)).await;
+            }
+        }
         let mut generation_rx = slot.generation.subscribe();
         let mut owned = slot.replica.clone().lock_owned().await;
         if *generation_rx.borrow_and_update() != my_generation {

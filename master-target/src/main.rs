@@ -286,6 +286,7 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         store,
         settings.credit.0,
         settings.content_index_entries as usize,
+        fbr_daemon::placements::PlacementStore::open(data)?,
     );
     let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(mt.clone()));
     let metrics = match settings.metrics_addr()? {

@@ -22,6 +22,8 @@ pub struct MasterTargetMetrics {
     /// Of the missing: indexed, but the journal no longer held the block (trimmed).
     pub dedup_references_stale_total: IntCounter,
     pub batches_received_total: IntCounter,
+    /// Streams that arrived from a new relay at a higher placement (a VM moved).
+    pub stream_moves_total: IntCounter,
     pub disks: IntGauge,
     pub relay_streams: IntGauge,
     pub content_index_blocks: IntGauge,
@@ -96,6 +98,10 @@ impl MasterTargetMetrics {
             batches_received_total: counter(
                 "fbr_master_target_batches_received_total",
                 "WAN batches received from relays.",
+            ),
+            stream_moves_total: counter(
+                "fbr_master_target_stream_moves_total",
+                "Streams accepted from a new relay at a higher placement (their VM moved); the old relay is refused with stream_moved from then on.",
             ),
             content_index_blocks: gauge(
                 "fbr_master_target_content_index_blocks",

@@ -74,6 +74,10 @@ pub struct RelayMetrics {
     pub resyncs_completed_total: IntCounter,
     /// Resyncs the relay asked agents for (cache corruption, an operator).
     pub resyncs_requested_total: IntCounter,
+    /// Streams whose VM moved to this relay from another one, by placement.
+    pub streams_moved_in_total: IntCounter,
+    /// Streams whose VM moved to another relay: this relay's copy was forgotten.
+    pub streams_moved_away_total: IntCounter,
     pub hash_streams_total: IntCounter,
     /// The children of `bytes_total`, one per [`BYTE_STAGES`] entry, resolved once: the
     /// ingest path adds to them per record, without a label lookup.
@@ -305,6 +309,14 @@ impl RelayMetrics {
             resyncs_requested_total: counter(
                 "fbr_relay_resyncs_requested_total",
                 "Resyncs the relay asked an agent for (cache corruption, an operator's request).",
+            ),
+            streams_moved_in_total: counter(
+                "fbr_relay_streams_moved_in_total",
+                "Streams whose VM moved to this relay (an agent's Hello at a higher placement); whatever this cache held of them was forgotten.",
+            ),
+            streams_moved_away_total: counter(
+                "fbr_relay_streams_moved_away_total",
+                "Streams whose VM moved to another relay (the master target refused this relay's copy as stale); their cached records were forgotten.",
             ),
             hash_streams_total: counter(
                 "fbr_relay_hash_streams_total",

@@ -40,6 +40,9 @@ pub enum ErrorCode {
     /// A `Resync` progress or end mark names a resync that is not in progress on the
     /// replica (resync data for a disk not resyncing).
     ResyncMismatch,
+    /// The stream moved to another relay (a higher placement is on record): this
+    /// sender's copy of it is stale.
+    StreamMoved,
     /// The relay cannot reach the master target.
     UpstreamUnavailable,
     /// A failure inside the receiver (I/O error, ...). Retrying may help.
@@ -62,7 +65,7 @@ pub enum Recovery {
 
 impl ErrorCode {
     /// Every code this version defines (metrics start each at zero).
-    pub const KNOWN: [ErrorCode; 15] = [
+    pub const KNOWN: [ErrorCode; 16] = [
         ErrorCode::MalformedFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::FrameTooLarge,
@@ -76,6 +79,7 @@ impl ErrorCode {
         ErrorCode::StreamBusy,
         ErrorCode::UnknownReference,
         ErrorCode::ResyncMismatch,
+        ErrorCode::StreamMoved,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::Internal,
     ];
@@ -116,6 +120,7 @@ impl ErrorCode {
             ErrorCode::StreamBusy => 24,
             ErrorCode::UnknownReference => 25,
             ErrorCode::ResyncMismatch => 26,
+            ErrorCode::StreamMoved => 27,
             ErrorCode::UpstreamUnavailable => 30,
             ErrorCode::Internal => 40,
             ErrorCode::Unknown(n) => n,
@@ -138,6 +143,7 @@ impl ErrorCode {
             24 => ErrorCode::StreamBusy,
             25 => ErrorCode::UnknownReference,
             26 => ErrorCode::ResyncMismatch,
+            27 => ErrorCode::StreamMoved,
             30 => ErrorCode::UpstreamUnavailable,
             40 => ErrorCode::Internal,
             n => ErrorCode::Unknown(n),
@@ -160,6 +166,7 @@ impl ErrorCode {
             ErrorCode::StreamBusy => "stream_busy",
             ErrorCode::UnknownReference => "unknown_reference",
             ErrorCode::ResyncMismatch => "resync_mismatch",
+            ErrorCode::StreamMoved => "stream_moved",
             ErrorCode::UpstreamUnavailable => "upstream_unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown(_) => "unknown",

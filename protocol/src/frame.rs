@@ -272,8 +272,15 @@ impl Record {
 /// Everything that can travel on a disk stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// Sender -> receiver, first frame of a stream: which disk, and how large it is.
-    Hello { stream: StreamId, disk_size: u64 },
+    /// Sender -> receiver, first frame of a stream: which disk, how large it is, and
+    /// its placement (how many times its VM moved between relays, as the
+    /// configuration server counts; 0 if never). A receiver that knows a higher
+    /// placement refuses the stream with `StreamMoved`: see [`crate::stream`].
+    Hello {
+        stream: StreamId,
+        disk_size: u64,
+        placement: u64,
+    },
     /// Receiver -> sender, answer to `Hello`: the next sequence number it expects
     /// (its durable high-water mark plus one) and the initial credit.
     Accept { next_seq: u64, credit_bytes: u64 },
@@ -379,10 +386,19 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     out.put_u8(frame.frame_type() as u8);
     out.put_u32_le(0); // patched below
     match frame {
-        Frame::Hello { stream, disk_size } => {
+        Frame::Hello {
+            stream,
+            disk_size,
+            placement,
+        } => {
             out.put_u32_le(stream.disk);
             out.put_u64_le(*disk_size);
             put_short_str(out, &stream.vm);
+            // Optional trailer: absent means placement 0, so a Hello of a stream that
+            // never moved is byte for byte what peers before placements sent.
+            if *placement != 0 {
+                out.put_u64_le(*placement);
+            }
         }
         Frame::Accept {
             next_seq,
@@ -676,11 +692,23 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             }
             let disk = p.get_u32_le();
             let disk_size = p.get_u64_le();
+            // The name, then an optional 8-byte placement.
+            let name_end = 1 + p[0] as usize;
+            let placement = if p.len() == name_end + 8 {
+                let mut trailer = p.split_off(name_end);
+                match trailer.get_u64_le() {
+                    0 => return Err(malformed(F, "placement 0 is sent as no placement")),
+                    n => n,
+                }
+            } else {
+                0
+            };
             let vm = get_short_str(F, &mut p)?;
             check_disk_size(F, disk_size)?;
             Frame::Hello {
                 stream: StreamId { vm, disk },
                 disk_size,
+                placement,
             }
         }
         FrameType::Accept => {
@@ -956,6 +984,7 @@ mod tests {
     #[test]
     fn every_frame_round_trips() {
         round_trip(Frame::Hello {
+            placement: 0,
             stream: StreamId {
                 vm: "vm-1".into(),
                 disk: 3,

@@ -249,7 +249,7 @@ pub fn drive_sender(data: &[u8]) {
                     produced,
                     receiver_may_lead: step % 2 == 0,
                 };
-                let hello = tx.start(now, stream_id(), 4096, position);
+                let hello = tx.start(now, stream_id(), 4096, 0, position);
                 assert!(matches!(hello, Frame::Hello { .. }));
             }
             1 => {

@@ -11,6 +11,8 @@
 //! - [`frame`]: the frame header, every frame type, the encoder and the decoder.
 //! - [`error`]: numeric error codes carried by `Error` frames, and decode errors.
 //! - [`names`]: validation of VM and replication-group names.
+//! - [`placement`]: which path of a stream is current after its VM moved between
+//!   relays, and the small file each receiver keeps it in.
 //! - [`wan`]: the WAN batch codec (relay -> master target).
 //! - [`resync`]: the hash tree a resync compares, the agent's scanner and the ETA
 //!   estimator (sans-IO).
@@ -31,6 +33,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod names;
+pub mod placement;
 pub mod resync;
 pub mod stream;
 pub mod wan;

@@ -187,8 +187,13 @@ enum ReceiverState {
 /// What the first frame of a new stream opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Opening {
-    /// A disk's data stream (`Hello`): the driver checks the size, then accepts.
-    Data { stream: StreamId, disk_size: u64 },
+    /// A disk's data stream (`Hello`): the driver checks the size and the placement,
+    /// then accepts.
+    Data {
+        stream: StreamId,
+        disk_size: u64,
+        placement: u64,
+    },
     /// A hash stream for a resync (`HashHello`): the driver answers `HashAccept`, then
     /// serves (or forwards) hash requests.
     Hashes {
@@ -270,13 +275,17 @@ impl StreamReceiver {
                 "receiver bug: Hello handled twice",
             )));
         }
-        let (stream, disk_size, key) = match incoming {
-            Incoming::Frame(Frame::Hello { stream, disk_size }) => (stream, disk_size, None),
+        let (stream, disk_size, key, placement) = match incoming {
+            Incoming::Frame(Frame::Hello {
+                stream,
+                disk_size,
+                placement,
+            }) => (stream, disk_size, None, placement),
             Incoming::Frame(Frame::HashHello {
                 stream,
                 disk_size,
                 key,
-            }) => (stream, disk_size, Some(key)),
+            }) => (stream, disk_size, Some(key), 0),
             Incoming::Frame(other) => {
                 let message = format!("expected Hello, got {:?}", other.frame_type());
                 return Err(self.close(Refusal::new(ErrorCode::UnexpectedFrame, message)));
@@ -302,7 +311,11 @@ impl StreamReceiver {
                     stream: stream.clone(),
                     disk_size,
                 };
-                Opening::Data { stream, disk_size }
+                Opening::Data {
+                    stream,
+                    disk_size,
+                    placement,
+                }
             }
             Some(key) => {
                 self.state = ReceiverState::Hashing {
@@ -384,6 +397,26 @@ impl StreamReceiver {
             let message =
                 format!("disk {stream} has size {on_record} on record, Hello says {disk_size}");
             return Err(self.close(Refusal::new(ErrorCode::DiskSizeMismatch, message)));
+        }
+        Ok(())
+    }
+
+    /// Checks the placement `Hello` announced against the highest one on record for
+    /// the stream: a lower one comes from where the VM was before it moved (a relay
+    /// that still holds an old copy, an agent with a stale assignment) and is refused
+    /// with [`ErrorCode::StreamMoved`], so only the stream's current path may write.
+    /// A higher one is the driver's to record (durably) before it accepts.
+    pub fn check_placement(&mut self, placement: u64, on_record: u64) -> Result<(), Refusal> {
+        if placement < on_record {
+            let stream = match &self.state {
+                ReceiverState::Opening { stream, .. } => stream.to_string(),
+                _ => "the stream".to_owned(),
+            };
+            let message = format!(
+                "{stream} moved to another relay (placement {on_record} on record, Hello says {placement}): \
+                 this copy is stale; ask the configuration server for the current assignment"
+            );
+            return Err(self.close(Refusal::new(ErrorCode::StreamMoved, message)));
         }
         Ok(())
     }
@@ -881,6 +914,9 @@ pub struct StreamSender<T> {
     failing_since: Option<Instant>,
     /// A resync the receiver asked for before its `Accept` (it lost records).
     resync_before_accept: Option<(ResyncMode, String)>,
+    /// The stream moved off a relay that may have held acknowledged records the master
+    /// target never got ([`StreamSender::moved_off_lost_relay`]).
+    moved_off_lost_relay: Option<String>,
 }
 
 impl<T> StreamSender<T> {
@@ -898,6 +934,7 @@ impl<T> StreamSender<T> {
             backoff: config.backoff_initial,
             failing_since: None,
             resync_before_accept: None,
+            moved_off_lost_relay: None,
         }
     }
 
@@ -905,11 +942,15 @@ impl<T> StreamSender<T> {
 
     /// Starts a session at `now`: returns the `Hello` to send. `position` is what the
     /// source can still send, checked against the receiver's answer.
+    ///
+    /// `placement` is the stream's placement (how many times its VM moved between
+    /// relays): a receiver that knows a higher one refuses with `StreamMoved`.
     pub fn start(
         &mut self,
         now: Instant,
         stream: StreamId,
         disk_size: u64,
+        placement: u64,
         position: SourcePosition,
     ) -> Frame {
         self.state = SenderState::AwaitingAccept {
@@ -918,7 +959,22 @@ impl<T> StreamSender<T> {
         };
         self.accepted = false;
         self.resync_before_accept = None;
-        Frame::Hello { stream, disk_size }
+        Frame::Hello {
+            stream,
+            disk_size,
+            placement,
+        }
+    }
+
+    /// The stream moves to a new relay because the old one is gone (dead, or
+    /// unreachable past the move's drain timeout) with records it acknowledged that
+    /// the master target may never get. The new relay starts where the master target
+    /// stands, which may be behind what was acknowledged: at the next `Accept`, that is
+    /// no invariant violation but the move's expected outcome, so the stream numbers
+    /// again from there ([`SenderEvent::Renumbered`], with a delta resync to replace
+    /// what the lost records carried). Cleared by the next accepted session.
+    pub fn moved_off_lost_relay(&mut self, reason: impl Into<String>) {
+        self.moved_off_lost_relay = Some(reason.into());
     }
 
     /// The `Accept` deadline passed at `now`: how the session ends, if it is due.
@@ -1129,8 +1185,18 @@ impl<T> StreamSender<T> {
         credit_bytes: u64,
     ) -> Result<SenderEvent<T>, SessionEnd> {
         let held = next_seq.saturating_sub(1);
+        let moved = self.moved_off_lost_relay.take();
         if held < self.acked {
-            if let Some((mode, reason)) = self.resync_before_accept.take() {
+            let resync = self.resync_before_accept.take().or_else(|| {
+                moved.map(|why| {
+                    let reason = format!(
+                        "{why}: the new relay continues where the master target stands ({held}), before what was acknowledged ({})",
+                        self.acked
+                    );
+                    (ResyncMode::Delta, reason)
+                })
+            });
+            if let Some((mode, reason)) = resync {
                 // The receiver says it lost what it acknowledged, and a resync replaces
                 // it: number again from where it stands.
                 self.state = SenderState::Open;
@@ -1209,12 +1275,14 @@ mod tests {
         let now = Instant::now();
         let mut rx = StreamReceiver::new(ReceiverConfig::relay_facing(), Entitlement::any(), now);
         let hello = Frame::Hello {
+            placement: 0,
             stream: id(),
             disk_size: 1 << 20,
         };
         assert_eq!(
             rx.handle_hello(Incoming::Frame(hello)).unwrap(),
             Some(Opening::Data {
+                placement: 0,
                 stream: id(),
                 disk_size: 1 << 20
             })
@@ -1250,6 +1318,7 @@ mod tests {
             now,
         );
         let hello = Frame::Hello {
+            placement: 0,
             stream: id(),
             disk_size: 4096,
         };
@@ -1271,6 +1340,7 @@ mod tests {
 
         let mut rx = StreamReceiver::new(ReceiverConfig::agent_facing(), Entitlement::any(), now);
         let hello = Frame::Hello {
+            placement: 0,
             stream: id(),
             disk_size: 4096,
         };
@@ -1278,6 +1348,31 @@ mod tests {
         let r = rx.check_disk_size(8192).unwrap_err();
         assert_eq!(r.code, ErrorCode::DiskSizeMismatch);
         assert!(r.message.contains("8192") && r.message.contains("4096"));
+    }
+
+    #[test]
+    fn receiver_refuses_a_placement_below_the_one_on_record() {
+        let now = Instant::now();
+        let open = |placement| {
+            let mut rx =
+                StreamReceiver::new(ReceiverConfig::agent_facing(), Entitlement::any(), now);
+            let hello = Frame::Hello {
+                stream: id(),
+                disk_size: 4096,
+                placement,
+            };
+            let opening = rx.handle_hello(Incoming::Frame(hello)).unwrap();
+            assert!(matches!(opening, Some(Opening::Data { placement: p, .. }) if p == placement));
+            rx
+        };
+        // The current path, or a newer one (the driver records it): accepted.
+        assert!(open(2).check_placement(2, 2).is_ok());
+        assert!(open(3).check_placement(3, 2).is_ok());
+        // Where the VM was before it moved: refused for good, naming both.
+        let r = open(1).check_placement(1, 2).unwrap_err();
+        assert_eq!(r.code, ErrorCode::StreamMoved);
+        assert_eq!(r.code.recovery(), Recovery::GiveUp);
+        assert!(r.message.contains("placement 2 on record, Hello says 1"), "{}", r.message);
     }
 
     #[test]
@@ -1317,6 +1412,7 @@ mod tests {
         let now = Instant::now();
         let mut rx = StreamReceiver::new(ReceiverConfig::agent_facing(), Entitlement::any(), now);
         rx.handle_hello(Incoming::Frame(Frame::Hello {
+            placement: 0,
             stream: id(),
             disk_size: 4096,
         }))
@@ -1416,6 +1512,7 @@ mod tests {
             let mut rx =
                 StreamReceiver::new(ReceiverConfig::relay_facing(), Entitlement::any(), now);
             rx.handle_hello(Incoming::Frame(Frame::Hello {
+                placement: 0,
                 stream: id(),
                 disk_size: 1 << 20,
             }))
@@ -1453,6 +1550,7 @@ mod tests {
         let now = Instant::now();
         let mut rx = StreamReceiver::new(ReceiverConfig::agent_facing(), Entitlement::any(), now);
         rx.handle_hello(Incoming::Frame(Frame::Hello {
+            placement: 0,
             stream: id(),
             disk_size: 1 << 20,
         }))
@@ -1546,7 +1644,7 @@ mod tests {
         position: SourcePosition,
     ) -> Result<SenderEvent<u64>, SessionEnd> {
         let now = Instant::now();
-        s.start(now, id(), 4096, position);
+        s.start(now, id(), 4096, 0, position);
         s.handle(Incoming::Frame(Frame::Accept {
             next_seq: next,
             credit_bytes: 100,
@@ -1699,7 +1797,7 @@ mod tests {
         let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
         s.session_ended(&end, Instant::now());
         // The relay lost 3 and 4 (acknowledged) and asks for a resync first.
-        s.start(Instant::now(), id(), 4096, produced(6));
+        s.start(Instant::now(), id(), 4096, 0, produced(6));
         assert!(matches!(
             s.handle(Incoming::Frame(Frame::ResyncRequest {
                 mode: ResyncMode::Delta,
@@ -1721,6 +1819,51 @@ mod tests {
         );
         assert_eq!((s.next_seq(), s.acked(), s.in_flight_bytes()), (3, 2, 0));
         assert!(s.is_open());
+        // A move off a lost relay: the new relay stands where the master target does,
+        // behind what the old one acknowledged; that renumbers with a delta resync.
+        let mut s = sender(Resend::Retained);
+        accept(&mut s, 1, produced(0)).unwrap();
+        for seq in 1..=6 {
+            s.on_send(seq, seq, 1, seq);
+        }
+        s.handle(Incoming::Frame(Frame::Ack { seq: 4 })).unwrap();
+        let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
+        s.session_ended(&end, Instant::now());
+        s.moved_off_lost_relay("relay-a is gone");
+        s.start(Instant::now(), id(), 4096, 1, produced(6));
+        match s.handle(Incoming::Frame(Frame::Accept {
+            next_seq: 2,
+            credit_bytes: 100,
+        })) {
+            Ok(SenderEvent::Renumbered {
+                next_seq: 2,
+                lost,
+                mode: ResyncMode::Delta,
+                reason,
+            }) => {
+                assert_eq!(lost, vec![5, 6]);
+                assert!(reason.starts_with("relay-a is gone"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((s.next_seq(), s.acked()), (2, 1));
+        // The flag lasts one accepted session: if the old relay had drained, the new
+        // one's Accept is ordinary, and later a receiver behind is a violation again.
+        let mut s = sender(Resend::Retained);
+        accept(&mut s, 1, produced(0)).unwrap();
+        s.on_send(1, 2, 1, 1);
+        s.handle(Incoming::Frame(Frame::Ack { seq: 2 })).unwrap();
+        let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
+        s.session_ended(&end, Instant::now());
+        s.moved_off_lost_relay("drain timed out");
+        assert!(matches!(
+            accept(&mut s, 3, produced(2)),
+            Ok(SenderEvent::Accepted { next_seq: 3, .. })
+        ));
+        let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
+        s.session_ended(&end, Instant::now());
+        let end = accept(&mut s, 1, produced(2)).unwrap_err();
+        assert!(end.reason.contains("INVARIANT VIOLATED"), "{end}");
         // Without the request, the same answer is a broken promise.
         let mut s = sender(Resend::Retained);
         accept(&mut s, 1, produced(0)).unwrap();
@@ -1750,7 +1893,7 @@ mod tests {
     fn sender_backs_off_resets_after_an_accept_and_gives_up() {
         let mut s = sender(Resend::Retained);
         let t0 = Instant::now();
-        s.start(t0, id(), 4096, produced(0));
+        s.start(t0, id(), 4096, 0, produced(0));
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(15)));
         assert!(s.handle_timeout(t0 + Duration::from_secs(1)).is_none());
         let end = s.handle_timeout(t0 + Duration::from_secs(15)).unwrap();

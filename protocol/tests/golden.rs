@@ -28,6 +28,7 @@ fn hello() {
                 disk: 2,
             },
             disk_size: 0x4000_0000,
+            placement: 0,
         },
         &[
             b'F', b'B', 0x01, 0x01, 16, 0, 0, 0, // header: magic, version 1, Hello, len 16
@@ -36,6 +37,37 @@ fn hello() {
             3, b'v', b'm', b'1', // vm name
         ],
     );
+}
+
+#[test]
+fn hello_of_a_moved_stream_carries_its_placement() {
+    check(
+        Frame::Hello {
+            stream: StreamId {
+                vm: "vm1".into(),
+                disk: 2,
+            },
+            disk_size: 0x4000_0000,
+            placement: 3,
+        },
+        &[
+            b'F', b'B', 0x01, 0x01, 24, 0, 0, 0, // header: Hello, len 24
+            2, 0, 0, 0, // disk 2
+            0, 0, 0, 0x40, 0, 0, 0, 0, // disk size 1 GiB
+            3, b'v', b'm', b'1', // vm name
+            3, 0, 0, 0, 0, 0, 0, 0, // placement 3 (optional trailer)
+        ],
+    );
+    // Placement 0 is the absence of the trailer, never an explicit 0; other lengths
+    // are malformed.
+    for payload in [
+        &[2, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 3, b'v', b'm', b'1', 0, 0, 0, 0, 0, 0, 0, 0][..],
+        &[2, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 3, b'v', b'm', b'1', 3, 0, 0, 0][..],
+    ] {
+        let mut buf = BytesMut::from(&[b'F', b'B', 0x01, 0x01, payload.len() as u8, 0, 0, 0][..]);
+        buf.extend_from_slice(payload);
+        assert!(decode_frame(&mut buf).is_err(), "{payload:?}");
+    }
 }
 
 #[test]

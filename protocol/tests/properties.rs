@@ -15,9 +15,12 @@ fn name() -> impl Strategy<Value = String> {
 
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (name(), any::<u32>(), 1u64..1 << 40).prop_map(|(vm, disk, s)| Frame::Hello {
-            stream: StreamId { vm, disk },
-            disk_size: s * 512
+        (name(), any::<u32>(), 1u64..1 << 40, any::<u64>()).prop_map(|(vm, disk, s, p)| {
+            Frame::Hello {
+                stream: StreamId { vm, disk },
+                disk_size: s * 512,
+                placement: p,
+            }
         }),
         (1u64.., any::<u64>()).prop_map(|(n, c)| Frame::Accept {
             next_seq: n,

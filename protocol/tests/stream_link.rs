@@ -114,6 +114,7 @@ impl Receiver {
             let Opening::Data {
                 stream: id,
                 disk_size,
+                ..
             } = m.handle_hello(incoming).unwrap()?
             else {
                 panic!("a data stream")
@@ -223,7 +224,7 @@ impl Sender {
 
     /// Starts a session; with [`Resend::Retained`], resends what it kept once accepted.
     fn start(&mut self, now: Instant, link: &mut Session) {
-        let hello = self.machine.start(now, stream(), DISK, self.position());
+        let hello = self.machine.start(now, stream(), DISK, 0, self.position());
         link.to_receiver.push_back(Incoming::Frame(hello));
     }
 

@@ -26,6 +26,7 @@ use fbr_cache::{
     now_ms, read_entry, CacheConfig, CacheError, FileStorage, RecoveryReport, SegmentLog,
     StreamStats,
 };
+use fbr_protocol::placement::{Admission, Placement};
 use fbr_protocol::stream::SourcePosition;
 use fbr_protocol::{Record, StreamId};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -65,6 +66,9 @@ struct AppendRequest {
     _permit: OwnedSemaphorePermit,
 }
 
+/// How long [`RelayCache::retire`] waits for the writer to be between two commits.
+const RETIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Room the writer leaves free on the cache's filesystem, whatever the configured
 /// capacity: segment footers and the seal of a segment are written after its records.
 const DISK_RESERVE_BYTES: u64 = 4 << 20;
@@ -92,6 +96,9 @@ pub struct RelayCache {
     /// (after a restart, intervals are found again as new tags arrive); nothing depends
     /// on it for correctness.
     tags: Mutex<HashMap<StreamId, std::collections::BTreeSet<u64>>>,
+    /// Each stream's placement and the first segment of its current path (the
+    /// `placements` file in the cache directory): see [`RelayCache::retire`].
+    placements: fbr_daemon::placements::PlacementStore,
     _lock: File,
 }
 
@@ -121,7 +128,15 @@ impl RelayCache {
                 )
             },
         )?;
-        let (log, report) = SegmentLog::open(FileStorage::new(dir)?, config)?;
+        let placements = fbr_daemon::placements::PlacementStore::open(dir)?;
+        // Records of a stream's earlier paths stay forgotten (see `retire`).
+        let fences = placements
+            .entries()
+            .into_iter()
+            .filter(|(_, p)| p.since > 0)
+            .map(|(s, p)| (s, p.since))
+            .collect();
+        let (log, report) = SegmentLog::open_fenced(FileStorage::new(dir)?, config, fences)?;
         let (tx, rx) = mpsc::channel();
         let cache = Arc::new(RelayCache {
             log: Mutex::new(log),
@@ -131,6 +146,7 @@ impl RelayCache {
             space: (Mutex::new(()), Condvar::new()),
             full: AtomicBool::new(false),
             tags: Mutex::new(HashMap::new()),
+            placements,
             _lock: lock,
         });
         let writer = cache.clone();
@@ -257,6 +273,54 @@ impl RelayCache {
         self.lock_log().reset_stream(stream, next_seq)?;
         self.watch(stream).durable.send_replace(next_seq.max(1) - 1);
         self.space.1.notify_all();
+        Ok(())
+    }
+
+    /// What a `Hello` at `placement` means for `stream` here: the path on record, a
+    /// move to this relay (raise it with [`RelayCache::retire`] before accepting), or a
+    /// stale path.
+    pub fn check_placement(&self, stream: &StreamId, placement: u64) -> Admission {
+        self.placements.check(stream, placement)
+    }
+
+    /// The placement on record for `stream` (0 if it never moved).
+    pub fn placement(&self, stream: &StreamId) -> u64 {
+        self.placements.get(stream)
+    }
+
+    /// Forgets everything this cache holds of `stream`, for good, and records
+    /// `placement` as its current one: the VM moved here from another relay (what was
+    /// cached came by a path since superseded), or moved away (the master target
+    /// refused this relay's copy as stale; `placement` is then one past ours). Blocks
+    /// (briefly) until the writer is between two commits.
+    ///
+    /// Order, for crashes: the log seals its active segment and forgets the stream,
+    /// then the new placement and that fence are made durable. A crash between the two
+    /// brings the old records back at the old placement, which the master target
+    /// judges (refused if the stream moved on); after both, recovery skips them.
+    pub fn retire(&self, stream: &StreamId, placement: u64) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let fence = loop {
+            match self.lock_log().retire_stream(stream) {
+                Ok(fence) => break fence,
+                Err(CacheError::Busy { .. }) if started.elapsed() < RETIRE_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.lock_tags().remove(stream);
+        let watch = self.watch(stream);
+        watch.durable.send_replace(0);
+        watch.applied.send_replace(0);
+        self.space.1.notify_all();
+        self.placements.raise(
+            stream,
+            Placement {
+                placement,
+                since: fence,
+            },
+        )?;
         Ok(())
     }
 
@@ -496,5 +560,13 @@ impl ForwardSource for RelayCache {
 
     fn reset_stream(&self, stream: &StreamId, next_seq: u64) -> Result<(), CacheError> {
         RelayCache::reset_stream(self, stream, next_seq)
+    }
+
+    fn placement(&self, stream: &StreamId) -> u64 {
+        RelayCache::placement(self, stream)
+    }
+
+    fn retire(&self, stream: &StreamId, placement: u64) -> Result<(), String> {
+        RelayCache::retire(self, stream, placement).map_err(|e| format!("{e:#}"))
     }
 }

@@ -35,7 +35,7 @@ use fbr_cache::{now_ms, CacheError};
 use fbr_protocol::stream::{
     Reconnect, SenderConfig, SenderEvent, SessionEnd, SourcePosition, StreamSender, REFUSAL_GRACE,
 };
-use fbr_protocol::{Frame, Recovery, StreamId};
+use fbr_protocol::{ErrorCode, Frame, Recovery, StreamId};
 use fbr_transport::{ChunkWrite, FrameReader, FrameWriter, LinkError, PeerLink};
 use prometheus::{Histogram, IntCounter};
 use tokio::io::AsyncRead;
@@ -94,6 +94,12 @@ pub trait ForwardSource: RecordSource {
     /// Forgets `stream`'s records (corruption) and continues it at `next_seq`, where
     /// the master target stands: its source is asked for a resync.
     fn reset_stream(&self, stream: &StreamId, next_seq: u64) -> Result<(), CacheError>;
+    /// The placement `stream`'s records here were received at (its forwarder's
+    /// `Hello` says it).
+    fn placement(&self, stream: &StreamId) -> u64;
+    /// Forgets `stream` for good and records `placement` as its current one (the VM
+    /// moved; see [`crate::cache::RelayCache::retire`]). May block briefly.
+    fn retire(&self, stream: &StreamId, placement: u64) -> Result<(), String>;
 }
 
 /// The metrics a forwarder moves (handles onto the relay's registry, or unregistered in
@@ -103,6 +109,7 @@ pub struct ForwardMetrics {
     pub replication_lag_seconds: Histogram,
     pub records_forwarded_total: IntCounter,
     pub unknown_references_total: IntCounter,
+    pub streams_moved_away_total: IntCounter,
 }
 
 impl ForwardMetrics {
@@ -117,6 +124,8 @@ impl ForwardMetrics {
             .expect("valid histogram"),
             records_forwarded_total: IntCounter::with_opts(opts("records")).expect("valid counter"),
             unknown_references_total: IntCounter::with_opts(opts("unknown"))
+                .expect("valid counter"),
+            streams_moved_away_total: IntCounter::with_opts(opts("moved"))
                 .expect("valid counter"),
         }
     }
@@ -174,12 +183,19 @@ pub struct ForwarderState {
     pub newest_applied_tag_ms: AtomicU64,
     /// Bytes after each WAN reduction, for this stream.
     pub stages: StageBytes,
+    /// The placement this forwarder's records were received at: sent in its `Hello`.
+    pub placement: u64,
+    /// Why this forwarder stopped because its stream moved (away, or here from
+    /// elsewhere): its agent sessions end, and the next one gets a new forwarder.
+    pub moved: watch::Sender<Option<String>>,
 }
 
 impl ForwarderState {
-    pub fn new(disk_size: u64) -> Self {
+    pub fn new(disk_size: u64, placement: u64) -> Self {
         ForwarderState {
             disk_size,
+            placement,
+            moved: watch::channel(None).0,
             mt_next: watch::channel(None).0,
             failed: watch::channel(None).0,
             resync_needed: watch::channel(None).0,
@@ -224,18 +240,27 @@ impl<U: Upstream, S: ForwardSource> Forwarders<U, S> {
     }
 
     /// The forwarder of `id`, started if it is not running (with `disk_size`, which it
-    /// keeps as the size on record).
+    /// keeps as the size on record, and the placement on record); a forwarder whose
+    /// stream moved is replaced.
     pub fn ensure(&self, id: &StreamId, disk_size: u64) -> Arc<ForwarderState> {
         let mut map = self.lock();
-        if let Some(f) = map.get(id) {
+        if let Some(f) = map.get(id).filter(|f| f.moved.borrow().is_none()) {
             return f.clone();
         }
-        let state = Arc::new(ForwarderState::new(disk_size));
+        let placement = self.ctx.source.placement(id);
+        let state = Arc::new(ForwarderState::new(disk_size, placement));
         map.insert(id.clone(), state.clone());
         // A root span: the forwarder outlives the session that happened to start it.
         let span = tracing::info_span!(parent: None, "forward", stream = %id);
         tokio::spawn(run(self.ctx.clone(), id.clone(), state.clone()).instrument(span));
         state
+    }
+
+    /// Stops the forwarder of `id` (if one runs) because its stream moved: `why`.
+    pub fn retire(&self, id: &StreamId, why: &str) {
+        if let Some(f) = self.lock().remove(id) {
+            f.moved.send_replace(Some(why.to_owned()));
+        }
     }
 
     /// Every forwarder, with its stream.
@@ -270,9 +295,19 @@ pub async fn run<U: Upstream, S: ForwardSource>(
     state: Arc<ForwarderState>,
 ) {
     let sender: SharedSender = Arc::new(Mutex::new(StreamSender::new(SenderConfig::forwarder())));
+    let mut moved = state.moved.subscribe();
     loop {
-        let error = session(&ctx, &id, &state, &sender).await;
+        let error = tokio::select! {
+            error = session(&ctx, &id, &state, &sender) => error,
+            _ = moved.wait_for(Option::is_some) => {
+                tracing::info!("forwarder stopped: the stream moved");
+                return;
+            }
+        };
         let end = error.session_end();
+        if end.code == Some(ErrorCode::StreamMoved) {
+            return moved_away(&ctx, &id, &state, &end).await;
+        }
         if end.recovery == Recovery::ResendNow {
             // The master target lost blocks it held (restart, eviction): every reference
             // is suspect. The resend carries bytes until acks teach the relay again what
@@ -292,8 +327,45 @@ pub async fn run<U: Upstream, S: ForwardSource>(
             }
             Reconnect::After(delay) => {
                 tracing::warn!("forwarding interrupted, retrying in {delay:?}: {end}");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = moved.wait_for(Option::is_some) => return,
+                }
             }
+        }
+    }
+}
+
+/// The master target refused the stream as stale: its VM moved to another relay,
+/// which the master target has accepted at a higher placement. Whatever this cache
+/// holds of the stream came by the superseded path (drained before the move, or
+/// replaced by the resync a move off a lost relay runs): it is forgotten for good, at
+/// one past this forwarder's placement, so neither a restart nor an agent with a stale
+/// assignment brings it back.
+async fn moved_away<U: Upstream, S: ForwardSource>(
+    ctx: &Arc<ForwardContext<U, S>>,
+    id: &StreamId,
+    state: &Arc<ForwarderState>,
+    end: &SessionEnd,
+) {
+    tracing::warn!("the stream moved to another relay; forgetting this relay's copy: {end}");
+    let (source, stream, placement) = (ctx.source.clone(), id.clone(), state.placement + 1);
+    let retired = tokio::task::spawn_blocking(move || source.retire(&stream, placement)).await;
+    match retired {
+        Ok(Ok(())) => {
+            ctx.metrics.streams_moved_away_total.inc();
+            state
+                .moved
+                .send_replace(Some(format!("moved to another relay: {end}")));
+        }
+        Ok(Err(e)) => {
+            tracing::error!("cannot forget the moved stream: {e}");
+            state.failed.send_replace(Some(format!(
+                "the stream moved to another relay, and forgetting this relay's copy failed: {e}"
+            )));
+        }
+        Err(e) => {
+            state.failed.send_replace(Some(format!("forgetting a moved stream: {e}")));
         }
     }
 }
@@ -310,7 +382,13 @@ async fn session<U: Upstream, S: ForwardSource>(
         Err(e) => return e.into(),
     };
     let position = ctx.source.position(id);
-    let hello = lock(sender).start(Instant::now(), id.clone(), state.disk_size, position);
+    let hello = lock(sender).start(
+        Instant::now(),
+        id.clone(),
+        state.disk_size,
+        state.placement,
+        position,
+    );
     if let Err(e) = writer.send(&hello).await {
         return RelayError::Send(e);
     }

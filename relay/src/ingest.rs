@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fbr_metrics::relay::RelayMetrics;
+use fbr_protocol::placement::Admission;
 use fbr_protocol::stream::{Delivery, Opening, ReceiverConfig, Refusal, StreamReceiver};
 use fbr_protocol::{ErrorCode, Frame, Record, ResyncMode, ResyncPhase, StreamId};
 use fbr_transport::{FrameReader, FrameWriter, PeerIdentity, PeerLink};
@@ -63,6 +64,8 @@ pub struct IngestContext {
     pub resync_progress: crate::resync::ResyncProgress,
     /// One generation counter per disk: a new session bumps it, older ones stop.
     generations: Mutex<HashMap<StreamId, watch::Sender<u64>>>,
+    /// Held while a stream's move to this relay is recorded.
+    moves: tokio::sync::Mutex<()>,
 }
 
 impl IngestContext {
@@ -80,6 +83,7 @@ impl IngestContext {
             agent_credit_bytes,
             resync_progress: crate::resync::ResyncProgress::default(),
             generations: Mutex::new(HashMap::new()),
+            moves: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -148,9 +152,13 @@ pub async fn serve_stream(
         Instant::now(),
     );
     match reader.receive_hello(&mut receiver).await {
-        Ok(Some(Opening::Data { stream, disk_size })) => {
+        Ok(Some(Opening::Data {
+            stream,
+            disk_size,
+            placement,
+        })) => {
             let span = tracing::info_span!("stream", stream = %stream);
-            open_and_ingest(ctx, receiver, stream, disk_size, reader, writer)
+            open_and_ingest(ctx, receiver, stream, disk_size, placement, reader, writer)
                 .instrument(span)
                 .await
         }
@@ -176,9 +184,13 @@ async fn open_and_ingest(
     mut receiver: StreamReceiver,
     id: StreamId,
     disk_size: u64,
+    placement: u64,
     reader: FrameReader,
     mut writer: FrameWriter,
 ) {
+    if let Err(refusal) = admit_placement(&ctx, &mut receiver, &id, placement).await {
+        return ctx.refuse(&mut writer, &refusal, Some(&id)).await;
+    }
     let cached = ctx.cache.stats(&id);
     if let Some(reason) = cached.as_ref().and_then(|s| s.needs_resync.clone()) {
         let refusal = receiver.refuse(
@@ -258,9 +270,21 @@ async fn open_and_ingest(
     let ingest = ingest(&ctx, &id, disk_size, &forwarder, receiver, reader);
     tokio::pin!(ingest);
 
+    let mut moved_rx = forwarder.moved.subscribe();
     let outcome = loop {
         tokio::select! {
             outcome = &mut ingest => break outcome,
+            changed = moved_rx.changed() => {
+                let why = moved_rx.borrow_and_update().clone();
+                let Some(why) = why else {
+                    if changed.is_err() { break Ok(()); }
+                    continue;
+                };
+                break Err(Refusal::new(
+                    ErrorCode::StreamMoved,
+                    format!("{why}; ask the configuration server for the current assignment"),
+                ));
+            }
             _ = broken_rx.changed() => break Err(Refusal::new(
                 ErrorCode::Internal,
                 "the relay's cache failed to commit; resend from the last acknowledged record",
@@ -311,6 +335,52 @@ async fn open_and_ingest(
             }
             ctx.refuse(&mut w, &refusal, Some(&id)).await;
         }
+    }
+}
+
+/// Checks the placement of an agent's `Hello` (which relay its VM is on, as the
+/// configuration server counts moves): a stale one is refused with `StreamMoved`; a
+/// higher one means the VM moved here, so whatever this relay held of the stream came
+/// by a superseded path and is forgotten (its forwarder stopped, its records retired
+/// for good) before the stream is accepted as new, where the master target stands.
+/// One agent writes a VM's disks at a time: a session of an older placement on this
+/// relay is superseded first.
+async fn admit_placement(
+    ctx: &Arc<IngestContext>,
+    receiver: &mut StreamReceiver,
+    id: &StreamId,
+    placement: u64,
+) -> Result<(), Refusal> {
+    match ctx.cache.check_placement(id, placement) {
+        Admission::Current => return Ok(()),
+        Admission::Stale { on_record } => return receiver.check_placement(placement, on_record),
+        Admission::Raised { .. } => {}
+    }
+    let _one_move_at_a_time = ctx.moves.lock().await;
+    let Admission::Raised { from } = ctx.cache.check_placement(id, placement) else {
+        // Another session raised it meanwhile: judge again.
+        let on_record = ctx.cache.placement(id);
+        return receiver.check_placement(placement, on_record);
+    };
+    drop(ctx.claim_stream(id));
+    ctx.forwarders.retire(id, "the VM moved here from another relay");
+    let (cache, stream) = (ctx.cache.clone(), id.clone());
+    let retired = tokio::task::spawn_blocking(move || cache.retire(&stream, placement)).await;
+    match retired {
+        Ok(Ok(())) => {
+            ctx.metrics.streams_moved_in_total.inc();
+            tracing::info!(
+                from,
+                placement,
+                "the VM moved to this relay: the stream continues where the master target stands"
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => Err(receiver.refuse(
+            ErrorCode::Internal,
+            format!("recording the stream's move here: {e:#}"),
+        )),
+        Err(e) => Err(receiver.refuse(ErrorCode::Internal, e.to_string())),
     }
 }
 

@@ -166,6 +166,19 @@ impl ForwardSource for MemSource {
         });
         Ok(())
     }
+
+    fn placement(&self, _: &StreamId) -> u64 {
+        0
+    }
+
+    fn retire(&self, stream: &StreamId, _: u64) -> Result<(), String> {
+        self.with(stream, |s| {
+            s.records.clear();
+            s.corrupt.clear();
+            s.durable.send_replace(0);
+        });
+        Ok(())
+    }
 }
 
 fn corrupt(stream: &StreamId, seq: u64) -> CacheError {

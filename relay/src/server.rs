@@ -79,6 +79,7 @@ impl Relay {
                 replication_lag_seconds: metrics.replication_lag_seconds.clone(),
                 records_forwarded_total: metrics.records_forwarded_total.clone(),
                 unknown_references_total: metrics.unknown_references_total.clone(),
+                streams_moved_away_total: metrics.streams_moved_away_total.clone(),
             },
         );
         let forwarders = Arc::new(Forwarders::new(Arc::new(forward)));
