@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use fbr_protocol::stream::{
     Reconnect, SenderConfig, SenderEvent, SessionEnd, SourcePosition, StreamSender, REFUSAL_GRACE,
 };
+use fbr_enroll::wire::{MovePhase, MoveProgress};
 use fbr_protocol::{Frame, Record, ResyncMode, StreamId, TagKind};
 use fbr_transport::{
     any_addr_for, client_endpoint, Credentials, FrameReader, FrameWriter, PeerLink, QuicTuning,
@@ -78,6 +79,34 @@ pub struct AgentOptions {
     /// disks), like a VM fleet with a steady workload; `None`: as fast as the path
     /// accepts.
     pub rate_bytes_per_s: Option<u64>,
+    /// VMs that write to another relay than `relay`, or have moved before (their
+    /// placement), as the configuration server assigns them.
+    pub routes: BTreeMap<String, Route>,
+}
+
+/// Where a VM's disks write: a relay and the VM's placement (how many times the
+/// configuration server moved it between relays).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub relay: SocketAddr,
+    /// The DNS name in the relay's certificate.
+    pub relay_name: String,
+    pub placement: u64,
+}
+
+/// A VM's current route, shared by its disks' tasks; a move changes it.
+#[derive(Debug)]
+struct VmRoute {
+    link: Mutex<Arc<PeerLink>>,
+    placement: AtomicU64,
+    /// While a move drains the old relay: the VM's disks draw no new changes.
+    draining: AtomicBool,
+}
+
+impl VmRoute {
+    fn link(&self) -> Arc<PeerLink> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// One disk to emulate.
@@ -301,6 +330,8 @@ struct DiskRuntime {
     dirty: Option<Mutex<DirtyRegions>>,
     /// Set once the disk's first session was accepted.
     accepted_once: watch::Sender<bool>,
+    /// The placement of the last session accepted (a move waits for one at its own).
+    accepted_placement: watch::Sender<u64>,
     /// Set once the disk knows whether it resyncs (and its begin mark, if any, is
     /// numbered): the tag coordinator waits for every disk, so no tag is cut before.
     ready: watch::Sender<bool>,
@@ -313,7 +344,8 @@ struct DiskRuntime {
 /// What a disk's tasks share with the run.
 #[derive(Debug, Clone)]
 struct DiskCtx {
-    link: Arc<PeerLink>,
+    /// The VM's relay and placement (shared by the VM's disks).
+    route: Arc<VmRoute>,
     stats: Arc<RunStats>,
     reconnect_timeout: Duration,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
@@ -498,6 +530,24 @@ impl DiskRuntime {
         }
     }
 
+    /// Bytes of changes sent and not yet at the master target (from the lag samples,
+    /// which cover every change below a million in flight).
+    fn unapplied_bytes(&self) -> u64 {
+        let pending = self.lag_pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.iter().map(|(_, _, bytes)| bytes).sum()
+    }
+
+    /// Whether the master target holds everything this disk drew (nothing queued,
+    /// in flight or unapplied; no resync under way): a move may switch relays.
+    fn drained(&self) -> bool {
+        let g = self.lock_gen();
+        let sender = self.lock_sender();
+        g.pending.is_empty()
+            && !g.resync_busy
+            && sender.all_acknowledged()
+            && sender.applied() >= g.next_seq - 1
+    }
+
     /// `Applied`: everything up to `seq` is at the master target; records the lag.
     fn applied(&self, seq: u64, stats: &RunStats) {
         self.resync_applied(seq);
@@ -560,6 +610,44 @@ impl RunHandle {
             .collect()
     }
 
+    /// Moves VM `vm` to `to` (see [`start_move`]); the watch follows the move.
+    pub fn move_vm(
+        &self,
+        vm: &str,
+        to: Route,
+        drain: bool,
+        drain_timeout: Duration,
+    ) -> Result<watch::Receiver<MoveProgress>, String> {
+        let disks: Vec<_> = self
+            .disks
+            .iter()
+            .filter(|d| d.plan.id.vm == vm)
+            .cloned()
+            .collect();
+        if disks.is_empty() {
+            return Err(format!("this agent writes no disk of VM {vm}"));
+        }
+        let (rx, task) = start_move(disks, self.endpoint.clone(), to, drain, drain_timeout)?;
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task.abort_handle());
+        Ok(rx)
+    }
+
+    /// The placement each VM writes at now.
+    pub fn placements(&self) -> BTreeMap<String, u64> {
+        self.disks
+            .iter()
+            .map(|d| {
+                (
+                    d.plan.id.vm.clone(),
+                    d.ctx.route.placement.load(Ordering::SeqCst),
+                )
+            })
+            .collect()
+    }
+
     /// Whether the run has ended (every disk done or failed).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
@@ -593,17 +681,26 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
 
     let tasks = Arc::new(Mutex::new(Vec::new()));
     // One connection per VM, as one agent per VM would have.
-    let mut links: BTreeMap<String, Arc<PeerLink>> = BTreeMap::new();
+    let mut routes: BTreeMap<String, Arc<VmRoute>> = BTreeMap::new();
     let mut runtimes = Vec::new();
     let disk_count = disks.len();
     for plan in disks {
-        links.entry(plan.id.vm.clone()).or_insert_with(|| {
-            Arc::new(PeerLink::new(
-                endpoint.clone(),
-                opts.relay,
-                opts.relay_name.clone(),
-                Role::Relay,
-            ))
+        routes.entry(plan.id.vm.clone()).or_insert_with(|| {
+            let route = opts.routes.get(&plan.id.vm).cloned().unwrap_or(Route {
+                relay: opts.relay,
+                relay_name: opts.relay_name.clone(),
+                placement: 0,
+            });
+            Arc::new(VmRoute {
+                link: Mutex::new(Arc::new(PeerLink::new(
+                    endpoint.clone(),
+                    route.relay,
+                    route.relay_name,
+                    Role::Relay,
+                ))),
+                placement: AtomicU64::new(route.placement),
+                draining: AtomicBool::new(false),
+            })
         });
         let source = ChangeSource::open(&plan.source, plan.disk_size, &pools)?;
         let (disk, dirty) = open_disk_file(&plan)?;
@@ -632,11 +729,12 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             }),
             dirty: dirty.map(Mutex::new),
             accepted_once: watch::channel(false).0,
+            accepted_placement: watch::channel(0).0,
             ready,
             resync: Mutex::new(ResyncLive::default()),
             resync_marks: Mutex::new(MarksInFlight::default()),
             ctx: DiskCtx {
-                link: links[&plan_vm].clone(),
+                route: routes[&plan_vm].clone(),
                 stats: stats.clone(),
                 reconnect_timeout: opts.reconnect_timeout,
                 tasks: tasks.clone(),
@@ -658,7 +756,6 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
     let task = tokio::spawn(run(
         opts,
         runtimes,
-        links,
         RunShared {
             stats: stats.clone(),
             stop: stop.clone(),
@@ -675,6 +772,168 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
         tasks,
         endpoint,
     })
+}
+
+/// Moves VM `vm` to `to` (a relay, at a higher placement), as the configuration
+/// server asked. With `drain`, the VM's disks first stop drawing changes and wait, up
+/// to `drain_timeout`, until the master target holds everything the old relay
+/// acknowledged (nothing is lost and nothing is resent); otherwise, or when the drain
+/// times out (the old relay is lost), they move at once and each disk's sender is told
+/// so ([`StreamSender::moved_off_lost_relay`]): the new relay continues where the
+/// master target stands, and a delta resync replaces whatever the old relay held. The
+/// returned watch follows the move until `done` or `failed`.
+fn start_move(
+    disks: Vec<Arc<DiskRuntime>>,
+    endpoint: quinn::Endpoint,
+    to: Route,
+    drain: bool,
+    drain_timeout: Duration,
+) -> Result<(watch::Receiver<MoveProgress>, tokio::task::JoinHandle<()>), String> {
+    let route = disks
+        .first()
+        .map(|d| d.ctx.route.clone())
+        .ok_or("this agent writes no disk of that VM")?;
+    let current = route.placement.load(Ordering::SeqCst);
+    if to.placement <= current {
+        return Err(format!(
+            "placement {} is not above the VM's current {current}",
+            to.placement
+        ));
+    }
+    let (tx, rx) = watch::channel(MoveProgress {
+        version: fbr_enroll::wire::API_VERSION,
+        phase: Some(if drain {
+            MovePhase::Draining
+        } else {
+            MovePhase::Switching
+        }),
+        ..MoveProgress::default()
+    });
+    let task = tokio::spawn(async move {
+        let plan = MovePlan {
+            to,
+            drain,
+            drain_timeout,
+            accept_timeout: disks[0].ctx.reconnect_timeout,
+        };
+        let outcome = run_move(&disks, &route, endpoint, &plan, &tx).await;
+        tx.send_modify(|p| match outcome {
+            Ok(()) => p.phase = Some(MovePhase::Done),
+            Err(e) => {
+                p.phase = Some(MovePhase::Failed);
+                p.error = Some(e);
+            }
+        });
+    });
+    Ok((rx, task))
+}
+
+/// Where a move goes and how.
+struct MovePlan {
+    to: Route,
+    drain: bool,
+    drain_timeout: Duration,
+    /// How long each disk may take to be accepted by the new relay.
+    accept_timeout: Duration,
+}
+
+async fn run_move(
+    disks: &[Arc<DiskRuntime>],
+    route: &VmRoute,
+    endpoint: quinn::Endpoint,
+    plan: &MovePlan,
+    progress: &watch::Sender<MoveProgress>,
+) -> Result<(), String> {
+    let to = &plan.to;
+    let started = Instant::now();
+    route.draining.store(true, Ordering::SeqCst);
+    let unapplied = || disks.iter().map(|d| d.unapplied_bytes()).sum::<u64>();
+    let to_drain = unapplied();
+    progress.send_modify(|p| p.bytes_to_drain = to_drain);
+    let mut fell_back = None;
+    if plan.drain {
+        let deadline = started + plan.drain_timeout;
+        while !disks.iter().all(|d| d.drained()) {
+            if Instant::now() >= deadline {
+                fell_back = Some(format!(
+                    "the old relay did not drain the VM within {} s",
+                    plan.drain_timeout.as_secs()
+                ));
+                break;
+            }
+            let drained = to_drain.saturating_sub(unapplied());
+            progress.send_modify(|p| {
+                p.bytes_drained = drained;
+                p.drain_ms = started.elapsed().as_millis() as u64;
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        fell_back = Some("the old relay is disconnected".to_owned());
+    }
+    let drained = if fell_back.is_none() {
+        to_drain
+    } else {
+        to_drain.saturating_sub(unapplied())
+    };
+    progress.send_modify(|p| {
+        p.phase = Some(MovePhase::Switching);
+        p.bytes_drained = drained;
+        p.drain_ms = started.elapsed().as_millis() as u64;
+        p.fell_back = fell_back.clone();
+    });
+    // Switch: every later session of the VM's disks goes to the new relay, at the new
+    // placement; the old connection is closed so the current ones end now.
+    let new_link = Arc::new(PeerLink::new(
+        endpoint,
+        to.relay,
+        to.relay_name.clone(),
+        Role::Relay,
+    ));
+    let old_link = std::mem::replace(
+        &mut *route.link.lock().unwrap_or_else(|p| p.into_inner()),
+        new_link,
+    );
+    if let Some(why) = &fell_back {
+        for d in disks {
+            d.lock_sender()
+                .moved_off_lost_relay(to.placement, why.clone());
+        }
+    }
+    route.placement.store(to.placement, Ordering::SeqCst);
+    route.draining.store(false, Ordering::SeqCst);
+    old_link.close("the VM moved to another relay").await;
+    for d in disks {
+        d.window_changed.send_modify(|v| *v += 1);
+        let mut accepted = d.accepted_placement.subscribe();
+        let waited =
+            tokio::time::timeout(plan.accept_timeout, accepted.wait_for(|p| *p >= to.placement))
+                .await;
+        if !matches!(waited, Ok(Ok(_))) {
+            return Err(format!(
+                "{}: not accepted by relay {} ({}) within {} s",
+                d.plan.id,
+                to.relay_name,
+                to.relay,
+                plan.accept_timeout.as_secs()
+            ));
+        }
+    }
+    if fell_back.is_some() {
+        progress.send_modify(|p| p.phase = Some(MovePhase::Resyncing));
+        while disks.iter().any(|d| d.lock_gen().resync_busy) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tracing::info!(
+        vm = %disks[0].plan.id.vm,
+        to = %to.relay_name,
+        placement = to.placement,
+        drained_bytes = drained,
+        seconds = started.elapsed().as_secs_f64(),
+        "VM moved"
+    );
+    Ok(())
 }
 
 /// Opens (creating from its base image if new) the disk's file and its dirty regions.
@@ -720,7 +979,6 @@ struct RunShared {
 async fn run(
     opts: AgentOptions,
     disks: Vec<Arc<DiskRuntime>>,
-    links: BTreeMap<String, Arc<PeerLink>>,
     shared: RunShared,
     seed: u64,
     endpoint: quinn::Endpoint,
@@ -742,10 +1000,8 @@ async fn run(
 
     let mut tasks = Vec::new();
     for d in &disks {
-        let link = links[&d.plan.id.vm].clone();
         tasks.push(tokio::spawn(drive_disk(
             d.clone(),
-            link.clone(),
             stats.clone(),
             drawing_stopped.clone(),
         )));
@@ -762,7 +1018,6 @@ async fn run(
                 .unwrap_or_else(|p| p.into_inner())
                 .push(t.abort_handle());
         }
-        drop(link);
     }
     spawned
         .lock()
@@ -974,11 +1229,12 @@ fn cut_locked(
 /// backoff) on transient failures.
 async fn drive_disk(
     disk: Arc<DiskRuntime>,
-    link: Arc<PeerLink>,
     stats: Arc<RunStats>,
     drawing_stopped: Arc<AtomicBool>,
 ) -> Result<(), String> {
     loop {
+        // The VM's relay as it stands now: a move changes it between two sessions.
+        let link = disk.ctx.route.link();
         let Err(end) = session(&disk, &link, &stats, &drawing_stopped).await else {
             return Ok(());
         };
@@ -1013,6 +1269,7 @@ async fn session(
     let mut reader = FrameReader::new(recv);
     let mut writer = FrameWriter::new(send);
     let produced = disk.lock_gen().next_seq - 1;
+    let placement = disk.ctx.route.placement.load(Ordering::SeqCst);
     let hello = {
         let mut sender = disk.lock_sender();
         let position = SourcePosition {
@@ -1025,6 +1282,7 @@ async fn session(
             Instant::now(),
             disk.plan.id.clone(),
             disk.plan.disk_size,
+            placement,
             position,
         )
     };
@@ -1090,6 +1348,8 @@ async fn session(
         None if renumbered => disk.start_resync(ResyncPlan::Delta, true),
         None => {}
     }
+    // Accepted at this placement (a move waits for it), its resync (if any) marked.
+    disk.accepted_placement.send_replace(placement);
     let mut window_rx = disk.window_changed.subscribe();
 
     // Acks arrive concurrently with sending.
@@ -1161,6 +1421,7 @@ async fn send_records(
                     g.pending_bytes -= record.encoded_len();
                     Some(record)
                 } else if drawing_stopped.load(Ordering::SeqCst)
+                    || disk.ctx.route.draining.load(Ordering::SeqCst)
                     || g.exhausted
                     || g.at_log_tag.is_some()
                     || !*disk.ready.borrow()

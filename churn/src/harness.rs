@@ -155,6 +155,7 @@ impl Site {
             drain_timeout: Duration::from_secs(60),
             reconnect_timeout: Duration::from_secs(30),
             rate_bytes_per_s: None,
+            routes: Default::default(),
         })
     }
 

@@ -768,6 +768,7 @@ fn agent_options(
         drain_timeout: Duration::from_secs(120),
         reconnect_timeout: Duration::from_secs(120),
         rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
+        routes: Default::default(),
     }
 }
 

@@ -295,7 +295,12 @@ impl Server {
     ) -> Result<Vec<u8>, ApiError> {
         let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
         let report = fbr_enroll::wire::parse_heartbeat(body)?;
-        self.enrolled(peer)?;
+        let mut me = self.enrolled(peer)?;
+        if report.advertise.is_some() && report.advertise != me.advertise {
+            // Where others reach it now (a daemon restarted on another port).
+            me.advertise = report.advertise.clone();
+            self.state.update_component(&me).map_err(internal)?;
+        }
         let beat = crate::state::LastHeartbeat {
             received_ms: now_ms(),
             report,

@@ -210,6 +210,7 @@ mod tests {
                     recovery_points: 7,
                     newest_point_ms: Some(99),
                 }],
+                advertise: None,
             },
         }
     }

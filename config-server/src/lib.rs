@@ -13,6 +13,7 @@
 //! - [`inventory`]: the site as a whole (VMs and disks, groups, relays, master
 //!   targets) from enrollments and heartbeats.
 //! - [`placement`]: which relay a new VM's agent is assigned (the most headroom).
+//! - [`moves`]: moving a VM to another relay, as an operation with phases and progress.
 //! - [`settings`]: the daemon's configuration.
 //!
 //! Invariants: the passphrase is never stored or logged; a certificate is issued only
@@ -23,6 +24,7 @@
 
 pub mod api;
 pub mod inventory;
+pub mod moves;
 pub mod placement;
 pub mod settings;
 pub mod site;

@@ -105,6 +105,7 @@ mod tests {
                 ingest_bytes_per_s: Some(churn),
                 disks: vec![],
                 groups: vec![],
+                advertise: None,
             }),
         }
     }

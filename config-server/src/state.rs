@@ -8,6 +8,8 @@
 //! | `components` | component name | [`Component`], JSON |
 //! | `failures` | client IP address | `(failed attempts in a row, last failure, UNIX ms)` |
 //! | `heartbeats` | component name | [`LastHeartbeat`], JSON |
+//! | `placements` | VM name | [`crate::moves::VmPlacementRecord`], JSON (VMs that moved) |
+//! | `moves` | move id | [`crate::moves::Move`], JSON |
 
 use std::path::Path;
 
@@ -18,6 +20,10 @@ const SITE: TableDefinition<&str, &str> = TableDefinition::new("site");
 const COMPONENTS: TableDefinition<&str, &str> = TableDefinition::new("components");
 const FAILURES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("failures");
 const HEARTBEATS: TableDefinition<&str, &str> = TableDefinition::new("heartbeats");
+const PLACEMENTS: TableDefinition<&str, &str> = TableDefinition::new("placements");
+const MOVES: TableDefinition<u64, &str> = TableDefinition::new("moves");
+/// The `site` table's key of the operator token's SHA-256 (hex).
+const OPERATOR_TOKEN_KEY: &str = "operator_token_sha256";
 
 /// A component's last heartbeat, as received.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +122,8 @@ impl State {
         tx.open_table(COMPONENTS).map_err(e)?;
         tx.open_table(FAILURES).map_err(e)?;
         tx.open_table(HEARTBEATS).map_err(e)?;
+        tx.open_table(PLACEMENTS).map_err(e)?;
+        tx.open_table(MOVES).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(State { db })
     }
@@ -181,6 +189,19 @@ impl State {
         tx.commit().map_err(e)
     }
 
+    /// Replaces a component's record (its advertised address changed).
+    pub fn update_component(&self, c: &Component) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let json = serde_json::to_string(c).map_err(e)?;
+            tx.open_table(COMPONENTS)
+                .map_err(e)?
+                .insert(c.name.as_str(), json.as_str())
+                .map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
     /// Failed attempts in a row from `client`.
     pub fn failures(&self, client: &str) -> Result<u64, StateError> {
         let tx = self.db.begin_read().map_err(e)?;
@@ -231,6 +252,96 @@ impl State {
             );
         }
         Ok(out)
+    }
+
+    /// The SHA-256 (hex) of the operator token, if one was made.
+    pub fn operator_token_sha256(&self) -> Result<Option<String>, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(SITE).map_err(e)?;
+        let row = t.get(OPERATOR_TOKEN_KEY).map_err(e)?;
+        Ok(row.map(|v| v.value().to_owned()))
+    }
+
+    /// Records the operator token's SHA-256 (hex).
+    pub fn set_operator_token_sha256(&self, hex: &str) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        tx.open_table(SITE)
+            .map_err(e)?
+            .insert(OPERATOR_TOKEN_KEY, hex)
+            .map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
+    /// Every VM that moved, by name.
+    pub fn placements(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, crate::moves::VmPlacementRecord>, StateError>
+    {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(PLACEMENTS).map_err(e)?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.insert(
+                k.value().to_owned(),
+                serde_json::from_str(v.value()).map_err(e)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every move, oldest first.
+    pub fn moves(&self) -> Result<Vec<crate::moves::Move>, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(MOVES).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (_, v) = row.map_err(e)?;
+            out.push(serde_json::from_str(v.value()).map_err(e)?);
+        }
+        Ok(out)
+    }
+
+    /// Move `id`, if there is one.
+    pub fn move_by_id(&self, id: u64) -> Result<Option<crate::moves::Move>, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(MOVES).map_err(e)?;
+        let row = t.get(id).map_err(e)?;
+        row.map(|v| serde_json::from_str(v.value()).map_err(e))
+            .transpose()
+    }
+
+    /// The number the next move gets.
+    pub fn next_move_id(&self) -> Result<u64, StateError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(MOVES).map_err(e)?;
+        let last = t.last().map_err(e)?.map(|(k, _)| k.value());
+        Ok(last.map_or(1, |l| l + 1))
+    }
+
+    /// Records a move and the VM's placement it leads to, in one transaction (the
+    /// placement with `None` leaves it as it is).
+    pub fn record_move(
+        &self,
+        m: &crate::moves::Move,
+        placement: Option<&crate::moves::VmPlacementRecord>,
+    ) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let json = serde_json::to_string(m).map_err(e)?;
+            tx.open_table(MOVES)
+                .map_err(e)?
+                .insert(m.id, json.as_str())
+                .map_err(e)?;
+            if let Some(p) = placement {
+                let json = serde_json::to_string(p).map_err(e)?;
+                tx.open_table(PLACEMENTS)
+                    .map_err(e)?
+                    .insert(p.vm.as_str(), json.as_str())
+                    .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
     }
 
     /// The site as a whole ([`crate::inventory`]).

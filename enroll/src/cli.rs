@@ -127,4 +127,9 @@ pub struct ConfigServerFlags {
     #[arg(long)]
     #[serde(rename = "config_server.heartbeat_interval_s")]
     pub heartbeat_interval_s: Option<u64>,
+    /// host:port where others reach this daemon, reported in heartbeats (default: the
+    /// listen address, when it is a specific IP) [config_server.advertise].
+    #[arg(long)]
+    #[serde(rename = "config_server.advertise")]
+    pub advertise: Option<String>,
 }

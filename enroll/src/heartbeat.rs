@@ -235,6 +235,10 @@ pub struct ConfigServerSettings {
     pub name: String,
     /// Seconds between heartbeats, 1 to 3600.
     pub heartbeat_interval_s: u64,
+    /// `host:port` where others reach this component (a relay: its agents; a master
+    /// target: its relays), reported in every heartbeat; empty: the address it listens
+    /// on, when that is a specific IP (not 0.0.0.0 or ::).
+    pub advertise: String,
 }
 
 impl Default for ConfigServerSettings {
@@ -243,6 +247,7 @@ impl Default for ConfigServerSettings {
             address: String::new(),
             name: "config-server".into(),
             heartbeat_interval_s: 30,
+            advertise: String::new(),
         }
     }
 }
@@ -270,6 +275,18 @@ impl ConfigServerSettings {
 
     pub fn interval(&self) -> Duration {
         Duration::from_secs(self.heartbeat_interval_s)
+    }
+
+    /// What heartbeats advertise: the configured address, else `listening` when it is
+    /// a specific IP.
+    pub fn advertised(&self, listening: SocketAddr) -> Option<String> {
+        if !self.advertise.is_empty() {
+            Some(self.advertise.clone())
+        } else if listening.ip().is_unspecified() {
+            None
+        } else {
+            Some(listening.to_string())
+        }
     }
 }
 

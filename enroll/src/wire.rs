@@ -91,6 +91,150 @@ pub struct Assignment {
     pub relay: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_address: Option<String>,
+    /// Agents: where each of its VMs writes now (a VM moved by an operator writes to
+    /// its own relay, at a higher placement); VMs not listed write to `relay`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<VmPlacement>,
+}
+
+/// Where a VM writes after a move ([`Assignment::placements`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPlacement {
+    pub vm: String,
+    /// The relay's name (its certificate's DNS name) and address.
+    pub relay: String,
+    pub relay_address: Option<String>,
+    /// How many times the VM moved: sent in every `Hello`, so that the old path is
+    /// refused once the new one is in use.
+    pub placement: u64,
+    /// The move that put it there, while it is not finished.
+    #[serde(default)]
+    pub move_id: Option<u64>,
+    /// Whether the agent first drains the old relay's backlog of the VM (the old relay
+    /// was connected when the move was asked), or moves at once and resyncs what the
+    /// master target lacks (it was not).
+    #[serde(default)]
+    pub drain: bool,
+}
+
+/// The phases of a move, in order (`failed` can end any of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovePhase {
+    /// Asked for; the agent has not reported yet.
+    Requested,
+    /// The agent stopped new writes to the old relay and waits until the master target
+    /// has everything the old relay held of the VM.
+    Draining,
+    /// The agent points the VM's disks at the new relay.
+    Switching,
+    /// The old relay was lost with records the master target lacked: a delta resync
+    /// of the VM's disks through the new relay replaces them.
+    Resyncing,
+    Done,
+    Failed,
+}
+
+impl MovePhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            MovePhase::Requested => "requested",
+            MovePhase::Draining => "draining",
+            MovePhase::Switching => "switching",
+            MovePhase::Resyncing => "resyncing",
+            MovePhase::Done => "done",
+            MovePhase::Failed => "failed",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, MovePhase::Done | MovePhase::Failed)
+    }
+}
+
+/// `POST /v1/moves/{id}/progress` (the moving VM's agent): where its side of the move
+/// stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveProgress {
+    pub version: u32,
+    pub phase: Option<MovePhase>,
+    /// Bytes of the VM's writes the old relay held and the master target did not when
+    /// the drain began, and how many of them have reached it since.
+    pub bytes_to_drain: u64,
+    pub bytes_drained: u64,
+    /// How long the drain took (or has taken so far), ms.
+    pub drain_ms: u64,
+    /// Why the move fell back to a resync (the old relay was lost), if it did.
+    #[serde(default)]
+    pub fell_back: Option<String>,
+    /// Why the move failed, if it did.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Decodes and checks a `POST /v1/moves/{id}/progress` body.
+pub fn parse_move_progress(body: &[u8]) -> Result<MoveProgress, ApiError> {
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(
+            "body_too_large",
+            format!("the body is {} bytes, over {MAX_BODY}", body.len()),
+        ));
+    }
+    let p: MoveProgress = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new("bad_json", format!("not a move progress report: {e}")))?;
+    if p.version != API_VERSION {
+        return Err(ApiError::new(
+            "unsupported_version",
+            format!("version {} (this server speaks {API_VERSION})", p.version),
+        ));
+    }
+    let long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > 1024);
+    if long(&p.fell_back) || long(&p.error) {
+        return Err(ApiError::new("too_long", "a reason over 1024 bytes"));
+    }
+    if p.bytes_drained > p.bytes_to_drain {
+        return Err(ApiError::new(
+            "bad_progress",
+            format!(
+                "bytes_drained {} is more than bytes_to_drain {}",
+                p.bytes_drained, p.bytes_to_drain
+            ),
+        ));
+    }
+    Ok(p)
+}
+
+/// `POST /v1/moves` (an operator): move `vm` to the relay named `relay`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    pub version: u32,
+    pub vm: String,
+    pub relay: String,
+}
+
+/// Decodes and checks a `POST /v1/moves` body.
+pub fn parse_move_request(body: &[u8]) -> Result<MoveRequest, ApiError> {
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(
+            "body_too_large",
+            format!("the body is {} bytes, over {MAX_BODY}", body.len()),
+        ));
+    }
+    let r: MoveRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new("bad_json", format!("not a move request: {e}")))?;
+    if r.version != API_VERSION {
+        return Err(ApiError::new(
+            "unsupported_version",
+            format!("version {} (this server speaks {API_VERSION})", r.version),
+        ));
+    }
+    fbr_protocol::names::validate_name(&r.vm)
+        .map_err(|e| ApiError::new("bad_name", format!("vm {:?}: {e}", r.vm)))?;
+    fbr_protocol::names::validate_name(&r.relay)
+        .map_err(|e| ApiError::new("bad_name", format!("relay {:?}: {e}", r.relay)))?;
+    Ok(r)
 }
 
 /// `POST /v1/heartbeat` (client certificate required): what a component reports every
@@ -118,6 +262,10 @@ pub struct Heartbeat {
     /// Master targets: every replication group's newest recovery point.
     #[serde(default)]
     pub groups: Vec<GroupReport>,
+    /// Where others reach it now (`host:port`: agents a relay, relays a master
+    /// target), if it knows; the server keeps the component's address up to date.
+    #[serde(default)]
+    pub advertise: Option<String>,
 }
 
 /// A disk replica, as its master target reports it.
@@ -215,6 +363,14 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<Heartbeat, ApiError> {
     {
         return Err(ApiError::new("too_many", "too many streams or reasons"));
     }
+    if let Some(a) = &h.advertise {
+        if a.len() > 255 || !a.contains(':') {
+            return Err(ApiError::new(
+                "bad_address",
+                format!("advertise {a:?}: must be host:port"),
+            ));
+        }
+    }
     let vms = h
         .streams
         .iter()
@@ -254,10 +410,10 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self.error.code.as_str() {
             "wrong_passphrase" | "certificate_required" => 401,
-            "not_enrolled" => 403,
+            "not_enrolled" | "forbidden" => 403,
             "not_found" => 404,
             "method_not_allowed" => 405,
-            "name_taken" => 409,
+            "name_taken" | "move_in_progress" => 409,
             "body_too_large" => 413,
             "internal" => 500,
             _ => 400,

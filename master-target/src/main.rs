@@ -315,11 +315,12 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     let trimmer = tokio::spawn(trim_forever(mt.clone(), settings.retention()?));
     let heartbeats = {
         let (m, every) = (mt.clone(), settings.config_server.heartbeat_interval_s);
+        let advertise = settings.config_server.advertised(local);
         fbr_enroll::heartbeat::start(
             &settings.config_server,
             &settings.pki_dir,
             &settings.cert_name,
-            move || heartbeat(&m, every),
+            move || heartbeat(&m, every, advertise.clone()),
         )
         .map_err(anyhow::Error::msg)?
         .map(|(task, _)| task)
@@ -390,7 +391,11 @@ impl fbr_metrics::Endpoints for Endpoints {
 
 /// The heartbeat the master target sends its configuration server: its disks (size,
 /// group, sync state) and groups (recovery points, the newest one's time).
-fn heartbeat(mt: &MasterTarget, interval_s: u64) -> fbr_enroll::wire::Heartbeat {
+fn heartbeat(
+    mt: &MasterTarget,
+    interval_s: u64,
+    advertise: Option<String>,
+) -> fbr_enroll::wire::Heartbeat {
     let (disks, groups) = held(mt);
     fbr_enroll::wire::Heartbeat {
         version: fbr_enroll::wire::API_VERSION,
@@ -407,6 +412,7 @@ fn heartbeat(mt: &MasterTarget, interval_s: u64) -> fbr_enroll::wire::Heartbeat 
         ingest_bytes_per_s: None,
         disks,
         groups,
+        advertise,
     }
 }
 

@@ -915,8 +915,11 @@ pub struct StreamSender<T> {
     /// A resync the receiver asked for before its `Accept` (it lost records).
     resync_before_accept: Option<(ResyncMode, String)>,
     /// The stream moved off a relay that may have held acknowledged records the master
-    /// target never got ([`StreamSender::moved_off_lost_relay`]).
-    moved_off_lost_relay: Option<String>,
+    /// target never got ([`StreamSender::moved_off_lost_relay`]): from this placement
+    /// on, and why.
+    moved_off_lost_relay: Option<(u64, String)>,
+    /// The placement of the session started last.
+    session_placement: u64,
 }
 
 impl<T> StreamSender<T> {
@@ -935,6 +938,7 @@ impl<T> StreamSender<T> {
             failing_since: None,
             resync_before_accept: None,
             moved_off_lost_relay: None,
+            session_placement: 0,
         }
     }
 
@@ -959,6 +963,7 @@ impl<T> StreamSender<T> {
         };
         self.accepted = false;
         self.resync_before_accept = None;
+        self.session_placement = placement;
         Frame::Hello {
             stream,
             disk_size,
@@ -972,9 +977,10 @@ impl<T> StreamSender<T> {
     /// stands, which may be behind what was acknowledged: at the next `Accept`, that is
     /// no invariant violation but the move's expected outcome, so the stream numbers
     /// again from there ([`SenderEvent::Renumbered`], with a delta resync to replace
-    /// what the lost records carried). Cleared by the next accepted session.
-    pub fn moved_off_lost_relay(&mut self, reason: impl Into<String>) {
-        self.moved_off_lost_relay = Some(reason.into());
+    /// what the lost records carried). Applies to the first session accepted at
+    /// `placement` or above (a late `Accept` from the old relay does not use it up).
+    pub fn moved_off_lost_relay(&mut self, placement: u64, reason: impl Into<String>) {
+        self.moved_off_lost_relay = Some((placement, reason.into()));
     }
 
     /// The `Accept` deadline passed at `now`: how the session ends, if it is due.
@@ -1185,7 +1191,13 @@ impl<T> StreamSender<T> {
         credit_bytes: u64,
     ) -> Result<SenderEvent<T>, SessionEnd> {
         let held = next_seq.saturating_sub(1);
-        let moved = self.moved_off_lost_relay.take();
+        let moved = match self.moved_off_lost_relay.take() {
+            Some((from, why)) if self.session_placement >= from => Some(why),
+            kept => {
+                self.moved_off_lost_relay = kept;
+                None
+            }
+        };
         if held < self.acked {
             let resync = self.resync_before_accept.take().or_else(|| {
                 moved.map(|why| {
@@ -1829,7 +1841,19 @@ mod tests {
         s.handle(Incoming::Frame(Frame::Ack { seq: 4 })).unwrap();
         let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
         s.session_ended(&end, Instant::now());
-        s.moved_off_lost_relay("relay-a is gone");
+        s.moved_off_lost_relay(1, "relay-a is gone");
+        // A late Accept from the old relay (placement 0) is judged as before.
+        s.start(Instant::now(), id(), 4096, 0, produced(6));
+        assert!(s
+            .handle(Incoming::Frame(Frame::Accept {
+                next_seq: 2,
+                credit_bytes: 100,
+            }))
+            .unwrap_err()
+            .reason
+            .contains("INVARIANT VIOLATED"));
+        let end = SessionEnd::retry("old relay");
+        s.session_ended(&end, Instant::now());
         s.start(Instant::now(), id(), 4096, 1, produced(6));
         match s.handle(Incoming::Frame(Frame::Accept {
             next_seq: 2,
@@ -1855,7 +1879,7 @@ mod tests {
         s.handle(Incoming::Frame(Frame::Ack { seq: 2 })).unwrap();
         let end = s.handle(Incoming::Broken("x".into())).unwrap_err();
         s.session_ended(&end, Instant::now());
-        s.moved_off_lost_relay("drain timed out");
+        s.moved_off_lost_relay(0, "drain timed out");
         assert!(matches!(
             accept(&mut s, 3, produced(2)),
             Ok(SenderEvent::Accepted { next_seq: 3, .. })

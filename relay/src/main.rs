@@ -482,13 +482,14 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     let heartbeats = {
         let (r, every) = (relay.clone(), settings.config_server.heartbeat_interval_s);
         let last = std::sync::Mutex::new(None);
+        let advertise = settings.config_server.advertised(agents.local_addr()?);
         fbr_enroll::heartbeat::start(
             &settings.config_server,
             &settings.pki_dir,
             &settings.cert_name,
             move || {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                observe::heartbeat(&r, every, &mut last)
+                observe::heartbeat(&r, every, &mut last, advertise.clone())
             },
         )
         .map_err(anyhow::Error::msg)?

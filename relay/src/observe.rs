@@ -64,6 +64,7 @@ pub fn heartbeat(
     relay: &Relay,
     interval_s: u64,
     last: &mut Option<(u64, Instant)>,
+    advertise: Option<String>,
 ) -> fbr_enroll::wire::Heartbeat {
     let obs = observe(relay);
     let ingested = relay
@@ -106,6 +107,7 @@ pub fn heartbeat(
         ingest_bytes_per_s,
         disks: vec![],
         groups: vec![],
+        advertise,
     }
 }
 

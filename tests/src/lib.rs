@@ -170,6 +170,7 @@ impl RawAgent {
     pub async fn open_disk(&self, vm: &str, disk: u32, disk_size: u64) -> (RawStream, u64) {
         let mut s = self.open().await;
         s.send_frame(&Frame::Hello {
+            placement: 0,
             stream: StreamId {
                 vm: vm.into(),
                 disk,

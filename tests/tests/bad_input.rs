@@ -121,6 +121,7 @@ async fn bad_streams_are_refused_with_codes_while_a_good_stream_keeps_flowing() 
     expect_error(&mut s, ErrorCode::UnexpectedFrame).await;
     let (mut s, _) = agent.open_disk("vm1", 1, DISK).await;
     s.send_frame(&Frame::Hello {
+        placement: 0,
         stream: fbr_protocol::StreamId {
             vm: "vm1".into(),
             disk: 1,
@@ -133,6 +134,7 @@ async fn bad_streams_are_refused_with_codes_while_a_good_stream_keeps_flowing() 
     // The same disk announced with another size.
     let mut s = agent.open().await;
     s.send_frame(&Frame::Hello {
+        placement: 0,
         stream: fbr_protocol::StreamId {
             vm: "vm1".into(),
             disk: 1,
@@ -145,6 +147,7 @@ async fn bad_streams_are_refused_with_codes_while_a_good_stream_keeps_flowing() 
     // A VM the certificate does not name.
     let mut s = agent.open().await;
     s.send_frame(&Frame::Hello {
+        placement: 0,
         stream: fbr_protocol::StreamId {
             vm: "vm2".into(),
             disk: 0,

@@ -175,6 +175,18 @@ impl PeerLink {
         Ok(conn)
     }
 
+    /// Closes the connection (if one is up) with `reason`: every stream on it ends at
+    /// once. The link reconnects if used again; a caller that moved away does not.
+    /// A connect in progress is left to finish or time out on its own.
+    pub async fn close(&self, reason: &str) {
+        let current = tokio::time::timeout(Duration::from_millis(100), self.current.lock()).await;
+        if let Ok(mut current) = current {
+            if let Some(c) = current.take() {
+                c.close(0u32.into(), reason.as_bytes());
+            }
+        }
+    }
+
     /// Opens a bidirectional stream (one disk), reconnecting once if the cached
     /// connection turns out to be dead.
     pub async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {

@@ -200,11 +200,13 @@ async fn connect(
 /// starts (the relay lost this one's records), this one stops without a word.
 pub(super) async fn drive(disk: Arc<DiskRuntime>, plan: ResyncPlan, epoch: u64) {
     let ctx = disk.ctx.clone();
+    // The VM's relay when the resync starts (a resync after a move uses the new one).
+    let link = ctx.route.link();
     let outcome = resync(
         &disk,
         plan,
         epoch,
-        &ctx.link,
+        &link,
         &ctx.stats,
         ctx.reconnect_timeout,
     )
