@@ -572,6 +572,49 @@ impl DiskRuntime {
     }
 }
 
+/// Moves a run's VMs between relays ([`RunHandle::mover`]).
+#[derive(Debug, Clone)]
+pub struct Mover {
+    disks: Vec<Arc<DiskRuntime>>,
+    endpoint: quinn::Endpoint,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Mover {
+    /// Moves VM `vm` to `to` (see [`start_move`]); the watch follows the move.
+    pub fn move_vm(
+        &self,
+        vm: &str,
+        to: Route,
+        drain: bool,
+        drain_timeout: Duration,
+    ) -> Result<watch::Receiver<MoveProgress>, String> {
+        let disks: Vec<_> = self
+            .disks
+            .iter()
+            .filter(|d| d.plan.id.vm == vm)
+            .cloned()
+            .collect();
+        if disks.is_empty() {
+            return Err(format!("this agent writes no disk of VM {vm}"));
+        }
+        let (rx, task) = start_move(disks, self.endpoint.clone(), to, drain, drain_timeout)?;
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task.abort_handle());
+        Ok(rx)
+    }
+
+    /// The placement VM `vm` writes at now (`None`: not one of this run's VMs).
+    pub fn placement(&self, vm: &str) -> Option<u64> {
+        self.disks
+            .iter()
+            .find(|d| d.plan.id.vm == vm)
+            .map(|d| d.ctx.route.placement.load(Ordering::SeqCst))
+    }
+}
+
 /// A running emulation: start it, watch [`RunHandle::stats`], then [`RunHandle::finish`].
 #[derive(Debug)]
 pub struct RunHandle {
@@ -610,42 +653,13 @@ impl RunHandle {
             .collect()
     }
 
-    /// Moves VM `vm` to `to` (see [`start_move`]); the watch follows the move.
-    pub fn move_vm(
-        &self,
-        vm: &str,
-        to: Route,
-        drain: bool,
-        drain_timeout: Duration,
-    ) -> Result<watch::Receiver<MoveProgress>, String> {
-        let disks: Vec<_> = self
-            .disks
-            .iter()
-            .filter(|d| d.plan.id.vm == vm)
-            .cloned()
-            .collect();
-        if disks.is_empty() {
-            return Err(format!("this agent writes no disk of VM {vm}"));
+    /// What moves the run's VMs between relays (it may outlive the handle's borrow).
+    pub fn mover(&self) -> Mover {
+        Mover {
+            disks: self.disks.clone(),
+            endpoint: self.endpoint.clone(),
+            tasks: self.tasks.clone(),
         }
-        let (rx, task) = start_move(disks, self.endpoint.clone(), to, drain, drain_timeout)?;
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(task.abort_handle());
-        Ok(rx)
-    }
-
-    /// The placement each VM writes at now.
-    pub fn placements(&self) -> BTreeMap<String, u64> {
-        self.disks
-            .iter()
-            .map(|d| {
-                (
-                    d.plan.id.vm.clone(),
-                    d.ctx.route.placement.load(Ordering::SeqCst),
-                )
-            })
-            .collect()
     }
 
     /// Whether the run has ended (every disk done or failed).

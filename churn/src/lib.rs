@@ -12,6 +12,8 @@
 //! - [`source`]: a disk's change source (generated or replayed) and the run manifest.
 //! - [`agent`]: the emulator: QUIC streams per disk, credit, acks, reconnects, tags at
 //!   consistent cuts, lag measurement.
+//! - [`moves`]: follows the configuration server's assignment and moves VMs between
+//!   relays when an operator asks (drain the old relay, or resync off a lost one).
 //! - [`dirty`]: the regions a killed agent may have written unacknowledged (resynced
 //!   when it comes back).
 //! - [`verify`]: rebuilds sources and replicas and compares them at every recovery point.
@@ -25,6 +27,7 @@ pub mod dirty;
 pub mod drill;
 pub mod harness;
 pub mod image;
+pub mod moves;
 pub mod resyncbench;
 pub mod retentionbench;
 pub mod source;

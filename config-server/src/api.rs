@@ -8,6 +8,14 @@
 //! | `GET /v1/assignment` | the caller's assignment (its site certificate required) |
 //! | `GET /v1/components` | every component, connected or not, with its last report (a site certificate required) |
 //! | `GET /v1/inventory` | the site: VMs and disks, groups, relays, master targets (a site certificate required) |
+//! | `POST /v1/moves` | an operator moves a VM to another relay (the operator token required) |
+//! | `GET /v1/moves`, `GET /v1/moves/{id}` | every move, or one, with its phase and progress (the operator token or a site certificate) |
+//! | `POST /v1/moves/{id}/progress` | the moving VM's agent reports (its site certificate, entitled to the VM) |
+//!
+//! Operators authenticate with `Authorization: Bearer <token>`: the token made by
+//! `config-server init` (or the first `run` of a site without one) in
+//! `<data>/operator.token`, readable by the server's user only; only its SHA-256 is in
+//! the state.
 //!
 //! Client certificates are asked for, not required: enrolling components have none
 //! yet. The endpoints past enrollment refuse a request without one (401
@@ -72,6 +80,9 @@ pub struct ApiMetrics {
     /// Relays and master targets not connected (no heartbeat for 3 of their intervals,
     /// or never).
     pub components_disconnected: IntGauge,
+    /// Moves of VMs between relays, by the phase they reached: `requested`,
+    /// `draining`, `switching`, `resyncing`, `done`, `failed`.
+    pub moves_total: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -100,6 +111,20 @@ impl ApiMetrics {
             "Enrolled relays and master targets not connected: no heartbeat for 3 of their intervals, or none yet.",
         ))
         .expect("valid metric");
+        let moves_total = IntCounterVec::new(
+            Opts::new(
+                "fbr_config_server_moves_total",
+                "Moves of VMs between relays, by the phase they reached: requested, draining, switching, resyncing, done, failed.",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
+        for phase in ["requested", "draining", "switching", "resyncing", "done", "failed"] {
+            moves_total.with_label_values(&[phase]);
+        }
+        registry
+            .register(Box::new(moves_total.clone()))
+            .expect("unique metric");
         registry
             .register(Box::new(heartbeats_total.clone()))
             .expect("unique metric");
@@ -118,6 +143,7 @@ impl ApiMetrics {
             components,
             heartbeats_total,
             components_disconnected,
+            moves_total,
         }
     }
 }
@@ -139,6 +165,8 @@ pub struct Server {
     /// Enrollments one at a time past their proof: a name is checked and recorded
     /// together, so two components cannot both take it.
     enrolling: tokio::sync::Mutex<()>,
+    /// Moves are planned and recorded one at a time (a VM has one unfinished move).
+    moving: tokio::sync::Mutex<()>,
 }
 
 impl Server {
@@ -152,6 +180,12 @@ impl Server {
                 data_dir.display()
             )
         })?;
+        if crate::site::ensure_operator_token(data_dir, &state)? {
+            tracing::info!(
+                "made a new operator token in {}",
+                data_dir.join(crate::site::OPERATOR_TOKEN_FILE).display()
+            );
+        }
         let verifier = proof::from_hex(&site.verifier)
             .and_then(|v| <[u8; 32]>::try_from(v).ok())
             .map(Verifier)
@@ -165,6 +199,7 @@ impl Server {
             pki: pki_dir(data_dir),
             metrics,
             enrolling: tokio::sync::Mutex::new(()),
+            moving: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -196,7 +231,13 @@ impl Server {
         exporter: [u8; 32],
         peer: Option<&fbr_transport::PeerIdentity>,
     ) -> (StatusCode, Vec<u8>) {
-        let result = match (req.method(), req.uri().path()) {
+        let operator = self.operator(&req);
+        let path = req.uri().path().to_owned();
+        if let Some(rest) = path.strip_prefix("/v1/moves/") {
+            let result = self.move_endpoint(req, rest, operator, peer).await;
+            return answer(result);
+        }
+        let result = match (req.method(), path.as_str()) {
             (&Method::GET, "/v1/enroll/params") => Ok(json(&EnrollParams {
                 version: API_VERSION,
                 site_id: self.site.site_id.clone(),
@@ -234,38 +275,186 @@ impl Server {
                     .map(|inv| json(&serde_json::json!({"version": API_VERSION, "components": inv})))
                     .map_err(|e| ApiError::new("internal", e.to_string())),
             },
+            (&Method::POST, "/v1/moves") => match operator {
+                Err(e) => Err(e),
+                Ok(()) => match read_body(req).await {
+                    Ok(body) => self.request_move(&body).await,
+                    Err(e) => Err(e),
+                },
+            },
+            (&Method::GET, "/v1/moves") => match (operator, peer) {
+                (Err(e), None) => Err(e),
+                _ => self
+                    .state
+                    .moves()
+                    .map(|m| json(&serde_json::json!({"version": API_VERSION, "moves": m})))
+                    .map_err(|e| ApiError::new("internal", e.to_string())),
+            },
             (
                 _,
                 "/v1/enroll/params" | "/v1/enroll" | "/v1/heartbeat" | "/v1/components"
-                | "/v1/assignment" | "/v1/inventory",
+                | "/v1/assignment" | "/v1/inventory" | "/v1/moves",
             ) => {
                 Err(ApiError::new(
                     "method_not_allowed",
-                    "GET /v1/enroll/params, POST /v1/enroll, POST /v1/heartbeat, GET /v1/assignment, GET /v1/components, GET /v1/inventory",
+                    "GET /v1/enroll/params, POST /v1/enroll, POST /v1/heartbeat, GET /v1/assignment, GET /v1/components, GET /v1/inventory, GET and POST /v1/moves",
                 ))
             }
             (_, path) => Err(ApiError::new("not_found", format!("no endpoint {path}"))),
         };
-        match result {
-            Ok(body) => (StatusCode::OK, body),
-            Err(e) => (
-                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-                json(&e),
-            ),
+        answer(result)
+    }
+
+    /// Whether the request carries the operator token (`Authorization: Bearer`).
+    fn operator(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
+        let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
+            return Err(ApiError::new(
+                "token_required",
+                "this endpoint needs the operator token (Authorization: Bearer, from <data>/operator.token)",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or_default();
+        let expected = self
+            .state
+            .operator_token_sha256()
+            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        let given = proof::to_hex(&ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec());
+        match expected {
+            Some(h) if !token.is_empty() && h == given => Ok(()),
+            _ => Err(ApiError::new("wrong_token", "the operator token is not this site's")),
         }
+    }
+
+    /// `GET /v1/moves/{id}` and `POST /v1/moves/{id}/progress`.
+    async fn move_endpoint(
+        &self,
+        req: Request<Incoming>,
+        rest: &str,
+        operator: Result<(), ApiError>,
+        peer: Option<&fbr_transport::PeerIdentity>,
+    ) -> Result<Vec<u8>, ApiError> {
+        let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
+        let (id, progress) = match rest.split_once('/') {
+            None => (rest, false),
+            Some((id, "progress")) => (id, true),
+            Some(_) => return Err(ApiError::new("not_found", format!("no endpoint /v1/moves/{rest}"))),
+        };
+        let id: u64 = id
+            .parse()
+            .map_err(|_| ApiError::new("unknown_move", format!("{id:?} is not a move id")))?;
+        let unknown = || ApiError::new("unknown_move", format!("there is no move {id}"));
+        match (req.method(), progress) {
+            (&Method::GET, false) => {
+                if let (Err(e), None) = (operator, peer) {
+                    return Err(e);
+                }
+                let m = self.state.move_by_id(id).map_err(internal)?.ok_or_else(unknown)?;
+                Ok(json(&serde_json::json!({"version": API_VERSION, "move": m})))
+            }
+            (&Method::POST, true) => {
+                let Some(peer) = peer else {
+                    return Err(certificate_required());
+                };
+                let me = self.enrolled(peer)?;
+                let body = read_body(req).await?;
+                let report = fbr_enroll::wire::parse_move_progress(&body)?;
+                let _one_at_a_time = self.moving.lock().await;
+                let m = self.state.move_by_id(id).map_err(internal)?.ok_or_else(unknown)?;
+                if me.role != "agent" || !peer.entitlement.may_write(&m.vm) {
+                    return Err(ApiError::new(
+                        "forbidden",
+                        format!("{} does not write VM {}: only its agent reports its move", me.name, m.vm),
+                    ));
+                }
+                let next = crate::moves::apply_progress(&m, &report, now_ms())?;
+                let placement = if next.phase.is_finished() {
+                    // The move is over: the VM stays where it went, at its placement.
+                    self.state
+                        .placements()
+                        .map_err(internal)?
+                        .remove(&m.vm)
+                        .filter(|p| p.move_id == Some(id))
+                        .map(|p| crate::moves::VmPlacementRecord { move_id: None, ..p })
+                } else {
+                    None
+                };
+                self.state.record_move(&next, placement.as_ref()).map_err(internal)?;
+                if next.phase != m.phase {
+                    tracing::info!(id, vm = %m.vm, to = %m.to_relay, phase = next.phase.name(), drained = next.bytes_drained, "move progress");
+                    self.metrics.moves_total.with_label_values(&[next.phase.name()]).inc();
+                }
+                Ok(json(&serde_json::json!({"version": API_VERSION, "move": next})))
+            }
+            _ => Err(ApiError::new(
+                "method_not_allowed",
+                "GET /v1/moves/{id}, POST /v1/moves/{id}/progress",
+            )),
+        }
+    }
+
+    /// `POST /v1/moves`: plans and records the move; the agent learns of it from its
+    /// assignment.
+    async fn request_move(&self, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
+        let req = fbr_enroll::wire::parse_move_request(body)?;
+        let _one_at_a_time = self.moving.lock().await;
+        let components = self.state.components().map_err(internal)?;
+        let heartbeats = self.state.heartbeats().map_err(internal)?;
+        let placements = self.state.placements().map_err(internal)?;
+        let moves = self.state.moves().map_err(internal)?;
+        let unfinished = moves
+            .iter()
+            .rev()
+            .find(|m| m.vm == req.vm && !m.phase.is_finished());
+        let site = crate::moves::Site {
+            components: &components,
+            heartbeats: &heartbeats,
+            placement: placements.get(&req.vm),
+            unfinished,
+            now_ms: now_ms(),
+        };
+        let id = self.state.next_move_id().map_err(internal)?;
+        let (m, placement) = crate::moves::plan(&req, id, &site)?;
+        self.state.record_move(&m, Some(&placement)).map_err(internal)?;
+        self.metrics.moves_total.with_label_values(&["requested"]).inc();
+        tracing::info!(id, vm = %m.vm, from = ?m.from_relay, to = %m.to_relay, placement = m.placement, drain = m.drain, "move requested");
+        Ok(json(&serde_json::json!({"version": API_VERSION, "move": m})))
     }
 
     /// `peer`'s assignment as it stands now (what enrollment answered, with addresses
     /// as advertised since).
     fn assignment(&self, peer: &fbr_transport::PeerIdentity) -> Result<Vec<u8>, ApiError> {
+        let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
         let me = self.enrolled(peer)?;
-        let components = self
-            .state
-            .components()
-            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        let components = self.state.components().map_err(internal)?;
+        let mut assignment = assignment_of(&me, &components);
+        if me.role == "agent" {
+            let placements = self.state.placements().map_err(internal)?;
+            assignment.placements = me
+                .vms
+                .iter()
+                .filter_map(|vm| placements.get(vm))
+                .map(|p| fbr_enroll::wire::VmPlacement {
+                    vm: p.vm.clone(),
+                    relay: p.relay.clone(),
+                    relay_address: components
+                        .iter()
+                        .find(|c| c.role == "relay" && c.name == p.relay)
+                        .and_then(|c| c.advertise.clone()),
+                    placement: p.placement,
+                    move_id: p.move_id,
+                    drain: p.drain,
+                })
+                .collect();
+        }
         Ok(json(&serde_json::json!({
             "version": API_VERSION,
-            "assignment": assignment_of(&me, &components),
+            "assignment": assignment,
         })))
     }
 
@@ -384,11 +573,21 @@ impl Server {
             fbr_transport::Role::Agent => r.vms.clone(),
             _ => vec![],
         };
+        // Servers carry their own name too: agents moved to a relay, and relays given
+        // a master target, know it by name.
+        let mut dns_names = r.dns_names.clone();
+        if matches!(
+            checked.role,
+            fbr_transport::Role::Relay | fbr_transport::Role::MasterTarget
+        ) && !dns_names.contains(&r.name)
+        {
+            dns_names.insert(0, r.name.clone());
+        }
         let issue = fbr_transport::pki::IssueRequest {
             name: r.name.clone(),
             role: checked.role,
             vms: vms.clone(),
-            dns_names: r.dns_names.clone(),
+            dns_names,
             ip_addresses: r.ip_addresses.clone(),
         };
         let certificate_pem = fbr_transport::pki::issue_from_csr(&self.pki, &issue, &r.csr_pem)
@@ -477,6 +676,17 @@ fn csr_key_sha256(csr_pem: &str) -> Result<String, ApiError> {
     Ok(proof::to_hex(
         ring::digest::digest(&ring::digest::SHA256, spki).as_ref(),
     ))
+}
+
+/// The status and body of an answer.
+fn answer(result: Result<Vec<u8>, ApiError>) -> (StatusCode, Vec<u8>) {
+    match result {
+        Ok(body) => (StatusCode::OK, body),
+        Err(e) => (
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            json(&e),
+        ),
+    }
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {

@@ -67,6 +67,58 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a VM to another relay (the running server does it, with the VM's agent):
+    /// its old relay's backlog is drained to the master target first, or, if that
+    /// relay is lost, the VM resyncs through the new one. Prints the move.
+    Move {
+        #[command(flatten)]
+        server: OperatorArgs,
+        /// The VM to move.
+        #[arg(long)]
+        vm: String,
+        /// The relay to move it to (its enrolled name).
+        #[arg(long)]
+        to: String,
+        /// Follow the move until it is done (exit 1 if it fails).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every move, with its phase and progress (from the running server).
+    Moves {
+        #[command(flatten)]
+        server: OperatorArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How an operator command reaches the running server: its data directory holds the
+/// operator token and the site CA.
+#[derive(clap::Args, Debug, Clone)]
+struct OperatorArgs {
+    #[arg(long)]
+    data: PathBuf,
+    /// The server's HTTPS address.
+    #[arg(long, default_value = "127.0.0.1:443")]
+    server: SocketAddr,
+    /// The name its certificate carries (default: the address's IP).
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+impl OperatorArgs {
+    fn client(&self) -> anyhow::Result<fbr_enroll::heartbeat::HeartbeatClient> {
+        let token = fbr_config_server::site::read_operator_token(&self.data)?;
+        let name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| self.server.ip().to_string());
+        let ca = fbr_config_server::site::pki_dir(&self.data).join("ca.pem");
+        fbr_enroll::heartbeat::HeartbeatClient::operator(self.server, &name, &ca, token)
+            .map_err(anyhow::Error::msg)
+    }
 }
 
 /// Flags of `config-server run` and `check-config`; each overrides the config key in
@@ -136,7 +188,118 @@ fn main() -> ExitCode {
         )),
         Command::Components { data, json } => report(components(&data, json)),
         Command::Inventory { data, json } => report(inventory(&data, json)),
+        Command::Move {
+            server,
+            vm,
+            to,
+            wait,
+            json,
+        } => match request_move(&server, &vm, &to, wait, json) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => report(Err(e)),
+        },
+        Command::Moves { server, json } => report(list_moves(&server, json)),
     }
+}
+
+/// A move as one line.
+fn move_line(m: &fbr_config_server::moves::Move) -> String {
+    let mut line = format!(
+        "move {}: {} from {} to {} (placement {}): {}, {} of {} bytes drained in {:.1} s",
+        m.id,
+        m.vm,
+        m.from_relay.as_deref().unwrap_or("-"),
+        m.to_relay,
+        m.placement,
+        m.phase.name(),
+        m.bytes_drained,
+        m.bytes_to_drain,
+        m.drain_ms as f64 / 1000.0
+    );
+    if let Some(f) = &m.fell_back {
+        line.push_str(&format!("; fell back to a resync: {f}"));
+    }
+    if let Some(e) = &m.error {
+        line.push_str(&format!("; error: {e}"));
+    }
+    line
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `config-server move`: `Ok(false)` when the move it waited for failed.
+fn request_move(
+    server: &OperatorArgs,
+    vm: &str,
+    to: &str,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<bool> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(rename = "move")]
+        m: fbr_config_server::moves::Move,
+    }
+    let client = server.client()?;
+    runtime()?.block_on(async {
+        let body = serde_json::to_vec(&fbr_enroll::wire::MoveRequest {
+            version: fbr_enroll::wire::API_VERSION,
+            vm: vm.to_owned(),
+            relay: to.to_owned(),
+        })?;
+        let answer = client
+            .request("POST", "/v1/moves", body)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut m = serde_json::from_slice::<Answer>(&answer)?.m;
+        let show = |m: &fbr_config_server::moves::Move| {
+            if json {
+                println!("{}", serde_json::to_string(m).unwrap_or_default());
+            } else {
+                println!("{}", move_line(m));
+            }
+        };
+        show(&m);
+        let path = format!("/v1/moves/{}", m.id);
+        while wait && !m.phase.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let answer = client
+                .request("GET", &path, Vec::new())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let next = serde_json::from_slice::<Answer>(&answer)?.m;
+            if next != m {
+                show(&next);
+            }
+            m = next;
+        }
+        Ok(m.phase != fbr_enroll::wire::MovePhase::Failed)
+    })
+}
+
+fn list_moves(server: &OperatorArgs, json: bool) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        moves: Vec<fbr_config_server::moves::Move>,
+    }
+    let client = server.client()?;
+    let answer = runtime()?.block_on(client.request("GET", "/v1/moves", Vec::new()));
+    let moves = serde_json::from_slice::<Answer>(&answer.map_err(anyhow::Error::msg)?)?.moves;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&moves)?);
+    } else if moves.is_empty() {
+        println!("no moves");
+    } else {
+        for m in &moves {
+            println!("{}", move_line(m));
+        }
+    }
+    Ok(())
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {

@@ -98,11 +98,54 @@ pub fn init(
         verifier: proof::to_hex(&verifier.0),
         created_ms: now_ms(),
     })?;
+    ensure_operator_token(data_dir, &state)?;
     Ok(NewSite {
         site_id,
         passphrase,
         ca: pki.join("ca.pem"),
     })
+}
+
+/// The operator token's file in the data directory (mode 0600).
+pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+
+/// Makes a new operator token when `<data>/operator.token` is missing (a new site, or
+/// an operator who deleted it to rotate it): 32 random bytes, hex, in the file; only
+/// its SHA-256 in the state. Returns whether it made one.
+pub fn ensure_operator_token(data_dir: &Path, state: &State) -> anyhow::Result<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(OPERATOR_TOKEN_FILE);
+    if path.exists() {
+        return Ok(false);
+    }
+    let token = proof::to_hex(&random_bytes(32)?);
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    state.set_operator_token_sha256(&proof::to_hex(digest.as_ref()))?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    writeln!(f, "{token}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(true)
+}
+
+/// Reads the operator token of a data directory.
+pub fn read_operator_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(OPERATOR_TOKEN_FILE);
+    let token = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (the operator token: run as the configuration server's user)",
+            path.display()
+        )
+    })?;
+    Ok(token.trim().to_owned())
 }
 
 /// The clock, UNIX milliseconds.

@@ -19,12 +19,15 @@ use crate::wire::{ApiError, Heartbeat, HeartbeatAck, MISSED_HEARTBEATS};
 /// How long one heartbeat may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where and as whom to report.
+/// A client of the configuration server's API: where, and as whom (a component with
+/// its site certificate, or an operator with the token).
 #[derive(Clone)]
 pub struct HeartbeatClient {
     server: SocketAddr,
     server_name: ServerName<'static>,
     tls: tokio_rustls::TlsConnector,
+    /// The operator token, sent as `Authorization: Bearer`.
+    bearer: Option<String>,
 }
 
 impl std::fmt::Debug for HeartbeatClient {
@@ -57,7 +60,38 @@ impl HeartbeatClient {
             server_name: ServerName::try_from(server_name.to_owned())
                 .map_err(|e| format!("server name {server_name:?}: {e}"))?,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            bearer: None,
         })
+    }
+
+    /// An operator's client: the server checked against the CA certificate `ca_pem`,
+    /// no client certificate, the operator `token` on every request.
+    pub fn operator(
+        server: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        token: String,
+    ) -> Result<Self, String> {
+        let roots = fbr_transport::load_roots(ca_pem).map_err(|e| e.to_string())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(HeartbeatClient {
+            server,
+            server_name: ServerName::try_from(server_name.to_owned())
+                .map_err(|e| format!("server name {server_name:?}: {e}"))?,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            bearer: Some(token),
+        })
+    }
+
+    /// One request (`GET` with an empty body, or `POST` of a JSON document); the
+    /// answer's body, or why not (the server's coded error).
+    pub async fn request(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Bytes, String> {
+        self.call(method, path, body).await
     }
 
     /// Sends one heartbeat; the server's acknowledgement, or why not.
@@ -103,11 +137,15 @@ impl HeartbeatClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("host", "config-server")
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(token) = &self.bearer {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
         let response = sender

@@ -409,11 +409,11 @@ impl ApiError {
     /// The HTTP status that goes with the code.
     pub fn status(&self) -> u16 {
         match self.error.code.as_str() {
-            "wrong_passphrase" | "certificate_required" => 401,
+            "wrong_passphrase" | "certificate_required" | "token_required" | "wrong_token" => 401,
             "not_enrolled" | "forbidden" => 403,
-            "not_found" => 404,
+            "not_found" | "unknown_move" | "unknown_vm" | "unknown_relay" => 404,
             "method_not_allowed" => 405,
-            "name_taken" | "move_in_progress" => 409,
+            "name_taken" | "move_in_progress" | "move_finished" | "already_there" => 409,
             "body_too_large" => 413,
             "internal" => 500,
             _ => 400,

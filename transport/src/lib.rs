@@ -25,4 +25,6 @@ pub mod quic;
 pub use framed::{ChunkWrite, FrameReader, FrameWriter, IoWriter, ReadError};
 pub use identity::{peer_identity, require_role, PeerIdentity, Role};
 pub use link::{LinkError, LinkStatus, PeerLink};
-pub use quic::{any_addr_for, client_endpoint, server_endpoint, Credentials, QuicTuning};
+pub use quic::{
+    any_addr_for, client_endpoint, load_roots, server_endpoint, Credentials, QuicTuning,
+};

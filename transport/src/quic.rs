@@ -111,20 +111,26 @@ impl Credentials {
         }
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| cred_err(&key_path, e.to_string()))?;
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(&ca_path)
-            .map_err(|e| cred_err(&ca_path, e.to_string()))?
-        {
-            let ca = ca.map_err(|e| cred_err(&ca_path, e.to_string()))?;
-            roots
-                .add(ca)
-                .map_err(|e| cred_err(&ca_path, e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(cred_err(&ca_path, "no CA certificate in file".into()));
-        }
+        let roots = load_roots(&ca_path)?;
         Ok(Credentials { chain, key, roots })
     }
+}
+
+/// The CA certificates of a PEM file (at least one), as trust roots.
+pub fn load_roots(ca_path: &Path) -> Result<RootCertStore, TransportError> {
+    let cred_err = |reason: String| TransportError::Credentials {
+        path: ca_path.display().to_string(),
+        reason,
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(ca_path).map_err(|e| cred_err(e.to_string()))? {
+        let ca = ca.map_err(|e| cred_err(e.to_string()))?;
+        roots.add(ca).map_err(|e| cred_err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(cred_err("no CA certificate in file".into()));
+    }
+    Ok(roots)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
