@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fbr_enroll::wire::{MovePhase, MoveProgress};
 use fbr_protocol::stream::{
     Reconnect, SenderConfig, SenderEvent, SessionEnd, SourcePosition, StreamSender, REFUSAL_GRACE,
 };
-use fbr_enroll::wire::{MovePhase, MoveProgress};
 use fbr_protocol::{Frame, Record, ResyncMode, StreamId, TagKind};
 use fbr_transport::{
     any_addr_for, client_endpoint, Credentials, FrameReader, FrameWriter, PeerLink, QuicTuning,
@@ -920,9 +920,11 @@ async fn run_move(
     for d in disks {
         d.window_changed.send_modify(|v| *v += 1);
         let mut accepted = d.accepted_placement.subscribe();
-        let waited =
-            tokio::time::timeout(plan.accept_timeout, accepted.wait_for(|p| *p >= to.placement))
-                .await;
+        let waited = tokio::time::timeout(
+            plan.accept_timeout,
+            accepted.wait_for(|p| *p >= to.placement),
+        )
+        .await;
         if !matches!(waited, Ok(Ok(_))) {
             return Err(format!(
                 "{}: not accepted by relay {} ({}) within {} s",

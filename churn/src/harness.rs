@@ -77,6 +77,9 @@ pub struct Site {
     opts: SiteOptions,
     mt: Daemon,
     relay: Daemon,
+    /// A second relay, `relay-b` (moves between relays), once
+    /// [`Site::enroll_relay_b`] ran; its cache is `<root>/relay-b-cache`.
+    relay_b: Daemon,
     /// The site's configuration server, once [`Site::enroll_through_config_server`] ran.
     config_server: Daemon,
     /// The relay is started without `--master-target`: it asks its configuration server
@@ -115,6 +118,12 @@ impl Site {
             },
             relay: Daemon {
                 name: "relay",
+                child: None,
+                addr: None,
+                metrics_addr: None,
+            },
+            relay_b: Daemon {
+                name: "relay-b",
                 child: None,
                 addr: None,
                 metrics_addr: None,
@@ -205,14 +214,29 @@ impl Site {
     /// Starts (or restarts, on the same port) the relay. The master target must have
     /// been started once, so its address is known.
     pub fn start_relay(&mut self) -> anyhow::Result<SocketAddr> {
+        let cmd = self.relay_command_for(
+            "relay",
+            &self.cache_dir,
+            &self.relay_control_socket(),
+            self.relay.addr,
+        )?;
+        let root = self.root.clone();
+        start_daemon(&mut self.relay, &root, cmd)
+    }
+
+    /// `relay run` for the relay whose certificate is `cert_name`.
+    fn relay_command_for(
+        &self,
+        cert_name: &str,
+        cache_dir: &Path,
+        control_socket: &Path,
+        listen: Option<SocketAddr>,
+    ) -> anyhow::Result<Command> {
         let mt = self
             .mt
             .addr
             .context("start the master target before the relay")?;
-        let listen = self
-            .relay
-            .addr
-            .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
         let mut cmd = Command::new(bin_path("relay")?);
         cmd.arg("run").arg("--listen").arg(listen.to_string());
         if !self.relay_asks_for_master_target {
@@ -220,8 +244,10 @@ impl Site {
         }
         cmd.arg("--pki-dir")
             .arg(&self.pki_dir)
+            .arg("--cert-name")
+            .arg(cert_name)
             .arg("--cache-dir")
-            .arg(&self.cache_dir)
+            .arg(cache_dir)
             .arg("--cache-capacity")
             .arg(self.opts.cache_capacity.to_string())
             .arg("--cache-segment-mib")
@@ -229,10 +255,94 @@ impl Site {
             .arg("--max-udp-payload")
             .arg(self.opts.max_udp_payload.to_string())
             .arg("--control-socket")
-            .arg(self.relay_control_socket())
+            .arg(control_socket)
             .args(&self.opts.relay_args);
+        Ok(cmd)
+    }
+
+    /// Enrolls a second relay, `relay-b`, through the site's configuration server
+    /// ([`Site::enroll_through_config_server`] first).
+    pub fn enroll_relay_b(&mut self) -> anyhow::Result<()> {
+        let server = self
+            .config_server
+            .addr
+            .context("enroll the site through its configuration server first")?;
+        let out = Command::new(bin_path("relay")?)
+            .arg("register")
+            .arg("--config-server")
+            .arg(server.to_string())
+            .arg("--passphrase-file")
+            .arg(self.root.join("site.passphrase"))
+            .arg("--pki-dir")
+            .arg(&self.pki_dir)
+            .args([
+                "--name",
+                "relay-b",
+                "--ip",
+                "127.0.0.1",
+                "--dns",
+                "localhost",
+            ])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "relay register (relay-b) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Starts (or restarts, on the same port) `relay-b`, with the relay's flags.
+    pub fn start_relay_b(&mut self) -> anyhow::Result<SocketAddr> {
+        let cmd = self.relay_command_for(
+            "relay-b",
+            &self.relay_b_cache_dir(),
+            &self.root.join("relay-b-control.sock"),
+            self.relay_b.addr,
+        )?;
         let root = self.root.clone();
-        start_daemon(&mut self.relay, &root, cmd)
+        start_daemon(&mut self.relay_b, &root, cmd)
+    }
+
+    /// Stops `relay-b`: SIGTERM and wait, or SIGKILL (`kill9`).
+    pub fn stop_relay_b(&mut self, kill9: bool) -> anyhow::Result<()> {
+        stop_daemon(&mut self.relay_b, kill9)
+    }
+
+    pub fn relay_b_addr(&self) -> Option<SocketAddr> {
+        self.relay_b.addr
+    }
+
+    pub fn relay_b_metrics_addr(&self) -> Option<SocketAddr> {
+        self.relay_b.metrics_addr
+    }
+
+    /// `relay-b`'s cache directory.
+    pub fn relay_b_cache_dir(&self) -> PathBuf {
+        self.root.join("relay-b-cache")
+    }
+
+    /// Runs `config-server <args>` against this site's data directory and running
+    /// server (an operator's command, e.g. `move`); its stdout.
+    pub fn config_server_command(&self, args: &[&str]) -> anyhow::Result<String> {
+        let server = self
+            .config_server
+            .addr
+            .context("the configuration server is not running")?;
+        let out = Command::new(bin_path("config-server")?)
+            .args(args)
+            .arg("--data")
+            .arg(self.root.join("config-server"))
+            .arg("--server")
+            .arg(server.to_string())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "config-server {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Stops the master target: SIGTERM and wait, or SIGKILL (`kill9`).
@@ -436,6 +546,7 @@ impl Site {
 impl Drop for Site {
     fn drop(&mut self) {
         let _ = stop_daemon(&mut self.relay, true);
+        let _ = stop_daemon(&mut self.relay_b, true);
         let _ = stop_daemon(&mut self.mt, true);
         let _ = stop_daemon(&mut self.config_server, true);
     }

@@ -33,7 +33,10 @@ pub async fn follow_assignments(
         match client.assignment().await {
             Ok(assignment) => {
                 for p in assignment.placements {
-                    let busy = moving.lock().unwrap_or_else(|e| e.into_inner()).contains(&p.vm);
+                    let busy = moving
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&p.vm);
                     if busy || mover.placement(&p.vm).is_none_or(|now| p.placement <= now) {
                         continue;
                     }

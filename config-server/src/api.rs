@@ -119,7 +119,14 @@ impl ApiMetrics {
             &["phase"],
         )
         .expect("valid metric");
-        for phase in ["requested", "draining", "switching", "resyncing", "done", "failed"] {
+        for phase in [
+            "requested",
+            "draining",
+            "switching",
+            "resyncing",
+            "done",
+            "failed",
+        ] {
             moves_total.with_label_values(&[phase]);
         }
         registry
@@ -323,10 +330,17 @@ impl Server {
             .state
             .operator_token_sha256()
             .map_err(|e| ApiError::new("internal", e.to_string()))?;
-        let given = proof::to_hex(&ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec());
+        let given = proof::to_hex(
+            &ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+                .as_ref()
+                .to_vec(),
+        );
         match expected {
             Some(h) if !token.is_empty() && h == given => Ok(()),
-            _ => Err(ApiError::new("wrong_token", "the operator token is not this site's")),
+            _ => Err(ApiError::new(
+                "wrong_token",
+                "the operator token is not this site's",
+            )),
         }
     }
 
@@ -342,7 +356,12 @@ impl Server {
         let (id, progress) = match rest.split_once('/') {
             None => (rest, false),
             Some((id, "progress")) => (id, true),
-            Some(_) => return Err(ApiError::new("not_found", format!("no endpoint /v1/moves/{rest}"))),
+            Some(_) => {
+                return Err(ApiError::new(
+                    "not_found",
+                    format!("no endpoint /v1/moves/{rest}"),
+                ))
+            }
         };
         let id: u64 = id
             .parse()
@@ -353,8 +372,14 @@ impl Server {
                 if let (Err(e), None) = (operator, peer) {
                     return Err(e);
                 }
-                let m = self.state.move_by_id(id).map_err(internal)?.ok_or_else(unknown)?;
-                Ok(json(&serde_json::json!({"version": API_VERSION, "move": m})))
+                let m = self
+                    .state
+                    .move_by_id(id)
+                    .map_err(internal)?
+                    .ok_or_else(unknown)?;
+                Ok(json(
+                    &serde_json::json!({"version": API_VERSION, "move": m}),
+                ))
             }
             (&Method::POST, true) => {
                 let Some(peer) = peer else {
@@ -364,11 +389,18 @@ impl Server {
                 let body = read_body(req).await?;
                 let report = fbr_enroll::wire::parse_move_progress(&body)?;
                 let _one_at_a_time = self.moving.lock().await;
-                let m = self.state.move_by_id(id).map_err(internal)?.ok_or_else(unknown)?;
+                let m = self
+                    .state
+                    .move_by_id(id)
+                    .map_err(internal)?
+                    .ok_or_else(unknown)?;
                 if me.role != "agent" || !peer.entitlement.may_write(&m.vm) {
                     return Err(ApiError::new(
                         "forbidden",
-                        format!("{} does not write VM {}: only its agent reports its move", me.name, m.vm),
+                        format!(
+                            "{} does not write VM {}: only its agent reports its move",
+                            me.name, m.vm
+                        ),
                     ));
                 }
                 let next = crate::moves::apply_progress(&m, &report, now_ms())?;
@@ -383,12 +415,19 @@ impl Server {
                 } else {
                     None
                 };
-                self.state.record_move(&next, placement.as_ref()).map_err(internal)?;
+                self.state
+                    .record_move(&next, placement.as_ref())
+                    .map_err(internal)?;
                 if next.phase != m.phase {
                     tracing::info!(id, vm = %m.vm, to = %m.to_relay, phase = next.phase.name(), drained = next.bytes_drained, "move progress");
-                    self.metrics.moves_total.with_label_values(&[next.phase.name()]).inc();
+                    self.metrics
+                        .moves_total
+                        .with_label_values(&[next.phase.name()])
+                        .inc();
                 }
-                Ok(json(&serde_json::json!({"version": API_VERSION, "move": next})))
+                Ok(json(
+                    &serde_json::json!({"version": API_VERSION, "move": next}),
+                ))
             }
             _ => Err(ApiError::new(
                 "method_not_allowed",
@@ -420,10 +459,17 @@ impl Server {
         };
         let id = self.state.next_move_id().map_err(internal)?;
         let (m, placement) = crate::moves::plan(&req, id, &site)?;
-        self.state.record_move(&m, Some(&placement)).map_err(internal)?;
-        self.metrics.moves_total.with_label_values(&["requested"]).inc();
+        self.state
+            .record_move(&m, Some(&placement))
+            .map_err(internal)?;
+        self.metrics
+            .moves_total
+            .with_label_values(&["requested"])
+            .inc();
         tracing::info!(id, vm = %m.vm, from = ?m.from_relay, to = %m.to_relay, placement = m.placement, drain = m.drain, "move requested");
-        Ok(json(&serde_json::json!({"version": API_VERSION, "move": m})))
+        Ok(json(
+            &serde_json::json!({"version": API_VERSION, "move": m}),
+        ))
     }
 
     /// `peer`'s assignment as it stands now (what enrollment answered, with addresses

@@ -65,20 +65,29 @@ pub struct Move {
     pub error: Option<String>,
 }
 
-/// Where `vm` writes now: its relay and placement (a moved VM's record, else the relay
-/// its agent was assigned at enrollment, at placement 0).
+/// Where `vm` writes now: its relay and placement. A moved VM's record says; else the
+/// relay whose latest heartbeat carries the VM's streams (an agent pointed at a relay
+/// by hand), else the relay its agent was assigned at enrollment; at placement 0.
 pub fn current(
     vm: &str,
     components: &[Component],
+    heartbeats: &std::collections::BTreeMap<String, LastHeartbeat>,
     placement: Option<&VmPlacementRecord>,
 ) -> Option<(Option<String>, u64)> {
     if let Some(p) = placement {
         return Some((Some(p.relay.clone()), p.placement));
     }
-    components
+    let agent = components
         .iter()
-        .find(|c| c.role == "agent" && c.vms.iter().any(|v| v == vm))
-        .map(|agent| (agent.assigned_relay.clone(), 0))
+        .find(|c| c.role == "agent" && c.vms.iter().any(|v| v == vm))?;
+    let carrying = components
+        .iter()
+        .filter(|c| c.role == "relay")
+        .filter_map(|c| heartbeats.get(&c.name).map(|h| (c, h)))
+        .filter(|(_, h)| h.report.streams.iter().any(|s| s.vm == vm))
+        .max_by_key(|(_, h)| h.received_ms)
+        .map(|(c, _)| c.name.clone());
+    Some((carrying.or_else(|| agent.assigned_relay.clone()), 0))
 }
 
 /// Everything a move request is checked against.
@@ -99,7 +108,9 @@ pub fn plan(
     id: u64,
     site: &Site<'_>,
 ) -> Result<(Move, VmPlacementRecord), ApiError> {
-    let Some((from, placement)) = current(&req.vm, site.components, site.placement) else {
+    let Some((from, placement)) =
+        current(&req.vm, site.components, site.heartbeats, site.placement)
+    else {
         return Err(ApiError::new(
             "unknown_vm",
             format!(
@@ -147,9 +158,9 @@ pub fn plan(
     }
     // Drain only an old relay that is there to drain: one that stopped reporting is
     // taken as lost, and the agent resyncs what the master target lacks.
-    let drain = from.as_ref().is_some_and(|r| {
-        connection_state(site.heartbeats.get(r), site.now_ms) == "connected"
-    });
+    let drain = from
+        .as_ref()
+        .is_some_and(|r| connection_state(site.heartbeats.get(r), site.now_ms) == "connected");
     let placement = placement + 1;
     let record = Move {
         id,
@@ -269,22 +280,37 @@ mod tests {
             (7, Some("relay-a"), 1, Some(7))
         );
         assert!(!m.drain, "relay-a never reported: lost, so no drain");
-        assert_eq!(code(plan(&request("vm9", "relay-b"), 8, &site)), "unknown_vm");
-        assert_eq!(code(plan(&request("vm1", "relay-z"), 8, &site)), "unknown_relay");
-        assert_eq!(code(plan(&request("vm1", "relay-a"), 8, &site)), "already_there");
+        assert_eq!(
+            code(plan(&request("vm9", "relay-b"), 8, &site)),
+            "unknown_vm"
+        );
+        assert_eq!(
+            code(plan(&request("vm1", "relay-z"), 8, &site)),
+            "unknown_relay"
+        );
+        assert_eq!(
+            code(plan(&request("vm1", "relay-a"), 8, &site)),
+            "already_there"
+        );
         // From the moved placement on: where it is now, one more move at a time.
         let moved = Site {
             placement: Some(&p),
             unfinished: Some(&m),
             ..site
         };
-        assert_eq!(code(plan(&request("vm1", "relay-a"), 8, &moved)), "move_in_progress");
+        assert_eq!(
+            code(plan(&request("vm1", "relay-a"), 8, &moved)),
+            "move_in_progress"
+        );
         let finished = Site {
             unfinished: None,
             ..moved
         };
         let (back, p2) = plan(&request("vm1", "relay-a"), 8, &finished).unwrap();
-        assert_eq!((back.from_relay.as_deref(), p2.placement), (Some("relay-b"), 2));
+        assert_eq!(
+            (back.from_relay.as_deref(), p2.placement),
+            (Some("relay-b"), 2)
+        );
     }
 
     #[test]

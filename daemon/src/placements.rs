@@ -63,7 +63,14 @@ impl PlacementStore {
         let mut table = self.lock();
         let admission = table.check(stream, placement);
         if let Admission::Raised { .. } = admission {
-            self.write(&mut table, stream, Placement { placement, since: 0 })?;
+            self.write(
+                &mut table,
+                stream,
+                Placement {
+                    placement,
+                    since: 0,
+                },
+            )?;
         }
         Ok(admission)
     }

@@ -98,7 +98,13 @@ impl PlacementTable {
     pub fn admit(&mut self, stream: &StreamId, placement: u64) -> Admission {
         let admission = self.check(stream, placement);
         if let Admission::Raised { .. } = admission {
-            self.set(stream, Placement { placement, since: 0 });
+            self.set(
+                stream,
+                Placement {
+                    placement,
+                    since: 0,
+                },
+            );
         }
         admission
     }
@@ -226,7 +232,13 @@ mod tests {
         assert_eq!(t.get(&id("vm1", 1)), 0);
         assert_eq!(t.check(&id("vm1", 0), 3), Admission::Raised { from: 2 });
         assert_eq!(t.get(&id("vm1", 0)), 2, "check changes nothing");
-        t.set(&id("vm1", 0), Placement { placement: 0, since: 0 });
+        t.set(
+            &id("vm1", 0),
+            Placement {
+                placement: 0,
+                since: 0,
+            },
+        );
         assert_eq!(t.get(&id("vm1", 0)), 0);
         assert_eq!(t.iter().count(), 0);
     }
@@ -234,7 +246,13 @@ mod tests {
     #[test]
     fn golden_bytes_round_trip() {
         let mut t = PlacementTable::default();
-        t.set(&id("vm1", 2), Placement { placement: 3, since: 9 });
+        t.set(
+            &id("vm1", 2),
+            Placement {
+                placement: 3,
+                since: 9,
+            },
+        );
         let golden: &[u8] = &[
             b'F', b'B', b'R', b'P', b'L', b'A', b'C', b'E', // magic
             1, 0, 0, 0, // version 1, reserved
@@ -249,7 +267,10 @@ mod tests {
         assert_eq!(PlacementTable::decode(golden).unwrap(), t);
         let empty = PlacementTable::default().encode();
         assert_eq!(empty.len(), 20);
-        assert_eq!(PlacementTable::decode(&empty).unwrap(), PlacementTable::default());
+        assert_eq!(
+            PlacementTable::decode(&empty).unwrap(),
+            PlacementTable::default()
+        );
     }
 
     #[test]
@@ -272,6 +293,8 @@ mod tests {
         huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         let crc = crc32c::crc32c(&huge);
         huge.extend_from_slice(&crc.to_le_bytes());
-        assert!(PlacementTable::decode(&huge).unwrap_err().contains("cannot fit"));
+        assert!(PlacementTable::decode(&huge)
+            .unwrap_err()
+            .contains("cannot fit"));
     }
 }

@@ -1384,7 +1384,11 @@ mod tests {
         let r = open(1).check_placement(1, 2).unwrap_err();
         assert_eq!(r.code, ErrorCode::StreamMoved);
         assert_eq!(r.code.recovery(), Recovery::GiveUp);
-        assert!(r.message.contains("placement 2 on record, Hello says 1"), "{}", r.message);
+        assert!(
+            r.message.contains("placement 2 on record, Hello says 1"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]

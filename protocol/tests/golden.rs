@@ -61,8 +61,12 @@ fn hello_of_a_moved_stream_carries_its_placement() {
     // Placement 0 is the absence of the trailer, never an explicit 0; other lengths
     // are malformed.
     for payload in [
-        &[2, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 3, b'v', b'm', b'1', 0, 0, 0, 0, 0, 0, 0, 0][..],
-        &[2, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 3, b'v', b'm', b'1', 3, 0, 0, 0][..],
+        &[
+            2, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 3, b'v', b'm', b'1', 0, 0, 0, 0, 0, 0, 0, 0,
+        ][..],
+        &[
+            2, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 3, b'v', b'm', b'1', 3, 0, 0, 0,
+        ][..],
     ] {
         let mut buf = BytesMut::from(&[b'F', b'B', 0x01, 0x01, payload.len() as u8, 0, 0, 0][..]);
         buf.extend_from_slice(payload);

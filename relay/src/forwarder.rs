@@ -125,8 +125,7 @@ impl ForwardMetrics {
             records_forwarded_total: IntCounter::with_opts(opts("records")).expect("valid counter"),
             unknown_references_total: IntCounter::with_opts(opts("unknown"))
                 .expect("valid counter"),
-            streams_moved_away_total: IntCounter::with_opts(opts("moved"))
-                .expect("valid counter"),
+            streams_moved_away_total: IntCounter::with_opts(opts("moved")).expect("valid counter"),
         }
     }
 }
@@ -365,7 +364,9 @@ async fn moved_away<U: Upstream, S: ForwardSource>(
             )));
         }
         Err(e) => {
-            state.failed.send_replace(Some(format!("forgetting a moved stream: {e}")));
+            state
+                .failed
+                .send_replace(Some(format!("forgetting a moved stream: {e}")));
         }
     }
 }

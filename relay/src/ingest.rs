@@ -363,7 +363,8 @@ async fn admit_placement(
         return receiver.check_placement(placement, on_record);
     };
     drop(ctx.claim_stream(id));
-    ctx.forwarders.retire(id, "the VM moved here from another relay");
+    ctx.forwarders
+        .retire(id, "the VM moved here from another relay");
     let (cache, stream) = (ctx.cache.clone(), id.clone());
     let retired = tokio::task::spawn_blocking(move || cache.retire(&stream, placement)).await;
     match retired {

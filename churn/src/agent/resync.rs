@@ -202,15 +202,7 @@ pub(super) async fn drive(disk: Arc<DiskRuntime>, plan: ResyncPlan, epoch: u64) 
     let ctx = disk.ctx.clone();
     // The VM's relay when the resync starts (a resync after a move uses the new one).
     let link = ctx.route.link();
-    let outcome = resync(
-        &disk,
-        plan,
-        epoch,
-        &link,
-        &ctx.stats,
-        ctx.reconnect_timeout,
-    )
-    .await;
+    let outcome = resync(&disk, plan, epoch, &link, &ctx.stats, ctx.reconnect_timeout).await;
     if disk.lock_gen().resync_epoch != epoch {
         return; // superseded: the newer resync owns the disk's resync state
     }
