@@ -330,7 +330,7 @@ impl<S: Storage> SegmentLog<S> {
                     len: e.len,
                     appended_s: (e.appended_ms / 1000) as u32,
                 };
-                self.index_recovered(stream, *disk_size, e.seq, loc, &name, id, &mut segment);
+                self.index_recovered(stream, *disk_size, e.seq, loc, &name, &mut segment);
                 report.records += 1;
             }
         } else {
@@ -375,7 +375,6 @@ impl<S: Storage> SegmentLog<S> {
                             entry.record.seq(),
                             loc,
                             &name,
-                            id,
                             &mut segment,
                         );
                         report.records += 1;
@@ -419,10 +418,13 @@ impl<S: Storage> SegmentLog<S> {
         seq: u64,
         loc: Loc,
         name: &str,
-        segment_id: u64,
         segment: &mut Segment<S::File>,
     ) {
-        if self.fences.get(stream).is_some_and(|f| segment_id < *f) {
+        if self
+            .fences
+            .get(stream)
+            .is_some_and(|f| u64::from(loc.segment) < *f)
+        {
             // From the path the stream moved away from: not this placement's records.
             return;
         }

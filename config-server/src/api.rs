@@ -330,13 +330,8 @@ impl Server {
             .state
             .operator_token_sha256()
             .map_err(|e| ApiError::new("internal", e.to_string()))?;
-        let given = proof::to_hex(
-            &ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-                .as_ref()
-                .to_vec(),
-        );
         match expected {
-            Some(h) if !token.is_empty() && h == given => Ok(()),
+            Some(h) if !token.is_empty() && h == crate::site::token_sha256_hex(token) => Ok(()),
             _ => Err(ApiError::new(
                 "wrong_token",
                 "the operator token is not this site's",

@@ -26,9 +26,11 @@ pub struct SiteInventory {
 #[derive(Debug, Clone, Serialize)]
 pub struct VmEntry {
     pub vm: String,
-    /// The agent enrolled to write it, and the relay it was placed on.
+    /// The agent enrolled to write it, and the relay it was placed on (or moved to).
     pub agent: Option<String>,
     pub assigned_relay: Option<String>,
+    /// How many times it moved between relays (0: never).
+    pub placement: u64,
     pub disks: Vec<DiskEntry>,
 }
 
@@ -80,6 +82,7 @@ pub fn site_inventory(
             vm: name.to_owned(),
             agent: None,
             assigned_relay: None,
+            placement: 0,
             disks: vec![],
         })
     }

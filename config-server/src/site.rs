@@ -120,8 +120,7 @@ pub fn ensure_operator_token(data_dir: &Path, state: &State) -> anyhow::Result<b
         return Ok(false);
     }
     let token = proof::to_hex(&random_bytes(32)?);
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    state.set_operator_token_sha256(&proof::to_hex(digest.as_ref()))?;
+    state.set_operator_token_sha256(&token_sha256_hex(&token))?;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
@@ -134,6 +133,11 @@ pub fn ensure_operator_token(data_dir: &Path, state: &State) -> anyhow::Result<b
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     Ok(true)
+}
+
+/// What the state keeps of an operator token: its SHA-256, hex.
+pub fn token_sha256_hex(token: &str) -> String {
+    proof::to_hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 /// Reads the operator token of a data directory.

@@ -349,11 +349,17 @@ impl State {
         &self,
         now_ms: u64,
     ) -> Result<crate::inventory::SiteInventory, StateError> {
-        Ok(crate::inventory::site_inventory(
-            &self.components()?,
-            &self.heartbeats()?,
-            now_ms,
-        ))
+        let mut inventory =
+            crate::inventory::site_inventory(&self.components()?, &self.heartbeats()?, now_ms);
+        // A VM that moved is where its last move put it.
+        let placements = self.placements()?;
+        for v in &mut inventory.vms {
+            if let Some(p) = placements.get(&v.vm) {
+                v.assigned_relay = Some(p.relay.clone());
+                v.placement = p.placement;
+            }
+        }
+        Ok(inventory)
     }
 
     /// The inventory: every component with its connection state and last report.

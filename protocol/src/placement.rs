@@ -197,11 +197,14 @@ impl PlacementTable {
             }
             let stream = StreamId { vm, disk };
             if placements
-                .insert(stream.clone(), Placement { placement, since })
-                .is_some()
+                .last_key_value()
+                .is_some_and(|(last, _)| *last >= stream)
             {
-                return Err(format!("entry {i}: {stream} appears twice"));
+                return Err(format!(
+                    "entry {i}: {stream} is out of order (entries are sorted, each once)"
+                ));
             }
+            placements.insert(stream, Placement { placement, since });
         }
         if p.has_remaining() {
             return Err(format!("{} bytes after the last entry", p.remaining()));

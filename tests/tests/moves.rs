@@ -7,7 +7,8 @@
 //!   writes, the old relay drains them to the master target, and the VM goes on through
 //!   the new relay from the master target's high-water mark: no resync, every recovery
 //!   point byte-exact, the other VM undisturbed on the old relay, and the old relay
-//!   told by the master target that its copy is stale, so it forgets it.
+//!   told by the master target that its copy is stale, so it forgets it. The move and
+//!   the VM's new place (inventory) outlive a kill -9 of the configuration server.
 //! - Off a killed relay: the relay dies with the VM's backlog; the configuration server
 //!   sees it disconnected, so the move does not wait for a drain: the VM's disks
 //!   continue at the master target's position and a delta resync replaces what died
@@ -206,10 +207,30 @@ async fn a_vm_moved_with_a_backlog_under_churn_drains_first_and_every_point_is_e
         ),
         1.0
     );
+    // The move and the VM's new place outlive a kill -9 of the configuration server.
+    tokio::task::block_in_place(|| {
+        site.stop_config_server(true).unwrap();
+        site.start_config_server().unwrap();
+    });
     let moves = tokio::task::block_in_place(|| site.config_server_command(&["moves"])).unwrap();
     assert!(
         moves.contains("vm1 from relay to relay-b (placement 1): done"),
         "{moves}"
+    );
+    let body = client
+        .request("GET", "/v1/inventory", Vec::new())
+        .await
+        .unwrap();
+    let inventory: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let vm1 = inventory["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm"] == "vm1")
+        .unwrap();
+    assert_eq!(
+        (&vm1["assigned_relay"], &vm1["placement"]),
+        (&"relay-b".into(), &1.into())
     );
     tokio::task::block_in_place(|| site.stop_relay_b(false)).unwrap();
     let verified = tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
