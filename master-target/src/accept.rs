@@ -412,12 +412,15 @@ impl MasterTarget {
         let slot = self.slot(&id);
         let mut my_generation = 0;
         let mut admitted = Ok(Admission::Current);
-        slot.generation.send_modify(|g| {
+        // `send_if_modified`: a refused Hello must not even wake the current session.
+        slot.generation.send_if_modified(|g| {
             admitted = self.placements.admit(&id, placement);
-            if matches!(admitted, Ok(Admission::Current | Admission::Raised { .. })) {
+            let takes_over = matches!(admitted, Ok(Admission::Current | Admission::Raised { .. }));
+            if takes_over {
                 *g += 1;
                 my_generation = *g;
             }
+            takes_over
         });
         match admitted {
             Ok(Admission::Current) => {}

@@ -300,3 +300,106 @@ async fn a_vm_moved_off_a_killed_relay_resyncs_and_the_stale_copy_is_refused() {
     let verified = tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
     assert!(verified.recovery_points_verified > 10, "{verified:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_or_senseless_move_requests_get_coded_errors() {
+    let mut site = Site::create(None, site_options(&["vm1"])).unwrap();
+    tokio::task::block_in_place(|| {
+        site.enroll_through_config_server().unwrap();
+        site.enroll_relay_b().unwrap();
+    });
+    let server = site.config_server_addr().unwrap();
+    let ca = site.root.join("config-server/pki/ca.pem");
+    let token = std::fs::read_to_string(site.root.join("config-server/operator.token")).unwrap();
+    let operator =
+        HeartbeatClient::operator(server, "127.0.0.1", &ca, token.trim().into()).unwrap();
+    let impostor = HeartbeatClient::operator(server, "127.0.0.1", &ca, "f00d".repeat(16)).unwrap();
+    let agent = agent_client(&site);
+    let code = |r: Result<bytes::Bytes, String>| {
+        let e = r.expect_err("refused");
+        e.rsplit_once('(')
+            .map(|(_, c)| c.trim_end_matches(')').to_owned())
+            .unwrap_or(e)
+    };
+    let request = |vm: &str, relay: &str| {
+        format!(r#"{{"version": 1, "vm": "{vm}", "relay": "{relay}"}}"#).into_bytes()
+    };
+    // Who may ask: the operator's token, not a component's certificate or another token.
+    assert_eq!(
+        code(
+            agent
+                .request("POST", "/v1/moves", request("vm1", "relay-b"))
+                .await
+        ),
+        "token_required"
+    );
+    assert_eq!(
+        code(
+            impostor
+                .request("POST", "/v1/moves", request("vm1", "relay-b"))
+                .await
+        ),
+        "wrong_token"
+    );
+    assert_eq!(
+        code(impostor.request("GET", "/v1/moves", vec![]).await),
+        "wrong_token"
+    );
+    // What may be asked.
+    let post = |body: Vec<u8>| operator.request("POST", "/v1/moves", body);
+    assert_eq!(code(post(b"{not json".to_vec()).await), "bad_json");
+    assert_eq!(
+        code(post(br#"{"version": 1, "vm": "vm1"}"#.to_vec()).await),
+        "bad_json"
+    );
+    assert_eq!(
+        code(post(br#"{"version": 2, "vm": "vm1", "relay": "relay-b"}"#.to_vec()).await),
+        "unsupported_version"
+    );
+    assert_eq!(code(post(request("../etc", "relay-b")).await), "bad_name");
+    assert_eq!(code(post(request("vm9", "relay-b")).await), "unknown_vm");
+    assert_eq!(code(post(request("vm1", "relay-z")).await), "unknown_relay");
+    // relay-b has not said where agents reach it (it never ran).
+    assert_eq!(
+        code(post(request("vm1", "relay-b")).await),
+        "relay_unreachable"
+    );
+    assert_eq!(code(post(vec![b' '; 70 * 1024]).await), "body_too_large");
+    // Moves that do not exist, and reports about them.
+    assert_eq!(
+        code(operator.request("GET", "/v1/moves/7", vec![]).await),
+        "unknown_move"
+    );
+    assert_eq!(
+        code(operator.request("GET", "/v1/moves/x", vec![]).await),
+        "unknown_move"
+    );
+    assert_eq!(
+        code(operator.request("DELETE", "/v1/moves/7", vec![]).await),
+        "method_not_allowed"
+    );
+    let progress = br#"{"version": 1, "phase": "done", "bytes_to_drain": 1, "bytes_drained": 2, "drain_ms": 0}"#;
+    assert_eq!(
+        code(
+            agent
+                .request("POST", "/v1/moves/7/progress", progress.to_vec())
+                .await
+        ),
+        "bad_progress"
+    );
+    assert_eq!(
+        code(
+            operator
+                .request("POST", "/v1/moves/7/progress", progress.to_vec())
+                .await
+        ),
+        "certificate_required"
+    );
+    // The CLI says the same, with the code.
+    let refused = tokio::task::block_in_place(|| {
+        site.config_server_command(&["move", "--vm", "vm9", "--to", "relay-b"])
+    });
+    assert!(refused.unwrap_err().to_string().contains("(unknown_vm)"));
+    let listed = tokio::task::block_in_place(|| site.config_server_command(&["moves"])).unwrap();
+    assert_eq!(listed.trim(), "no moves");
+}
