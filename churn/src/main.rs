@@ -160,6 +160,13 @@ struct RelayArgs {
     /// Where to write the run manifest (needed by `churn verify`).
     #[arg(long)]
     manifest: PathBuf,
+    /// The site's configuration server (IP:PORT): follow this agent's assignment while
+    /// running, moving VMs between relays when an operator asks (`config-server move`).
+    #[arg(long)]
+    config_server: Option<SocketAddr>,
+    /// The name in the configuration server's certificate.
+    #[arg(long, default_value = "config-server")]
+    config_server_name: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -491,7 +498,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 app_tag_every: w.app_tag_every(),
                 ..opts
             };
-            run_agent(opts, plans, w.seed, &relay.manifest).await
+            run_agent(opts, plans, w.seed, &relay).await
         }
         Command::Replay {
             log,
@@ -532,7 +539,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 .collect();
             let mut opts = agent_options(None, &relay, tag_interval_ms, max_udp_payload, None);
             opts.log_tags = log_tags;
-            run_agent(opts, plans, 0, &relay.manifest).await
+            run_agent(opts, plans, 0, &relay).await
         }
         Command::MakeLog {
             out,
@@ -776,11 +783,35 @@ async fn run_agent(
     opts: AgentOptions,
     plans: Vec<DiskPlan>,
     seed: u64,
-    manifest_path: &std::path::Path,
+    relay: &RelayArgs,
 ) -> anyhow::Result<bool> {
+    let manifest_path = &relay.manifest;
     let handle = agent::start(opts, plans, seed).map_err(anyhow::Error::msg)?;
+    // With a configuration server: moves between relays, as an operator asks them.
+    let follower = match relay.config_server {
+        Some(addr) => {
+            let client = fbr_enroll::heartbeat::HeartbeatClient::new(
+                addr,
+                &relay.config_server_name,
+                &relay.pki_dir,
+                &relay.cert_name,
+            )
+            .map_err(anyhow::Error::msg)?;
+            Some(tokio::spawn(fbr_churn::moves::follow_assignments(
+                handle.mover(),
+                client,
+                Duration::from_secs(2),
+                Duration::from_secs(30),
+            )))
+        }
+        None => None,
+    };
     let stats = handle.stats.clone();
-    let report = handle.finish().await.map_err(anyhow::Error::msg)?;
+    let report = handle.finish().await.map_err(anyhow::Error::msg);
+    if let Some(f) = follower {
+        f.abort();
+    }
+    let report = report?;
     std::fs::write(manifest_path, serde_json::to_vec_pretty(&report.manifest)?)
         .with_context(|| format!("writing {}", manifest_path.display()))?;
     let (p50, p99, max) = stats.lag_ms();
