@@ -161,16 +161,27 @@ impl State {
             .transpose()
     }
 
-    /// Every component, by name.
-    pub fn components(&self) -> Result<Vec<Component>, StateError> {
+    /// Every row of a table of JSON values keyed by name, in key order.
+    fn all_json<V: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &str>,
+    ) -> Result<std::collections::BTreeMap<String, V>, StateError> {
         let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(COMPONENTS).map_err(e)?;
-        let mut out = Vec::new();
+        let t = tx.open_table(table).map_err(e)?;
+        let mut out = std::collections::BTreeMap::new();
         for row in t.iter().map_err(e)? {
-            let (_, v) = row.map_err(e)?;
-            out.push(serde_json::from_str(v.value()).map_err(e)?);
+            let (k, v) = row.map_err(e)?;
+            out.insert(
+                k.value().to_owned(),
+                serde_json::from_str(v.value()).map_err(e)?,
+            );
         }
         Ok(out)
+    }
+
+    /// Every component, by name.
+    pub fn components(&self) -> Result<Vec<Component>, StateError> {
+        Ok(self.all_json(COMPONENTS)?.into_values().collect())
     }
 
     /// Records an enrollment (and clears the client address's failures), in one
@@ -241,17 +252,7 @@ impl State {
     pub fn heartbeats(
         &self,
     ) -> Result<std::collections::BTreeMap<String, LastHeartbeat>, StateError> {
-        let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(HEARTBEATS).map_err(e)?;
-        let mut out = std::collections::BTreeMap::new();
-        for row in t.iter().map_err(e)? {
-            let (k, v) = row.map_err(e)?;
-            out.insert(
-                k.value().to_owned(),
-                serde_json::from_str(v.value()).map_err(e)?,
-            );
-        }
-        Ok(out)
+        self.all_json(HEARTBEATS)
     }
 
     /// The SHA-256 (hex) of the operator token, if one was made.
@@ -277,17 +278,7 @@ impl State {
         &self,
     ) -> Result<std::collections::BTreeMap<String, crate::moves::VmPlacementRecord>, StateError>
     {
-        let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(PLACEMENTS).map_err(e)?;
-        let mut out = std::collections::BTreeMap::new();
-        for row in t.iter().map_err(e)? {
-            let (k, v) = row.map_err(e)?;
-            out.insert(
-                k.value().to_owned(),
-                serde_json::from_str(v.value()).map_err(e)?,
-            );
-        }
-        Ok(out)
+        self.all_json(PLACEMENTS)
     }
 
     /// Every move, oldest first.

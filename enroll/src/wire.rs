@@ -173,22 +173,46 @@ pub struct MoveProgress {
     pub error: Option<String>,
 }
 
-/// Decodes and checks a `POST /v1/moves/{id}/progress` body.
-pub fn parse_move_progress(body: &[u8]) -> Result<MoveProgress, ApiError> {
-    if body.len() > MAX_BODY {
+/// A request document of this API version.
+trait Versioned {
+    fn version(&self) -> u32;
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(impl Versioned for $t { fn version(&self) -> u32 { self.version } })*};
+}
+versioned!(MoveProgress, MoveRequest, Heartbeat, EnrollRequest);
+
+/// Decodes a JSON request body of at most `limit` bytes (`what` names it in errors) and
+/// checks its version: the steps every request decoder starts with.
+fn decode_document<T: serde::de::DeserializeOwned + Versioned>(
+    body: &[u8],
+    limit: usize,
+    what: &str,
+) -> Result<T, ApiError> {
+    if body.len() > limit {
         return Err(ApiError::new(
             "body_too_large",
-            format!("the body is {} bytes, over {MAX_BODY}", body.len()),
+            format!("the body is {} bytes, over {limit}", body.len()),
         ));
     }
-    let p: MoveProgress = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new("bad_json", format!("not a move progress report: {e}")))?;
-    if p.version != API_VERSION {
+    let doc: T = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new("bad_json", format!("not {what}: {e}")))?;
+    if doc.version() != API_VERSION {
         return Err(ApiError::new(
             "unsupported_version",
-            format!("version {} (this server speaks {API_VERSION})", p.version),
+            format!(
+                "version {} (this server speaks {API_VERSION})",
+                doc.version()
+            ),
         ));
     }
+    Ok(doc)
+}
+
+/// Decodes and checks a `POST /v1/moves/{id}/progress` body.
+pub fn parse_move_progress(body: &[u8]) -> Result<MoveProgress, ApiError> {
+    let p: MoveProgress = decode_document(body, MAX_BODY, "a move progress report")?;
     let long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > 1024);
     if long(&p.fell_back) || long(&p.error) {
         return Err(ApiError::new("too_long", "a reason over 1024 bytes"));
@@ -216,20 +240,7 @@ pub struct MoveRequest {
 
 /// Decodes and checks a `POST /v1/moves` body.
 pub fn parse_move_request(body: &[u8]) -> Result<MoveRequest, ApiError> {
-    if body.len() > MAX_BODY {
-        return Err(ApiError::new(
-            "body_too_large",
-            format!("the body is {} bytes, over {MAX_BODY}", body.len()),
-        ));
-    }
-    let r: MoveRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new("bad_json", format!("not a move request: {e}")))?;
-    if r.version != API_VERSION {
-        return Err(ApiError::new(
-            "unsupported_version",
-            format!("version {} (this server speaks {API_VERSION})", r.version),
-        ));
-    }
+    let r: MoveRequest = decode_document(body, MAX_BODY, "a move request")?;
     fbr_protocol::names::validate_name(&r.vm)
         .map_err(|e| ApiError::new("bad_name", format!("vm {:?}: {e}", r.vm)))?;
     fbr_protocol::names::validate_name(&r.relay)
@@ -327,23 +338,7 @@ pub struct HeartbeatAck {
 
 /// Decodes and checks a `POST /v1/heartbeat` body.
 pub fn parse_heartbeat(body: &[u8]) -> Result<Heartbeat, ApiError> {
-    if body.len() > MAX_HEARTBEAT_BODY {
-        return Err(ApiError::new(
-            "body_too_large",
-            format!(
-                "the body is {} bytes, over {MAX_HEARTBEAT_BODY}",
-                body.len()
-            ),
-        ));
-    }
-    let h: Heartbeat = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new("bad_json", format!("not a heartbeat: {e}")))?;
-    if h.version != API_VERSION {
-        return Err(ApiError::new(
-            "unsupported_version",
-            format!("version {} (this server speaks {API_VERSION})", h.version),
-        ));
-    }
+    let h: Heartbeat = decode_document(body, MAX_HEARTBEAT_BODY, "a heartbeat")?;
     if !HEARTBEAT_INTERVALS_S.contains(&h.interval_s) {
         return Err(ApiError::new(
             "bad_interval",
@@ -439,23 +434,7 @@ pub struct CheckedRequest {
 /// Decodes and checks a `POST /v1/enroll` body (a fuzz target: any bytes get a value or
 /// a coded error, never a panic).
 pub fn parse_enroll_request(body: &[u8]) -> Result<CheckedRequest, ApiError> {
-    if body.len() > MAX_BODY {
-        return Err(ApiError::new(
-            "body_too_large",
-            format!("the body is {} bytes, over {MAX_BODY}", body.len()),
-        ));
-    }
-    let request: EnrollRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new("bad_json", format!("not an enrollment request: {e}")))?;
-    if request.version != API_VERSION {
-        return Err(ApiError::new(
-            "unsupported_version",
-            format!(
-                "version {} (this server speaks {API_VERSION})",
-                request.version
-            ),
-        ));
-    }
+    let request: EnrollRequest = decode_document(body, MAX_BODY, "an enrollment request")?;
     let role = match fbr_transport::Role::parse(&request.role) {
         Some(
             r @ (fbr_transport::Role::Relay

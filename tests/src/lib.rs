@@ -299,6 +299,23 @@ pub fn stop_and_verify(
     report
 }
 
+/// Polls `check` every 200 ms for up to `secs` seconds; panics with `what` and the last
+/// answer if it never holds.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 pub use fbr_churn::harness::{http_get, sample};
 
 /// Runs `master-target <args>` (an offline command: points, materialize, rollback, or a

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use fbr_churn::harness::{bin_path, Site};
 use fbr_churn::workload::Content;
-use fbr_tests::{agent_options, churn, plans, site_options, stop_and_verify};
+use fbr_tests::{agent_options, churn, eventually, plans, site_options, stop_and_verify};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A configuration server on loopback, with its site made fresh.
@@ -718,22 +718,6 @@ async fn inventory(site: &Site) -> std::collections::BTreeMap<String, (String, s
             )
         })
         .collect()
-}
-
-/// Polls `check` every 200 ms for up to `secs` seconds.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
