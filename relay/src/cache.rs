@@ -99,6 +99,8 @@ pub struct RelayCache {
     /// Each stream's placement and the first segment of its current path (the
     /// `placements` file in the cache directory): see [`RelayCache::retire`].
     placements: fbr_daemon::placements::PlacementStore,
+    /// Held by [`RelayCache::retire`].
+    retiring: Mutex<()>,
     _lock: File,
 }
 
@@ -147,6 +149,7 @@ impl RelayCache {
             full: AtomicBool::new(false),
             tags: Mutex::new(HashMap::new()),
             placements,
+            retiring: Mutex::new(()),
             _lock: lock,
         });
         let writer = cache.clone();
@@ -298,7 +301,15 @@ impl RelayCache {
     /// then the new placement and that fence are made durable. A crash between the two
     /// brings the old records back at the old placement, which the master target
     /// judges (refused if the stream moved on); after both, recovery skips them.
-    pub fn retire(&self, stream: &StreamId, placement: u64) -> anyhow::Result<()> {
+    ///
+    /// Retirements are serialized, and one to a placement not above the one on record
+    /// does nothing: a late "moved away" of an old forwarder must not forget the
+    /// records of the path that replaced it. Returns whether it retired.
+    pub fn retire(&self, stream: &StreamId, placement: u64) -> anyhow::Result<bool> {
+        let _one_at_a_time = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+        if self.placements.get(stream) >= placement {
+            return Ok(false);
+        }
         let started = std::time::Instant::now();
         let fence = loop {
             match self.lock_log().retire_stream(stream) {
@@ -321,7 +332,7 @@ impl RelayCache {
                 since: fence,
             },
         )?;
-        Ok(())
+        Ok(true)
     }
 
     /// One durable record and its entry's size, checked; `None` if it is not cached.
@@ -566,7 +577,7 @@ impl ForwardSource for RelayCache {
         RelayCache::placement(self, stream)
     }
 
-    fn retire(&self, stream: &StreamId, placement: u64) -> Result<(), String> {
+    fn retire(&self, stream: &StreamId, placement: u64) -> Result<bool, String> {
         RelayCache::retire(self, stream, placement).map_err(|e| format!("{e:#}"))
     }
 }

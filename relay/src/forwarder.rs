@@ -98,8 +98,9 @@ pub trait ForwardSource: RecordSource {
     /// `Hello` says it).
     fn placement(&self, stream: &StreamId) -> u64;
     /// Forgets `stream` for good and records `placement` as its current one (the VM
-    /// moved; see [`crate::cache::RelayCache::retire`]). May block briefly.
-    fn retire(&self, stream: &StreamId, placement: u64) -> Result<(), String>;
+    /// moved; see [`crate::cache::RelayCache::retire`]), unless a placement as high is
+    /// on record already (`Ok(false)`). May block briefly.
+    fn retire(&self, stream: &StreamId, placement: u64) -> Result<bool, String>;
 }
 
 /// The metrics a forwarder moves (handles onto the relay's registry, or unregistered in
@@ -351,8 +352,10 @@ async fn moved_away<U: Upstream, S: ForwardSource>(
     let (source, stream, placement) = (ctx.source.clone(), id.clone(), state.placement + 1);
     let retired = tokio::task::spawn_blocking(move || source.retire(&stream, placement)).await;
     match retired {
-        Ok(Ok(())) => {
-            ctx.metrics.streams_moved_away_total.inc();
+        Ok(Ok(retired)) => {
+            if retired {
+                ctx.metrics.streams_moved_away_total.inc();
+            }
             state
                 .moved
                 .send_replace(Some(format!("moved to another relay: {end}")));

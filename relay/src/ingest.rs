@@ -368,7 +368,7 @@ async fn admit_placement(
     let (cache, stream) = (ctx.cache.clone(), id.clone());
     let retired = tokio::task::spawn_blocking(move || cache.retire(&stream, placement)).await;
     match retired {
-        Ok(Ok(())) => {
+        Ok(Ok(_)) => {
             ctx.metrics.streams_moved_in_total.inc();
             tracing::info!(
                 from,

@@ -171,13 +171,13 @@ impl ForwardSource for MemSource {
         0
     }
 
-    fn retire(&self, stream: &StreamId, _: u64) -> Result<(), String> {
+    fn retire(&self, stream: &StreamId, _: u64) -> Result<bool, String> {
         self.with(stream, |s| {
             s.records.clear();
             s.corrupt.clear();
             s.durable.send_replace(0);
         });
-        Ok(())
+        Ok(true)
     }
 }
 
