@@ -13,6 +13,9 @@
 //! - [`job`]: operations, their steps, and a job's progress and timing.
 //! - [`refusal`]: the coded errors a request is refused with, each with its remedy.
 //! - [`estimate`]: how long a failover would take, and the data each point kind loses.
+//! - [`hypervisor`]: the narrow interface to the platforms the VMs run on (shut down,
+//!   power on, delete, status): simulated, or the operator's command hook. The one
+//!   module here that does I/O (it runs processes); the machine never calls it.
 //! - [`controller`]: the machine: [`Controller::request`], [`Controller::next_actions`],
 //!   [`Controller::step_progress`], [`Controller::step_finished`],
 //!   [`Controller::cancel`].
@@ -32,6 +35,7 @@
 
 pub mod controller;
 pub mod estimate;
+pub mod hypervisor;
 pub mod job;
 pub mod refusal;
 pub mod vm;
