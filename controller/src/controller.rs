@@ -101,6 +101,25 @@ pub struct Controller {
     issued: BTreeSet<(JobId, usize)>,
     #[serde(skip)]
     aborts: Vec<(JobId, usize)>,
+    /// What changed since the last [`Controller::take_changes`] (the driver persists
+    /// exactly that).
+    #[serde(skip)]
+    dirty_vms: BTreeSet<String>,
+    #[serde(skip)]
+    dirty_jobs: BTreeSet<JobId>,
+}
+
+/// The VMs and jobs that changed: what the driver writes, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Changes {
+    pub vms: Vec<(String, VmRecord)>,
+    pub jobs: Vec<Job>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty() && self.jobs.is_empty()
+    }
 }
 
 fn refuse(code: RefusalCode, message: impl Into<String>) -> Refusal {
@@ -115,14 +134,55 @@ impl Controller {
         self.aborts.clear();
     }
 
+    /// The controller as persisted: its VMs and jobs (the idempotency keys and the next
+    /// job number follow from the jobs). Ready to [`Controller::next_actions`].
+    pub fn from_records(
+        vms: impl IntoIterator<Item = (String, VmRecord)>,
+        jobs: impl IntoIterator<Item = Job>,
+    ) -> Self {
+        let jobs: BTreeMap<JobId, Job> = jobs.into_iter().map(|j| (j.id, j)).collect();
+        let keys = jobs
+            .values()
+            .filter_map(|j| j.idempotency_key.clone().map(|k| (k, j.id)))
+            .collect();
+        Controller {
+            vms: vms.into_iter().collect(),
+            next_id: jobs.keys().next_back().copied().unwrap_or(0),
+            keys,
+            jobs,
+            ..Controller::default()
+        }
+    }
+
+    /// What changed since the last call: persist it (all of it, in one transaction)
+    /// before acting on what the calls returned.
+    pub fn take_changes(&mut self) -> Changes {
+        Changes {
+            vms: std::mem::take(&mut self.dirty_vms)
+                .into_iter()
+                .filter_map(|v| self.vms.get(&v).map(|r| (v, r.clone())))
+                .collect(),
+            jobs: std::mem::take(&mut self.dirty_jobs)
+                .into_iter()
+                .filter_map(|j| self.jobs.get(&j).cloned())
+                .collect(),
+        }
+    }
+
     /// Starts protecting `vm` (UNPROTECTED) if it is new.
     pub fn add_vm(&mut self, vm: &str) {
-        self.vms.entry(vm.to_owned()).or_insert(VmRecord {
-            protection: Protection::Unprotected,
-            job: None,
-            test_copy: false,
-            last_error: None,
-        });
+        if !self.vms.contains_key(vm) {
+            self.vms.insert(
+                vm.to_owned(),
+                VmRecord {
+                    protection: Protection::Unprotected,
+                    job: None,
+                    test_copy: false,
+                    last_error: None,
+                },
+            );
+            self.dirty_vms.insert(vm.to_owned());
+        }
     }
 
     pub fn vm(&self, vm: &str) -> Option<&VmRecord> {
@@ -165,7 +225,9 @@ impl Controller {
             let rec = self.vms.get_mut(vm).expect("checked");
             rec.job = Some(id);
             rec.protection = Protection::during(&req.operation, rec.protection);
+            self.dirty_vms.insert(vm.clone());
         }
+        self.dirty_jobs.insert(id);
         if let Some(k) = &req.idempotency_key {
             self.keys.insert(k.clone(), id);
         }
@@ -303,6 +365,7 @@ impl Controller {
             if step.state == StepState::Pending {
                 step.state = StepState::Running;
                 step.started_ms = Some(now_ms);
+                self.dirty_jobs.insert(job.id);
             }
             if self.issued.insert((job.id, i)) {
                 actions.push(Action::RunStep {
@@ -328,6 +391,7 @@ impl Controller {
         let s = self.running_step(job, step)?;
         s.bytes_done = bytes_done;
         s.bytes_total = bytes_total.max(bytes_done);
+        self.dirty_jobs.insert(job);
         Ok(())
     }
 
@@ -366,7 +430,9 @@ impl Controller {
             Err(e) => return Err(e),
         }
         self.issued.remove(&(job, step));
+        self.dirty_jobs.insert(job);
         let j = self.jobs.get_mut(&job).expect("checked");
+        self.dirty_vms.extend(j.vms.iter().cloned());
         let s = &mut j.steps[step];
         s.ended_ms = Some(now_ms);
         match outcome {
@@ -452,6 +518,8 @@ impl Controller {
             self.aborts.push((job, current));
             self.issued.remove(&(job, current));
         }
+        self.dirty_jobs.insert(job);
+        self.dirty_vms.extend(j.vms.iter().cloned());
         for s in &mut j.steps[current..] {
             s.state = StepState::Skipped;
         }

@@ -191,6 +191,9 @@ pub struct CommandHook {
     pub env: Vec<(String, String)>,
 }
 
+/// "Text file busy" (Linux).
+const ETXTBSY: i32 = 26;
+
 /// Most bytes of a hook's output read.
 const MAX_HOOK_OUTPUT: u64 = 64 * 1024;
 
@@ -270,14 +273,31 @@ impl CommandHook {
             disks,
         })
         .map_err(|e| fail(e.to_string(), false))?;
-        let mut child = Command::new(&self.program)
-            .arg(action)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| fail(format!("cannot run {}: {e}", self.program.display()), false))?;
+        let spawn = || {
+            Command::new(&self.program)
+                .arg(action)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+        };
+        // ETXTBSY: the script is open for writing somewhere (just replaced, or another
+        // thread forked while writing it): that passes within moments.
+        let mut tries = 0;
+        let mut child = loop {
+            match spawn() {
+                Err(e) if e.raw_os_error() == Some(ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => {
+                    break other.map_err(|e| {
+                        fail(format!("cannot run {}: {e}", self.program.display()), false)
+                    })?
+                }
+            }
+        };
         if let Some(mut stdin) = child.stdin.take() {
             // A hook that does not read its input is its own business.
             let _ = stdin.write_all(&request);

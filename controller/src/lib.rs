@@ -16,6 +16,8 @@
 //! - [`hypervisor`]: the narrow interface to the platforms the VMs run on (shut down,
 //!   power on, delete, status): simulated, or the operator's command hook. The one
 //!   module here that does I/O (it runs processes); the machine never calls it.
+//! - [`store`]: the controller's state in redb, each call's changes in one transaction
+//!   (the driver's; the machine only says what changed).
 //! - [`controller`]: the machine: [`Controller::request`], [`Controller::next_actions`],
 //!   [`Controller::step_progress`], [`Controller::step_finished`],
 //!   [`Controller::cancel`].
@@ -38,9 +40,10 @@ pub mod estimate;
 pub mod hypervisor;
 pub mod job;
 pub mod refusal;
+pub mod store;
 pub mod vm;
 
-pub use controller::{Action, Controller, Facts, JobRequest, StepOutcome};
+pub use controller::{Action, Changes, Controller, Facts, JobRequest, StepOutcome};
 pub use job::{
     Job, JobId, JobState, Operation, PointChoice, ReprotectLocation, Step, StepKind, StepState,
 };
