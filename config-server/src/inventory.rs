@@ -177,7 +177,7 @@ pub fn site_inventory(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use fbr_enroll::wire::{DiskReport, GroupReport, HealthSummary, Heartbeat, StreamReport};
+    use fbr_enroll::wire::{DiskReport, GroupReport, Heartbeat, StreamReport};
 
     fn component(name: &str, role: &str, vms: &[&str]) -> Component {
         Component {
@@ -197,23 +197,14 @@ mod tests {
         LastHeartbeat {
             received_ms: at,
             report: Heartbeat {
-                version: 1,
-                software_version: "0".into(),
-                interval_s: 30,
-                health: HealthSummary {
-                    state: "healthy".into(),
-                    reasons: vec![],
-                },
-                cache: None,
                 streams,
-                ingest_bytes_per_s: None,
                 disks,
                 groups: vec![GroupReport {
                     group: "g1".into(),
                     recovery_points: 7,
                     newest_point_ms: Some(99),
                 }],
-                advertise: None,
+                ..Heartbeat::healthy(30)
             },
         }
     }

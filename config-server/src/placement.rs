@@ -72,7 +72,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::state::Component;
-    use fbr_enroll::wire::{CacheUsage, HealthSummary, Heartbeat};
+    use fbr_enroll::wire::{CacheUsage, Heartbeat};
 
     fn relay(name: &str, state: &'static str, free: u64, churn: f64) -> InventoryEntry {
         InventoryEntry {
@@ -90,22 +90,12 @@ mod tests {
             state,
             last_heartbeat_ms: Some(0),
             report: Some(Heartbeat {
-                version: 1,
-                software_version: "0".into(),
-                interval_s: 30,
-                health: HealthSummary {
-                    state: "healthy".into(),
-                    reasons: vec![],
-                },
                 cache: Some(CacheUsage {
                     used_bytes: 1000 - free,
                     capacity_bytes: 1000,
                 }),
-                streams: vec![],
                 ingest_bytes_per_s: Some(churn),
-                disks: vec![],
-                groups: vec![],
-                advertise: None,
+                ..Heartbeat::healthy(30)
             }),
         }
     }

@@ -279,6 +279,28 @@ pub struct Heartbeat {
     pub advertise: Option<String>,
 }
 
+impl Heartbeat {
+    /// A healthy component's heartbeat that reports nothing else (fields are then
+    /// filled in with struct update syntax).
+    pub fn healthy(interval_s: u64) -> Self {
+        Heartbeat {
+            version: API_VERSION,
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            interval_s,
+            health: HealthSummary {
+                state: "healthy".into(),
+                reasons: vec![],
+            },
+            cache: None,
+            streams: vec![],
+            ingest_bytes_per_s: None,
+            disks: vec![],
+            groups: vec![],
+            advertise: None,
+        }
+    }
+}
+
 /// A disk replica, as its master target reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskReport {
