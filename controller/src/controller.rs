@@ -625,6 +625,16 @@ mod tests {
         kinds
     }
 
+    /// Reprotects `vm` (original location) to the end: it is PROTECTED.
+    fn protect(c: &mut Controller, vm: &str, now: &mut u64) {
+        let reprotect = Operation::Reprotect {
+            location: ReprotectLocation::Original,
+        };
+        let id = c.request(req(reprotect, &[vm]), &facts(), *now).unwrap();
+        run_to_end(c, id, now);
+        assert_eq!(state(c, vm), Protection::Protected);
+    }
+
     fn state(c: &Controller, vm: &str) -> Protection {
         c.vm(vm).unwrap().protection
     }
@@ -784,19 +794,7 @@ mod tests {
         }
         // Once both are protected: points and space.
         run_to_end(&mut c, id, &mut now);
-        let id2 = c
-            .request(
-                req(
-                    Operation::Reprotect {
-                        location: ReprotectLocation::Original,
-                    },
-                    &["vm2"],
-                ),
-                &facts(),
-                now,
-            )
-            .unwrap();
-        run_to_end(&mut c, id2, &mut now);
+        protect(&mut c, "vm2", &mut now);
         let no_points = Facts {
             points: BTreeMap::new(),
             ..facts()
@@ -906,19 +904,7 @@ mod tests {
             .contains("disk read error"));
         // A failover that fails once the on-premises VM was touched stays FAILING_OVER
         // (retry or pick another point); one that fails before goes back to PROTECTED.
-        let id = c
-            .request(
-                req(
-                    Operation::Reprotect {
-                        location: ReprotectLocation::Original,
-                    },
-                    &["vm1"],
-                ),
-                &facts(),
-                now,
-            )
-            .unwrap();
-        run_to_end(&mut c, id, &mut now);
+        protect(&mut c, "vm1", &mut now);
         for (fail_at, after) in [
             (StepKind::ChoosePoint, Protection::Protected),
             (StepKind::PowerOn, Protection::FailingOver),
@@ -982,19 +968,7 @@ mod tests {
         for crash_at in 0..steps {
             let mut c = controller();
             let mut now = 0;
-            let id = c
-                .request(
-                    req(
-                        Operation::Reprotect {
-                            location: ReprotectLocation::Original,
-                        },
-                        &["vm1"],
-                    ),
-                    &facts(),
-                    now,
-                )
-                .unwrap();
-            run_to_end(&mut c, id, &mut now);
+            protect(&mut c, "vm1", &mut now);
             let id = c.request(req(op.clone(), &["vm1"]), &facts(), now).unwrap();
             for _ in 0..crash_at {
                 let Action::RunStep { step, .. } = c.next_actions(now).remove(0) else {
@@ -1073,19 +1047,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.job(id).unwrap().state, JobState::Cancelled);
 
-        let id = c
-            .request(
-                req(
-                    Operation::Reprotect {
-                        location: ReprotectLocation::Original,
-                    },
-                    &["vm1"],
-                ),
-                &facts(),
-                now,
-            )
-            .unwrap();
-        run_to_end(&mut c, id, &mut now);
+        protect(&mut c, "vm1", &mut now);
         // A planned failover cancelled after the shutdown says so; past the rollback it
         // cannot be cancelled.
         let op = Operation::Failover {
@@ -1122,19 +1084,7 @@ mod tests {
     fn a_test_failover_makes_a_copy_once_and_its_cleanup_removes_it() {
         let mut c = controller();
         let mut now = 0;
-        let id = c
-            .request(
-                req(
-                    Operation::Reprotect {
-                        location: ReprotectLocation::Original,
-                    },
-                    &["vm1"],
-                ),
-                &facts(),
-                now,
-            )
-            .unwrap();
-        run_to_end(&mut c, id, &mut now);
+        protect(&mut c, "vm1", &mut now);
         let test = Operation::TestFailover {
             point: PointChoice::LatestAppConsistent,
         };
