@@ -238,10 +238,9 @@ impl Server {
         exporter: [u8; 32],
         peer: Option<&fbr_transport::PeerIdentity>,
     ) -> (StatusCode, Vec<u8>) {
-        let operator = self.operator(&req);
         let path = req.uri().path().to_owned();
         if let Some(rest) = path.strip_prefix("/v1/moves/") {
-            let result = self.move_endpoint(req, rest, operator, peer).await;
+            let result = self.move_endpoint(req, rest, peer).await;
             return answer(result);
         }
         let result = match (req.method(), path.as_str()) {
@@ -282,14 +281,14 @@ impl Server {
                     .map(|inv| json(&serde_json::json!({"version": API_VERSION, "components": inv})))
                     .map_err(|e| ApiError::new("internal", e.to_string())),
             },
-            (&Method::POST, "/v1/moves") => match operator {
+            (&Method::POST, "/v1/moves") => match self.operator(&req) {
                 Err(e) => Err(e),
                 Ok(()) => match read_body(req).await {
                     Ok(body) => self.request_move(&body).await,
                     Err(e) => Err(e),
                 },
             },
-            (&Method::GET, "/v1/moves") => match (operator, peer) {
+            (&Method::GET, "/v1/moves") => match (self.operator(&req), peer) {
                 (Err(e), None) => Err(e),
                 _ => self
                     .state
@@ -312,7 +311,8 @@ impl Server {
         answer(result)
     }
 
-    /// Whether the request carries the operator token (`Authorization: Bearer`).
+    /// Whether the request carries the operator token (`Authorization: Bearer`). Asked
+    /// only by the endpoints that take it (it reads the state).
     fn operator(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
         let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
             return Err(ApiError::new(
@@ -344,7 +344,6 @@ impl Server {
         &self,
         req: Request<Incoming>,
         rest: &str,
-        operator: Result<(), ApiError>,
         peer: Option<&fbr_transport::PeerIdentity>,
     ) -> Result<Vec<u8>, ApiError> {
         let internal = |e: crate::state::StateError| ApiError::new("internal", e.to_string());
@@ -364,7 +363,7 @@ impl Server {
         let unknown = || ApiError::new("unknown_move", format!("there is no move {id}"));
         match (req.method(), progress) {
             (&Method::GET, false) => {
-                if let (Err(e), None) = (operator, peer) {
+                if let (Err(e), None) = (self.operator(&req), peer) {
                     return Err(e);
                 }
                 let m = self
