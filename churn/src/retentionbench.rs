@@ -212,6 +212,7 @@ pub async fn run(o: RetentionBenchOptions) -> anyhow::Result<RetentionBench> {
                 group: "g".into(),
                 tag,
                 name: name.clone(),
+                vm: None,
             },
         )
         .await?;

@@ -45,6 +45,13 @@ pub struct JobRequest {
     pub idempotency_key: Option<String>,
     /// The estimate shown before it starts ([`crate::estimate`]), kept for the actual.
     pub estimate_s: Option<f64>,
+    /// A plan's boot order: groups of `vms` powered on together, in order (`None`: one
+    /// group of every VM). Every VM of `vms` is in exactly one group.
+    #[serde(default)]
+    pub boot: Option<Vec<Vec<String>>>,
+    /// Seconds between one boot group and the next.
+    #[serde(default)]
+    pub boot_delay_s: u64,
 }
 
 /// A step for the driver to run.
@@ -83,6 +90,12 @@ pub struct VmRecord {
     pub job: Option<JobId>,
     /// A test copy exists (a test failover not cleaned up yet).
     pub test_copy: bool,
+    /// The test copy's disks, when it exists.
+    #[serde(default)]
+    pub test_disks: Option<crate::job::DiskCopy>,
+    /// The disks the on-premises VM runs from (after a failover).
+    #[serde(default)]
+    pub on_premises: Option<crate::job::DiskCopy>,
     /// Why its last job failed, if it did.
     pub last_error: Option<Refusal>,
 }
@@ -178,6 +191,8 @@ impl Controller {
                     protection: Protection::Unprotected,
                     job: None,
                     test_copy: false,
+                    test_disks: None,
+                    on_premises: None,
                     last_error: None,
                 },
             );
@@ -231,7 +246,8 @@ impl Controller {
         if let Some(k) = &req.idempotency_key {
             self.keys.insert(k.clone(), id);
         }
-        let job = Job::new(
+        let boot = req.boot.unwrap_or_else(|| vec![req.vms.clone()]);
+        let mut job = Job::new(
             id,
             req.operation,
             req.vms,
@@ -240,6 +256,8 @@ impl Controller {
             req.estimate_s,
             from,
         );
+        job.boot = boot;
+        job.boot_delay_s = req.boot_delay_s;
         self.jobs.insert(id, job);
         Ok(id)
     }
@@ -256,6 +274,18 @@ impl Controller {
                 RefusalCode::BadRequest,
                 "the request names a VM twice",
             ));
+        }
+        if let Some(boot) = &req.boot {
+            let mut named: Vec<&String> = boot.iter().flatten().collect();
+            named.sort();
+            let mut vms: Vec<&String> = req.vms.iter().collect();
+            vms.sort();
+            if named != vms || boot.iter().any(|g| g.is_empty()) {
+                return Err(refuse(
+                    RefusalCode::BadRequest,
+                    "the boot order must name every VM of the request once, in non-empty groups",
+                ));
+            }
         }
         if !facts.config_server_connected {
             return Err(refuse(
@@ -415,6 +445,28 @@ impl Controller {
         Ok(s)
     }
 
+    /// Records what the running step produced for `vm` (the point chosen, the copy
+    /// made); kept with the job, and moved to the VM when the job succeeds.
+    pub fn record_output(
+        &mut self,
+        job: JobId,
+        step: usize,
+        vm: &str,
+        set: impl FnOnce(&mut crate::job::VmOutput),
+    ) -> Result<(), Refusal> {
+        self.running_step(job, step)?;
+        let j = self.jobs.get_mut(&job).expect("checked");
+        if !j.vms.iter().any(|v| v == vm) {
+            return Err(refuse(
+                RefusalCode::BadRequest,
+                format!("job {job} does not act on {vm}"),
+            ));
+        }
+        set(j.outputs.entry(vm.to_owned()).or_default());
+        self.dirty_jobs.insert(job);
+        Ok(())
+    }
+
     /// How the running step ended. A report for a step that is not running (a
     /// duplicate after a restart) changes nothing.
     pub fn step_finished(
@@ -450,9 +502,19 @@ impl Controller {
                         rec.protection = Protection::after(&j.operation, j.from[vm]);
                         rec.job = None;
                         rec.last_error = None;
+                        let copy = j.outputs.get(vm).and_then(|o| o.copy.clone());
                         match j.operation {
-                            Operation::TestFailover { .. } => rec.test_copy = true,
-                            Operation::TestCleanup => rec.test_copy = false,
+                            Operation::TestFailover { .. } => {
+                                rec.test_copy = true;
+                                rec.test_disks = copy;
+                            }
+                            Operation::TestCleanup => {
+                                rec.test_copy = false;
+                                rec.test_disks = None;
+                            }
+                            Operation::Failover { .. } | Operation::ChangePoint { .. } => {
+                                rec.on_premises = copy
+                            }
                             _ => {}
                         }
                     }
@@ -595,6 +657,8 @@ mod tests {
             vms: vms.iter().map(|v| v.to_string()).collect(),
             idempotency_key: None,
             estimate_s: None,
+            boot: None,
+            boot_delay_s: 0,
         }
     }
 

@@ -151,7 +151,8 @@ pub enum StepKind {
     Drain,
     /// Pick the recovery point each VM fails over to (the driver answers with it).
     ChoosePoint,
-    /// Roll the replicas back in place to the chosen point.
+    /// Bring each VM's disks to the chosen point: the master target makes them (a
+    /// clone of the replica with the later changes taken back out), the replica goes on.
     RollBack,
     /// Power the on-premises VMs on with their disks (the plan's boot order).
     PowerOn,
@@ -285,6 +286,45 @@ pub struct Job {
     pub estimate_s: Option<f64>,
     /// Each VM's state before the job, to go back to if it fails or is cancelled.
     pub from: std::collections::BTreeMap<String, crate::vm::Protection>,
+    /// The boot order: groups of VMs powered on together, one group after another
+    /// (default: one group of every VM).
+    #[serde(default)]
+    pub boot: Vec<Vec<String>>,
+    /// Seconds between one boot group's power-on and the next.
+    #[serde(default)]
+    pub boot_delay_s: u64,
+    /// What the steps produced per VM (the point chosen, the copy of its disks).
+    #[serde(default)]
+    pub outputs: std::collections::BTreeMap<String, VmOutput>,
+}
+
+/// What a job's steps produced for one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmOutput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<ChosenPoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<DiskCopy>,
+}
+
+/// The recovery point a VM fails over (or test-fails over) to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChosenPoint {
+    pub group: String,
+    pub tag_id: u64,
+    /// `crash` or `app`.
+    pub kind: String,
+    /// When the point became durable at the master target, UNIX milliseconds.
+    pub time_ms: Option<u64>,
+}
+
+/// A VM's disks at a point, made by the master target: what the on-premises VM boots
+/// from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopy {
+    /// The master target's name for it (a test failover of the one VM).
+    pub name: String,
+    pub disks: Vec<crate::hypervisor::DiskImage>,
 }
 
 impl Job {
@@ -310,6 +350,9 @@ impl Job {
             idempotency_key,
             estimate_s,
             from,
+            boot: Vec::new(),
+            boot_delay_s: 0,
+            outputs: Default::default(),
         }
     }
 

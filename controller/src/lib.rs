@@ -18,6 +18,8 @@
 //!   module here that does I/O (it runs processes); the machine never calls it.
 //! - [`store`]: the controller's state in redb, each call's changes in one transaction
 //!   (the driver's; the machine only says what changed).
+//! - [`target`]: the master target's control documents (requests, the answers read) and
+//!   the rule choosing a point.
 //! - [`controller`]: the machine: [`Controller::request`], [`Controller::next_actions`],
 //!   [`Controller::step_progress`], [`Controller::step_finished`],
 //!   [`Controller::cancel`].
@@ -41,11 +43,13 @@ pub mod hypervisor;
 pub mod job;
 pub mod refusal;
 pub mod store;
+pub mod target;
 pub mod vm;
 
 pub use controller::{Action, Changes, Controller, Facts, JobRequest, StepOutcome};
 pub use job::{
-    Job, JobId, JobState, Operation, PointChoice, ReprotectLocation, Step, StepKind, StepState,
+    ChosenPoint, DiskCopy, Job, JobId, JobState, Operation, PointChoice, ReprotectLocation, Step,
+    StepKind, StepState, VmOutput,
 };
 pub use refusal::{Refusal, RefusalCode};
 pub use vm::Protection;

@@ -141,6 +141,8 @@ mod tests {
             vms: vec!["vm1".into()],
             idempotency_key: Some(format!("key-{}", rand_suffix())),
             estimate_s: None,
+            boot: None,
+            boot_delay_s: 0,
         }
     }
 

@@ -390,6 +390,24 @@ impl MasterTarget {
                     .instrument(span)
                     .await
             }
+            Ok(Some(Opening::Control { request })) => {
+                let answer = crate::control::serve_remote(&self, &peer.entitlement, &request).await;
+                if let Some(e) = &answer.error {
+                    tracing::info!(cn = %peer.common_name, "control request refused: {e}");
+                }
+                let mut body = serde_json::to_vec(&answer).unwrap_or_default();
+                if body.len() > fbr_protocol::MAX_FRAME_PAYLOAD {
+                    let e = format!("the answer is {} bytes, over one frame", body.len());
+                    body = serde_json::to_vec(&crate::control::Response::refused(e))
+                        .unwrap_or_default();
+                }
+                let frame = fbr_protocol::Frame::ControlAnswer {
+                    answer: bytes::Bytes::from(body),
+                };
+                if writer.send(&frame).await.is_ok() {
+                    writer.finish().await;
+                }
+            }
             Ok(None) => {}
             Err(refusal) => self.refuse(&mut writer, &refusal, None).await,
         }

@@ -3,13 +3,24 @@
 //!
 //! ```text
 //! {"op":"test_failover_create","group":"g","tag":42,"name":"drill"} -> {"ok":true,"test_failover":{...}}
+//! {"op":"test_failover_create",...,"vm":"vm1"}  (only that VM's disks)
 //! {"op":"test_failover_list"}                                      -> {"ok":true,"test_failovers":[...]}
 //! {"op":"test_failover_delete","name":"drill"}                     -> {"ok":true,"test_failover":{...}}
 //! {"op":"points"}                                                  -> {"ok":true,"points":{...}}
+//! {"op":"status"}                                  -> {"ok":true,"status":{"free_bytes":..,"disks":[..]},"points":{...}}
 //! anything else                                                    -> {"ok":false,"error":"..."}
 //! ```
 //!
-//! `master-target test-failover create|list|delete` are its clients.
+//! `master-target test-failover create|list|delete` are its local clients. The same
+//! requests come from the relay's failback controller over the relay's QUIC connection
+//! (a `Control` frame, answered by one `ControlAnswer`: docs/PROTOCOL.md), where a
+//! request naming a VM is checked against the relay's entitlement first
+//! ([`serve_remote`]).
+//!
+//! Creating a test failover that exists already, at the same point and of the same
+//! VMs, returns it: a controller that lost the answer to a crash asks again and gets
+//! the same copy, never a second one. A directory left unfinished by a crash is made
+//! afresh.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,25 +39,10 @@ pub const LIMITS: ControlLimits = ControlLimits {
     timeout: Duration::from_secs(3600),
 };
 
-/// A request on the control socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    TestFailoverCreate {
-        group: String,
-        tag: u64,
-        name: String,
-    },
-    TestFailoverList,
-    TestFailoverDelete {
-        name: String,
-    },
-    /// The recovery points, as `master-target points --json` lists them.
-    Points,
-}
+pub use fbr_controller::target::{Request, Status, StatusDisk};
 
 /// An answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,26 +53,28 @@ pub struct Response {
     pub test_failovers: Option<Vec<TestFailover>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub points: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
 }
 
 impl Response {
+    /// A refusal saying why.
+    pub fn refused(error: String) -> Self {
+        Response::from(Err(error))
+    }
+
     fn from(result: Result<Response, String>) -> Self {
         result.unwrap_or_else(|e| Response {
-            ok: false,
             error: Some(e),
-            test_failover: None,
-            test_failovers: None,
-            points: None,
+            ..Response::default()
         })
     }
 
     fn one(tf: TestFailover) -> Self {
         Response {
             ok: true,
-            error: None,
             test_failover: Some(tf),
-            test_failovers: None,
-            points: None,
+            ..Response::default()
         }
     }
 }
@@ -85,8 +83,13 @@ impl Response {
 pub async fn handle(mt: &Arc<MasterTarget>, request: Request) -> Response {
     let data = mt.files.root().to_path_buf();
     Response::from(match request {
-        Request::TestFailoverCreate { group, tag, name } => {
-            let made = testcopy::create(mt, &group, tag, &name).await;
+        Request::TestFailoverCreate {
+            group,
+            tag,
+            name,
+            vm,
+        } => {
+            let made = testcopy::create(mt, &group, tag, &name, vm.as_deref()).await;
             if let Ok(tf) = &made {
                 tracing::info!(name = %tf.name, group = %tf.group, tag = tf.tag_id, seconds = tf.seconds, "test failover created");
             }
@@ -94,28 +97,93 @@ pub async fn handle(mt: &Arc<MasterTarget>, request: Request) -> Response {
         }
         Request::TestFailoverList => testcopy::list(&data).map(|all| Response {
             ok: true,
-            error: None,
-            test_failover: None,
             test_failovers: Some(all),
-            points: None,
+            ..Response::default()
         }),
-        Request::Points => mt
-            .store
-            .recovery_points()
-            .map_err(|e| e.to_string())
-            .and_then(|p| {
-                serde_json::to_value(crate::points::PointsListing::new(p))
-                    .map_err(|e| e.to_string())
-            })
-            .map(|listing| Response {
+        Request::Points => points_listing(mt).map(|listing| Response {
+            ok: true,
+            points: Some(listing),
+            ..Response::default()
+        }),
+        Request::Status => status(mt).and_then(|status| {
+            Ok(Response {
                 ok: true,
-                error: None,
-                test_failover: None,
-                test_failovers: None,
-                points: Some(listing),
-            }),
+                points: Some(points_listing(mt)?),
+                status: Some(status),
+                ..Response::default()
+            })
+        }),
         Request::TestFailoverDelete { name } => testcopy::delete(&data, &name).map(Response::one),
     })
+}
+
+fn points_listing(mt: &MasterTarget) -> Result<serde_json::Value, String> {
+    let points = mt.store.recovery_points().map_err(|e| e.to_string())?;
+    serde_json::to_value(crate::points::PointsListing::new(points)).map_err(|e| e.to_string())
+}
+
+fn status(mt: &MasterTarget) -> Result<Status, String> {
+    let root = mt.files.root();
+    let fs = rustix::fs::statvfs(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let disks = mt
+        .store
+        .disks()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(id, c)| StatusDisk {
+            vm: id.vm,
+            disk: id.disk,
+            disk_size: c.disk_size,
+        })
+        .collect();
+    Ok(Status {
+        free_bytes: fs.f_bavail.saturating_mul(fs.f_frsize),
+        disks,
+    })
+}
+
+/// The VM a request concerns, if it names one (checked against a relay's entitlement).
+fn vm_of(request: &Request) -> Option<&str> {
+    match request {
+        Request::TestFailoverCreate { vm, .. } => vm.as_deref(),
+        _ => None,
+    }
+}
+
+/// Answers one control stream from a relay (its `Control` frame's request), as
+/// [`handle`] does for the local socket. Only a request for a single VM the relay is
+/// entitled to may make a copy: a relay entitled to some VMs may not copy a whole group.
+pub async fn serve_remote(
+    mt: &Arc<MasterTarget>,
+    entitlement: &fbr_protocol::stream::Entitlement,
+    request: &[u8],
+) -> Response {
+    let request: Request = match serde_json::from_slice(request) {
+        Ok(r) => r,
+        Err(e) => return Response::from(Err(format!("bad control request: {e}"))),
+    };
+    let allowed = match (&request, vm_of(&request)) {
+        (Request::TestFailoverCreate { .. }, None) => entitlement.all_vms,
+        (Request::TestFailoverDelete { name }, _) => {
+            let data = mt.files.root();
+            match testcopy::list(data).map(|all| all.into_iter().find(|t| &t.name == name)) {
+                Ok(Some(tf)) => tf
+                    .vm
+                    .as_deref()
+                    .map_or(entitlement.all_vms, |vm| entitlement.may_write(vm)),
+                // Nothing to delete: the answer says so.
+                Ok(None) | Err(_) => true,
+            }
+        }
+        (_, Some(vm)) => entitlement.may_write(vm),
+        (_, None) => true,
+    };
+    if !allowed {
+        return Response::from(Err(
+            "the relay's certificate does not entitle it to this VM".into(),
+        ));
+    }
+    handle(mt, request).await
 }
 
 /// Binds the control socket at `path` and serves it.
@@ -135,6 +203,80 @@ pub fn serve(path: &Path, mt: Arc<MasterTarget>) -> std::io::Result<tokio::task:
 mod tests {
     use super::*;
 
+    /// The controller reads these answers as `fbr_controller::target::Answer`: a real
+    /// answer must parse, and keep the fields it reads.
+    #[test]
+    fn answers_parse_as_the_controller_reads_them() {
+        let tf = TestFailover {
+            version: testcopy::TEST_FAILOVER_VERSION,
+            name: "fo-1-vm1".into(),
+            group: "g".into(),
+            tag_id: 7,
+            vm: Some("vm1".into()),
+            created_ms: 1,
+            disks: vec![testcopy::TestDisk {
+                vm: "vm1".into(),
+                disk: 0,
+                path: "/data/test-failovers/fo-1-vm1/vm1-disk0.raw".into(),
+                disk_size: 4096,
+                method: crate::replica::CopyMethod::SparseCopy,
+                records_undone: 2,
+                restored_bytes: 512,
+                put_back_bytes: 512,
+            }],
+            seconds: 0.5,
+        };
+        let point = crate::store::RecoveryPoint {
+            group: "g".into(),
+            tag_id: 7,
+            kind: "app",
+            members: 1,
+            landed: vec![crate::store::LandedOn {
+                vm: "vm1".into(),
+                disk: 0,
+                seq: 9,
+                journal_end: 100,
+                landed_at_ms: Some(5),
+            }],
+            consistent: true,
+            complete: true,
+            time_ms: Some(5),
+        };
+        let listing = serde_json::to_value(crate::points::PointsListing::new(vec![point])).unwrap();
+        let answer = Response {
+            ok: true,
+            test_failover: Some(tf),
+            points: Some(listing),
+            status: Some(Status {
+                free_bytes: 10,
+                disks: vec![StatusDisk {
+                    vm: "vm1".into(),
+                    disk: 0,
+                    disk_size: 4096,
+                }],
+            }),
+            ..Response::default()
+        };
+        let read: fbr_controller::target::Answer =
+            serde_json::from_slice(&serde_json::to_vec(&answer).unwrap()).unwrap();
+        let copy = read.test_failover.unwrap();
+        assert_eq!((copy.tag_id, copy.vm.as_deref()), (7, Some("vm1")));
+        assert_eq!(copy.disks[0].disk_size, 4096);
+        let points = read.points.unwrap();
+        let p = fbr_controller::target::choose_point(
+            &points,
+            "vm1",
+            &fbr_controller::PointChoice::LatestAppConsistent,
+        )
+        .unwrap();
+        assert_eq!((p.tag_id, p.time_ms), (7, Some(5)));
+        assert_eq!(read.status.unwrap().free_bytes, 10);
+        let refused: fbr_controller::target::Answer =
+            serde_json::from_slice(&serde_json::to_vec(&Response::from(Err("no".into()))).unwrap())
+                .unwrap();
+        assert_eq!((refused.ok, refused.error.as_deref()), (false, Some("no")));
+    }
+
     #[test]
     fn requests_parse_strictly() {
         let r: Result<Request, _> =
@@ -144,7 +286,8 @@ mod tests {
             Some(Request::TestFailoverCreate {
                 group: "g".into(),
                 tag: 4,
-                name: "d".into()
+                name: "d".into(),
+                vm: None,
             })
         );
         for bad in [

@@ -586,7 +586,12 @@ fn test_failover(cmd: TestFailoverCommand) -> ExitCode {
             json,
         } => (
             control_socket,
-            Request::TestFailoverCreate { group, tag, name },
+            Request::TestFailoverCreate {
+                group,
+                tag,
+                name,
+                vm: None,
+            },
             json,
         ),
         TestFailoverCommand::List {

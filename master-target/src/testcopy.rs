@@ -45,6 +45,9 @@ pub struct TestFailover {
     pub name: String,
     pub group: String,
     pub tag_id: u64,
+    /// The one VM copied, when not the whole group (the failback controller's copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
     /// When it was made, UNIX milliseconds.
     pub created_ms: u64,
     pub disks: Vec<TestDisk>,
@@ -85,17 +88,39 @@ fn dir_of(data_dir: &Path, name: &str) -> Result<PathBuf, String> {
     Ok(data_dir.join(TEST_FAILOVER_DIR).join(name))
 }
 
-/// Makes test failover `name` of `group` at recovery point `tag` (see the module docs).
-/// A failure removes what was made.
+/// Makes test failover `name` of `group` at recovery point `tag`, of every disk of the
+/// point or only `vm`'s (see the module docs). A failure removes what was made.
+///
+/// Idempotent: if `name` exists, made of the same point and VMs, it is returned as it
+/// is; a directory without its description (a crash while making it) is made afresh.
 pub async fn create(
     mt: &Arc<MasterTarget>,
     group: &str,
     tag: u64,
     name: &str,
+    vm: Option<&str>,
 ) -> Result<TestFailover, String> {
     let started = Instant::now();
     let data_dir = mt.files.root().to_path_buf();
     let dir = dir_of(&data_dir, name)?;
+    match std::fs::read(dir.join(MANIFEST_FILE)) {
+        Ok(bytes) => {
+            let tf: TestFailover =
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if tf.group == group && tf.tag_id == tag && tf.vm.as_deref() == vm {
+                return Ok(tf);
+            }
+            return Err(format!(
+                "test failover {name} already exists (of point {} of group {})",
+                tf.tag_id, tf.group
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.exists() => {
+            tracing::warn!(dir = %dir.display(), "removing an unfinished test failover");
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        Err(_) => {}
+    }
     let point = mt
         .store
         .recovery_points()
@@ -107,6 +132,15 @@ pub async fn create(
         return Err(format!(
             "point {tag} of group {group} is no recovery point (incomplete, or landed while a disk was stale or resyncing)"
         ));
+    }
+    let mut point = point;
+    if let Some(vm) = vm {
+        point.landed.retain(|l| l.vm == vm);
+        if point.landed.is_empty() {
+            return Err(format!(
+                "point {tag} of group {group} has no disk of VM {vm}"
+            ));
+        }
     }
     std::fs::create_dir_all(dir.parent().unwrap_or(&data_dir)).map_err(|e| e.to_string())?;
     std::fs::create_dir(&dir).map_err(|e| match e.kind() {
@@ -120,6 +154,7 @@ pub async fn create(
             name: name.to_owned(),
             group: group.to_owned(),
             tag_id: tag,
+            vm: vm.map(str::to_owned),
             created_ms: crate::replica::unix_ms(std::time::SystemTime::now()),
             disks,
             seconds: started.elapsed().as_secs_f64(),

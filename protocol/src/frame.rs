@@ -40,6 +40,7 @@ pub enum FrameType {
     HashHello = 0x03,
     HashAccept = 0x04,
     HashRequest = 0x05,
+    Control = 0x06,
     Write = 0x10,
     Zero = 0x11,
     Tag = 0x12,
@@ -50,6 +51,7 @@ pub enum FrameType {
     Applied = 0x22,
     Hashes = 0x23,
     ResyncRequest = 0x24,
+    ControlAnswer = 0x25,
     Error = 0x30,
 }
 
@@ -61,6 +63,7 @@ impl FrameType {
             0x03 => FrameType::HashHello,
             0x04 => FrameType::HashAccept,
             0x05 => FrameType::HashRequest,
+            0x06 => FrameType::Control,
             0x10 => FrameType::Write,
             0x11 => FrameType::Zero,
             0x12 => FrameType::Tag,
@@ -71,6 +74,7 @@ impl FrameType {
             0x22 => FrameType::Applied,
             0x23 => FrameType::Hashes,
             0x24 => FrameType::ResyncRequest,
+            0x25 => FrameType::ControlAnswer,
             0x30 => FrameType::Error,
             _ => return None,
         })
@@ -328,9 +332,19 @@ pub enum Frame {
         first: u64,
         hashes: Vec<[u8; 16]>,
     },
+    /// Relay -> master target, first and only frame of a *control stream*: one request
+    /// of the failback controller, a JSON document of at most [`MAX_CONTROL_REQUEST`]
+    /// bytes (its schema is the master target's; this layer only carries it).
+    Control { request: Bytes },
+    /// Master target -> relay, the answer to a control stream's request (JSON), then
+    /// the stream ends.
+    ControlAnswer { answer: Bytes },
     /// Either way: the stream is refused or closed, and why.
     Error { code: ErrorCode, message: String },
 }
+
+/// The largest control request, in bytes.
+pub const MAX_CONTROL_REQUEST: usize = 64 << 10;
 
 /// Bytes of a `Resync` record's payload.
 pub const RESYNC_PAYLOAD_LEN: usize = 52;
@@ -353,6 +367,8 @@ impl Frame {
             Frame::HashHello { .. } => FrameType::HashHello,
             Frame::HashAccept { .. } => FrameType::HashAccept,
             Frame::HashRequest { .. } => FrameType::HashRequest,
+            Frame::Control { .. } => FrameType::Control,
+            Frame::ControlAnswer { .. } => FrameType::ControlAnswer,
             Frame::Hashes { .. } => FrameType::Hashes,
             Frame::Ack { .. } => FrameType::Ack,
             Frame::Applied { .. } => FrameType::Applied,
@@ -474,6 +490,14 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
                 out.put_slice(h);
             }
         }
+        Frame::Control { request } => {
+            assert!(
+                request.len() <= MAX_CONTROL_REQUEST,
+                "control request too large"
+            );
+            out.put_slice(request);
+        }
+        Frame::ControlAnswer { answer } => out.put_slice(answer),
         Frame::Error { code, message } => {
             out.put_u16_le(code.as_u16());
             out.put_slice(message.as_bytes());
@@ -784,6 +808,21 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             })
         }
         FrameType::Batch => Frame::Batch(p),
+        FrameType::Control => {
+            if p.is_empty() || p.len() > MAX_CONTROL_REQUEST {
+                return Err(malformed(
+                    "Control",
+                    format!("request is {} bytes (1 to {MAX_CONTROL_REQUEST})", p.len()),
+                ));
+            }
+            Frame::Control { request: p }
+        }
+        FrameType::ControlAnswer => {
+            if p.is_empty() {
+                return Err(malformed("ControlAnswer", "the answer is empty"));
+            }
+            Frame::ControlAnswer { answer: p }
+        }
         FrameType::Resync => {
             exact("Resync", &p, RESYNC_PAYLOAD_LEN)?;
             Frame::Record(get_resync_fields("Resync", &mut p)?)

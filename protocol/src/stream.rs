@@ -146,6 +146,9 @@ pub struct ReceiverConfig {
     /// Whether `Batch` frames are allowed (the master target: yes; the relay's agent
     /// side: no, agents send plain records).
     pub accepts_batches: bool,
+    /// Whether a stream may open with `Control` (the master target facing its relays:
+    /// the failback controller's requests; agents never may).
+    pub accepts_control: bool,
 }
 
 impl ReceiverConfig {
@@ -154,6 +157,7 @@ impl ReceiverConfig {
         ReceiverConfig {
             hello_timeout: HELLO_TIMEOUT,
             accepts_batches: false,
+            accepts_control: false,
         }
     }
 
@@ -162,6 +166,7 @@ impl ReceiverConfig {
         ReceiverConfig {
             hello_timeout: HELLO_TIMEOUT,
             accepts_batches: true,
+            accepts_control: true,
         }
     }
 }
@@ -201,6 +206,10 @@ pub enum Opening {
         disk_size: u64,
         key: [u8; 32],
     },
+    /// A control stream (`Control`, master target only): the driver answers the
+    /// request with one `ControlAnswer` and the stream ends. The request is opaque
+    /// here; the driver parses it and checks it against the peer's entitlement.
+    Control { request: bytes::Bytes },
 }
 
 /// What a hash stream's receiver hands its driver.
@@ -286,6 +295,10 @@ impl StreamReceiver {
                 disk_size,
                 key,
             }) => (stream, disk_size, Some(key), 0),
+            Incoming::Frame(Frame::Control { request }) if self.config.accepts_control => {
+                self.state = ReceiverState::Closed;
+                return Ok(Some(Opening::Control { request }));
+            }
             Incoming::Frame(other) => {
                 let message = format!("expected Hello, got {:?}", other.frame_type());
                 return Err(self.close(Refusal::new(ErrorCode::UnexpectedFrame, message)));
@@ -1503,6 +1516,33 @@ mod tests {
             }))
             .unwrap_err();
         assert_eq!(r.code, ErrorCode::NotEntitled);
+    }
+
+    #[test]
+    fn control_streams_open_only_at_the_master_target() {
+        let now = Instant::now();
+        let request = bytes::Bytes::from_static(br#"{"op":"status"}"#);
+        let mut rx = StreamReceiver::new(ReceiverConfig::relay_facing(), Entitlement::any(), now);
+        assert_eq!(
+            rx.handle_hello(Incoming::Frame(Frame::Control {
+                request: request.clone()
+            })),
+            Ok(Some(Opening::Control {
+                request: request.clone()
+            }))
+        );
+        // One request per stream: nothing more is taken.
+        assert!(rx
+            .handle_hello(Incoming::Frame(Frame::Control {
+                request: request.clone()
+            }))
+            .is_err());
+        // An agent may not send the controller's requests (the relay refuses them).
+        let mut rx = StreamReceiver::new(ReceiverConfig::agent_facing(), Entitlement::any(), now);
+        let r = rx
+            .handle_hello(Incoming::Frame(Frame::Control { request }))
+            .unwrap_err();
+        assert_eq!(r.code, ErrorCode::UnexpectedFrame);
     }
 
     fn mark(seq: u64, id: u64, phase: crate::frame::ResyncPhase) -> Record {

@@ -357,3 +357,40 @@ fn hostile_hash_frames_are_refused() {
         assert_eq!(err.code(), ErrorCode::MalformedFrame, "{err}");
     }
 }
+
+#[test]
+fn control_request_and_answer() {
+    check(
+        Frame::Control {
+            request: bytes::Bytes::from_static(br#"{"op":"status"}"#),
+        },
+        &[
+            b'F', b'B', 1, 0x06, 15, 0, 0, 0, // Control, len 15
+            b'{', b'"', b'o', b'p', b'"', b':', b'"', b's', b't', b'a', b't', b'u', b's', b'"',
+            b'}',
+        ],
+    );
+    check(
+        Frame::ControlAnswer {
+            answer: bytes::Bytes::from_static(br#"{"ok":true}"#),
+        },
+        &[
+            b'F', b'B', 1, 0x25, 11, 0, 0, 0, // ControlAnswer, len 11
+            b'{', b'"', b'o', b'k', b'"', b':', b't', b'r', b'u', b'e', b'}',
+        ],
+    );
+    // Empty, or a request over 64 KiB, is malformed.
+    for (ty, len) in [(0x06u8, 0usize), (0x25, 0), (0x06, 64 * 1024 + 1)] {
+        let mut raw = vec![b'F', b'B', 1, ty];
+        raw.extend_from_slice(&(len as u32).to_le_bytes());
+        raw.resize(8 + len, b' ');
+        let mut buf = bytes::BytesMut::from(&raw[..]);
+        assert!(
+            matches!(
+                fbr_protocol::decode_frame(&mut buf),
+                Err(fbr_protocol::DecodeError::Malformed { .. })
+            ),
+            "type {ty:#x}, {len} bytes"
+        );
+    }
+}

@@ -167,6 +167,7 @@ async fn every_point_in_the_window_survives_kill_9_and_recovers_by_test_copy_and
             group: "group1".into(),
             tag,
             name: name.clone(),
+            vm: None,
         })
         .await
         .test_failover
