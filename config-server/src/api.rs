@@ -214,19 +214,7 @@ impl Server {
     /// asked for, not required.
     pub fn tls_config(&self) -> anyhow::Result<rustls::ServerConfig> {
         let creds = fbr_transport::Credentials::load(&self.pki, SERVER_CERT_NAME)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(creds.roots.clone()),
-            provider.clone(),
-        )
-        .allow_unauthenticated()
-        .build()?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(clients)
-            .with_single_cert(creds.chain, creds.key)?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(config)
+        Ok(creds.https_server_config()?)
     }
 
     /// One request on a TLS session whose exporter value is `exporter`, from `peer`
@@ -538,9 +526,16 @@ impl Server {
             .record_heartbeat(&peer.common_name, &beat)
             .map_err(internal)?;
         self.metrics.heartbeats_total.inc();
+        // A relay's controller authenticates operators with the site's token.
+        let operator_token_sha256 = if peer.roles.contains(&fbr_transport::Role::Relay) {
+            self.state.operator_token_sha256().map_err(internal)?
+        } else {
+            None
+        };
         Ok(json(&fbr_enroll::wire::HeartbeatAck {
             version: API_VERSION,
             site_id: self.site.site_id.clone(),
+            operator_token_sha256,
         }))
     }
 

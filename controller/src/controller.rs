@@ -52,6 +52,10 @@ pub struct JobRequest {
     /// Seconds between one boot group and the next.
     #[serde(default)]
     pub boot_delay_s: u64,
+    /// The estimate of each step by its name (`drain`, `roll_back`, `power_on`...),
+    /// seconds: what the job's live ETA counts for the steps not begun yet.
+    #[serde(default)]
+    pub step_estimates_s: BTreeMap<String, f64>,
 }
 
 /// A step for the driver to run.
@@ -145,6 +149,14 @@ impl Controller {
     pub fn resume(&mut self) {
         self.issued.clear();
         self.aborts.clear();
+    }
+
+    /// Changes that could not be saved (the store failed): marked changed again, so the
+    /// next save writes them.
+    pub fn unsaved(&mut self, changes: &Changes) {
+        self.dirty_vms
+            .extend(changes.vms.iter().map(|(name, _)| name.clone()));
+        self.dirty_jobs.extend(changes.jobs.iter().map(|j| j.id));
     }
 
     /// The controller as persisted: its VMs and jobs (the idempotency keys and the next
@@ -258,6 +270,11 @@ impl Controller {
         );
         job.boot = boot;
         job.boot_delay_s = req.boot_delay_s;
+        job.step_estimates_s = job
+            .steps
+            .iter()
+            .map(|s| req.step_estimates_s.get(s.kind.name()).copied())
+            .collect();
         self.jobs.insert(id, job);
         Ok(id)
     }
@@ -659,6 +676,7 @@ mod tests {
             estimate_s: None,
             boot: None,
             boot_delay_s: 0,
+            step_estimates_s: Default::default(),
         }
     }
 

@@ -296,6 +296,9 @@ pub struct Job {
     /// What the steps produced per VM (the point chosen, the copy of its disks).
     #[serde(default)]
     pub outputs: std::collections::BTreeMap<String, VmOutput>,
+    /// Each step's estimate before the job started, seconds (`None`: unknown).
+    #[serde(default)]
+    pub step_estimates_s: Vec<Option<f64>>,
 }
 
 /// What a job's steps produced for one VM.
@@ -353,6 +356,7 @@ impl Job {
             boot: Vec::new(),
             boot_delay_s: 0,
             outputs: Default::default(),
+            step_estimates_s: Vec::new(),
         }
     }
 
@@ -387,6 +391,30 @@ impl Job {
             })
             .sum();
         100.0 * done / n
+    }
+
+    /// The job's live ETA at `now_ms`, seconds: the running step's remaining time (from
+    /// its measured rate once it moved bytes, else its estimate less the time it has
+    /// run), plus the estimates of the steps still to come. `None` when a step to come
+    /// has no estimate, or the running step neither a rate nor an estimate.
+    pub fn eta_s(&self, now_ms: u64) -> Option<f64> {
+        if self.state.is_finished() {
+            return Some(0.0);
+        }
+        let current = self.current_step()?;
+        let estimate = |i: usize| self.step_estimates_s.get(i).copied().flatten();
+        let step = &self.steps[current];
+        let running = match step.eta_s(now_ms) {
+            Some(eta) => eta,
+            None => {
+                let ran = step
+                    .started_ms
+                    .map_or(0.0, |s| now_ms.saturating_sub(s) as f64 / 1000.0);
+                (estimate(current)? - ran).max(0.0)
+            }
+        };
+        let later: Option<f64> = (current + 1..self.steps.len()).map(estimate).sum();
+        Some(running + later?)
     }
 
     /// How long it took (once finished).

@@ -30,6 +30,8 @@ pub enum RefusalCode {
     BadRequest,
     /// A step failed; the note says which and why.
     StepFailed,
+    /// The controller itself failed (its state could not be saved).
+    Internal,
 }
 
 impl RefusalCode {
@@ -46,6 +48,7 @@ impl RefusalCode {
             RefusalCode::NotCancellable => "not_cancellable",
             RefusalCode::BadRequest => "bad_request",
             RefusalCode::StepFailed => "step_failed",
+            RefusalCode::Internal => "internal",
         }
     }
 
@@ -74,6 +77,9 @@ impl RefusalCode {
             RefusalCode::BadRequest => "fix the request",
             RefusalCode::StepFailed => {
                 "fix the cause in the step's note, then run the operation again (it resumes safely)"
+            }
+            RefusalCode::Internal => {
+                "see the relay's log (the controller's state store in [controller] state_dir failed: a full or read-only disk?)"
             }
         }
     }

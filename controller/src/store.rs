@@ -143,6 +143,7 @@ mod tests {
             estimate_s: None,
             boot: None,
             boot_delay_s: 0,
+            step_estimates_s: Default::default(),
         }
     }
 

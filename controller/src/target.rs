@@ -55,6 +55,11 @@ pub struct StatusDisk {
     pub vm: String,
     pub disk: u32,
     pub disk_size: u64,
+    /// `consistent` (in step: its tags are recovery points), `stale` (seeded, not
+    /// resynced yet) or `resyncing`.
+    pub state: String,
+    /// The last sequence number checkpointed.
+    pub seq: u64,
 }
 
 /// What the controller reads of an answer.

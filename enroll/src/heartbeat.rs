@@ -178,6 +178,8 @@ pub struct HeartbeatStatus {
     pub last_error: Option<String>,
     pub sent: u64,
     pub failed: u64,
+    /// What the last acknowledgement said of the operator token (relays).
+    pub operator_token_sha256: Option<String>,
 }
 
 impl HeartbeatStatus {
@@ -189,6 +191,7 @@ impl HeartbeatStatus {
             last_error: None,
             sent: 0,
             failed: 0,
+            operator_token_sha256: None,
         }
     }
 
@@ -218,7 +221,8 @@ pub async fn run(
         let outcome = client.send(&report()).await;
         let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
-            Ok(_) => {
+            Ok(ack) => {
+                s.operator_token_sha256 = ack.operator_token_sha256;
                 if !was_ok {
                     tracing::info!("configuration server reachable again");
                 }

@@ -356,6 +356,11 @@ pub struct StreamReport {
 pub struct HeartbeatAck {
     pub version: u32,
     pub site_id: String,
+    /// Relays: the SHA-256 (hex) of the site's operator token, which the relay's
+    /// controller API accepts (`Authorization: Bearer`). Absent for other components,
+    /// and before a token exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_token_sha256: Option<String>,
 }
 
 /// Decodes and checks a `POST /v1/heartbeat` body.
@@ -411,6 +416,9 @@ pub struct ErrorBody {
     /// Stable, machine-readable (docs/API.md lists them).
     pub code: String,
     pub message: String,
+    /// What to do about it (the relay's controller API says it for every refusal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remedy: Option<String>,
 }
 
 impl ApiError {
@@ -419,6 +427,7 @@ impl ApiError {
             error: ErrorBody {
                 code: code.to_owned(),
                 message: message.into(),
+                remedy: None,
             },
         }
     }
@@ -440,7 +449,11 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.error.message, self.error.code)
+        write!(f, "{} ({})", self.error.message, self.error.code)?;
+        if let Some(r) = &self.error.remedy {
+            write!(f, "; {r}")?;
+        }
+        Ok(())
     }
 }
 

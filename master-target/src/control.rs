@@ -134,6 +134,8 @@ fn status(mt: &MasterTarget) -> Result<Status, String> {
             vm: id.vm,
             disk: id.disk,
             disk_size: c.disk_size,
+            state: c.sync.replica_state().name().to_owned(),
+            seq: c.seq,
         })
         .collect();
     Ok(Status {
@@ -253,6 +255,8 @@ mod tests {
                     vm: "vm1".into(),
                     disk: 0,
                     disk_size: 4096,
+                    state: "consistent".into(),
+                    seq: 9,
                 }],
             }),
             ..Response::default()

@@ -172,7 +172,8 @@ pub async fn serve_stream(
                 .instrument(span)
                 .await
         }
-        Ok(None) => {}
+        // The agent-facing receiver never opens a control stream (it refuses `Control`).
+        Ok(Some(Opening::Control { .. })) | Ok(None) => {}
         Err(refusal) => ctx.refuse(&mut writer, &refusal, None).await,
     }
 }

@@ -39,11 +39,14 @@
 //!   plus the cache index (16 bytes per cached record).
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod bench;
 pub mod cache;
 pub mod control;
+pub mod ctl;
 pub mod egress;
 pub mod error;
+pub mod failback;
 pub mod forwarder;
 pub mod hashproxy;
 pub mod health;
@@ -54,6 +57,7 @@ pub mod reduce;
 pub mod resync;
 pub mod server;
 pub mod settings;
+pub mod target;
 
 pub use error::RelayError;
 pub use server::{Relay, RelayConfig};

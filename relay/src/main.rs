@@ -71,6 +71,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drive the failback controller (the relay's operator API): VMs, jobs,
+    /// reprotect, failover, commit... `--json` for scripts, `--wait` to follow a job.
+    Ctl(CtlArgs),
     /// Benchmark the durable cache (release build; uses real fsync on --dir's disk).
     BenchCache {
         /// Where to put the benchmark's files (emptied afterwards): the cache disk.
@@ -83,6 +86,259 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `relay ctl`: where the API is and how to authenticate.
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The relay's operator API (TCP).
+    #[arg(long, env = "FBR_RELAY_API", default_value = "127.0.0.1:8443")]
+    server: SocketAddr,
+    /// The name in the relay's certificate.
+    #[arg(long, default_value = "relay")]
+    server_name: String,
+    /// The site CA (checks the relay's certificate).
+    #[arg(long, default_value = "/etc/relay/pki/ca.pem")]
+    ca: PathBuf,
+    /// A file holding the site's operator token (the configuration server's
+    /// `<data>/operator.token`); or FBR_OPERATOR_TOKEN. Without one, the operator
+    /// certificate --cert-name in --pki-dir is used.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Directory of the operator certificate (`relay pki issue --role operator`).
+    #[arg(long, default_value = "/etc/relay/pki")]
+    pki_dir: PathBuf,
+    #[arg(long, default_value = "operator")]
+    cert_name: String,
+    /// Print the API's JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Every VM and its protection state.
+    Vms,
+    /// Jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        vm: Option<String>,
+        /// running, succeeded, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        /// reprotect, failover, change_point, commit, reprotect_back, test_failover,
+        /// test_cleanup.
+        #[arg(long)]
+        operation: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// One job, its steps and timing.
+    Job {
+        id: u64,
+        /// Follow it to its end with a progress bar and ETA.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Protect VMs from Azure to on-premises (delta resync to the original disks).
+    Reprotect {
+        #[command(flatten)]
+        common: JobFlags,
+        /// New, empty on-premises disks: a full resync.
+        #[arg(long)]
+        alternate_location: bool,
+    },
+    /// Fail VMs over to on-premises at a recovery point.
+    Failover {
+        #[command(flatten)]
+        common: JobFlags,
+        /// latest, latest-processed, latest-app-consistent, or a tag id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Shut the Azure VMs down first (latest then loses nothing).
+        #[arg(long)]
+        planned: bool,
+        /// Boot order of a plan: groups separated by ';', VMs by ',' ("db;app1,app2").
+        #[arg(long)]
+        boot: Option<String>,
+        /// Seconds between one boot group and the next.
+        #[arg(long, default_value_t = 0)]
+        boot_delay: u64,
+    },
+    /// Before commit: run failed-over VMs from another point.
+    ChangePoint {
+        #[command(flatten)]
+        common: JobFlags,
+        #[arg(long)]
+        point: String,
+    },
+    /// Make a failover final: deletes the Azure VMs.
+    Commit {
+        #[command(flatten)]
+        common: JobFlags,
+    },
+    /// Replicate committed VMs back to Azure.
+    ReprotectBack {
+        #[command(flatten)]
+        common: JobFlags,
+    },
+    /// Boot an isolated copy at a point while replication goes on.
+    TestFailover {
+        #[command(flatten)]
+        common: JobFlags,
+        #[arg(long, default_value = "latest-processed")]
+        point: String,
+    },
+    /// Remove a test failover's VMs and copies.
+    TestCleanup {
+        #[command(flatten)]
+        common: JobFlags,
+    },
+    /// Cancel a job where that is safe.
+    Cancel { id: u64 },
+    /// How long a failover would take, and the data each point kind loses.
+    Estimate {
+        #[arg(long = "vm", required = true)]
+        vms: Vec<String>,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        planned: bool,
+    },
+}
+
+/// What every job-starting command takes.
+#[derive(clap::Args, Debug)]
+struct JobFlags {
+    /// A VM (repeat for a plan).
+    #[arg(long = "vm", required = true)]
+    vms: Vec<String>,
+    /// A retried command with the same key gets the same job, never a second one.
+    #[arg(long)]
+    key: Option<String>,
+    /// Follow the job to its end with a progress bar and ETA.
+    #[arg(long)]
+    wait: bool,
+}
+
+fn ctl(args: CtlArgs) -> anyhow::Result<bool> {
+    use fbr_controller::Operation;
+    use fbr_relay::ctl::{self, CtlRequest};
+    let token = match &args.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--token-file {}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("FBR_OPERATOR_TOKEN").ok(),
+    };
+    let client = match token {
+        Some(t) => fbr_enroll::heartbeat::HeartbeatClient::operator(
+            args.server,
+            &args.server_name,
+            &args.ca,
+            t,
+        ),
+        None => fbr_enroll::heartbeat::HeartbeatClient::new(
+            args.server,
+            &args.server_name,
+            &args.pki_dir,
+            &args.cert_name,
+        ),
+    }
+    .map_err(anyhow::Error::msg)?;
+    let point = |p: &str| ctl::parse_point(p).map_err(anyhow::Error::msg);
+    let start = |op: Operation, f: JobFlags, boot: Option<Vec<Vec<String>>>, delay: u64| {
+        (
+            CtlRequest::Start(ctl::job_post(op, f.vms, f.key, boot, delay)),
+            f.wait,
+        )
+    };
+    let (request, wait) = match args.command {
+        CtlCommand::Vms => (CtlRequest::Vms, false),
+        CtlCommand::Jobs {
+            vm,
+            state,
+            operation,
+            limit,
+        } => (
+            CtlRequest::Jobs {
+                vm,
+                state,
+                operation,
+                limit,
+            },
+            false,
+        ),
+        CtlCommand::Job { id, wait } => (CtlRequest::Job(id), wait),
+        CtlCommand::Reprotect {
+            common,
+            alternate_location,
+        } => start(
+            Operation::Reprotect {
+                location: ctl::location(alternate_location),
+            },
+            common,
+            None,
+            0,
+        ),
+        CtlCommand::Failover {
+            common,
+            point: p,
+            planned,
+            boot,
+            boot_delay,
+        } => {
+            let boot = boot
+                .as_deref()
+                .map(ctl::parse_boot)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            start(
+                Operation::Failover {
+                    point: point(&p)?,
+                    planned,
+                },
+                common,
+                boot,
+                boot_delay,
+            )
+        }
+        CtlCommand::ChangePoint { common, point: p } => start(
+            Operation::ChangePoint { point: point(&p)? },
+            common,
+            None,
+            0,
+        ),
+        CtlCommand::Commit { common } => start(Operation::Commit, common, None, 0),
+        CtlCommand::ReprotectBack { common } => start(Operation::ReprotectBack, common, None, 0),
+        CtlCommand::TestFailover { common, point: p } => start(
+            Operation::TestFailover { point: point(&p)? },
+            common,
+            None,
+            0,
+        ),
+        CtlCommand::TestCleanup { common } => start(Operation::TestCleanup, common, None, 0),
+        CtlCommand::Cancel { id } => (CtlRequest::Cancel(id), false),
+        CtlCommand::Estimate {
+            vms,
+            point: p,
+            planned,
+        } => (
+            CtlRequest::Estimate(fbr_relay::api::EstimatePost {
+                vms,
+                point: point(&p)?,
+                planned,
+            }),
+            false,
+        ),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(ctl::run(&client, request, args.json, wait))
+        .map_err(anyhow::Error::msg)
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,7 +357,7 @@ enum PkiCommand {
         /// File stem and common name, e.g. `relay-1` or `agent-payroll`.
         #[arg(long)]
         name: String,
-        /// agent, relay or master-target.
+        /// agent, relay, master-target, or operator (a person or script using `relay ctl`).
         #[arg(long)]
         role: String,
         /// A VM the holder may write (repeat; `*` for any).
@@ -220,6 +476,31 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "wan.compression")]
     wan_compression: Option<String>,
+    /// TCP address of the operator API (HTTPS); "" disables the controller
+    /// [controller.listen].
+    #[arg(long)]
+    #[serde(rename = "controller.listen")]
+    controller_listen: Option<String>,
+    /// Write the operator API's bound address here [controller.port_file].
+    #[arg(long)]
+    #[serde(rename = "controller.port_file")]
+    controller_port_file: Option<PathBuf>,
+    /// Where the controller keeps its jobs [controller.state_dir].
+    #[arg(long)]
+    #[serde(rename = "controller.state_dir")]
+    controller_state_dir: Option<PathBuf>,
+    /// The Azure side's hypervisor hook [controller.azure_hook].
+    #[arg(long)]
+    #[serde(rename = "controller.azure_hook")]
+    azure_hook: Option<PathBuf>,
+    /// The on-premises side's hypervisor hook [controller.on_premises_hook].
+    #[arg(long)]
+    #[serde(rename = "controller.on_premises_hook")]
+    on_premises_hook: Option<PathBuf>,
+    /// Seconds one VM takes to boot, for estimates [controller.boot_estimate_seconds].
+    #[arg(long)]
+    #[serde(rename = "controller.boot_estimate_seconds")]
+    boot_estimate_seconds: Option<f64>,
 }
 
 impl RunArgs {
@@ -288,6 +569,12 @@ fn main() -> ExitCode {
             control_socket,
             json,
         } => control(&control_socket, &Request::Resyncs, json),
+        Command::Ctl(args) => match ctl(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            // The job failed or was cancelled: what it said is printed.
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => report(Err(e)),
+        },
         Command::Register(args) => fbr_enroll::cli::run(
             "relay",
             args,
@@ -307,7 +594,7 @@ fn main() -> ExitCode {
             ips,
         }) => {
             let Some(role) = Role::parse(&role) else {
-                eprintln!("relay: invalid --role {role:?}: expected agent, relay or master-target");
+                eprintln!("relay: invalid --role {role:?}: expected agent, relay, master-target or operator");
                 return ExitCode::from(EX_USAGE);
             };
             let req = IssueRequest {
@@ -505,6 +792,7 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
                 .with_context(|| format!("control_socket {path}"))?,
         ),
     };
+    let controller = start_controller(&settings, &relay).await?;
     let endpoints = observe::RelayEndpoints::new(relay.clone());
     let metrics = match settings.metrics_addr()? {
         Some(addr) => Some(
@@ -548,6 +836,9 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     if let Some(m) = metrics {
         m.abort();
     }
+    for task in controller {
+        task.abort();
+    }
     cache.shutdown();
     let m = relay.metrics();
     tracing::info!(
@@ -556,6 +847,56 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         "final counters"
     );
     Ok(())
+}
+
+/// Starts the failback controller and its operator API, unless `controller.listen` is
+/// empty: its tasks, to stop at shutdown.
+async fn start_controller(
+    settings: &RelaySettings,
+    relay: &std::sync::Arc<Relay>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use fbr_controller::hypervisor::{CommandHook, Hypervisor};
+    let Some(addr) = settings.controller_addr()? else {
+        return Ok(Vec::new());
+    };
+    let c = &settings.controller;
+    let hook = |path: &Option<PathBuf>| {
+        path.as_ref().map(|p| {
+            let mut h = CommandHook::new(p.clone());
+            h.timeout = std::time::Duration::from_secs(c.hook_timeout_seconds);
+            h.retries = c.hook_retries;
+            std::sync::Arc::new(h) as std::sync::Arc<dyn Hypervisor>
+        })
+    };
+    let failback = fbr_relay::failback::Failback::open(
+        relay.clone(),
+        fbr_relay::failback::FailbackConfig {
+            state_dir: c.state_dir.clone(),
+            azure: hook(&c.azure_hook),
+            on_premises: hook(&c.on_premises_hook),
+            boot_estimate_s: c.boot_estimate_seconds,
+            wait_timeout: std::time::Duration::from_secs(c.wait_timeout_seconds),
+        },
+    )
+    .with_context(|| format!("controller.state_dir {}", c.state_dir.display()))?;
+    let tls = Credentials::load(&settings.pki_dir, &settings.cert_name)?.https_server_config()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("controller.listen {addr}"))?;
+    let local = listener.local_addr()?;
+    if let Some(pf) = &c.port_file {
+        fbr_daemon::write_port_file(pf, local)
+            .with_context(|| format!("writing {}", pf.display()))?;
+    }
+    tracing::info!(listen = %local, "operator API listening");
+    let api = std::sync::Arc::new(fbr_relay::api::Api {
+        failback: failback.clone(),
+        relay: relay.clone(),
+    });
+    Ok(vec![
+        tokio::spawn(failback.run()),
+        tokio::spawn(fbr_relay::api::serve(listener, tls, api)),
+    ])
 }
 
 /// A warning when the configured cache capacity exceeds the filesystem that holds (or

@@ -52,6 +52,48 @@ pub struct RelaySettings {
     pub wan: WanSettings,
     /// The site's configuration server (heartbeats), if any.
     pub config_server: fbr_enroll::heartbeat::ConfigServerSettings,
+    /// The failback controller and its operator API (docs/CONTROLLER.md).
+    pub controller: ControllerSettings,
+}
+
+/// The failback controller (`[controller]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControllerSettings {
+    /// TCP address of the operator API (HTTPS); empty to disable the controller.
+    pub listen: String,
+    /// Written once the API listens (for scripts and tests).
+    pub port_file: Option<PathBuf>,
+    /// Where the controller keeps its jobs (`controller.redb`).
+    pub state_dir: PathBuf,
+    /// The Azure side's hook: shuts down and deletes the failed-over VMs.
+    pub azure_hook: Option<PathBuf>,
+    /// The on-premises side's hook: powers VMs on with their disks, and off.
+    pub on_premises_hook: Option<PathBuf>,
+    /// Longest one hook run may take before it is killed.
+    pub hook_timeout_seconds: u64,
+    /// Runs after the first of a hook call that fails transiently.
+    pub hook_retries: u32,
+    /// Seconds one VM takes to boot (the failover estimate's boot time).
+    pub boot_estimate_seconds: f64,
+    /// Longest a waiting step (resync, recovery point, drain) may wait.
+    pub wait_timeout_seconds: u64,
+}
+
+impl Default for ControllerSettings {
+    fn default() -> Self {
+        ControllerSettings {
+            listen: "0.0.0.0:8443".into(),
+            port_file: None,
+            state_dir: PathBuf::from("/var/lib/relay/controller"),
+            azure_hook: None,
+            on_premises_hook: None,
+            hook_timeout_seconds: 300,
+            hook_retries: 3,
+            boot_estimate_seconds: 120.0,
+            wait_timeout_seconds: 86_400,
+        }
+    }
 }
 
 /// WAN reductions (docs/WAN.md).
@@ -146,6 +188,7 @@ impl Default for RelaySettings {
             health: HealthSettings::default(),
             wan: WanSettings::default(),
             config_server: Default::default(),
+            controller: ControllerSettings::default(),
         }
     }
 }
@@ -225,6 +268,45 @@ impl DaemonSettings for RelaySettings {
             ));
         }
         self.metrics_addr()?;
+        self.controller_addr()?;
+        let c = &self.controller;
+        if !(1..=86_400).contains(&c.hook_timeout_seconds) {
+            return Err(ConfigError::new(
+                "controller.hook_timeout_seconds",
+                format!("{} is out of range 1..=86400", c.hook_timeout_seconds),
+            ));
+        }
+        if c.hook_retries > 10 {
+            return Err(ConfigError::new(
+                "controller.hook_retries",
+                format!("{} is out of range 0..=10", c.hook_retries),
+            ));
+        }
+        if !(c.boot_estimate_seconds.is_finite() && c.boot_estimate_seconds >= 0.0) {
+            return Err(ConfigError::new(
+                "controller.boot_estimate_seconds",
+                "must be a number of seconds, 0 or more",
+            ));
+        }
+        if !(1..=30 * 86_400).contains(&c.wait_timeout_seconds) {
+            return Err(ConfigError::new(
+                "controller.wait_timeout_seconds",
+                format!("{} is out of range 1..=2592000", c.wait_timeout_seconds),
+            ));
+        }
+        for (key, hook) in [
+            ("controller.azure_hook", &c.azure_hook),
+            ("controller.on_premises_hook", &c.on_premises_hook),
+        ] {
+            if let Some(h) = hook {
+                if !h.is_absolute() {
+                    return Err(ConfigError::new(
+                        key,
+                        "must be an absolute path to the hook",
+                    ));
+                }
+            }
+        }
         let seg = self.cache.segment_size.0;
         if !(64 << 10..=1 << 30).contains(&seg) {
             return Err(ConfigError::new(
@@ -281,6 +363,11 @@ impl RelaySettings {
     /// The metrics endpoint's address, `None` when disabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         fbr_daemon::settings::listen_addr("metrics_listen", &self.metrics_listen)
+    }
+
+    /// The operator API's address (`None`: the controller is off).
+    pub fn controller_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        fbr_daemon::settings::listen_addr("controller.listen", &self.controller.listen)
     }
 
     /// The egress controller's settings (reads the schedule file if one is named).

@@ -21,6 +21,8 @@ pub enum Role {
     MasterTarget,
     /// The site's configuration server (its HTTPS API's certificate).
     ConfigServer,
+    /// A person or script driving the failback controller's API (`relay ctl`).
+    Operator,
 }
 
 impl Role {
@@ -30,6 +32,7 @@ impl Role {
             Role::Relay => "relay",
             Role::MasterTarget => "master-target",
             Role::ConfigServer => "config-server",
+            Role::Operator => "operator",
         }
     }
 
@@ -39,6 +42,7 @@ impl Role {
             "relay" => Some(Role::Relay),
             "master-target" => Some(Role::MasterTarget),
             "config-server" => Some(Role::ConfigServer),
+            "operator" => Some(Role::Operator),
             _ => None,
         }
     }

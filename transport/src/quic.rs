@@ -93,6 +93,29 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// The TLS configuration of an HTTPS API served with these credentials: TLS 1.3
+    /// only, HTTP/1.1, a client certificate of the site CA asked for but not required
+    /// (the API decides per endpoint; a certificate sent is checked against the CA).
+    pub fn https_server_config(&self) -> Result<rustls::ServerConfig, TransportError> {
+        let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots.clone()),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| tls(&e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls(&e))?
+            .with_client_cert_verifier(clients)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| tls(&e))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
     /// Loads `<dir>/<name>.pem`, `<dir>/<name>.key` and `<dir>/ca.pem`.
     pub fn load(dir: &Path, name: &str) -> Result<Self, TransportError> {
         let cert_path = dir.join(format!("{name}.pem"));
