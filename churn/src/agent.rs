@@ -101,6 +101,9 @@ struct VmRoute {
     placement: AtomicU64,
     /// While a move drains the old relay: the VM's disks draw no new changes.
     draining: AtomicBool,
+    /// The VM was shut down (its hypervisor's `shut_down`): it writes nothing more;
+    /// its disks still carry the group's tags, so its final state is a recovery point.
+    powered_off: AtomicBool,
 }
 
 impl VmRoute {
@@ -615,6 +618,50 @@ impl Mover {
     }
 }
 
+/// Shuts a run's VMs down ([`RunHandle::power_switch`]): the emulated hypervisor.
+#[derive(Debug, Clone)]
+pub struct PowerSwitch {
+    disks: Vec<Arc<DiskRuntime>>,
+}
+
+impl PowerSwitch {
+    /// Shuts VM `vm` down as its hypervisor would: it writes nothing more. Returns once
+    /// a tag cut after its last write is acknowledged by the relay on every one of its
+    /// disks (so the relay holds its final state, as a recovery point), or why not
+    /// within `timeout`.
+    pub async fn shut_down_vm(&self, vm: &str, timeout: Duration) -> Result<(), String> {
+        let disks: Vec<_> = self.disks.iter().filter(|d| d.plan.id.vm == vm).collect();
+        let Some(first) = disks.first() else {
+            return Err(format!("this agent writes no disk of VM {vm}"));
+        };
+        first.ctx.route.powered_off.store(true, Ordering::SeqCst);
+        // Every record numbered from here on is a tag (or resync bookkeeping): the
+        // first tag at or after this point covers the VM's last write.
+        let after: Vec<u64> = disks.iter().map(|d| d.lock_gen().next_seq).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let covered = disks.iter().zip(&after).all(|(d, from)| {
+                let tag = d
+                    .lock_gen()
+                    .tags
+                    .iter()
+                    .find(|t| t.seq >= *from)
+                    .map(|t| t.seq);
+                tag.is_some_and(|seq| d.lock_sender().acked() >= seq)
+            });
+            if covered {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "VM {vm}: its final tag was not acknowledged within {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A running emulation: start it, watch [`RunHandle::stats`], then [`RunHandle::finish`].
 #[derive(Debug)]
 pub struct RunHandle {
@@ -659,6 +706,13 @@ impl RunHandle {
             disks: self.disks.clone(),
             endpoint: self.endpoint.clone(),
             tasks: self.tasks.clone(),
+        }
+    }
+
+    /// What shuts the run's VMs down (it may outlive the handle's borrow).
+    pub fn power_switch(&self) -> PowerSwitch {
+        PowerSwitch {
+            disks: self.disks.clone(),
         }
     }
 
@@ -714,6 +768,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
                 ))),
                 placement: AtomicU64::new(route.placement),
                 draining: AtomicBool::new(false),
+                powered_off: AtomicBool::new(false),
             })
         });
         let source = ChangeSource::open(&plan.source, plan.disk_size, &pools)?;
@@ -1438,6 +1493,7 @@ async fn send_records(
                     Some(record)
                 } else if drawing_stopped.load(Ordering::SeqCst)
                     || disk.ctx.route.draining.load(Ordering::SeqCst)
+                    || disk.ctx.route.powered_off.load(Ordering::SeqCst)
                     || g.exhausted
                     || g.at_log_tag.is_some()
                     || !*disk.ready.borrow()

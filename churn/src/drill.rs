@@ -152,7 +152,7 @@ pub fn plan_disks(opts: &DrillOptions) -> Vec<DiskPlan> {
 /// Makes the disks of a reprotect drill start with data: the failover-day state is
 /// deterministic per disk; at the original location the master target is seeded with it
 /// and the source has diverged from it; at an alternate location the replica is new.
-fn prepare_reprotect(
+pub(crate) fn prepare_reprotect(
     site: &mut Site,
     plans: &mut [DiskPlan],
     r: &Reprotect,

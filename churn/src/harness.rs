@@ -85,6 +85,8 @@ pub struct Site {
     /// The relay is started without `--master-target`: it asks its configuration server
     /// (given in its arguments) for the master target it is assigned.
     relay_asks_for_master_target: bool,
+    /// The relay's operator API (the failback controller), kept across restarts.
+    relay_api: Option<SocketAddr>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -135,6 +137,7 @@ impl Site {
                 metrics_addr: None,
             },
             relay_asks_for_master_target: false,
+            relay_api: None,
             _tmp: tmp,
         })
     }
@@ -221,7 +224,26 @@ impl Site {
             self.relay.addr,
         )?;
         let root = self.root.clone();
-        start_daemon(&mut self.relay, &root, cmd)
+        let addr = start_daemon(&mut self.relay, &root, cmd)?;
+        // Written before the agents' port (the controller starts first).
+        let api = fs::read_to_string(root.join("relay.api.addr"))
+            .context("the relay's operator API port file")?;
+        self.relay_api = Some(
+            api.trim()
+                .parse()
+                .context("the relay's operator API address")?,
+        );
+        Ok(addr)
+    }
+
+    /// The relay's operator API (HTTPS), once the relay was started.
+    pub fn relay_api_addr(&self) -> Option<SocketAddr> {
+        self.relay_api
+    }
+
+    /// Where the relay's failback controller keeps its jobs.
+    pub fn relay_controller_dir(&self) -> PathBuf {
+        self.root.join("relay-controller")
     }
 
     /// `relay run` for the relay whose certificate is `cert_name`.
@@ -237,8 +259,19 @@ impl Site {
             .addr
             .context("start the master target before the relay")?;
         let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let api = match cert_name {
+            "relay" => self.relay_api,
+            _ => None,
+        }
+        .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
         let mut cmd = Command::new(bin_path("relay")?);
         cmd.arg("run").arg("--listen").arg(listen.to_string());
+        cmd.arg("--controller-listen")
+            .arg(api.to_string())
+            .arg("--controller-port-file")
+            .arg(self.root.join(format!("{cert_name}.api.addr")))
+            .arg("--controller-state-dir")
+            .arg(self.root.join(format!("{cert_name}-controller")));
         if !self.relay_asks_for_master_target {
             cmd.arg("--master-target").arg(mt.to_string());
         }

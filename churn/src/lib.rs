@@ -25,9 +25,11 @@
 pub mod agent;
 pub mod dirty;
 pub mod drill;
+pub mod failbackdrill;
 pub mod harness;
 pub mod image;
 pub mod moves;
+pub mod platform;
 pub mod resyncbench;
 pub mod retentionbench;
 pub mod source;

@@ -189,6 +189,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole failback cycle through the relay's controller API: reprotect while
+    /// the VMs churn, a test failover, a planned failover to latest (zero data lost), an
+    /// unplanned one to a named point of a two-group plan, commit; verified byte for
+    /// byte, with a timeline of estimates against actuals.
+    DrillFailback {
+        #[arg(long, default_value_t = 4)]
+        vms: u32,
+        #[arg(long, default_value_t = 1)]
+        disks: u32,
+        #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+        disk_size: u64,
+        /// Steady churn, MB/s, all disks together.
+        #[arg(long, default_value_t = 4.0)]
+        rate_mb: f64,
+        /// Seconds the VMs churn while protected, before the failovers.
+        #[arg(long, default_value_t = 4.0)]
+        protected_seconds: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Keep the site (logs, data, hooks' state) in this directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Print one JSON summary object as the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The failback drill's emulated hypervisor hook (run by the relay's controller as
+    /// `HOOK ACTION`; docs/CONTROLLER.md).
+    VmHook {
+        /// The platform's directory of VM states.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The platform's VMs are the drill's agents: a shut-down waits for them.
+        #[arg(long)]
+        agents: bool,
+        /// shut_down, power_on, delete or status.
+        action: String,
+    },
     /// Benchmark the path: like the drill, sized for throughput, with rates and CPU.
     Bench {
         #[arg(long, default_value_t = 20.0)]
@@ -364,6 +402,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     fbr_daemon::init_logging(false, "warn");
+    if let Command::VmHook {
+        state_dir,
+        action,
+        agents,
+    } = &cli.command
+    {
+        return ExitCode::from(fbr_churn::platform::hook(state_dir, action, *agents) as u8);
+    }
     if let Command::Enroll(args) = cli.command {
         return fbr_enroll::cli::run("churn", args, fbr_transport::Role::Agent, "pki", "agent");
     }
@@ -431,7 +477,48 @@ fn usage_error(cmd: &Command) -> Option<String> {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
     match cmd {
-        Command::Enroll(_) => anyhow::bail!("enroll is run before the runtime starts"),
+        Command::Enroll(_) | Command::VmHook { .. } => {
+            anyhow::bail!("run before the runtime starts")
+        }
+        Command::DrillFailback {
+            vms,
+            disks,
+            disk_size,
+            rate_mb,
+            protected_seconds,
+            seed,
+            keep,
+            json,
+        } => {
+            anyhow::ensure!(
+                rate_mb > 0.0 && rate_mb.is_finite(),
+                "--rate-mb must be a positive number"
+            );
+            anyhow::ensure!(
+                protected_seconds >= 0.0 && protected_seconds.is_finite(),
+                "--protected-seconds must be 0 or more"
+            );
+            let opts = fbr_churn::failbackdrill::FailbackOptions {
+                vms,
+                disks_per_vm: disks,
+                disk_size,
+                rate_bytes_per_s: (rate_mb * 1e6) as u64,
+                protected_for: Duration::from_secs_f64(protected_seconds),
+                seed,
+                keep,
+                ..Default::default()
+            };
+            eprintln!(
+                "failback drill: {vms} VMs x {disks} disks of {} MiB, churning {rate_mb} MB/s",
+                disk_size >> 20
+            );
+            let summary = fbr_churn::failbackdrill::run(opts).await?;
+            fbr_churn::failbackdrill::print_summary(&summary);
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+            Ok(summary.verified)
+        }
         Command::Drill {
             workload: w,
             seconds,

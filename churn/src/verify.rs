@@ -50,8 +50,19 @@ pub struct VerifyReport {
     /// Of those, the ones proven byte-identical on every member disk.
     pub recovery_points_verified: usize,
     pub disks: Vec<DiskReport>,
+    /// Copies of disks at a point (failovers) proven equal to the source there.
+    pub copies_verified: usize,
     /// Everything that went wrong, in words.
     pub errors: Vec<String>,
+}
+
+/// A copy of a disk at a recovery point (what a failover booted from) to prove equal
+/// to the source at that point.
+#[derive(Debug, Clone)]
+pub struct CopyCheck {
+    pub id: StreamId,
+    pub tag_id: u64,
+    pub path: std::path::PathBuf,
 }
 
 /// What was found on one disk.
@@ -136,11 +147,22 @@ impl Dirty {
 struct DiskOutcome {
     report: DiskReport,
     tag_matches: HashMap<u64, bool>,
+    copies_matching: usize,
     errors: Vec<String>,
 }
 
 /// Verifies the run described by `manifest` against the master target data directory.
 pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, String> {
+    verify_with_copies(manifest, mt_data, &[])
+}
+
+/// [`verify`], and each of `copies` equal to its disk's source at its point, byte for
+/// byte (checked as the source is rebuilt, when it reaches that tag).
+pub fn verify_with_copies(
+    manifest: &Manifest,
+    mt_data: &Path,
+    copies: &[CopyCheck],
+) -> Result<VerifyReport, String> {
     let store = Store::open(mt_data).map_err(|e| e.to_string())?;
     let pending = store.pending_rollbacks().map_err(|e| e.to_string())?;
     if let Some((id, _)) = pending.first() {
@@ -183,7 +205,8 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
                     vm: disk.vm.clone(),
                     disk: disk.disk,
                 };
-                let outcome = verify_disk(disk, mt_data, &pools, trims.get(&id).copied());
+                let mine: Vec<&CopyCheck> = copies.iter().filter(|c| c.id == id).collect();
+                let outcome = verify_disk(disk, mt_data, &pools, trims.get(&id).copied(), &mine);
                 outcomes
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -194,6 +217,7 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
     let outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
 
     let mut errors = Vec::new();
+    let copies_verified: usize = outcomes.values().map(|o| o.copies_matching).sum();
     let mut by_stream: HashMap<StreamId, (&DiskManifest, &DiskOutcome)> = HashMap::new();
     for (i, o) in &outcomes {
         let d = &manifest.disks[*i];
@@ -289,6 +313,13 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
             errors.push(format!("recovery point {group}/{id} was acknowledged on every disk but is not complete at the master target"));
         }
     }
+    if copies_verified != copies.len() && errors.is_empty() {
+        errors.push(format!(
+            "{} of {} failover copies proven equal to their source",
+            copies_verified,
+            copies.len()
+        ));
+    }
     let verified = errors.is_empty() && complete == verified_points && complete > 0;
     if complete == 0 && errors.is_empty() {
         errors.push("the master target holds no complete recovery point of this run".into());
@@ -298,6 +329,7 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
         recovery_points_complete: complete,
         recovery_points_verified: verified_points,
         disks: outcomes.into_values().map(|o| o.report).collect(),
+        copies_verified,
         errors,
     })
 }
@@ -307,6 +339,7 @@ fn verify_disk(
     mt_data: &Path,
     pools: &std::sync::Arc<ContentPools>,
     trim: Option<(u64, u64)>,
+    copies: &[&CopyCheck],
 ) -> DiskOutcome {
     let id = StreamId {
         vm: d.vm.clone(),
@@ -323,6 +356,7 @@ fn verify_disk(
             final_image_matches: false,
         },
         tag_matches: HashMap::new(),
+        copies_matching: 0,
         errors: vec![],
     };
     let fail = |out: &mut DiskOutcome, msg: String| out.errors.push(format!("{id}: {msg}"));
@@ -461,6 +495,9 @@ fn verify_disk(
                         continue;
                     }
                     compare_at_tag(&id, &mut out, &mut dirty, &src, &rep, t.id, "")?;
+                    for c in copies.iter().filter(|c| c.tag_id == t.id) {
+                        compare_copy(&id, &mut out, &src, c)?;
+                    }
                 }
                 (Record::Write { .. } | Record::Zero { .. } | Record::Resync { .. }, None)
                     if replica_only =>
@@ -555,6 +592,26 @@ fn compare_at_tag(
         None => out.report.tags_matching += 1,
     }
     out.tag_matches.insert(tag, diff.is_none());
+    Ok(())
+}
+
+/// Compares the source at a tag with a copy made at that tag (the whole disk).
+fn compare_copy(
+    id: &StreamId,
+    out: &mut DiskOutcome,
+    src: &Scratch,
+    copy: &CopyCheck,
+) -> Result<(), String> {
+    let file = File::open(&copy.path).map_err(|e| format!("{}: {e}", copy.path.display()))?;
+    match first_difference(&src.file, &file, src.disk_size) {
+        Ok(None) => out.copies_matching += 1,
+        Ok(Some(at)) => out.errors.push(format!(
+            "{id}: the failover copy {} differs from the source at point {} (first at byte {at})",
+            copy.path.display(),
+            copy.tag_id
+        )),
+        Err(e) => return Err(format!("comparing {}: {e}", copy.path.display())),
+    }
     Ok(())
 }
 

@@ -97,19 +97,19 @@ pub struct CopyDisk {
 }
 
 /// The points listing, per VM.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Points {
     pub vms: Vec<VmPoints>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmPoints {
     pub vm: String,
     pub points: Vec<VmPoint>,
 }
 
 /// One point covering a VM.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmPoint {
     pub group: String,
     pub tag_id: u64,

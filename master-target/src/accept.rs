@@ -395,18 +395,17 @@ impl MasterTarget {
                 if let Some(e) = &answer.error {
                     tracing::info!(cn = %peer.common_name, "control request refused: {e}");
                 }
-                let mut body = serde_json::to_vec(&answer).unwrap_or_default();
-                if body.len() > fbr_protocol::MAX_FRAME_PAYLOAD {
-                    let e = format!("the answer is {} bytes, over one frame", body.len());
-                    body = serde_json::to_vec(&crate::control::Response::refused(e))
-                        .unwrap_or_default();
+                // The answer in as many frames as it takes, then the stream's end.
+                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                for chunk in body.chunks(fbr_protocol::MAX_FRAME_PAYLOAD) {
+                    let frame = fbr_protocol::Frame::ControlAnswer {
+                        answer: bytes::Bytes::copy_from_slice(chunk),
+                    };
+                    if writer.send(&frame).await.is_err() {
+                        return;
+                    }
                 }
-                let frame = fbr_protocol::Frame::ControlAnswer {
-                    answer: bytes::Bytes::from(body),
-                };
-                if writer.send(&frame).await.is_ok() {
-                    writer.finish().await;
-                }
+                writer.finish().await;
             }
             Ok(None) => {}
             Err(refusal) => self.refuse(&mut writer, &refusal, None).await,

@@ -58,11 +58,6 @@ pub struct Response {
 }
 
 impl Response {
-    /// A refusal saying why.
-    pub fn refused(error: String) -> Self {
-        Response::from(Err(error))
-    }
-
     fn from(result: Result<Response, String>) -> Self {
         result.unwrap_or_else(|e| Response {
             error: Some(e),
@@ -106,9 +101,11 @@ pub async fn handle(mt: &Arc<MasterTarget>, request: Request) -> Response {
             ..Response::default()
         }),
         Request::Status => status(mt).and_then(|status| {
+            let points =
+                serde_json::to_value(recovery_points_per_vm(mt)?).map_err(|e| e.to_string())?;
             Ok(Response {
                 ok: true,
-                points: Some(points_listing(mt)?),
+                points: Some(points),
                 status: Some(status),
                 ..Response::default()
             })
@@ -120,6 +117,35 @@ pub async fn handle(mt: &Arc<MasterTarget>, request: Request) -> Response {
 fn points_listing(mt: &MasterTarget) -> Result<serde_json::Value, String> {
     let points = mt.store.recovery_points().map_err(|e| e.to_string())?;
     serde_json::to_value(crate::points::PointsListing::new(points)).map_err(|e| e.to_string())
+}
+
+/// Every VM's recovery points (complete ones only), the compact form a status carries:
+/// a VM's point is a few dozen bytes, where the full listing names every landing.
+fn recovery_points_per_vm(mt: &MasterTarget) -> Result<fbr_controller::target::Points, String> {
+    use fbr_controller::target::{Points, VmPoint, VmPoints};
+    let mut vms: std::collections::BTreeMap<String, Vec<VmPoint>> = Default::default();
+    for p in mt.store.recovery_points().map_err(|e| e.to_string())? {
+        if !p.complete {
+            continue;
+        }
+        let mut names: Vec<&str> = p.landed.iter().map(|l| l.vm.as_str()).collect();
+        names.dedup();
+        for vm in names {
+            vms.entry(vm.to_owned()).or_default().push(VmPoint {
+                group: p.group.clone(),
+                tag_id: p.tag_id,
+                kind: p.kind.to_owned(),
+                time_ms: p.time_ms,
+                complete: true,
+            });
+        }
+    }
+    Ok(Points {
+        vms: vms
+            .into_iter()
+            .map(|(vm, points)| VmPoints { vm, points })
+            .collect(),
+    })
 }
 
 fn status(mt: &MasterTarget) -> Result<Status, String> {

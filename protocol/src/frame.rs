@@ -336,8 +336,9 @@ pub enum Frame {
     /// of the failback controller, a JSON document of at most [`MAX_CONTROL_REQUEST`]
     /// bytes (its schema is the master target's; this layer only carries it).
     Control { request: Bytes },
-    /// Master target -> relay, the answer to a control stream's request (JSON), then
-    /// the stream ends.
+    /// Master target -> relay, the answer to a control stream's request: the bodies of
+    /// the stream's `ControlAnswer` frames, in order, make one JSON document (each at
+    /// most a frame's payload); the stream's end closes it.
     ControlAnswer { answer: Bytes },
     /// Either way: the stream is refused or closed, and why.
     Error { code: ErrorCode, message: String },

@@ -9,6 +9,7 @@
 //! | `POST /v1/jobs` | start a job (`{"operation": {...}, "vms": [...], "idempotency_key", "boot", "boot_delay_s"}`) |
 //! | `POST /v1/jobs/{id}/cancel` | cancel where safe; says what was undone |
 //! | `POST /v1/estimate` | a failover's estimate (`{"vms", "point", "planned"}`) |
+//! | `GET /v1/points` | the recovery points of every VM, as the master target holds them |
 //!
 //! Who may call: an operator with a client certificate of the site CA with the role
 //! `operator` (`relay pki issue --role operator`), or with the site's operator token
@@ -232,6 +233,15 @@ impl Api {
                 document(serde_json::json!({"version": API_VERSION, "vms": vms}))
             }
             (&Method::GET, ["v1", "jobs"]) => self.list_jobs(&query),
+            (&Method::GET, ["v1", "points"]) => match self.failback.facts().await.1 {
+                Some(view) => {
+                    document(serde_json::json!({"version": API_VERSION, "points": view.points}))
+                }
+                None => Err(refusal(Refusal::new(
+                    RefusalCode::MasterTargetUnreachable,
+                    "the master target did not answer",
+                ))),
+            },
             (&Method::GET, ["v1", "jobs", id]) => {
                 let id = job_id(id)?;
                 match self.failback.job(id) {
@@ -279,11 +289,15 @@ impl Api {
                     .await;
                 document(serde_json::json!({"version": API_VERSION, "estimate": estimate}))
             }
-            (_, ["v1", "vms"] | ["v1", "jobs"] | ["v1", "jobs", _] | ["v1", "estimate"])
+            (
+                _,
+                ["v1", "vms"] | ["v1", "jobs"] | ["v1", "jobs", _] | ["v1", "estimate"]
+                | ["v1", "points"],
+            )
             | (_, ["v1", "jobs", _, "cancel"]) => Err(error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "GET /v1/vms, GET and POST /v1/jobs, GET /v1/jobs/{id}, POST /v1/jobs/{id}/cancel, POST /v1/estimate",
+                "GET /v1/vms, GET /v1/points, GET and POST /v1/jobs, GET /v1/jobs/{id}, POST /v1/jobs/{id}/cancel, POST /v1/estimate",
             )),
             _ => Err(error(
                 StatusCode::NOT_FOUND,
@@ -362,6 +376,9 @@ impl Api {
             let est = &e.estimate;
             estimate_s = est.total_s;
             step_estimates_s.insert("choose_point".to_owned(), 0.0);
+            if let Some(s) = e.shut_down_s {
+                step_estimates_s.insert("shut_down_source".to_owned(), s);
+            }
             if let Some(d) = est.drain_s {
                 step_estimates_s.insert("drain".to_owned(), d);
             }
@@ -369,8 +386,13 @@ impl Api {
                 step_estimates_s.insert("roll_back".to_owned(), r);
                 step_estimates_s.insert("materialize_test_copy".to_owned(), r);
             }
-            step_estimates_s.insert("power_on".to_owned(), est.boot_s);
-            step_estimates_s.insert("power_on_test".to_owned(), est.boot_s);
+            // The VMs of a boot group start together; the groups one after another,
+            // the plan's delay apart.
+            let groups = post.boot.as_ref().map_or(1, |b| b.len().max(1)) as f64;
+            let boot = e.boot_s_per_vm * groups + post.boot_delay_s as f64 * (groups - 1.0);
+            estimate_s = estimate_s.map(|t| t - est.boot_s + boot);
+            step_estimates_s.insert("power_on".to_owned(), boot);
+            step_estimates_s.insert("power_on_test".to_owned(), e.boot_s_per_vm);
         }
         let req = JobRequest {
             operation: post.operation,

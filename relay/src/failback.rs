@@ -92,12 +92,16 @@ struct Inner {
 /// Rates measured as the relay runs (for estimates).
 #[derive(Debug, Default)]
 struct Rates {
-    /// The WAN bytes counter and when it was read.
+    /// The link's UDP bytes sent and when that was read.
     wire: Option<(u64, Instant)>,
     /// Bytes per second on the WAN leg, smoothed over the seconds it was busy.
     link_bytes_per_s: f64,
     /// Disk bytes per second the master target made copies at.
     copy_bytes_per_s: f64,
+    /// Seconds one VM's power-on took, as last measured (0: not yet).
+    boot_s_per_vm: f64,
+    /// Seconds the last shut-down of Azure VMs took (0: none yet).
+    shut_down_s: f64,
 }
 
 /// The master target as the last status request saw it.
@@ -117,9 +121,17 @@ pub struct FailoverEstimate {
     pub link_bytes_per_s: f64,
     pub copy_bytes: u64,
     pub copy_bytes_per_s: f64,
+    /// Seconds one VM takes to boot: the last power-on measured, else the setting.
+    pub boot_s_per_vm: f64,
+    /// Seconds shutting the Azure VMs down took last time (planned failovers), if
+    /// measured.
+    pub shut_down_s: Option<f64>,
     #[serde(flatten)]
     pub estimate: fbr_controller::estimate::Estimate,
 }
+
+/// The shortest window the link's rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(2);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -398,9 +410,15 @@ impl Failback {
                 .min()
                 .map(|t| now_ms().saturating_sub(t) as f64 / 1000.0)
         });
-        let (link, copy_rate) = {
+        let (link, copy_rate, boot, shut_down_s) = {
             let r = self.rates.lock().unwrap_or_else(|p| p.into_inner());
-            (r.link_bytes_per_s, r.copy_bytes_per_s)
+            let boot = if r.boot_s_per_vm > 0.0 {
+                r.boot_s_per_vm
+            } else {
+                self.config.boot_estimate_s
+            };
+            let shut = (r.shut_down_s > 0.0).then_some(r.shut_down_s);
+            (r.link_bytes_per_s, r.copy_bytes_per_s, boot, shut)
         };
         let inputs = fbr_controller::estimate::EstimateInputs {
             backlog_bytes,
@@ -410,7 +428,7 @@ impl Failback {
             rollback_bytes_per_s: copy_rate,
             app_point_age_s,
             vms: vms.len(),
-            boot_s_per_vm: self.config.boot_estimate_s,
+            boot_s_per_vm: boot,
         };
         let drain = *point == PointChoice::Latest;
         let mut estimate = fbr_controller::estimate::failover(&inputs, drain);
@@ -425,6 +443,8 @@ impl Failback {
             link_bytes_per_s: link,
             copy_bytes,
             copy_bytes_per_s: copy_rate,
+            boot_s_per_vm: boot,
+            shut_down_s,
             estimate,
         }
     }
@@ -496,30 +516,30 @@ impl Failback {
         let _ = Self::save(&mut inner);
     }
 
-    /// Measures the WAN leg's rate from the relay's `wire` byte counter, while busy.
+    /// Measures the WAN leg's rate from the link's UDP byte counter, over windows of
+    /// at least [`RATE_WINDOW`] in which it was busy.
     fn sample_rates(&self) {
-        let wire = self
-            .relay
-            .metrics()
-            .bytes_total
-            .with_label_values(&["wire"])
-            .get();
+        let sent_total = self.relay.upstream().status().udp_tx_bytes;
         let now = Instant::now();
         let mut r = self.rates.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((before, at)) = r.wire {
-            let dt = now.duration_since(at).as_secs_f64();
-            let sent = wire.saturating_sub(before);
-            // Idle seconds say nothing of what the link can do.
-            if dt > 0.0 && sent > 64 * 1024 {
-                let rate = sent as f64 / dt;
-                r.link_bytes_per_s = if r.link_bytes_per_s == 0.0 {
-                    rate
-                } else {
-                    0.8 * r.link_bytes_per_s + 0.2 * rate
-                };
+        match r.wire {
+            Some((_, at)) if now.duration_since(at) < RATE_WINDOW => {}
+            Some((before, at)) => {
+                let dt = now.duration_since(at).as_secs_f64();
+                let sent = sent_total.saturating_sub(before);
+                // Idle seconds say nothing of what the link can do.
+                if sent as f64 > 64.0 * 1024.0 * dt {
+                    let rate = sent as f64 / dt;
+                    r.link_bytes_per_s = if r.link_bytes_per_s == 0.0 {
+                        rate
+                    } else {
+                        0.7 * r.link_bytes_per_s + 0.3 * rate
+                    };
+                }
+                r.wire = Some((sent_total, now));
             }
+            None => r.wire = Some((sent_total, now)),
         }
-        r.wire = Some((wire, now));
     }
 
     // --- the steps --------------------------------------------------------------------
@@ -866,11 +886,18 @@ impl Failback {
                         vm: name,
                         site: Site::OnPremises,
                     };
-                    hv.power_on(&r, &disks.disks).map_err(|e| e.to_string())
+                    let t = Instant::now();
+                    hv.power_on(&r, &disks.disks)
+                        .map(|()| t.elapsed().as_secs_f64())
+                        .map_err(|e| e.to_string())
                 });
             }
             while let Some(joined) = calls.join_next().await {
-                joined.map_err(|e| format!("power-on task: {e}"))??;
+                let took = joined.map_err(|e| format!("power-on task: {e}"))??;
+                self.rates
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .boot_s_per_vm = took;
             }
         }
         Ok(format!(
@@ -911,6 +938,12 @@ impl Failback {
             joined
                 .map_err(|e| format!("hypervisor task: {e}"))?
                 .map_err(|e| e.to_string())?;
+        }
+        if let (Site::Azure, Power::ShutDown) = (site, power) {
+            self.rates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shut_down_s = started.elapsed().as_secs_f64();
         }
         let what = match power {
             Power::ShutDown => "shut down",

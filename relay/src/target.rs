@@ -1,6 +1,7 @@
 //! The failback controller's client of the master target's control requests: one QUIC
-//! stream per request on the relay's connection (`Control`, answered by one
-//! `ControlAnswer`: docs/PROTOCOL.md), with a deadline.
+//! stream per request on the relay's connection (`Control`, answered by `ControlAnswer`
+//! frames whose bodies make one JSON document, up to the stream's end:
+//! docs/PROTOCOL.md), with a deadline and a bound on the answer's size.
 
 use std::time::Duration;
 
@@ -10,6 +11,8 @@ use fbr_transport::{FrameReader, FrameWriter, PeerLink};
 
 /// Longest a request may take: making a copy of large disks takes minutes.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The largest answer read (a status of many VMs with many points each).
+pub const MAX_ANSWER: usize = 64 << 20;
 /// Longest a status request may take (asked before every job).
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
