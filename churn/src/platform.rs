@@ -11,6 +11,9 @@
 //! - `<vm>.disks.json`: the disks it was powered on with (on-premises: the failover
 //!   copies the drill compares with the sources).
 //!
+//! - `<action>.pause`: while it exists, calls of that action wait (up to 2 minutes):
+//!   tests hold a step this way to kill the relay while it runs.
+//!
 //! Files are replaced whole (written aside, then renamed), so a reader never sees half.
 
 use std::io::Read;
@@ -105,6 +108,12 @@ fn answer(dir: &Path, action: &str, agents: bool) -> Result<String, (String, boo
     }
     let io = |e: std::io::Error| (format!("{}: {e}", dir.display()), true);
     let vm = req.vm.as_str();
+    // A test holds an action here (to kill the relay while the step runs).
+    let pause = dir.join(format!("{action}.pause"));
+    let held_until = Instant::now() + SHUTDOWN_WAIT;
+    while pause.exists() && Instant::now() < held_until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     match action {
         "status" => Ok(state(dir, vm)),
         "shut_down" => {

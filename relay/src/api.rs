@@ -376,8 +376,8 @@ impl Api {
             let est = &e.estimate;
             estimate_s = est.total_s;
             step_estimates_s.insert("choose_point".to_owned(), 0.0);
-            if let Some(s) = e.shut_down_s {
-                step_estimates_s.insert("shut_down_source".to_owned(), s);
+            if planned {
+                step_estimates_s.insert("shut_down_source".to_owned(), e.shut_down_s);
             }
             if let Some(d) = est.drain_s {
                 step_estimates_s.insert("drain".to_owned(), d);

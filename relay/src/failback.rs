@@ -51,8 +51,10 @@ pub struct FailbackConfig {
     pub azure: Option<Arc<dyn Hypervisor>>,
     /// The on-premises side: power VMs on with their disks, and off.
     pub on_premises: Option<Arc<dyn Hypervisor>>,
-    /// Seconds one VM takes to boot (the estimate's boot time).
+    /// Seconds one VM takes to boot (the estimate's boot time until one is measured).
     pub boot_estimate_s: f64,
+    /// Seconds shutting the Azure VMs down takes (until measured).
+    pub shut_down_estimate_s: f64,
     /// Longest a waiting step (resync, recovery point, drain) may wait.
     pub wait_timeout: Duration,
 }
@@ -64,6 +66,7 @@ impl std::fmt::Debug for FailbackConfig {
             .field("azure", &self.azure.is_some())
             .field("on_premises", &self.on_premises.is_some())
             .field("boot_estimate_s", &self.boot_estimate_s)
+            .field("shut_down_estimate_s", &self.shut_down_estimate_s)
             .field("wait_timeout", &self.wait_timeout)
             .finish()
     }
@@ -123,9 +126,9 @@ pub struct FailoverEstimate {
     pub copy_bytes_per_s: f64,
     /// Seconds one VM takes to boot: the last power-on measured, else the setting.
     pub boot_s_per_vm: f64,
-    /// Seconds shutting the Azure VMs down took last time (planned failovers), if
-    /// measured.
-    pub shut_down_s: Option<f64>,
+    /// Seconds shutting the Azure VMs down takes (planned failovers): the last one
+    /// measured, else the setting; 0 for an unplanned failover.
+    pub shut_down_s: f64,
     #[serde(flatten)]
     pub estimate: fbr_controller::estimate::Estimate,
 }
@@ -417,7 +420,13 @@ impl Failback {
             } else {
                 self.config.boot_estimate_s
             };
-            let shut = (r.shut_down_s > 0.0).then_some(r.shut_down_s);
+            let shut = if !planned {
+                0.0
+            } else if r.shut_down_s > 0.0 {
+                r.shut_down_s
+            } else {
+                self.config.shut_down_estimate_s
+            };
             (r.link_bytes_per_s, r.copy_bytes_per_s, boot, shut)
         };
         let inputs = fbr_controller::estimate::EstimateInputs {
@@ -432,6 +441,7 @@ impl Failback {
         };
         let drain = *point == PointChoice::Latest;
         let mut estimate = fbr_controller::estimate::failover(&inputs, drain);
+        estimate.total_s = estimate.total_s.map(|t| t + shut_down_s);
         if !planned {
             estimate.loss_latest_planned_s = estimate.loss_latest_unplanned_s;
         }
@@ -487,6 +497,43 @@ impl Failback {
             STATUS_TIMEOUT,
         )
         .await?;
+        match (answer.status, answer.points) {
+            (Some(status), Some(points)) => Ok(TargetView { status, points }),
+            _ => Err("the master target's status answer lacks its status or points".into()),
+        }
+    }
+
+    /// `request`, asked again while the master target cannot be reached (a step must not
+    /// fail on a link that drops for a minute), up to the wait timeout; a refusal is
+    /// final at once.
+    async fn ask_patiently(
+        &self,
+        request: &TargetRequest,
+        timeout: Duration,
+    ) -> Result<fbr_controller::target::Answer, String> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match ask(self.relay.upstream(), request, timeout).await {
+                Ok(a) => return Ok(a),
+                Err(e) if crate::target::is_unreachable(&e) => {
+                    if started.elapsed() > self.config.wait_timeout {
+                        return Err(e);
+                    }
+                    tracing::info!("the master target cannot be reached, asking again: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The master target's status, asked patiently (a step's).
+    async fn target_view_patiently(&self) -> Result<TargetView, String> {
+        let answer = self
+            .ask_patiently(&TargetRequest::Status, STATUS_TIMEOUT)
+            .await?;
         match (answer.status, answer.points) {
             (Some(status), Some(points)) => Ok(TargetView { status, points }),
             _ => Err("the master target's status answer lacks its status or points".into()),
@@ -730,15 +777,7 @@ impl Failback {
             | Operation::TestFailover { point } => point.clone(),
             other => return Err(format!("{} has no point to choose", other.name())),
         };
-        let answer = ask(
-            self.relay.upstream(),
-            &TargetRequest::Points,
-            STATUS_TIMEOUT,
-        )
-        .await?;
-        let points = answer
-            .points
-            .ok_or("the master target's answer lacks its points")?;
+        let points = self.target_view_patiently().await?.points;
         let common = if choice == PointChoice::LatestAppConsistent && vms.len() > 1 {
             Some(
                 target::common_app_point(&points, vms)
@@ -778,7 +817,7 @@ impl Failback {
         kind: &str,
     ) -> Result<String, String> {
         let snapshot = self.job_snapshot(job).ok_or("the job is gone")?;
-        let view = self.target_view().await?;
+        let view = self.target_view_patiently().await?;
         let total: u64 = view
             .status
             .disks
@@ -786,7 +825,6 @@ impl Failback {
             .filter(|d| vms.contains(&d.vm))
             .map(|d| d.disk_size)
             .sum();
-        let link = self.relay.upstream();
         let mut done = 0u64;
         let mut said = Vec::new();
         for vm in vms {
@@ -802,18 +840,14 @@ impl Failback {
                 name: name.clone(),
                 vm: Some(vm.clone()),
             };
-            let made = match ask(link, &create, REQUEST_TIMEOUT).await {
+            let made = match self.ask_patiently(&create, REQUEST_TIMEOUT).await {
                 Ok(a) => a,
                 // Under this name, a copy of another point (an earlier failover of the
                 // VM, or a change of point): it goes, and the copy is made afresh.
                 Err(e) if e.contains("already exists") => {
-                    ask(
-                        link,
-                        &TargetRequest::TestFailoverDelete { name: name.clone() },
-                        STATUS_TIMEOUT,
-                    )
-                    .await?;
-                    ask(link, &create, REQUEST_TIMEOUT).await?
+                    let delete = TargetRequest::TestFailoverDelete { name: name.clone() };
+                    self.ask_patiently(&delete, STATUS_TIMEOUT).await?;
+                    self.ask_patiently(&create, REQUEST_TIMEOUT).await?
                 }
                 Err(e) => return Err(e),
             };
@@ -980,16 +1014,10 @@ impl Failback {
     }
 
     async fn delete_test_copies(&self, vms: &[String]) -> Result<String, String> {
-        let link = self.relay.upstream();
         for vm in vms {
             let name = copy_name("test", vm);
-            match ask(
-                link,
-                &TargetRequest::TestFailoverDelete { name },
-                STATUS_TIMEOUT,
-            )
-            .await
-            {
+            let delete = TargetRequest::TestFailoverDelete { name };
+            match self.ask_patiently(&delete, STATUS_TIMEOUT).await {
                 Ok(_) => {}
                 // Deleted already (the step issued again after a restart).
                 Err(e) if e.starts_with("no test failover") => {}

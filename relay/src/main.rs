@@ -501,6 +501,11 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "controller.boot_estimate_seconds")]
     boot_estimate_seconds: Option<f64>,
+    /// Seconds shutting Azure VMs down takes, for estimates
+    /// [controller.shutdown_estimate_seconds].
+    #[arg(long)]
+    #[serde(rename = "controller.shutdown_estimate_seconds")]
+    shutdown_estimate_seconds: Option<f64>,
 }
 
 impl RunArgs {
@@ -875,6 +880,7 @@ async fn start_controller(
             azure: hook(&c.azure_hook),
             on_premises: hook(&c.on_premises_hook),
             boot_estimate_s: c.boot_estimate_seconds,
+            shut_down_estimate_s: c.shutdown_estimate_seconds,
             wait_timeout: std::time::Duration::from_secs(c.wait_timeout_seconds),
         },
     )

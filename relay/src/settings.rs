@@ -74,8 +74,10 @@ pub struct ControllerSettings {
     pub hook_timeout_seconds: u64,
     /// Runs after the first of a hook call that fails transiently.
     pub hook_retries: u32,
-    /// Seconds one VM takes to boot (the failover estimate's boot time).
+    /// Seconds one VM takes to boot (the failover estimate's, until one is measured).
     pub boot_estimate_seconds: f64,
+    /// Seconds shutting Azure VMs down takes (the estimate's, until one is measured).
+    pub shutdown_estimate_seconds: f64,
     /// Longest a waiting step (resync, recovery point, drain) may wait.
     pub wait_timeout_seconds: u64,
 }
@@ -91,6 +93,7 @@ impl Default for ControllerSettings {
             hook_timeout_seconds: 300,
             hook_retries: 3,
             boot_estimate_seconds: 120.0,
+            shutdown_estimate_seconds: 60.0,
             wait_timeout_seconds: 86_400,
         }
     }
@@ -282,11 +285,19 @@ impl DaemonSettings for RelaySettings {
                 format!("{} is out of range 0..=10", c.hook_retries),
             ));
         }
-        if !(c.boot_estimate_seconds.is_finite() && c.boot_estimate_seconds >= 0.0) {
-            return Err(ConfigError::new(
-                "controller.boot_estimate_seconds",
-                "must be a number of seconds, 0 or more",
-            ));
+        for (key, v) in [
+            ("controller.boot_estimate_seconds", c.boot_estimate_seconds),
+            (
+                "controller.shutdown_estimate_seconds",
+                c.shutdown_estimate_seconds,
+            ),
+        ] {
+            if !(v.is_finite() && (0.0..=86_400.0).contains(&v)) {
+                return Err(ConfigError::new(
+                    key,
+                    "must be a number of seconds, 0 to 86400",
+                ));
+            }
         }
         if !(1..=30 * 86_400).contains(&c.wait_timeout_seconds) {
             return Err(ConfigError::new(

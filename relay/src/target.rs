@@ -16,6 +16,16 @@ pub const MAX_ANSWER: usize = 64 << 20;
 /// Longest a status request may take (asked before every job).
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether `ask`'s error means the master target could not be reached (worth asking
+/// again), rather than that it refused.
+pub fn is_unreachable(error: &str) -> bool {
+    error.starts_with("the master target is unreachable")
+        || error.starts_with("the master target did not answer within")
+        || error.starts_with("sending to the master target")
+        || error.starts_with("reading the master target's answer")
+        || error.starts_with("the master target closed the stream")
+}
+
 /// Asks the master target `request`; the answer, or why there is none (unreachable,
 /// timed out, refused: the refusal's reason).
 pub async fn ask(link: &PeerLink, request: &Request, timeout: Duration) -> Result<Answer, String> {
