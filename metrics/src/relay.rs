@@ -72,6 +72,10 @@ pub struct RelayMetrics {
     pub resync_sent_bytes: IntGaugeVec,
     pub resync_eta_seconds: GaugeVec,
     pub resyncs_completed_total: IntCounter,
+    /// The failback controller's jobs, by state (running, succeeded, failed, cancelled).
+    pub controller_jobs: IntGaugeVec,
+    /// Steps the controller ran, by step and outcome (done, failed).
+    pub controller_steps_total: IntCounterVec,
     /// Resyncs the relay asked agents for (cache corruption, an operator).
     pub resyncs_requested_total: IntCounter,
     /// Streams whose VM moved to this relay from another one, by placement.
@@ -305,6 +309,28 @@ impl RelayMetrics {
             resyncs_completed_total: counter(
                 "fbr_relay_resyncs_completed_total",
                 "Resyncs whose end mark passed the relay.",
+            ),
+            controller_jobs: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fbr_relay_controller_jobs",
+                        "The failback controller's jobs, by state (running, succeeded, failed, cancelled).",
+                    ),
+                    &["state"],
+                )
+                .expect("valid metric"),
+            ),
+            controller_steps_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fbr_relay_controller_steps_total",
+                        "Steps of failback jobs the controller ran, by step and outcome (done, failed).",
+                    ),
+                    &["step", "outcome"],
+                )
+                .expect("valid metric"),
             ),
             resyncs_requested_total: counter(
                 "fbr_relay_resyncs_requested_total",

@@ -202,22 +202,21 @@ impl Failback {
         self.lock().store_error.clone()
     }
 
-    /// Saves what changed; on failure keeps it marked, and every running step is to be
-    /// issued again (nothing was started on an unsaved change).
-    fn save(inner: &mut Inner) -> Result<(), String> {
+    /// Saves what changed; on failure keeps it marked (the next save writes it) and
+    /// says so to the relay's health.
+    fn save(&self, inner: &mut Inner) -> Result<(), String> {
         let changes = inner.controller.take_changes();
-        match inner.store.save(&changes) {
-            Ok(()) => {
-                inner.store_error = None;
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!("saving the controller's state: {e}");
-                inner.controller.unsaved(&changes);
-                inner.store_error = Some(e.to_string());
-                Err(format!("the controller cannot save its state: {e}"))
-            }
+        let saved = inner.store.save(&changes);
+        let error = saved.as_ref().err().map(|e| e.to_string());
+        if inner.store_error != error {
+            self.relay.set_controller_store_error(error.clone());
+            inner.store_error = error;
         }
+        saved.map_err(|e| {
+            tracing::error!("saving the controller's state: {e}");
+            inner.controller.unsaved(&changes);
+            format!("the controller cannot save its state: {e}")
+        })
     }
 
     /// Runs the controller until the relay stops: learns VMs, issues steps, measures
@@ -239,14 +238,39 @@ impl Failback {
         }
     }
 
+    /// Sets the jobs gauge from the machine.
+    fn count_jobs(&self, controller: &Controller) {
+        let mut by_state: BTreeMap<&str, i64> = ["running", "succeeded", "failed", "cancelled"]
+            .into_iter()
+            .map(|s| (s, 0))
+            .collect();
+        for j in controller.jobs() {
+            let state = match j.state {
+                fbr_controller::JobState::Running => "running",
+                fbr_controller::JobState::Succeeded => "succeeded",
+                fbr_controller::JobState::Failed => "failed",
+                fbr_controller::JobState::Cancelled => "cancelled",
+            };
+            *by_state.entry(state).or_default() += 1;
+        }
+        for (state, n) in by_state {
+            self.relay
+                .metrics()
+                .controller_jobs
+                .with_label_values(&[state])
+                .set(n);
+        }
+    }
+
     /// Issues the steps the machine says to run (and stops those to stop).
     fn issue(self: &Arc<Self>) {
         let mut inner = self.lock();
+        self.count_jobs(&inner.controller);
         let actions = inner.controller.next_actions(now_ms());
         if actions.is_empty() {
             return;
         }
-        if Self::save(&mut inner).is_err() {
+        if self.save(&mut inner).is_err() {
             inner.controller.resume();
             return;
         }
@@ -290,10 +314,19 @@ impl Failback {
                 tracing::warn!(job, step = kind.name(), "step failed: {reason}")
             }
         }
+        let outcome_name = match &outcome {
+            StepOutcome::Done { .. } => "done",
+            StepOutcome::Failed { .. } => "failed",
+        };
+        self.relay
+            .metrics()
+            .controller_steps_total
+            .with_label_values(&[kind.name(), outcome_name])
+            .inc();
         let mut inner = self.lock();
         inner.running.remove(&(job, step));
         let _ = inner.controller.step_finished(job, step, outcome, now_ms());
-        let _ = Self::save(&mut inner);
+        let _ = self.save(&mut inner);
         drop(inner);
         self.wake.notify_one();
     }
@@ -305,7 +338,7 @@ impl Failback {
             .step_progress(job, step, done, total)
             .is_ok()
         {
-            let _ = Self::save(&mut inner);
+            let _ = self.save(&mut inner);
         }
     }
 
@@ -322,7 +355,7 @@ impl Failback {
             .controller
             .record_output(job, step, vm, set)
             .map_err(|e| e.message)?;
-        Self::save(&mut inner)
+        self.save(&mut inner)
     }
 
     fn job_snapshot(&self, job: JobId) -> Option<Job> {
@@ -336,7 +369,8 @@ impl Failback {
         let (facts, _) = self.facts().await;
         let mut inner = self.lock();
         let id = inner.controller.request(req, &facts, now_ms())?;
-        Self::save(&mut inner).map_err(|e| Refusal::new(RefusalCode::Internal, e))?;
+        self.save(&mut inner)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e))?;
         let job = inner.controller.job(id).cloned().expect("just made");
         drop(inner);
         self.wake.notify_one();
@@ -347,7 +381,8 @@ impl Failback {
     pub fn cancel(&self, id: JobId) -> Result<String, Refusal> {
         let mut inner = self.lock();
         let said = inner.controller.cancel(id, now_ms())?;
-        Self::save(&mut inner).map_err(|e| Refusal::new(RefusalCode::Internal, e))?;
+        self.save(&mut inner)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e))?;
         drop(inner);
         self.wake.notify_one();
         Ok(said)
@@ -560,7 +595,7 @@ impl Failback {
         for vm in &names {
             inner.controller.add_vm(vm);
         }
-        let _ = Self::save(&mut inner);
+        let _ = self.save(&mut inner);
     }
 
     /// Measures the WAN leg's rate from the link's UDP byte counter, over windows of

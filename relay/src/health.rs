@@ -12,6 +12,7 @@
 //! | `master_target`    | —                               | unreachable for > 30 s           |
 //! | `ingest_throttled` | some streams' ingest is paused  | —                                |
 //! | `config_server`    | no heartbeat acknowledged for 3 intervals | —                      |
+//! | `controller_state` | the failback controller cannot save its jobs | —                   |
 //!
 //! \* The capacity that binds ([`Observation::effective_capacity_bytes`]): the configured
 //! one, or what the cache uses plus what its filesystem still has (`statvfs`), whichever
@@ -150,6 +151,8 @@ pub struct Observation {
     /// How long the configuration server has acknowledged no heartbeat, once that is
     /// over 3 intervals, and the last error.
     pub config_server_unreachable: Option<(u64, String)>,
+    /// Why the failback controller cannot save its state, while it cannot.
+    pub controller_store_error: Option<String>,
 }
 
 impl Observation {
@@ -193,12 +196,13 @@ pub struct Condition {
 }
 
 /// Every condition's name, for metrics (a condition that is not active is 0).
-pub const CONDITIONS: [&str; 5] = [
+pub const CONDITIONS: [&str; 6] = [
     "cache_free_space",
     "backlog_age",
     "master_target",
     "ingest_throttled",
     "config_server",
+    "controller_state",
 ];
 
 /// The relay's health at one moment.
@@ -281,6 +285,15 @@ pub fn evaluate(t: &HealthThresholds, obs: &Observation, throttled: usize) -> He
             name: "config_server",
             severity: Severity::Warning,
             reason: format!("configuration server unreachable for {quiet} s (no heartbeat acknowledged): {error}"),
+        });
+    }
+    if let Some(error) = &obs.controller_store_error {
+        conditions.push(Condition {
+            name: "controller_state",
+            severity: Severity::Warning,
+            reason: format!(
+                "the failback controller cannot save its jobs (failback operations are refused): {error}"
+            ),
         });
     }
     if throttled > 0 {
@@ -376,6 +389,7 @@ mod tests {
             streams,
             master_target_down_s: None,
             config_server_unreachable: None,
+            controller_store_error: None,
         }
     }
 
@@ -440,12 +454,16 @@ mod tests {
         // A configuration server out of reach is a warning that says for how long and why.
         let mut lonely = obs(50, vec![]);
         lonely.config_server_unreachable = Some((95, "connection refused".into()));
+        lonely.controller_store_error = Some("No space left on device".into());
         let r = evaluate(&t, &lonely, 0);
         assert_eq!(r.state, Severity::Warning);
         assert_eq!(r.conditions[0].name, "config_server");
         assert!(
             r.conditions[0].reason.contains("95 s") && r.conditions[0].reason.contains("refused")
         );
+        // A controller that cannot save its jobs says so, with the reason.
+        assert_eq!(r.conditions[1].name, "controller_state");
+        assert!(r.conditions[1].reason.contains("No space left"));
 
         // The overall state is the worst condition; every condition is listed.
         let r = evaluate(&t, &obs(72, vec![]), 3);

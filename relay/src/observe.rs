@@ -46,6 +46,7 @@ pub fn observe(relay: &Relay) -> Observation {
         cache_disk_available_bytes: cache.disk_space().map(|d| d.available_bytes),
         streams,
         master_target_down_s: link.down_for.map(|d| d.as_secs()),
+        controller_store_error: relay.controller_store_error(),
         config_server_unreachable: relay.config_server_status().and_then(|s| {
             s.unreachable_for(Instant::now()).map(|quiet| {
                 (

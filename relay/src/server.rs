@@ -56,6 +56,8 @@ pub struct Relay {
     health: Mutex<Option<HealthSnapshot>>,
     /// The heartbeats to the configuration server, when the relay has one.
     config_server: std::sync::OnceLock<Arc<Mutex<fbr_enroll::heartbeat::HeartbeatStatus>>>,
+    /// Why the failback controller cannot save its state, while it cannot.
+    controller_store_error: Mutex<Option<String>>,
 }
 
 impl Relay {
@@ -99,6 +101,7 @@ impl Relay {
             upstream,
             health: Mutex::new(None),
             config_server: std::sync::OnceLock::new(),
+            controller_store_error: Mutex::new(None),
         })
     }
 
@@ -143,6 +146,21 @@ impl Relay {
         self.config_server
             .get()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// What the failback controller's last save said (health reads it).
+    pub fn set_controller_store_error(&self, error: Option<String>) {
+        *self
+            .controller_store_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    pub fn controller_store_error(&self) -> Option<String> {
+        self.controller_store_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records a health evaluation (the health task).
