@@ -1227,4 +1227,127 @@ mod tests {
             RefusalCode::BadRequest
         );
     }
+
+    #[test]
+    fn what_a_failover_made_becomes_the_vms_disks_only_when_it_succeeds() {
+        let mut c = controller();
+        let mut now = 0;
+        protect(&mut c, "vm1", &mut now);
+        let failover = Operation::Failover {
+            point: PointChoice::Latest,
+            planned: false,
+        };
+        let id = c.request(req(failover, &["vm1"]), &facts(), now).unwrap();
+        let disks = crate::job::DiskCopy {
+            name: "failover-vm1".into(),
+            disks: vec![crate::hypervisor::DiskImage {
+                disk: 0,
+                path: "/data/vm1-disk0.raw".into(),
+            }],
+        };
+        loop {
+            let actions = c.next_actions(now);
+            let Some(Action::RunStep { step, kind, .. }) = actions.into_iter().next() else {
+                break;
+            };
+            if kind == StepKind::RollBack {
+                // Outputs only while the step runs, and only for the job's VMs.
+                assert_eq!(
+                    c.record_output(id, step, "vm2", |_| {}).unwrap_err().code,
+                    RefusalCode::BadRequest
+                );
+                let d = disks.clone();
+                c.record_output(id, step, "vm1", |o| o.copy = Some(d))
+                    .unwrap();
+                assert_eq!(c.vm("vm1").unwrap().on_premises, None, "not before success");
+            }
+            now += 1000;
+            c.step_finished(id, step, StepOutcome::Done { note: None }, now)
+                .unwrap();
+        }
+        assert_eq!(state(&c, "vm1"), Protection::FailedOver);
+        assert_eq!(c.vm("vm1").unwrap().on_premises, Some(disks));
+        assert_eq!(
+            c.record_output(id, 0, "vm1", |_| {}).unwrap_err().code,
+            RefusalCode::BadRequest,
+            "a finished step takes no output"
+        );
+    }
+
+    #[test]
+    fn a_boot_order_must_name_every_vm_once() {
+        let mut c = controller();
+        let mut now = 0;
+        protect(&mut c, "vm1", &mut now);
+        protect(&mut c, "vm2", &mut now);
+        let failover = Operation::Failover {
+            point: PointChoice::LatestProcessed,
+            planned: false,
+        };
+        for bad in [
+            vec![vec!["vm1".to_string()]],
+            vec![vec!["vm1".into()], vec![]],
+            vec![vec!["vm1".into(), "vm2".into()], vec!["vm2".into()]],
+        ] {
+            let mut r = req(failover.clone(), &["vm1", "vm2"]);
+            r.boot = Some(bad.clone());
+            let e = c.request(r, &facts(), now).unwrap_err();
+            assert_eq!(e.code, RefusalCode::BadRequest, "{bad:?}");
+        }
+        let mut r = req(failover, &["vm1", "vm2"]);
+        r.boot = Some(vec![vec!["vm2".into()], vec!["vm1".into()]]);
+        r.boot_delay_s = 30;
+        let id = c.request(r, &facts(), now).unwrap();
+        let job = c.job(id).unwrap();
+        assert_eq!(
+            job.boot,
+            vec![vec!["vm2".to_string()], vec!["vm1".to_string()]]
+        );
+        assert_eq!(job.boot_delay_s, 30);
+    }
+
+    #[test]
+    fn the_live_eta_counts_the_running_step_and_the_estimates_of_those_to_come() {
+        let mut c = controller();
+        let mut now = 0;
+        protect(&mut c, "vm1", &mut now);
+        let mut r = req(
+            Operation::Failover {
+                point: PointChoice::Latest,
+                planned: false,
+            },
+            &["vm1"],
+        );
+        // drain, choose_point, roll_back, power_on.
+        r.step_estimates_s = BTreeMap::from([
+            ("drain".into(), 10.0),
+            ("choose_point".into(), 0.0),
+            ("roll_back".into(), 4.0),
+        ]);
+        let id = c.request(r.clone(), &facts(), now).unwrap();
+        let Some(Action::RunStep { step, .. }) = c.next_actions(now).into_iter().next() else {
+            panic!("no step");
+        };
+        // power_on has no estimate: the ETA is unknown rather than a guess.
+        assert_eq!(c.job(id).unwrap().eta_s(now), None);
+        c.cancel(id, now).unwrap();
+        r.step_estimates_s.insert("power_on".into(), 2.0);
+        let id = c.request(r, &facts(), now).unwrap();
+        // The cancelled job's step is stopped first, then the new job's issued.
+        let actions = c.next_actions(now);
+        assert!(
+            matches!(actions[0], Action::AbortStep { .. }),
+            "{actions:?}"
+        );
+        let Some(Action::RunStep { step: s2, .. }) = actions.into_iter().nth(1) else {
+            panic!("no step");
+        };
+        assert_eq!(step, s2);
+        assert_eq!(c.job(id).unwrap().eta_s(now), Some(16.0));
+        // 4 s into the drain, estimated at 10: 6 left plus 6 to come.
+        assert_eq!(c.job(id).unwrap().eta_s(now + 4000), Some(12.0));
+        // Once it moved bytes, its own rate counts: half done in 4 s, 4 s left.
+        c.step_progress(id, s2, 50, 100).unwrap();
+        assert_eq!(c.job(id).unwrap().eta_s(now + 4000), Some(10.0));
+    }
 }

@@ -40,6 +40,29 @@ pub enum Request {
     Status,
 }
 
+/// The largest request document (a `Control` frame's body).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Decodes a request as the master target receives it: bounded, strict (unknown
+/// operations and fields refused), the VM named plainly; any bytes give a request or a
+/// reason, never a panic (a fuzz target).
+pub fn parse_request(body: &[u8]) -> Result<Request, String> {
+    if body.len() > MAX_REQUEST {
+        return Err(format!(
+            "the request is {} bytes, limit {MAX_REQUEST}",
+            body.len()
+        ));
+    }
+    let request: Request =
+        serde_json::from_slice(body).map_err(|e| format!("bad control request: {e}"))?;
+    if let Request::TestFailoverCreate { vm: Some(vm), .. } = &request {
+        if vm.is_empty() || vm.len() > 255 || vm.contains('/') || vm.chars().any(char::is_control) {
+            return Err(format!("bad control request: VM name {vm:?}"));
+        }
+    }
+    Ok(request)
+}
+
 /// The master target's state as the controller needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

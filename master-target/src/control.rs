@@ -186,9 +186,9 @@ pub async fn serve_remote(
     entitlement: &fbr_protocol::stream::Entitlement,
     request: &[u8],
 ) -> Response {
-    let request: Request = match serde_json::from_slice(request) {
+    let request = match fbr_controller::target::parse_request(request) {
         Ok(r) => r,
-        Err(e) => return Response::from(Err(format!("bad control request: {e}"))),
+        Err(e) => return Response::from(Err(e)),
     };
     let allowed = match (&request, vm_of(&request)) {
         (Request::TestFailoverCreate { .. }, None) => entitlement.all_vms,

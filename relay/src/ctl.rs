@@ -52,6 +52,7 @@ pub fn parse_boot(s: &str) -> Result<Vec<Vec<String>>, String> {
 #[derive(Debug, Clone)]
 pub enum CtlRequest {
     Vms,
+    Points,
     Jobs {
         vm: Option<String>,
         state: Option<String>,
@@ -100,6 +101,7 @@ pub async fn run(
 ) -> Result<bool, String> {
     let (method, path, body) = match &request {
         CtlRequest::Vms => ("GET", "/v1/vms".to_owned(), Vec::new()),
+        CtlRequest::Points => ("GET", "/v1/points".to_owned(), Vec::new()),
         CtlRequest::Jobs {
             vm,
             state,
@@ -290,6 +292,27 @@ fn print_human(request: &CtlRequest, doc: &serde_json::Value, job: Option<&JobVi
                         .unwrap_or_default(),
                     vm["last_error"]["message"].as_str().unwrap_or("")
                 );
+            }
+        }
+        CtlRequest::Points => {
+            println!(
+                "{:<24} {:<16} {:>8} {:<6} time",
+                "VM", "GROUP", "TAG", "KIND"
+            );
+            for vm in doc["points"]["vms"].as_array().into_iter().flatten() {
+                for p in vm["points"].as_array().into_iter().flatten() {
+                    let time = p["time_ms"]
+                        .as_u64()
+                        .map(|t| format!("{t} ms since the epoch"))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<24} {:<16} {:>8} {:<6} {time}",
+                        vm["vm"].as_str().unwrap_or(""),
+                        p["group"].as_str().unwrap_or(""),
+                        p["tag_id"],
+                        p["kind"].as_str().unwrap_or("")
+                    );
+                }
             }
         }
         CtlRequest::Jobs { .. } => {

@@ -121,6 +121,8 @@ struct CtlArgs {
 enum CtlCommand {
     /// Every VM and its protection state.
     Vms,
+    /// Every VM's recovery points at the master target (to fail over to a named one).
+    Points,
     /// Jobs, newest first.
     Jobs {
         #[arg(long)]
@@ -259,6 +261,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<bool> {
     };
     let (request, wait) = match args.command {
         CtlCommand::Vms => (CtlRequest::Vms, false),
+        CtlCommand::Points => (CtlRequest::Points, false),
         CtlCommand::Jobs {
             vm,
             state,
