@@ -416,7 +416,7 @@ impl Failback {
         let (_, view) = self.facts().await;
         let stats = self.relay.ingest().cache.all_stats();
         let now_s = now_ms() / 1000;
-        let mine = |id: &StreamId| vms.iter().any(|v| *v == id.vm);
+        let mine = |id: &StreamId| vms.contains(&id.vm);
         let backlog_bytes: u64 = stats
             .iter()
             .filter(|(id, _)| mine(id))
@@ -753,7 +753,7 @@ impl Failback {
     /// Until the master target acknowledged every record the relay held of `vms` when
     /// the step began.
     async fn drain(&self, job: JobId, step: usize, vms: &[String]) -> Result<String, String> {
-        let mine = |id: &StreamId| vms.iter().any(|v| *v == id.vm);
+        let mine = |id: &StreamId| vms.contains(&id.vm);
         let targets: Vec<(StreamId, u64)> = self
             .relay
             .ingest()

@@ -139,6 +139,23 @@ fn out_of_range_values_name_the_key() {
         "cache.capacity",
         "two segments",
     );
+    // The failback controller's keys.
+    let file = config_file(
+        dir.path(),
+        &format!("{VALID}\n[controller]\nhook_retries = 99\n"),
+    );
+    assert_usage_error(&relay(&file, &[], &[]), "controller.hook_retries", "0..=10");
+    let file = config_file(
+        dir.path(),
+        &format!("{VALID}\n[controller]\nazure_hook = \"hooks/az\"\n"),
+    );
+    assert_usage_error(&relay(&file, &[], &[]), "controller.azure_hook", "absolute");
+    let file = config_file(dir.path(), VALID);
+    assert_usage_error(
+        &relay(&file, &[], &["--controller-listen", "everywhere"]),
+        "controller.listen",
+        "everywhere",
+    );
     assert_usage_error(
         &relay(&file, &[], &["--egress-schedule", "sometimes 5mbit"]),
         "egress.schedule",
