@@ -17,6 +17,8 @@
 //!    with a delay; the VMs span both replication groups), while those VMs keep
 //!    writing: each disk must equal the source at that point, and the data lost is
 //!    what they wrote after it.
+//!    Then a **change of point** to a newer one, before commit: the VMs are powered off,
+//!    their disks made again at that point, and powered on.
 //! 6. **Commit** both: the Azure VMs are deleted.
 //! 7. The verifier proves every recovery point, and every failover copy, equal to the
 //!    sources.
@@ -677,7 +679,7 @@ async fn cycle(
 
     // Run B: unplanned, to a named point common to the plan, while its VMs write on.
     let points = op.get("/v1/points").await?;
-    let tag = named_point(&points, &plan_b).context("a point common to run B's VMs")?;
+    let tag = named_point(&points, &plan_b, 6).context("a point common to run B's VMs")?;
     say(format!(
         "run B: unplanned failover of {plan_b:?} to point {tag} (two boot groups, 1 s apart)..."
     ));
@@ -705,6 +707,35 @@ async fn cycle(
         .insert("unplanned_named_point".into(), entry.actual_s);
     c.timeline.push(entry);
     anyhow::ensure!(ok, "run B did not succeed: {:?}", c.timeline.last());
+    record_points(&mut c, &job, "named_point");
+
+    // Before committing, the operator prefers a newer point: change point (the VMs are
+    // powered off, their disks made again at that point, powered on).
+    let points = op.get("/v1/points").await?;
+    let newer = named_point(&points, &plan_b, 3).context("a newer point for run B's VMs")?;
+    anyhow::ensure!(newer > tag, "no point newer than {tag} to change to");
+    say(format!(
+        "run B: change point of {plan_b:?} from {tag} to {newer}..."
+    ));
+    let (entry, job) = op
+        .run(
+            "run B: change point",
+            serde_json::json!({
+                "operation": {"operation": "change_point", "point": {"tag": newer}},
+                "vms": plan_b,
+                "boot": boot_b,
+                "boot_delay_s": 1,
+            }),
+            long,
+        )
+        .await?;
+    let ok = entry.state == "succeeded";
+    c.timeline.push(entry);
+    anyhow::ensure!(
+        ok,
+        "the change of point did not succeed: {:?}",
+        c.timeline.last()
+    );
     record_points(&mut c, &job, "named_point");
     // Let run B's VMs write on a little: what they write now is what that point loses.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -755,9 +786,9 @@ pub fn chosen_points(job: &serde_json::Value, kind: &str) -> BTreeMap<String, (u
         .collect()
 }
 
-/// A recovery point every VM of `vms` has, a few points before the newest (so the VMs
-/// wrote after it: what it loses is measurable).
-fn named_point(points: &serde_json::Value, vms: &[String]) -> Option<u64> {
+/// A recovery point every VM of `vms` has, `back` points before the newest common one
+/// (so the VMs wrote after it: what it loses is measurable).
+fn named_point(points: &serde_json::Value, vms: &[String], back: usize) -> Option<u64> {
     let tags_of = |vm: &str| -> Vec<u64> {
         points["points"]["vms"]
             .as_array()
@@ -776,7 +807,7 @@ fn named_point(points: &serde_json::Value, vms: &[String]) -> Option<u64> {
     }
     common.sort_unstable();
     let n = common.len();
-    common.get(n.saturating_sub(3)).copied()
+    common.get(n.saturating_sub(back)).copied()
 }
 
 /// Bytes that differ between two files of `len` bytes (missing bytes read as zeros).
@@ -860,7 +891,8 @@ mod tests {
                 {"tag_id": 2, "complete": true}, {"tag_id": 3, "complete": true},
                 {"tag_id": 4, "complete": true}]}
         ]}});
-        assert_eq!(named_point(&p, &["vm3".into(), "vm4".into()]), Some(2));
-        assert_eq!(named_point(&p, &["vm3".into(), "vm9".into()]), None);
+        assert_eq!(named_point(&p, &["vm3".into(), "vm4".into()], 3), Some(2));
+        assert_eq!(named_point(&p, &["vm3".into(), "vm4".into()], 1), Some(4));
+        assert_eq!(named_point(&p, &["vm3".into(), "vm9".into()], 3), None);
     }
 }

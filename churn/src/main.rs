@@ -495,6 +495,15 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 "--rate-mb must be a positive number"
             );
             anyhow::ensure!(
+                vms >= 2,
+                "--vms must be at least 2 (half fail over planned, half not)"
+            );
+            anyhow::ensure!(disks >= 1, "--disks must be at least 1");
+            anyhow::ensure!(
+                disk_size >= 1 << 20 && disk_size % 4096 == 0,
+                "invalid --disk-size {disk_size}: must be at least 1 MiB and a multiple of 4 KiB"
+            );
+            anyhow::ensure!(
                 protected_seconds >= 0.0 && protected_seconds.is_finite(),
                 "--protected-seconds must be 0 or more"
             );

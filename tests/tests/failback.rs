@@ -88,7 +88,13 @@ async fn reprotect_all(fb: &FailbackSite) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_failback_drill_verifies_with_no_data_lost_at_latest() {
-    let s = failbackdrill::run(small(2)).await.unwrap();
+    // Long enough protected for points to choose among (a named one, then a newer one).
+    let s = failbackdrill::run(FailbackOptions {
+        protected_for: Duration::from_secs(3),
+        ..small(2)
+    })
+    .await
+    .unwrap();
     assert!(s.verified, "{:#?}", s.errors);
     assert_eq!(s.data_loss_bytes["latest_planned"], 0);
     // Run B's VM wrote on after its named point: that is what the point loses.
@@ -101,6 +107,20 @@ async fn the_failback_drill_verifies_with_no_data_lost_at_latest() {
     for t in &s.timeline {
         assert_eq!(t.state, "succeeded", "{t:?}");
     }
+    let operations: Vec<&str> = s.timeline.iter().map(|t| t.operation.as_str()).collect();
+    assert_eq!(
+        operations,
+        [
+            "reprotect",
+            "test_failover",
+            "test_cleanup",
+            "failover",
+            "failover",
+            "change_point",
+            "commit",
+            "commit"
+        ]
+    );
     let failovers: Vec<_> = s
         .timeline
         .iter()
