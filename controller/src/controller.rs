@@ -1346,8 +1346,14 @@ mod tests {
         assert_eq!(c.job(id).unwrap().eta_s(now), Some(16.0));
         // 4 s into the drain, estimated at 10: 6 left plus 6 to come.
         assert_eq!(c.job(id).unwrap().eta_s(now + 4000), Some(12.0));
+        // Progress counts time: 4 of the 16 s expected.
+        assert_eq!(c.job(id).unwrap().percent_at(now + 4000), 25.0);
         // Once it moved bytes, its own rate counts: half done in 4 s, 4 s left.
         c.step_progress(id, s2, 50, 100).unwrap();
         assert_eq!(c.job(id).unwrap().eta_s(now + 4000), Some(10.0));
+        assert_eq!(
+            c.job(id).unwrap().percent_at(now + 4000),
+            5.0 / 16.0 * 100.0
+        );
     }
 }

@@ -376,7 +376,46 @@ impl Job {
         })
     }
 
-    /// Percent done: finished steps count whole, the running one by its bytes.
+    /// Percent done at `now_ms`, weighted by time: when every step has an estimate,
+    /// each counts by its estimated seconds (the running one by its bytes, or by the
+    /// time it has run against its estimate, at most 95% of it), so half way means half
+    /// the expected time; otherwise as [`Job::percent`].
+    pub fn percent_at(&self, now_ms: u64) -> f64 {
+        if self.state.is_finished() {
+            return self.percent();
+        }
+        let estimates: Option<Vec<f64>> = (0..self.steps.len())
+            .map(|i| self.step_estimates_s.get(i).copied().flatten())
+            .collect();
+        let Some(estimates) = estimates else {
+            return self.percent();
+        };
+        let total: f64 = estimates.iter().sum();
+        if total <= 0.0 {
+            return self.percent();
+        }
+        let done: f64 = self
+            .steps
+            .iter()
+            .zip(&estimates)
+            .map(|(s, e)| match s.state {
+                StepState::Done | StepState::Skipped => *e,
+                StepState::Running if s.bytes_total > 0 => {
+                    e * s.bytes_done.min(s.bytes_total) as f64 / s.bytes_total as f64
+                }
+                StepState::Running if *e > 0.0 => {
+                    let ran = s
+                        .started_ms
+                        .map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
+                    e * (ran / e).min(0.95)
+                }
+                _ => 0.0,
+            })
+            .sum();
+        100.0 * done / total
+    }
+
+    /// Percent done by steps: finished steps count whole, the running one by its bytes.
     pub fn percent(&self) -> f64 {
         let n = self.steps.len().max(1) as f64;
         let done: f64 = self

@@ -81,6 +81,8 @@ pub struct EstimatePost {
 pub struct JobView {
     #[serde(flatten)]
     pub job: Job,
+    /// Percent done, weighted by the steps' estimates when every step has one (half way
+    /// is half the expected time), else by steps.
     pub percent: f64,
     /// Seconds left, when known.
     pub eta_s: Option<f64>,
@@ -91,7 +93,7 @@ pub struct JobView {
 impl JobView {
     pub fn of(job: Job, now_ms: u64) -> Self {
         JobView {
-            percent: job.percent(),
+            percent: job.percent_at(now_ms),
             eta_s: job.eta_s(now_ms),
             actual_s: job.actual_s(),
             job,
