@@ -340,6 +340,55 @@ async fn the_api_refuses_clearly_and_a_retried_request_starts_one_job() {
     assert!(e.contains("not_cancellable"), "{e}");
     let listed = op.get("/v1/jobs?state=cancelled&vm=vm1").await.unwrap();
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{listed}");
+
+    // `relay ctl`, the operator's command line, over the same API.
+    let token_file = fb.site.root.join("config-server/operator.token");
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(fbr_churn::harness::bin_path("relay").unwrap())
+            .arg("ctl")
+            .arg("--server")
+            .arg(api.to_string())
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(args)
+            .env_remove("FBR_OPERATOR_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = ctl(&["--json", "vms"]);
+    assert_eq!(code, Some(0), "{err}");
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(doc["vms"].as_array().unwrap().len(), 2, "{doc}");
+    let (code, out, _) = ctl(&["vms"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("UNPROTECTED") && out.starts_with("VM"),
+        "{out}"
+    );
+    // Following a job that was cancelled: its steps are shown, and the exit status
+    // says it did not succeed.
+    let (code, out, _) = ctl(&["job", &ids[0].to_string(), "--wait"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("cancelled") && out.contains("resync"), "{out}");
+    let (code, _, err) = ctl(&["failover", "--vm", "vm2", "--point", "yesterday"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("latest-processed"), "{err}");
+    let (code, _, err) = ctl(&["failover", "--vm", "vm2", "--point", "latest"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("wrong_state") && err.contains("UNPROTECTED"),
+        "{err}"
+    );
+    let (code, out, err) = ctl(&["estimate", "--vm", "vm2", "--planned"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("data-loss window"), "{out}");
     // An estimate names what it does not know rather than guessing.
     let est = op
         .post(
