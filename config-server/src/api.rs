@@ -29,18 +29,15 @@
 //! success clears the count. The counts are in the state database, so a restart does
 //! not reset them.
 
-use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use x509_parser::prelude::FromDer;
 
 use fbr_enroll::proof::{self, Verifier};
@@ -760,82 +757,27 @@ fn certificate_required() -> ApiError {
 
 /// Serves the API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, server: Arc<Server>) -> anyhow::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server.tls_config()?));
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(tcp);
-            continue;
-        };
-        let (acceptor, server) = (acceptor.clone(), server.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _ = tokio::time::timeout(
-                CONNECTION_TIMEOUT,
-                connection(acceptor, server, tcp, remote),
-            )
-            .await;
-        });
-    }
-}
-
-async fn connection(
-    acceptor: tokio_rustls::TlsAcceptor,
-    server: Arc<Server>,
-    tcp: tokio::net::TcpStream,
-    remote: SocketAddr,
-) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            tracing::debug!(%remote, "TLS handshake failed: {e}");
-            return;
-        }
-        Err(_) => return,
+    let limits = fbr_enroll::https::Limits {
+        max_connections: MAX_CONNECTIONS,
+        connection_timeout: CONNECTION_TIMEOUT,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
     };
-    let mut exporter = [0u8; 32];
-    if let Err(e) =
-        tls.get_ref()
-            .1
-            .export_keying_material(&mut exporter, proof::EXPORTER_LABEL, None)
-    {
-        tracing::warn!(%remote, "TLS exporter: {e}");
-        return;
-    }
-    let client = remote.ip();
-    // A certificate the TLS layer checked against the site CA, if the client sent one.
-    let peer: Option<Arc<fbr_transport::PeerIdentity>> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| fbr_transport::identity::identity_from_der(c).ok())
-        .map(Arc::new);
-    let service = hyper::service::service_fn(move |req| {
-        let (server, peer) = (server.clone(), peer.clone());
+    let tls = server.tls_config()?;
+    fbr_enroll::https::serve(listener, tls, limits, move |req, caller| {
+        let server = server.clone();
         async move {
-            let (status, body) = server.handle(req, client, exporter, peer.as_deref()).await;
-            let response = Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
-            Ok::<_, Infallible>(response)
+            server
+                .handle(
+                    req,
+                    caller.remote.ip(),
+                    caller.exporter,
+                    caller.peer.as_ref(),
+                )
+                .await
         }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+    })
+    .await;
+    Ok(())
 }
 
 #[cfg(test)]

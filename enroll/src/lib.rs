@@ -13,6 +13,8 @@
 //!   what it knows of them (unreachable after three silent intervals).
 //! - [`client`]: the component's side: its key made or kept locally, a certificate
 //!   request, the proofs, then the certificate and the site CA written.
+//! - [`https`]: serving an HTTPS JSON API within limits (the configuration server's, and
+//!   the relay controller's operator API).
 //!
 //! Invariant: a component keeps nothing from an enrollment whose server proof does not
 //! hold, and its key never leaves it.
@@ -21,6 +23,7 @@
 pub mod cli;
 pub mod client;
 pub mod heartbeat;
+pub mod https;
 pub mod proof;
 pub mod wire;
 

@@ -19,21 +19,17 @@
 //! [`MAX_CONNECTIONS`] connections are served at once, each for at most
 //! [`CONNECTION_TIMEOUT`], and a request's headers must arrive within 10 s.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fbr_controller::{Job, JobRequest, Operation, PointChoice, Refusal, RefusalCode};
 use fbr_enroll::wire::ApiError;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::failback::Failback;
 use crate::server::Relay;
@@ -461,70 +457,16 @@ async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, (StatusCode, ApiEr
 
 /// Serves the API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, api: Arc<Api>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("operator API: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(tcp);
-            continue;
-        };
-        let (acceptor, api) = (acceptor.clone(), api.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _ =
-                tokio::time::timeout(CONNECTION_TIMEOUT, connection(acceptor, api, tcp, remote))
-                    .await;
-        });
-    }
-}
-
-async fn connection(
-    acceptor: tokio_rustls::TlsAcceptor,
-    api: Arc<Api>,
-    tcp: tokio::net::TcpStream,
-    remote: SocketAddr,
-) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            tracing::debug!(%remote, "operator API: TLS handshake failed: {e}");
-            return;
-        }
-        Err(_) => return,
+    let limits = fbr_enroll::https::Limits {
+        max_connections: MAX_CONNECTIONS,
+        connection_timeout: CONNECTION_TIMEOUT,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
     };
-    // A certificate the TLS layer checked against the site CA, if the client sent one.
-    let peer: Option<Arc<fbr_transport::PeerIdentity>> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| fbr_transport::identity::identity_from_der(c).ok())
-        .map(Arc::new);
-    let service = hyper::service::service_fn(move |req| {
-        let (api, peer) = (api.clone(), peer.clone());
-        async move {
-            let (status, body) = api.handle(req, peer.as_deref()).await;
-            let response = Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
-            Ok::<_, Infallible>(response)
-        }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+    fbr_enroll::https::serve(listener, tls, limits, move |req, caller| {
+        let api = api.clone();
+        async move { api.handle(req, caller.peer.as_ref()).await }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -142,16 +142,14 @@ async fn a_relay_killed_at_every_step_of_a_planned_failover_finishes_it_with_not
     // Held: the Azure VM's shut-down.
     std::fs::write(pause(&fb.azure, "shut_down"), b"").unwrap();
     std::fs::write(pause(&fb.on_premises, "power_on"), b"").unwrap();
+    let failover = serde_json::json!({
+        "operation": {"operation": "failover", "point": "latest", "planned": true},
+        "vms": [vm],
+        "idempotency_key": "killed-failover",
+    });
     let started = fb
         .operator
-        .post(
-            "/v1/jobs",
-            serde_json::json!({
-                "operation": {"operation": "failover", "point": "latest", "planned": true},
-                "vms": [vm],
-                "idempotency_key": "killed-failover",
-            }),
-        )
+        .post("/v1/jobs", failover.clone())
         .await
         .unwrap();
     let id = started["job"]["id"].as_u64().unwrap();
@@ -187,18 +185,7 @@ async fn a_relay_killed_at_every_step_of_a_planned_failover_finishes_it_with_not
     let done = wait_for_end(&fb, id, 120).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     // A retried request after all this is still the same job.
-    let again = fb
-        .operator
-        .post(
-            "/v1/jobs",
-            serde_json::json!({
-                "operation": {"operation": "failover", "point": "latest", "planned": true},
-                "vms": [vm],
-                "idempotency_key": "killed-failover",
-            }),
-        )
-        .await
-        .unwrap();
+    let again = fb.operator.post("/v1/jobs", failover).await.unwrap();
     assert_eq!(again["job"]["id"].as_u64(), Some(id));
     let vms = fb.operator.get("/v1/vms").await.unwrap();
     let me = vms["vms"]
