@@ -23,8 +23,8 @@
 //! 7. The verifier proves every recovery point, and every failover copy, equal to the
 //!    sources.
 //!
-//! Reprotect back (on-premises to Azure) is not run: the relay cannot receive from an
-//! on-premises agent yet (docs/CONTROLLER.md).
+//! Reprotect back (on-premises to Azure) is not run: there is no receiving side in Azure
+//! for the on-premises VMs' agents yet (docs/CONTROLLER.md).
 //!
 //! It prints a timeline (each job's estimate against its actual, and the ETA it showed
 //! at half way against the time that was really left) and a JSON summary.

@@ -197,11 +197,6 @@ impl Failback {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Why the store cannot save, while it cannot.
-    pub fn store_error(&self) -> Option<String> {
-        self.lock().store_error.clone()
-    }
-
     /// Saves what changed; on failure keeps it marked (the next save writes it) and
     /// says so to the relay's health.
     fn save(&self, inner: &mut Inner) -> Result<(), String> {
@@ -222,18 +217,25 @@ impl Failback {
     /// Runs the controller until the relay stops: learns VMs, issues steps, measures
     /// rates.
     pub async fn run(self: Arc<Self>) {
-        let mut last_discovery: Option<Instant> = None;
+        // Discovery asks the master target, which may take its whole timeout when the
+        // link is down: on its own task, so steps are issued on time regardless.
+        // Held for as long as this loop runs (it never returns; it is aborted).
+        let _discovery = {
+            let me = self.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    let view = me.target_view().await.ok();
+                    me.discover(view.as_ref());
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }))
+        };
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             self.sample_rates();
-            if last_discovery.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
-                last_discovery = Some(Instant::now());
-                let view = self.target_view().await.ok();
-                self.discover(view.as_ref());
-            }
             self.issue();
         }
     }
@@ -285,11 +287,31 @@ impl Failback {
                 } => {
                     tracing::info!(job, step = kind.name(), ?vms, "step starts");
                     let fb = self.clone();
-                    let task = tokio::spawn(async move {
-                        let outcome = fb.run_step(job, step, kind, &operation, &vms).await;
-                        fb.finish_step(job, step, kind, outcome);
+                    let work = {
+                        let fb = fb.clone();
+                        tokio::spawn(
+                            async move { fb.run_step(job, step, kind, &operation, &vms).await },
+                        )
+                    };
+                    inner.running.insert((job, step), work.abort_handle());
+                    // The outcome goes back to the machine; a step that panicked fails
+                    // (rather than running forever); one aborted by a cancel says nothing.
+                    tokio::spawn(async move {
+                        match work.await {
+                            Ok(outcome) => fb.finish_step(job, step, kind, outcome),
+                            Err(e) if e.is_panic() => fb.finish_step(
+                                job,
+                                step,
+                                kind,
+                                StepOutcome::Failed {
+                                    reason:
+                                        "the step failed unexpectedly (a bug: see the relay's log)"
+                                            .into(),
+                                },
+                            ),
+                            Err(_) => {}
+                        }
                     });
-                    inner.running.insert((job, step), task.abort_handle());
                 }
                 Action::AbortStep { job, step } => {
                     if let Some(task) = inner.running.remove(&(job, step)) {
@@ -649,7 +671,7 @@ impl Failback {
             StepKind::PowerOffTest => self.power_off_test(vms).await,
             StepKind::DeleteTestCopy => self.delete_test_copies(vms).await,
             StepKind::TurnAround => Err(
-                "reprotect back (on-premises to Azure) is not available in this version: the relay cannot receive from an on-premises agent yet".into(),
+                "reprotect back (on-premises to Azure) is not available in this version: there is no receiving side in Azure for the on-premises VMs' agents yet (docs/CONTROLLER.md)".into(),
             ),
         };
         match result {
@@ -1060,6 +1082,16 @@ impl Failback {
             }
         }
         Ok(format!("{} test copies deleted", vms.len()))
+    }
+}
+
+/// A task stopped when this is dropped (with the future that owns it).
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
