@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 
 use crate::failback::Failback;
 use crate::server::Relay;
+use fbr_cache::now_ms;
 
 /// Version of the API's documents.
 pub const API_VERSION: u32 = 1;
@@ -95,12 +96,6 @@ impl JobView {
             job,
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The HTTP status of a refusal.

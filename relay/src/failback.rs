@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 
 use crate::server::Relay;
 use crate::target::{ask, REQUEST_TIMEOUT, STATUS_TIMEOUT};
+use fbr_cache::now_ms;
 
 /// How the controller is set up.
 pub struct FailbackConfig {
@@ -135,12 +136,6 @@ pub struct FailoverEstimate {
 
 /// The shortest window the link's rate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(2);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// The master target's name for the copy of `vm`'s disks made by `kind` (`failover`
 /// or `test`): fixed per VM, so a step issued again finds what it made; a plain name
