@@ -578,6 +578,19 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
+        // A test failing with the site up: what its daemons said is the evidence (CI
+        // shows only the test's output; the site's directory goes with it).
+        if std::thread::panicking() {
+            for name in ["master-target", "relay", "relay-b", "config-server"] {
+                let path = self.root.join("logs").join(format!("{name}.log"));
+                if path.exists() {
+                    eprintln!(
+                        "--- {name}'s log (warnings, errors, last lines) ---\n{}",
+                        log_digest(&path)
+                    );
+                }
+            }
+        }
         let _ = stop_daemon(&mut self.relay, true);
         let _ = stop_daemon(&mut self.relay_b, true);
         let _ = stop_daemon(&mut self.mt, true);
@@ -695,6 +708,41 @@ pub fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
+/// A log's warnings and errors (the last 40) and its last 15 lines, without colour
+/// codes: what a failed test prints of each daemon.
+pub fn log_digest(path: &Path) -> String {
+    let s = strip_ansi(&fs::read_to_string(path).unwrap_or_default());
+    let lines: Vec<&str> = s.lines().collect();
+    let notable: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    format!(
+        "{}\n...\n{}",
+        notable[notable.len().saturating_sub(40)..].join("\n"),
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    )
+}
+
+/// `s` without its ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// CPU seconds (user + system) used so far by process `pid`, from `/proc`.
 pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -762,4 +810,32 @@ pub fn sample_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_digests_keep_warnings_and_drop_colour_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("relay.log");
+        let mut text = String::from(
+            "\u{1b}[2m2026-12-02T05:01:58Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m link down\n",
+        );
+        for i in 0..30 {
+            text.push_str(&format!("2026-12-02T05:02:{i:02}Z  INFO line {i}\n"));
+        }
+        fs::write(&log, text).unwrap();
+        let digest = log_digest(&log);
+        assert!(
+            digest.starts_with("2026-12-02T05:01:58Z  WARN link down\n"),
+            "{digest}"
+        );
+        assert!(!digest.contains('\u{1b}'));
+        assert!(
+            digest.ends_with("INFO line 29") && !digest.contains("line 14\n"),
+            "{digest}"
+        );
+    }
 }

@@ -134,6 +134,9 @@ pub struct FailoverEstimate {
     pub estimate: fbr_controller::estimate::Estimate,
 }
 
+/// How often discovery asks the master target for the VMs it holds.
+const DISCOVERY_ASK_EVERY: Duration = Duration::from_secs(10);
+
 /// The shortest window the link's rate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(2);
 
@@ -213,13 +216,21 @@ impl Failback {
     /// rates.
     pub async fn run(self: Arc<Self>) {
         // Discovery asks the master target, which may take its whole timeout when the
-        // link is down: on its own task, so steps are issued on time regardless.
+        // link is down: on its own task, so steps are issued on time regardless. The
+        // relay's own streams are looked at often (cheap); the master target, which
+        // also knows VMs whose agents are not connected, less often.
         // Held for as long as this loop runs (it never returns; it is aborted).
         let _discovery = {
             let me = self.clone();
             AbortOnDrop(tokio::spawn(async move {
+                let mut asked: Option<Instant> = None;
                 loop {
-                    let view = me.target_view().await.ok();
+                    let view = if asked.is_none_or(|t| t.elapsed() >= DISCOVERY_ASK_EVERY) {
+                        asked = Some(Instant::now());
+                        me.target_view().await.ok()
+                    } else {
+                        None
+                    };
                     me.discover(view.as_ref());
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
