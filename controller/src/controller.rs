@@ -26,6 +26,9 @@ pub struct Facts {
     pub master_target_free_bytes: u64,
     /// Per VM: the bytes a test copy of its disks takes.
     pub test_copy_bytes: BTreeMap<String, u64>,
+    /// Reprotect back's far side (the Azure master target, the on-premises relay) is
+    /// configured; `Some(false)` when it is but the Azure master target does not answer.
+    pub reverse: Option<bool>,
 }
 
 /// Recovery points of one VM.
@@ -315,6 +318,23 @@ impl Controller {
                 RefusalCode::MasterTargetUnreachable,
                 "the master target is not reachable",
             ));
+        }
+        if *op == Operation::ReprotectBack {
+            match facts.reverse {
+                None => {
+                    return Err(refuse(
+                        RefusalCode::NotConfigured,
+                        "reprotect back needs [controller] reverse_master_target and reverse_relay (the master target in Azure holding the Azure disks, and the on-premises relay forwarding to it)",
+                    ))
+                }
+                Some(false) => {
+                    return Err(refuse(
+                        RefusalCode::MasterTargetUnreachable,
+                        "the Azure master target (controller.reverse_master_target) is not reachable",
+                    ))
+                }
+                Some(true) => {}
+            }
         }
         for vm in &req.vms {
             let Some(rec) = self.vms.get(vm) else {
@@ -665,6 +685,7 @@ mod tests {
             ]),
             master_target_free_bytes: 100 << 30,
             test_copy_bytes: BTreeMap::from([("vm1".into(), 40 << 30), ("vm2".into(), 40 << 30)]),
+            reverse: Some(true),
         }
     }
 
@@ -784,6 +805,21 @@ mod tests {
         assert_eq!(run_to_end(&mut c, id, &mut now), vec![DeleteSource]);
         assert_eq!(state(&c, "vm1"), Protection::Committed);
 
+        // Without its far side configured, or reachable, reprotect back is refused.
+        for (reverse, code) in [
+            (None, RefusalCode::NotConfigured),
+            (Some(false), RefusalCode::MasterTargetUnreachable),
+        ] {
+            let without = Facts {
+                reverse,
+                ..f.clone()
+            };
+            let refused = c
+                .request(req(Operation::ReprotectBack, &["vm1"]), &without, now)
+                .unwrap_err();
+            assert_eq!(refused.code, code, "{refused:?}");
+            assert_eq!(state(&c, "vm1"), Protection::Committed);
+        }
         let id = c
             .request(req(Operation::ReprotectBack, &["vm1"]), &f, now)
             .unwrap();

@@ -1,5 +1,6 @@
 //! The hypervisor interface: the few things the controller asks of the platforms the
-//! VMs run on (shut down, power on with disks, delete, status), behind a narrow trait
+//! VMs run on (shut down, power on with disks, delete, status, and pointing a VM's
+//! replication agent at a relay), behind a narrow trait
 //! with two implementations:
 //!
 //! - [`SimulatedHypervisor`]: VMs in memory, with failure injection, for tests and the
@@ -11,9 +12,11 @@
 //! ## The hook protocol (version 1)
 //!
 //! The hook is run as `HOOK ACTION` with, on stdin, one JSON document:
-//! `{"version": 1, "action": "shut_down" | "power_on" | "delete" | "status",
-//! "vm": NAME, "site": "azure" | "on_premises", "disks": [{"disk": N, "path": P}]}`
-//! (`disks` for `power_on` only: the replica images to boot from). It answers on stdout
+//! `{"version": 1, "action": "shut_down" | "power_on" | "delete" | "status" | "replicate",
+//! "vm": NAME, "site": "azure" | "on_premises", "disks": [{"disk": N, "path": P}],
+//! "relay": "HOST:PORT"}` (`disks` for `power_on` only: the replica images to boot
+//! from; `relay` for `replicate` only: the relay the VM's agent is to send its writes
+//! to, which turns replication around at reprotect back). It answers on stdout
 //! with `{"version": 1, "ok": true, "state": "running" | "stopped" | "absent"}` or
 //! `{"version": 1, "ok": false, "error": "...", "retry": true | false}`, and exits 0.
 //! A hook that exits non-zero, prints something else, or outlives its timeout failed,
@@ -70,13 +73,17 @@ pub struct HypervisorError {
 }
 
 /// The hypervisor, as the controller's driver sees it. Calls block (a driver runs them
-/// off its async runtime) and are idempotent: shutting down a stopped VM, or deleting
-/// an absent one, succeeds.
+/// off its async runtime) and are idempotent: shutting down a stopped VM, deleting an
+/// absent one, or pointing an agent at the relay it already sends to, succeeds.
 pub trait Hypervisor: Send + Sync {
     fn shut_down(&self, vm: &VmRef) -> Result<(), HypervisorError>;
     fn power_on(&self, vm: &VmRef, disks: &[DiskImage]) -> Result<(), HypervisorError>;
     fn delete(&self, vm: &VmRef) -> Result<(), HypervisorError>;
     fn status(&self, vm: &VmRef) -> Result<PowerState, HypervisorError>;
+    /// Has the replication agent in `vm` send its disks' writes to `relay`
+    /// (`host:port`), resyncing against the replica there: how reprotect back turns
+    /// replication around.
+    fn replicate(&self, vm: &VmRef, relay: &str) -> Result<(), HypervisorError>;
 }
 
 /// VMs in memory: they exist and run until shut down or deleted; powering one on
@@ -89,6 +96,8 @@ pub struct SimulatedHypervisor {
 #[derive(Debug, Default)]
 struct SimState {
     vms: std::collections::BTreeMap<VmRef, (PowerState, Vec<DiskImage>)>,
+    /// The relay each VM's agent was pointed at.
+    relays: std::collections::BTreeMap<VmRef, String>,
     /// Calls of an action that fail next, and whether they may be retried.
     failures: Vec<(&'static str, String, bool)>,
     calls: Vec<(&'static str, VmRef)>,
@@ -116,6 +125,11 @@ impl SimulatedHypervisor {
         self.lock()
             .failures
             .push((action, reason.to_owned(), retry));
+    }
+
+    /// The relay `vm`'s agent was last pointed at.
+    pub fn relay_of(&self, vm: &VmRef) -> Option<String> {
+        self.lock().relays.get(vm).cloned()
     }
 
     /// Every call so far, in order.
@@ -175,6 +189,21 @@ impl Hypervisor for SimulatedHypervisor {
         self.call("status", vm)?;
         Ok(self.lock().vms.get(vm).map_or(PowerState::Absent, |v| v.0))
     }
+
+    fn replicate(&self, vm: &VmRef, relay: &str) -> Result<(), HypervisorError> {
+        self.call("replicate", vm)?;
+        let mut s = self.lock();
+        if !s.vms.contains_key(vm) {
+            return Err(HypervisorError {
+                action: "replicate",
+                vm: vm.vm.clone(),
+                reason: "no such VM".into(),
+                retry: false,
+            });
+        }
+        s.relays.insert(vm.clone(), relay.to_owned());
+        Ok(())
+    }
 }
 
 /// The operator's script, run for every call (see the module documentation).
@@ -204,6 +233,8 @@ struct HookRequest<'a> {
     vm: &'a str,
     site: Site,
     disks: &'a [DiskImage],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -236,11 +267,12 @@ impl CommandHook {
         action: &'static str,
         vm: &VmRef,
         disks: &[DiskImage],
+        relay: Option<&str>,
     ) -> Result<Option<PowerState>, HypervisorError> {
         let mut delay = self.retry_delay;
         let mut attempt = 0;
         loop {
-            match self.run_once(action, vm, disks) {
+            match self.run_once(action, vm, disks, relay) {
                 Ok(state) => return Ok(state),
                 Err(e) if e.retry && attempt < self.retries => {
                     report_retry(&e, attempt);
@@ -258,6 +290,7 @@ impl CommandHook {
         action: &'static str,
         vm: &VmRef,
         disks: &[DiskImage],
+        relay: Option<&str>,
     ) -> Result<Option<PowerState>, HypervisorError> {
         let fail = |reason: String, retry: bool| HypervisorError {
             action,
@@ -271,6 +304,7 @@ impl CommandHook {
             vm: &vm.vm,
             site: vm.site,
             disks,
+            relay,
         })
         .map_err(|e| fail(e.to_string(), false))?;
         let spawn = || {
@@ -376,25 +410,29 @@ fn report_retry(e: &HypervisorError, attempt: u32) {
 
 impl Hypervisor for CommandHook {
     fn shut_down(&self, vm: &VmRef) -> Result<(), HypervisorError> {
-        self.call("shut_down", vm, &[]).map(drop)
+        self.call("shut_down", vm, &[], None).map(drop)
     }
 
     fn power_on(&self, vm: &VmRef, disks: &[DiskImage]) -> Result<(), HypervisorError> {
-        self.call("power_on", vm, disks).map(drop)
+        self.call("power_on", vm, disks, None).map(drop)
     }
 
     fn delete(&self, vm: &VmRef) -> Result<(), HypervisorError> {
-        self.call("delete", vm, &[]).map(drop)
+        self.call("delete", vm, &[], None).map(drop)
     }
 
     fn status(&self, vm: &VmRef) -> Result<PowerState, HypervisorError> {
-        self.call("status", vm, &[])?
+        self.call("status", vm, &[], None)?
             .ok_or_else(|| HypervisorError {
                 action: "status",
                 vm: vm.vm.clone(),
                 reason: "the hook answered no state".into(),
                 retry: false,
             })
+    }
+
+    fn replicate(&self, vm: &VmRef, relay: &str) -> Result<(), HypervisorError> {
+        self.call("replicate", vm, &[], Some(relay)).map(drop)
     }
 }
 
@@ -430,7 +468,10 @@ mod tests {
         h.delete(&azure).unwrap();
         h.delete(&azure).unwrap();
         assert_eq!(h.status(&azure).unwrap(), PowerState::Absent);
-        assert_eq!(h.calls().len(), 8);
+        assert_eq!(h.replicate(&azure, "r:1").unwrap_err().reason, "no such VM");
+        h.replicate(&onprem, "relay-onprem:7777").unwrap();
+        assert_eq!(h.relay_of(&onprem).as_deref(), Some("relay-onprem:7777"));
+        assert_eq!(h.calls().len(), 10);
     }
 
     /// A hook script in a temporary directory.
@@ -472,6 +513,14 @@ mod tests {
                 "site": "on_premises", "disks": [{"disk": 1, "path": "/d/img"}]})
         );
         assert_eq!(h.status(&on).unwrap(), PowerState::Running);
+        h.replicate(&on, "relay.example:7777").unwrap();
+        let request: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&seen).unwrap()).unwrap();
+        assert_eq!(
+            request,
+            serde_json::json!({"version": 1, "action": "replicate", "vm": "sql01",
+                "site": "on_premises", "disks": [], "relay": "relay.example:7777"})
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum RefusalCode {
     StepFailed,
     /// The controller itself failed (its state could not be saved).
     Internal,
+    /// The relay lacks a setting the operation needs (the message names it).
+    NotConfigured,
 }
 
 impl RefusalCode {
@@ -49,6 +51,7 @@ impl RefusalCode {
             RefusalCode::BadRequest => "bad_request",
             RefusalCode::StepFailed => "step_failed",
             RefusalCode::Internal => "internal",
+            RefusalCode::NotConfigured => "not_configured",
         }
     }
 
@@ -77,6 +80,9 @@ impl RefusalCode {
             RefusalCode::BadRequest => "fix the request",
             RefusalCode::StepFailed => {
                 "fix the cause in the step's note, then run the operation again (it resumes safely)"
+            }
+            RefusalCode::NotConfigured => {
+                "set what the message names in the relay's configuration and restart it"
             }
             RefusalCode::Internal => {
                 "see the relay's log (the controller's state store in [controller] state_dir failed: a full or read-only disk?)"

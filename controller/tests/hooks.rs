@@ -78,9 +78,16 @@ esac"#,
     govc.power_on(&onprem, &disks).unwrap();
     govc.shut_down(&onprem).unwrap(); // already off: nothing to do
     govc.delete(&onprem).unwrap();
+    // Reprotect back: the guest's agent is pointed at the relay, given a guest login.
+    let e = govc.replicate(&onprem, "10.0.0.5:7777").unwrap_err();
+    assert!(!e.retry && e.reason.contains("GOVC_GUEST_LOGIN"), "{e}");
+    example("govc-hook", &fakes, &[("GOVC_GUEST_LOGIN", "root:secret")])
+        .replicate(&onprem, "10.0.0.5:7777")
+        .unwrap();
     assert_eq!(
         log(&fakes),
-        "govc vm.power -on sql01\ngovc vm.destroy sql01\n"
+        "govc vm.power -on sql01\ngovc vm.destroy sql01\n\
+         govc guest.run -vm sql01 -l root:secret /usr/local/sbin/replication-agent-relay 10.0.0.5:7777\n"
     );
     let e = govc.shut_down(&vm("sql01", Site::Azure)).unwrap_err();
     assert!(!e.retry && e.reason.contains("on-premises"), "{e}");

@@ -111,6 +111,7 @@ fn status_of(code: RefusalCode) -> StatusCode {
         RefusalCode::ConfigServerDisconnected | RefusalCode::MasterTargetUnreachable => {
             StatusCode::SERVICE_UNAVAILABLE
         }
+        RefusalCode::NotConfigured => StatusCode::NOT_IMPLEMENTED,
         RefusalCode::StepFailed | RefusalCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -226,7 +227,7 @@ impl Api {
                 document(serde_json::json!({"version": API_VERSION, "vms": vms}))
             }
             (&Method::GET, ["v1", "jobs"]) => self.list_jobs(&query),
-            (&Method::GET, ["v1", "points"]) => match self.failback.facts().await.1 {
+            (&Method::GET, ["v1", "points"]) => match self.failback.facts(false).await.1 {
                 Some(view) => {
                     document(serde_json::json!({"version": API_VERSION, "points": view.points}))
                 }

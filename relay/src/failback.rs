@@ -15,6 +15,8 @@
 //! | `roll_back`, `materialize_test_copy` | the master target makes the VM's disks at the point (a test failover of the one VM); the replica goes on |
 //! | `power_on`, `power_off`, `power_on_test`, `power_off_test` | the on-premises hypervisor (`[controller] on_premises_hook`), boot groups in order with the plan's delay |
 //! | `delete_test_copy` | the master target deletes the copy |
+//! | `turn_around` (reprotect back) | checks that the Azure master target (`[controller] reverse_master_target`) holds every disk of the VM, then the on-premises hook's `replicate` points the VM's agent at the on-premises relay (`reverse_relay`) |
+//! | `delta_resync`, `wait_for_recovery_point` of a reprotect back | the same waits, at the Azure master target |
 //!
 //! Invariants:
 //! - A step starts only once the save that marks it running is durable; everything a
@@ -58,6 +60,18 @@ pub struct FailbackConfig {
     pub shut_down_estimate_s: f64,
     /// Longest a waiting step (resync, recovery point, drain) may wait.
     pub wait_timeout: Duration,
+    /// Reprotect back's far side, if configured.
+    pub reverse: Option<ReverseSide>,
+}
+
+/// Where replication goes at reprotect back: the master target in Azure (which holds
+/// the Azure disks) and the on-premises relay that forwards to it.
+#[derive(Debug)]
+pub struct ReverseSide {
+    /// This relay's link to the Azure master target, for its status.
+    pub link: fbr_transport::PeerLink,
+    /// The on-premises relay (`host:port`) the VMs' agents are pointed at.
+    pub relay: String,
 }
 
 impl std::fmt::Debug for FailbackConfig {
@@ -69,6 +83,7 @@ impl std::fmt::Debug for FailbackConfig {
             .field("boot_estimate_s", &self.boot_estimate_s)
             .field("shut_down_estimate_s", &self.shut_down_estimate_s)
             .field("wait_timeout", &self.wait_timeout)
+            .field("reverse", &self.reverse)
             .finish()
     }
 }
@@ -394,7 +409,8 @@ impl Failback {
 
     /// Starts the job `req` asks for, once its preconditions hold.
     pub async fn request(self: &Arc<Self>, req: JobRequest) -> Result<Job, Refusal> {
-        let (facts, _) = self.facts().await;
+        let back = req.operation == Operation::ReprotectBack;
+        let (facts, _) = self.facts(back).await;
         let mut inner = self.lock();
         let id = inner.controller.request(req, &facts, now_ms())?;
         self.save(&mut inner)
@@ -441,7 +457,7 @@ impl Failback {
         point: &PointChoice,
         planned: bool,
     ) -> FailoverEstimate {
-        let (_, view) = self.facts().await;
+        let (_, view) = self.facts(false).await;
         let stats = self.relay.ingest().cache.all_stats();
         let now_s = now_ms() / 1000;
         let mine = |id: &StreamId| vms.contains(&id.vm);
@@ -523,16 +539,27 @@ impl Failback {
     }
 
     /// The facts a request is checked against, and the master target's view if it
-    /// answered.
-    pub async fn facts(&self) -> (Facts, Option<TargetView>) {
+    /// answered; `reverse`: whether the Azure master target is asked too (a reprotect
+    /// back).
+    pub async fn facts(&self, reverse: bool) -> (Facts, Option<TargetView>) {
         let view = self.target_view().await;
         let config_server_connected = self
             .relay
             .config_server_status()
             .is_some_and(|s| s.last_ok.is_some() && s.unreachable_for(Instant::now()).is_none());
+        let reverse = match (&self.config.reverse, reverse) {
+            (None, _) => None,
+            (Some(_), false) => Some(true),
+            (Some(r), true) => Some(
+                ask(&r.link, &TargetRequest::Status, STATUS_TIMEOUT)
+                    .await
+                    .is_ok(),
+            ),
+        };
         let mut facts = Facts {
             config_server_connected,
             master_target_reachable: view.is_ok(),
+            reverse,
             ..Facts::default()
         };
         if let Ok(v) = &view {
@@ -554,16 +581,14 @@ impl Failback {
     }
 
     async fn target_view(&self) -> Result<TargetView, String> {
-        let answer = ask(
-            self.relay.upstream(),
-            &TargetRequest::Status,
-            STATUS_TIMEOUT,
+        view_of(
+            ask(
+                self.relay.upstream(),
+                &TargetRequest::Status,
+                STATUS_TIMEOUT,
+            )
+            .await?,
         )
-        .await?;
-        match (answer.status, answer.points) {
-            (Some(status), Some(points)) => Ok(TargetView { status, points }),
-            _ => Err("the master target's status answer lacks its status or points".into()),
-        }
     }
 
     /// `request`, asked again while the master target cannot be reached (a step must not
@@ -574,10 +599,21 @@ impl Failback {
         request: &TargetRequest,
         timeout: Duration,
     ) -> Result<fbr_controller::target::Answer, String> {
+        self.ask_patiently_on(self.relay.upstream(), request, timeout)
+            .await
+    }
+
+    /// [`Self::ask_patiently`] of the master target at the far end of `link`.
+    async fn ask_patiently_on(
+        &self,
+        link: &fbr_transport::PeerLink,
+        request: &TargetRequest,
+        timeout: Duration,
+    ) -> Result<fbr_controller::target::Answer, String> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(200);
         loop {
-            match ask(self.relay.upstream(), request, timeout).await {
+            match ask(link, request, timeout).await {
                 Ok(a) => return Ok(a),
                 Err(e) if crate::target::is_unreachable(&e) => {
                     if started.elapsed() > self.config.wait_timeout {
@@ -594,13 +630,17 @@ impl Failback {
 
     /// The master target's status, asked patiently (a step's).
     async fn target_view_patiently(&self) -> Result<TargetView, String> {
-        let answer = self
-            .ask_patiently(&TargetRequest::Status, STATUS_TIMEOUT)
-            .await?;
-        match (answer.status, answer.points) {
-            (Some(status), Some(points)) => Ok(TargetView { status, points }),
-            _ => Err("the master target's status answer lacks its status or points".into()),
-        }
+        view_of(
+            self.ask_patiently(&TargetRequest::Status, STATUS_TIMEOUT)
+                .await?,
+        )
+    }
+
+    /// Reprotect back's far side, or why there is none.
+    fn reverse(&self) -> Result<&ReverseSide, String> {
+        self.config.reverse.as_ref().ok_or_else(|| {
+            "reprotect back needs [controller] reverse_master_target and reverse_relay: the master target in Azure that holds the Azure disks, and the on-premises relay that forwards to it (docs/CONTROLLER.md)".to_owned()
+        })
     }
 
     /// Protects every VM the relay carries or the master target holds (new ones start
@@ -662,9 +702,15 @@ impl Failback {
         operation: &Operation,
         vms: &[String],
     ) -> StepOutcome {
+        let back = matches!(operation, Operation::ReprotectBack);
         let result = match kind {
+            StepKind::Resync { .. } if back => self.wait_in_step_back(job, step, vms).await,
             StepKind::Resync { .. } => self.wait_in_step(job, step, vms).await,
-            StepKind::WaitForRecoveryPoint => self.wait_for_point(vms).await,
+            StepKind::WaitForRecoveryPoint if back => match self.reverse() {
+                Ok(r) => self.wait_for_point(&r.link, vms).await,
+                Err(e) => Err(e),
+            },
+            StepKind::WaitForRecoveryPoint => self.wait_for_point(self.relay.upstream(), vms).await,
             StepKind::ShutDownSource => self.power(Site::Azure, vms, Power::ShutDown).await,
             StepKind::DeleteSource => self.power(Site::Azure, vms, Power::Delete).await,
             StepKind::Drain => self.drain(job, step, vms).await,
@@ -676,9 +722,7 @@ impl Failback {
             StepKind::PowerOff => self.power(Site::OnPremises, vms, Power::ShutDown).await,
             StepKind::PowerOffTest => self.power_off_test(vms).await,
             StepKind::DeleteTestCopy => self.delete_test_copies(vms).await,
-            StepKind::TurnAround => Err(
-                "reprotect back (on-premises to Azure) is not available in this version: there is no receiving side in Azure for the on-premises VMs' agents yet (docs/CONTROLLER.md)".into(),
-            ),
+            StepKind::TurnAround => self.turn_around(vms).await,
         };
         match result {
             Ok(note) => StepOutcome::Done { note: Some(note) },
@@ -742,15 +786,134 @@ impl Failback {
         }
     }
 
-    /// A recovery point of every VM newer than the newest when the step began.
-    async fn wait_for_point(&self, vms: &[String]) -> Result<String, String> {
+    /// Reprotect back turns replication around: the Azure master target must hold
+    /// every disk the VM has on-premises (the Azure disks, seeded: a delta resync then
+    /// sends only what differs), and the on-premises hook points each VM's agent at the
+    /// on-premises relay, which forwards to it.
+    async fn turn_around(&self, vms: &[String]) -> Result<String, String> {
+        let reverse = self.reverse()?;
+        let hv = self
+            .config
+            .on_premises
+            .clone()
+            .ok_or("no on-premises hypervisor: set [controller] on_premises_hook")?;
+        let here = self.target_view_patiently().await?;
+        let there = view_of(
+            self.ask_patiently_on(&reverse.link, &TargetRequest::Status, STATUS_TIMEOUT)
+                .await
+                .map_err(|e| format!("the Azure master target: {e}"))?,
+        )?;
+        let mut disks = 0;
+        for d in here.status.disks.iter().filter(|d| vms.contains(&d.vm)) {
+            let held = there
+                .status
+                .disks
+                .iter()
+                .find(|a| a.vm == d.vm && a.disk == d.disk);
+            match held {
+                Some(a) if a.disk_size == d.disk_size => disks += 1,
+                Some(a) => {
+                    return Err(format!(
+                        "the Azure master target's replica of {}/disk {} holds {} bytes, the disk on-premises {}: give it the Azure disk of that size",
+                        d.vm, d.disk, a.disk_size, d.disk_size
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "the Azure master target holds no replica of {}/disk {}: give it the Azure disk (master-target seed-disk) and ask again",
+                        d.vm, d.disk
+                    ))
+                }
+            }
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for vm in vms {
+            let (hv, relay) = (hv.clone(), reverse.relay.clone());
+            let r = VmRef {
+                vm: vm.clone(),
+                site: Site::OnPremises,
+            };
+            calls.spawn_blocking(move || hv.replicate(&r, &relay));
+        }
+        while let Some(joined) = calls.join_next().await {
+            joined
+                .map_err(|e| format!("hypervisor task: {e}"))?
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(format!(
+            "{} VMs' agents point at {}; the Azure master target holds their {disks} disks",
+            vms.len(),
+            reverse.relay
+        ))
+    }
+
+    /// Every disk of `vms` in step at the Azure master target (its delta resync from
+    /// the on-premises disks done).
+    async fn wait_in_step_back(
+        &self,
+        job: JobId,
+        step: usize,
+        vms: &[String],
+    ) -> Result<String, String> {
+        let reverse = self.reverse()?;
+        let started = Instant::now();
+        let mut last_error = String::new();
+        loop {
+            match ask(&reverse.link, &TargetRequest::Status, STATUS_TIMEOUT)
+                .await
+                .and_then(view_of)
+            {
+                Ok(view) => {
+                    let mine: Vec<_> = view
+                        .status
+                        .disks
+                        .iter()
+                        .filter(|d| vms.contains(&d.vm))
+                        .collect();
+                    let total: u64 = mine.iter().map(|d| d.disk_size).sum();
+                    let done: u64 = mine
+                        .iter()
+                        .filter(|d| d.state == "consistent")
+                        .map(|d| d.disk_size)
+                        .sum();
+                    self.progress(job, step, done, total);
+                    let every_vm = vms.iter().all(|vm| mine.iter().any(|d| &d.vm == vm));
+                    if every_vm && done == total {
+                        return Ok(format!(
+                            "{} disks in step at the Azure master target",
+                            mine.len()
+                        ));
+                    }
+                }
+                Err(e) => last_error = e,
+            }
+            if started.elapsed() > self.config.wait_timeout {
+                return Err(format!(
+                    "the disks were not in step at the Azure master target within {:?} (is the VMs' agent sending to the on-premises relay?) {last_error}",
+                    self.config.wait_timeout
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// A recovery point of every VM, at the master target at the end of `link`, newer
+    /// than the newest when the step began.
+    async fn wait_for_point(
+        &self,
+        link: &fbr_transport::PeerLink,
+        vms: &[String],
+    ) -> Result<String, String> {
         let started = Instant::now();
         let newest = |points: &Points, vm: &str| {
             target::choose_point(points, vm, &PointChoice::Latest).map(|p| p.tag_id)
         };
         let mut baseline: Option<BTreeMap<String, Option<u64>>> = None;
         loop {
-            if let Ok(view) = self.target_view().await {
+            if let Ok(view) = ask(link, &TargetRequest::Status, STATUS_TIMEOUT)
+                .await
+                .and_then(view_of)
+            {
                 let now: BTreeMap<String, Option<u64>> = vms
                     .iter()
                     .map(|vm| (vm.clone(), newest(&view.points, vm)))
@@ -1088,6 +1251,14 @@ impl Failback {
             }
         }
         Ok(format!("{} test copies deleted", vms.len()))
+    }
+}
+
+/// A status answer's view of its master target.
+fn view_of(answer: fbr_controller::target::Answer) -> Result<TargetView, String> {
+    match (answer.status, answer.points) {
+        (Some(status), Some(points)) => Ok(TargetView { status, points }),
+        _ => Err("the master target's status answer lacks its status or points".into()),
     }
 }
 

@@ -509,6 +509,20 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "controller.shutdown_estimate_seconds")]
     shutdown_estimate_seconds: Option<f64>,
+    /// Reprotect back: the Azure master target's UDP address
+    /// [controller.reverse_master_target].
+    #[arg(long)]
+    #[serde(rename = "controller.reverse_master_target")]
+    reverse_master_target: Option<SocketAddr>,
+    /// The DNS name in its certificate [controller.reverse_master_target_name].
+    #[arg(long)]
+    #[serde(rename = "controller.reverse_master_target_name")]
+    reverse_master_target_name: Option<String>,
+    /// Reprotect back: the on-premises relay (host:port) the VMs' agents are pointed
+    /// at [controller.reverse_relay].
+    #[arg(long)]
+    #[serde(rename = "controller.reverse_relay")]
+    reverse_relay: Option<String>,
 }
 
 impl RunArgs {
@@ -885,6 +899,7 @@ async fn start_controller(
             boot_estimate_s: c.boot_estimate_seconds,
             shut_down_estimate_s: c.shutdown_estimate_seconds,
             wait_timeout: std::time::Duration::from_secs(c.wait_timeout_seconds),
+            reverse: reverse_side(settings)?,
         },
     )
     .with_context(|| format!("controller.state_dir {}", c.state_dir.display()))?;
@@ -906,6 +921,33 @@ async fn start_controller(
         tokio::spawn(failback.run()),
         tokio::spawn(fbr_relay::api::serve(listener, tls, api)),
     ])
+}
+
+/// Reprotect back's far side, when `[controller] reverse_master_target` is set: a link
+/// of its own to the Azure master target (this relay's certificate), and the
+/// on-premises relay the VMs' agents are pointed at.
+fn reverse_side(
+    settings: &RelaySettings,
+) -> anyhow::Result<Option<fbr_relay::failback::ReverseSide>> {
+    let c = &settings.controller;
+    let Some(addr) = c.reverse_master_target else {
+        return Ok(None);
+    };
+    let tuning = QuicTuning {
+        max_udp_payload: settings.max_udp_payload,
+        ..QuicTuning::default()
+    };
+    let creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
+    let endpoint = client_endpoint(any_addr_for(addr), creds, &tuning)?;
+    Ok(Some(fbr_relay::failback::ReverseSide {
+        link: PeerLink::new(
+            endpoint,
+            addr,
+            c.reverse_master_target_name.clone(),
+            Role::MasterTarget,
+        ),
+        relay: c.reverse_relay.clone(),
+    }))
 }
 
 /// A warning when the configured cache capacity exceeds the filesystem that holds (or

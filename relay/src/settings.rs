@@ -80,6 +80,15 @@ pub struct ControllerSettings {
     pub shutdown_estimate_seconds: f64,
     /// Longest a waiting step (resync, recovery point, drain) may wait.
     pub wait_timeout_seconds: u64,
+    /// Reprotect back: the master target in Azure that holds the Azure disks and
+    /// receives the on-premises VMs' writes (UDP address); unset, reprotect back fails
+    /// at its first step saying so.
+    pub reverse_master_target: Option<SocketAddr>,
+    /// The DNS name in that master target's certificate.
+    pub reverse_master_target_name: String,
+    /// Reprotect back: the on-premises relay the VMs' agents are pointed at
+    /// (`host:port`, handed to the on-premises hook's `replicate`).
+    pub reverse_relay: String,
 }
 
 impl Default for ControllerSettings {
@@ -95,6 +104,9 @@ impl Default for ControllerSettings {
             boot_estimate_seconds: 120.0,
             shutdown_estimate_seconds: 60.0,
             wait_timeout_seconds: 86_400,
+            reverse_master_target: None,
+            reverse_master_target_name: "master-target".into(),
+            reverse_relay: String::new(),
         }
     }
 }
@@ -304,6 +316,32 @@ impl DaemonSettings for RelaySettings {
                 "controller.wait_timeout_seconds",
                 format!("{} is out of range 1..=2592000", c.wait_timeout_seconds),
             ));
+        }
+        match (&c.reverse_master_target, c.reverse_relay.as_str()) {
+            (None, "") => {}
+            (Some(_), "") => {
+                return Err(ConfigError::new(
+                    "controller.reverse_relay",
+                    "missing: the on-premises relay (host:port) the VMs' agents send to at reprotect back, needed with controller.reverse_master_target",
+                ))
+            }
+            (None, _) => {
+                return Err(ConfigError::new(
+                    "controller.reverse_master_target",
+                    "missing: the Azure master target's UDP address, needed with controller.reverse_relay",
+                ))
+            }
+            (Some(_), relay) => {
+                let port = relay.rsplit_once(':').and_then(|(host, port)| {
+                    (!host.is_empty()).then(|| port.parse::<u16>().ok()).flatten()
+                });
+                if port.is_none_or(|p| p == 0) {
+                    return Err(ConfigError::new(
+                        "controller.reverse_relay",
+                        format!("{relay:?}: expected host:port"),
+                    ));
+                }
+            }
         }
         for (key, hook) in [
             ("controller.azure_hook", &c.azure_hook),
