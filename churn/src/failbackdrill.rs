@@ -20,11 +20,16 @@
 //!    Then a **change of point** to a newer one, before commit: the VMs are powered off,
 //!    their disks made again at that point, and powered on.
 //! 6. **Commit** both: the Azure VMs are deleted.
-//! 7. The verifier proves every recovery point, and every failover copy, equal to the
-//!    sources.
-//!
-//! Reprotect back (on-premises to Azure) is not run: there is no receiving side in Azure
-//! for the on-premises VMs' agents yet (docs/CONTROLLER.md).
+//! 7. **Reprotect back** every VM: the master target in Azure (a second
+//!    `master-target`, `azure-master-target`) is given the Azure disks the VMs left
+//!    (`master-target seed-disk`), and the controller points each on-premises VM's agent
+//!    at the on-premises relay (`relay-b`, forwarding to it) through the on-premises
+//!    hook's `replicate`. The agents (the emulator again, now writing the on-premises
+//!    disks: the failover copies) resync by delta against the Azure disks and churn on:
+//!    PROTECTED_BACK once each has a recovery point in Azure.
+//! 8. The verifier proves every recovery point, and every failover copy, equal to the
+//!    sources; and every recovery point of the reverse replica, in Azure, equal to the
+//!    on-premises disks.
 //!
 //! It prints a timeline (each job's estimate against its actual, and the ETA it showed
 //! at half way against the time that was really left) and a JSON summary.
@@ -38,10 +43,12 @@ use fbr_enroll::heartbeat::HeartbeatClient;
 use fbr_protocol::StreamId;
 use serde::Serialize;
 
-use crate::agent::{self, AgentOptions};
+use crate::agent::{self, AgentOptions, DiskPlan, DiskStart, ResyncPlan};
 use crate::drill::{plan_disks, DrillOptions, Reprotect, ReprotectLocation};
 use crate::harness::{bin_path, Site, SiteOptions};
+use crate::image::ImageSpec;
 use crate::platform;
+use crate::source::SourceSpec;
 use crate::verify::{self, CopyCheck};
 use crate::workload::Content;
 
@@ -120,6 +127,11 @@ pub struct FailbackSummary {
     pub rpo_p99_s: f64,
     pub recovery_points_verified: usize,
     pub copies_verified: usize,
+    /// Recovery points of the reverse replica (in Azure, after reprotect back) proven
+    /// equal to the on-premises disks.
+    pub reverse_recovery_points_verified: usize,
+    /// Bytes the delta resync of reprotect back sent (of the disks' total).
+    pub reverse_resync_bytes: u64,
     /// The estimate shown before the planned failover.
     pub planned_estimate: serde_json::Value,
     pub timeline: Vec<TimelineEntry>,
@@ -267,6 +279,25 @@ pub struct FailbackSite {
     pub azure: PathBuf,
     pub on_premises: PathBuf,
     shutdowns: tokio::task::JoinHandle<()>,
+    /// The on-premises VMs' agents, started once reprotect back points them at the
+    /// on-premises relay ([`serve_reverse_agents`]).
+    reverse: ReverseAgents,
+    reverse_task: tokio::task::JoinHandle<()>,
+}
+
+/// The agents of the on-premises VMs (reprotect back), per VM as started.
+type ReverseAgents = std::sync::Arc<std::sync::Mutex<Vec<(String, agent::RunHandle)>>>;
+
+/// What starts the on-premises VMs' agents.
+#[derive(Debug, Clone)]
+struct ReverseSetup {
+    on_premises: PathBuf,
+    /// Where the on-premises disks' starting states and the Azure disks are kept.
+    dir: PathBuf,
+    /// The Azure VMs' disk plans (profile and size), reused for their on-premises life.
+    plans: Vec<DiskPlan>,
+    options: AgentOptions,
+    seed: u64,
 }
 
 impl FailbackSite {
@@ -297,6 +328,13 @@ impl FailbackSite {
         site.start_master_target()?;
         let reprotect = drill.reprotect.as_ref().expect("a reprotect drill");
         crate::drill::prepare_reprotect(&mut site, &mut plans, reprotect, opts.seed)?;
+        // Reprotect back's side: the master target in Azure (given the Azure disks
+        // after the commit) and the on-premises relay forwarding to it.
+        site.enroll_azure_master_target()?;
+        site.enroll_relay_b()?;
+        let azure_mt = site.start_azure_master_target()?;
+        site.point_relay_b_at(azure_mt);
+        let relay_back = site.start_relay_b()?;
 
         // The emulated platforms and their hooks.
         let azure = site.root.join("azure");
@@ -326,6 +364,12 @@ impl FailbackSite {
             format!("{}", opts.tag_interval.as_secs_f64() * 2.0),
             "--boot-estimate-seconds".to_owned(),
             "0.1".to_owned(),
+            "--reverse-master-target".to_owned(),
+            azure_mt.to_string(),
+            "--reverse-master-target-name".to_owned(),
+            "azure-master-target".to_owned(),
+            "--reverse-relay".to_owned(),
+            relay_back.to_string(),
         ]);
         site.start_relay()?;
         let api = site.relay_api_addr().context("the relay's API")?;
@@ -347,12 +391,29 @@ impl FailbackSite {
             app_tag_every: drill.app_tag_every,
             ..site.agent_options(drill.duration, drill.tag_interval)?
         };
+        let setup = ReverseSetup {
+            on_premises: on_premises.clone(),
+            dir: site.root.join("reverse"),
+            plans: plans.clone(),
+            options: AgentOptions {
+                relay: relay_back,
+                relay_name: "localhost".into(),
+                duration: None,
+                // One agent per VM: the drill's rate shared among them.
+                rate_bytes_per_s: Some((opts.rate_bytes_per_s / opts.vms as u64).max(1)),
+                ..agent_opts.clone()
+            },
+            seed: opts.seed,
+        };
+        std::fs::create_dir_all(&setup.dir)?;
         let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
         let shutdowns = tokio::spawn(platform::serve_shutdowns(
             azure.clone(),
             vms.clone(),
             handle.power_switch(),
         ));
+        let reverse = ReverseAgents::default();
+        let reverse_task = tokio::spawn(serve_reverse_agents(setup, vms.clone(), reverse.clone()));
         Ok(FailbackSite {
             site,
             operator,
@@ -361,6 +422,8 @@ impl FailbackSite {
             azure,
             on_premises,
             shutdowns,
+            reverse,
+            reverse_task,
         })
     }
 
@@ -398,22 +461,46 @@ impl FailbackSite {
         disk_size: u64,
     ) -> anyhow::Result<Verified> {
         self.shutdowns.abort();
+        self.reverse_task.abort();
         let stats = self.handle.stats.clone();
         self.handle.request_stop();
         let report = self.handle.finish().await.map_err(anyhow::Error::msg)?;
+        // The on-premises VMs' agents (reprotect back), stopped the same way.
+        let reverse: Vec<(String, agent::RunHandle)> =
+            std::mem::take(&mut *self.reverse.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut reverse_reports = Vec::new();
+        let mut reverse_resync_bytes = 0;
+        for (vm, h) in reverse {
+            reverse_resync_bytes += h
+                .stats
+                .resync_sent_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            h.request_stop();
+            let r = h
+                .finish()
+                .await
+                .map_err(|e| anyhow::anyhow!("{vm}'s on-premises agent: {e}"))?;
+            reverse_reports.push(r);
+        }
         let mut site = self.site;
         site.stop_relay(false)?;
+        site.stop_relay_b(false)?;
         site.stop_master_target(false)?;
+        site.stop_azure_master_target(false)?;
         let mut copies = Vec::new();
         for (vm, (tag, _)) in points {
             for d in platform::powered_disks(&self.on_premises, vm).unwrap_or_default() {
+                // A VM replicated back has written its disk since: what it booted from
+                // is the copy kept as its agent started (nothing wrote it before).
+                let booted =
+                    reverse_dir(&site.root).join(format!("{vm}-disk{}.on-premises.img", d.disk));
                 copies.push(CopyCheck {
                     id: StreamId {
                         vm: vm.clone(),
                         disk: d.disk,
                     },
                     tag_id: *tag,
-                    path: d.path,
+                    path: if booted.exists() { booted } else { d.path },
                 });
             }
         }
@@ -430,6 +517,27 @@ impl FailbackSite {
         .map_err(anyhow::Error::msg)?;
         let mut errors = report.failures.clone();
         errors.extend(verification.errors.iter().cloned());
+        // The reverse replica, in Azure: every point equal to the on-premises disks.
+        let mut reverse_points = 0;
+        for r in reverse_reports {
+            errors.extend(r.failures.iter().map(|f| format!("on-premises agent: {f}")));
+            let data = site.azure_mt_data();
+            let checked = tokio::task::spawn_blocking(move || {
+                verify::verify_with_copies(&r.manifest, &data, &[])
+            })
+            .await?
+            .map_err(anyhow::Error::msg)?;
+            errors.extend(
+                checked
+                    .errors
+                    .iter()
+                    .map(|e| format!("reverse replica: {e}")),
+            );
+            if checked.recovery_points_verified == 0 {
+                errors.push("the reverse replica has no recovery point verified".into());
+            }
+            reverse_points += checked.recovery_points_verified;
+        }
         let mut data_loss_bytes: BTreeMap<String, u64> = BTreeMap::new();
         for c in &copies {
             let kind = &points[&c.id.vm].1;
@@ -444,6 +552,8 @@ impl FailbackSite {
         Ok(Verified {
             verified: errors.is_empty() && verification.verified,
             recovery_points_verified: verification.recovery_points_verified,
+            reverse_recovery_points_verified: reverse_points,
+            reverse_resync_bytes,
             copies_verified: verification.copies_verified,
             copies: copies.len(),
             data_loss_bytes,
@@ -458,6 +568,8 @@ impl FailbackSite {
 #[derive(Debug)]
 pub struct Verified {
     pub verified: bool,
+    pub reverse_recovery_points_verified: usize,
+    pub reverse_resync_bytes: u64,
     pub recovery_points_verified: usize,
     pub copies_verified: usize,
     /// Failover disks found powered on.
@@ -496,16 +608,8 @@ fn drill_options(opts: &FailbackOptions) -> DrillOptions {
 
 /// Runs the drill.
 pub async fn run(opts: FailbackOptions) -> anyhow::Result<FailbackSummary> {
-    let fb = FailbackSite::start(&opts).await?;
-    let outcome = cycle(
-        &fb.operator,
-        &fb.vms,
-        &fb,
-        &fb.azure,
-        &fb.on_premises,
-        &opts,
-    )
-    .await;
+    let mut fb = FailbackSite::start(&opts).await?;
+    let outcome = cycle(&mut fb, &opts).await;
     if opts.progress {
         eprintln!("verifying every recovery point and every failover copy against the sources...");
     }
@@ -555,6 +659,8 @@ pub async fn run(opts: FailbackOptions) -> anyhow::Result<FailbackSummary> {
         rpo_p99_s: checked.rpo_p99_s,
         recovery_points_verified: checked.recovery_points_verified,
         copies_verified: checked.copies_verified,
+        reverse_recovery_points_verified: checked.reverse_recovery_points_verified,
+        reverse_resync_bytes: checked.reverse_resync_bytes,
         planned_estimate: cycle.planned_estimate,
         timeline: cycle.timeline,
         errors,
@@ -574,14 +680,11 @@ struct Cycle {
 }
 
 /// The jobs, in order, through the API.
-async fn cycle(
-    op: &Operator,
-    vms: &[String],
-    fb: &FailbackSite,
-    azure: &std::path::Path,
-    on_premises: &std::path::Path,
-    opts: &FailbackOptions,
-) -> anyhow::Result<Cycle> {
+async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<Cycle> {
+    let vms = fb.vms.clone();
+    let (azure, on_premises) = (fb.azure.clone(), fb.on_premises.clone());
+    let (vms, azure, on_premises) = (&vms, azure.as_path(), on_premises.as_path());
+    let op = &fb.operator;
     let mut c = Cycle::default();
     let say = |s: String| {
         if opts.progress {
@@ -759,14 +862,166 @@ async fn cycle(
             }
         }
     }
-    let doc = op.get("/v1/vms").await?;
+    let doc = fb.operator.get("/v1/vms").await?;
     for v in doc["vms"].as_array().into_iter().flatten() {
         if v["protection"] != "COMMITTED" {
+            c.errors.push(format!(
+                "{} is {} after the commits",
+                v["vm"], v["protection"]
+            ));
+        }
+    }
+
+    // Reprotect back: Azure's master target is given the disks the Azure VMs left, and
+    // the controller turns replication around.
+    say(format!(
+        "reprotect back of {vms:?} (the Azure master target given the Azure disks; delta resync from on-premises)..."
+    ));
+    give_azure_its_disks(fb)?;
+    let (entry, _) = fb
+        .operator
+        .run(
+            "reprotect back",
+            serde_json::json!({
+                "operation": {"operation": "reprotect_back"},
+                "vms": vms,
+                "idempotency_key": "drill-reprotect-back",
+            }),
+            long,
+        )
+        .await?;
+    let ok = entry.state == "succeeded";
+    c.timeline.push(entry);
+    anyhow::ensure!(
+        ok,
+        "reprotect back did not succeed: {:?}",
+        c.timeline.last()
+    );
+    // The on-premises VMs write on, replicated to Azure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let doc = fb.operator.get("/v1/vms").await?;
+    for v in doc["vms"].as_array().into_iter().flatten() {
+        if v["protection"] != "PROTECTED_BACK" {
             c.errors
                 .push(format!("{} is {} at the end", v["vm"], v["protection"]));
         }
     }
     Ok(c)
+}
+
+/// The Azure master target adopts each VM's Azure disk as its replica (what the Azure
+/// VM left; a copy kept as the reverse replica's starting state), stopped meanwhile.
+fn give_azure_its_disks(fb: &mut FailbackSite) -> anyhow::Result<()> {
+    let site = &mut fb.site;
+    site.stop_azure_master_target(false)?;
+    for vm in &fb.vms {
+        for d in platform::powered_disks(&fb.on_premises, vm).unwrap_or_default() {
+            let name = format!("{vm}-disk{}", d.disk);
+            let azure_disk = site.root.join("sources").join(format!("{name}.img"));
+            let kept = reverse_dir(&site.root).join(format!("{name}.azure.img"));
+            std::fs::copy(&azure_disk, &kept)
+                .with_context(|| format!("copying {}", azure_disk.display()))?;
+            site.seed_azure_disk(vm, d.disk, &kept)?;
+        }
+    }
+    site.start_azure_master_target()?;
+    Ok(())
+}
+
+/// Where the reverse replication's images are kept.
+fn reverse_dir(root: &std::path::Path) -> PathBuf {
+    root.join("reverse")
+}
+
+/// Starts each on-premises VM's agent once the on-premises hook was asked to point it at
+/// a relay (reprotect back's `replicate`), until the task is dropped.
+async fn serve_reverse_agents(setup: ReverseSetup, vms: Vec<String>, agents: ReverseAgents) {
+    let mut started = std::collections::BTreeSet::new();
+    loop {
+        for vm in &vms {
+            if started.contains(vm) {
+                continue;
+            }
+            let Some(relay) = platform::pointed_at(&setup.on_premises, vm) else {
+                continue;
+            };
+            started.insert(vm.clone());
+            match start_reverse_agent(&setup, vm, &relay) {
+                Ok(h) => agents
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((vm.clone(), h)),
+                Err(e) => tracing::warn!("starting {vm}'s on-premises agent: {e:#}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `vm`'s agent on-premises: its disks are the failover copies it was powered on with,
+/// sent to `relay` with a delta resync against the Azure disks, then churned with the
+/// profile it had in Azure.
+fn start_reverse_agent(
+    setup: &ReverseSetup,
+    vm: &str,
+    relay: &str,
+) -> anyhow::Result<agent::RunHandle> {
+    let disks = platform::powered_disks(&setup.on_premises, vm)
+        .with_context(|| format!("{vm} was never powered on on-premises"))?;
+    let mut plans = Vec::new();
+    for d in disks {
+        let azure = setup
+            .plans
+            .iter()
+            .find(|p| p.id.vm == vm && p.id.disk == d.disk)
+            .with_context(|| format!("{vm} had no disk {} in Azure", d.disk))?;
+        let name = format!("{vm}-disk{}", d.disk);
+        // The on-premises disk as its agent starts: what the verifier replays from.
+        let at_start = setup.dir.join(format!("{name}.on-premises.img"));
+        std::fs::copy(&d.path, &at_start)
+            .with_context(|| format!("copying {}", d.path.display()))?;
+        let source = match &azure.source {
+            SourceSpec::Generated {
+                vm_index,
+                disk_index,
+                profile,
+                content,
+                ..
+            } => SourceSpec::Generated {
+                seed: setup.seed ^ 0xBAC0_0000,
+                vm_index: *vm_index,
+                disk_index: *disk_index,
+                profile: *profile,
+                content: *content,
+            },
+            other => other.clone(),
+        };
+        plans.push(DiskPlan {
+            id: azure.id.clone(),
+            disk_size: azure.disk_size,
+            // One agent per VM, so one group per VM: a group's tags come from one
+            // coordinator (two agents cutting one group's tags make no point complete).
+            group: format!("{vm}-back"),
+            source,
+            start: DiskStart {
+                source_base: ImageSpec::File { path: at_start },
+                replica_base: ImageSpec::File {
+                    path: setup.dir.join(format!("{name}.azure.img")),
+                },
+                disk_file: Some(d.path.clone()),
+                resync: ResyncPlan::Delta,
+                resync_rate: None,
+                resume: false,
+            },
+        });
+    }
+    let options = AgentOptions {
+        relay: relay
+            .parse()
+            .with_context(|| format!("the relay {relay:?} the hook was given"))?,
+        ..setup.options.clone()
+    };
+    agent::start(options, plans, setup.seed ^ 0xBAC0_0000).map_err(anyhow::Error::msg)
 }
 
 fn record_points(c: &mut Cycle, job: &serde_json::Value, kind: &str) {
@@ -867,6 +1122,10 @@ pub fn print_summary(s: &FailbackSummary) {
     println!(
         "RPO while protected (p99 lag): {:.2} s; {} recovery points and {} failover disks verified",
         s.rpo_p99_s, s.recovery_points_verified, s.copies_verified
+    );
+    println!(
+        "reprotect back: {} recovery points of the reverse replica (in Azure) verified; its delta resync sent {} bytes",
+        s.reverse_recovery_points_verified, s.reverse_resync_bytes
     );
     for e in &s.errors {
         println!("error: {e}");

@@ -82,6 +82,12 @@ pub struct Site {
     relay_b: Daemon,
     /// The site's configuration server, once [`Site::enroll_through_config_server`] ran.
     config_server: Daemon,
+    /// The master target in Azure that receives reprotect back, once
+    /// [`Site::enroll_azure_master_target`] ran; its data is `<root>/azure-master-target`.
+    azure_mt: Daemon,
+    /// `relay-b` forwards here instead of to the master target (reprotect back: the
+    /// on-premises relay forwarding to the Azure master target).
+    relay_b_master_target: Option<SocketAddr>,
     /// The relay is started without `--master-target`: it asks its configuration server
     /// (given in its arguments) for the master target it is assigned.
     relay_asks_for_master_target: bool,
@@ -136,6 +142,13 @@ impl Site {
                 addr: None,
                 metrics_addr: None,
             },
+            azure_mt: Daemon {
+                name: "azure-master-target",
+                child: None,
+                addr: None,
+                metrics_addr: None,
+            },
+            relay_b_master_target: None,
             relay_asks_for_master_target: false,
             relay_api: None,
             _tmp: tmp,
@@ -191,27 +204,109 @@ impl Site {
 
     /// Starts (or restarts, on the same port) the master target.
     pub fn start_master_target(&mut self) -> anyhow::Result<SocketAddr> {
-        let listen = self
-            .mt
-            .addr
-            .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+        let cmd = self.master_target_command(
+            self.mt.addr,
+            &self.mt_data,
+            "master-target",
+            &self.master_target_control_socket(),
+        )?;
+        let root = self.root.clone();
+        start_daemon(&mut self.mt, &root, cmd)
+    }
+
+    /// `master-target run` with this site's settings.
+    fn master_target_command(
+        &self,
+        listen: Option<SocketAddr>,
+        data: &Path,
+        cert_name: &str,
+        control_socket: &Path,
+    ) -> anyhow::Result<Command> {
+        let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
         let mut cmd = Command::new(bin_path("master-target")?);
         cmd.arg("run")
             .arg("--listen")
             .arg(listen.to_string())
             .arg("--data")
-            .arg(&self.mt_data)
+            .arg(data)
             .arg("--pki-dir")
             .arg(&self.pki_dir)
+            .arg("--cert-name")
+            .arg(cert_name)
             .arg("--credit-mib")
             .arg(self.opts.mt_credit_mib.to_string())
             .arg("--max-udp-payload")
             .arg(self.opts.max_udp_payload.to_string())
             .arg("--control-socket")
-            .arg(self.master_target_control_socket())
+            .arg(control_socket)
             .args(&self.opts.mt_args);
+        Ok(cmd)
+    }
+
+    /// Enrolls the master target in Azure, `azure-master-target` (reprotect back's
+    /// receiving side), through the site's configuration server
+    /// ([`Site::enroll_through_config_server`] first).
+    pub fn enroll_azure_master_target(&mut self) -> anyhow::Result<()> {
+        let server = self
+            .config_server
+            .addr
+            .context("enroll the site through its configuration server first")?;
+        let out = Command::new(bin_path("master-target")?)
+            .arg("register")
+            .arg("--config-server")
+            .arg(server.to_string())
+            .arg("--passphrase-file")
+            .arg(self.root.join("site.passphrase"))
+            .arg("--pki-dir")
+            .arg(&self.pki_dir)
+            .args([
+                "--name",
+                "azure-master-target",
+                "--ip",
+                "127.0.0.1",
+                "--dns",
+                "azure-master-target",
+                "--advertise",
+                "127.0.0.1:9445",
+            ])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "master-target register (azure-master-target) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// The Azure master target's data directory.
+    pub fn azure_mt_data(&self) -> PathBuf {
+        self.root.join("azure-master-target")
+    }
+
+    /// Starts (or restarts, on the same port) the Azure master target.
+    pub fn start_azure_master_target(&mut self) -> anyhow::Result<SocketAddr> {
+        let cmd = self.master_target_command(
+            self.azure_mt.addr,
+            &self.azure_mt_data(),
+            "azure-master-target",
+            &self.root.join("azure-master-target-control.sock"),
+        )?;
         let root = self.root.clone();
-        start_daemon(&mut self.mt, &root, cmd)
+        start_daemon(&mut self.azure_mt, &root, cmd)
+    }
+
+    /// Stops the Azure master target: SIGTERM and wait, or SIGKILL (`kill9`).
+    pub fn stop_azure_master_target(&mut self, kill9: bool) -> anyhow::Result<()> {
+        stop_daemon(&mut self.azure_mt, kill9)
+    }
+
+    pub fn azure_master_target_addr(&self) -> Option<SocketAddr> {
+        self.azure_mt.addr
+    }
+
+    /// `relay-b` forwards to `addr` from its next start (instead of the master target).
+    pub fn point_relay_b_at(&mut self, addr: SocketAddr) {
+        self.relay_b_master_target = Some(addr);
     }
 
     /// Starts (or restarts, on the same port) the relay. The master target must have
@@ -254,10 +349,13 @@ impl Site {
         control_socket: &Path,
         listen: Option<SocketAddr>,
     ) -> anyhow::Result<Command> {
-        let mt = self
-            .mt
-            .addr
-            .context("start the master target before the relay")?;
+        let mt = match (cert_name, self.relay_b_master_target) {
+            ("relay-b", Some(addr)) => addr,
+            _ => self
+                .mt
+                .addr
+                .context("start the master target before the relay")?,
+        };
         let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
         let api = match cert_name {
             "relay" => self.relay_api,
@@ -274,6 +372,9 @@ impl Site {
             .arg(self.root.join(format!("{cert_name}-controller")));
         if !self.relay_asks_for_master_target {
             cmd.arg("--master-target").arg(mt.to_string());
+        }
+        if cert_name == "relay-b" && self.relay_b_master_target.is_some() {
+            cmd.arg("--master-target-name").arg("azure-master-target");
         }
         cmd.arg("--pki-dir")
             .arg(&self.pki_dir)
@@ -432,27 +533,22 @@ impl Site {
         if running {
             self.stop_master_target(false)?;
         }
-        let out = Command::new(bin_path("master-target")?)
-            .arg("seed-disk")
-            .arg("--data")
-            .arg(&self.mt_data)
-            .arg("--vm")
-            .arg(vm)
-            .arg("--disk")
-            .arg(disk.to_string())
-            .arg("--image")
-            .arg(&path)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "master-target seed-disk failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        seed_replica(&self.mt_data, vm, disk, &path)?;
         std::fs::remove_file(&path)?;
         if running {
             self.start_master_target()?;
         }
         Ok(())
+    }
+
+    /// Adopts the file `image` as the Azure master target's replica of `vm`'s `disk`
+    /// (`master-target seed-disk`; the Azure master target must be stopped).
+    pub fn seed_azure_disk(&self, vm: &str, disk: u32, image: &Path) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.azure_mt.child.is_none(),
+            "stop the Azure master target before seeding it"
+        );
+        seed_replica(&self.azure_mt_data(), vm, disk, image)
     }
 
     /// Replaces the certificates `create` made by hand with the way a real site gets
@@ -576,12 +672,39 @@ impl Site {
     }
 }
 
+/// `master-target seed-disk --data DATA --vm VM --disk DISK --image IMAGE`.
+fn seed_replica(data: &Path, vm: &str, disk: u32, image: &Path) -> anyhow::Result<()> {
+    let out = Command::new(bin_path("master-target")?)
+        .arg("seed-disk")
+        .arg("--data")
+        .arg(data)
+        .arg("--vm")
+        .arg(vm)
+        .arg("--disk")
+        .arg(disk.to_string())
+        .arg("--image")
+        .arg(image)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "master-target seed-disk failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 impl Drop for Site {
     fn drop(&mut self) {
         // A test failing with the site up: what its daemons said is the evidence (CI
         // shows only the test's output; the site's directory goes with it).
         if std::thread::panicking() {
-            for name in ["master-target", "relay", "relay-b", "config-server"] {
+            for name in [
+                "master-target",
+                "relay",
+                "relay-b",
+                "azure-master-target",
+                "config-server",
+            ] {
                 let path = self.root.join("logs").join(format!("{name}.log"));
                 if path.exists() {
                     eprintln!(
@@ -594,6 +717,7 @@ impl Drop for Site {
         let _ = stop_daemon(&mut self.relay, true);
         let _ = stop_daemon(&mut self.relay_b, true);
         let _ = stop_daemon(&mut self.mt, true);
+        let _ = stop_daemon(&mut self.azure_mt, true);
         let _ = stop_daemon(&mut self.config_server, true);
     }
 }

@@ -10,6 +10,8 @@
 //!   at the relay, the drill writes `stopped`, which the hook waits for;
 //! - `<vm>.disks.json`: the disks it was powered on with (on-premises: the failover
 //!   copies the drill compares with the sources).
+//! - `<vm>.relay`: the relay its agent was pointed at (`replicate`, reprotect back);
+//!   the drill starts the VM's agent there.
 //!
 //! - `<action>.pause`: while it exists, calls of that action wait (up to 2 minutes):
 //!   tests hold a step this way to kill the relay while it runs.
@@ -39,6 +41,8 @@ struct HookRequest {
     vm: String,
     #[serde(default)]
     disks: Vec<PoweredDisk>,
+    #[serde(default)]
+    relay: Option<String>,
 }
 
 fn state_path(dir: &Path, vm: &str) -> PathBuf {
@@ -147,6 +151,17 @@ fn answer(dir: &Path, action: &str, agents: bool) -> Result<String, (String, boo
             set_state(dir, vm, "absent").map_err(io)?;
             Ok("absent".into())
         }
+        "replicate" => {
+            let relay = req.relay.as_deref().unwrap_or_default();
+            if relay.is_empty() {
+                return Err(("replicate names no relay".into(), false));
+            }
+            if state(dir, vm) != "running" {
+                return Err((format!("{vm} is not running here"), false));
+            }
+            write_whole(&dir.join(format!("{vm}.relay")), relay.as_bytes()).map_err(io)?;
+            Ok("running".into())
+        }
         other => Err((format!("unknown action {other:?}"), false)),
     }
 }
@@ -173,11 +188,25 @@ pub fn write_hook_script(
     std::fs::rename(&tmp, path)
 }
 
+/// The relay `vm`'s agent was pointed at (`replicate`), if it was.
+pub fn pointed_at(dir: &Path, vm: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(format!("{vm}.relay")))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
 /// Carries out the shut-downs the hook asks for on the emulated Azure VMs, until the
-/// task is dropped.
+/// task is dropped. A VM deleted while running (the commit of an unplanned failover)
+/// stops writing too: its disks are what it left.
 pub async fn serve_shutdowns(dir: PathBuf, vms: Vec<String>, switch: crate::agent::PowerSwitch) {
+    let mut deleted = std::collections::BTreeSet::new();
     loop {
         for vm in &vms {
+            if state(&dir, vm) == "absent" && deleted.insert(vm.clone()) {
+                if let Err(e) = switch.shut_down_vm(vm, SHUTDOWN_WAIT).await {
+                    tracing::warn!("stopping deleted {vm}: {e}");
+                }
+            }
             let asked = dir.join(format!("{vm}.shutdown"));
             if asked.exists() && state(&dir, vm) == "running" {
                 match switch.shut_down_vm(vm, SHUTDOWN_WAIT).await {
