@@ -910,8 +910,9 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
 }
 
 /// The Azure master target adopts each VM's Azure disk as its replica (what the Azure
-/// VM left; a copy kept as the reverse replica's starting state), stopped meanwhile.
-fn give_azure_its_disks(fb: &mut FailbackSite) -> anyhow::Result<()> {
+/// VM left; a copy kept as the reverse replica's starting state), stopped meanwhile:
+/// the operator's part of a reprotect back. VMs not failed over are left out.
+pub fn give_azure_its_disks(fb: &mut FailbackSite) -> anyhow::Result<()> {
     let site = &mut fb.site;
     site.stop_azure_master_target(false)?;
     for vm in &fb.vms {

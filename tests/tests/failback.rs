@@ -118,8 +118,17 @@ async fn the_failback_drill_verifies_with_no_data_lost_at_latest() {
             "failover",
             "change_point",
             "commit",
-            "commit"
+            "commit",
+            "reprotect_back"
         ]
+    );
+    // Reprotect back: the reverse replica, in Azure, verified at its points; its delta
+    // resync sent what the on-premises disks changed, not the disks.
+    assert!(s.reverse_recovery_points_verified >= 2, "{s:?}");
+    // (Run B's VM lost what it wrote after its point: that much differs.)
+    assert!(
+        s.reverse_resync_bytes > 0 && s.reverse_resync_bytes < 8 << 20,
+        "{s:?}"
     );
     let failovers: Vec<_> = s
         .timeline
@@ -134,7 +143,7 @@ async fn the_failback_drill_verifies_with_no_data_lost_at_latest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_killed_at_every_step_of_a_planned_failover_finishes_it_with_nothing_lost() {
+async fn a_relay_killed_at_every_step_of_a_planned_failover_and_its_reprotect_back_finishes_them() {
     let mut fb = FailbackSite::start(&small(2)).await.unwrap();
     reprotect_all(&fb).await;
     let vm = fb.vms[0].clone();
@@ -197,12 +206,45 @@ async fn a_relay_killed_at_every_step_of_a_planned_failover_finishes_it_with_not
         .clone();
     assert_eq!(me["protection"], "FAILED_OVER", "{me}");
     assert_eq!(platform::state(&fb.on_premises, &vm), "running");
-
     let points = chosen_points(&done, "latest_planned");
+
+    // Commit, then reprotect back, killed while turning around and while resyncing.
+    let commit = serde_json::json!({"operation": {"operation": "commit"}, "vms": [vm]});
+    let id = fb.operator.post("/v1/jobs", commit).await.unwrap()["job"]["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(wait_for_end(&fb, id, 60).await["state"], "succeeded");
+    failbackdrill::give_azure_its_disks(&mut fb).unwrap();
+    std::fs::write(pause(&fb.on_premises, "replicate"), b"").unwrap();
+    let back = serde_json::json!({"operation": {"operation": "reprotect_back"}, "vms": [vm]});
+    let id = fb.operator.post("/v1/jobs", back).await.unwrap()["job"]["id"]
+        .as_u64()
+        .unwrap();
+    wait_for_step(&fb, id, "turn_around").await;
+    fb.site.stop_relay(true).unwrap();
+    fb.site.start_relay().unwrap();
+    wait_for_step(&fb, id, "turn_around").await;
+    std::fs::remove_file(pause(&fb.on_premises, "replicate")).unwrap();
+    wait_for_step(&fb, id, "resync").await;
+    fb.site.stop_relay(true).unwrap();
+    fb.site.start_relay().unwrap();
+    let done = wait_for_end(&fb, id, 120).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let vms = fb.operator.get("/v1/vms").await.unwrap();
+    assert!(
+        vms["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["vm"] == vm.as_str() && v["protection"] == "PROTECTED_BACK"),
+        "{vms}"
+    );
+
     let checked = fb.stop_and_verify(&points, 8 << 20).await.unwrap();
     assert!(checked.verified, "{:#?}", checked.errors);
     assert_eq!(checked.copies_verified, 1);
     assert_eq!(checked.data_loss_bytes["latest_planned"], 0);
+    assert!(checked.reverse_recovery_points_verified > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
