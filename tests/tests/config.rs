@@ -156,6 +156,35 @@ fn out_of_range_values_name_the_key() {
         "controller.listen",
         "everywhere",
     );
+    // Reprotect back's two keys go together, the relay as host:port.
+    assert_usage_error(
+        &relay(&file, &[], &["--reverse-master-target", "10.2.0.4:9444"]),
+        "controller.reverse_relay",
+        "missing",
+    );
+    assert_usage_error(
+        &relay(
+            &file,
+            &[("RELAY_CONTROLLER__REVERSE_RELAY", "onprem:7777")],
+            &[],
+        ),
+        "controller.reverse_master_target",
+        "missing",
+    );
+    assert_usage_error(
+        &relay(
+            &file,
+            &[],
+            &[
+                "--reverse-master-target",
+                "10.2.0.4:9444",
+                "--reverse-relay",
+                "onprem",
+            ],
+        ),
+        "controller.reverse_relay",
+        "host:port",
+    );
     assert_usage_error(
         &relay(&file, &[], &["--egress-schedule", "sometimes 5mbit"]),
         "egress.schedule",
