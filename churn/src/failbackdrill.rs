@@ -862,15 +862,13 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
             }
         }
     }
-    let doc = fb.operator.get("/v1/vms").await?;
-    for v in doc["vms"].as_array().into_iter().flatten() {
-        if v["protection"] != "COMMITTED" {
-            c.errors.push(format!(
-                "{} is {} after the commits",
-                v["vm"], v["protection"]
-            ));
-        }
-    }
+    expect_protection(
+        &fb.operator,
+        "COMMITTED",
+        "after the commits",
+        &mut c.errors,
+    )
+    .await?;
 
     // Reprotect back: Azure's master target is given the disks the Azure VMs left, and
     // the controller turns replication around.
@@ -899,14 +897,24 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
     );
     // The on-premises VMs write on, replicated to Azure.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let doc = fb.operator.get("/v1/vms").await?;
+    expect_protection(&fb.operator, "PROTECTED_BACK", "at the end", &mut c.errors).await?;
+    Ok(c)
+}
+
+/// Notes in `errors` every VM whose protection is not `state` (`when`: the moment).
+async fn expect_protection(
+    op: &Operator,
+    state: &str,
+    when: &str,
+    errors: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let doc = op.get("/v1/vms").await?;
     for v in doc["vms"].as_array().into_iter().flatten() {
-        if v["protection"] != "PROTECTED_BACK" {
-            c.errors
-                .push(format!("{} is {} at the end", v["vm"], v["protection"]));
+        if v["protection"] != state {
+            errors.push(format!("{} is {} {when}", v["vm"], v["protection"]));
         }
     }
-    Ok(c)
+    Ok(())
 }
 
 /// The Azure master target adopts each VM's Azure disk as its replica (what the Azure

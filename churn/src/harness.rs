@@ -247,19 +247,9 @@ impl Site {
     /// receiving side), through the site's configuration server
     /// ([`Site::enroll_through_config_server`] first).
     pub fn enroll_azure_master_target(&mut self) -> anyhow::Result<()> {
-        let server = self
-            .config_server
-            .addr
-            .context("enroll the site through its configuration server first")?;
-        let out = Command::new(bin_path("master-target")?)
-            .arg("register")
-            .arg("--config-server")
-            .arg(server.to_string())
-            .arg("--passphrase-file")
-            .arg(self.root.join("site.passphrase"))
-            .arg("--pki-dir")
-            .arg(&self.pki_dir)
-            .args([
+        self.register(
+            "master-target",
+            &[
                 "--name",
                 "azure-master-target",
                 "--ip",
@@ -268,11 +258,30 @@ impl Site {
                 "azure-master-target",
                 "--advertise",
                 "127.0.0.1:9445",
-            ])
+            ],
+        )
+    }
+
+    /// Runs `<program> register` with the site's passphrase against its configuration
+    /// server, with `args` (the daemon's name and addresses).
+    fn register(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let server = self
+            .config_server
+            .addr
+            .context("enroll the site through its configuration server first")?;
+        let out = Command::new(bin_path(program)?)
+            .arg("register")
+            .arg("--config-server")
+            .arg(server.to_string())
+            .arg("--passphrase-file")
+            .arg(self.root.join("site.passphrase"))
+            .arg("--pki-dir")
+            .arg(&self.pki_dir)
+            .args(args)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
-            "master-target register (azure-master-target) failed: {}",
+            "{program} register {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
@@ -397,33 +406,17 @@ impl Site {
     /// Enrolls a second relay, `relay-b`, through the site's configuration server
     /// ([`Site::enroll_through_config_server`] first).
     pub fn enroll_relay_b(&mut self) -> anyhow::Result<()> {
-        let server = self
-            .config_server
-            .addr
-            .context("enroll the site through its configuration server first")?;
-        let out = Command::new(bin_path("relay")?)
-            .arg("register")
-            .arg("--config-server")
-            .arg(server.to_string())
-            .arg("--passphrase-file")
-            .arg(self.root.join("site.passphrase"))
-            .arg("--pki-dir")
-            .arg(&self.pki_dir)
-            .args([
+        self.register(
+            "relay",
+            &[
                 "--name",
                 "relay-b",
                 "--ip",
                 "127.0.0.1",
                 "--dns",
                 "localhost",
-            ])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "relay register (relay-b) failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+            ],
+        )
     }
 
     /// Starts (or restarts, on the same port) `relay-b`, with the relay's flags.
