@@ -38,7 +38,18 @@ pub enum Request {
     /// What the failback controller checks its preconditions against: free space, the
     /// disks held, and the points.
     Status,
+    /// Keep `window_s` seconds of history for replication group `group` (and at most
+    /// `max_bytes` of journal, 0: no cap): the retention chosen at reprotect.
+    SetRetention {
+        group: String,
+        window_s: u64,
+        #[serde(default)]
+        max_bytes: u64,
+    },
 }
+
+/// The longest retention window a master target keeps (its configuration's limit).
+pub const MAX_RETENTION_S: u64 = 15 * 86_400;
 
 /// The largest request document (a `Control` frame's body).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -58,6 +69,19 @@ pub fn parse_request(body: &[u8]) -> Result<Request, String> {
     if let Request::TestFailoverCreate { vm: Some(vm), .. } = &request {
         if vm.is_empty() || vm.len() > 255 || vm.contains('/') || vm.chars().any(char::is_control) {
             return Err(format!("bad control request: VM name {vm:?}"));
+        }
+    }
+    if let Request::SetRetention {
+        group, window_s, ..
+    } = &request
+    {
+        if group.is_empty() || group.len() > 255 || group.chars().any(char::is_control) {
+            return Err(format!("bad control request: group name {group:?}"));
+        }
+        if !(1..=MAX_RETENTION_S).contains(window_s) {
+            return Err(format!(
+                "bad control request: a retention window of {window_s} s is out of range 1..={MAX_RETENTION_S}"
+            ));
         }
     }
     Ok(request)
@@ -264,6 +288,25 @@ mod tests {
             r#"{"op":"test_failover_create","group":"g","tag":-1,"name":"d"}"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_request(br#"{"op":"set_retention","group":"g","window_s":3600}"#),
+            Ok(Request::SetRetention {
+                group: "g".into(),
+                window_s: 3600,
+                max_bytes: 0
+            })
+        );
+        for bad in [
+            &br#"{"op":"set_retention","group":"g","window_s":0}"#[..],
+            br#"{"op":"set_retention","group":"g","window_s":9999999}"#,
+            br#"{"op":"set_retention","group":"","window_s":60}"#,
+        ] {
+            assert!(
+                parse_request(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

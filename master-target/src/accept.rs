@@ -48,6 +48,9 @@ pub struct MasterTarget {
     /// Each stream's placement on record: a relay's `Hello` below it is refused
     /// before it can take the disk over ([`fbr_protocol::placement`]).
     pub placements: fbr_daemon::placements::PlacementStore,
+    /// Every group's retention: the configured policies, with those operators chose at
+    /// reprotect in their place (`set_retention` control requests change it).
+    pub retention: std::sync::RwLock<crate::retention::Retention>,
     slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
 }
 
@@ -102,6 +105,7 @@ impl MasterTarget {
         credit_bytes: u64,
         content_index_entries: usize,
         placements: fbr_daemon::placements::PlacementStore,
+        retention: crate::retention::Retention,
     ) -> Arc<Self> {
         Arc::new(MasterTarget {
             files,
@@ -110,8 +114,33 @@ impl MasterTarget {
             metrics: MasterTargetMetrics::new(),
             content: Arc::new(ContentIndex::new(content_index_entries)),
             placements,
+            retention: std::sync::RwLock::new(retention),
             slots: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The retention in force now.
+    pub fn retention(&self) -> crate::retention::Retention {
+        self.retention
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes `policy` `group`'s retention, durably first (it outlives restarts and
+    /// overrides the configuration's for the group).
+    pub fn choose_retention(
+        &self,
+        group: &str,
+        policy: crate::retention::RetentionPolicy,
+    ) -> Result<(), crate::store::StoreError> {
+        self.store.set_chosen_retention(group, policy)?;
+        self.retention
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .groups
+            .insert(group.to_owned(), policy);
+        Ok(())
     }
 
     /// Publishes where `replica` stands (after it opened, and after every batch): for

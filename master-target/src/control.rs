@@ -111,6 +111,33 @@ pub async fn handle(mt: &Arc<MasterTarget>, request: Request) -> Response {
             })
         }),
         Request::TestFailoverDelete { name } => testcopy::delete(&data, &name).map(Response::one),
+        Request::SetRetention { window_s, .. }
+            if !(1..=fbr_controller::target::MAX_RETENTION_S).contains(&window_s) =>
+        {
+            Err(format!(
+                "a retention window of {window_s} s is out of range 1..={}",
+                fbr_controller::target::MAX_RETENTION_S
+            ))
+        }
+        Request::SetRetention {
+            group,
+            window_s,
+            max_bytes,
+        } => {
+            let policy = crate::retention::RetentionPolicy {
+                window: std::time::Duration::from_secs(window_s),
+                max_bytes: (max_bytes > 0).then_some(max_bytes),
+            };
+            mt.choose_retention(&group, policy)
+                .map_err(|e| e.to_string())
+                .map(|()| {
+                    tracing::info!(%group, window_s, max_bytes, "retention chosen");
+                    Response {
+                        ok: true,
+                        ..Response::default()
+                    }
+                })
+        }
     })
 }
 
@@ -192,6 +219,17 @@ pub async fn serve_remote(
     };
     let allowed = match (&request, vm_of(&request)) {
         (Request::TestFailoverCreate { .. }, None) => entitlement.all_vms,
+        // A group's retention concerns every VM with a disk in it.
+        (Request::SetRetention { group, .. }, _) => {
+            entitlement.all_vms
+                || mt.store.recovery_points().is_ok_and(|points| {
+                    points
+                        .iter()
+                        .filter(|p| &p.group == group)
+                        .flat_map(|p| p.landed.iter())
+                        .all(|l| entitlement.may_write(&l.vm))
+                })
+        }
         (Request::TestFailoverDelete { name }, _) => {
             let data = mt.files.root();
             match testcopy::list(data).map(|all| all.into_iter().find(|t| &t.name == name)) {
@@ -328,5 +366,51 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A retention chosen at reprotect applies at once, outlives a restart (the store
+    /// keeps it) and wins over the configured one for its group only.
+    #[tokio::test]
+    async fn a_chosen_retention_applies_and_outlives_a_restart() {
+        use crate::retention::{Retention, RetentionPolicy};
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let configured = Retention::uniform(RetentionPolicy {
+            window: Duration::from_secs(86_400),
+            max_bytes: None,
+        });
+        let open = |retention: Retention| {
+            MasterTarget::new(
+                crate::files::DataDir::new(dir.path()),
+                crate::store::Store::open(dir.path()).unwrap(),
+                1 << 20,
+                1024,
+                fbr_daemon::placements::PlacementStore::open(dir.path()).unwrap(),
+                retention,
+            )
+        };
+        let mt = open(configured.clone());
+        let set = |window_s| Request::SetRetention {
+            group: "g".into(),
+            window_s,
+            max_bytes: 1 << 30,
+        };
+        let refused = handle(&mt, set(0)).await;
+        assert!(refused.error.unwrap().contains("out of range"));
+        assert!(handle(&mt, set(3600)).await.ok);
+        let chosen = RetentionPolicy {
+            window: Duration::from_secs(3600),
+            max_bytes: Some(1 << 30),
+        };
+        assert_eq!(mt.retention().for_group("g"), chosen);
+        assert_eq!(mt.retention().for_group("other"), configured.default);
+        drop(mt);
+        // Restarted: the store gives it back over the configuration.
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let again = configured
+            .clone()
+            .with_chosen(store.chosen_retention().unwrap());
+        assert_eq!(again.for_group("g"), chosen);
+        assert_eq!(again.for_group("other"), configured.default);
     }
 }

@@ -281,12 +281,14 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     };
     let endpoint = server_endpoint(settings.listen, creds, &tuning)?;
     let local = endpoint.local_addr()?;
+    let retention = settings.retention()?.with_chosen(store.chosen_retention()?);
     let mt = MasterTarget::new(
         DataDir::new(data),
         store,
         settings.credit.0,
         settings.content_index_entries as usize,
         fbr_daemon::placements::PlacementStore::open(data)?,
+        retention,
     );
     let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(mt.clone()));
     let metrics = match settings.metrics_addr()? {
@@ -312,7 +314,7 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
                 .with_context(|| format!("control_socket {path}"))?,
         ),
     };
-    let trimmer = tokio::spawn(trim_forever(mt.clone(), settings.retention()?));
+    let trimmer = tokio::spawn(trim_forever(mt.clone()));
     let heartbeats = {
         let (m, every) = (mt.clone(), settings.config_server.heartbeat_interval_s);
         let advertise = settings.config_server.advertised(local);
@@ -470,9 +472,9 @@ fn held(
     (disks, groups.into_values().collect())
 }
 
-/// Trims every group to its retention, a few times a window, off the async threads.
-async fn trim_forever(mt: Arc<MasterTarget>, retention: fbr_master_target::retention::Retention) {
-    let retention = Arc::new(retention);
+/// Trims every group to its retention (as in force at each pass: operators may choose a
+/// group's at reprotect), a few times a window, off the async threads.
+async fn trim_forever(mt: Arc<MasterTarget>) {
     // First, free what a kill between a trim's two steps may have left allocated.
     let punched = {
         let mt = mt.clone();
@@ -486,11 +488,10 @@ async fn trim_forever(mt: Arc<MasterTarget>, retention: fbr_master_target::reten
         Ok(Err(e)) => tracing::error!("freeing trimmed journal blocks: {e}"),
         Err(e) => tracing::error!("trim task: {e}"),
     }
-    let mut tick = tokio::time::interval(retention.trim_interval());
     loop {
-        tick.tick().await;
+        let retention = mt.retention();
+        tokio::time::sleep(retention.trim_interval()).await;
         let mt = mt.clone();
-        let retention = retention.clone();
         let pass = tokio::task::spawn_blocking(move || {
             let now = replica::unix_ms(std::time::SystemTime::now());
             fbr_master_target::retention::trim_pass(mt.files.root(), &mt.store, &retention, now)

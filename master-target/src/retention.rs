@@ -66,6 +66,16 @@ impl Retention {
         self.groups.get(group).copied().unwrap_or(self.default)
     }
 
+    /// These policies with those chosen at reprotect (`chosen`, from the store) in
+    /// place of the configured ones for their groups: the operator's later choice wins.
+    pub fn with_chosen(
+        mut self,
+        chosen: std::collections::BTreeMap<String, RetentionPolicy>,
+    ) -> Self {
+        self.groups.extend(chosen);
+        self
+    }
+
     /// How often the daemon trims: as often as the most demanding policy needs.
     pub fn trim_interval(&self) -> Duration {
         self.groups

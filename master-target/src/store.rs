@@ -22,6 +22,9 @@
 //! - `rollbacks`: `"vm/disk"` -> `(journal_end, seq)`: a rollback in place under way,
 //!   back to the point whose tag ends there ([`crate::rollback`]); opening the replica
 //!   completes it
+//! - `chosen_retention`: `group` -> `(window_seconds, max_bytes)`: the retention an
+//!   operator chose for the group at reprotect (`max_bytes` 0: no cap); it overrides
+//!   the configuration's ([`crate::retention::Retention::with_chosen`])
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -45,6 +48,8 @@ const TAGS: TableDefinition<TagKey, TagValue> = TableDefinition::new("tags");
 const TAG_TIMES: TableDefinition<TagKey, u64> = TableDefinition::new("tag_times");
 const ROLLBACKS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("rollbacks");
 const TRIMS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("trims");
+const CHOSEN_RETENTION: TableDefinition<&str, (u64, u64)> =
+    TableDefinition::new("chosen_retention");
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -206,8 +211,45 @@ impl Store {
         tx.open_table(TAG_TIMES).map_err(e)?;
         tx.open_table(ROLLBACKS).map_err(e)?;
         tx.open_table(TRIMS).map_err(e)?;
+        tx.open_table(CHOSEN_RETENTION).map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(Store { db })
+    }
+
+    /// Records (durably) the retention chosen for `group`.
+    pub fn set_chosen_retention(
+        &self,
+        group: &str,
+        policy: crate::retention::RetentionPolicy,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(CHOSEN_RETENTION).map_err(e)?;
+            let row = (policy.window.as_secs(), policy.max_bytes.unwrap_or(0));
+            t.insert(group, row).map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every group's chosen retention.
+    pub fn chosen_retention(
+        &self,
+    ) -> Result<BTreeMap<String, crate::retention::RetentionPolicy>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(CHOSEN_RETENTION).map_err(e)?;
+        let mut out = BTreeMap::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            let (window_s, max) = v.value();
+            out.insert(
+                k.value().to_owned(),
+                crate::retention::RetentionPolicy {
+                    window: std::time::Duration::from_secs(window_s),
+                    max_bytes: (max > 0).then_some(max),
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// Every disk known to this master target.
