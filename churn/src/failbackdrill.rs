@@ -700,7 +700,10 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
         .run(
             "reprotect",
             serde_json::json!({
-                "operation": {"operation": "reprotect", "location": "original"},
+                // Three days of history for their groups (the master target's own
+                // default is one).
+                "operation": {"operation": "reprotect", "location": "original",
+                    "retention": {"window_s": 3 * 86_400}},
                 "vms": vms,
                 "idempotency_key": "drill-reprotect",
             }),

@@ -307,6 +307,21 @@ impl Controller {
                 ));
             }
         }
+        if let Operation::Reprotect {
+            retention: Some(r), ..
+        } = op
+        {
+            if !(1..=crate::target::MAX_RETENTION_S).contains(&r.window_s) {
+                return Err(refuse(
+                    RefusalCode::BadRequest,
+                    format!(
+                        "a retention window of {} s is out of range 1..={} (15 days)",
+                        r.window_s,
+                        crate::target::MAX_RETENTION_S
+                    ),
+                ));
+            }
+        }
         if !facts.config_server_connected {
             return Err(refuse(
                 RefusalCode::ConfigServerDisconnected,
@@ -732,6 +747,7 @@ mod tests {
     fn protect(c: &mut Controller, vm: &str, now: &mut u64) {
         let reprotect = Operation::Reprotect {
             location: ReprotectLocation::Original,
+            retention: None,
         };
         let id = c.request(req(reprotect, &[vm]), &facts(), *now).unwrap();
         run_to_end(c, id, now);
@@ -753,6 +769,7 @@ mod tests {
                 req(
                     Operation::Reprotect {
                         location: ReprotectLocation::Original,
+                        retention: None,
                     },
                     &["vm1"],
                 ),
@@ -840,6 +857,7 @@ mod tests {
                 req(
                     Operation::Reprotect {
                         location: ReprotectLocation::Alternate,
+                        retention: None,
                     },
                     &["vm1"],
                 ),
@@ -854,6 +872,20 @@ mod tests {
         let cases: Vec<(JobRequest, Facts, RefusalCode)> = vec![
             (
                 req(failover(PointChoice::Latest), &[]),
+                facts(),
+                RefusalCode::BadRequest,
+            ),
+            (
+                req(
+                    Operation::Reprotect {
+                        location: ReprotectLocation::Original,
+                        retention: Some(crate::job::RetentionChoice {
+                            window_s: 16 * 86_400,
+                            max_bytes: 0,
+                        }),
+                    },
+                    &["vm2"],
+                ),
                 facts(),
                 RefusalCode::BadRequest,
             ),
@@ -961,6 +993,7 @@ mod tests {
             ..req(
                 Operation::Reprotect {
                     location: ReprotectLocation::Original,
+                    retention: None,
                 },
                 &["vm1"],
             )
@@ -988,6 +1021,7 @@ mod tests {
                 req(
                     Operation::Reprotect {
                         location: ReprotectLocation::Original,
+                        retention: None,
                     },
                     &["vm1"],
                 ),
@@ -1134,6 +1168,7 @@ mod tests {
                 req(
                     Operation::Reprotect {
                         location: ReprotectLocation::Original,
+                        retention: None,
                     },
                     &["vm1"],
                 ),
@@ -1243,6 +1278,7 @@ mod tests {
                 req(
                     Operation::Reprotect {
                         location: ReprotectLocation::Alternate,
+                        retention: None,
                     },
                     &["vm1"],
                 ),

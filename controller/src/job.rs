@@ -54,12 +54,28 @@ impl PointChoice {
     }
 }
 
+/// A retention chosen at reprotect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionChoice {
+    /// Seconds of history kept (1 s to 15 days).
+    pub window_s: u64,
+    /// Journal bytes kept per group at most; 0: no cap.
+    #[serde(default)]
+    pub max_bytes: u64,
+}
+
 /// What a job does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "operation")]
 pub enum Operation {
     Reprotect {
         location: ReprotectLocation,
+        /// The history the master target keeps for the VMs' replication groups, set
+        /// once their first recovery point shows which groups they are; none: the
+        /// master target's configured retention.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retention: Option<RetentionChoice>,
     },
     /// `planned`: the Azure VMs are shut down first, so *latest* loses nothing.
     Failover {
@@ -94,7 +110,7 @@ impl Operation {
     pub fn steps(&self) -> Vec<StepKind> {
         use StepKind::*;
         match self {
-            Operation::Reprotect { location } => vec![
+            Operation::Reprotect { location, .. } => vec![
                 Resync {
                     full: *location == ReprotectLocation::Alternate,
                 },

@@ -48,8 +48,8 @@ pub mod vm;
 
 pub use controller::{Action, Changes, Controller, Facts, JobRequest, StepOutcome};
 pub use job::{
-    ChosenPoint, DiskCopy, Job, JobId, JobState, Operation, PointChoice, ReprotectLocation, Step,
-    StepKind, StepState, VmOutput,
+    ChosenPoint, DiskCopy, Job, JobId, JobState, Operation, PointChoice, ReprotectLocation,
+    RetentionChoice, Step, StepKind, StepState, VmOutput,
 };
 pub use refusal::{Refusal, RefusalCode};
 pub use vm::Protection;

@@ -199,6 +199,7 @@ mod tests {
         let ops = [
             Operation::Reprotect {
                 location: ReprotectLocation::Original,
+                retention: None,
             },
             Operation::Failover {
                 point: PointChoice::Latest,
@@ -230,6 +231,7 @@ mod tests {
             idempotency_key: Some("once".into()),
             ..request(Operation::Reprotect {
                 location: ReprotectLocation::Alternate,
+                retention: None,
             })
         };
         let id = c.request(r.clone(), &facts(), 0).unwrap();
@@ -242,6 +244,7 @@ mod tests {
             .request(
                 request(Operation::Reprotect {
                     location: ReprotectLocation::Alternate,
+                    retention: None,
                 }),
                 &facts(),
                 3,

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use fbr_daemon::process::parse_window;
 use fbr_daemon::settings::{ByteSize, ConfigError, DaemonSettings};
 use serde::{Deserialize, Serialize};
 
@@ -161,39 +162,4 @@ impl MasterTargetSettings {
 /// A size cap: 0 is none.
 fn cap(max: ByteSize) -> Option<u64> {
     (max.0 > 0).then_some(max.0)
-}
-
-/// `<n>s`, `<n>m`, `<n>h` or `<n>d`, from one second to 15 days.
-fn parse_window(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90m, 24h or 15d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
-    };
-    if !(1..=15 * 86_400).contains(&secs) {
-        return Err(format!("{s} is out of range 1s..=15d"));
-    }
-    Ok(std::time::Duration::from_secs(secs))
-}
-
-#[cfg(test)]
-mod window_tests {
-    use super::parse_window;
-
-    #[test]
-    fn windows_parse_with_their_units_and_range() {
-        assert_eq!(parse_window("24h").unwrap().as_secs(), 86_400);
-        assert_eq!(parse_window("90m").unwrap().as_secs(), 5_400);
-        assert_eq!(parse_window("15d").unwrap().as_secs(), 1_296_000);
-        for bad in ["16d", "0s", "24", "h", "2w", "-1h"] {
-            assert!(parse_window(bad).is_err(), "{bad}");
-        }
-    }
 }

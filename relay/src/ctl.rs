@@ -82,6 +82,11 @@ pub fn job_post(
     }
 }
 
+/// `reprotect --retention-window`: seconds, from `90m`, `72h` or `15d`.
+pub fn parse_window(s: &str) -> Result<u64, String> {
+    fbr_daemon::process::parse_window(s).map(|w| w.as_secs())
+}
+
 /// `reprotect`'s location flag.
 pub fn location(alternate: bool) -> ReprotectLocation {
     if alternate {

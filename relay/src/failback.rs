@@ -710,7 +710,23 @@ impl Failback {
                 Ok(r) => self.wait_for_point(&r.link, vms).await,
                 Err(e) => Err(e),
             },
-            StepKind::WaitForRecoveryPoint => self.wait_for_point(self.relay.upstream(), vms).await,
+            StepKind::WaitForRecoveryPoint => {
+                match (
+                    self.wait_for_point(self.relay.upstream(), vms).await,
+                    operation,
+                ) {
+                    (
+                        Ok(note),
+                        Operation::Reprotect {
+                            retention: Some(r), ..
+                        },
+                    ) => self
+                        .choose_retention(vms, r)
+                        .await
+                        .map(|kept| format!("{note}; {kept}")),
+                    (result, _) => result,
+                }
+            }
             StepKind::ShutDownSource => self.power(Site::Azure, vms, Power::ShutDown).await,
             StepKind::DeleteSource => self.power(Site::Azure, vms, Power::Delete).await,
             StepKind::Drain => self.drain(job, step, vms).await,
@@ -784,6 +800,36 @@ impl Failback {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// The retention chosen at reprotect, set on the replication groups the VMs' points
+    /// belong to (known once they have one); asked again after a restart, harmlessly.
+    async fn choose_retention(
+        &self,
+        vms: &[String],
+        r: &fbr_controller::RetentionChoice,
+    ) -> Result<String, String> {
+        let points = self.target_view_patiently().await?.points;
+        let mut groups: Vec<String> = vms
+            .iter()
+            .filter_map(|vm| target::choose_point(&points, vm, &PointChoice::Latest))
+            .map(|p| p.group.clone())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        for group in &groups {
+            let set = TargetRequest::SetRetention {
+                group: group.clone(),
+                window_s: r.window_s,
+                max_bytes: r.max_bytes,
+            };
+            self.ask_patiently(&set, STATUS_TIMEOUT).await?;
+        }
+        Ok(format!(
+            "{} s of history kept for {}",
+            r.window_s,
+            groups.join(", ")
+        ))
     }
 
     /// Reprotect back turns replication around: the Azure master target must hold

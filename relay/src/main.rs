@@ -151,6 +151,13 @@ enum CtlCommand {
         /// New, empty on-premises disks: a full resync.
         #[arg(long)]
         alternate_location: bool,
+        /// History the master target keeps for the VMs' groups, e.g. 72h (s, m, h or
+        /// d; up to 15d); default: its configured retention.
+        #[arg(long, value_parser = fbr_relay::ctl::parse_window)]
+        retention_window: Option<u64>,
+        /// Journal bytes kept per group at most, e.g. 500GiB (with --retention-window).
+        #[arg(long, value_parser = fbr_daemon::process::parse_size, requires = "retention_window")]
+        retention_max: Option<u64>,
     },
     /// Fail VMs over to on-premises at a recovery point.
     Failover {
@@ -280,9 +287,15 @@ fn ctl(args: CtlArgs) -> anyhow::Result<bool> {
         CtlCommand::Reprotect {
             common,
             alternate_location,
+            retention_window,
+            retention_max,
         } => start(
             Operation::Reprotect {
                 location: ctl::location(alternate_location),
+                retention: retention_window.map(|window_s| fbr_controller::RetentionChoice {
+                    window_s,
+                    max_bytes: retention_max.unwrap_or(0),
+                }),
             },
             common,
             None,

@@ -122,6 +122,14 @@ async fn the_failback_drill_verifies_with_no_data_lost_at_latest() {
             "reprotect_back"
         ]
     );
+    // The reprotect chose its groups' retention at the master target.
+    let reprotect = &s.timeline[0];
+    assert!(
+        reprotect.steps[1]
+            .note
+            .ends_with("259200 s of history kept for group1, group2"),
+        "{reprotect:?}"
+    );
     // Reprotect back: the reverse replica, in Azure, verified at its points; its delta
     // resync sent what the on-premises disks changed, not the disks.
     assert!(s.reverse_recovery_points_verified >= 2, "{s:?}");
