@@ -358,10 +358,12 @@ impl FailbackSite {
             hooks.join("azure-hook").display().to_string(),
             "--on-premises-hook".to_owned(),
             hooks.join("on-premises-hook").display().to_string(),
-            // The emulated VMs: a shut-down is the agent flushing and a tag (about one
-            // tag interval), a boot is the hook's run. Measured ones replace these.
+            // The emulated VMs: a shut-down is the agent's next tag after its last
+            // write, acknowledged (up to a tag interval), plus the hook's run and its
+            // polling: 1.6 tag intervals as measured (0.67-0.83 s at 500 ms); a boot is
+            // the hook's run. Measured ones replace these.
             "--shutdown-estimate-seconds".to_owned(),
-            format!("{}", opts.tag_interval.as_secs_f64() * 2.0),
+            format!("{}", opts.tag_interval.as_secs_f64() * 1.6),
             "--boot-estimate-seconds".to_owned(),
             "0.1".to_owned(),
             "--reverse-master-target".to_owned(),
