@@ -438,9 +438,17 @@ pub fn print_summary(s: &DrillSummary) {
 #[derive(Debug, Serialize)]
 pub struct ThrottleBench {
     pub configured_bytes_per_s: u64,
+    /// Record bytes applied at the master target per second (the streams' logical
+    /// frames: since the WAN reductions, more than crosses the link).
     pub achieved_bytes_per_s: f64,
     /// `achieved / configured - 1`.
     pub error: f64,
+    /// What crossed the link per second: the relay's UDP bytes to the master target
+    /// (`fbr_relay_bytes_total{stage="wire"}`, QUIC and UDP headers included): what the
+    /// limit holds.
+    pub wire_bytes_per_s: f64,
+    /// `wire / configured - 1`.
+    pub wire_error: f64,
     pub window_s: f64,
     pub streams: usize,
     /// Jain's fairness index of the bytes each stream had applied in the window
@@ -465,9 +473,10 @@ pub fn jain_index(shares: &[f64]) -> f64 {
 
 /// Egress rate accuracy and fairness on loopback: `streams` equal-priority disks churn at
 /// twice `rate` through a relay limited to `rate`; over `window` (after a warm-up), the
-/// record bytes applied at the master target (encoded frames: the unit the limit
-/// counts; QUIC, UDP and IP headers come on top) give the achieved rate and, per
-/// stream, Jain's index. Then the limit is lifted at run time (schedule file) to drain, and every
+/// record bytes applied at the master target give the achieved rate and, per stream,
+/// Jain's index, and the relay's wire counter (its UDP bytes to the master target, read
+/// from `/metrics`) what crossed the link, which is what the limit holds since the WAN
+/// reductions shrink records before they are paced. Then the limit is lifted at run time (schedule file) to drain, and every
 /// recovery point is verified.
 pub async fn run_throttle_bench(
     rate: u64,
@@ -529,11 +538,23 @@ pub async fn run_throttle_bench(
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
     // Warm-up: the queue builds and every stream is contending.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = site.relay_metrics_addr().context("the relay's metrics")?;
+    // The wire counter moves on scrapes: one at each end of the window.
+    let wire = move || {
+        let (_, text) = crate::harness::http_get(metrics, "/metrics");
+        crate::harness::sample(&text, "fbr_relay_bytes_total{stage=\"wire\"}")
+    };
+    let wire_before = tokio::task::spawn_blocking(wire).await?;
     let before = handle.applied_frame_bytes_per_disk();
     let started = Instant::now();
     tokio::time::sleep(window).await;
     let after = handle.applied_frame_bytes_per_disk();
+    let wire_after = tokio::task::spawn_blocking(wire).await?;
     let window_s = started.elapsed().as_secs_f64();
+    let wire_bytes_per_s = match (wire_before, wire_after) {
+        (Some(b), Some(a)) => (a - b) / window_s,
+        _ => anyhow::bail!("the relay's metrics lack fbr_relay_bytes_total{{stage=\"wire\"}}"),
+    };
     // Lift the limit at run time so the backlog drains quickly.
     std::fs::write(&schedule_file, "other unlimited")?;
     let shares: Vec<f64> = after
@@ -558,6 +579,8 @@ pub async fn run_throttle_bench(
         configured_bytes_per_s: rate,
         achieved_bytes_per_s: achieved,
         error: achieved / rate as f64 - 1.0,
+        wire_bytes_per_s,
+        wire_error: wire_bytes_per_s / rate as f64 - 1.0,
         window_s,
         streams: n,
         jain_index: jain_index(&shares),

@@ -789,8 +789,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 drill::run_throttle_bench(rate, streams, Duration::from_secs_f64(seconds.max(1.0)))
                     .await?;
             eprintln!(
-                "configured {:.1} MB/s, achieved {:.1} MB/s ({:+.2}%) over {:.1} s; Jain's index {:.4} over {} streams; {}",
+                "configured {:.1} MB/s: on the wire {:.1} MB/s ({:+.2}%), records applied {:.1} MB/s ({:+.2}%) over {:.1} s; Jain's index {:.4} over {} streams; {}",
                 b.configured_bytes_per_s as f64 / 1e6,
+                b.wire_bytes_per_s / 1e6,
+                b.wire_error * 100.0,
                 b.achieved_bytes_per_s / 1e6,
                 b.error * 100.0,
                 b.window_s,
