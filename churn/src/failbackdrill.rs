@@ -681,6 +681,17 @@ struct Cycle {
     errors: Vec<String>,
 }
 
+impl Cycle {
+    /// Adds a job the drill cannot go on without to the timeline; an error unless it
+    /// succeeded (`what`: the job, in words).
+    fn must_succeed(&mut self, entry: TimelineEntry, what: &str) -> anyhow::Result<()> {
+        let ok = entry.state == "succeeded";
+        self.timeline.push(entry);
+        anyhow::ensure!(ok, "{what} did not succeed: {:?}", self.timeline.last());
+        Ok(())
+    }
+}
+
 /// The jobs, in order, through the API.
 async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<Cycle> {
     let vms = fb.vms.clone();
@@ -712,9 +723,7 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
             long,
         )
         .await?;
-    let ok = entry.state == "succeeded";
-    c.timeline.push(entry);
-    anyhow::ensure!(ok, "the reprotect did not succeed: {:?}", c.timeline.last());
+    c.must_succeed(entry, "the reprotect")?;
     say(format!("protected; churning for {:?}", opts.protected_for));
     tokio::time::sleep(opts.protected_for).await;
 
@@ -770,10 +779,8 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
             long,
         )
         .await?;
-    let ok = entry.state == "succeeded";
     c.rto_s.insert("planned_latest".into(), entry.actual_s);
-    c.timeline.push(entry);
-    anyhow::ensure!(ok, "run A did not succeed: {:?}", c.timeline.last());
+    c.must_succeed(entry, "run A")?;
     record_points(&mut c, &job, "latest_planned");
     for vm in &plan_a {
         if platform::state(azure, vm) != "stopped" {
@@ -810,11 +817,9 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
             long,
         )
         .await?;
-    let ok = entry.state == "succeeded";
     c.rto_s
         .insert("unplanned_named_point".into(), entry.actual_s);
-    c.timeline.push(entry);
-    anyhow::ensure!(ok, "run B did not succeed: {:?}", c.timeline.last());
+    c.must_succeed(entry, "run B")?;
     record_points(&mut c, &job, "named_point");
 
     // Before committing, the operator prefers a newer point: change point (the VMs are
@@ -837,13 +842,7 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
             long,
         )
         .await?;
-    let ok = entry.state == "succeeded";
-    c.timeline.push(entry);
-    anyhow::ensure!(
-        ok,
-        "the change of point did not succeed: {:?}",
-        c.timeline.last()
-    );
+    c.must_succeed(entry, "the change of point")?;
     record_points(&mut c, &job, "named_point");
     // Let run B's VMs write on a little: what they write now is what that point loses.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -893,13 +892,7 @@ async fn cycle(fb: &mut FailbackSite, opts: &FailbackOptions) -> anyhow::Result<
             long,
         )
         .await?;
-    let ok = entry.state == "succeeded";
-    c.timeline.push(entry);
-    anyhow::ensure!(
-        ok,
-        "reprotect back did not succeed: {:?}",
-        c.timeline.last()
-    );
+    c.must_succeed(entry, "reprotect back")?;
     // The on-premises VMs write on, replicated to Azure.
     tokio::time::sleep(Duration::from_secs(2)).await;
     expect_protection(&fb.operator, "PROTECTED_BACK", "at the end", &mut c.errors).await?;

@@ -247,8 +247,9 @@ impl Site {
     /// receiving side), through the site's configuration server
     /// ([`Site::enroll_through_config_server`] first).
     pub fn enroll_azure_master_target(&mut self) -> anyhow::Result<()> {
-        self.register(
+        self.enroll(
             "master-target",
+            "register",
             &[
                 "--name",
                 "azure-master-target",
@@ -262,15 +263,16 @@ impl Site {
         )
     }
 
-    /// Runs `<program> register` with the site's passphrase against its configuration
-    /// server, with `args` (the daemon's name and addresses).
-    fn register(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    /// Runs `<program> <verb>` (`register`, or `enroll` for an agent) with the site's
+    /// passphrase against its configuration server, with `args` (the name and
+    /// addresses).
+    fn enroll(&self, program: &str, verb: &str, args: &[&str]) -> anyhow::Result<()> {
         let server = self
             .config_server
             .addr
             .context("enroll the site through its configuration server first")?;
         let out = Command::new(bin_path(program)?)
-            .arg("register")
+            .arg(verb)
             .arg("--config-server")
             .arg(server.to_string())
             .arg("--passphrase-file")
@@ -281,7 +283,7 @@ impl Site {
             .output()?;
         anyhow::ensure!(
             out.status.success(),
-            "{program} register {args:?} failed: {}",
+            "{program} {verb} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
@@ -406,8 +408,9 @@ impl Site {
     /// Enrolls a second relay, `relay-b`, through the site's configuration server
     /// ([`Site::enroll_through_config_server`] first).
     pub fn enroll_relay_b(&mut self) -> anyhow::Result<()> {
-        self.register(
+        self.enroll(
             "relay",
+            "register",
             &[
                 "--name",
                 "relay-b",
@@ -590,21 +593,7 @@ impl Site {
             ("churn", "enroll", [&["--name", "agent"][..], &vms].concat()),
         ];
         for (program, verb, args) in enrollments {
-            let out = Command::new(bin_path(program)?)
-                .arg(verb)
-                .arg("--config-server")
-                .arg(server.to_string())
-                .arg("--passphrase-file")
-                .arg(&passphrase)
-                .arg("--pki-dir")
-                .arg(&self.pki_dir)
-                .args(&args)
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "{program} {verb} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            self.enroll(program, verb, &args)?;
         }
         Ok(server)
     }

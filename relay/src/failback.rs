@@ -550,11 +550,7 @@ impl Failback {
         let reverse = match (&self.config.reverse, reverse) {
             (None, _) => None,
             (Some(_), false) => Some(true),
-            (Some(r), true) => Some(
-                ask(&r.link, &TargetRequest::Status, STATUS_TIMEOUT)
-                    .await
-                    .is_ok(),
-            ),
+            (Some(r), true) => Some(view_on(&r.link).await.is_ok()),
         };
         let mut facts = Facts {
             config_server_connected,
@@ -581,14 +577,7 @@ impl Failback {
     }
 
     async fn target_view(&self) -> Result<TargetView, String> {
-        view_of(
-            ask(
-                self.relay.upstream(),
-                &TargetRequest::Status,
-                STATUS_TIMEOUT,
-            )
-            .await?,
-        )
+        view_on(self.relay.upstream()).await
     }
 
     /// `request`, asked again while the master target cannot be reached (a step must not
@@ -905,10 +894,7 @@ impl Failback {
         let started = Instant::now();
         let mut last_error = String::new();
         loop {
-            match ask(&reverse.link, &TargetRequest::Status, STATUS_TIMEOUT)
-                .await
-                .and_then(view_of)
-            {
+            match view_on(&reverse.link).await {
                 Ok(view) => {
                     let mine: Vec<_> = view
                         .status
@@ -956,10 +942,7 @@ impl Failback {
         };
         let mut baseline: Option<BTreeMap<String, Option<u64>>> = None;
         loop {
-            if let Ok(view) = ask(link, &TargetRequest::Status, STATUS_TIMEOUT)
-                .await
-                .and_then(view_of)
-            {
+            if let Ok(view) = view_on(link).await {
                 let now: BTreeMap<String, Option<u64>> = vms
                     .iter()
                     .map(|vm| (vm.clone(), newest(&view.points, vm)))
@@ -1298,6 +1281,12 @@ impl Failback {
         }
         Ok(format!("{} test copies deleted", vms.len()))
     }
+}
+
+/// The master target at the far end of `link`, as one status request (asked once)
+/// sees it.
+async fn view_on(link: &fbr_transport::PeerLink) -> Result<TargetView, String> {
+    view_of(ask(link, &TargetRequest::Status, STATUS_TIMEOUT).await?)
 }
 
 /// A status answer's view of its master target.
