@@ -4,13 +4,13 @@
 #![no_main]
 
 use bytes::{Bytes, BytesMut};
-use fbr_protocol::wan::{decode_batch, encode_batch, resolve};
+use fbr_protocol::wan::{decode_batch, encode_batch, resolve, Compressor};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(batch) = decode_batch(Bytes::copy_from_slice(data)) {
         let mut out = BytesMut::new();
-        encode_batch(&batch, false, &mut Vec::new(), &mut out);
+        encode_batch(&batch, Compressor::None, &mut Vec::new(), &mut out).unwrap();
         assert_eq!(decode_batch(out.freeze()).ok().as_ref(), Some(&batch));
         for item in batch.items {
             let _ = resolve(item, |_, n| Some(Bytes::from(vec![0u8; n])));

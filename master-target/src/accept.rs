@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fbr_metrics::master_target::MasterTargetMetrics;
+use fbr_protocol::codec::{self, CodecMemory, StreamDecompressor};
 use fbr_protocol::placement::Admission;
 use fbr_protocol::stream::{Opening, ReceiverConfig, Refusal, StreamReceiver};
 use fbr_protocol::{ErrorCode, StreamId};
@@ -51,6 +52,8 @@ pub struct MasterTarget {
     /// Every group's retention: the configured policies, with those operators chose at
     /// reprotect in their place (`set_retention` control requests change it).
     pub retention: std::sync::RwLock<crate::retention::Retention>,
+    /// Memory of the streams' zstd decompression contexts ([`fbr_protocol::codec`]).
+    pub codec_memory: Arc<CodecMemory>,
     slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
 }
 
@@ -98,12 +101,15 @@ pub(crate) struct DiskStatus {
 
 impl MasterTarget {
     /// `content_index_entries` bounds the dedup content index (0 disables it: every
-    /// reference is answered with `UnknownReference`).
+    /// reference is answered with `UnknownReference`); `codec_memory` caps the zstd
+    /// contexts of all streams (0: no stream is granted one).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         files: DataDir,
         store: Store,
         credit_bytes: u64,
         content_index_entries: usize,
+        codec_memory: u64,
         placements: fbr_daemon::placements::PlacementStore,
         retention: crate::retention::Retention,
     ) -> Arc<Self> {
@@ -115,6 +121,7 @@ impl MasterTarget {
             content: Arc::new(ContentIndex::new(content_index_entries)),
             placements,
             retention: std::sync::RwLock::new(retention),
+            codec_memory: CodecMemory::new(codec_memory),
             slots: Mutex::new(HashMap::new()),
         })
     }
@@ -518,7 +525,8 @@ impl MasterTarget {
         };
         self.publish(&slot, &replica);
         receiver.track_resync(replica.sync_state().resync().map(|m| m.id));
-        let accept = receiver.accept(replica.hwm() + 1, self.credit_bytes);
+        let accept =
+            receiver.accept_with(replica.hwm() + 1, self.credit_bytes, self.zstd_context());
         tracing::info!(next_seq = replica.hwm() + 1, "stream accepted");
         if writer.send(&accept).await.is_err() {
             *owned = Some(replica);
@@ -548,6 +556,23 @@ impl MasterTarget {
         match failure {
             Some(refusal) => self.refuse(&mut writer, &refusal, Some(&id)).await,
             None => writer.finish().await,
+        }
+    }
+
+    /// A zstd decompression context for a new stream, from the stream's fair share of
+    /// [`Self::codec_memory`] among the disks this master target holds; `None` when the
+    /// pool is spent or off (the relay then sends LZ4 or plain batches).
+    fn zstd_context(&self) -> Option<StreamDecompressor> {
+        let streams = self.slots.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let reservation =
+            self.codec_memory
+                .reserve(streams, codec::MAX_WINDOW_LOG, codec::decompressor_cost)?;
+        match StreamDecompressor::new(reservation) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!("no zstd context for the stream: {e}");
+                None
+            }
         }
     }
 

@@ -385,6 +385,7 @@ mod tests {
                 crate::store::Store::open(dir.path()).unwrap(),
                 1 << 20,
                 1024,
+                0,
                 fbr_daemon::placements::PlacementStore::open(dir.path()).unwrap(),
                 retention,
             )

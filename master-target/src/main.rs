@@ -185,6 +185,10 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "content_index_entries")]
     content_index_entries: Option<u64>,
+    /// Memory for all streams' zstd contexts, in MiB; 0: no zstd [codec_memory].
+    #[arg(long)]
+    #[serde(rename = "codec_memory", serialize_with = "mib_flag")]
+    codec_memory_mib: Option<u64>,
     /// Unix socket for operator requests (`test-failover`); "" disables [control_socket].
     #[arg(long)]
     #[serde(rename = "control_socket")]
@@ -287,6 +291,7 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         store,
         settings.credit.0,
         settings.content_index_entries as usize,
+        settings.codec_memory.0,
         fbr_daemon::placements::PlacementStore::open(data)?,
         retention,
     );
@@ -372,6 +377,8 @@ impl fbr_metrics::Endpoints for Endpoints {
     fn metrics_text(&self) -> Result<String, String> {
         let m = &self.0.metrics;
         m.content_index_blocks.set(self.0.content.len() as i64);
+        m.codec_memory_bytes
+            .set(self.0.codec_memory.reserved().min(i64::MAX as u64) as i64);
         fbr_metrics::encode(&m.registry)
     }
     fn liveness(&self) -> fbr_metrics::Probe {

@@ -41,6 +41,10 @@ pub struct MasterTargetSettings {
     /// Most 4 KiB blocks in the dedup content index (about 100 bytes each); 0 disables
     /// dedup (the relay then resends every referenced block).
     pub content_index_entries: u64,
+    /// Memory all streams' zstd decompression contexts may take together (a stream
+    /// gets a fair share of it, `docs/WAN.md`); 0: grant no zstd window, the relays
+    /// then send LZ4 or plain batches.
+    pub codec_memory: ByteSize,
     /// Unix socket (mode 0600) for operator requests (`master-target test-failover`);
     /// empty to disable.
     pub control_socket: String,
@@ -79,6 +83,7 @@ impl Default for MasterTargetSettings {
             credit: ByteSize::mib(16),
             max_udp_payload: 1452,
             content_index_entries: 1 << 20,
+            codec_memory: ByteSize(fbr_protocol::codec::DEFAULT_CODEC_MEMORY),
             control_socket: DEFAULT_CONTROL_SOCKET.into(),
             retention_window: "24h".into(),
             retention_max: ByteSize(0),
@@ -116,6 +121,12 @@ impl DaemonSettings for MasterTargetSettings {
                     "{} is over the limit of 268435456 (about 25 GiB of memory)",
                     self.content_index_entries
                 ),
+            ));
+        }
+        if self.codec_memory.0 > 64 << 30 {
+            return Err(ConfigError::new(
+                "codec_memory",
+                format!("{} is over the limit of 64GiB", self.codec_memory),
             ));
         }
         self.metrics_addr()?;

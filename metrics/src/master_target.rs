@@ -27,6 +27,8 @@ pub struct MasterTargetMetrics {
     pub disks: IntGauge,
     pub relay_streams: IntGauge,
     pub content_index_blocks: IntGauge,
+    /// Bytes reserved by the streams' zstd decompression contexts.
+    pub codec_memory_bytes: IntGauge,
     /// Per disk: 0 consistent, 1 resynced (waiting for a tag), 2 resyncing, 3 stale.
     pub disk_sync_state: IntGaugeVec,
     /// Per disk: regions (1 MiB) of the resync in progress done, and in all.
@@ -106,6 +108,10 @@ impl MasterTargetMetrics {
             content_index_blocks: gauge(
                 "fbr_master_target_content_index_blocks",
                 "Blocks in the dedup content index.",
+            ),
+            codec_memory_bytes: gauge(
+                "fbr_master_target_codec_memory_bytes",
+                "Bytes reserved by the relay streams' zstd decompression contexts (capped by codec_memory).",
             ),
             disks: gauge(
                 "fbr_master_target_disks",

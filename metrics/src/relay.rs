@@ -41,6 +41,12 @@ pub struct RelayMetrics {
     /// Times the master target could not resolve a reference (data resent).
     pub unknown_references_total: IntCounter,
     pub batches_total: IntCounter,
+    /// Batches by the codec their body travelled with (zstd, lz4, none).
+    pub codec_batches_total: IntCounterVec,
+    /// Batch body bytes (before compression) by codec (zstd, lz4).
+    pub codec_body_bytes_total: IntCounterVec,
+    /// Bytes reserved by the sessions' zstd compression contexts.
+    pub codec_memory_bytes: IntGauge,
     /// Batches not tried for LZ4 because recent ones did not compress.
     pub compression_skipped_batches_total: IntCounter,
     /// CPU time spent compressing batches.
@@ -145,6 +151,32 @@ impl RelayMetrics {
                     &["stage"],
                 )
                 .expect("valid metric"),
+            ),
+            codec_batches_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fbr_relay_codec_batches_total",
+                        "WAN batches by the codec their body travelled with: zstd (the session's streaming context), lz4 or none.",
+                    ),
+                    &["codec"],
+                )
+                .expect("valid metric"),
+            ),
+            codec_body_bytes_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fbr_relay_codec_body_bytes_total",
+                        "Batch body bytes, before compression, by the codec that compressed them (zstd, lz4).",
+                    ),
+                    &["codec"],
+                )
+                .expect("valid metric"),
+            ),
+            codec_memory_bytes: gauge(
+                "fbr_relay_codec_memory_bytes",
+                "Bytes reserved by the sessions' zstd compression contexts (capped by wan.codec_memory).",
             ),
             vm_bytes_total: register(
                 &r,

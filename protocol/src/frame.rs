@@ -286,8 +286,14 @@ pub enum Frame {
         placement: u64,
     },
     /// Receiver -> sender, answer to `Hello`: the next sequence number it expects
-    /// (its durable high-water mark plus one) and the initial credit.
-    Accept { next_seq: u64, credit_bytes: u64 },
+    /// (its durable high-water mark plus one), the initial credit, and the largest zstd
+    /// window (log2) the receiver decodes for this stream ([`crate::codec`]; 0: none,
+    /// batches may not be zstd-coded).
+    Accept {
+        next_seq: u64,
+        credit_bytes: u64,
+        zstd_window_log: u8,
+    },
     /// Sender -> receiver: a change or a tag.
     Record(Record),
     /// Relay -> master target only: several records reduced for the WAN (zero blocks
@@ -420,9 +426,16 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
         Frame::Accept {
             next_seq,
             credit_bytes,
+            zstd_window_log,
         } => {
             out.put_u64_le(*next_seq);
             out.put_u64_le(*credit_bytes);
+            // Optional trailer: absent means no zstd, so an Accept without it is byte
+            // for byte what receivers before zstd sent (and what older relays expect).
+            if *zstd_window_log != 0 {
+                out.put_u8(*zstd_window_log);
+                out.put_bytes(0, 3);
+            }
         }
         Frame::Record(Record::Write { seq, offset, data }) => {
             assert!(data.len() <= MAX_WRITE_BYTES, "write larger than the limit");
@@ -737,7 +750,12 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
             }
         }
         FrameType::Accept => {
-            exact("Accept", &p, 16)?;
+            if p.len() != 16 && p.len() != 20 {
+                return Err(malformed(
+                    "Accept",
+                    format!("payload is {} bytes, 16 or 20 expected", p.len()),
+                ));
+            }
             let next_seq = p.get_u64_le();
             let credit_bytes = p.get_u64_le();
             if next_seq == 0 {
@@ -746,9 +764,29 @@ fn decode_payload(ty: FrameType, mut p: Bytes) -> Result<Frame, DecodeError> {
                     "next sequence number is 0 (sequences start at 1)",
                 ));
             }
+            let zstd_window_log = if p.has_remaining() {
+                let w = p.get_u8();
+                let reserved = [p.get_u8(), p.get_u8(), p.get_u8()];
+                if !(crate::codec::MIN_WINDOW_LOG..=crate::codec::MAX_WINDOW_LOG).contains(&w)
+                    || reserved != [0; 3]
+                {
+                    return Err(malformed(
+                        "Accept",
+                        format!(
+                            "zstd window 2^{w} outside 2^{}..=2^{} (sent as no trailer when none), or reserved bytes set",
+                            crate::codec::MIN_WINDOW_LOG,
+                            crate::codec::MAX_WINDOW_LOG
+                        ),
+                    ));
+                }
+                w
+            } else {
+                0
+            };
             Frame::Accept {
                 next_seq,
                 credit_bytes,
+                zstd_window_log,
             }
         }
         FrameType::Write => {
@@ -1034,6 +1072,12 @@ mod tests {
         round_trip(Frame::Accept {
             next_seq: 7,
             credit_bytes: 1 << 20,
+            zstd_window_log: 0,
+        });
+        round_trip(Frame::Accept {
+            next_seq: 7,
+            credit_bytes: 1 << 20,
+            zstd_window_log: 27,
         });
         round_trip(Frame::Record(Record::Write {
             seq: 1,

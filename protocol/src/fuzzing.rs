@@ -69,6 +69,7 @@ impl Program<'_> {
             0 => Frame::Accept {
                 next_seq: n.max(1),
                 credit_bytes: self.u64()?,
+                zstd_window_log: 0,
             },
             1 => Frame::Ack { seq: n },
             2 => Frame::Applied { seq: n },

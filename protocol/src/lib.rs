@@ -14,6 +14,8 @@
 //! - [`placement`]: which path of a stream is current after its VM moved between
 //!   relays, and the small file each receiver keeps it in.
 //! - [`wan`]: the WAN batch codec (relay -> master target).
+//! - [`codec`]: the zstd streaming contexts a WAN stream may carry its batches through,
+//!   and the memory pool that caps them.
 //! - [`resync`]: the hash tree a resync compares, the agent's scanner and the ETA
 //!   estimator (sans-IO).
 //! - [`stream`]: the per-stream protocol as two state machines, [`stream::StreamSender`]
@@ -28,6 +30,7 @@
 //! - All integers are little-endian.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod error;
 pub mod frame;
 #[doc(hidden)]

@@ -53,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::codec::StreamDecompressor;
 use crate::error::{ErrorCode, Recovery};
 use crate::frame::{Frame, Record, ResyncMode, StreamId};
 use crate::wan;
@@ -251,12 +252,15 @@ pub enum Delivery {
 }
 
 /// The receiving side of one stream.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StreamReceiver {
     config: ReceiverConfig,
     entitlement: Entitlement,
     state: ReceiverState,
     resync: ResyncCheck,
+    /// The stream's zstd context, when `Accept` granted one: every zstd-coded batch
+    /// continues it, duplicates included (see [`crate::codec`]).
+    zstd: Option<StreamDecompressor>,
 }
 
 impl StreamReceiver {
@@ -269,6 +273,7 @@ impl StreamReceiver {
                 deadline: now + config.hello_timeout,
             },
             resync: ResyncCheck::Off,
+            zstd: None,
         }
     }
 
@@ -443,6 +448,19 @@ impl StreamReceiver {
     /// Accepts the stream: records continue at `next_seq` (the receiver's durable
     /// high-water mark plus one), with `credit_bytes` in flight. Returns the `Accept`.
     pub fn accept(&mut self, next_seq: u64, credit_bytes: u64) -> Frame {
+        self.accept_with(next_seq, credit_bytes, None)
+    }
+
+    /// [`Self::accept`], granting the sender a zstd context of `zstd`'s window: its
+    /// batches may then continue it (WAN streams of the master target only).
+    pub fn accept_with(
+        &mut self,
+        next_seq: u64,
+        credit_bytes: u64,
+        zstd: Option<StreamDecompressor>,
+    ) -> Frame {
+        let zstd_window_log = zstd.as_ref().map_or(0, |d| d.window_log());
+        self.zstd = zstd.filter(|_| self.config.accepts_batches);
         let next_seq = next_seq.max(1);
         if let ReceiverState::Opening { stream, disk_size } = &self.state {
             self.state = ReceiverState::Open {
@@ -454,6 +472,11 @@ impl StreamReceiver {
         Frame::Accept {
             next_seq,
             credit_bytes,
+            zstd_window_log: if self.zstd.is_some() {
+                zstd_window_log
+            } else {
+                0
+            },
         }
     }
 
@@ -495,7 +518,7 @@ impl StreamReceiver {
                 Ok(Delivery::Record(record))
             }
             Incoming::Frame(Frame::Batch(payload)) if self.config.accepts_batches => {
-                let batch = match wan::decode_batch(payload) {
+                let batch = match wan::decode_batch_with(payload, self.zstd.as_mut()) {
                     Ok(b) => b,
                     Err(e) => return Err(self.refuse_open(e.code(), e.to_string())),
                 };
@@ -933,6 +956,8 @@ pub struct StreamSender<T> {
     moved_off_lost_relay: Option<(u64, String)>,
     /// The placement of the session started last.
     session_placement: u64,
+    /// The zstd window the receiver granted the current session (0: none).
+    zstd_window_log: u8,
 }
 
 impl<T> StreamSender<T> {
@@ -952,6 +977,7 @@ impl<T> StreamSender<T> {
             resync_before_accept: None,
             moved_off_lost_relay: None,
             session_placement: 0,
+            zstd_window_log: 0,
         }
     }
 
@@ -977,6 +1003,7 @@ impl<T> StreamSender<T> {
         self.accepted = false;
         self.resync_before_accept = None;
         self.session_placement = placement;
+        self.zstd_window_log = 0;
         Frame::Hello {
             stream,
             disk_size,
@@ -1040,8 +1067,12 @@ impl<T> StreamSender<T> {
                 Frame::Accept {
                     next_seq,
                     credit_bytes,
+                    zstd_window_log,
                 },
-            ) => self.accept(position, next_seq, credit_bytes),
+            ) => {
+                self.zstd_window_log = zstd_window_log;
+                self.accept(position, next_seq, credit_bytes)
+            }
             (SenderState::Open, Frame::Ack { seq }) => {
                 if seq >= self.next_seq {
                     let reason = format!(
@@ -1136,6 +1167,12 @@ impl<T> StreamSender<T> {
     }
 
     /// Bytes that may still be sent before the credit is used up (0 outside a session).
+    /// The largest zstd window (log2) the receiver decodes in the current session; 0
+    /// when it granted none (batches then use LZ4 or nothing).
+    pub fn zstd_window_log(&self) -> u8 {
+        self.zstd_window_log
+    }
+
     pub fn credit_available(&self) -> u64 {
         match self.state {
             SenderState::Open => self.credit.saturating_sub(self.in_flight_bytes),
@@ -1623,10 +1660,11 @@ mod tests {
                 last_seq: last,
                 items,
             },
-            false,
+            wan::Compressor::None,
             &mut Vec::new(),
             &mut out,
-        );
+        )
+        .unwrap();
         Frame::Batch(out.freeze())
     }
 
@@ -1704,6 +1742,7 @@ mod tests {
         s.handle(Incoming::Frame(Frame::Accept {
             next_seq: next,
             credit_bytes: 100,
+            zstd_window_log: 0,
         }))
     }
 
@@ -1864,7 +1903,8 @@ mod tests {
         assert_eq!(
             s.handle(Incoming::Frame(Frame::Accept {
                 next_seq: 3,
-                credit_bytes: 100
+                credit_bytes: 100,
+                zstd_window_log: 0,
             })),
             Ok(SenderEvent::Renumbered {
                 next_seq: 3,
@@ -1892,6 +1932,7 @@ mod tests {
             .handle(Incoming::Frame(Frame::Accept {
                 next_seq: 2,
                 credit_bytes: 100,
+                zstd_window_log: 0,
             }))
             .unwrap_err()
             .reason
@@ -1902,6 +1943,7 @@ mod tests {
         match s.handle(Incoming::Frame(Frame::Accept {
             next_seq: 2,
             credit_bytes: 100,
+            zstd_window_log: 0,
         })) {
             Ok(SenderEvent::Renumbered {
                 next_seq: 2,

@@ -13,11 +13,15 @@
 //! - **coalescing**: records superseded within the batch may be left out, so sequence
 //!   numbers inside a batch may skip; a batch never spans a recovery point (`Tag`), so
 //!   the state after `last_seq` is exact;
-//! - **LZ4**: the body is LZ4-compressed (block format) when that makes it smaller.
+//! - **compression** of the body: LZ4 (block format, this batch alone) when that makes it
+//!   smaller, or the next flushed piece of the stream's zstd context
+//!   ([`crate::codec`]), whose history spans every zstd-coded batch of the stream.
 //!
 //! ```text
-//! payload = version u8 (=1) | flags u8 (bit 0: body is LZ4) | reserved u16 (=0)
-//!         | first_seq u64 | last_seq u64 | item_count u32 | body_len u32 | body-or-lz4
+//! payload = version u8 (1 or 2) | flags u8 | reserved u16 (=0)
+//!         | first_seq u64 | last_seq u64 | item_count u32 | body_len u32 | coded body
+//! flags   = bit 0: body is LZ4 | bit 1 (version 2 only): body is the stream's next zstd piece
+//!           (at most one bit set; none: the body as is)
 //! item    = 1 Write | seq u64 | offset u64 | len u32 | block*   (len/4096 rounded up)
 //!         | 2 Zero  | seq u64 | offset u64 | len u64
 //!         | 3 Tag   | seq u64 | id u64 | kind u8 | members u32 | group_len u8 | group
@@ -35,12 +39,16 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
+use crate::codec::{CodecError, StreamCompressor, StreamDecompressor};
 use crate::error::DecodeError;
 use crate::frame::{Record, TagKind, MAX_WRITE_BYTES};
 use crate::names::validate_name;
 
-/// Version byte of the batch payload.
+/// Version byte of a batch payload without zstd (what a master target that grants no
+/// zstd window receives, byte for byte what relays before zstd sent).
 pub const BATCH_VERSION: u8 = 1;
+/// Version byte of a batch whose body continues the stream's zstd context.
+pub const BATCH_VERSION_ZSTD: u8 = 2;
 /// Dedup and zero-elision granularity.
 pub const BLOCK_SIZE: usize = 4096;
 /// Most bytes of (uncompressed) body in one batch.
@@ -53,6 +61,7 @@ pub const BATCH_HEADER_LEN: usize = 28;
 pub const MAX_BATCH_FRAME_PAYLOAD: usize = BATCH_HEADER_LEN + MAX_BATCH_BODY;
 
 const FLAG_LZ4: u8 = 1;
+const FLAG_ZSTD: u8 = 2;
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
 const KIND_TAG: u8 = 3;
@@ -123,6 +132,37 @@ pub struct Batch {
     pub items: Vec<Item>,
 }
 
+/// How a batch body is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyCoding {
+    None,
+    Lz4,
+    Zstd,
+}
+
+impl BodyCoding {
+    /// Its name in metrics and benchmark reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            BodyCoding::None => "none",
+            BodyCoding::Lz4 => "lz4",
+            BodyCoding::Zstd => "zstd",
+        }
+    }
+}
+
+/// What the encoder may do to a body.
+#[derive(Debug)]
+pub enum Compressor<'a> {
+    /// Send it as is.
+    None,
+    /// LZ4 it, kept only if smaller.
+    Lz4,
+    /// Feed it to the stream's zstd context; always kept (the receiver's history must
+    /// see every byte the sender's did).
+    Zstd(&'a mut StreamCompressor),
+}
+
 /// Sizes of an encoded batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Encoded {
@@ -130,7 +170,8 @@ pub struct Encoded {
     pub body_len: usize,
     /// Bytes of the frame payload (what travels, before QUIC/TLS).
     pub payload_len: usize,
-    pub compressed: bool,
+    /// How the body travels.
+    pub coding: BodyCoding,
 }
 
 /// Size of an item in the body.
@@ -155,23 +196,29 @@ pub fn item_body_len(item: &Item) -> usize {
     }
 }
 
-/// Encodes a batch into `out` as a frame payload, compressing the body with LZ4 when
-/// `compress` is set and it helps. `body` is scratch space (reused between calls).
+/// Encodes a batch into `out` as a frame payload, compressing the body as `compressor`
+/// says. `body` is scratch space (reused between calls).
 ///
 /// Panics on a caller bug: items out of order or over the limits (the relay builds
-/// batches within them).
+/// batches within them). A zstd failure (memory) is an error: the stream's context is
+/// then unusable and the stream must end.
 pub fn encode_batch(
     batch: &Batch,
-    compress: bool,
+    compressor: Compressor<'_>,
     body: &mut Vec<u8>,
     out: &mut BytesMut,
-) -> Encoded {
+) -> Result<Encoded, CodecError> {
     body.clear();
     for item in &batch.items {
         encode_item(item, body);
     }
     assert!(body.len() <= MAX_BATCH_BODY, "batch body over the limit");
-    out.put_u8(BATCH_VERSION);
+    let zstd = matches!(compressor, Compressor::Zstd(_));
+    out.put_u8(if zstd {
+        BATCH_VERSION_ZSTD
+    } else {
+        BATCH_VERSION
+    });
     let flags_at = out.len();
     out.put_u8(0);
     out.put_u16_le(0);
@@ -180,27 +227,37 @@ pub fn encode_batch(
     out.put_u32_le(batch.items.len() as u32);
     out.put_u32_le(body.len() as u32);
     let start = out.len();
-    let mut compressed = false;
-    if compress {
-        let bound = lz4_flex::block::get_maximum_output_size(body.len());
-        out.resize(start + bound, 0);
-        match lz4_flex::block::compress_into(body, &mut out[start..]) {
-            Ok(n) if n < body.len() => {
-                out.truncate(start + n);
-                out[flags_at] = FLAG_LZ4;
-                compressed = true;
+    let mut coding = BodyCoding::None;
+    match compressor {
+        Compressor::None => {}
+        Compressor::Lz4 => {
+            let bound = lz4_flex::block::get_maximum_output_size(body.len());
+            out.resize(start + bound, 0);
+            match lz4_flex::block::compress_into(body, &mut out[start..]) {
+                Ok(n) if n < body.len() => {
+                    out.truncate(start + n);
+                    out[flags_at] = FLAG_LZ4;
+                    coding = BodyCoding::Lz4;
+                }
+                _ => out.truncate(start),
             }
-            _ => out.truncate(start),
+        }
+        Compressor::Zstd(context) => {
+            let mut piece = Vec::new();
+            context.compress(body, &mut piece)?;
+            out.put_slice(&piece);
+            out[flags_at] = FLAG_ZSTD;
+            coding = BodyCoding::Zstd;
         }
     }
-    if !compressed {
+    if coding == BodyCoding::None {
         out.put_slice(body);
     }
-    Encoded {
+    Ok(Encoded {
         body_len: body.len(),
         payload_len: out.len() - (start - BATCH_HEADER_LEN),
-        compressed,
-    }
+        coding,
+    })
 }
 
 fn encode_item(item: &Item, out: &mut Vec<u8>) {
@@ -270,17 +327,34 @@ fn need(p: &impl Buf, n: usize, what: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Decodes a `Batch` frame payload. References are left for the receiver to resolve
-/// ([`resolve`]); everything else is checked here.
-pub fn decode_batch(mut p: Bytes) -> Result<Batch, DecodeError> {
+/// Decodes a `Batch` frame payload of a stream without a zstd context. References are
+/// left for the receiver to resolve ([`resolve`]); everything else is checked here.
+pub fn decode_batch(p: Bytes) -> Result<Batch, DecodeError> {
+    decode_batch_with(p, None)
+}
+
+/// Decodes a `Batch` frame payload; a zstd-coded body continues `zstd`, the stream's
+/// context (refused when the stream has none). After an error the context is unusable:
+/// the stream ends.
+pub fn decode_batch_with(
+    mut p: Bytes,
+    zstd: Option<&mut StreamDecompressor>,
+) -> Result<Batch, DecodeError> {
     need(&p, BATCH_HEADER_LEN, "header")?;
     let version = p.get_u8();
-    if version != BATCH_VERSION {
+    if version != BATCH_VERSION && version != BATCH_VERSION_ZSTD {
         return Err(malformed(format!("unknown batch version {version}")));
     }
     let flags = p.get_u8();
-    if flags & !FLAG_LZ4 != 0 {
-        return Err(malformed(format!("unknown flags {flags:#04x}")));
+    let known = if version == BATCH_VERSION_ZSTD {
+        FLAG_LZ4 | FLAG_ZSTD
+    } else {
+        FLAG_LZ4
+    };
+    if flags & !known != 0 || flags == FLAG_LZ4 | FLAG_ZSTD {
+        return Err(malformed(format!(
+            "unknown flags {flags:#04x} for version {version}"
+        )));
     }
     let _reserved = p.get_u16_le();
     let first_seq = p.get_u64_le();
@@ -302,7 +376,17 @@ pub fn decode_batch(mut p: Bytes) -> Result<Batch, DecodeError> {
             "{count} items cannot fit a {body_len}-byte body"
         )));
     }
-    let mut body = if flags & FLAG_LZ4 != 0 {
+    let mut body = if flags & FLAG_ZSTD != 0 {
+        let Some(context) = zstd else {
+            return Err(malformed(
+                "zstd-coded body on a stream that was granted no zstd window",
+            ));
+        };
+        let out = context
+            .decompress(&p, body_len)
+            .map_err(|e| malformed(format!("zstd body: {}", e.0)))?;
+        Bytes::from(out)
+    } else if flags & FLAG_LZ4 != 0 {
         let mut out = vec![0u8; body_len];
         let n = lz4_flex::block::decompress_into(&p, &mut out)
             .map_err(|e| malformed(format!("LZ4 body: {e}")))?;
@@ -522,13 +606,75 @@ mod tests {
 
     #[test]
     fn batches_round_trip_with_and_without_lz4() {
-        for compress in [false, true] {
+        for (compressor, coding) in [
+            (Compressor::None, BodyCoding::None),
+            (Compressor::Lz4, BodyCoding::Lz4),
+        ] {
             let mut out = BytesMut::new();
-            let enc = encode_batch(&sample(), compress, &mut Vec::new(), &mut out);
+            let enc = encode_batch(&sample(), compressor, &mut Vec::new(), &mut out).unwrap();
             assert_eq!(enc.payload_len, out.len());
-            assert_eq!(enc.compressed, compress, "repetitive body compresses");
+            assert_eq!(enc.coding, coding, "repetitive body compresses");
+            assert_eq!(out[0], BATCH_VERSION);
             assert_eq!(decode_batch(out.freeze()).unwrap(), sample());
         }
+    }
+
+    fn zstd_pair() -> (StreamCompressor, StreamDecompressor) {
+        use crate::codec::{compressor_cost, decompressor_cost, CodecMemory};
+        let pool = CodecMemory::new(1 << 30);
+        let d = StreamDecompressor::new(pool.reserve(1, 20, decompressor_cost).unwrap()).unwrap();
+        let c = StreamCompressor::new(
+            3,
+            d.window_log(),
+            pool.reserve(1, 20, |w| compressor_cost(w, 3)).unwrap(),
+        )
+        .unwrap();
+        (c, d)
+    }
+
+    #[test]
+    fn zstd_batches_continue_the_stream_and_need_its_context() {
+        let (mut c, mut d) = zstd_pair();
+        let mut pieces = Vec::new();
+        for _ in 0..3 {
+            let mut out = BytesMut::new();
+            let enc = encode_batch(
+                &sample(),
+                Compressor::Zstd(&mut c),
+                &mut Vec::new(),
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(enc.coding, BodyCoding::Zstd);
+            assert_eq!(out[0], BATCH_VERSION_ZSTD);
+            pieces.push(out.freeze());
+        }
+        assert!(
+            pieces[2].len() < pieces[0].len(),
+            "a repeated batch is a match into the history"
+        );
+        let e = decode_batch(pieces[0].clone()).unwrap_err().to_string();
+        assert!(e.contains("no zstd window"), "{e}");
+        for p in &pieces {
+            assert_eq!(
+                decode_batch_with(p.clone(), Some(&mut d)).unwrap(),
+                sample()
+            );
+        }
+        // A version-1 batch may not claim zstd, nor any batch both codecs.
+        let mut v = pieces[0].to_vec();
+        v[0] = BATCH_VERSION;
+        let (_, mut fresh) = zstd_pair();
+        assert!(decode_batch_with(Bytes::from(v.clone()), Some(&mut fresh))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown flags"));
+        v[0] = BATCH_VERSION_ZSTD;
+        v[1] = FLAG_LZ4 | FLAG_ZSTD;
+        assert!(decode_batch_with(Bytes::from(v), Some(&mut fresh))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown flags"));
     }
 
     #[test]
@@ -548,7 +694,7 @@ mod tests {
     #[test]
     fn hostile_batches_are_refused() {
         let mut out = BytesMut::new();
-        encode_batch(&sample(), false, &mut Vec::new(), &mut out);
+        encode_batch(&sample(), Compressor::None, &mut Vec::new(), &mut out).unwrap();
         let good = out.freeze();
         let with = |f: &dyn Fn(&mut Vec<u8>)| {
             let mut v = good.to_vec();

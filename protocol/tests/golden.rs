@@ -80,11 +80,26 @@ fn accept() {
         Frame::Accept {
             next_seq: 5,
             credit_bytes: 0x0100_0000,
+            zstd_window_log: 0,
         },
         &[
             b'F', b'B', 1, 0x02, 16, 0, 0, 0, //
             5, 0, 0, 0, 0, 0, 0, 0, //
             0, 0, 0, 1, 0, 0, 0, 0,
+        ],
+    );
+    // With a zstd window granted: a 4-byte trailer (window log, 3 reserved zeros).
+    check(
+        Frame::Accept {
+            next_seq: 5,
+            credit_bytes: 0x0100_0000,
+            zstd_window_log: 27,
+        },
+        &[
+            b'F', b'B', 1, 0x02, 20, 0, 0, 0, //
+            5, 0, 0, 0, 0, 0, 0, 0, //
+            0, 0, 0, 1, 0, 0, 0, 0, //
+            27, 0, 0, 0,
         ],
     );
 }
@@ -161,30 +176,8 @@ fn ack_credit_error() {
 
 #[test]
 fn batch() {
-    use fbr_protocol::wan::{decode_batch, encode_batch, Batch, Block, Item};
-    let batch = Batch {
-        first_seq: 3,
-        last_seq: 5,
-        items: vec![
-            Item::Write {
-                seq: 3,
-                offset: 0x1000,
-                len: 8192 + 512,
-                blocks: vec![
-                    Block::Zero,
-                    Block::Ref([0xAA; 32]),
-                    Block::Literal(Bytes::from(vec![0x5A; 512])),
-                ],
-            },
-            Item::Plain(Record::Tag {
-                seq: 5,
-                id: 9,
-                kind: TagKind::Crash,
-                members: 1,
-                group: "g".into(),
-            }),
-        ],
-    };
+    let batch = golden_batch();
+    use fbr_protocol::wan::{decode_batch, encode_batch, Compressor};
     let mut golden = vec![
         1, 0, 0, 0, // version 1, flags 0 (no LZ4), reserved
         3, 0, 0, 0, 0, 0, 0, 0, // first_seq 3
@@ -207,7 +200,7 @@ fn batch() {
     golden.extend_from_slice(&(body.len() as u32).to_le_bytes());
     golden.extend_from_slice(&body);
     let mut out = BytesMut::new();
-    encode_batch(&batch, false, &mut Vec::new(), &mut out);
+    encode_batch(&batch, Compressor::None, &mut Vec::new(), &mut out).unwrap();
     assert_eq!(&out[..], &golden[..]);
     assert_eq!(decode_batch(Bytes::from(golden.clone())).unwrap(), batch);
     // In a frame: type 0x13.
@@ -391,6 +384,98 @@ fn control_request_and_answer() {
                 Err(fbr_protocol::DecodeError::Malformed { .. })
             ),
             "type {ty:#x}, {len} bytes"
+        );
+    }
+}
+
+/// The batch the golden tests encode.
+fn golden_batch() -> fbr_protocol::wan::Batch {
+    use fbr_protocol::wan::{Batch, Block, Item};
+    Batch {
+        first_seq: 3,
+        last_seq: 5,
+        items: vec![
+            Item::Write {
+                seq: 3,
+                offset: 0x1000,
+                len: 8192 + 512,
+                blocks: vec![
+                    Block::Zero,
+                    Block::Ref([0xAA; 32]),
+                    Block::Literal(Bytes::from(vec![0x5A; 512])),
+                ],
+            },
+            Item::Plain(Record::Tag {
+                seq: 5,
+                id: 9,
+                kind: TagKind::Crash,
+                members: 1,
+                group: "g".into(),
+            }),
+        ],
+    }
+}
+/// Two batches through one zstd context (window 2^17, level 3): version 2, flag bit 1,
+/// and pieces that decode only in order, through the stream's context. The pieces are
+/// what libzstd 1.5.7 produced; their decoding is pinned whatever a later libzstd
+/// encodes (and the encoding too, while the pinned libzstd is the one linked).
+#[test]
+fn zstd_batches() {
+    use fbr_protocol::codec::{
+        compressor_cost, decompressor_cost, CodecMemory, StreamCompressor, StreamDecompressor,
+    };
+    use fbr_protocol::wan::{decode_batch_with, encode_batch, Compressor};
+    let pool = CodecMemory::new(1 << 30);
+    let mut c = StreamCompressor::new(
+        3,
+        17,
+        pool.reserve(1, 17, |w| compressor_cost(w, 3)).unwrap(),
+    )
+    .unwrap();
+    let mut pieces = Vec::new();
+    for _ in 0..2 {
+        let mut out = BytesMut::new();
+        encode_batch(
+            &golden_batch(),
+            Compressor::Zstd(&mut c),
+            &mut Vec::new(),
+            &mut out,
+        )
+        .unwrap();
+        pieces.push(out.to_vec());
+    }
+    let header = [
+        2, 2, 0, 0, // version 2 (zstd), flags: bit 1 (zstd), reserved
+        3, 0, 0, 0, 0, 0, 0, 0, // first_seq 3
+        5, 0, 0, 0, 0, 0, 0, 0, // last_seq 5
+        2, 0, 0, 0, // 2 items
+        80, 2, 0, 0, // body_len 592 (before compression)
+    ];
+    // The first piece opens the endless zstd frame (magic 28 b5 2f fd, window
+    // descriptor 0x38: 2^17); the second is a repeat of the first body: a 3-byte block
+    // header and one match into the history.
+    let golden: [&[u8]; 2] = [
+        &[
+            40, 181, 47, 253, 0, 56, 60, 1, 0, 200, 1, 3, 0, 16, 0, 34, 0, 0, 1, 2, 170, 0, 90, 3,
+            5, 0, 9, 0, 1, 1, 0, 0, 0, 1, 103, 6, 16, 0, 3, 15, 131, 95, 197, 173, 12, 156, 13, 1,
+        ],
+        &[68, 0, 0, 0, 1, 0, 77, 166, 84, 2, 8],
+    ];
+    for (piece, golden) in pieces.iter().zip(golden) {
+        assert_eq!(&piece[..28], &header[..]);
+        assert_eq!(&piece[28..], golden, "libzstd 1.5.7 encodes as pinned");
+    }
+    // Decoding is pinned for good: the second piece alone is meaningless.
+    let mut fresh =
+        StreamDecompressor::new(pool.reserve(1, 17, decompressor_cost).unwrap()).unwrap();
+    let second = [&header[..], golden[1]].concat();
+    assert!(decode_batch_with(Bytes::from(second), Some(&mut fresh)).is_err());
+    let mut d = StreamDecompressor::new(pool.reserve(1, 17, decompressor_cost).unwrap()).unwrap();
+    for g in golden {
+        let p = [&header[..], g].concat();
+        assert_eq!(
+            decode_batch_with(Bytes::from(p), Some(&mut d)).unwrap(),
+            golden_batch()
         );
     }
 }

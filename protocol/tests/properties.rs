@@ -22,9 +22,12 @@ fn frame() -> impl Strategy<Value = Frame> {
                 placement: p,
             }
         }),
-        (1u64.., any::<u64>()).prop_map(|(n, c)| Frame::Accept {
-            next_seq: n,
-            credit_bytes: c
+        (1u64.., any::<u64>(), prop_oneof![Just(0u8), 17u8..=27]).prop_map(|(n, c, w)| {
+            Frame::Accept {
+                next_seq: n,
+                credit_bytes: c,
+                zstd_window_log: w,
+            }
         }),
         (
             1u64..,
@@ -162,7 +165,32 @@ proptest! {
 
 mod batches {
     use super::*;
-    use fbr_protocol::wan::{decode_batch, encode_batch, Batch, Block, Item, BLOCK_SIZE};
+    use fbr_protocol::codec::{
+        compressor_cost, decompressor_cost, CodecMemory, StreamCompressor, StreamDecompressor,
+    };
+    use fbr_protocol::wan::{
+        decode_batch, decode_batch_with, encode_batch, Batch, Block, Compressor, Item, BLOCK_SIZE,
+    };
+
+    fn lz4_or_none(compress: bool) -> Compressor<'static> {
+        if compress {
+            Compressor::Lz4
+        } else {
+            Compressor::None
+        }
+    }
+
+    fn zstd_pair() -> (StreamCompressor, StreamDecompressor) {
+        let pool = CodecMemory::new(1 << 30);
+        let d = StreamDecompressor::new(pool.reserve(1, 18, decompressor_cost).unwrap()).unwrap();
+        let c = StreamCompressor::new(
+            3,
+            d.window_log(),
+            pool.reserve(1, 18, |w| compressor_cost(w, 3)).unwrap(),
+        )
+        .unwrap();
+        (c, d)
+    }
 
     fn block(n: usize) -> impl Strategy<Value = Block> {
         prop_oneof![
@@ -215,17 +243,53 @@ mod batches {
         #[test]
         fn batches_round_trip(b in batch(), compress in any::<bool>()) {
             let mut out = BytesMut::new();
-            encode_batch(&b, compress, &mut Vec::new(), &mut out);
+            encode_batch(&b, lz4_or_none(compress), &mut Vec::new(), &mut out).unwrap();
             prop_assert_eq!(decode_batch(out.freeze()).unwrap(), b);
         }
 
         #[test]
         fn mutated_batches_never_panic(b in batch(), compress in any::<bool>(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
             let mut out = BytesMut::new();
-            encode_batch(&b, compress, &mut Vec::new(), &mut out);
+            encode_batch(&b, lz4_or_none(compress), &mut Vec::new(), &mut out).unwrap();
             let i = pos.index(out.len());
             out[i] = byte;
             let _ = decode_batch(out.freeze());
+        }
+
+        /// A run of batches through one zstd context decodes, in order, through the
+        /// receiver's context, whatever codec each batch used.
+        #[test]
+        fn zstd_streams_round_trip(batches in prop::collection::vec((batch(), 0u8..3), 1..6)) {
+            let (mut c, mut d) = zstd_pair();
+            for (b, codec) in &batches {
+                let mut out = BytesMut::new();
+                let compressor = match codec {
+                    0 => Compressor::Zstd(&mut c),
+                    1 => Compressor::Lz4,
+                    _ => Compressor::None,
+                };
+                encode_batch(b, compressor, &mut Vec::new(), &mut out).unwrap();
+                prop_assert_eq!(&decode_batch_with(out.freeze(), Some(&mut d)).unwrap(), b);
+            }
+        }
+
+        /// A mutated byte anywhere in a zstd stream is an error or a batch that decodes
+        /// (the batch checks still hold), never a panic or a body longer than announced.
+        #[test]
+        fn mutated_zstd_streams_never_panic(batches in prop::collection::vec(batch(), 1..4), which in any::<prop::sample::Index>(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let (mut c, mut d) = zstd_pair();
+            let target = which.index(batches.len());
+            for (n, b) in batches.iter().enumerate() {
+                let mut out = BytesMut::new();
+                encode_batch(b, Compressor::Zstd(&mut c), &mut Vec::new(), &mut out).unwrap();
+                if n == target {
+                    let i = pos.index(out.len());
+                    out[i] = byte;
+                }
+                if decode_batch_with(out.freeze(), Some(&mut d)).is_err() {
+                    break;
+                }
+            }
         }
     }
 }

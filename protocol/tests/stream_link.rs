@@ -210,7 +210,12 @@ impl Sender {
                         last_seq: last,
                         items: records.iter().cloned().map(wan::Item::Plain).collect(),
                     };
-                    wan::encode_batch(&batch, first % 2 == 0, &mut Vec::new(), &mut payload);
+                    let compressor = if first % 2 == 0 {
+                        wan::Compressor::Lz4
+                    } else {
+                        wan::Compressor::None
+                    };
+                    wan::encode_batch(&batch, compressor, &mut Vec::new(), &mut payload).unwrap();
                     (Frame::Batch(payload.freeze()), records)
                 }
             };

@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,10 @@ use tracing::Instrument;
 
 use crate::egress::Egress;
 use crate::error::RelayError;
-use crate::reduce::{IntervalPlan, KnownBlocks, RecordSource, Reducer, StageBytes, WanConfig};
+use crate::reduce::{
+    Compression, IntervalPlan, KnownBlocks, RecordSource, Reducer, StageBytes, WanConfig,
+};
+use fbr_protocol::codec::{compressor_cost, CodecMemory, StreamCompressor};
 
 /// Most record bytes read from the cache at once: the coalescing window when the
 /// stream has a backlog (reductions run on a blocking thread, a few streams at a time).
@@ -142,6 +145,11 @@ pub struct ForwardContext<U, S> {
     pub known_blocks: KnownBlocks,
     pub wan: WanConfig,
     pub metrics: ForwardMetrics,
+    /// Memory of the sessions' zstd contexts ([`fbr_protocol::codec`]): each new
+    /// session reserves its fair share among [`Self::streams`].
+    pub codec_memory: Arc<CodecMemory>,
+    /// Streams with a forwarder (the fair share's denominator).
+    pub streams: AtomicUsize,
     /// Forwarders reducing a read window at once (bounds the memory of windows).
     reduce_slots: Semaphore,
 }
@@ -160,6 +168,12 @@ impl<U, S> ForwardContext<U, S> {
             source,
             egress,
             known_blocks: KnownBlocks::new(known_blocks),
+            codec_memory: CodecMemory::new(if wan.zstd_level > 0 {
+                wan.codec_memory
+            } else {
+                0
+            }),
+            streams: AtomicUsize::new(0),
             wan,
             metrics,
             reduce_slots: Semaphore::new(REDUCE_SLOTS),
@@ -250,6 +264,7 @@ impl<U: Upstream, S: ForwardSource> Forwarders<U, S> {
         let placement = self.ctx.source.placement(id);
         let state = Arc::new(ForwarderState::new(disk_size, placement));
         map.insert(id.clone(), state.clone());
+        self.ctx.streams.store(map.len(), Ordering::Relaxed);
         // A root span: the forwarder outlives the session that happened to start it.
         let span = tracing::info_span!(parent: None, "forward", stream = %id);
         tokio::spawn(run(self.ctx.clone(), id.clone(), state.clone()).instrument(span));
@@ -258,9 +273,11 @@ impl<U: Upstream, S: ForwardSource> Forwarders<U, S> {
 
     /// Stops the forwarder of `id` (if one runs) because its stream moved: `why`.
     pub fn retire(&self, id: &StreamId, why: &str) {
-        if let Some(f) = self.lock().remove(id) {
+        let mut map = self.lock();
+        if let Some(f) = map.remove(id) {
             f.moved.send_replace(Some(why.to_owned()));
         }
+        self.ctx.streams.store(map.len(), Ordering::Relaxed);
     }
 
     /// Every forwarder, with its stream.
@@ -505,7 +522,11 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
     acks: &mut tokio::task::JoinHandle<RelayError>,
 ) -> RelayError {
     let mut durable_rx = ctx.source.durable(id);
-    let mut reducer = Some(Reducer::new(ctx.wan));
+    let zstd = zstd_context(ctx, lock(sender).zstd_window_log());
+    let mut reducer = Some(Reducer::with_zstd(ctx.wan, zstd));
+    // Time this session's rounds spent waiting on the link (credit, egress) since the
+    // codec chooser last heard.
+    let mut link_wait = Duration::ZERO;
     // The interval being sent, when a whole interval is coalesced.
     let mut plan: Option<IntervalPlan> = None;
     loop {
@@ -516,6 +537,7 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
             (s.next_seq(), s.credit_available())
         };
         if (plan.is_none() && durable < cursor) || credit == 0 {
+            let waited = Instant::now();
             tokio::select! {
                 _ = durable_rx.changed() => {}
                 _ = acked_rx.changed() => {}
@@ -523,8 +545,12 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
                     return end.unwrap_or_else(|e| RelayError::Task { what: "ack reader", reason: e.to_string() });
                 }
             }
+            if credit == 0 {
+                link_wait += waited.elapsed();
+            }
             continue;
         }
+        let round = Instant::now();
         let budget = (credit as usize).clamp(1, READ_WINDOW_BYTES);
         // Read and reduce on a blocking thread (SHA-256 and LZ4 are CPU work), a bounded
         // number of streams at a time (each holds up to a window of records).
@@ -543,7 +569,11 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
         .await;
         drop(slot);
         let batches = match read {
-            Ok((r, p, Ok(b))) => {
+            Ok((mut r, p, Ok(b))) => {
+                let backlog = b
+                    .last()
+                    .is_some_and(|last| *durable_rx.borrow() > last.last_seq);
+                r.observe(round.elapsed(), std::mem::take(&mut link_wait), backlog);
                 reducer = Some(r);
                 plan = p;
                 b
@@ -578,7 +608,9 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
         for b in batches {
             // Wait for this stream's turn on the WAN leg (rate limit, fair share).
             let bytes = b.payload.len() as u64;
+            let waited = Instant::now();
             ctx.egress.acquire(id, bytes).await;
+            link_wait += waited.elapsed();
             ctx.metrics
                 .records_forwarded_total
                 .inc_by(b.records.len() as u64);
@@ -595,6 +627,26 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
         }
         if let Err(e) = writer.flush().await {
             return write_failed(e, acks).await;
+        }
+    }
+}
+
+/// The relay's zstd context for a session the master target granted a window of
+/// `2^granted` (0: none): the fair share of the relay's pool, at most that window.
+fn zstd_context<U, S>(ctx: &ForwardContext<U, S>, granted: u8) -> Option<StreamCompressor> {
+    if granted == 0 || ctx.wan.zstd_level == 0 || ctx.wan.compression == Compression::Off {
+        return None;
+    }
+    let level = ctx.wan.zstd_level;
+    let streams = ctx.streams.load(Ordering::Relaxed);
+    let reservation = ctx
+        .codec_memory
+        .reserve(streams, granted, |w| compressor_cost(w, level))?;
+    match StreamCompressor::new(level, granted, reservation) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("no zstd context for the session: {e}");
+            None
         }
     }
 }

@@ -488,10 +488,18 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "wan.dedup")]
     wan_dedup: Option<bool>,
-    /// LZ4 of WAN batches: off, adaptive or always [wan.compression].
+    /// Compression of WAN batches: off, adaptive or always [wan.compression].
     #[arg(long)]
     #[serde(rename = "wan.compression")]
     wan_compression: Option<String>,
+    /// Level of the zstd contexts, 1..=9; 0: LZ4 only [wan.zstd_level].
+    #[arg(long)]
+    #[serde(rename = "wan.zstd_level")]
+    wan_zstd_level: Option<i32>,
+    /// Memory for all streams' zstd contexts, in MiB [wan.codec_memory].
+    #[arg(long)]
+    #[serde(rename = "wan.codec_memory", serialize_with = "mib_flag")]
+    wan_codec_memory_mib: Option<u64>,
     /// TCP address of the operator API (HTTPS); "" disables the controller
     /// [controller.listen].
     #[arg(long)]

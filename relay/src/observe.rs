@@ -234,6 +234,14 @@ impl RelayEndpoints {
         self.add_forwarding_counters();
         m.dedup_known_blocks
             .set(relay.forwarders().context().known_blocks.len() as i64);
+        m.codec_memory_bytes.set(
+            relay
+                .forwarders()
+                .context()
+                .codec_memory
+                .reserved()
+                .min(i64::MAX as u64) as i64,
+        );
 
         let link = relay.upstream().status();
         m.upstream_connected.set(link.connected as i64);
@@ -271,6 +279,10 @@ impl RelayEndpoints {
                 ("batches", l(&st.batches)),
                 ("compression_skipped", l(&st.compression_skipped)),
                 ("compress_ns", l(&st.compress_ns)),
+                ("batches_compressed", l(&st.batches_compressed)),
+                ("batches_zstd", l(&st.batches_zstd)),
+                ("zstd_body", l(&st.zstd_body)),
+                ("lz4_body", l(&st.lz4_body)),
             ];
             for (name, v) in st.stages().into_iter().chain(extra) {
                 *now.entry((id.vm.clone(), name)).or_default() += v;
@@ -280,12 +292,33 @@ impl RelayEndpoints {
             .forwarded_counted
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // zstd, lz4, none: batches - compressed, compressed - zstd, zstd.
+        let mut codec_batches = [0i64; 3];
         for ((vm, name), value) in now {
             let before = counted.insert((vm.clone(), name), value).unwrap_or(0);
             let delta = value.saturating_sub(before);
             match name {
                 "dedup_hits" => m.dedup_hits_total.inc_by(delta),
-                "batches" => m.batches_total.inc_by(delta),
+                "batches" => {
+                    m.batches_total.inc_by(delta);
+                    codec_batches[2] += delta as i64;
+                }
+                "batches_compressed" => {
+                    codec_batches[1] += delta as i64;
+                    codec_batches[2] -= delta as i64;
+                }
+                "batches_zstd" => {
+                    codec_batches[0] += delta as i64;
+                    codec_batches[1] -= delta as i64;
+                }
+                "zstd_body" => m
+                    .codec_body_bytes_total
+                    .with_label_values(&["zstd"])
+                    .inc_by(delta),
+                "lz4_body" => m
+                    .codec_body_bytes_total
+                    .with_label_values(&["lz4"])
+                    .inc_by(delta),
                 "compression_skipped" => m.compression_skipped_batches_total.inc_by(delta),
                 "compress_ns" => m.compression_seconds_total.inc_by(delta as f64 / 1e9),
                 stage => {
@@ -297,6 +330,11 @@ impl RelayEndpoints {
                     }
                 }
             }
+        }
+        for (codec, n) in ["zstd", "lz4", "none"].iter().zip(codec_batches) {
+            m.codec_batches_total
+                .with_label_values(&[codec])
+                .inc_by(n.max(0) as u64);
         }
     }
 }

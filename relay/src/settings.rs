@@ -119,8 +119,12 @@ pub struct WanSettings {
     pub coalesce: bool,
     /// Send blocks the master target holds as their SHA-256.
     pub dedup: bool,
-    /// LZ4 of WAN batches: "off", "adaptive" or "always".
+    /// Compression of WAN batches: "off", "adaptive" or "always".
     pub compression: Compression,
+    /// Level of the per-session zstd contexts (1..=9); 0: no zstd, LZ4 only.
+    pub zstd_level: i32,
+    /// Memory all sessions' zstd contexts may take together (each gets a fair share).
+    pub codec_memory: ByteSize,
     /// Most block hashes remembered as held by the master target (~100 bytes each).
     pub dedup_known_blocks: u64,
 }
@@ -132,6 +136,8 @@ impl Default for WanSettings {
             coalesce: c.coalesce,
             dedup: c.dedup,
             compression: c.compression,
+            zstd_level: c.zstd_level,
+            codec_memory: ByteSize(c.codec_memory),
             dedup_known_blocks: 1 << 20,
         }
     }
@@ -395,6 +401,22 @@ impl DaemonSettings for RelaySettings {
         self.health_thresholds()
             .validate()
             .map_err(|(key, reason)| ConfigError::new(key, reason))?;
+        if !(0..=fbr_protocol::codec::MAX_ZSTD_LEVEL).contains(&self.wan.zstd_level) {
+            return Err(ConfigError::new(
+                "wan.zstd_level",
+                format!(
+                    "{} is out of range 0..={} (0: no zstd)",
+                    self.wan.zstd_level,
+                    fbr_protocol::codec::MAX_ZSTD_LEVEL
+                ),
+            ));
+        }
+        if self.wan.codec_memory.0 > 64 << 30 {
+            return Err(ConfigError::new(
+                "wan.codec_memory",
+                format!("{} is over the limit of 64GiB", self.wan.codec_memory),
+            ));
+        }
         if self.wan.dedup_known_blocks > 1 << 28 {
             return Err(ConfigError::new(
                 "wan.dedup_known_blocks",
@@ -473,6 +495,8 @@ impl RelaySettings {
             coalesce: self.wan.coalesce,
             dedup: self.wan.dedup,
             compression: self.wan.compression,
+            zstd_level: self.wan.zstd_level,
+            codec_memory: self.wan.codec_memory.0,
         }
     }
 

@@ -105,19 +105,38 @@ struct Counted {
     unknown_references: f64,
     logical: f64,
     coalesced: f64,
+    compressed: f64,
+    zstd_batches: f64,
+    lz4_batches: f64,
+    plain_batches: f64,
 }
 
 /// Churns `content` while `disrupt` runs, waits for the relay to drain, reads its
 /// counters, then verifies every recovery point.
 async fn churn_and_verify(
-    mut site: Site,
+    site: Site,
     content: Content,
     disrupt: impl FnOnce(&mut Site),
 ) -> Counted {
+    churn_disks_and_verify(site, 1, content, disrupt, |_| {}).await
+}
+
+/// [`churn_and_verify`] with `disks` disks per VM; `during` reads the relay's and the
+/// master target's metrics once the churn has run a while.
+async fn churn_disks_and_verify(
+    mut site: Site,
+    disks: u32,
+    content: Content,
+    disrupt: impl FnOnce(&mut Site),
+    during: impl FnOnce(&Site),
+) -> Counted {
     let opts = agent_options(&site, Duration::from_secs(4), Duration::from_millis(250));
-    let handle = fbr_churn::agent::start(opts, plans(2, 1, 16 << 20, content, 71), 71).unwrap();
+    let disk_size = (16 << 20) / u64::from(disks);
+    let handle =
+        fbr_churn::agent::start(opts, plans(2, disks, disk_size, content, 71), 71).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     tokio::task::block_in_place(|| disrupt(&mut site));
+    tokio::task::block_in_place(|| during(&site));
     let report = handle.finish().await.unwrap();
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     // Wait for the relay to drain before reading its counters.
@@ -137,7 +156,14 @@ async fn churn_and_verify(
     let stage = |s: &str| {
         fbr_churn::harness::sample_sum(&text, "fbr_relay_vm_bytes_total", &[("stage", s)])
     };
+    let codec = |c: &str| {
+        fbr_churn::harness::sample_sum(&text, "fbr_relay_codec_batches_total", &[("codec", c)])
+    };
     let counted = Counted {
+        zstd_batches: codec("zstd"),
+        lz4_batches: codec("lz4"),
+        plain_batches: codec("none"),
+        compressed: stage("compressed"),
         dedup_hits: sample(&text, "fbr_relay_dedup_hits_total").unwrap(),
         unknown_references: sample(&text, "fbr_relay_unknown_references_total").unwrap(),
         logical: stage("logical"),
@@ -194,4 +220,74 @@ async fn coalescing_on_and_off_both_stay_exact_through_a_backlog() {
             assert_eq!(c.coalesced, c.logical, "{c:?}");
         }
     }
+}
+
+/// Every codec keeps every recovery point exact, through a master-target restart (a
+/// reconnect: both ends start a new zstd context, and nothing of the old history is
+/// used); zstd is used whenever both ends allow it, LZ4 when either says no.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_codec_stays_exact_through_a_reconnect() {
+    let cases: [(&[&str], &[&str], &str); 4] = [
+        (&[], &[], "zstd"),
+        (&["--wan-zstd-level", "0"], &[], "lz4"),
+        (&[], &["--codec-memory-mib", "0"], "lz4"),
+        (&["--wan-compression", "off"], &[], "none"),
+    ];
+    let mut zstd_bytes = 0.0;
+    for (relay_args, mt_args, expected) in cases {
+        // A link slower than the churn: the link, not the relay's CPU, is the
+        // bottleneck, so the relay spends CPU for ratio (zstd) where it may.
+        let link = ["--egress-schedule", "other 100mbit"];
+        let site = site(&[relay_args, &link[..]].concat(), mt_args);
+        let c = churn_and_verify(site, Content::Text, |site| {
+            site.stop_master_target(false).unwrap();
+            site.start_master_target().unwrap();
+        })
+        .await;
+        eprintln!("{expected}: {c:?}");
+        match expected {
+            "zstd" => {
+                assert!(c.zstd_batches > c.lz4_batches, "{c:?}");
+                zstd_bytes = c.compressed / c.logical;
+            }
+            "lz4" => {
+                assert!(c.zstd_batches == 0.0 && c.lz4_batches > 0.0, "{c:?}");
+                assert!(
+                    zstd_bytes < c.compressed / c.logical,
+                    "zstd with its history sends fewer bytes than LZ4 on text: {zstd_bytes} vs {c:?}"
+                );
+            }
+            _ => assert!(
+                c.zstd_batches + c.lz4_batches == 0.0 && c.plain_batches > 0.0,
+                "{c:?}"
+            ),
+        }
+    }
+}
+
+/// Many streams against small codec pools: the contexts never take more than either
+/// cap, the streams that found a pool spent go with LZ4, and every point is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codec_memory_stays_under_its_cap_with_many_streams() {
+    let site = site(
+        &["--wan-codec-memory-mib", "8"],
+        &["--codec-memory-mib", "6"],
+    );
+    let c = churn_disks_and_verify(
+        site,
+        8,
+        Content::Text,
+        |_| {},
+        |site| {
+            let (_, relay) = http_get(site.relay_metrics_addr().unwrap(), "/metrics");
+            let (_, mt) = http_get(site.master_target_metrics_addr().unwrap(), "/metrics");
+            let relay = sample(&relay, "fbr_relay_codec_memory_bytes").unwrap();
+            let mt = sample(&mt, "fbr_master_target_codec_memory_bytes").unwrap();
+            eprintln!("codec memory: relay {relay}, master target {mt}");
+            assert!(relay > 0.0 && relay <= (8 << 20) as f64, "relay {relay}");
+            assert!(mt > 0.0 && mt <= (6 << 20) as f64, "master target {mt}");
+        },
+    )
+    .await;
+    assert!(c.zstd_batches > 0.0 && c.lz4_batches > 0.0, "{c:?}");
 }

@@ -1,6 +1,12 @@
 //! Batch encoding: the [`Reducer`] turns records (a read window, or a planned part of
 //! an interval) into `Batch` frames: coalescing of a window, zero elision, dedup against
-//! [`KnownBlocks`], and adaptive LZ4 (`fbr_protocol::wan`).
+//! [`KnownBlocks`], and compression (`fbr_protocol::wan`): the session's zstd context
+//! when it has one and the stream is not CPU-bound ([`CodecChooser`]), LZ4 otherwise,
+//! paused after a batch that did not shrink.
+//!
+//! One `Reducer` lives exactly as long as one session with the master target: its zstd
+//! context is the relay's half of that session's history, and every batch it encodes
+//! is sent in that session (the forwarder sends all of them, in order).
 
 use std::time::Instant;
 
@@ -9,6 +15,10 @@ use fbr_cache::CacheError;
 use fbr_protocol::wan::{self, block_hash, is_zero, Block, Item, BLOCK_SIZE};
 use fbr_protocol::{Record, StreamId};
 
+use fbr_protocol::codec::StreamCompressor;
+use fbr_protocol::wan::{BodyCoding, Compressor};
+
+use super::choose::CodecChooser;
 use super::coalesce::coalesce_with;
 use super::plan::IntervalPlan;
 use super::stages::BatchCompression;
@@ -32,21 +42,43 @@ pub struct ReducedBatch {
     pub records: Vec<(u64, bool)>,
 }
 
-/// Per-stream reducer state.
+/// Per-session reducer state.
 #[derive(Debug)]
 pub struct Reducer {
     config: WanConfig,
     skip_compression: u32,
     body: Vec<u8>,
+    /// The session's zstd context (none when the master target granted no window, the
+    /// relay's pool was spent, or zstd is off).
+    zstd: Option<StreamCompressor>,
+    chooser: CodecChooser,
 }
 
 impl Reducer {
+    /// A reducer without zstd (LZ4 or nothing).
     pub fn new(config: WanConfig) -> Self {
+        Self::with_zstd(config, None)
+    }
+
+    /// A reducer for a session whose batches may continue `zstd`.
+    pub fn with_zstd(config: WanConfig, zstd: Option<StreamCompressor>) -> Self {
         Reducer {
             config,
             skip_compression: 0,
             body: Vec::new(),
+            zstd,
+            chooser: CodecChooser::default(),
         }
+    }
+
+    /// The zstd window of the session's context (0: none).
+    pub fn zstd_window_log(&self) -> u8 {
+        self.zstd.as_ref().map_or(0, |z| z.window_log())
+    }
+
+    /// What the last round cost on each side (see [`CodecChooser::observe`]).
+    pub fn observe(&mut self, cpu: std::time::Duration, link: std::time::Duration, backlog: bool) {
+        self.chooser.observe(cpu, link, backlog);
     }
 
     /// Turns `records` (consecutive sequence numbers, as read from the cache) into
@@ -204,16 +236,40 @@ impl Reducer {
             last_seq,
             items,
         };
+        let use_zstd = compress && !self.chooser.cpu_bound();
         let mut payload = BytesMut::new();
         let started = Instant::now();
-        let enc = wan::encode_batch(&batch, compress, &mut self.body, &mut payload);
+        let enc = match self.zstd.as_mut().filter(|_| use_zstd) {
+            Some(zstd) => {
+                match wan::encode_batch(
+                    &batch,
+                    Compressor::Zstd(zstd),
+                    &mut self.body,
+                    &mut payload,
+                ) {
+                    Ok(enc) => enc,
+                    Err(e) => {
+                        // The context may hold part of a body the master target never
+                        // sees: it is dropped, and the session goes on without zstd
+                        // (the master target's context simply receives nothing more).
+                        tracing::warn!("zstd failed, the session continues with LZ4: {e}");
+                        self.zstd = None;
+                        payload.clear();
+                        self.encode_plain(&batch, compress, &mut payload)
+                    }
+                }
+            }
+            None => self.encode_plain(&batch, compress, &mut payload),
+        };
         let compression = if compress {
-            let poor = enc.payload_len * 10 > enc.body_len * 9;
+            // Judged on bodies of a block or more: a tag alone never shrinks, and
+            // says nothing about the data.
+            let poor = enc.body_len >= BLOCK_SIZE && enc.payload_len * 10 > enc.body_len * 9;
             if poor && self.config.compression == Compression::Adaptive {
                 self.skip_compression = SKIP_AFTER_POOR;
             }
             BatchCompression::Tried {
-                kept: enc.compressed,
+                coding: enc.coding,
                 nanos: started.elapsed().as_nanos() as u64,
             }
         } else if self.config.compression == Compression::Adaptive {
@@ -221,7 +277,7 @@ impl Reducer {
         } else {
             BatchCompression::Off
         };
-        stats.add_batch(enc.payload_len as u64, compression);
+        stats.add_batch(enc.payload_len as u64, enc.body_len as u64, compression);
         ReducedBatch {
             payload: payload.freeze(),
             first_seq,
@@ -229,6 +285,34 @@ impl Reducer {
             literal_hashes,
             records: meta,
         }
+    }
+}
+
+impl Reducer {
+    /// LZ4 (when `compress`) or nothing: cannot fail.
+    fn encode_plain(
+        &mut self,
+        batch: &wan::Batch,
+        compress: bool,
+        payload: &mut BytesMut,
+    ) -> wan::Encoded {
+        let compressor = if compress {
+            Compressor::Lz4
+        } else {
+            Compressor::None
+        };
+        match wan::encode_batch(batch, compressor, &mut self.body, payload) {
+            Ok(enc) => enc,
+            Err(e) => unreachable!("LZ4 and plain encoding do not fail: {e}"),
+        }
+    }
+}
+
+/// The codec a batch travelled with, as [`BatchCompression`] tells it.
+pub fn coding_of(c: BatchCompression) -> BodyCoding {
+    match c {
+        BatchCompression::Tried { coding, .. } => coding,
+        _ => BodyCoding::None,
     }
 }
 

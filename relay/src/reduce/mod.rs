@@ -15,18 +15,22 @@
 //!    other writes become one marker byte.
 //! 3. **Dedup**: a block whose SHA-256 is in [`KnownBlocks`] (blocks the master target
 //!    acknowledged holding) travels as that hash.
-//! 4. **LZ4** of the batch body, skipped adaptively: after a batch that compressed by
-//!    less than 10%, the next [`SKIP_AFTER_POOR`] batches of the stream are not tried.
+//! 4. **Compression** of the batch body: the session's zstd context (its history spans
+//!    the session's batches, `fbr_protocol::codec`) unless the stream is CPU-bound
+//!    ([`choose`]), LZ4 then; after a batch that compressed by less than 10%, the next
+//!    [`SKIP_AFTER_POOR`] batches of the stream are not tried.
 //!
 //! ## Layout
 //! - [`coalesce`]: pure coalescing of a window (which bytes survive), property-tested.
 //! - [`plan`]: interval plans, reading records through [`RecordSource`] (the cache in
 //!   production, memory in tests).
 //! - [`encode`]: the [`Reducer`]: zero elision, dedup and LZ4 into [`ReducedBatch`]es.
+//! - [`choose`]: [`CodecChooser`], zstd or LZ4 from where the stream's time goes.
 //! - [`known`]: [`KnownBlocks`], the hashes the master target holds.
 //! - [`stages`]: [`StageBytes`], the one place each stage's bytes are counted (per
 //!   stream, exported as metrics).
 
+pub mod choose;
 pub mod coalesce;
 pub mod encode;
 pub mod known;
@@ -38,6 +42,7 @@ use fbr_protocol::StreamId;
 
 use crate::cache::CachedRecord;
 
+pub use choose::CodecChooser;
 pub use coalesce::coalesce;
 pub use encode::{ReducedBatch, Reducer, BATCH_RECORD_BYTES, SKIP_AFTER_POOR};
 pub use known::KnownBlocks;
@@ -60,6 +65,10 @@ pub struct WanConfig {
     pub coalesce: bool,
     pub dedup: bool,
     pub compression: Compression,
+    /// Level of the sessions' zstd contexts, 1..=9; 0: no zstd (LZ4 only).
+    pub zstd_level: i32,
+    /// Memory all sessions' zstd contexts may take together (bytes).
+    pub codec_memory: u64,
 }
 
 impl Default for WanConfig {
@@ -68,6 +77,8 @@ impl Default for WanConfig {
             coalesce: true,
             dedup: true,
             compression: Compression::Adaptive,
+            zstd_level: fbr_protocol::codec::DEFAULT_ZSTD_LEVEL,
+            codec_memory: fbr_protocol::codec::DEFAULT_CODEC_MEMORY,
         }
     }
 }

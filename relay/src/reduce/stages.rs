@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use fbr_protocol::wan::BodyCoding;
 use fbr_protocol::Record;
 
 /// Bytes after each reduction stage (monotonic counters, per stream).
@@ -23,7 +24,13 @@ pub struct StageBytes {
     pub records_out: AtomicU64,
     pub dedup_hits: AtomicU64,
     pub batches: AtomicU64,
+    /// Batches whose body travelled compressed (either codec).
     pub batches_compressed: AtomicU64,
+    /// Of those, batches that continued the session's zstd context.
+    pub batches_zstd: AtomicU64,
+    /// Body bytes (before compression) of the zstd and of the LZ4 batches.
+    pub zstd_body: AtomicU64,
+    pub lz4_body: AtomicU64,
     pub compression_skipped: AtomicU64,
     pub compress_ns: AtomicU64,
 }
@@ -49,16 +56,26 @@ impl StageBytes {
         add(&self.dedup_hits, refs);
     }
 
-    /// One batch of `payload` bytes: whether LZ4 was skipped (adaptive), tried (and how
-    /// long it took), and kept.
-    pub fn add_batch(&self, payload: u64, compression: BatchCompression) {
+    /// One batch of `payload` bytes: whether compression was skipped (adaptive), tried
+    /// (and how long it took), and which codec the body travelled with.
+    /// `body` is the batch body's size before compression.
+    pub fn add_batch(&self, payload: u64, body: u64, compression: BatchCompression) {
         add(&self.batches, 1);
         add(&self.compressed, payload);
         match compression {
             BatchCompression::Skipped => add(&self.compression_skipped, 1),
-            BatchCompression::Tried { kept, nanos } => {
+            BatchCompression::Tried { coding, nanos } => {
                 add(&self.compress_ns, nanos);
-                add(&self.batches_compressed, kept as u64);
+                add(
+                    &self.batches_compressed,
+                    (coding != BodyCoding::None) as u64,
+                );
+                add(&self.batches_zstd, (coding == BodyCoding::Zstd) as u64);
+                match coding {
+                    BodyCoding::Zstd => add(&self.zstd_body, body),
+                    BodyCoding::Lz4 => add(&self.lz4_body, body),
+                    BodyCoding::None => {}
+                }
             }
             BatchCompression::Off => {}
         }
@@ -84,8 +101,9 @@ pub enum BatchCompression {
     Off,
     /// Not tried: a recent batch compressed poorly (adaptive).
     Skipped,
-    /// Tried for `nanos`; `kept` when the compressed body was smaller.
-    Tried { kept: bool, nanos: u64 },
+    /// Tried for `nanos`; `coding` is what the body travelled with (`None` when LZ4
+    /// did not make it smaller).
+    Tried { coding: BodyCoding, nanos: u64 },
 }
 
 fn add(a: &AtomicU64, n: u64) {
