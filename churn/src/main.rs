@@ -289,13 +289,19 @@ enum Command {
         /// Skip the rsync comparison.
         #[arg(long)]
         no_rsync: bool,
-        /// The WAN link's rate in Mbit/s, enforced by the relay's egress limit (0:
-        /// unlimited loopback, where the relay rarely has a backlog to coalesce).
-        #[arg(long, default_value_t = 1000)]
-        link_mbit: u64,
-        /// Only these models (repeat): zeros, dup, text, random, mixed, random_lz4_always.
+        /// The WAN link's rates in Mbit/s, one sweep each (comma-separated), enforced by
+        /// the relay's egress limit (0: unlimited loopback, where the relay rarely has a
+        /// backlog to coalesce).
+        #[arg(long, value_delimiter = ',', default_values_t = [100, 1000])]
+        link_mbit: Vec<u64>,
+        /// Only these models (repeat): zeros, dup, text, random, mixed,
+        /// random_lz4_always, fs.
         #[arg(long)]
         only: Vec<String>,
+        /// A real filesystem's write log (`scripts/capture-fs-writelog`), replayed as
+        /// the `fs` model.
+        #[arg(long)]
+        fs_log: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -743,32 +749,43 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
             no_rsync,
             link_mbit,
             only,
+            fs_log,
             json,
         } => {
             anyhow::ensure!(vms >= 1, "--vms must be at least 1");
+            anyhow::ensure!(!link_mbit.is_empty(), "--link-mbit needs a rate");
             anyhow::ensure!(
                 disk_size >= 1 << 20 && disk_size % 4096 == 0,
                 "--disk-size must be a multiple of 4 KiB, at least 1 MiB"
             );
-            let opts = fbr_churn::wanbench::WanBenchOptions {
-                seconds: seconds.max(1.0),
-                vms,
-                disk_size,
-                tag_interval: Duration::from_secs_f64(tag_interval.max(0.1)),
-                seed,
-                rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
-                rsync: !no_rsync,
-                link_mbit: (link_mbit > 0).then_some(link_mbit),
-                only,
-            };
-            let result = fbr_churn::wanbench::run(opts, true).await?;
-            let verified = result
-                .as_object()
-                .map(|m| {
-                    m.values()
-                        .all(|v| v.get("verified").is_none_or(|b| b == true))
-                })
-                .unwrap_or(false);
+            // One sweep per link rate: {"<rate>mbit": {model: figures, ...}, ...}.
+            let mut result = serde_json::Map::new();
+            let mut verified = true;
+            for mbit in link_mbit {
+                let opts = fbr_churn::wanbench::WanBenchOptions {
+                    seconds: seconds.max(1.0),
+                    vms,
+                    disk_size,
+                    tag_interval: Duration::from_secs_f64(tag_interval.max(0.1)),
+                    seed,
+                    rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
+                    rsync: !no_rsync,
+                    link_mbit: (mbit > 0).then_some(mbit),
+                    only: only.clone(),
+                    fs_log: fs_log.clone(),
+                };
+                eprintln!("bench-wan: link {mbit} Mbit/s");
+                let sweep = fbr_churn::wanbench::run(opts, true).await?;
+                verified &= sweep
+                    .as_object()
+                    .map(|m| {
+                        m.values()
+                            .all(|v| v.get("verified").is_none_or(|b| b == true))
+                    })
+                    .unwrap_or(false);
+                result.insert(format!("{mbit}mbit"), sweep);
+            }
+            let result = serde_json::Value::Object(result);
             if json {
                 println!("{}", serde_json::to_string(&result)?);
             }

@@ -47,6 +47,9 @@ pub struct WanBenchOptions {
     pub link_mbit: Option<u64>,
     /// Run only these models (empty: all).
     pub only: Vec<String>,
+    /// A write log captured from a real filesystem (`scripts/capture-fs-writelog`):
+    /// replayed as the `fs` model, with the log's own recovery points.
+    pub fs_log: Option<std::path::PathBuf>,
 }
 
 /// The figures of one content model.
@@ -66,6 +69,9 @@ pub struct ModelFigures {
     pub relay_cpu_ns_per_byte: f64,
     pub sha256_ns_per_byte: f64,
     pub lz4_ns_per_byte: f64,
+    /// zstd (level 3, one streaming context with a 128 MiB window, 3 MiB pieces) on
+    /// the same data.
+    pub zstd_ns_per_byte: f64,
     pub aead_ns_per_byte: f64,
     pub primitives_ns_per_byte: f64,
     /// relay CPU per logical byte / primitives per byte.
@@ -75,6 +81,10 @@ pub struct ModelFigures {
     pub batches: u64,
     pub compression_skipped_batches: u64,
     pub compression_cpu_s: f64,
+    /// Batches by the codec their body travelled with: zstd, lz4, none.
+    pub codec_batches: std::collections::BTreeMap<String, u64>,
+    /// Share of the compressed body bytes that zstd compressed (the rest: LZ4).
+    pub zstd_share: f64,
     pub recovery_points: usize,
     pub verified: bool,
     pub rsync_wire_bytes: Option<u64>,
@@ -83,20 +93,32 @@ pub struct ModelFigures {
     pub errors: Vec<String>,
 }
 
-/// The models: name, content, relay flags.
-fn models() -> Vec<(&'static str, Content, Vec<String>)> {
-    vec![
-        ("zeros", Content::Zeros, vec![]),
-        ("dup", Content::Dup, vec![]),
-        ("text", Content::Text, vec![]),
-        ("random", Content::Random, vec![]),
-        ("mixed", Content::Mixed, vec![]),
+/// What a model churns: generated content, or a captured filesystem's write log.
+#[derive(Debug, Clone)]
+enum ModelSource {
+    Generated(Content),
+    FsLog(std::path::PathBuf),
+}
+
+/// The models: name, source, relay flags.
+fn models(opts: &WanBenchOptions) -> Vec<(&'static str, ModelSource, Vec<String>)> {
+    let g = ModelSource::Generated;
+    let mut m = vec![
+        ("zeros", g(Content::Zeros), vec![]),
+        ("dup", g(Content::Dup), vec![]),
+        ("text", g(Content::Text), vec![]),
+        ("random", g(Content::Random), vec![]),
+        ("mixed", g(Content::Mixed), vec![]),
         (
             "random_lz4_always",
-            Content::Random,
+            g(Content::Random),
             vec!["--wan-compression".into(), "always".into()],
         ),
-    ]
+    ];
+    if let Some(log) = &opts.fs_log {
+        m.push(("fs", ModelSource::FsLog(log.clone()), vec![]));
+    }
+    m
 }
 
 /// Runs every model; returns the JSON object printed as the last line.
@@ -109,8 +131,12 @@ pub async fn run(opts: WanBenchOptions, progress: bool) -> anyhow::Result<serde_
         );
     }
     let mut out = serde_json::Map::new();
-    for (name, content, mut relay_args) in models() {
+    for (name, content, mut relay_args) in models(&opts) {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
+            continue;
+        }
+        // LZ4 forced on random data measures CPU, which a slow link hides.
+        if name == "random_lz4_always" && opts.link_mbit.is_some_and(|m| m < 1000) {
             continue;
         }
         if let Some(mbit) = opts.link_mbit {
@@ -123,13 +149,14 @@ pub async fn run(opts: WanBenchOptions, progress: bool) -> anyhow::Result<serde_
         let f = run_model(&opts, content, relay_args, with_rsync).await?;
         if progress {
             eprintln!(
-                "  {name}: {:.0} MB/s logical, {} -> {} bytes on the wire ({:.1}x), relay {:.2} ns/B vs primitives {:.2} ns/B, rsync {:?} bytes, verified {}",
+                "  {name}: {:.0} MB/s logical, {} -> {} bytes on the wire ({:.1}x), relay {:.2} ns/B vs primitives {:.2} ns/B, codecs {:?}, rsync {:?} bytes, verified {}",
                 f.logical_mb_per_s,
                 f.logical_bytes,
                 f.wire_bytes,
                 f.reduction_ratio,
                 f.relay_cpu_ns_per_byte,
                 f.primitives_ns_per_byte,
+                f.codec_batches,
                 f.rsync_wire_bytes,
                 f.verified
             );
@@ -170,6 +197,7 @@ pub async fn run(opts: WanBenchOptions, progress: bool) -> anyhow::Result<serde_
             "seconds": opts.seconds,
             "tag_interval_s": opts.tag_interval.as_secs_f64(),
             "profile": "mixed",
+            "fs_log": opts.fs_log,
             "rate_bytes_per_s": opts.rate_bytes_per_s,
             "link_mbit": opts.link_mbit,
         }),
@@ -179,11 +207,12 @@ pub async fn run(opts: WanBenchOptions, progress: bool) -> anyhow::Result<serde_
 
 async fn run_model(
     opts: &WanBenchOptions,
-    content: Content,
+    source: ModelSource,
     relay_args: Vec<String>,
     with_rsync: bool,
 ) -> anyhow::Result<ModelFigures> {
-    let vms: Vec<String> = (1..=opts.vms).map(|v| format!("vm{v}")).collect();
+    let (plans, log_tags) = model_plans(opts, &source)?;
+    let vms: Vec<String> = plans.iter().map(|p| p.id.vm.clone()).collect();
     let mut site = Site::create(
         None,
         SiteOptions {
@@ -200,28 +229,17 @@ async fn run_model(
     site.start_relay()?;
     let relay_pid = site.relay_pid().context("relay pid")?;
     let metrics = site.relay_metrics_addr().context("relay metrics address")?;
-    let plans: Vec<DiskPlan> = (0..opts.vms)
-        .map(|v| DiskPlan {
-            id: StreamId {
-                vm: format!("vm{}", v + 1),
-                disk: 0,
-            },
-            disk_size: opts.disk_size,
-            group: format!("group{}", v + 1),
-            source: SourceSpec::Generated {
-                seed: opts.seed,
-                vm_index: v,
-                disk_index: 0,
-                profile: Profile::Mixed,
-                content,
-            },
-            start: Default::default(),
-        })
-        .collect();
+    // A log replays whole (its own recovery points), a generator for `seconds`.
+    let seconds = if log_tags.is_some() {
+        3600.0
+    } else {
+        opts.seconds
+    };
     let agent_opts = AgentOptions {
-        drain_timeout: Duration::from_secs(120),
+        drain_timeout: Duration::from_secs(300),
         rate_bytes_per_s: opts.rate_bytes_per_s,
-        ..site.agent_options(Duration::from_secs_f64(opts.seconds), opts.tag_interval)?
+        log_tags,
+        ..site.agent_options(Duration::from_secs_f64(seconds), opts.tag_interval)?
     };
     let cpu_before = process_cpu_seconds(relay_pid).unwrap_or(0.0);
     let started = Instant::now();
@@ -229,7 +247,7 @@ async fn run_model(
     let report = handle.finish().await.map_err(anyhow::Error::msg)?;
     // Done when the relay has nothing left for the master target.
     let text = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let (_, text) = http_get(metrics, "/metrics");
             let backlog = sample_sum(&text, "fbr_relay_cache_backlog_bytes", &[]);
@@ -272,7 +290,20 @@ async fn run_model(
         (None, None, None)
     };
     let relay_cpu_ns_per_byte = relay_cpu_s * 1e9 / logical_bytes.max(1) as f64;
-    let primitives_ns_per_byte = prims.0 + prims.1 + prims.2;
+    let codec_body =
+        |c: &str| sample_sum(&text, "fbr_relay_codec_body_bytes_total", &[("codec", c)]);
+    let zstd_share = codec_body("zstd") / (codec_body("zstd") + codec_body("lz4")).max(1.0);
+    // What the relay ran: SHA-256 and AES-GCM on every byte, and the codecs in the mix
+    // it chose.
+    let primitives_ns_per_byte =
+        prims.sha + prims.aead + zstd_share * prims.zstd + (1.0 - zstd_share) * prims.lz4;
+    let codec_batches = ["zstd", "lz4", "none"]
+        .iter()
+        .map(|c| {
+            let n = sample_sum(&text, "fbr_relay_codec_batches_total", &[("codec", c)]);
+            (c.to_string(), n as u64)
+        })
+        .collect();
     Ok(ModelFigures {
         logical_bytes,
         coalesced_bytes: stage("coalesced"),
@@ -285,9 +316,10 @@ async fn run_model(
         logical_mb_per_s: logical_bytes as f64 / 1e6 / elapsed_s,
         relay_cpu_s,
         relay_cpu_ns_per_byte,
-        sha256_ns_per_byte: prims.0,
-        lz4_ns_per_byte: prims.1,
-        aead_ns_per_byte: prims.2,
+        sha256_ns_per_byte: prims.sha,
+        lz4_ns_per_byte: prims.lz4,
+        zstd_ns_per_byte: prims.zstd,
+        aead_ns_per_byte: prims.aead,
         primitives_ns_per_byte,
         relay_to_primitives: relay_cpu_ns_per_byte / primitives_ns_per_byte,
         dedup_hits: sample(&text, "fbr_relay_dedup_hits_total").unwrap_or(0.0) as u64,
@@ -297,6 +329,8 @@ async fn run_model(
         compression_skipped_batches: sample(&text, "fbr_relay_compression_skipped_batches_total")
             .unwrap_or(0.0) as u64,
         compression_cpu_s: sample(&text, "fbr_relay_compression_seconds_total").unwrap_or(0.0),
+        codec_batches,
+        zstd_share,
         recovery_points: verification.recovery_points_verified,
         verified: verification.verified && report.failures.is_empty(),
         rsync_wire_bytes: rsync_wire,
@@ -309,8 +343,72 @@ async fn run_model(
 /// Up to this many bytes of write data are used to time the primitives.
 const PRIMITIVES_SAMPLE: usize = 64 << 20;
 
-/// (SHA-256, LZ4, AES-256-GCM) nanoseconds per byte, on the run's own write data.
-fn primitives(manifest: &Manifest) -> anyhow::Result<(f64, f64, f64)> {
+/// The disks a model churns, and the recovery points of a log (its own).
+fn model_plans(
+    opts: &WanBenchOptions,
+    source: &ModelSource,
+) -> anyhow::Result<(Vec<DiskPlan>, Option<Vec<crate::writelog::LogTag>>)> {
+    match source {
+        ModelSource::Generated(content) => Ok((
+            (0..opts.vms)
+                .map(|v| DiskPlan {
+                    id: StreamId {
+                        vm: format!("vm{}", v + 1),
+                        disk: 0,
+                    },
+                    disk_size: opts.disk_size,
+                    group: format!("group{}", v + 1),
+                    source: SourceSpec::Generated {
+                        seed: opts.seed,
+                        vm_index: v,
+                        disk_index: 0,
+                        profile: Profile::Mixed,
+                        content: *content,
+                    },
+                    start: Default::default(),
+                })
+                .collect(),
+            None,
+        )),
+        ModelSource::FsLog(path) => {
+            let path = std::fs::canonicalize(path)
+                .with_context(|| format!("the filesystem log {}", path.display()))?;
+            let summary = crate::writelog::scan_log(&path)?;
+            anyhow::ensure!(
+                !summary.disks.is_empty() && !summary.tags.is_empty(),
+                "{} declares no disk or no recovery point",
+                path.display()
+            );
+            let plans = summary
+                .disks
+                .into_iter()
+                .map(|(index, id, size)| DiskPlan {
+                    id,
+                    disk_size: size,
+                    group: "fs".into(),
+                    source: SourceSpec::Log {
+                        path: path.clone(),
+                        index,
+                    },
+                    start: Default::default(),
+                })
+                .collect();
+            Ok((plans, Some(summary.tags)))
+        }
+    }
+}
+
+/// Nanoseconds per byte of each primitive, on the run's own write data.
+#[derive(Debug, Clone, Copy)]
+struct Primitives {
+    sha: f64,
+    lz4: f64,
+    zstd: f64,
+    aead: f64,
+}
+
+/// Times the primitives on the run's own write data.
+fn primitives(manifest: &Manifest) -> anyhow::Result<Primitives> {
     let pools = ContentPools::new(manifest.seed);
     let mut data = Vec::with_capacity(PRIMITIVES_SAMPLE);
     'disks: for d in &manifest.disks {
@@ -341,6 +439,23 @@ fn primitives(manifest: &Manifest) -> anyhow::Result<(f64, f64, f64)> {
         sink ^= k as u8;
     }
     let lz4 = t.elapsed().as_nanos() as f64 / n;
+    // zstd as a session runs it: one context, its window across the pieces.
+    let pool = fbr_protocol::codec::CodecMemory::new(1 << 30);
+    let window = fbr_protocol::codec::MAX_WINDOW_LOG;
+    let reservation = pool
+        .reserve(1, window, |w| fbr_protocol::codec::compressor_cost(w, 3))
+        .context("zstd context memory")?;
+    let mut zstd = fbr_protocol::codec::StreamCompressor::new(3, window, reservation)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut piece = Vec::new();
+    let t = Instant::now();
+    for chunk in data.chunks(3 << 20) {
+        piece.clear();
+        zstd.compress(chunk, &mut piece)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        sink ^= piece.len() as u8;
+    }
+    let zstd = t.elapsed().as_nanos() as f64 / n;
     let key = ring::aead::LessSafeKey::new(
         ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[7u8; 32])
             .map_err(|_| anyhow::anyhow!("AES-256-GCM key"))?,
@@ -364,7 +479,12 @@ fn primitives(manifest: &Manifest) -> anyhow::Result<(f64, f64, f64)> {
     }
     let aead = t.elapsed().as_nanos() as f64 / n;
     std::hint::black_box(sink);
-    Ok((sha, lz4, aead))
+    Ok(Primitives {
+        sha,
+        lz4,
+        zstd,
+        aead,
+    })
 }
 
 /// What rsync sends to keep a copy of each source disk in step, once per recovery

@@ -8,13 +8,18 @@
 //! egress tokens), and whether records were still waiting in the cache (a backlog).
 //! Both times are smoothed (EWMA, weight 1/4 per round).
 //!
-//! - **CPU-bound**: a backlog, and the CPU side takes more than twice the link side:
-//!   the stream would go faster with a cheaper codec, so batches use LZ4.
+//! - **CPU-bound**: a backlog, and the CPU side takes more than twice the link side.
+//!   It leaves CPU-bound once the CPU side is back under the link side, or the backlog
+//!   is gone (hysteresis: the two thresholds differ, so it does not flap every round).
+//! - A CPU-bound stream uses LZ4 when zstd costs it more than twice what LZ4 does per
+//!   body byte (both measured on the stream's own batches, smoothed; zstd is tried on
+//!   every [`PROBE_EVERY`]th batch meanwhile, so its figure stays current). On most disk
+//!   data zstd with its history costs about what LZ4 does (long matches are cheap) and
+//!   stays; on data of middling redundancy it costs several times more, and a CPU-bound
+//!   stream then goes faster with LZ4.
 //! - Otherwise (the link is the bottleneck, or nothing is: the stream keeps up), CPU is
 //!   spent for ratio, and batches use zstd. Saved bytes are worth it on a link shared
 //!   with the business even when the stream keeps up.
-//! - It leaves CPU-bound once the CPU side is back under the link side, or the backlog
-//!   is gone (hysteresis: the two thresholds differ, so it does not flap every round).
 //!
 //! Incompressible data is handled beside this (`encode`): a zstd or LZ4 batch that
 //! shrank by less than 10% pauses compression for the next batches.
@@ -28,7 +33,19 @@ pub struct CodecChooser {
     link_ns: f64,
     cpu_bound: bool,
     rounds: u64,
+    /// Smoothed compression cost per body byte, ns (0: not measured yet).
+    zstd_ns_per_byte: f64,
+    lz4_ns_per_byte: f64,
+    batches: u64,
 }
+
+/// While a stream uses LZ4 for CPU, every this many batches go through zstd anyway, so
+/// that its cost is measured on current data.
+pub const PROBE_EVERY: u64 = 32;
+/// Before any measurement: what zstd level 3 and LZ4 cost per byte on mixed disk data
+/// on the development VM (`churn bench-wan`'s primitives).
+const ZSTD_PRIOR_NS: f64 = 2.0;
+const LZ4_PRIOR_NS: f64 = 1.0;
 
 /// Weight of the newest round in the averages.
 const WEIGHT: f64 = 0.25;
@@ -57,9 +74,39 @@ impl CodecChooser {
         };
     }
 
-    /// Whether the stream is limited by the relay's CPU (batches then use LZ4).
+    /// Whether the stream is limited by the relay's CPU.
     pub fn cpu_bound(&self) -> bool {
         self.cpu_bound
+    }
+
+    /// One batch compressed: `body` bytes in `nanos` with zstd (or LZ4).
+    pub fn record_batch(&mut self, zstd: bool, body: usize, nanos: u64) {
+        if body < 4096 {
+            return;
+        }
+        let per_byte = nanos as f64 / body as f64;
+        let estimate = if zstd {
+            &mut self.zstd_ns_per_byte
+        } else {
+            &mut self.lz4_ns_per_byte
+        };
+        *estimate = if *estimate == 0.0 {
+            per_byte
+        } else {
+            *estimate + WEIGHT * (per_byte - *estimate)
+        };
+    }
+
+    /// Whether the next batch should use zstd (when the session has a context).
+    pub fn next_is_zstd(&mut self) -> bool {
+        self.batches += 1;
+        if !self.cpu_bound {
+            return true;
+        }
+        let or = |v: f64, prior: f64| if v == 0.0 { prior } else { v };
+        let zstd = or(self.zstd_ns_per_byte, ZSTD_PRIOR_NS);
+        let lz4 = or(self.lz4_ns_per_byte, LZ4_PRIOR_NS);
+        zstd <= 2.0 * lz4 || self.batches % PROBE_EVERY == 0
     }
 }
 
@@ -85,6 +132,30 @@ mod tests {
             c.observe(10 * MS, 20 * MS, true);
         }
         assert!(!c.cpu_bound());
+    }
+
+    #[test]
+    fn a_cpu_bound_stream_keeps_zstd_while_it_is_cheap_and_probes_it_on_lz4() {
+        let mut c = CodecChooser::default();
+        for _ in 0..10 {
+            c.observe(40 * MS, 2 * MS, true);
+        }
+        assert!(c.cpu_bound());
+        c.record_batch(true, 1 << 20, 1_500_000);
+        c.record_batch(false, 1 << 20, 1_000_000);
+        assert!(
+            c.next_is_zstd(),
+            "zstd at 1.4 ns/B against LZ4's 1.0: worth it"
+        );
+        for _ in 0..20 {
+            c.record_batch(true, 1 << 20, 6_000_000);
+        }
+        let picks: Vec<bool> = (0..64).map(|_| c.next_is_zstd()).collect();
+        let zstd = picks.iter().filter(|z| **z).count();
+        assert_eq!(
+            zstd, 2,
+            "LZ4, with a zstd probe every {PROBE_EVERY} batches"
+        );
     }
 
     #[test]

@@ -236,7 +236,11 @@ impl Reducer {
             last_seq,
             items,
         };
-        let use_zstd = compress && !self.chooser.cpu_bound();
+        // `always` spends the CPU for ratio whatever it costs; `adaptive` may fall back
+        // to LZ4 while the stream is CPU-bound ([`CodecChooser`]).
+        let use_zstd = compress
+            && self.zstd.is_some()
+            && (self.config.compression == Compression::Always || self.chooser.next_is_zstd());
         let mut payload = BytesMut::new();
         let started = Instant::now();
         let enc = match self.zstd.as_mut().filter(|_| use_zstd) {
@@ -268,9 +272,12 @@ impl Reducer {
             if poor && self.config.compression == Compression::Adaptive {
                 self.skip_compression = SKIP_AFTER_POOR;
             }
+            let nanos = started.elapsed().as_nanos() as u64;
+            self.chooser
+                .record_batch(enc.coding == BodyCoding::Zstd, enc.body_len, nanos);
             BatchCompression::Tried {
                 coding: enc.coding,
-                nanos: started.elapsed().as_nanos() as u64,
+                nanos,
             }
         } else if self.config.compression == Compression::Adaptive {
             BatchCompression::Skipped
