@@ -12,11 +12,12 @@
 //!   It leaves CPU-bound once the CPU side is back under the link side, or the backlog
 //!   is gone (hysteresis: the two thresholds differ, so it does not flap every round).
 //! - A CPU-bound stream uses LZ4 when zstd costs it more than twice what LZ4 does per
-//!   body byte (both measured on the stream's own batches, smoothed; zstd is tried on
-//!   every [`PROBE_EVERY`]th batch meanwhile, so its figure stays current). On most disk
-//!   data zstd with its history costs about what LZ4 does (long matches are cheap) and
-//!   stays; on data of middling redundancy it costs several times more, and a CPU-bound
-//!   stream then goes faster with LZ4.
+//!   body byte *and* does not at least halve what LZ4 would send (costs and ratios
+//!   measured on the stream's own batches, smoothed; zstd is tried on every
+//!   [`PROBE_EVERY`]th batch meanwhile, so its figures stay current). Where zstd's
+//!   history finds far more (text, repeats), the bytes it saves would make the link the
+//!   bottleneck again under LZ4, so it stays; on data of middling redundancy, where the
+//!   two ratios are close, a CPU-bound stream goes faster with LZ4.
 //! - Otherwise (the link is the bottleneck, or nothing is: the stream keeps up), CPU is
 //!   spent for ratio, and batches use zstd. Saved bytes are worth it on a link shared
 //!   with the business even when the stream keeps up.
@@ -36,6 +37,9 @@ pub struct CodecChooser {
     /// Smoothed compression cost per body byte, ns (0: not measured yet).
     zstd_ns_per_byte: f64,
     lz4_ns_per_byte: f64,
+    /// Smoothed payload / body of each codec (0: not measured yet).
+    zstd_ratio: f64,
+    lz4_ratio: f64,
     batches: u64,
 }
 
@@ -79,22 +83,26 @@ impl CodecChooser {
         self.cpu_bound
     }
 
-    /// One batch compressed: `body` bytes in `nanos` with zstd (or LZ4).
-    pub fn record_batch(&mut self, zstd: bool, body: usize, nanos: u64) {
+    /// One batch compressed: `body` bytes into `payload` in `nanos`, with zstd (or
+    /// LZ4).
+    pub fn record_batch(&mut self, zstd: bool, body: usize, payload: usize, nanos: u64) {
         if body < 4096 {
             return;
         }
-        let per_byte = nanos as f64 / body as f64;
-        let estimate = if zstd {
-            &mut self.zstd_ns_per_byte
-        } else {
-            &mut self.lz4_ns_per_byte
+        let smooth = |estimate: &mut f64, v: f64| {
+            *estimate = if *estimate == 0.0 {
+                v
+            } else {
+                *estimate + WEIGHT * (v - *estimate)
+            };
         };
-        *estimate = if *estimate == 0.0 {
-            per_byte
+        let (cost, ratio) = if zstd {
+            (&mut self.zstd_ns_per_byte, &mut self.zstd_ratio)
         } else {
-            *estimate + WEIGHT * (per_byte - *estimate)
+            (&mut self.lz4_ns_per_byte, &mut self.lz4_ratio)
         };
+        smooth(cost, nanos as f64 / body as f64);
+        smooth(ratio, (payload as f64 / body as f64).min(1.0));
     }
 
     /// Whether the next batch should use zstd (when the session has a context).
@@ -106,7 +114,12 @@ impl CodecChooser {
         let or = |v: f64, prior: f64| if v == 0.0 { prior } else { v };
         let zstd = or(self.zstd_ns_per_byte, ZSTD_PRIOR_NS);
         let lz4 = or(self.lz4_ns_per_byte, LZ4_PRIOR_NS);
-        zstd <= 2.0 * lz4 || self.batches % PROBE_EVERY == 0
+        let cheap_enough = zstd <= 2.0 * lz4;
+        // Unmeasured ratios count as equal: only a measured gain keeps zstd.
+        let halves_the_bytes = self.zstd_ratio > 0.0
+            && self.lz4_ratio > 0.0
+            && self.zstd_ratio * 2.0 <= self.lz4_ratio;
+        cheap_enough || halves_the_bytes || self.batches % PROBE_EVERY == 0
     }
 }
 
@@ -141,21 +154,20 @@ mod tests {
             c.observe(40 * MS, 2 * MS, true);
         }
         assert!(c.cpu_bound());
-        c.record_batch(true, 1 << 20, 1_500_000);
-        c.record_batch(false, 1 << 20, 1_000_000);
-        assert!(
-            c.next_is_zstd(),
-            "zstd at 1.4 ns/B against LZ4's 1.0: worth it"
-        );
+        c.record_batch(true, 1 << 20, 600 << 10, 1_500_000);
+        c.record_batch(false, 1 << 20, 640 << 10, 1_000_000);
+        assert!(c.next_is_zstd(), "zstd at 1.4 ns/B against LZ4's 1.0: worth it");
         for _ in 0..20 {
-            c.record_batch(true, 1 << 20, 6_000_000);
+            c.record_batch(true, 1 << 20, 600 << 10, 6_000_000);
         }
         let picks: Vec<bool> = (0..64).map(|_| c.next_is_zstd()).collect();
         let zstd = picks.iter().filter(|z| **z).count();
-        assert_eq!(
-            zstd, 2,
-            "LZ4, with a zstd probe every {PROBE_EVERY} batches"
-        );
+        assert_eq!(zstd, 2, "LZ4, with a zstd probe every {PROBE_EVERY} batches");
+        // Where zstd's history finds far more than LZ4, it stays whatever it costs.
+        for _ in 0..20 {
+            c.record_batch(true, 1 << 20, 20 << 10, 6_000_000);
+        }
+        assert!((0..64).all(|_| c.next_is_zstd()));
     }
 
     #[test]

@@ -273,8 +273,12 @@ impl Reducer {
                 self.skip_compression = SKIP_AFTER_POOR;
             }
             let nanos = started.elapsed().as_nanos() as u64;
-            self.chooser
-                .record_batch(enc.coding == BodyCoding::Zstd, enc.body_len, nanos);
+            self.chooser.record_batch(
+                enc.coding == BodyCoding::Zstd,
+                enc.body_len,
+                enc.payload_len,
+                nanos,
+            );
             BatchCompression::Tried {
                 coding: enc.coding,
                 nanos,
