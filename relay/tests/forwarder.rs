@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fbr_master_target::journal::{apply_record, MemoryImage};
-use fbr_protocol::stream::{Delivery, Entitlement, ReceiverConfig, StreamReceiver};
+use fbr_protocol::codec::{decompressor_cost, CodecMemory, StreamDecompressor};
+use fbr_protocol::stream::{Delivery, Entitlement, Incoming, ReceiverConfig, StreamReceiver};
 use fbr_protocol::wan::{block_hash, BLOCK_SIZE};
 use fbr_protocol::{Frame, Record, StreamId, TagKind};
 use fbr_relay::egress::{Egress, EgressConfig};
@@ -92,6 +93,10 @@ struct PipeMasterTarget {
     /// Whether a break also loses the content index (a restart).
     forget_on_break: bool,
     refusals: AtomicU64,
+    /// Grants each session a zstd context (a fresh one per session, as the master
+    /// target does), from this pool.
+    zstd: Option<Arc<CodecMemory>>,
+    zstd_batches: AtomicU64,
 }
 
 impl PipeMasterTarget {
@@ -108,7 +113,15 @@ impl PipeMasterTarget {
             break_every,
             forget_on_break,
             refusals: AtomicU64::new(0),
+            zstd: None,
+            zstd_batches: AtomicU64::new(0),
         })
+    }
+
+    fn with_zstd(break_every: u64) -> Arc<Self> {
+        let mut mt = Arc::into_inner(Self::new(break_every, false)).unwrap();
+        mt.zstd = Some(CodecMemory::new(64 << 20));
+        Arc::new(mt)
     }
 
     fn lock(&self) -> MutexGuard<'_, Replica> {
@@ -128,11 +141,24 @@ impl PipeMasterTarget {
             return;
         }
         let next = self.lock().hwm + 1;
-        if writer.send(&rx.accept(next, CREDIT)).await.is_err() {
+        let zstd = self.zstd.as_ref().map(|pool| {
+            StreamDecompressor::new(pool.reserve(1, 20, decompressor_cost).unwrap()).unwrap()
+        });
+        if writer
+            .send(&rx.accept_with(next, CREDIT, zstd))
+            .await
+            .is_err()
+        {
             return;
         }
         loop {
-            let records = match rx.handle(reader.receive().await) {
+            let incoming = reader.receive().await;
+            if let Incoming::Frame(Frame::Batch(p)) = &incoming {
+                if p.first() == Some(&fbr_protocol::wan::BATCH_VERSION_ZSTD) {
+                    self.zstd_batches.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            let records = match rx.handle(incoming) {
                 Ok(Delivery::Record(r)) => vec![(r, vec![true])],
                 Ok(Delivery::Batch(batch)) => {
                     let resolved = {
@@ -295,6 +321,27 @@ async fn a_backlog_drains_exactly_once_through_broken_sessions() {
         stages[3].1 < stages[0].1 / 2,
         "dedup and coalescing cut the bytes sent: {stages:?}"
     );
+}
+
+/// Every session gets a fresh zstd context on both ends: after each break the
+/// forwarder's new session starts a new zstd frame, which the receiver's new context
+/// decodes (a continued history would be refused as malformed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_sessions_start_fresh_contexts_through_broken_sessions() {
+    let records = source_records(600);
+    let mt = PipeMasterTarget::with_zstd(3);
+    let (fw, source) = forwarders(&mt, records.clone());
+    let state = fw.ensure(&stream(), DISK);
+    drained_and_exact(&mt, &source, &records).await;
+    assert_eq!(mt.refusals.load(Ordering::SeqCst), 0);
+    assert!(state.failed.borrow().is_none());
+    let zstd = mt.zstd_batches.load(Ordering::SeqCst);
+    assert!(
+        zstd >= mt.lock().batches / 2,
+        "{zstd} zstd batches of {}",
+        mt.lock().batches
+    );
+    assert!(mt.lock().batches >= 6, "sessions broke along the way");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
