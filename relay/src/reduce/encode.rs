@@ -27,6 +27,9 @@ use crate::cache::CachedRecord;
 
 /// Batches not tried for compression after one that compressed poorly.
 pub const SKIP_AFTER_POOR: u32 = 32;
+/// The same, for a session with a zstd context: skipped batches are also missing from
+/// its history, and zstd gives up on incompressible blocks quickly, so it retries soon.
+pub const SKIP_AFTER_POOR_ZSTD: u32 = 4;
 /// Most record bytes per batch: keeps the body under `wan::MAX_BATCH_BODY`.
 pub const BATCH_RECORD_BYTES: usize = 3 << 20;
 
@@ -273,7 +276,11 @@ impl Reducer {
             // says nothing about the data.
             let poor = enc.body_len >= BLOCK_SIZE && enc.payload_len * 10 > enc.body_len * 9;
             if poor && self.config.compression == Compression::Adaptive {
-                self.skip_compression = SKIP_AFTER_POOR;
+                self.skip_compression = if self.zstd.is_some() {
+                    SKIP_AFTER_POOR_ZSTD
+                } else {
+                    SKIP_AFTER_POOR
+                };
             }
             let nanos = started.elapsed().as_nanos() as u64;
             self.chooser.record_batch(
