@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use fbr_churn::agent::{self, AgentOptions, DiskPlan};
 use fbr_churn::drill::{self, DrillOptions, DrillSummary, Reprotect, ReprotectLocation};
-use fbr_churn::source::{Manifest, SourceSpec};
+use fbr_churn::source::Manifest;
 use fbr_churn::workload::{Content, Profile};
 use fbr_churn::writelog;
 use fbr_churn::{parse_size, verify};
@@ -624,21 +624,8 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                     summary.tags.len()
                 );
             }
+            let plans = summary.plans(&log, &group);
             let log_tags = (!summary.tags.is_empty()).then_some(summary.tags);
-            let plans = summary
-                .disks
-                .into_iter()
-                .map(|(index, id, size)| DiskPlan {
-                    id,
-                    disk_size: size,
-                    group: group.clone(),
-                    source: SourceSpec::Log {
-                        path: log.clone(),
-                        index,
-                    },
-                    start: Default::default(),
-                })
-                .collect();
             let mut opts = agent_options(None, &relay, tag_interval_ms, max_udp_payload, None);
             opts.log_tags = log_tags;
             run_agent(opts, plans, 0, &relay).await

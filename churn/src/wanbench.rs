@@ -379,20 +379,7 @@ fn model_plans(
                 "{} declares no disk or no recovery point",
                 path.display()
             );
-            let plans = summary
-                .disks
-                .into_iter()
-                .map(|(index, id, size)| DiskPlan {
-                    id,
-                    disk_size: size,
-                    group: "fs".into(),
-                    source: SourceSpec::Log {
-                        path: path.clone(),
-                        index,
-                    },
-                    start: Default::default(),
-                })
-                .collect();
+            let plans = summary.plans(&path, "fs");
             Ok((plans, Some(summary.tags)))
         }
     }

@@ -424,6 +424,26 @@ pub fn scan_log(path: &Path) -> Result<LogSummary, LogError> {
     Ok(summary)
 }
 
+impl LogSummary {
+    /// One agent plan per disk of the log at `path` (`path` as the plans will name
+    /// it), all in replication group `group`.
+    pub fn plans(&self, path: &Path, group: &str) -> Vec<crate::agent::DiskPlan> {
+        self.disks
+            .iter()
+            .map(|(index, id, size)| crate::agent::DiskPlan {
+                id: id.clone(),
+                disk_size: *size,
+                group: group.to_owned(),
+                source: crate::source::SourceSpec::Log {
+                    path: path.to_owned(),
+                    index: *index,
+                },
+                start: Default::default(),
+            })
+            .collect()
+    }
+}
+
 /// Every disk declared in a log, with its index and size.
 pub fn scan_disks(path: &Path) -> Result<Vec<(u32, StreamId, u64)>, LogError> {
     Ok(scan_log(path)?.disks)
