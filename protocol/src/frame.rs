@@ -297,7 +297,7 @@ pub enum Frame {
     /// Sender -> receiver: a change or a tag.
     Record(Record),
     /// Relay -> master target only: several records reduced for the WAN (zero blocks
-    /// elided, known blocks referenced by hash, superseded writes coalesced, LZ4). The
+    /// elided, known blocks referenced by hash, superseded writes coalesced, zstd or LZ4). The
     /// payload is decoded by [`crate::wan::decode_batch`].
     Batch(Bytes),
     /// Receiver -> sender: every record with a sequence number `<= seq` is durable at

@@ -552,7 +552,7 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
         }
         let round = Instant::now();
         let budget = (credit as usize).clamp(1, READ_WINDOW_BYTES);
-        // Read and reduce on a blocking thread (SHA-256 and LZ4 are CPU work), a bounded
+        // Read and reduce on a blocking thread (SHA-256 and compression are CPU work), a bounded
         // number of streams at a time (each holds up to a window of records).
         let Ok(slot) = ctx.reduce_slots.acquire().await else {
             return RelayError::ShuttingDown;
