@@ -73,7 +73,11 @@ async fn master_target_killed_20_times_at_random_moments_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wan_outage_relay_keeps_accepting_then_drains_in_order() {
     let mut site = start_site(&["vm1", "vm2"]);
-    let opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(200));
+    let mut opts = agent_options(&site, Duration::from_secs(60), Duration::from_millis(200));
+    // A steady 20 MB/s: flat out, the first second alone can fill most of the 256 MiB
+    // cache before the outage starts (how much depends on how fast this machine's
+    // relay forwards), and the test is about what the relay accepts during it.
+    opts.rate_bytes_per_s = Some(20_000_000);
     let handle =
         fbr_churn::agent::start(opts, plans(2, 1, 16 << 20, Content::Mixed, 43), 43).unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
