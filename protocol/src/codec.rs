@@ -328,6 +328,30 @@ impl StreamDecompressor {
     }
 }
 
+/// Both ends of one stream's context in one process, each from a pool of its own (1 GiB):
+/// the master target's decompressor granting `window_log`, the relay's compressor at
+/// `level` within that grant. For tests and fuzzing; daemons reserve from their pools.
+pub fn stream_pair(
+    window_log: u8,
+    level: i32,
+) -> Result<(StreamCompressor, StreamDecompressor), CodecError> {
+    let no_room = || CodecError(format!("no context of window 2^{window_log} fits 1 GiB"));
+    let mt = CodecMemory::new(1 << 30);
+    let d = StreamDecompressor::new(
+        mt.reserve(1, window_log, decompressor_cost)
+            .ok_or_else(no_room)?,
+    )?;
+    let relay = CodecMemory::new(1 << 30);
+    let c = StreamCompressor::new(
+        level,
+        d.window_log(),
+        relay
+            .reserve(1, window_log, |w| compressor_cost(w, level))
+            .ok_or_else(no_room)?,
+    )?;
+    Ok((c, d))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -371,19 +395,7 @@ mod tests {
     }
 
     fn pair_at(window_log: u8, level: i32) -> (StreamCompressor, StreamDecompressor) {
-        let relay = CodecMemory::new(1 << 30);
-        let mt = CodecMemory::new(1 << 30);
-        let d =
-            StreamDecompressor::new(mt.reserve(1, window_log, decompressor_cost).unwrap()).unwrap();
-        let c = StreamCompressor::new(
-            level,
-            d.window_log(),
-            relay
-                .reserve(1, window_log, |w| compressor_cost(w, level))
-                .unwrap(),
-        )
-        .unwrap();
-        (c, d)
+        stream_pair(window_log, level).unwrap()
     }
 
     #[test]

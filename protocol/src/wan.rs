@@ -140,17 +140,6 @@ pub enum BodyCoding {
     Zstd,
 }
 
-impl BodyCoding {
-    /// Its name in metrics and benchmark reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            BodyCoding::None => "none",
-            BodyCoding::Lz4 => "lz4",
-            BodyCoding::Zstd => "zstd",
-        }
-    }
-}
-
 /// What the encoder may do to a body.
 #[derive(Debug)]
 pub enum Compressor<'a> {
@@ -620,16 +609,7 @@ mod tests {
     }
 
     fn zstd_pair() -> (StreamCompressor, StreamDecompressor) {
-        use crate::codec::{compressor_cost, decompressor_cost, CodecMemory};
-        let pool = CodecMemory::new(1 << 30);
-        let d = StreamDecompressor::new(pool.reserve(1, 20, decompressor_cost).unwrap()).unwrap();
-        let c = StreamCompressor::new(
-            3,
-            d.window_log(),
-            pool.reserve(1, 20, |w| compressor_cost(w, 3)).unwrap(),
-        )
-        .unwrap();
-        (c, d)
+        crate::codec::stream_pair(20, 3).unwrap()
     }
 
     #[test]

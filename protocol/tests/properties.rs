@@ -165,9 +165,7 @@ proptest! {
 
 mod batches {
     use super::*;
-    use fbr_protocol::codec::{
-        compressor_cost, decompressor_cost, CodecMemory, StreamCompressor, StreamDecompressor,
-    };
+    use fbr_protocol::codec::{StreamCompressor, StreamDecompressor};
     use fbr_protocol::wan::{
         decode_batch, decode_batch_with, encode_batch, Batch, Block, Compressor, Item, BLOCK_SIZE,
     };
@@ -181,15 +179,7 @@ mod batches {
     }
 
     fn zstd_pair() -> (StreamCompressor, StreamDecompressor) {
-        let pool = CodecMemory::new(1 << 30);
-        let d = StreamDecompressor::new(pool.reserve(1, 18, decompressor_cost).unwrap()).unwrap();
-        let c = StreamCompressor::new(
-            3,
-            d.window_log(),
-            pool.reserve(1, 18, |w| compressor_cost(w, 3)).unwrap(),
-        )
-        .unwrap();
-        (c, d)
+        fbr_protocol::codec::stream_pair(18, 3).unwrap()
     }
 
     fn block(n: usize) -> impl Strategy<Value = Block> {

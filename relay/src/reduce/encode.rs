@@ -74,11 +74,6 @@ impl Reducer {
         }
     }
 
-    /// The zstd window of the session's context (0: none).
-    pub fn zstd_window_log(&self) -> u8 {
-        self.zstd.as_ref().map_or(0, |z| z.window_log())
-    }
-
     /// What the last round cost on each side (see [`CodecChooser::observe`]).
     pub fn observe(&mut self, cpu: std::time::Duration, link: std::time::Duration, backlog: bool) {
         self.chooser.observe(cpu, link, backlog);
@@ -326,14 +321,6 @@ impl Reducer {
             Ok(enc) => enc,
             Err(e) => unreachable!("LZ4 and plain encoding do not fail: {e}"),
         }
-    }
-}
-
-/// The codec a batch travelled with, as [`BatchCompression`] tells it.
-pub fn coding_of(c: BatchCompression) -> BodyCoding {
-    match c {
-        BatchCompression::Tried { coding, .. } => coding,
-        _ => BodyCoding::None,
     }
 }
 
