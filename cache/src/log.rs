@@ -63,6 +63,29 @@ pub enum CacheError {
     Busy { stream: StreamId },
 }
 
+/// One stream no longer points into `segment`; `true` if no stream does any more (a
+/// trim may free it).
+fn release_holder<F>(segments: &mut BTreeMap<u64, Segment<F>>, segment: u32) -> bool {
+    match segments.get_mut(&u64::from(segment)) {
+        Some(seg) => {
+            seg.holders = seg.holders.saturating_sub(1);
+            seg.holders == 0
+        }
+        None => false,
+    }
+}
+
+/// A stream's index is dropped: it no longer points into any of its segments.
+fn release_holders_of<F>(segments: &mut BTreeMap<u64, Segment<F>>, entries: &VecDeque<Loc>) {
+    let mut last = None;
+    for loc in entries {
+        if last != Some(loc.segment) {
+            release_holder(segments, loc.segment);
+            last = Some(loc.segment);
+        }
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CacheError {
     let what = what.into();
     move |source| CacheError::Io { what, source }
@@ -152,6 +175,12 @@ struct Segment<F> {
     sealed: bool,
     /// Highest sequence number of each stream in this segment.
     max_seq: HashMap<StreamId, u64>,
+    /// Streams whose index still points into this segment (unacknowledged cached
+    /// records). Only a hint of when trimming may free something: [`SegmentLog::ack`]
+    /// trims when it drops to zero instead of scanning every segment on every ack
+    /// (which costs in proportion to the number of streams); [`SegmentLog::trim`]
+    /// itself decides from `max_seq`.
+    holders: usize,
 }
 
 /// What recovery found.
@@ -209,6 +238,9 @@ pub struct SegmentLog<S: Storage> {
     /// A commit's write is under way (between `begin_commit` and `finish_commit`).
     commit_in_flight: bool,
     used_bytes: u64,
+    /// The next ack trims whatever holders say (set after recovery, whose segments
+    /// may hold nothing anybody waits for).
+    trim_pending: bool,
 }
 
 impl<S: Storage> SegmentLog<S> {
@@ -253,6 +285,7 @@ impl<S: Storage> SegmentLog<S> {
             dirty: Vec::new(),
             commit_in_flight: false,
             used_bytes: 0,
+            trim_pending: false,
         };
         let mut report = RecoveryReport::default();
         let ids = log
@@ -267,6 +300,9 @@ impl<S: Storage> SegmentLog<S> {
         report.bytes = log.used_bytes;
         log.active = last.map(|l| l + 1).unwrap_or(1);
         log.start_segment(log.active)?;
+        // Recovered segments nobody holds (empty, or only records of fenced streams)
+        // are trimmed at the first ack, as before holders were counted.
+        log.trim_pending = true;
         report.resync = log
             .streams
             .iter()
@@ -318,6 +354,7 @@ impl<S: Storage> SegmentLog<S> {
             len,
             sealed: false,
             max_seq: HashMap::new(),
+            holders: 0,
         };
         if let Some(footer) = read_footer(&*file, len) {
             segment.sealed = true;
@@ -446,6 +483,9 @@ impl<S: Storage> SegmentLog<S> {
             s.needs_resync = Some(reason);
             return;
         }
+        if s.entries.back().map(|l| l.segment) != Some(loc.segment) {
+            segment.holders += 1;
+        }
         s.push(loc);
         s.durable_seq = seq;
         s.pending_bytes = 0;
@@ -472,6 +512,7 @@ impl<S: Storage> SegmentLog<S> {
                 len: SEGMENT_HEADER_LEN,
                 sealed: false,
                 max_seq: HashMap::new(),
+                holders: 0,
             },
         );
         self.used_bytes += SEGMENT_HEADER_LEN;
@@ -541,11 +582,21 @@ impl<S: Storage> SegmentLog<S> {
             len: written as u32,
             appended_s: (now_ms / 1000) as u32,
         };
-        self.streams
+        let index = self
+            .streams
             .entry(stream.clone())
-            .or_insert_with(|| StreamIndex::new(disk_size, seq))
-            .push(loc);
-        if !self.dirty.contains(stream) {
+            .or_insert_with(|| StreamIndex::new(disk_size, seq));
+        if index.entries.back().map(|l| l.segment) != Some(loc.segment) {
+            if let Some(active) = self.segments.get_mut(&self.active) {
+                active.holders += 1;
+            }
+        }
+        // A stream with nothing pending is not in `dirty` yet (every entry has bytes;
+        // commits and rollbacks zero `pending_bytes` as they drain `dirty`): O(1)
+        // where searching `dirty` cost in proportion to the streams in the commit.
+        let newly_dirty = index.pending_bytes == 0;
+        index.push(loc);
+        if newly_dirty {
             self.dirty.push(stream.clone());
         }
         let next_ref = self.footer_refs.len() as u32;
@@ -654,6 +705,9 @@ impl<S: Storage> SegmentLog<S> {
                 while s.appended_seq > s.durable_seq {
                     if let Some(loc) = s.entries.pop_back() {
                         s.cached_bytes -= loc.len as u64;
+                        if s.entries.back().map(|l| l.segment) != Some(loc.segment) {
+                            release_holder(&mut self.segments, loc.segment);
+                        }
                     }
                     s.appended_seq -= 1;
                 }
@@ -707,6 +761,7 @@ impl<S: Storage> SegmentLog<S> {
     /// The master target holds everything of `stream` up to `seq`: free it. Returns
     /// the bytes freed by deleting segments.
     pub fn ack(&mut self, stream: &StreamId, seq: u64) -> Result<u64, CacheError> {
+        let mut trim_due = false;
         if let Some(s) = self.streams.get_mut(stream) {
             if seq > s.acked_seq {
                 s.acked_seq = seq;
@@ -716,6 +771,10 @@ impl<S: Storage> SegmentLog<S> {
                     };
                     s.cached_bytes -= loc.len as u64;
                     s.first_seq += 1;
+                    // The stream's last record in that segment: it no longer holds it.
+                    if s.entries.front().map(|l| l.segment) != Some(loc.segment) {
+                        trim_due |= release_holder(&mut self.segments, loc.segment);
+                    }
                 }
                 s.pending_bytes = s.pending_bytes.min(s.cached_bytes);
                 if s.entries.is_empty() {
@@ -726,16 +785,22 @@ impl<S: Storage> SegmentLog<S> {
                     // between relays): the stream continues after what it holds.
                     s.appended_seq = seq;
                     s.durable_seq = seq;
+                    trim_due = true;
                 }
             }
         }
-        self.trim()
+        if trim_due || std::mem::take(&mut self.trim_pending) {
+            self.trim()
+        } else {
+            Ok(0)
+        }
     }
 
     /// Gives up on forwarding `stream` from the cache (corruption): its records no
     /// longer hold segments back. It must be resynchronised from the source.
     pub fn drop_stream(&mut self, stream: &StreamId, reason: String) -> Result<u64, CacheError> {
         if let Some(s) = self.streams.get_mut(stream) {
+            release_holders_of(&mut self.segments, &s.entries);
             s.entries.clear();
             s.cached_bytes = 0;
             s.pending_bytes = 0;
@@ -766,7 +831,9 @@ impl<S: Storage> SegmentLog<S> {
         if active_len > SEGMENT_HEADER_LEN {
             self.seal_and_roll()?;
         }
-        self.streams.remove(stream);
+        if let Some(s) = self.streams.remove(stream) {
+            release_holders_of(&mut self.segments, &s.entries);
+        }
         for seg in self.segments.values_mut() {
             seg.max_seq.remove(stream);
         }
@@ -782,6 +849,7 @@ impl<S: Storage> SegmentLog<S> {
     pub fn reset_stream(&mut self, stream: &StreamId, next_seq: u64) -> Result<u64, CacheError> {
         if let Some(s) = self.streams.get_mut(stream) {
             let last = next_seq.max(1) - 1;
+            release_holders_of(&mut self.segments, &s.entries);
             s.entries.clear();
             s.cached_bytes = 0;
             s.pending_bytes = 0;

@@ -160,6 +160,13 @@ fn run(ops: Vec<Op>) {
                 m.durable.retain(|s, _| *s > upto);
                 m.acked = upto;
                 log.ack(&id(stream), upto).unwrap();
+                // An ack trims only when a segment's last holder lets go: a full trim
+                // right after must find nothing more to free.
+                assert_eq!(
+                    log.trim().unwrap(),
+                    0,
+                    "an ack left a free segment untrimmed"
+                );
             }
             Op::Read { stream, pick } => {
                 let m = &model[stream];

@@ -192,15 +192,32 @@ pub struct RunStats {
     pub resync_hash_bytes: AtomicU64,
     /// Source-write to acknowledgement, microseconds.
     pub lag_us: Mutex<Option<Histogram<u64>>>,
+    /// When the run's counters were made (the agents start right after).
+    pub started: std::sync::OnceLock<Instant>,
+    /// Disks that have had at least one record acknowledged.
+    pub disks_first_acked: AtomicU64,
+    /// The latest of those first acknowledgements, milliseconds after `started`: how long
+    /// onboarding every disk took once all are acknowledged.
+    pub last_first_ack_ms: AtomicU64,
 }
 
 impl RunStats {
     fn new() -> Arc<Self> {
         let h = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
-        Arc::new(RunStats {
+        let stats = RunStats {
             lag_us: Mutex::new(Some(h)),
             ..Default::default()
-        })
+        };
+        stats.started.get_or_init(Instant::now);
+        Arc::new(stats)
+    }
+
+    /// A disk's first record was acknowledged now.
+    fn first_ack(&self) {
+        let started = *self.started.get_or_init(Instant::now);
+        let ms = started.elapsed().as_millis() as u64;
+        self.last_first_ack_ms.fetch_max(ms, Ordering::Relaxed);
+        self.disks_first_acked.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `(p50, p99, max)` lag in milliseconds so far.
@@ -333,6 +350,8 @@ struct DiskRuntime {
     dirty: Option<Mutex<DirtyRegions>>,
     /// Set once the disk's first session was accepted.
     accepted_once: watch::Sender<bool>,
+    /// Set once a first record of the disk was acknowledged (for onboarding time).
+    first_acked: AtomicBool,
     /// The placement of the last session accepted (a move waits for one at its own).
     accepted_placement: watch::Sender<u64>,
     /// Set once the disk knows whether it resyncs (and its begin mark, if any, is
@@ -479,6 +498,9 @@ impl DiskRuntime {
     /// Records the relay acknowledged (durable in its cache): counts their bytes, and
     /// lets the dirty regions they covered go.
     fn count_acked(&self, records: Vec<Record>, stats: &RunStats) {
+        if !records.is_empty() && !self.first_acked.swap(true, Ordering::Relaxed) {
+            stats.first_ack();
+        }
         if let (Some(dirty), Some(last)) = (&self.dirty, records.last()) {
             let produced = self.lock_gen().next_seq - 1;
             let mut d = dirty.lock().unwrap_or_else(|p| p.into_inner());
@@ -798,6 +820,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             }),
             dirty: dirty.map(Mutex::new),
             accepted_once: watch::channel(false).0,
+            first_acked: AtomicBool::new(false),
             accepted_placement: watch::channel(0).0,
             ready,
             resync: Mutex::new(ResyncLive::default()),

@@ -15,7 +15,7 @@ use fbr_transport::QuicTuning;
 use serde::Serialize;
 
 use crate::agent::{self, AgentOptions, DiskPlan, DiskStart, ResyncPlan, RunStats};
-use crate::harness::{process_cpu_seconds, Site, SiteOptions};
+use crate::harness::{process_cpu_seconds, process_peak_rss_bytes, Site, SiteOptions};
 use crate::image::ImageSpec;
 use crate::source::SourceSpec;
 use crate::verify;
@@ -108,7 +108,15 @@ pub struct DrillSummary {
     pub lag_ms: LagMs,
     pub relay_cpu_s: f64,
     pub master_target_cpu_s: f64,
+    /// The relay's peak resident set over the run, bytes (`VmHWM`).
+    pub relay_peak_rss_bytes: u64,
     pub reconnects: u64,
+    /// Disks with at least one acknowledged record, and how long after the agents
+    /// started the last of them had its first (onboarding every disk).
+    pub disks_acked: u64,
+    pub all_disks_acked_s: f64,
+    /// Consistent cuts (one per replication group per tag) the agents made.
+    pub tags_cut: u64,
     pub verify_s: f64,
     /// The steady churn rate asked for, MB/s (`None`: flat out, so lag measures the
     /// backlog the relay's cache absorbed rather than a recovery-point objective).
@@ -266,6 +274,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     let report = handle.finish().await.map_err(anyhow::Error::msg)?;
     let relay_cpu_s = process_cpu_seconds(relay_pid).unwrap_or(f64::NAN);
     let master_target_cpu_s = process_cpu_seconds(mt_pid).unwrap_or(f64::NAN);
+    let relay_peak_rss_bytes = process_peak_rss_bytes(relay_pid).unwrap_or(0);
     site.stop_relay(false)?;
     site.stop_master_target(false)?;
 
@@ -315,7 +324,18 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         lag_ms: LagMs { p50, p99, max },
         relay_cpu_s,
         master_target_cpu_s,
+        relay_peak_rss_bytes,
         reconnects: stats.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        disks_acked: stats
+            .disks_first_acked
+            .load(std::sync::atomic::Ordering::Relaxed),
+        all_disks_acked_s: stats
+            .last_first_ack_ms
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1e3,
+        tags_cut: stats
+            .tags_inserted
+            .load(std::sync::atomic::Ordering::Relaxed),
         verify_s,
         rate_mb_per_s: opts.rate_bytes_per_s.map(|r| r as f64 / 1e6),
         errors,

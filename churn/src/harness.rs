@@ -861,6 +861,14 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / ticks)
 }
 
+/// Peak resident set of a running process, bytes (`VmHWM` in `/proc/<pid>/status`).
+pub fn process_peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// `GET path` from an HTTP endpoint on loopback: (status, body). Blocking, 10 s bound.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     try_http_get(addr, path).unwrap_or_else(|e| (0, e))

@@ -32,6 +32,7 @@ pub mod moves;
 pub mod platform;
 pub mod resyncbench;
 pub mod retentionbench;
+pub mod scalebench;
 pub mod source;
 pub mod verify;
 pub mod wanbench;

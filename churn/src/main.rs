@@ -266,6 +266,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark the relay's cost as streams grow: the same total churn over 10, 100
+    /// and 1,000 disks (release build).
+    BenchScale {
+        /// Stream counts, comma-separated; the first is the reference.
+        #[arg(long, value_delimiter = ',', default_values_t = [10, 100, 1000])]
+        streams: Vec<u32>,
+        /// Churn per case, seconds.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Size of each disk.
+        #[arg(long, default_value = "8MiB", value_parser = fbr_daemon::parse_size)]
+        disk_size: u64,
+        /// Total churn, MB/s (default: half of what the first case does flat out).
+        #[arg(long)]
+        rate_mb: Option<f64>,
+        /// Milliseconds between recovery points.
+        #[arg(long, default_value_t = 500)]
+        tag_interval_ms: u64,
+        /// Replication groups per case.
+        #[arg(long, default_value_t = 1)]
+        groups: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmark the WAN leg per content model against rsync (release build; needs
     /// rsync: ./scripts/bench-wan installs it).
     BenchWan {
@@ -777,6 +803,41 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 println!("{}", serde_json::to_string(&result)?);
             }
             Ok(verified)
+        }
+        Command::BenchScale {
+            streams,
+            seconds,
+            disk_size,
+            rate_mb,
+            tag_interval_ms,
+            groups,
+            seed,
+            json,
+        } => {
+            anyhow::ensure!(
+                streams.iter().all(|&s| s >= 1),
+                "--streams must all be at least 1"
+            );
+            anyhow::ensure!(
+                disk_size >= 1 << 20 && disk_size % 4096 == 0,
+                "--disk-size must be a multiple of 4 KiB, at least 1 MiB"
+            );
+            let opts = fbr_churn::scalebench::ScaleBenchOptions {
+                streams,
+                seconds: seconds.max(1.0),
+                disk_size,
+                rate_mb,
+                tag_interval: Duration::from_millis(tag_interval_ms.max(50)),
+                groups: groups.max(1),
+                seed,
+            };
+            let result = fbr_churn::scalebench::run(opts).await?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                eprintln!("{}", serde_json::to_string_pretty(&result)?);
+            }
+            Ok(result["verified"] == true)
         }
         Command::BenchThrottle {
             rate,

@@ -15,7 +15,7 @@
 //! lock held only to look records up, and acknowledge what the master target confirmed
 //! ([`RelayCache::ack`]), which deletes fully acknowledged segments.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -389,7 +389,7 @@ impl RelayCache {
                     Err(_) => break,
                 }
             }
-            let mut in_batch: Vec<StreamId> = Vec::new();
+            let mut in_batch: HashSet<StreamId> = HashSet::new();
             // Appended and not yet written by a commit.
             let mut uncommitted = 0u64;
             for req in batch {
@@ -415,7 +415,7 @@ impl RelayCache {
                         Ok(()) => {
                             self.full.store(false, Ordering::SeqCst);
                             if !in_batch.contains(&req.stream) {
-                                in_batch.push(req.stream.clone());
+                                in_batch.insert(req.stream.clone());
                             }
                             break;
                         }
@@ -446,7 +446,7 @@ impl RelayCache {
     }
 
     /// Group commit: one write and one `fdatasync` for everything appended.
-    fn commit(&self, in_batch: &mut Vec<StreamId>) {
+    fn commit(&self, in_batch: &mut HashSet<StreamId>) {
         let pending = self.lock_log().begin_commit();
         let Some(pending) = pending else {
             in_batch.clear();
@@ -485,6 +485,13 @@ impl RelayCache {
 
     /// Waits until trimming frees space; `false` on shutdown.
     fn wait_for_space(&self) -> bool {
+        // Acks trim only when a segment's last holder lets go; a full trim here too
+        // makes sure a full cache never waits on that hint.
+        if let Ok(freed) = self.lock_log().trim() {
+            if freed > 0 {
+                return true;
+            }
+        }
         let guard = self.space.0.lock().unwrap_or_else(|p| p.into_inner());
         let _ = self.space.1.wait_timeout(guard, Duration::from_millis(100));
         self.requests
@@ -563,6 +570,10 @@ impl ForwardSource for RelayCache {
 
     fn next_tag(&self, stream: &StreamId, from: u64) -> Option<u64> {
         RelayCache::next_tag(self, stream, from)
+    }
+
+    fn backlog_bytes(&self, stream: &StreamId) -> u64 {
+        self.stats(stream).map_or(0, |s| s.backlog_bytes)
     }
 
     fn ack(&self, stream: &StreamId, seq: u64) -> Result<(), CacheError> {

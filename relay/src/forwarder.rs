@@ -54,6 +54,10 @@ use fbr_protocol::codec::{compressor_cost, CodecMemory, StreamCompressor};
 const READ_WINDOW_BYTES: usize = 8 << 20;
 /// Forwarders that may hold a read window in memory at once.
 pub const REDUCE_SLOTS: usize = 8;
+/// A read of at most this much is reduced on the forwarder's own task: with many slow
+/// streams nearly every read is one small record, and a hop to a blocking thread and
+/// back (two thread wake-ups) cost more than hashing and compressing it.
+const INLINE_REDUCE_BYTES: u64 = 256 << 10;
 
 /// One stream to the master target: frames out, frames in.
 pub type UpstreamStream<U> = (
@@ -100,6 +104,11 @@ pub trait ForwardSource: RecordSource {
     /// The placement `stream`'s records here were received at (its forwarder's
     /// `Hello` says it).
     fn placement(&self, stream: &StreamId) -> u64;
+    /// Bytes of durable records of `stream` not yet acknowledged by the master target
+    /// (an upper bound of what the next read returns); `u64::MAX` if unknown.
+    fn backlog_bytes(&self, _stream: &StreamId) -> u64 {
+        u64::MAX
+    }
     /// Forgets `stream` for good and records `placement` as its current one (the VM
     /// moved; see [`crate::cache::RelayCache::retire`]), unless a placement as high is
     /// on record already (`Ok(false)`). May block briefly.
@@ -552,22 +561,30 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
         }
         let round = Instant::now();
         let budget = (credit as usize).clamp(1, READ_WINDOW_BYTES);
-        // Read and reduce on a blocking thread (SHA-256 and compression are CPU work), a bounded
-        // number of streams at a time (each holds up to a window of records).
-        let Ok(slot) = ctx.reduce_slots.acquire().await else {
-            return RelayError::ShuttingDown;
-        };
-        let (job_ctx, job_id, job_state) = (ctx.clone(), id.clone(), state.clone());
         let mut r = reducer.take().expect("reducer present between reads");
         let mut p = plan.take();
-        let read = tokio::task::spawn_blocking(move || {
-            let out = read_and_reduce(
-                &job_ctx, &job_id, &job_state, &mut r, &mut p, cursor, durable, budget,
-            );
-            (r, p.filter(|p| !p.is_done()), out)
-        })
-        .await;
-        drop(slot);
+        let read = if p.is_none() && ctx.source.backlog_bytes(id) <= INLINE_REDUCE_BYTES {
+            // A small read: here, without a thread hop.
+            let out = read_and_reduce(ctx, id, state, &mut r, &mut p, cursor, durable, budget);
+            Ok((r, p.filter(|p| !p.is_done()), out))
+        } else {
+            // Read and reduce on a blocking thread (SHA-256 and compression are CPU
+            // work), a bounded number of streams at a time (each holds up to a window
+            // of records).
+            let Ok(slot) = ctx.reduce_slots.acquire().await else {
+                return RelayError::ShuttingDown;
+            };
+            let (job_ctx, job_id, job_state) = (ctx.clone(), id.clone(), state.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                let out = read_and_reduce(
+                    &job_ctx, &job_id, &job_state, &mut r, &mut p, cursor, durable, budget,
+                );
+                (r, p.filter(|p| !p.is_done()), out)
+            })
+            .await;
+            drop(slot);
+            read
+        };
         let batches = match read {
             Ok((mut r, p, Ok(b))) => {
                 let backlog = b
