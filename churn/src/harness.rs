@@ -93,6 +93,12 @@ pub struct Site {
     relay_asks_for_master_target: bool,
     /// The relay's operator API (the failback controller), kept across restarts.
     relay_api: Option<SocketAddr>,
+    /// The master target runs in this link's namespace, behind its emulated WAN
+    /// ([`Site::put_master_target_behind`]). Declared before `_tmp`: dropped first.
+    mt_link: Option<crate::netem::WanLink>,
+    /// The relay forwards here instead of to the master target's own address (an
+    /// impairment proxy in front of it, [`crate::impair`]).
+    relay_master_target: Option<SocketAddr>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -151,6 +157,8 @@ impl Site {
             relay_b_master_target: None,
             relay_asks_for_master_target: false,
             relay_api: None,
+            mt_link: None,
+            relay_master_target: None,
             _tmp: tmp,
         })
     }
@@ -214,6 +222,26 @@ impl Site {
         start_daemon(&mut self.mt, &root, cmd)
     }
 
+    /// Runs the master target (from its next start) inside `link`'s network namespace,
+    /// listening on the namespace's address: the relay reaches it through the emulated
+    /// WAN. Its metrics listen there too.
+    pub fn put_master_target_behind(&mut self, link: crate::netem::WanLink) {
+        self.mt.addr = Some(SocketAddr::new(link.ns_ip.into(), 0));
+        self.mt.metrics_addr = Some(SocketAddr::new(link.ns_ip.into(), 0));
+        self.mt_link = Some(link);
+    }
+
+    /// The relay (from its next start) forwards to `addr` rather than to the master
+    /// target's address: a proxy in front of it.
+    pub fn route_relay_to_master_target_through(&mut self, addr: SocketAddr) {
+        self.relay_master_target = Some(addr);
+    }
+
+    /// The emulated WAN in front of the master target, if there is one.
+    pub fn master_target_link(&mut self) -> Option<&mut crate::netem::WanLink> {
+        self.mt_link.as_mut()
+    }
+
     /// `master-target run` with this site's settings.
     fn master_target_command(
         &self,
@@ -223,7 +251,10 @@ impl Site {
         control_socket: &Path,
     ) -> anyhow::Result<Command> {
         let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
-        let mut cmd = Command::new(bin_path("master-target")?);
+        let mut cmd = match (&self.mt_link, cert_name) {
+            (Some(link), "master-target") => link.command(&bin_path("master-target")?),
+            _ => Command::new(bin_path("master-target")?),
+        };
         cmd.arg("run")
             .arg("--listen")
             .arg(listen.to_string())
@@ -362,6 +393,9 @@ impl Site {
     ) -> anyhow::Result<Command> {
         let mt = match (cert_name, self.relay_b_master_target) {
             ("relay-b", Some(addr)) => addr,
+            ("relay", _) if self.relay_master_target.is_some() => {
+                self.relay_master_target.expect("checked")
+            }
             _ => self
                 .mt
                 .addr

@@ -28,7 +28,9 @@ pub mod drill;
 pub mod failbackdrill;
 pub mod harness;
 pub mod image;
+pub mod impair;
 pub mod moves;
+pub mod netem;
 pub mod platform;
 pub mod resyncbench;
 pub mod retentionbench;
@@ -36,6 +38,7 @@ pub mod scalebench;
 pub mod source;
 pub mod verify;
 pub mod wanbench;
+pub mod wanemu;
 pub mod workload;
 pub mod writelog;
 

@@ -292,6 +292,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replicate through an emulated WAN (the master target in a network namespace
+    /// behind tc netem: 40/80 ms, 0.1%/1% loss, 100 Mbit/s and 1 Gbit/s, MTU 1,380, a
+    /// 60 s outage): the fraction of the link rate achieved, every point verified. Needs
+    /// root (release build).
+    BenchWanEmulation {
+        /// Churn per case, seconds.
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        /// Disks churning (two per VM).
+        #[arg(long, default_value_t = 8)]
+        streams: u32,
+        /// Only the cases whose name contains one of these (repeat).
+        #[arg(long)]
+        only: Vec<String>,
+        /// The relay's congestion control (wan.congestion), comma-separated: each runs
+        /// the whole grid.
+        #[arg(long, value_delimiter = ',', default_values_t = ["bbr".to_string()])]
+        congestion: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmark the WAN leg per content model against rsync (release build; needs
     /// rsync: ./scripts/bench-wan installs it).
     BenchWan {
@@ -838,6 +859,47 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 eprintln!("{}", serde_json::to_string_pretty(&result)?);
             }
             Ok(result["verified"] == true)
+        }
+        Command::BenchWanEmulation {
+            seconds,
+            streams,
+            only,
+            congestion,
+            json,
+        } => {
+            let mut cases = Vec::new();
+            for c in &congestion {
+                let c = match fbr_transport::Congestion::parse(c) {
+                    Some(c) => c.name(),
+                    None => anyhow::bail!("--congestion {c:?}: expected bbr or cubic"),
+                };
+                cases.extend(fbr_churn::wanemu::grid(seconds.max(3.0), streams.max(1), c));
+            }
+            let cases: Vec<_> = cases
+                .into_iter()
+                .filter(|c| only.is_empty() || only.iter().any(|o| c.name.contains(o.as_str())))
+                .collect();
+            let mut results = serde_json::Map::new();
+            let mut verified = true;
+            for case in &cases {
+                eprintln!("bench-wan-emulation: {}", case.name);
+                let r = fbr_churn::wanemu::run_case(case, true).await?;
+                eprintln!(
+                    "  {:.1} Mbit/s sent, {:.1} delivered{}; {} points verified: {}",
+                    r.wire_mbit_per_s,
+                    r.delivered_mbit_per_s,
+                    r.link_fraction
+                        .map_or(String::new(), |f| format!(" ({:.2} of the link)", f)),
+                    r.recovery_points_verified,
+                    r.verified
+                );
+                verified &= r.verified;
+                results.insert(case.name.clone(), serde_json::to_value(&r)?);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&results)?);
+            }
+            Ok(verified)
         }
         Command::BenchThrottle {
             rate,

@@ -496,6 +496,10 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "wan.zstd_level")]
     wan_zstd_level: Option<i32>,
+    /// Congestion control towards the master target: bbr or cubic [wan.congestion].
+    #[arg(long)]
+    #[serde(rename = "wan.congestion")]
+    wan_congestion: Option<String>,
     /// Memory for all streams' zstd contexts, in MiB [wan.codec_memory].
     #[arg(long)]
     #[serde(rename = "wan.codec_memory", serialize_with = "mib_flag")]
@@ -754,6 +758,11 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
         max_udp_payload: settings.max_udp_payload,
         ..QuicTuning::default()
     };
+    // The WAN leg to the master target: its congestion controller is the operator's.
+    let upstream_tuning = QuicTuning {
+        congestion: fbr_transport::Congestion::parse(&settings.wan.congestion).unwrap_or_default(),
+        ..tuning.clone()
+    };
     let cache_config = CacheConfig {
         segment_bytes: settings.cache.segment_size.0,
         capacity_bytes: settings.cache.capacity.0,
@@ -783,7 +792,8 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     let server_creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
     let client_creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
     let agents = server_endpoint(settings.listen, server_creds, &tuning)?;
-    let upstream_endpoint = client_endpoint(any_addr_for(master_target), client_creds, &tuning)?;
+    let upstream_endpoint =
+        client_endpoint(any_addr_for(master_target), client_creds, &upstream_tuning)?;
     let link = PeerLink::new(
         upstream_endpoint.clone(),
         master_target,

@@ -127,6 +127,9 @@ pub struct WanSettings {
     pub codec_memory: ByteSize,
     /// Most block hashes remembered as held by the master target (~100 bytes each).
     pub dedup_known_blocks: u64,
+    /// Congestion control of the QUIC connection to the master target: "bbr" or
+    /// "cubic".
+    pub congestion: String,
 }
 
 impl Default for WanSettings {
@@ -139,6 +142,7 @@ impl Default for WanSettings {
             zstd_level: c.zstd_level,
             codec_memory: ByteSize(c.codec_memory),
             dedup_known_blocks: 1 << 20,
+            congestion: "cubic".into(),
         }
     }
 }
@@ -401,6 +405,12 @@ impl DaemonSettings for RelaySettings {
         self.health_thresholds()
             .validate()
             .map_err(|(key, reason)| ConfigError::new(key, reason))?;
+        if fbr_transport::Congestion::parse(&self.wan.congestion).is_none() {
+            return Err(ConfigError::new(
+                "wan.congestion",
+                format!("{:?} is neither \"bbr\" nor \"cubic\"", self.wan.congestion),
+            ));
+        }
         if !(0..=fbr_protocol::codec::MAX_ZSTD_LEVEL).contains(&self.wan.zstd_level) {
             return Err(ConfigError::new(
                 "wan.zstd_level",

@@ -26,5 +26,5 @@ pub use framed::{ChunkWrite, FrameReader, FrameWriter, IoWriter, ReadError};
 pub use identity::{peer_identity, require_role, PeerIdentity, Role};
 pub use link::{LinkError, LinkStatus, PeerLink};
 pub use quic::{
-    any_addr_for, client_endpoint, load_roots, server_endpoint, Credentials, QuicTuning,
+    any_addr_for, client_endpoint, load_roots, server_endpoint, Congestion, Credentials, QuicTuning,
 };

@@ -59,7 +59,18 @@ struct Observed {
     down_since: Option<Instant>,
     /// UDP bytes sent on connections that have since been replaced.
     retired_udp_tx_bytes: u64,
+    /// Datagrams received on the current connection when last looked, and when that
+    /// count last moved: a connection that hears nothing is not "connected", whatever
+    /// quinn says before its idle timeout.
+    rx_datagrams: u64,
+    last_heard: Instant,
 }
+
+/// A connection silent this long counts as down from when it was last heard: keep-alives
+/// (every quarter of the idle timeout, 7.5 s by default) draw an answer from a live peer,
+/// so two of them unanswered mean the path is gone, well before quinn's idle timeout
+/// closes the connection.
+const SILENT_AFTER: Duration = Duration::from_secs(15);
 
 /// The state of a link, for health checks and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +99,8 @@ impl PeerLink {
                 conn: None,
                 down_since: Some(Instant::now()),
                 retired_udp_tx_bytes: 0,
+                rx_datagrams: 0,
+                last_heard: Instant::now(),
             }),
         }
     }
@@ -96,14 +109,29 @@ impl PeerLink {
         self.observed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the peer is connected, since when it is not, and bytes sent to it.
+    /// Whether the peer is connected (and heard from lately), since when it is not, and
+    /// bytes sent to it. Call it regularly (health does, every tick): silence is
+    /// measured between calls.
     pub fn status(&self) -> LinkStatus {
         let mut o = self.lock_observed();
-        let connected = o.conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+        let now = Instant::now();
+        let open = o.conn.as_ref().filter(|c| c.close_reason().is_none());
+        let rx = open.map(|c| c.stats().udp_rx.datagrams);
+        let connected = match rx {
+            Some(rx) => {
+                if rx != o.rx_datagrams {
+                    o.rx_datagrams = rx;
+                    o.last_heard = now;
+                }
+                now.duration_since(o.last_heard) < SILENT_AFTER
+            }
+            None => false,
+        };
         if connected {
             o.down_since = None;
         } else if o.down_since.is_none() {
-            o.down_since = Some(Instant::now());
+            // Down since it was last heard (a silent connection), or since now.
+            o.down_since = Some(if rx.is_some() { o.last_heard } else { now });
         }
         LinkStatus {
             connected,
@@ -126,6 +154,8 @@ impl PeerLink {
             if let Some(old) = o.conn.replace(conn.clone()) {
                 o.retired_udp_tx_bytes += old.stats().udp_tx.bytes;
             }
+            o.rx_datagrams = conn.stats().udp_rx.datagrams;
+            o.last_heard = Instant::now();
         }
         o.down_since = None;
     }

@@ -53,6 +53,39 @@ pub struct QuicTuning {
     pub max_udp_payload: u16,
     /// Close the connection after this long without hearing from the peer.
     pub idle_timeout: Duration,
+    /// How the sender paces itself against the path (what it sends; the receiver's
+    /// choice matters little).
+    pub congestion: Congestion,
+}
+
+/// Congestion controllers quinn offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// Loss-based (RFC 9438): backs off on every loss, so random loss on a long path
+    /// caps it far below the link rate.
+    #[default]
+    Cubic,
+    /// Model-based (BBR): paces at the measured bottleneck rate and round trip, and does
+    /// not take random loss for congestion.
+    Bbr,
+}
+
+impl Congestion {
+    /// `cubic` or `bbr`.
+    pub fn parse(s: &str) -> Option<Congestion> {
+        match s {
+            "cubic" => Some(Congestion::Cubic),
+            "bbr" => Some(Congestion::Bbr),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+        }
+    }
 }
 
 impl Default for QuicTuning {
@@ -63,6 +96,7 @@ impl Default for QuicTuning {
             socket_buffer: 16 << 20,
             max_udp_payload: 1452,
             idle_timeout: Duration::from_secs(30),
+            congestion: Congestion::default(),
         }
     }
 }
@@ -80,6 +114,9 @@ impl QuicTuning {
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         t.mtu_discovery_config(Some(mtu));
+        if self.congestion == Congestion::Bbr {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
         t
     }
 }
