@@ -156,8 +156,10 @@ impl PeerLink {
             }
             o.rx_datagrams = conn.stats().udp_rx.datagrams;
             o.last_heard = Instant::now();
+            o.down_since = None;
         }
-        o.down_since = None;
+        // The same connection handed out again says nothing of whether the peer still
+        // answers: `status` judges that from what it receives.
     }
 
     pub fn addr(&self) -> SocketAddr {
