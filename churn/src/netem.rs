@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(s.netem_args(true)[4], "100%");
         assert_eq!(
             LinkShape::CLEAN.netem_args(false),
-            ["netem", "limit", "1000"]
+            ["netem", "limit", "1785"]
         );
     }
 }
