@@ -559,11 +559,7 @@ pub async fn run_throttle_bench(
     // Warm-up: the queue builds and every stream is contending.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let metrics = site.relay_metrics_addr().context("the relay's metrics")?;
-    // The wire counter moves on scrapes: one at each end of the window.
-    let wire = move || {
-        let (_, text) = crate::harness::http_get(metrics, "/metrics");
-        crate::harness::sample(&text, "fbr_relay_bytes_total{stage=\"wire\"}")
-    };
+    let wire = move || crate::harness::relay_wire_bytes(metrics);
     let wire_before = tokio::task::spawn_blocking(wire).await?;
     let before = handle.applied_frame_bytes_per_disk();
     let started = Instant::now();

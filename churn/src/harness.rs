@@ -903,6 +903,14 @@ pub fn process_peak_rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The relay's WAN bytes so far (`fbr_relay_bytes_total{stage="wire"}`: UDP payload to
+/// the master target), scraped from its `/metrics`. Blocking. The counter moves on
+/// scrapes, so a rate needs one scrape at each end of the window.
+pub fn relay_wire_bytes(metrics: SocketAddr) -> Option<f64> {
+    let (_, text) = http_get(metrics, "/metrics");
+    sample(&text, "fbr_relay_bytes_total{stage=\"wire\"}")
+}
+
 /// `GET path` from an HTTP endpoint on loopback: (status, body). Blocking, 10 s bound.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     try_http_get(addr, path).unwrap_or_else(|e| (0, e))

@@ -147,10 +147,7 @@ pub async fn run_case(case: &WanCase, progress: bool) -> anyhow::Result<WanCaseR
     };
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
     let metrics = site.relay_metrics_addr().context("the relay's metrics")?;
-    let wire = move || {
-        let (_, text) = crate::harness::http_get(metrics, "/metrics");
-        crate::harness::sample(&text, "fbr_relay_bytes_total{stage=\"wire\"}")
-    };
+    let wire = move || crate::harness::relay_wire_bytes(metrics);
     // Warm-up: the congestion window opens (a few round trips) and a backlog builds.
     let warm_up = Duration::from_secs(3).min(Duration::from_secs_f64(case.seconds / 3.0));
     tokio::time::sleep(warm_up).await;
