@@ -593,7 +593,9 @@ impl<S: Storage> SegmentLog<S> {
         }
         // A stream with nothing pending is not in `dirty` yet (every entry has bytes;
         // commits and rollbacks zero `pending_bytes` as they drain `dirty`): O(1)
-        // where searching `dirty` cost in proportion to the streams in the commit.
+        // where searching `dirty` cost in proportion to the streams in the commit. An
+        // ack or reset that zeroed it early can list a stream twice, which is harmless:
+        // draining `dirty` does the same for a stream however often it is listed.
         let newly_dirty = index.pending_bytes == 0;
         index.push(loc);
         if newly_dirty {
