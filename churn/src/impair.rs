@@ -29,7 +29,6 @@ const IP_UDP_HEADERS: usize = 28;
 #[derive(Debug)]
 pub struct ImpairedLink {
     pub addr: SocketAddr,
-    shape: Arc<Mutex<LinkShape>>,
     down: Arc<AtomicBool>,
     /// Bytes delivered to the server, IPv4 and UDP headers included (what the link
     /// rate counts).
@@ -44,7 +43,6 @@ impl ImpairedLink {
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         back.connect(server).await?;
         let addr = front.local_addr()?;
-        let shape = Arc::new(Mutex::new(shape));
         let down = Arc::new(AtomicBool::new(false));
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let (to_server_tx, to_server_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -76,21 +74,16 @@ impl ImpairedLink {
             }));
         }
         let delivered_to_server = Arc::new(AtomicU64::new(0));
-        let (s1, d1, b1, c1) = (
-            shape.clone(),
-            down.clone(),
-            back.clone(),
-            delivered_to_server.clone(),
-        );
-        tasks.push(tokio::spawn(direction(to_server_rx, s1, d1, move |p| {
+        let (d1, b1, c1) = (down.clone(), back.clone(), delivered_to_server.clone());
+        tasks.push(tokio::spawn(direction(to_server_rx, shape, d1, move |p| {
             let (b, c) = (b1.clone(), c1.clone());
             async move {
                 c.fetch_add((p.len() + IP_UDP_HEADERS) as u64, Ordering::Relaxed);
                 let _ = b.send(&p).await;
             }
         })));
-        let (s2, d2) = (shape.clone(), down.clone());
-        tasks.push(tokio::spawn(direction(to_client_rx, s2, d2, move |p| {
+        let d2 = down.clone();
+        tasks.push(tokio::spawn(direction(to_client_rx, shape, d2, move |p| {
             let (f, c) = (front.clone(), client.clone());
             async move {
                 let to = *c.lock().unwrap_or_else(|p| p.into_inner());
@@ -101,7 +94,6 @@ impl ImpairedLink {
         })));
         Ok(ImpairedLink {
             addr,
-            shape,
             down,
             delivered_to_server,
             tasks,
@@ -117,10 +109,6 @@ impl ImpairedLink {
     pub fn delivered_to_server(&self) -> u64 {
         self.delivered_to_server.load(Ordering::Relaxed)
     }
-
-    pub fn reshape(&self, shape: LinkShape) {
-        *self.shape.lock().unwrap_or_else(|p| p.into_inner()) = shape;
-    }
 }
 
 impl Drop for ImpairedLink {
@@ -134,7 +122,7 @@ impl Drop for ImpairedLink {
 /// One direction: loss, MTU, queue and rate on arrival; delivery at the arrival time.
 async fn direction<F, Fut>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
-    shape: Arc<Mutex<LinkShape>>,
+    s: LinkShape,
     down: Arc<AtomicBool>,
     deliver: F,
 ) where
@@ -150,7 +138,6 @@ async fn direction<F, Fut>(
         tokio::select! {
             packet = rx.recv() => {
                 let Some(packet) = packet else { return };
-                let s = *shape.lock().unwrap_or_else(|p| p.into_inner());
                 if down.load(Ordering::SeqCst) {
                     continue;
                 }

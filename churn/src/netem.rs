@@ -10,9 +10,9 @@
 //! ```
 //!
 //! Only addresses inside the /30 the link creates are used; the namespace and the veth
-//! pair are deleted when the [`WanLink`] is dropped. Needs root (CAP_NET_ADMIN) and the
-//! `ip` and `tc` tools; [`WanLink::available`] says why not where they are missing, so
-//! tests can skip with that reason.
+//! pair are deleted when the [`WanLink`] is dropped. Needs root (CAP_NET_ADMIN), the
+//! `ip` and `tc` tools and the kernel's `sch_netem`; where [`WanLink::create`] fails,
+//! [`crate::wanemu`] says why and uses [`crate::impair`]'s proxy instead.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -94,24 +94,6 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 impl WanLink {
-    /// Whether links can be made here: `Err` says why not (not root, no `ip`/`tc`, or
-    /// namespaces refused, as in an unprivileged container).
-    pub fn available() -> Result<(), String> {
-        for tool in ["ip", "tc"] {
-            let found = Command::new(tool)
-                .arg("-V")
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if !found {
-                return Err(format!("`{tool}` (iproute2) is not installed"));
-            }
-        }
-        match WanLink::create(LinkShape::CLEAN) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(format!("cannot create a network namespace here: {e:#}")),
-        }
-    }
-
     /// Creates the namespace and the veth pair, addressed and shaped.
     pub fn create(shape: LinkShape) -> anyhow::Result<WanLink> {
         // Unique per link: RandomState's keys are random per process and per call.
@@ -173,13 +155,6 @@ impl WanLink {
         run(Command::new("tc").args(&inner))
     }
 
-    /// Changes the link's behaviour.
-    pub fn reshape(&mut self, shape: LinkShape) -> anyhow::Result<()> {
-        self.apply(shape, false)?;
-        self.shape = shape;
-        Ok(())
-    }
-
     /// Drops every packet both ways (`true`), or restores the shape (`false`).
     pub fn set_down(&self, down: bool) -> anyhow::Result<()> {
         self.apply(self.shape, down)
@@ -197,10 +172,6 @@ impl WanLink {
         .trim()
         .parse()
         .ok()
-    }
-
-    pub fn shape(&self) -> LinkShape {
-        self.shape
     }
 
     /// `program` run inside the namespace (`ip netns exec` execs it: same process).

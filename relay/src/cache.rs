@@ -414,9 +414,7 @@ impl RelayCache {
                     match result {
                         Ok(()) => {
                             self.full.store(false, Ordering::SeqCst);
-                            if !in_batch.contains(&req.stream) {
-                                in_batch.insert(req.stream.clone());
-                            }
+                            in_batch.insert(req.stream.clone());
                             break;
                         }
                         Err(CacheError::OutOfOrder { last, got, .. }) if got <= last => {
