@@ -19,6 +19,9 @@ pub enum ErrorCode {
     /// A valid frame arrived where the protocol does not allow it (e.g. a record
     /// before `Hello`).
     UnexpectedFrame,
+    /// The peer did not send its `Hello`, or the rest of a frame it began, in time: the
+    /// receiver does not hold a stream open for a sender that trickles (a slowloris).
+    TooSlow,
     /// The peer's certificate does not name the role this endpoint requires.
     Unauthenticated,
     /// The peer's certificate does not entitle it to the VM it tried to write.
@@ -65,11 +68,12 @@ pub enum Recovery {
 
 impl ErrorCode {
     /// Every code this version defines (metrics start each at zero).
-    pub const KNOWN: [ErrorCode; 16] = [
+    pub const KNOWN: [ErrorCode; 17] = [
         ErrorCode::MalformedFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnexpectedFrame,
+        ErrorCode::TooSlow,
         ErrorCode::Unauthenticated,
         ErrorCode::NotEntitled,
         ErrorCode::SequenceGap,
@@ -91,9 +95,10 @@ impl ErrorCode {
     /// only repeat it. Unknown codes (from a newer peer) are not retried.
     pub fn recovery(self) -> Recovery {
         match self {
-            ErrorCode::UpstreamUnavailable | ErrorCode::Internal | ErrorCode::StreamBusy => {
-                Recovery::Retry
-            }
+            ErrorCode::UpstreamUnavailable
+            | ErrorCode::Internal
+            | ErrorCode::StreamBusy
+            | ErrorCode::TooSlow => Recovery::Retry,
             ErrorCode::UnknownReference => Recovery::ResendNow,
             _ => Recovery::GiveUp,
         }
@@ -111,6 +116,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => 2,
             ErrorCode::FrameTooLarge => 3,
             ErrorCode::UnexpectedFrame => 4,
+            ErrorCode::TooSlow => 5,
             ErrorCode::Unauthenticated => 10,
             ErrorCode::NotEntitled => 11,
             ErrorCode::SequenceGap => 20,
@@ -134,6 +140,7 @@ impl ErrorCode {
             2 => ErrorCode::UnsupportedVersion,
             3 => ErrorCode::FrameTooLarge,
             4 => ErrorCode::UnexpectedFrame,
+            5 => ErrorCode::TooSlow,
             10 => ErrorCode::Unauthenticated,
             11 => ErrorCode::NotEntitled,
             20 => ErrorCode::SequenceGap,
@@ -157,6 +164,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => "unsupported_version",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::UnexpectedFrame => "unexpected_frame",
+            ErrorCode::TooSlow => "too_slow",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::NotEntitled => "not_entitled",
             ErrorCode::SequenceGap => "sequence_gap",
@@ -220,6 +228,7 @@ mod tests {
             (ErrorCode::UnsupportedVersion, 2),
             (ErrorCode::FrameTooLarge, 3),
             (ErrorCode::UnexpectedFrame, 4),
+            (ErrorCode::TooSlow, 5),
             (ErrorCode::Unauthenticated, 10),
             (ErrorCode::NotEntitled, 11),
             (ErrorCode::SequenceGap, 20),

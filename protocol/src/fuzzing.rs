@@ -162,7 +162,7 @@ pub fn drive_receiver(data: &[u8]) {
                     let at = start + Duration::from_secs(u64::from(step));
                     if let Some(r) = rx.handle_timeout(at) {
                         assert!(at >= start + config.hello_timeout);
-                        assert_eq!(r.code, ErrorCode::UnexpectedFrame);
+                        assert_eq!(r.code, ErrorCode::TooSlow);
                     }
                 }
                 _ => {

@@ -395,7 +395,7 @@ impl StreamReceiver {
         match self.state {
             ReceiverState::AwaitingHello { deadline } if now >= deadline => {
                 let message = format!("no Hello within {} s", self.config.hello_timeout.as_secs());
-                Some(self.close(Refusal::new(ErrorCode::UnexpectedFrame, message)))
+                Some(self.close(Refusal::new(ErrorCode::TooSlow, message)))
             }
             _ => None,
         }
@@ -1397,7 +1397,7 @@ mod tests {
         assert_eq!(rx.poll_timeout(), Some(now + HELLO_TIMEOUT));
         assert!(rx.handle_timeout(now + Duration::from_secs(9)).is_none());
         let r = rx.handle_timeout(now + HELLO_TIMEOUT).unwrap();
-        assert_eq!(r.code, ErrorCode::UnexpectedFrame);
+        assert_eq!(r.code, ErrorCode::TooSlow);
         assert!(r.message.contains("no Hello within 10 s"));
 
         let mut rx = StreamReceiver::new(ReceiverConfig::agent_facing(), Entitlement::any(), now);

@@ -172,6 +172,10 @@ fn ack_credit_error() {
         Frame::error(ErrorCode::SequenceGap, "gap"),
         &[b'F', b'B', 1, 0x30, 5, 0, 0, 0, 20, 0, b'g', b'a', b'p'],
     );
+    check(
+        Frame::error(ErrorCode::TooSlow, "slow"),
+        &[b'F', b'B', 1, 0x30, 6, 0, 0, 0, 5, 0, b's', b'l', b'o', b'w'],
+    );
 }
 
 #[test]

@@ -3,7 +3,12 @@
 //! [`FrameReader`] reads from any `AsyncRead` (a `quinn::RecvStream` in the daemons, an
 //! in-memory pipe in tests) into a buffer and decodes whole frames; it never holds more
 //! than one frame beyond what it has returned plus one read chunk, so a peer cannot make
-//! it buffer more than [`fbr_protocol::MAX_FRAME_PAYLOAD`]. [`FrameReader::receive`]
+//! it buffer more than [`fbr_protocol::MAX_FRAME_PAYLOAD`]. Its buffer starts at
+//! [`MIN_READ`] and grows only while reads come back full, so a stream that sends a byte and
+//! stops holds 4 KiB, not a full read chunk (a thousand such streams are 4 MiB). With a
+//! frame timeout ([`FrameReader::with_frame_timeout`]) a frame begun must be complete
+//! within it, or the read fails as [`ErrorCode::TooSlow`]: a peer trickling a frame at a
+//! byte a second does not hold a stream forever. [`FrameReader::receive`]
 //! hands the stream machines ([`fbr_protocol::stream`]) what they take: an
 //! [`Incoming`]. [`FrameWriter`] encodes and writes through [`ChunkWrite`], which QUIC
 //! implements without copying.
@@ -16,8 +21,11 @@ use fbr_protocol::stream::{Incoming, Opening, Refusal, StreamReceiver};
 use fbr_protocol::{decode_frame, encode_frame, DecodeError, ErrorCode, Frame, StreamId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// How much to ask the stream for in one read.
+/// The most a busy stream asks for in one read.
 const READ_CHUNK: usize = 256 * 1024;
+/// What a new (or quiet) stream asks for in one read; doubled each time a read brings at
+/// least half of what was asked.
+pub const MIN_READ: usize = 4 * 1024;
 
 /// Why no frame could be read.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +36,8 @@ pub enum ReadError {
     Truncated(usize),
     #[error("stream: {0}")]
     Stream(#[from] std::io::Error),
+    #[error("a frame begun {seconds} s ago is still incomplete ({have} bytes so far): the sender is too slow")]
+    TooSlow { have: usize, seconds: u64 },
 }
 
 impl ReadError {
@@ -37,6 +47,7 @@ impl ReadError {
             ReadError::Decode(d) => d.code(),
             ReadError::Truncated(_) => ErrorCode::MalformedFrame,
             ReadError::Stream(_) => ErrorCode::Internal,
+            ReadError::TooSlow { .. } => ErrorCode::TooSlow,
         }
     }
 }
@@ -46,14 +57,33 @@ impl ReadError {
 pub struct FrameReader<R = quinn::RecvStream> {
     recv: R,
     buf: BytesMut,
+    /// How much the next read asks for: [`MIN_READ`], doubling up to [`READ_CHUNK`]
+    /// while reads fill what they asked for.
+    read_size: usize,
+    /// How long a frame may take to arrive once begun; `None`: unlimited.
+    frame_timeout: Option<std::time::Duration>,
+    /// When the bytes of the incomplete frame in `buf` began to arrive.
+    frame_began: Option<Instant>,
 }
 
 impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
     pub fn new(recv: R) -> Self {
         FrameReader {
             recv,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+            frame_timeout: None,
+            frame_began: None,
         }
+    }
+
+    /// Fails a read with [`ReadError::TooSlow`] when a frame is not complete within
+    /// `timeout` of its first bytes. Measured in wall time, which is fair even while the
+    /// owner is not reading: a whole frame fits in a stream's QUIC receive window, so an
+    /// honest sender's frame is in the stream's buffer by then.
+    pub fn with_frame_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
+        self.frame_timeout = timeout;
+        self
     }
 
     /// The next frame; `Ok(None)` when the peer finished the stream cleanly between
@@ -61,12 +91,34 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             if let Some(frame) = decode_frame(&mut self.buf)? {
+                // What is left over is the next frame's beginning, arrived by now.
+                self.frame_began = (!self.buf.is_empty()).then(Instant::now);
                 return Ok(Some(frame));
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
+            if !self.buf.is_empty() && self.frame_began.is_none() {
+                self.frame_began = Some(Instant::now());
             }
-            let n = self.recv.read_buf(&mut self.buf).await?;
+            if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+                self.buf.reserve(self.read_size);
+            }
+            let read = self.recv.read_buf(&mut self.buf);
+            let n = match (self.frame_timeout, self.frame_began) {
+                (Some(limit), Some(began)) => {
+                    match tokio::time::timeout_at((began + limit).into(), read).await {
+                        Ok(n) => n?,
+                        Err(_) => {
+                            return Err(ReadError::TooSlow {
+                                have: self.buf.len(),
+                                seconds: limit.as_secs(),
+                            })
+                        }
+                    }
+                }
+                _ => read.await?,
+            };
+            if n >= self.read_size / 2 && self.read_size < READ_CHUNK {
+                self.read_size *= 2;
+            }
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -257,5 +309,64 @@ mod tests {
         let mut reader = FrameReader::new(b);
         let at = Instant::now() + std::time::Duration::from_millis(20);
         assert_eq!(reader.receive_until(Some(at)).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_trickled_frame_times_out_and_a_quiet_stream_holds_little() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut reader =
+            FrameReader::new(b).with_frame_timeout(Some(std::time::Duration::from_millis(300)));
+        // A whole frame is fine however long the stream was quiet before it.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        let mut writer = FrameWriter::new(IoWriter(&mut a));
+        writer.send(&Frame::Credit { credit_bytes: 1 }).await.unwrap();
+        assert_eq!(
+            reader.receive().await,
+            Incoming::Frame(Frame::Credit { credit_bytes: 1 })
+        );
+        // The first byte of the next frame, then a byte now and then: too slow.
+        let trickle = tokio::spawn(async move {
+            for byte in b"FB\x01\x21\x08\0\0\0" {
+                a.write_all(&[*byte]).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            a
+        });
+        let started = Instant::now();
+        match reader.receive().await {
+            Incoming::Malformed { code, reason } => {
+                assert_eq!(code, ErrorCode::TooSlow, "{reason}");
+                assert!(reason.contains("too slow"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // What it holds for the partial frame is one small read, not a read chunk.
+        assert!(reader.buf.capacity() <= MIN_READ, "{}", reader.buf.capacity());
+        drop(trickle.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_busy_stream_reads_in_large_chunks() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(b);
+        let mut writer = FrameWriter::new(IoWriter(a));
+        let record = Frame::Record(Record::Write {
+            seq: 1,
+            offset: 0,
+            data: Bytes::from(vec![7; 512 * 1024]),
+        });
+        let sent = record.clone();
+        let task = tokio::spawn(async move {
+            for _ in 0..4 {
+                writer.send(&sent).await.unwrap();
+            }
+            writer.finish().await;
+        });
+        for _ in 0..4 {
+            assert_eq!(reader.receive().await, Incoming::Frame(record.clone()));
+        }
+        assert!(reader.read_size >= 16 * MIN_READ, "{}", reader.read_size);
+        task.await.unwrap();
     }
 }
