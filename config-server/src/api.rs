@@ -33,7 +33,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
@@ -730,22 +729,16 @@ async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
 }
 
 async fn read_body_limited(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, ApiError> {
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes().to_vec()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ApiError::new(
+    use fbr_enroll::https::BodyError;
+    fbr_enroll::https::read_body(req, limit)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge(_) => ApiError::new(
                 "body_too_large",
                 format!("bodies are at most {limit} bytes"),
-            ))
-        }
-        Err(e) => Err(ApiError::new(
-            "bad_request",
-            format!("reading the body: {e}"),
-        )),
-    }
+            ),
+            e => ApiError::new("bad_request", e.to_string()),
+        })
 }
 
 fn certificate_required() -> ApiError {
@@ -755,15 +748,19 @@ fn certificate_required() -> ApiError {
     )
 }
 
-/// Serves the API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, server: Arc<Server>) -> anyhow::Result<()> {
+/// Serves the API on `listener` until the task is dropped, admitting connections
+/// through `gate` (of [`MAX_CONNECTIONS`] slots: [`gate`]).
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    gate: fbr_daemon::gate::ConnectionGate,
+) -> anyhow::Result<()> {
     let limits = fbr_enroll::https::Limits {
-        max_connections: MAX_CONNECTIONS,
         connection_timeout: CONNECTION_TIMEOUT,
         handshake_timeout: HANDSHAKE_TIMEOUT,
     };
     let tls = server.tls_config()?;
-    fbr_enroll::https::serve(listener, tls, limits, move |req, caller| {
+    fbr_enroll::https::serve(listener, tls, limits, gate, move |req, caller| {
         let server = server.clone();
         async move {
             server
@@ -778,6 +775,11 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) -> anyhow::Result
     })
     .await;
     Ok(())
+}
+
+/// The API's admission gate: [`MAX_CONNECTIONS`] slots.
+pub fn gate() -> fbr_daemon::gate::ConnectionGate {
+    fbr_daemon::gate::ConnectionGate::new(MAX_CONNECTIONS)
 }
 
 #[cfg(test)]

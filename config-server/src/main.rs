@@ -494,6 +494,13 @@ async fn run(settings: ConfigServerSettings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen {}", settings.listen))?;
     let local = listener.local_addr()?;
+    let metrics_gate = fbr_metrics::http::gate();
+    let api_gate = fbr_config_server::api::gate();
+    fbr_metrics::HttpConnections::register(
+        &server.metrics.registry,
+        "fbr_config_server",
+        vec![("metrics", metrics_gate.stats()), ("api", api_gate.stats())],
+    );
     let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(server.clone()));
     let metrics = match settings.metrics_addr()? {
         Some(addr) => Some(
@@ -501,6 +508,7 @@ async fn run(settings: ConfigServerSettings) -> anyhow::Result<()> {
                 addr,
                 settings.metrics_port_file.as_deref(),
                 endpoints.clone(),
+                metrics_gate,
             )
             .await
             .map_err(anyhow::Error::msg)?,
@@ -512,7 +520,11 @@ async fn run(settings: ConfigServerSettings) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", pf.display()))?;
     }
     tracing::info!(listen = %local, site = %server.site.site_id, "configuration server listening");
-    let api = tokio::spawn(fbr_config_server::api::serve(listener, server.clone()));
+    let api = tokio::spawn(fbr_config_server::api::serve(
+        listener,
+        server.clone(),
+        api_gate,
+    ));
     let notify = fbr_metrics::spawn_systemd_readiness(endpoints)
         .context("NOTIFY_SOCKET (systemd notification)")?;
     tokio::select! {

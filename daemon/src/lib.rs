@@ -17,6 +17,8 @@
 //!   readiness, `STATUS=` with the reason, `STOPPING=1`.
 //! - [`placements`]: the durable table of each stream's placement (where it moved),
 //!   which the relay and the master target check every `Hello` against.
+//! - [`gate`]: admission of HTTP connections (the metrics endpoint, the HTTPS APIs):
+//!   bounded, and a slow client loses its slot to a new one before an honest one does.
 //! - [`control`]: the control socket (a Unix socket, mode 0600, one JSON request and
 //!   answer per line) and its client, each daemon's requests its own.
 //!
@@ -28,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod gate;
 pub mod placements;
 pub mod process;
 pub mod run;

@@ -1,8 +1,10 @@
 //! Serving an HTTPS JSON API: the configuration server's and the relay controller's.
 //! One place for what both need to hold up against slow or greedy clients: the TLS
-//! handshake within [`Limits::handshake_timeout`], at most [`Limits::max_connections`]
-//! connections at once (more are closed at once), each served for at most
-//! [`Limits::connection_timeout`], request heads within 10 s. Each request is handed to
+//! handshake within [`Limits::handshake_timeout`], connections admitted by a
+//! [`ConnectionGate`] (bounded; when full, a new connection takes the slot of the one
+//! waiting longest without a request in progress, so a slowloris cannot keep operators
+//! out), each served for at most [`Limits::connection_timeout`], request heads within
+//! 10 s. Each request is handed to
 //! the caller's handler with who is calling, as the TLS session says ([`Caller`]).
 
 use std::convert::Infallible;
@@ -11,19 +13,50 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fbr_daemon::gate::{Admission, ConnectionGate};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// How much a server gives its clients.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub max_connections: usize,
     pub connection_timeout: Duration,
     pub handshake_timeout: Duration,
+}
+
+/// Longest a request body may take to arrive once its head is in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body is over {0} bytes")]
+    TooLarge(usize),
+    #[error("the body did not arrive within {} s", BODY_TIMEOUT.as_secs())]
+    TooSlow,
+    #[error("reading the body: {0}")]
+    Broken(String),
+}
+
+/// Reads a request's body: at most `limit` bytes, within [`BODY_TIMEOUT`] (a client
+/// trickling its body holds its connection no longer than one trickling its head).
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, BodyError> {
+    use http_body_util::BodyExt;
+    let collect = http_body_util::Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Err(_) => Err(BodyError::TooSlow),
+        Ok(Ok(c)) => Ok(c.to_bytes().to_vec()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(BodyError::TooLarge(limit))
+        }
+        Ok(Err(e)) => Err(BodyError::Broken(e.to_string())),
+    }
 }
 
 /// Who sent a request.
@@ -37,19 +70,19 @@ pub struct Caller {
     pub exporter: [u8; 32],
 }
 
-/// Serves `listener` with `tls` until the task is dropped; `handler` answers each
-/// request with a status and a JSON body.
+/// Serves `listener` with `tls` until the task is dropped, admitting connections
+/// through `gate`; `handler` answers each request with a status and a JSON body.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     limits: Limits,
+    gate: ConnectionGate,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, Arc<Caller>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = (StatusCode, Vec<u8>)> + Send + 'static,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(s) => s,
@@ -59,18 +92,24 @@ pub async fn serve<H, Fut>(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(admission) = gate.admit() else {
             drop(tcp);
             continue;
         };
+        let admission = Arc::new(admission);
         let (acceptor, handler) = (acceptor.clone(), handler.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let _ = tokio::time::timeout(
-                limits.connection_timeout,
-                connection(acceptor, handler, tcp, remote, limits),
-            )
-            .await;
+            let served = connection(acceptor, handler, tcp, remote, limits, admission.clone());
+            tokio::select! {
+                within = tokio::time::timeout(limits.connection_timeout, served) => {
+                    if within.is_err() {
+                        admission.timed_out();
+                    }
+                }
+                () = admission.evicted() => {
+                    tracing::debug!(%remote, "connection evicted: waited longest without a request");
+                }
+            }
         });
     }
 }
@@ -81,6 +120,7 @@ async fn connection<H, Fut>(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
     limits: Limits,
+    admission: Arc<Admission>,
 ) where
     H: Fn(Request<Incoming>, Arc<Caller>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = (StatusCode, Vec<u8>)> + Send + 'static,
@@ -91,7 +131,10 @@ async fn connection<H, Fut>(
             tracing::debug!(%remote, "TLS handshake failed: {e}");
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            admission.timed_out();
+            return;
+        }
     };
     let mut exporter = [0u8; 32];
     if let Err(e) =
@@ -113,10 +156,13 @@ async fn connection<H, Fut>(
         peer,
         exporter,
     });
+    let in_service = admission.clone();
     let service = hyper::service::service_fn(move |req| {
-        let (handler, caller) = (handler.clone(), caller.clone());
+        let (handler, caller, admission) = (handler.clone(), caller.clone(), in_service.clone());
         async move {
+            admission.request_started();
             let (status, body) = handler(req, caller).await;
+            admission.request_finished();
             let response = Response::builder()
                 .status(status)
                 .header("content-type", "application/json")
@@ -125,9 +171,12 @@ async fn connection<H, Fut>(
             Ok::<_, Infallible>(response)
         }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(tls), service)
         .await;
+    if matches!(&served, Err(e) if e.is_timeout()) {
+        admission.timed_out();
+    }
 }

@@ -295,6 +295,12 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
         fbr_daemon::placements::PlacementStore::open(data)?,
         retention,
     );
+    let metrics_gate = fbr_metrics::http::gate();
+    fbr_metrics::HttpConnections::register(
+        &mt.metrics.registry,
+        "fbr_master_target",
+        vec![("metrics", metrics_gate.stats())],
+    );
     let endpoints: Arc<dyn fbr_metrics::Endpoints> = Arc::new(Endpoints(mt.clone()));
     let metrics = match settings.metrics_addr()? {
         Some(addr) => Some(
@@ -302,6 +308,7 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
                 addr,
                 settings.metrics_port_file.as_deref(),
                 endpoints.clone(),
+                metrics_gate,
             )
             .await
             .map_err(anyhow::Error::msg)?,

@@ -7,24 +7,29 @@
 //! | `/readyz`  | the daemon can do its job        | it cannot (reasons)      | state and reasons |
 //!
 //! Anything else is 404; methods other than GET and HEAD are 405. At most
-//! [`MAX_CONNECTIONS`] connections are served at once (more are closed at once), each for
-//! at most [`CONNECTION_TIMEOUT`].
+//! [`MAX_CONNECTIONS`] connections are open at once, admitted by a
+//! [`ConnectionGate`]: when full, a new connection takes the slot of the one waiting
+//! longest without a request in progress (a slowloris), so a scrape always gets in. Each
+//! connection lives at most [`CONNECTION_TIMEOUT`], its request head within
+//! [`HEADER_TIMEOUT`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fbr_daemon::gate::ConnectionGate;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Longest a connection may stay open (scrapes take milliseconds).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a request head may take to arrive.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The answer of a probe: whether it passed, and a short human-readable body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +49,13 @@ pub trait Endpoints: Send + Sync + 'static {
 }
 
 /// Binds `addr`, writes the bound address to `port_file` (for scripts and tests), and
-/// serves `endpoints` there in a task; errors say what failed.
+/// serves `endpoints` there in a task, admitting connections through `gate` (whose
+/// counters the daemon exports); errors say what failed.
 pub async fn start(
     addr: std::net::SocketAddr,
     port_file: Option<&std::path::Path>,
     endpoints: Arc<dyn Endpoints>,
+    gate: ConnectionGate,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let listener = TcpListener::bind(addr)
         .await
@@ -61,12 +68,16 @@ pub async fn start(
             .map_err(|e| format!("writing {}: {e}", pf.display()))?;
     }
     tracing::info!(%bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
-    Ok(tokio::spawn(serve(listener, endpoints)))
+    Ok(tokio::spawn(serve(listener, endpoints, gate)))
+}
+
+/// A gate of [`MAX_CONNECTIONS`] slots, for [`start`].
+pub fn gate() -> ConnectionGate {
+    ConnectionGate::new(MAX_CONNECTIONS)
 }
 
 /// Serves `endpoints` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, endpoints: Arc<dyn Endpoints>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+pub async fn serve(listener: TcpListener, endpoints: Arc<dyn Endpoints>, gate: ConnectionGate) {
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(s) => s,
@@ -77,24 +88,38 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<dyn Endpoints>) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "metrics endpoint: too many connections, closing one");
+        let Some(admission) = gate.admit() else {
+            tracing::debug!(%remote, "metrics endpoint: every connection is busy, closing a new one");
             continue;
         };
+        let admission = Arc::new(admission);
         let endpoints = endpoints.clone();
         tokio::spawn(async move {
+            let in_service = admission.clone();
             let service = hyper::service::service_fn(move |req| {
-                let endpoints = endpoints.clone();
-                async move { Ok::<_, Infallible>(respond(&*endpoints, &req)) }
+                let (endpoints, admission) = (endpoints.clone(), in_service.clone());
+                async move {
+                    admission.request_started();
+                    let response = respond(&*endpoints, &req);
+                    admission.request_finished();
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
-                tracing::debug!(%remote, "metrics connection: {e}");
+            tokio::select! {
+                served = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => match served {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) if e.is_timeout() => admission.timed_out(),
+                    Ok(Err(e)) => tracing::debug!(%remote, "metrics connection: {e}"),
+                    Err(_) => admission.timed_out(),
+                },
+                () = admission.evicted() => {
+                    tracing::debug!(%remote, "metrics connection evicted: waited longest without a request");
+                }
             }
-            drop(slot);
         });
     }
 }
@@ -182,7 +207,7 @@ mod tests {
     async fn answers_each_path_with_its_status() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, Arc::new(Fixed)));
+        let server = tokio::spawn(serve(listener, Arc::new(Fixed), gate()));
         let req =
             |p: &str, m: &str| format!("{m} {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let metrics = get(addr, &req("/metrics", "GET")).await;
@@ -210,6 +235,48 @@ mod tests {
         assert!(get(addr, &req("/healthz", "GET"))
             .await
             .starts_with("HTTP/1.1 200"));
+        server.abort();
+    }
+
+    /// Every slot held by a client that sends its request head a byte at a time: a
+    /// scrape still gets in (it takes the longest waiter's slot), and the gate counts it.
+    #[tokio::test]
+    async fn a_slowloris_holding_every_slot_does_not_keep_a_scrape_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = gate();
+        let stats = gate.stats();
+        let server = tokio::spawn(serve(listener, Arc::new(Fixed), gate.clone()));
+        let mut slow = Vec::new();
+        for _ in 0..MAX_CONNECTIONS * 2 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metr").await.unwrap();
+            slow.push(s);
+        }
+        // The server has taken them all in (evicting the oldest as it went).
+        for _ in 0..100 {
+            if stats.admitted.load(std::sync::atomic::Ordering::Relaxed)
+                >= 2 * MAX_CONNECTIONS as u64
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let scrape = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(
+                addr,
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            ),
+        )
+        .await
+        .expect("the scrape is answered at once");
+        assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+        assert!(gate.open() <= MAX_CONNECTIONS);
+        let counts = stats.counts();
+        assert!(counts[1].1 >= MAX_CONNECTIONS as u64, "{counts:?}");
+        assert_eq!(counts[2], ("refused", 0));
+        drop(slow);
         server.abort();
     }
 }

@@ -59,6 +59,69 @@ impl StreamErrors {
     }
 }
 
+/// `fbr_<daemon>_http_connections_total{server,outcome}`: what the admission gates of a
+/// daemon's HTTP servers ([`fbr_daemon::gate`]) did with each connection (`admitted`,
+/// `evicted` to make room, `refused` while every slot served a request, `timed_out`),
+/// read from the gates' own counters at each scrape.
+#[derive(Clone)]
+pub struct HttpConnections {
+    opts: prometheus::Opts,
+    template: prometheus::IntCounterVec,
+    gates: Vec<(&'static str, std::sync::Arc<fbr_daemon::gate::GateStats>)>,
+}
+
+impl HttpConnections {
+    /// Registers `<prefix>_http_connections_total` on `registry` for `gates`, each
+    /// labelled with its server's name (`metrics`, `api`).
+    pub fn register(
+        registry: &prometheus::Registry,
+        prefix: &str,
+        gates: Vec<(&'static str, std::sync::Arc<fbr_daemon::gate::GateStats>)>,
+    ) {
+        let opts = prometheus::Opts::new(
+            format!("{prefix}_http_connections_total"),
+            "Connections to the HTTP servers, by server and by what the admission gate did: \
+             admitted, evicted (a slow client's slot given to a new one), refused (every \
+             slot serving), timed_out.",
+        );
+        let template = prometheus::IntCounterVec::new(opts.clone(), &["server", "outcome"])
+            .expect("valid metric");
+        register(
+            registry,
+            HttpConnections {
+                opts,
+                template,
+                gates,
+            },
+        );
+    }
+}
+
+impl std::fmt::Debug for HttpConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConnections")
+            .field("name", &self.opts.name)
+            .finish()
+    }
+}
+
+impl prometheus::core::Collector for HttpConnections {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.template.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let vec = prometheus::IntCounterVec::new(self.opts.clone(), &["server", "outcome"])
+            .expect("valid metric");
+        for (server, stats) in &self.gates {
+            for (outcome, n) in stats.counts() {
+                vec.with_label_values(&[server, outcome]).inc_by(n);
+            }
+        }
+        vec.collect()
+    }
+}
+
 /// Tells systemd (`Type=notify`, when `NOTIFY_SOCKET` is set) the daemon's readiness as
 /// `/readyz` answers it, checked every second: `READY=1` once ready, `STATUS=` with the
 /// reason whenever it changes ([`fbr_daemon::systemd::follow_readiness`]).

@@ -174,7 +174,9 @@ fn ack_credit_error() {
     );
     check(
         Frame::error(ErrorCode::TooSlow, "slow"),
-        &[b'F', b'B', 1, 0x30, 6, 0, 0, 0, 5, 0, b's', b'l', b'o', b'w'],
+        &[
+            b'F', b'B', 1, 0x30, 6, 0, 0, 0, 5, 0, b's', b'l', b'o', b'w',
+        ],
     );
 }
 

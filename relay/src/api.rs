@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use fbr_controller::{Job, JobRequest, Operation, PointChoice, Refusal, RefusalCode};
 use fbr_enroll::wire::ApiError;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -441,28 +440,42 @@ pub fn decode<T: for<'de> Deserialize<'de>>(
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, (StatusCode, ApiError)> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => Ok(b.to_bytes().to_vec()),
-        Err(e) => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body is over {MAX_BODY} bytes, or broke off: {e}"),
-        )),
-    }
+    use fbr_enroll::https::BodyError;
+    fbr_enroll::https::read_body(req, MAX_BODY)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge(_) => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is over {MAX_BODY} bytes"),
+            ),
+            BodyError::TooSlow => error(StatusCode::REQUEST_TIMEOUT, "bad_request", e.to_string()),
+            BodyError::Broken(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        })
 }
 
-/// Serves the API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, api: Arc<Api>) {
+/// Serves the API on `listener` until the task is dropped, admitting connections
+/// through `gate` (of [`MAX_CONNECTIONS`] slots: [`gate`]).
+pub async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    api: Arc<Api>,
+    gate: fbr_daemon::gate::ConnectionGate,
+) {
     let limits = fbr_enroll::https::Limits {
-        max_connections: MAX_CONNECTIONS,
         connection_timeout: CONNECTION_TIMEOUT,
         handshake_timeout: HANDSHAKE_TIMEOUT,
     };
-    fbr_enroll::https::serve(listener, tls, limits, move |req, caller| {
+    fbr_enroll::https::serve(listener, tls, limits, gate, move |req, caller| {
         let api = api.clone();
         async move { api.handle(req, caller.peer.as_ref()).await }
     })
     .await;
+}
+
+/// The API's admission gate: [`MAX_CONNECTIONS`] slots.
+pub fn gate() -> fbr_daemon::gate::ConnectionGate {
+    fbr_daemon::gate::ConnectionGate::new(MAX_CONNECTIONS)
 }
 
 #[cfg(test)]

@@ -845,7 +845,14 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
                 .with_context(|| format!("control_socket {path}"))?,
         ),
     };
-    let controller = start_controller(&settings, &relay).await?;
+    let metrics_gate = fbr_metrics::http::gate();
+    let api_gate = fbr_relay::api::gate();
+    fbr_metrics::HttpConnections::register(
+        &relay.metrics().registry,
+        "fbr_relay",
+        vec![("metrics", metrics_gate.stats()), ("api", api_gate.stats())],
+    );
+    let controller = start_controller(&settings, &relay, api_gate).await?;
     let endpoints = observe::RelayEndpoints::new(relay.clone());
     let metrics = match settings.metrics_addr()? {
         Some(addr) => Some(
@@ -853,6 +860,7 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
                 addr,
                 settings.metrics_port_file.as_deref(),
                 endpoints.clone(),
+                metrics_gate,
             )
             .await
             .map_err(anyhow::Error::msg)?,
@@ -907,6 +915,7 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
 async fn start_controller(
     settings: &RelaySettings,
     relay: &std::sync::Arc<Relay>,
+    gate: fbr_daemon::gate::ConnectionGate,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     use fbr_controller::hypervisor::{CommandHook, Hypervisor};
     let Some(addr) = settings.controller_addr()? else {
@@ -950,7 +959,7 @@ async fn start_controller(
     });
     Ok(vec![
         tokio::spawn(failback.run()),
-        tokio::spawn(fbr_relay::api::serve(listener, tls, api)),
+        tokio::spawn(fbr_relay::api::serve(listener, tls, api, gate)),
     ])
 }
 

@@ -319,7 +319,10 @@ mod tests {
         // A whole frame is fine however long the stream was quiet before it.
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         let mut writer = FrameWriter::new(IoWriter(&mut a));
-        writer.send(&Frame::Credit { credit_bytes: 1 }).await.unwrap();
+        writer
+            .send(&Frame::Credit { credit_bytes: 1 })
+            .await
+            .unwrap();
         assert_eq!(
             reader.receive().await,
             Incoming::Frame(Frame::Credit { credit_bytes: 1 })
@@ -342,7 +345,11 @@ mod tests {
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         // What it holds for the partial frame is one small read, not a read chunk.
-        assert!(reader.buf.capacity() <= MIN_READ, "{}", reader.buf.capacity());
+        assert!(
+            reader.buf.capacity() <= MIN_READ,
+            "{}",
+            reader.buf.capacity()
+        );
         drop(trickle.await.unwrap());
     }
 
