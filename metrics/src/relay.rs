@@ -23,12 +23,19 @@ use prometheus::{
 
 use crate::{register, register_process_metrics, StreamErrors};
 
+/// The `limit` labels of `fbr_relay_peers_cut_off_total` (each starts at zero).
+pub const PEER_LIMITS: [&str; 3] = ["handshakes", "connections", "idle_connection"];
+
 /// Every metric of a relay, on its own registry.
 #[derive(Debug, Clone)]
 pub struct RelayMetrics {
     pub registry: Registry,
     pub agent_connections_total: IntCounter,
     pub handshakes_refused_total: IntCounter,
+    /// Agent-side connections cut off by a limit that protects the relay, by limit:
+    /// `handshakes` (too many handshakes in progress), `connections` (at the connection
+    /// cap), `idle_connection` (no stream for `ingest.idle_connection_seconds`).
+    pub peers_cut_off_total: IntCounterVec,
     pub records_ingested_total: IntCounter,
     pub records_forwarded_total: IntCounter,
     pub duplicates_skipped_total: IntCounter,
@@ -129,6 +136,23 @@ impl RelayMetrics {
                 "fbr_relay_handshakes_refused_total",
                 "Connections that failed the TLS handshake (e.g. a foreign CA).",
             ),
+            peers_cut_off_total: {
+                let vec = register(
+                    &r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "fbr_relay_peers_cut_off_total",
+                            "Agent-side connections refused or closed by a limit that protects the relay: handshakes (too many in progress), connections (at the cap), idle_connection (no stream open for too long).",
+                        ),
+                        &["limit"],
+                    )
+                    .expect("valid metric"),
+                );
+                for limit in PEER_LIMITS {
+                    vec.with_label_values(&[limit]);
+                }
+                vec
+            },
             records_ingested_total: counter(
                 "fbr_relay_records_ingested_total",
                 "Records accepted from agents and queued for the cache.",

@@ -60,6 +60,9 @@ pub struct IngestContext {
     pub metrics: RelayMetrics,
     /// Credit granted to each agent stream: bytes of records it may have unacknowledged.
     pub agent_credit_bytes: u64,
+    /// How long an agent's frame may take to arrive once begun (a trickling peer is
+    /// refused with `too_slow`); `None`: unlimited.
+    pub frame_timeout: Option<Duration>,
     /// Where each resyncing disk stands, from the marks passing through.
     pub resync_progress: crate::resync::ResyncProgress,
     /// One generation counter per disk: a new session bumps it, older ones stop.
@@ -74,6 +77,7 @@ impl IngestContext {
         forwarders: Arc<RelayForwarders>,
         metrics: RelayMetrics,
         agent_credit_bytes: u64,
+        frame_timeout: Option<Duration>,
     ) -> Self {
         IngestContext {
             cache,
@@ -81,6 +85,7 @@ impl IngestContext {
             throttled: watch::channel(Arc::new(BTreeSet::new())).0,
             metrics,
             agent_credit_bytes,
+            frame_timeout,
             resync_progress: crate::resync::ResyncProgress::default(),
             generations: Mutex::new(HashMap::new()),
             moves: tokio::sync::Mutex::new(()),
@@ -144,7 +149,7 @@ pub async fn serve_stream(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
-    let mut reader = FrameReader::new(recv);
+    let mut reader = FrameReader::new(recv).with_frame_timeout(ctx.frame_timeout);
     let mut writer = FrameWriter::new(send);
     let mut receiver = StreamReceiver::new(
         ReceiverConfig::agent_facing(),

@@ -60,4 +60,4 @@ pub mod settings;
 pub mod target;
 
 pub use error::RelayError;
-pub use server::{Relay, RelayConfig};
+pub use server::{PeerLimits, Relay, RelayConfig};

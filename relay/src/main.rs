@@ -449,6 +449,16 @@ struct RunArgs {
     #[arg(long)]
     #[serde(rename = "ingest.credit", serialize_with = "mib_flag")]
     credit_mib: Option<u64>,
+    /// Close an agent connection with no stream open this long
+    /// [ingest.idle_connection_seconds].
+    #[arg(long)]
+    #[serde(rename = "ingest.idle_connection_seconds")]
+    idle_connection_seconds: Option<u64>,
+    /// Refuse a stream whose frame, once begun, takes longer than this; 0 never
+    /// [ingest.frame_timeout_seconds].
+    #[arg(long)]
+    #[serde(rename = "ingest.frame_timeout_seconds")]
+    frame_timeout_seconds: Option<u64>,
     /// Egress rate by time of week, e.g. "mon-fri 09:00-18:00 100mbit; other unlimited"
     /// [egress.schedule].
     #[arg(long)]
@@ -813,6 +823,7 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
             health_interval: settings.health_interval(),
             wan: settings.wan_config(),
             dedup_known_blocks: settings.wan.dedup_known_blocks as usize,
+            peer_limits: settings.peer_limits(),
         },
         link,
         cache.clone(),

@@ -7,6 +7,7 @@
 //! knows the forwarders (for positions and disk sizes), the forwarders know neither.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,53 @@ pub struct RelayConfig {
     pub wan: WanConfig,
     /// Most block hashes remembered as held by the master target (dedup).
     pub dedup_known_blocks: usize,
+    /// What agent-side peers get before they are cut off.
+    pub peer_limits: PeerLimits,
+}
+
+/// What the relay gives agent-side peers (honest or not) before it cuts them off; each
+/// cut is counted in `fbr_relay_peers_cut_off_total{limit}` or, for streams,
+/// `fbr_relay_stream_errors_total{code="too_slow"}`.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerLimits {
+    /// Connections (established or handshaking) at once; more are refused at once
+    /// (`connections`). One agent holds one connection for all its disks.
+    pub max_connections: usize,
+    /// Handshakes in progress at once; more are refused (`handshakes`): a flood of
+    /// handshakes without a valid certificate costs a bounded amount of CPU and memory.
+    pub max_handshakes: usize,
+    /// An established connection with no stream open this long is closed
+    /// (`idle_connection`).
+    pub idle_connection: Duration,
+    /// A frame begun must be complete within this (`too_slow`); `None`: unlimited.
+    pub frame_timeout: Option<Duration>,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            max_connections: 1024,
+            max_handshakes: 256,
+            idle_connection: Duration::from_secs(60),
+            frame_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Counts one holder of a limited resource while alive.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Held(count.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The latest health evaluation.
@@ -90,6 +138,7 @@ impl Relay {
             forwarders.clone(),
             metrics,
             config.agent_credit_bytes,
+            config.peer_limits.frame_timeout,
         ));
         for (id, disk_size) in cache.streams() {
             forwarders.ensure(&id, disk_size);
@@ -168,14 +217,45 @@ impl Relay {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
     }
 
-    /// Accepts agent connections on `endpoint` until it is closed.
+    /// Accepts agent connections on `endpoint` until it is closed, within
+    /// [`PeerLimits`].
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let limits = self.config.peer_limits;
+        let handshaking = Arc::new(AtomicUsize::new(0));
+        let connected = Arc::new(AtomicUsize::new(0));
+        let cut_off = |limit: &str| {
+            self.ingest
+                .metrics
+                .peers_cut_off_total
+                .with_label_values(&[limit])
+                .inc()
+        };
         while let Some(incoming) = endpoint.accept().await {
+            let remote = incoming.remote_address();
+            let in_handshake = handshaking.load(Ordering::Relaxed);
+            if in_handshake >= limits.max_handshakes {
+                cut_off("handshakes");
+                tracing::debug!(%remote, "refusing a connection: {in_handshake} handshakes in progress");
+                incoming.refuse();
+                continue;
+            }
+            if in_handshake + connected.load(Ordering::Relaxed) >= limits.max_connections {
+                cut_off("connections");
+                tracing::warn!(%remote, "refusing a connection: at the limit of {} (ingest.max_connections)", limits.max_connections);
+                incoming.refuse();
+                continue;
+            }
             let ingest = self.ingest.clone();
+            let handshake = Held::new(&handshaking);
+            let connected = connected.clone();
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => serve_connection(ingest, conn, remote).await,
+                let established = incoming.await;
+                drop(handshake);
+                match established {
+                    Ok(conn) => {
+                        let _held = Held::new(&connected);
+                        serve_connection(ingest, conn, remote, limits.idle_connection).await
+                    }
                     Err(e) => {
                         ingest.metrics.handshakes_refused_total.inc();
                         tracing::warn!(%remote, "connection refused during handshake: {e}");
@@ -186,8 +266,14 @@ impl Relay {
     }
 }
 
-/// One agent connection: the role check, then a session per disk stream.
-async fn serve_connection(ingest: Arc<IngestContext>, conn: quinn::Connection, remote: SocketAddr) {
+/// One agent connection: the role check, then a session per disk stream; closed once
+/// it has had no stream open for `idle_after`.
+async fn serve_connection(
+    ingest: Arc<IngestContext>,
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    idle_after: Duration,
+) {
     let peer = match require_role(&conn, Role::Agent) {
         Ok(p) => Arc::new(p),
         Err(why) => {
@@ -200,16 +286,37 @@ async fn serve_connection(ingest: Arc<IngestContext>, conn: quinn::Connection, r
         }
     };
     ingest.metrics.agent_connections_total.inc();
-    tracing::info!(%remote, cn = %peer.common_name, vms = ?peer.entitlement.vms, "agent connected");
+    tracing::info!(%remote, cn = %peer.common_name, vms = peer.entitlement.vms.len(), "agent connected");
+    let open_streams = Arc::new(AtomicUsize::new(0));
+    let mut idle_since = Some(Instant::now());
+    let mut check = tokio::time::interval(idle_after / 4);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                let (ingest, peer) = (ingest.clone(), peer.clone());
-                tokio::spawn(crate::ingest::serve_stream(ingest, peer, send, recv));
-            }
-            Err(e) => {
-                tracing::info!(%remote, "agent connection ended: {e}");
-                return;
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let (ingest, peer) = (ingest.clone(), peer.clone());
+                    let held = Held::new(&open_streams);
+                    idle_since = None;
+                    tokio::spawn(async move {
+                        crate::ingest::serve_stream(ingest, peer, send, recv).await;
+                        drop(held);
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(%remote, "agent connection ended: {e}");
+                    return;
+                }
+            },
+            _ = check.tick() => {
+                if open_streams.load(Ordering::Relaxed) > 0 {
+                    idle_since = None;
+                } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= idle_after {
+                    ingest.metrics.peers_cut_off_total.with_label_values(&["idle_connection"]).inc();
+                    tracing::info!(%remote, "closing an agent connection with no stream for {} s", idle_after.as_secs());
+                    conn.close(quinn::VarInt::from_u32(0), b"idle: no stream open");
+                    return;
+                }
             }
         }
     }

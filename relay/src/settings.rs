@@ -169,6 +169,14 @@ pub struct CacheSettings {
 pub struct IngestSettings {
     /// Bytes each agent stream may have unacknowledged.
     pub credit: ByteSize,
+    /// Agent connections at once (one agent holds one for all its disks).
+    pub max_connections: usize,
+    /// Handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Close an agent connection with no stream open this long.
+    pub idle_connection_seconds: u64,
+    /// Refuse a stream whose frame, once begun, takes longer than this (0: never).
+    pub frame_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,6 +200,20 @@ pub struct HealthSettings {
     pub backlog_age_warning_seconds: u64,
     pub backlog_age_critical_seconds: u64,
     pub master_target_unreachable_critical_seconds: u64,
+}
+
+impl RelaySettings {
+    /// The limits agent-side peers get ([`crate::PeerLimits`]).
+    pub fn peer_limits(&self) -> crate::PeerLimits {
+        let i = &self.ingest;
+        crate::PeerLimits {
+            max_connections: i.max_connections,
+            max_handshakes: i.max_handshakes,
+            idle_connection: std::time::Duration::from_secs(i.idle_connection_seconds),
+            frame_timeout: (i.frame_timeout_seconds > 0)
+                .then(|| std::time::Duration::from_secs(i.frame_timeout_seconds)),
+        }
+    }
 }
 
 impl Default for RelaySettings {
@@ -241,6 +263,10 @@ impl Default for IngestSettings {
     fn default() -> Self {
         IngestSettings {
             credit: ByteSize::mib(16),
+            max_connections: 1024,
+            max_handshakes: 256,
+            idle_connection_seconds: 60,
+            frame_timeout_seconds: 60,
         }
     }
 }
@@ -387,6 +413,30 @@ impl DaemonSettings for RelaySettings {
             return Err(ConfigError::new(
                 "ingest.credit",
                 format!("{} is out of range 1MiB..=4GiB", self.ingest.credit),
+            ));
+        }
+        if !(1..=65536).contains(&self.ingest.max_connections) {
+            return Err(ConfigError::new(
+                "ingest.max_connections",
+                format!("{} is out of range 1..=65536", self.ingest.max_connections),
+            ));
+        }
+        if !(1..=self.ingest.max_connections).contains(&self.ingest.max_handshakes) {
+            return Err(ConfigError::new(
+                "ingest.max_handshakes",
+                format!(
+                    "{} is out of range 1..=ingest.max_connections ({})",
+                    self.ingest.max_handshakes, self.ingest.max_connections
+                ),
+            ));
+        }
+        if !(1..=86400).contains(&self.ingest.idle_connection_seconds) {
+            return Err(ConfigError::new(
+                "ingest.idle_connection_seconds",
+                format!(
+                    "{} is out of range 1..=86400",
+                    self.ingest.idle_connection_seconds
+                ),
             ));
         }
         if self.max_udp_payload < 1200 {
@@ -543,6 +593,18 @@ mod tests {
                 Box::new(|s| s.cache.segment_size = ByteSize(1)),
             ),
             ("ingest.credit", Box::new(|s| s.ingest.credit = ByteSize(0))),
+            (
+                "ingest.max_connections",
+                Box::new(|s| s.ingest.max_connections = 0),
+            ),
+            (
+                "ingest.max_handshakes",
+                Box::new(|s| s.ingest.max_handshakes = 5000),
+            ),
+            (
+                "ingest.idle_connection_seconds",
+                Box::new(|s| s.ingest.idle_connection_seconds = 0),
+            ),
             (
                 "egress.schedule",
                 Box::new(|s| s.egress.schedule = "someday 1mbit".into()),
