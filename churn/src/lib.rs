@@ -27,6 +27,7 @@ pub mod dirty;
 pub mod drill;
 pub mod failbackdrill;
 pub mod harness;
+pub mod hostile;
 pub mod image;
 pub mod impair;
 pub mod moves;

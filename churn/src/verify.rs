@@ -156,6 +156,24 @@ pub fn verify(manifest: &Manifest, mt_data: &Path) -> Result<VerifyReport, Strin
     verify_with_copies(manifest, mt_data, &[])
 }
 
+/// What an agent run left at the master target, checked against its manifest: every
+/// recovery point byte for byte (on a blocking thread). `errors` holds the run's
+/// failures and the verifier's, so a run is good exactly when `verified` is true.
+pub async fn verify_run(
+    run: &crate::agent::RunReport,
+    mt_data: &Path,
+) -> anyhow::Result<VerifyReport> {
+    let (manifest, mt_data) = (run.manifest.clone(), mt_data.to_path_buf());
+    let mut v = tokio::task::spawn_blocking(move || verify(&manifest, &mt_data))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let mut errors = run.failures.clone();
+    errors.append(&mut v.errors);
+    v.verified = v.verified && errors.is_empty();
+    v.errors = errors;
+    Ok(v)
+}
+
 /// [`verify`], and each of `copies` equal to its disk's source at its point, byte for
 /// byte (checked as the source is rebuilt, when it reaches that tag).
 pub fn verify_with_copies(
