@@ -512,3 +512,46 @@ async fn slowloris(addr: SocketAddr, tls: bool, n: u32, until: Instant) -> anyho
     while clients.join_next().await.is_some() {}
     Ok(())
 }
+
+/// `churn bench-hostile`: the same honest churn without and with [`Abuse::FULL`]; the
+/// honest throughput under abuse against without (target: within 10%), the relay's
+/// peak memory in each, and both runs' reports.
+pub async fn bench(
+    streams: u32,
+    seconds: f64,
+    rate_mb: f64,
+    progress: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let mut opts = HostileOptions {
+        abuse: Abuse::NONE,
+        streams,
+        seconds,
+        rate_mb,
+        frame_timeout_s: 5,
+        idle_connection_s: 5,
+        progress,
+    };
+    let calm = run(&opts).await?;
+    opts.abuse = Abuse::FULL;
+    let attacked = run(&opts).await?;
+    let ratio = attacked.honest_mb_per_s / calm.honest_mb_per_s.max(1e-9);
+    let verified = calm.verified && attacked.verified;
+    Ok(serde_json::json!({
+        "streams": streams,
+        "rate_mb_per_s": rate_mb,
+        "honest_rate_ratio": ratio,
+        "met": {
+            "honest_rate_within_10_percent": ratio >= 0.9,
+            "nothing_lost": verified,
+            "honest_reconnects_zero": attacked.honest_reconnects == 0,
+            "scrapes_answered": attacked.failed_scrapes == 0,
+        },
+        "relay_peak_rss_bytes": {
+            "calm": calm.relay_peak_rss_bytes,
+            "attacked": attacked.relay_peak_rss_bytes,
+        },
+        "calm": calm,
+        "attacked": attacked,
+        "verified": verified,
+    }))
+}

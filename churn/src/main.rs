@@ -292,6 +292,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Honest churn without and with hostile peers beside it (a flood of foreign
+    /// handshakes, 1,000 idle connections, silent, trickling and oversized streams,
+    /// slowloris on /metrics and the operator API): the honest rate under abuse against
+    /// without, memory, every point verified (release build).
+    BenchHostile {
+        /// Honest streams (4 disks per VM).
+        #[arg(long, default_value_t = 100)]
+        streams: u32,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Honest churn in total, MB/s.
+        #[arg(long, default_value_t = 20.0)]
+        rate_mb: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Replicate through an emulated WAN (the master target in a network namespace
     /// behind tc netem: 40/80 ms, 0.1%/1% loss, 100 Mbit/s and 1 Gbit/s, MTU 1,380, a
     /// 60 s outage): the fraction of the link rate achieved, every point verified. Needs
@@ -853,6 +870,25 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 seed,
             };
             let result = fbr_churn::scalebench::run(opts).await?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                eprintln!("{}", serde_json::to_string_pretty(&result)?);
+            }
+            Ok(result["verified"] == true)
+        }
+        Command::BenchHostile {
+            streams,
+            seconds,
+            rate_mb,
+            json,
+        } => {
+            anyhow::ensure!(streams >= 1, "--streams must be at least 1");
+            anyhow::ensure!(
+                seconds >= 15.0,
+                "--seconds must be at least 15 (the Hello deadline is 10 s)"
+            );
+            let result = fbr_churn::hostile::bench(streams, seconds, rate_mb, !json).await?;
             if json {
                 println!("{}", serde_json::to_string(&result)?);
             } else {
