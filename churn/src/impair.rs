@@ -53,7 +53,13 @@ impl ImpairedLink {
             let (front, client) = (front.clone(), client.clone());
             tasks.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
-                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                loop {
+                    // An error here is an ICMP report about an earlier datagram (a
+                    // client gone); the socket itself is fine.
+                    let Ok((n, from)) = front.recv_from(&mut buf).await else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    };
                     *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
                     if to_server_tx.send(buf[..n].to_vec()).is_err() {
                         return;
@@ -66,7 +72,14 @@ impl ImpairedLink {
             let back = back.clone();
             tasks.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
-                while let Ok(n) = back.recv(&mut buf).await {
+                loop {
+                    // The socket is connected to the server, so a server that died (and
+                    // will restart on the same port) shows up as ECONNREFUSED here:
+                    // keep listening for it.
+                    let Ok(n) = back.recv(&mut buf).await else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    };
                     if to_client_tx.send(buf[..n].to_vec()).is_err() {
                         return;
                     }

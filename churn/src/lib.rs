@@ -36,6 +36,7 @@ pub mod platform;
 pub mod resyncbench;
 pub mod retentionbench;
 pub mod scalebench;
+pub mod soak;
 pub mod source;
 pub mod verify;
 pub mod wanbench;

@@ -292,6 +292,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Steady churn for N minutes with the relay and the master target killed (-9) in
+    /// turn, WAN drops and a small cache under pressure; every point verified, and the
+    /// daemons' memory, open files and threads must not grow within a life (release
+    /// build).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Seconds between events (kill the relay, kill the master target, drop the WAN).
+        #[arg(long, default_value_t = 30)]
+        cycle_seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        streams: u32,
+        /// Total churn, MB/s.
+        #[arg(long, default_value_t = 6.0)]
+        rate_mb: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Honest churn without and with hostile peers beside it (a flood of foreign
     /// handshakes, 1,000 idle connections, silent, trickling and oversized streams,
     /// slowloris on /metrics and the operator API): the honest rate under abuse against
@@ -876,6 +894,34 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 eprintln!("{}", serde_json::to_string_pretty(&result)?);
             }
             Ok(result["verified"] == true)
+        }
+        Command::Soak {
+            minutes,
+            cycle_seconds,
+            streams,
+            rate_mb,
+            json,
+        } => {
+            anyhow::ensure!(streams >= 1, "--streams must be at least 1");
+            anyhow::ensure!(cycle_seconds >= 6, "--cycle-seconds must be at least 6");
+            anyhow::ensure!(
+                minutes * 60.0 >= 3.0 * cycle_seconds as f64,
+                "--minutes must cover at least three cycles"
+            );
+            let opts = fbr_churn::soak::SoakOptions {
+                duration: Duration::from_secs_f64(minutes * 60.0),
+                cycle: Duration::from_secs(cycle_seconds),
+                streams,
+                rate_mb,
+                progress: !json,
+            };
+            let report = fbr_churn::soak::run(&opts).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                eprintln!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            Ok(report.verified)
         }
         Command::BenchHostile {
             streams,
