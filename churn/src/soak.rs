@@ -161,13 +161,7 @@ pub async fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
     while started.elapsed() + 2 * opts.cycle <= opts.duration {
         tokio::time::sleep(opts.cycle).await;
         let at_s = started.elapsed().as_secs_f64();
-        sample_into(&mut report.relay, site.relay_pid(), at_s, relay_life);
-        sample_into(
-            &mut report.master_target,
-            site.master_target_pid(),
-            at_s,
-            mt_life,
-        );
+        sample_daemons(&mut report, &site, at_s, (relay_life, mt_life));
         if let Some(m) = site.relay_metrics_addr() {
             let text =
                 tokio::task::spawn_blocking(move || crate::harness::http_get(m, "/metrics").1)
@@ -215,13 +209,7 @@ pub async fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
     report.logical_mb_acked = stats.logical_bytes_acked.load(Ordering::Relaxed) as f64 / 1e6;
     report.reconnects = stats.reconnects.load(Ordering::Relaxed);
     let at_s = started.elapsed().as_secs_f64();
-    sample_into(&mut report.relay, site.relay_pid(), at_s, relay_life);
-    sample_into(
-        &mut report.master_target,
-        site.master_target_pid(),
-        at_s,
-        mt_life,
-    );
+    sample_daemons(&mut report, &site, at_s, (relay_life, mt_life));
     site.stop_relay(false)?;
     site.stop_master_target(false)?;
     let v = crate::verify::verify_run(&run, &site.mt_data).await?;
@@ -242,9 +230,16 @@ fn say(opts: &SoakOptions, what: &str) {
     }
 }
 
-fn sample_into(samples: &mut Vec<Resources>, pid: Option<u32>, at_s: f64, life: u32) {
-    if let Some(r) = pid.and_then(|p| resources(p, at_s, life)) {
-        samples.push(r);
+/// Samples both daemons into `report`; `lives`: the relay's and the master target's.
+fn sample_daemons(report: &mut SoakReport, site: &Site, at_s: f64, lives: (u32, u32)) {
+    let daemons = [
+        (&mut report.relay, site.relay_pid(), lives.0),
+        (&mut report.master_target, site.master_target_pid(), lives.1),
+    ];
+    for (samples, pid, life) in daemons {
+        if let Some(r) = pid.and_then(|p| resources(p, at_s, life)) {
+            samples.push(r);
+        }
     }
 }
 
