@@ -162,15 +162,7 @@ pub async fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
         tokio::time::sleep(opts.cycle).await;
         let at_s = started.elapsed().as_secs_f64();
         sample_daemons(&mut report, &site, at_s, (relay_life, mt_life));
-        if let Some(m) = site.relay_metrics_addr() {
-            let text =
-                tokio::task::spawn_blocking(move || crate::harness::http_get(m, "/metrics").1)
-                    .await?;
-            let used = crate::harness::sample(&text, "fbr_relay_cache_used_bytes").unwrap_or(0.0);
-            let cap =
-                crate::harness::sample(&text, "fbr_relay_cache_capacity_bytes").unwrap_or(1.0);
-            report.cache_peak_used_ratio = report.cache_peak_used_ratio.max(used / cap.max(1.0));
-        }
+        note_cache_use(&mut report, &site).await?;
         match event % 3 {
             0 => {
                 say(opts, &format!("{at_s:.0} s: kill -9 the relay, restart it"));
@@ -199,6 +191,8 @@ pub async fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
                 );
                 link.set_down(true);
                 tokio::time::sleep(opts.cycle / 3).await;
+                // The backlog is largest now.
+                note_cache_use(&mut report, &site).await?;
                 link.set_down(false);
                 report.wan_drops += 1;
             }
@@ -222,6 +216,18 @@ pub async fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
     report.verified = v.verified && report.growth.is_empty();
     drop(link);
     Ok(report)
+}
+
+/// Raises `report.cache_peak_used_ratio` to the relay cache's share in use now.
+async fn note_cache_use(report: &mut SoakReport, site: &Site) -> anyhow::Result<()> {
+    if let Some(m) = site.relay_metrics_addr() {
+        let text =
+            tokio::task::spawn_blocking(move || crate::harness::http_get(m, "/metrics").1).await?;
+        let used = crate::harness::sample(&text, "fbr_relay_cache_used_bytes").unwrap_or(0.0);
+        let cap = crate::harness::sample(&text, "fbr_relay_cache_capacity_bytes").unwrap_or(1.0);
+        report.cache_peak_used_ratio = report.cache_peak_used_ratio.max(used / cap.max(1.0));
+    }
+    Ok(())
 }
 
 fn say(opts: &SoakOptions, what: &str) {
