@@ -289,7 +289,7 @@ async fn serve_connection(
     tracing::info!(%remote, cn = %peer.common_name, vms = peer.entitlement.vms.len(), "agent connected");
     let open_streams = Arc::new(AtomicUsize::new(0));
     let mut idle_since = Some(Instant::now());
-    let mut check = tokio::time::interval(idle_after / 4);
+    let mut check = tokio::time::interval((idle_after / 4).max(Duration::from_millis(100)));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -439,6 +439,15 @@ impl DaemonSettings for RelaySettings {
                 ),
             ));
         }
+        if self.ingest.frame_timeout_seconds > 86400 {
+            return Err(ConfigError::new(
+                "ingest.frame_timeout_seconds",
+                format!(
+                    "{} is out of range 0..=86400",
+                    self.ingest.frame_timeout_seconds
+                ),
+            ));
+        }
         if self.max_udp_payload < 1200 {
             return Err(ConfigError::new(
                 "max_udp_payload",
@@ -604,6 +613,10 @@ mod tests {
             (
                 "ingest.idle_connection_seconds",
                 Box::new(|s| s.ingest.idle_connection_seconds = 0),
+            ),
+            (
+                "ingest.frame_timeout_seconds",
+                Box::new(|s| s.ingest.frame_timeout_seconds = u64::MAX),
             ),
             (
                 "egress.schedule",
