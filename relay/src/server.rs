@@ -241,7 +241,8 @@ impl Relay {
             }
             if in_handshake + connected.load(Ordering::Relaxed) >= limits.max_connections {
                 cut_off("connections");
-                tracing::warn!(%remote, "refusing a connection: at the limit of {} (ingest.max_connections)", limits.max_connections);
+                // Counted; not logged one by one (a flood would fill the log).
+                tracing::debug!(%remote, "refusing a connection: at the limit of {} (ingest.max_connections)", limits.max_connections);
                 incoming.refuse();
                 continue;
             }
