@@ -330,12 +330,21 @@ async fn bad_handshakes(relay: SocketAddr, creds: Credentials, n: u32) -> anyhow
     Ok(())
 }
 
+/// A client endpoint presenting the site's agent certificate.
+fn agent_endpoint(relay: SocketAddr, pki: &Path) -> anyhow::Result<quinn::Endpoint> {
+    let creds = Credentials::load(pki, "agent")?;
+    Ok(client_endpoint(
+        any_addr_for(relay),
+        creds,
+        &QuicTuning::default(),
+    )?)
+}
+
 async fn connect_agent(
     relay: SocketAddr,
     pki: &Path,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
-    let creds = Credentials::load(pki, "agent")?;
-    let endpoint = client_endpoint(any_addr_for(relay), creds, &QuicTuning::default())?;
+    let endpoint = agent_endpoint(relay, pki)?;
     let conn = endpoint.connect(relay, "relay")?.await?;
     Ok((endpoint, conn))
 }
@@ -349,8 +358,7 @@ async fn idle_connections(
     seen: Arc<AttackerCounts>,
     until: Instant,
 ) -> anyhow::Result<()> {
-    let creds = Credentials::load(pki, "agent")?;
-    let endpoint = client_endpoint(any_addr_for(relay), creds, &QuicTuning::default())?;
+    let endpoint = agent_endpoint(relay, pki)?;
     let mut conns = tokio::task::JoinSet::new();
     for _ in 0..n {
         let endpoint = endpoint.clone();
