@@ -49,6 +49,71 @@ pub struct DrillOptions {
     pub reprotect: Option<Reprotect>,
 }
 
+impl DrillOptions {
+    /// `streams` disks, four per VM as large VMs have them (the last VM may have
+    /// fewer), churning the mixed model for `duration` at `rate_mb` MB/s in total (or
+    /// flat out), a tag a second (every fifth app-consistent), one replication group:
+    /// the shape the benches share. Set what differs with struct-update syntax.
+    pub fn streams(streams: u32, duration: Duration, rate_mb: Option<f64>) -> Self {
+        let disks_per_vm = 4;
+        DrillOptions {
+            vms: streams.div_ceil(disks_per_vm),
+            disks_per_vm,
+            disk_size: 8 << 20,
+            duration,
+            tag_interval: Duration::from_millis(1000),
+            app_tag_every: 5,
+            profile: None,
+            content: Content::Mixed,
+            seed: 1,
+            groups: 1,
+            progress: true,
+            keep: None,
+            max_udp_payload: 1452,
+            cache_capacity: 8 << 30,
+            credit_mib: 16,
+            rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
+            reprotect: None,
+        }
+    }
+
+    /// The disks to churn: [`plan_disks`], the first `streams` of them.
+    pub fn plans(&self, streams: u32) -> Vec<DiskPlan> {
+        plan_disks(self)
+            .into_iter()
+            .take(streams as usize)
+            .collect()
+    }
+
+    /// The site these disks need: every VM enrolled, the cache, credit and packet size
+    /// asked for; extra daemon flags in `relay_args`.
+    pub fn site_options(&self, cache_segment_mib: u64, relay_args: Vec<String>) -> SiteOptions {
+        SiteOptions {
+            agent_vms: (1..=self.vms).map(|v| format!("vm{v}")).collect(),
+            cache_capacity: self.cache_capacity,
+            cache_segment_mib,
+            mt_credit_mib: self.credit_mib,
+            max_udp_payload: self.max_udp_payload,
+            relay_args,
+            mt_args: vec![],
+        }
+    }
+
+    /// The emulated agents' options for `site`: this drill's length, tags, rate and
+    /// packet size.
+    pub fn agent_options(&self, site: &Site) -> anyhow::Result<AgentOptions> {
+        Ok(AgentOptions {
+            tuning: QuicTuning {
+                max_udp_payload: self.max_udp_payload,
+                ..QuicTuning::default()
+            },
+            rate_bytes_per_s: self.rate_bytes_per_s,
+            app_tag_every: self.app_tag_every,
+            ..site.agent_options(self.duration, self.tag_interval)?
+        })
+    }
+}
+
 /// A drill that starts as a reprotect (failback's first step).
 #[derive(Debug, Clone, Copy)]
 pub struct Reprotect {
@@ -203,17 +268,7 @@ pub(crate) fn prepare_reprotect(
 /// Runs a whole drill and verifies it.
 pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     let mut plans = plan_disks(&opts);
-    let vms: Vec<String> = (1..=opts.vms).map(|v| format!("vm{v}")).collect();
-    let site_opts = SiteOptions {
-        agent_vms: vms,
-        cache_capacity: opts.cache_capacity,
-        cache_segment_mib: 64,
-        relay_args: vec![],
-        mt_args: vec![],
-        mt_credit_mib: opts.credit_mib,
-        max_udp_payload: opts.max_udp_payload,
-    };
-    let mut site = Site::create(opts.keep.clone(), site_opts)?;
+    let mut site = Site::create(opts.keep.clone(), opts.site_options(64, vec![]))?;
     // As a real site: a configuration server, and every component enrolled with its
     // passphrase (no certificate made by hand).
     let config_server = site.enroll_through_config_server()?;
@@ -232,18 +287,9 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
     site.start_relay()?;
     let relay_pid = site.relay_pid().context("relay pid")?;
     let mt_pid = site.master_target_pid().context("master target pid")?;
-    let tuning = QuicTuning {
-        max_udp_payload: opts.max_udp_payload,
-        ..QuicTuning::default()
-    };
-    let agent_opts = AgentOptions {
-        tuning,
-        rate_bytes_per_s: opts.rate_bytes_per_s,
-        app_tag_every: opts.app_tag_every,
-        ..site.agent_options(opts.duration, opts.tag_interval)?
-    };
     let streams = plans.len();
-    let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
+    let handle =
+        agent::start(opts.agent_options(&site)?, plans, opts.seed).map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     let mut last_bytes = 0u64;
     let mut in_step_at = None;
@@ -284,15 +330,9 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         eprintln!("verifying every recovery point against the sources...");
     }
     let verify_started = Instant::now();
-    let manifest = report.manifest.clone();
-    let mt_data = site.mt_data.clone();
-    let verification = tokio::task::spawn_blocking(move || verify::verify(&manifest, &mt_data))
-        .await?
-        .map_err(anyhow::Error::msg)?;
+    let verification = verify::verify_run(&report, &site.mt_data).await?;
     let verify_s = verify_started.elapsed().as_secs_f64();
-
-    let mut errors = report.failures.clone();
-    errors.extend(verification.errors.iter().cloned());
+    let errors = verification.errors.clone();
     let logical_bytes = stats
         .logical_bytes_acked
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -310,7 +350,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         None
     };
     Ok(DrillSummary {
-        verified: verification.verified && report.failures.is_empty(),
+        verified: verification.verified,
         recovery_points_verified: verification.recovery_points_verified,
         recovery_points_complete: verification.recovery_points_complete,
         streams,
@@ -503,56 +543,30 @@ pub async fn run_throttle_bench(
     streams: u32,
     window: Duration,
 ) -> anyhow::Result<ThrottleBench> {
-    let disks_per_vm = 4;
-    let vms = streams.div_ceil(disks_per_vm);
     let root = tempfile::Builder::new().prefix("fbr-throttle-").tempdir()?;
     let schedule_file = root.path().join("egress-schedule");
     std::fs::write(&schedule_file, format!("other {rate}"))?;
     let opts = DrillOptions {
-        vms,
-        disks_per_vm,
-        disk_size: 8 << 20,
-        duration: window + Duration::from_secs(4),
-        tag_interval: Duration::from_millis(1000),
-        app_tag_every: 5,
         // Every stream must contend: trims would spend their pace on Zero records,
         // which are tiny on the wire, and so never ask for their share.
         profile: Some(Profile::Mixed),
-        content: Content::Mixed,
         seed: 7,
-        groups: 1,
-        progress: true,
-        keep: None,
-        max_udp_payload: 1452,
         cache_capacity: 4 << 30,
-        credit_mib: 16,
         rate_bytes_per_s: Some(rate * 2),
-        reprotect: None,
+        ..DrillOptions::streams(streams, window + Duration::from_secs(4), None)
     };
-    let plans: Vec<DiskPlan> = plan_disks(&opts)
-        .into_iter()
-        .take(streams as usize)
-        .collect();
-    let site_opts = SiteOptions {
-        agent_vms: (1..=vms).map(|v| format!("vm{v}")).collect(),
-        cache_capacity: opts.cache_capacity,
-        cache_segment_mib: 64,
-        mt_credit_mib: 16,
-        max_udp_payload: 1452,
-        relay_args: vec![
-            "--egress-schedule-file".into(),
-            schedule_file.display().to_string(),
-        ],
-        mt_args: vec![],
-    };
+    let plans = opts.plans(streams);
+    let relay_args = vec![
+        "--egress-schedule-file".into(),
+        schedule_file.display().to_string(),
+    ];
+    let site_opts = opts.site_options(64, relay_args);
     let mut site = Site::create(Some(root.path().join("site")), site_opts)?;
     site.start_master_target()?;
     site.start_relay()?;
     let agent_opts = AgentOptions {
         drain_timeout: Duration::from_secs(120),
-        rate_bytes_per_s: opts.rate_bytes_per_s,
-        app_tag_every: opts.app_tag_every,
-        ..site.agent_options(opts.duration, opts.tag_interval)?
+        ..opts.agent_options(&site)?
     };
     let n = plans.len();
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
@@ -583,14 +597,8 @@ pub async fn run_throttle_bench(
     let report = handle.finish().await.map_err(anyhow::Error::msg)?;
     site.stop_relay(false)?;
     site.stop_master_target(false)?;
-    let manifest = report.manifest.clone();
-    let mt_data = site.mt_data.clone();
-    let v = tokio::task::spawn_blocking(move || verify::verify(&manifest, &mt_data))
-        .await?
-        .map_err(anyhow::Error::msg)?;
+    let v = verify::verify_run(&report, &site.mt_data).await?;
     let mean = total / n as f64;
-    let mut errors = report.failures.clone();
-    errors.extend(v.errors.iter().cloned());
     Ok(ThrottleBench {
         configured_bytes_per_s: rate,
         achieved_bytes_per_s: achieved,
@@ -602,8 +610,8 @@ pub async fn run_throttle_bench(
         jain_index: jain_index(&shares),
         min_stream_share: shares.iter().cloned().fold(f64::INFINITY, f64::min) / mean,
         max_stream_share: shares.iter().cloned().fold(0.0, f64::max) / mean,
-        verified: v.verified && report.failures.is_empty(),
+        verified: v.verified,
         recovery_points_verified: v.recovery_points_verified,
-        errors,
+        errors: v.errors,
     })
 }

@@ -28,10 +28,9 @@ use fbr_transport::{any_addr_for, client_endpoint, Credentials, QuicTuning};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::agent::{self, AgentOptions};
-use crate::drill::{plan_disks, DrillOptions};
-use crate::harness::{process_peak_rss_bytes, sample, Site, SiteOptions};
-use crate::workload::Content;
+use crate::agent;
+use crate::drill::DrillOptions;
+use crate::harness::{process_peak_rss_bytes, sample, Site};
 
 /// How many of each abuse to run.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -125,58 +124,30 @@ pub const COUNTED: [&str; 7] = [
 /// Runs honest churn through a fresh site with `opts.abuse` beside it, then verifies
 /// every recovery point.
 pub async fn run(opts: &HostileOptions) -> anyhow::Result<HostileReport> {
-    let disks_per_vm = 4;
-    let vms = opts.streams.div_ceil(disks_per_vm);
     let drill = DrillOptions {
-        vms,
-        disks_per_vm,
-        disk_size: 8 << 20,
-        duration: Duration::from_secs_f64(opts.seconds),
-        tag_interval: Duration::from_millis(1000),
-        app_tag_every: 5,
-        profile: None,
-        content: Content::Mixed,
         seed: 21,
-        groups: 1,
         progress: opts.progress,
-        keep: None,
-        max_udp_payload: 1452,
         cache_capacity: 2 << 30,
-        credit_mib: 16,
-        rate_bytes_per_s: Some((opts.rate_mb * 1e6) as u64),
-        reprotect: None,
+        ..DrillOptions::streams(
+            opts.streams,
+            Duration::from_secs_f64(opts.seconds),
+            Some(opts.rate_mb),
+        )
     };
-    let plans: Vec<_> = plan_disks(&drill)
-        .into_iter()
-        .take(opts.streams as usize)
-        .collect();
-    let mut site = Site::create(
-        None,
-        SiteOptions {
-            agent_vms: (1..=vms).map(|v| format!("vm{v}")).collect(),
-            cache_capacity: drill.cache_capacity,
-            cache_segment_mib: 64,
-            mt_credit_mib: drill.credit_mib,
-            max_udp_payload: drill.max_udp_payload,
-            relay_args: vec![
-                "--frame-timeout-seconds".into(),
-                opts.frame_timeout_s.to_string(),
-                "--idle-connection-seconds".into(),
-                opts.idle_connection_s.to_string(),
-            ],
-            mt_args: vec![],
-        },
-    )?;
+    let plans = drill.plans(opts.streams);
+    let relay_args = vec![
+        "--frame-timeout-seconds".into(),
+        opts.frame_timeout_s.to_string(),
+        "--idle-connection-seconds".into(),
+        opts.idle_connection_s.to_string(),
+    ];
+    let mut site = Site::create(None, drill.site_options(64, relay_args))?;
     site.start_master_target()?;
     let relay = site.start_relay()?;
     let metrics = site.relay_metrics_addr().context("the relay's metrics")?;
     let api = site.relay_api_addr().context("the relay's operator API")?;
-    let agent_opts = AgentOptions {
-        rate_bytes_per_s: drill.rate_bytes_per_s,
-        app_tag_every: drill.app_tag_every,
-        ..site.agent_options(drill.duration, drill.tag_interval)?
-    };
-    let handle = agent::start(agent_opts, plans, drill.seed).map_err(anyhow::Error::msg)?;
+    let handle =
+        agent::start(drill.agent_options(&site)?, plans, drill.seed).map_err(anyhow::Error::msg)?;
     let stats = handle.stats.clone();
 
     let seen = Arc::new(AttackerCounts::default());

@@ -648,20 +648,12 @@ async fn dispatch(cmd: Command) -> anyhow::Result<bool> {
                 vms,
                 disks_per_vm: disks,
                 disk_size,
-                duration: Duration::from_secs_f64(seconds),
                 tag_interval: Duration::from_millis(tag_interval_ms),
-                app_tag_every: 5,
                 profile: profile.profile(),
                 content,
-                seed: 1,
-                groups: 1,
-                progress: true,
-                keep: None,
                 max_udp_payload,
                 cache_capacity: 16 << 30,
-                credit_mib: 16,
-                rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
-                reprotect: None,
+                ..DrillOptions::streams(vms * disks, Duration::from_secs_f64(seconds), rate_mb)
             };
             finish_drill(drill::run_drill(opts).await?, json)
         }

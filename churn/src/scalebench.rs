@@ -18,7 +18,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::drill::{self, DrillOptions, DrillSummary};
-use crate::workload::Content;
 
 /// What `churn bench-scale` runs.
 #[derive(Debug, Clone)]
@@ -57,20 +56,10 @@ fn drill_options(opts: &ScaleBenchOptions, streams: u32, rate_mb: Option<f64>) -
         vms,
         disks_per_vm,
         disk_size: opts.disk_size,
-        duration: Duration::from_secs_f64(opts.seconds),
         tag_interval: opts.tag_interval,
-        app_tag_every: 5,
-        profile: None,
-        content: Content::Mixed,
         seed: opts.seed,
         groups: opts.groups.min(vms).max(1),
-        progress: true,
-        keep: None,
-        max_udp_payload: 1452,
-        cache_capacity: 8 << 30,
-        credit_mib: 16,
-        rate_bytes_per_s: rate_mb.map(|r| (r * 1e6) as u64),
-        reprotect: None,
+        ..DrillOptions::streams(streams, Duration::from_secs_f64(opts.seconds), rate_mb)
     }
 }
 

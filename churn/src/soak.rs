@@ -22,11 +22,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::agent::{self, AgentOptions};
-use crate::drill::{plan_disks, DrillOptions};
-use crate::harness::{Site, SiteOptions};
+use crate::drill::DrillOptions;
+use crate::harness::Site;
 use crate::impair::ImpairedLink;
 use crate::netem::LinkShape;
-use crate::workload::Content;
 
 /// What a soak runs.
 #[derive(Debug, Clone)]
@@ -81,43 +80,15 @@ const THREADS_SLACK: u64 = 16;
 
 /// Runs the soak (see the module docs).
 pub async fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
-    let disks_per_vm = 4;
-    let vms = opts.streams.div_ceil(disks_per_vm);
     let drill = DrillOptions {
-        vms,
-        disks_per_vm,
         disk_size: 16 << 20,
-        duration: opts.duration,
-        tag_interval: Duration::from_millis(1000),
-        app_tag_every: 5,
-        profile: None,
-        content: Content::Mixed,
         seed: 31,
-        groups: 1,
         progress: opts.progress,
-        keep: None,
-        max_udp_payload: 1452,
         cache_capacity: 128 << 20,
-        credit_mib: 16,
-        rate_bytes_per_s: Some((opts.rate_mb * 1e6) as u64),
-        reprotect: None,
+        ..DrillOptions::streams(opts.streams, opts.duration, Some(opts.rate_mb))
     };
-    let plans: Vec<_> = plan_disks(&drill)
-        .into_iter()
-        .take(opts.streams as usize)
-        .collect();
-    let mut site = Site::create(
-        None,
-        SiteOptions {
-            agent_vms: (1..=vms).map(|v| format!("vm{v}")).collect(),
-            cache_capacity: drill.cache_capacity,
-            cache_segment_mib: 8,
-            mt_credit_mib: drill.credit_mib,
-            max_udp_payload: drill.max_udp_payload,
-            relay_args: vec![],
-            mt_args: vec![],
-        },
-    )?;
+    let plans = drill.plans(opts.streams);
+    let mut site = Site::create(None, drill.site_options(8, vec![]))?;
     let mt = site.start_master_target()?;
     let clean = LinkShape {
         rtt: Duration::from_millis(1),
@@ -129,12 +100,10 @@ pub async fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
     site.route_relay_to_master_target_through(link.addr);
     site.start_relay()?;
     let agent_opts = AgentOptions {
-        rate_bytes_per_s: drill.rate_bytes_per_s,
-        app_tag_every: drill.app_tag_every,
         // Kills and drops stall acknowledgements for a while; the agents wait it out.
         drain_timeout: Duration::from_secs(300),
         reconnect_timeout: Duration::from_secs(120),
-        ..site.agent_options(drill.duration, drill.tag_interval)?
+        ..drill.agent_options(&site)?
     };
     let handle = agent::start(agent_opts, plans, drill.seed).map_err(anyhow::Error::msg)?;
     let stats = handle.stats.clone();

@@ -271,13 +271,7 @@ async fn run_model(
     let stage = |s: &str| sample_sum(&text, "fbr_relay_vm_bytes_total", &[("stage", s)]) as u64;
     let logical_bytes = stage("logical");
     let wire_bytes = sample(&text, "fbr_relay_bytes_total{stage=\"wire\"}").unwrap_or(0.0) as u64;
-    let manifest = report.manifest.clone();
-    let mt_data = site.mt_data.clone();
-    let verification = tokio::task::spawn_blocking(move || verify::verify(&manifest, &mt_data))
-        .await?
-        .map_err(anyhow::Error::msg)?;
-    let mut errors = report.failures.clone();
-    errors.extend(verification.errors.iter().cloned());
+    let verification = verify::verify_run(&report, &site.mt_data).await?;
 
     let manifest = report.manifest.clone();
     let prims = tokio::task::spawn_blocking(move || primitives(&manifest)).await??;
@@ -332,11 +326,11 @@ async fn run_model(
         codec_batches,
         zstd_share,
         recovery_points: verification.recovery_points_verified,
-        verified: verification.verified && report.failures.is_empty(),
+        verified: verification.verified,
         rsync_wire_bytes: rsync_wire,
         rsync_s,
         rsync_single_wire_bytes: rsync_single,
-        errors,
+        errors: verification.errors,
     })
 }
 

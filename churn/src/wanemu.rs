@@ -18,8 +18,8 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::agent::{self, AgentOptions};
-use crate::drill::{plan_disks, DrillOptions};
-use crate::harness::{Site, SiteOptions};
+use crate::drill::DrillOptions;
+use crate::harness::Site;
 use crate::impair::ImpairedLink;
 use crate::netem::{LinkShape, WanLink};
 use crate::verify;
@@ -87,41 +87,25 @@ pub async fn run_case(case: &WanCase, progress: bool) -> anyhow::Result<WanCaseR
             None
         }
     };
-    let disks_per_vm = 2;
-    let vms = case.streams.div_ceil(disks_per_vm);
     let outage = case.outage.unwrap_or_default();
+    let disks_per_vm = 2;
     let opts = DrillOptions {
-        vms,
+        vms: case.streams.div_ceil(disks_per_vm),
         disks_per_vm,
         disk_size: case.disk_size,
-        duration: Duration::from_secs_f64(case.seconds) + outage,
-        tag_interval: Duration::from_millis(1000),
-        app_tag_every: 5,
-        profile: None,
         content: case.content,
         seed: 11,
-        groups: 1,
         progress,
-        keep: None,
-        max_udp_payload: 1452,
         cache_capacity: 4 << 30,
-        credit_mib: 16,
-        rate_bytes_per_s: case.rate_mb.map(|r| (r * 1e6) as u64),
-        reprotect: None,
+        ..DrillOptions::streams(
+            case.streams,
+            Duration::from_secs_f64(case.seconds) + outage,
+            case.rate_mb,
+        )
     };
-    let plans: Vec<_> = plan_disks(&opts)
-        .into_iter()
-        .take(case.streams as usize)
-        .collect();
-    let site_opts = SiteOptions {
-        agent_vms: (1..=vms).map(|v| format!("vm{v}")).collect(),
-        cache_capacity: opts.cache_capacity,
-        cache_segment_mib: 64,
-        mt_credit_mib: opts.credit_mib,
-        max_udp_payload: opts.max_udp_payload,
-        relay_args: vec!["--wan-congestion".into(), case.congestion.into()],
-        mt_args: vec![],
-    };
+    let plans = opts.plans(case.streams);
+    let relay_args = vec!["--wan-congestion".into(), case.congestion.into()];
+    let site_opts = opts.site_options(64, relay_args);
     let mut site = Site::create(None, site_opts)?;
     let emulation = if link.is_some() { "netem" } else { "proxy" };
     let mut proxy = None;
@@ -141,9 +125,7 @@ pub async fn run_case(case: &WanCase, progress: bool) -> anyhow::Result<WanCaseR
     let agent_opts = AgentOptions {
         // A backlog built behind a slow or broken link takes a while to drain.
         drain_timeout: Duration::from_secs(300),
-        rate_bytes_per_s: opts.rate_bytes_per_s,
-        app_tag_every: opts.app_tag_every,
-        ..site.agent_options(opts.duration, opts.tag_interval)?
+        ..opts.agent_options(&site)?
     };
     let handle = agent::start(agent_opts, plans, opts.seed).map_err(anyhow::Error::msg)?;
     let metrics = site.relay_metrics_addr().context("the relay's metrics")?;
@@ -200,13 +182,8 @@ pub async fn run_case(case: &WanCase, progress: bool) -> anyhow::Result<WanCaseR
     let report = handle.finish().await.map_err(anyhow::Error::msg)?;
     site.stop_relay(false)?;
     site.stop_master_target(false)?;
-    let manifest = report.manifest.clone();
-    let mt_data = site.mt_data.clone();
-    let v = tokio::task::spawn_blocking(move || verify::verify(&manifest, &mt_data))
-        .await?
-        .map_err(anyhow::Error::msg)?;
-    let mut errors = report.failures.clone();
-    errors.extend(v.errors.iter().cloned());
+    let v = verify::verify_run(&report, &site.mt_data).await?;
+    let errors = v.errors.clone();
     let wire_mbit_per_s = wire_bytes_per_s * 8.0 / 1e6;
     let logical = stats
         .logical_bytes_acked
