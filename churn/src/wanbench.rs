@@ -424,7 +424,9 @@ fn primitives(manifest: &Manifest) -> anyhow::Result<Primitives> {
     let pool = fbr_protocol::codec::CodecMemory::new(1 << 30);
     let window = fbr_protocol::codec::MAX_WINDOW_LOG;
     let reservation = pool
-        .reserve(1, window, |w| fbr_protocol::codec::compressor_cost(w, 3))
+        .reserve_fair(1, fbr_protocol::codec::MIN_WINDOW_LOG, window, |w| {
+            fbr_protocol::codec::compressor_cost(w, 3)
+        })
         .context("zstd context memory")?;
     let mut zstd = fbr_protocol::codec::StreamCompressor::new(3, window, reservation)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

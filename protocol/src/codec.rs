@@ -22,25 +22,54 @@
 //!   and given back when it is dropped: the contexts of one process never take more
 //!   than the pool's cap, whatever the number of streams.
 //!
+//! ## Continued and framed streams
+//! A stream whose share of the pool buys a window of at least
+//! [`MIN_STREAM_WINDOW_LOG`] (1 MiB) gets a context of its own, and its pieces
+//! *continue* one frame: the history spans batches. A stream whose share is smaller is
+//! **framed**: each of its pieces is a whole zstd frame (`ZSTD_e_end`, window at most
+//! [`FRAME_WINDOW_LOG`]), compressed with a context borrowed from the relay's
+//! [`FramePool`] for that one call. A framed stream keeps no memory of its own, finds
+//! repeats only within a batch, and still gets zstd's entropy coding; with many streams
+//! (a thousand disks on one relay) its match tables stay hot in the CPU's caches,
+//! where a thousand contexts of their own would not. The receiver needs nothing new: a
+//! zstd decoder reads a frame that ends and the next that begins as one stream of
+//! input (`StreamDecompressor` is the same for both).
+//!
 //! ## How the cap is shared
-//! A new stream asks for the largest window (a power of two, at most
-//! [`MAX_WINDOW_LOG`]) whose context costs no more than the **fair share**
-//! `cap / streams` (the streams the process serves at that moment) *and* no more than
-//! what remains unreserved. When the fair share is below the smallest context
-//! ([`MIN_WINDOW_LOG`]), streams get that smallest one while the pool lasts; a stream
-//! that finds the pool spent gets no zstd context, and its batches use LZ4 or nothing.
-//! With the default 1 GiB: 8 streams get 128 MiB windows, 100 get 4 MiB each, and of
-//! 1,000 about 480 get 128 KiB (level 3). The master target grants a window in `Accept`
-//! from its own pool; the relay uses the smaller of that and its own reservation.
-//! A reservation lasts as long as its stream: a stream reconnecting after others
-//! joined gets the then-fair, smaller, share.
+//! Relay (compressors): a new stream reserves the largest window (a power of two,
+//! from [`MIN_STREAM_WINDOW_LOG`] to [`MAX_WINDOW_LOG`]) whose context costs no more
+//! than the **fair share** `cap / streams` (the streams the process serves at that
+//! moment) *and* what remains unreserved; when none fits, the stream is framed. The
+//! [`FramePool`]'s contexts (at most [`MAX_FRAME_CONTEXTS`], created as compressions
+//! run at once) are reserved from the same cap. With the default 1 GiB: 8 streams get
+//! 128 MiB windows, 100 get 4 MiB each, and from 342 streams on every new stream is
+//! framed (a few MiB in all for a thousand streams).
+//!
+//! Master target (decompressors): the same fair share, from [`MIN_WINDOW_LOG`]; when
+//! the fair share is below the smallest context, streams get that smallest one while
+//! the pool lasts (a grant costs little until the relay uses it), and a stream that
+//! finds the pool spent is granted no window, so its batches use LZ4 or nothing. The
+//! relay uses the smaller of the grant and its own reservation. A reservation lasts as
+//! long as its stream: a stream reconnecting after others joined gets the then-fair,
+//! smaller, share.
 
 use std::sync::{Arc, Mutex};
 
 use zstd_safe::{CCtx, CParameter, DCtx, DParameter, InBuffer, OutBuffer};
 
-/// The smallest window worth a context (128 KiB): below it, LZ4 does as well.
+/// The smallest window the protocol grants (128 KiB): below it, LZ4 does as well.
 pub const MIN_WINDOW_LOG: u8 = 17;
+/// The smallest window a relay stream gets a context of its own for (1 MiB): below it,
+/// the history spans less than one busy batch (up to 3 MiB of records), so matches
+/// across batches add little, while the context's match tables (about 1.6 MiB at level
+/// 3) would cost more than its window. Such streams are framed instead.
+pub const MIN_STREAM_WINDOW_LOG: u8 = 20;
+/// The window of a framed stream's pieces (128 KiB, the smallest grant, so every
+/// granted stream accepts them).
+pub const FRAME_WINDOW_LOG: u8 = MIN_WINDOW_LOG;
+/// Most contexts a [`FramePool`] holds: compressions that run at once (the relay's
+/// reduce slots and its async threads); beyond, a batch goes with LZ4.
+pub const MAX_FRAME_CONTEXTS: usize = 32;
 /// The largest window a stream's context may have (128 MiB).
 pub const MAX_WINDOW_LOG: u8 = 27;
 /// Default cap on the memory of all zstd contexts of one process (1 GiB).
@@ -139,22 +168,45 @@ impl CodecMemory {
         self.reserved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserves a context for one of `streams` streams: the largest window at most
-    /// `max_window_log` whose `cost` fits both the fair share (`cap / streams`) and what
-    /// remains. `None` when not even [`MIN_WINDOW_LOG`] fits (the stream goes without).
+    /// Reserves a relay context for one of `streams` streams: the largest window from
+    /// `min_window_log` to `max_window_log` whose `cost` fits both the fair share
+    /// (`cap / streams`) and what remains. `None` when none fits (the stream is framed).
+    pub fn reserve_fair(
+        self: &Arc<Self>,
+        streams: usize,
+        min_window_log: u8,
+        max_window_log: u8,
+        cost: impl Fn(u8) -> u64,
+    ) -> Option<Reservation> {
+        let share = self.cap / streams.max(1) as u64;
+        self.reserve_within(share, min_window_log, max_window_log, cost)
+    }
+
+    /// Reserves a master-target context for one of `streams` streams: as
+    /// [`Self::reserve_fair`] from [`MIN_WINDOW_LOG`], except that a fair share too small
+    /// for any context still buys the smallest one while the pool lasts (first come),
+    /// rather than leaving the whole pool unused. `None` when not even that fits.
     pub fn reserve(
         self: &Arc<Self>,
         streams: usize,
         max_window_log: u8,
         cost: impl Fn(u8) -> u64,
     ) -> Option<Reservation> {
-        // A fair share too small for any context still buys the smallest one while the
-        // pool lasts (first come), rather than leaving the whole pool unused.
         let share = (self.cap / streams.max(1) as u64).max(cost(MIN_WINDOW_LOG));
+        self.reserve_within(share, MIN_WINDOW_LOG, max_window_log, cost)
+    }
+
+    fn reserve_within(
+        self: &Arc<Self>,
+        share: u64,
+        min_window_log: u8,
+        max_window_log: u8,
+        cost: impl Fn(u8) -> u64,
+    ) -> Option<Reservation> {
         let mut reserved = self.lock();
         let free = self.cap.saturating_sub(*reserved);
         let limit = share.min(free);
-        let window_log = (MIN_WINDOW_LOG..=max_window_log.min(MAX_WINDOW_LOG))
+        let window_log = (min_window_log.max(MIN_WINDOW_LOG)..=max_window_log.min(MAX_WINDOW_LOG))
             .rev()
             .find(|w| cost(*w) <= limit)?;
         let bytes = cost(window_log);
@@ -176,80 +228,208 @@ fn zstd_error(code: usize) -> CodecError {
     CodecError(zstd_safe::get_error_name(code).to_owned())
 }
 
-/// The relay's half of a stream's zstd context.
+/// The relay's half of a stream's zstd context: a context of its own (continued), or
+/// whole frames from the shared [`FramePool`] (framed).
 pub struct StreamCompressor {
-    cctx: CCtx<'static>,
+    mode: Mode,
     window_log: u8,
     level: i32,
-    _memory: Reservation,
+}
+
+enum Mode {
+    Continued {
+        cctx: CCtx<'static>,
+        _memory: Reservation,
+    },
+    Framed(Arc<FramePool>),
 }
 
 impl std::fmt::Debug for StreamCompressor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamCompressor")
+            .field("framed", &self.is_framed())
             .field("window_log", &self.window_log)
             .field("level", &self.level)
             .finish_non_exhaustive()
     }
 }
 
+/// A zstd context at `level` whose frames declare a window of at most `2^window_log`.
+fn compression_context(level: i32, window_log: u8) -> Result<CCtx<'static>, CodecError> {
+    let mut cctx = CCtx::try_create().ok_or_else(|| CodecError("out of memory".into()))?;
+    let params = [
+        CParameter::CompressionLevel(level),
+        CParameter::WindowLog(u32::from(window_log)),
+        CParameter::EnableLongDistanceMatching(window_log >= LDM_MIN_WINDOW_LOG),
+        CParameter::ChecksumFlag(false),
+        CParameter::ContentSizeFlag(false),
+    ];
+    for p in params {
+        cctx.set_parameter(p).map_err(zstd_error)?;
+    }
+    Ok(cctx)
+}
+
+/// Feeds all of `body` to `cctx` and appends what it gives to `out`: flushed (the
+/// frame goes on) or ended (a whole frame).
+fn compress_into(
+    cctx: &mut CCtx<'static>,
+    body: &[u8],
+    out: &mut Vec<u8>,
+    directive: zstd_safe::zstd_sys::ZSTD_EndDirective,
+) -> Result<(), CodecError> {
+    out.reserve(zstd_safe::compress_bound(body.len()) + 64);
+    let mut input = InBuffer::around(body);
+    loop {
+        if out.capacity() == out.len() {
+            out.reserve(64 << 10);
+        }
+        let pos = out.len();
+        let mut output = OutBuffer::around_pos(out, pos);
+        let remaining = cctx
+            .compress_stream2(&mut output, &mut input, directive)
+            .map_err(zstd_error)?;
+        if remaining == 0 && input.pos() == body.len() {
+            return Ok(());
+        }
+    }
+}
+
 impl StreamCompressor {
-    /// A context at `level` with the window `memory` pays for, capped at `window_log`
-    /// (what the master target granted).
+    /// A context of its own at `level` with the window `memory` pays for, capped at
+    /// `window_log` (what the master target granted).
     pub fn new(level: i32, window_log: u8, memory: Reservation) -> Result<Self, CodecError> {
         let window_log = window_log.min(memory.window_log());
-        let mut cctx = CCtx::try_create().ok_or_else(|| CodecError("out of memory".into()))?;
-        let params = [
-            CParameter::CompressionLevel(level),
-            CParameter::WindowLog(u32::from(window_log)),
-            CParameter::EnableLongDistanceMatching(window_log >= LDM_MIN_WINDOW_LOG),
-            CParameter::ChecksumFlag(false),
-            CParameter::ContentSizeFlag(false),
-        ];
-        for p in params {
-            cctx.set_parameter(p).map_err(zstd_error)?;
-        }
+        let cctx = compression_context(level, window_log)?;
         Ok(StreamCompressor {
-            cctx,
+            mode: Mode::Continued {
+                cctx,
+                _memory: memory,
+            },
             window_log,
             level,
-            _memory: memory,
         })
+    }
+
+    /// A framed stream: each piece a whole frame, compressed with a context of `pool`.
+    pub fn framed(pool: Arc<FramePool>) -> Self {
+        StreamCompressor {
+            window_log: FRAME_WINDOW_LOG,
+            level: pool.level,
+            mode: Mode::Framed(pool),
+        }
     }
 
     pub fn window_log(&self) -> u8 {
         self.window_log
     }
 
-    /// Compresses `body` as the next flushed piece of the stream, appending to `out`.
-    /// After an error the context is unusable (the stream must end: its peer's history
-    /// can no longer be matched).
+    /// Whether each piece is a whole frame (no history across batches).
+    pub fn is_framed(&self) -> bool {
+        matches!(self.mode, Mode::Framed(_))
+    }
+
+    /// Compresses `body` as the next piece of the stream, appending to `out`. After an
+    /// error a continued context is unusable (the stream must stop using it: its peer's
+    /// history can no longer be matched); a framed stream may go on (the next piece is
+    /// a new frame either way).
     pub fn compress(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
-        out.reserve(zstd_safe::compress_bound(body.len()) + 64);
-        let mut input = InBuffer::around(body);
-        loop {
-            if out.capacity() == out.len() {
-                out.reserve(64 << 10);
+        use zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_flush;
+        match &mut self.mode {
+            Mode::Continued { cctx, .. } => compress_into(cctx, body, out, ZSTD_e_flush),
+            Mode::Framed(pool) => pool.compress(body, out),
+        }
+    }
+
+    /// Bytes the context holds now (zstd's own count; 0 for a framed stream, whose
+    /// contexts are the pool's).
+    pub fn memory(&self) -> usize {
+        match &self.mode {
+            Mode::Continued { cctx, .. } => cctx.sizeof(),
+            Mode::Framed(_) => 0,
+        }
+    }
+}
+
+/// The relay's shared contexts for framed streams: one is lent for each compression
+/// and comes back after it, so their number is what runs at once (at most
+/// [`MAX_FRAME_CONTEXTS`]), whatever the number of streams. Each is reserved from the
+/// relay's [`CodecMemory`] when created.
+pub struct FramePool {
+    level: i32,
+    memory: Arc<CodecMemory>,
+    idle: Mutex<Vec<(CCtx<'static>, Reservation)>>,
+    /// Contexts that exist (idle or lent).
+    created: Mutex<usize>,
+}
+
+impl std::fmt::Debug for FramePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FramePool")
+            .field("level", &self.level)
+            .field("contexts", &self.contexts())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FramePool {
+    pub fn new(memory: Arc<CodecMemory>, level: i32) -> Arc<Self> {
+        Arc::new(FramePool {
+            level,
+            memory,
+            idle: Mutex::new(Vec::new()),
+            created: Mutex::new(0),
+        })
+    }
+
+    /// Contexts that exist now.
+    pub fn contexts(&self) -> usize {
+        *self.created.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `body` as one whole frame, appended to `out`. Fails when no context can be had
+    /// (all lent and the limit reached, or the memory cap spent) or zstd fails; the
+    /// caller then sends the batch another way.
+    fn compress(&self, body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+        use zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end;
+        let lent = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (mut cctx, memory) = match lent {
+            Some(c) => c,
+            None => self.create()?,
+        };
+        let start = out.len();
+        match compress_into(&mut cctx, body, out, ZSTD_e_end) {
+            Ok(()) => {
+                self.idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((cctx, memory));
+                Ok(())
             }
-            let pos = out.len();
-            let mut output = OutBuffer::around_pos(out, pos);
-            let remaining = self
-                .cctx
-                .compress_stream2(
-                    &mut output,
-                    &mut input,
-                    zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_flush,
-                )
-                .map_err(zstd_error)?;
-            if remaining == 0 && input.pos() == body.len() {
-                return Ok(());
+            Err(e) => {
+                // A context that failed mid-frame is not lent again.
+                out.truncate(start);
+                *self.created.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                Err(e)
             }
         }
     }
 
-    /// Bytes the context holds now (zstd's own count).
-    pub fn memory(&self) -> usize {
-        self.cctx.sizeof()
+    fn create(&self) -> Result<(CCtx<'static>, Reservation), CodecError> {
+        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        if *created >= MAX_FRAME_CONTEXTS {
+            return Err(CodecError("every frame context is in use".into()));
+        }
+        let level = self.level;
+        let memory = self
+            .memory
+            .reserve_fair(1, FRAME_WINDOW_LOG, FRAME_WINDOW_LOG, |w| {
+                compressor_cost(w, level)
+            })
+            .ok_or_else(|| CodecError("the codec memory cap is spent".into()))?;
+        let cctx = compression_context(level, FRAME_WINDOW_LOG)?;
+        *created += 1;
+        Ok((cctx, memory))
     }
 }
 
@@ -346,7 +526,7 @@ pub fn stream_pair(
         level,
         d.window_log(),
         relay
-            .reserve(1, window_log, |w| compressor_cost(w, level))
+            .reserve_fair(1, MIN_WINDOW_LOG, window_log, |w| compressor_cost(w, level))
             .ok_or_else(no_room)?,
     )?;
     Ok((c, d))
@@ -483,6 +663,77 @@ mod tests {
         assert!(tiny
             .reserve(1, MAX_WINDOW_LOG, |w| compressor_cost(w, 3))
             .is_none());
+    }
+
+    #[test]
+    fn relay_streams_get_contexts_of_their_own_only_with_a_useful_window() {
+        let pool = CodecMemory::new(DEFAULT_CODEC_MEMORY);
+        let cost = |w| compressor_cost(w, 3);
+        let hundred: Vec<Reservation> = (0..100)
+            .filter_map(|_| pool.reserve_fair(100, MIN_STREAM_WINDOW_LOG, MAX_WINDOW_LOG, cost))
+            .collect();
+        assert_eq!(hundred.len(), 100);
+        assert!(hundred.iter().all(|r| r.window_log() >= 22));
+        drop(hundred);
+        // A thousand streams' fair share (1 MiB) buys no useful window: all framed,
+        // nothing reserved.
+        let thousand = (0..1000)
+            .filter_map(|_| pool.reserve_fair(1000, MIN_STREAM_WINDOW_LOG, MAX_WINDOW_LOG, cost))
+            .count();
+        assert_eq!(thousand, 0);
+        assert_eq!(pool.reserved(), 0);
+    }
+
+    #[test]
+    fn framed_pieces_are_whole_frames_any_decoder_of_the_stream_reads() {
+        let memory = CodecMemory::new(DEFAULT_CODEC_MEMORY);
+        let frames = FramePool::new(memory.clone(), 3);
+        let mut a = StreamCompressor::framed(frames.clone());
+        let mut b = StreamCompressor::framed(frames.clone());
+        assert!(a.is_framed() && a.memory() == 0);
+        let (_, mut da) = pair(MIN_WINDOW_LOG);
+        let (_, mut db) = pair(MIN_WINDOW_LOG);
+        for i in 0..6u64 {
+            let body = text(48 << 10, i + 1);
+            let mut piece = Vec::new();
+            a.compress(&body, &mut piece).unwrap();
+            assert_eq!(
+                &piece[..4],
+                &[0x28, 0xb5, 0x2f, 0xfd],
+                "each piece opens a frame"
+            );
+            assert!(
+                piece.len() < body.len() / 2,
+                "text compresses within a batch"
+            );
+            assert_eq!(da.decompress(&piece, body.len()).unwrap(), body);
+            // A piece is self-contained: a fresh decoder reads it too.
+            let (_, mut fresh) = pair(MIN_WINDOW_LOG);
+            assert_eq!(fresh.decompress(&piece, body.len()).unwrap(), body);
+            let other = random(20 << 10, i);
+            let mut piece = Vec::new();
+            b.compress(&other, &mut piece).unwrap();
+            assert_eq!(db.decompress(&piece, other.len()).unwrap(), other);
+        }
+        // Streams took turns: one context served both, reserved from the cap.
+        assert_eq!(frames.contexts(), 1);
+        assert_eq!(memory.reserved(), compressor_cost(FRAME_WINDOW_LOG, 3));
+        // No repeat is found across pieces (that is the price of framing).
+        let body = random(64 << 10, 99);
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        a.compress(&body, &mut first).unwrap();
+        a.compress(&body, &mut second).unwrap();
+        assert!(second.len() > 60 << 10);
+    }
+
+    #[test]
+    fn the_frame_pool_stays_within_its_cap() {
+        let tiny = CodecMemory::new(1 << 20);
+        let frames = FramePool::new(tiny, 3);
+        let mut c = StreamCompressor::framed(frames.clone());
+        let e = c.compress(&text(8 << 10, 1), &mut Vec::new()).unwrap_err();
+        assert!(e.0.contains("cap"), "{e}");
+        assert_eq!(frames.contexts(), 0);
     }
 
     #[test]

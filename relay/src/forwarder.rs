@@ -47,7 +47,9 @@ use crate::error::RelayError;
 use crate::reduce::{
     Compression, IntervalPlan, KnownBlocks, RecordSource, Reducer, StageBytes, WanConfig,
 };
-use fbr_protocol::codec::{compressor_cost, CodecMemory, StreamCompressor};
+use fbr_protocol::codec::{
+    compressor_cost, CodecMemory, FramePool, StreamCompressor, MIN_STREAM_WINDOW_LOG,
+};
 
 /// Most record bytes read from the cache at once: the coalescing window when the
 /// stream has a backlog (reductions run on a blocking thread, a few streams at a time).
@@ -157,6 +159,9 @@ pub struct ForwardContext<U, S> {
     /// Memory of the sessions' zstd contexts ([`fbr_protocol::codec`]): each new
     /// session reserves its fair share among [`Self::streams`].
     pub codec_memory: Arc<CodecMemory>,
+    /// Contexts lent to framed sessions (those whose share buys no useful window),
+    /// reserved from [`Self::codec_memory`].
+    pub frame_pool: Arc<FramePool>,
     /// Streams with a forwarder (the fair share's denominator).
     pub streams: AtomicUsize,
     /// Forwarders reducing a read window at once (bounds the memory of windows).
@@ -172,16 +177,18 @@ impl<U, S> ForwardContext<U, S> {
         known_blocks: usize,
         metrics: ForwardMetrics,
     ) -> Self {
+        let codec_memory = CodecMemory::new(if wan.zstd_level > 0 {
+            wan.codec_memory
+        } else {
+            0
+        });
         ForwardContext {
             upstream,
             source,
             egress,
             known_blocks: KnownBlocks::new(known_blocks),
-            codec_memory: CodecMemory::new(if wan.zstd_level > 0 {
-                wan.codec_memory
-            } else {
-                0
-            }),
+            frame_pool: FramePool::new(codec_memory.clone(), wan.zstd_level),
+            codec_memory,
             streams: AtomicUsize::new(0),
             wan,
             metrics,
@@ -649,21 +656,28 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
 }
 
 /// The relay's zstd context for a session the master target granted a window of
-/// `2^granted` (0: none): the fair share of the relay's pool, at most that window.
+/// `2^granted` (0: none): a context of its own when the stream's fair share of the
+/// relay's pool buys at least a [`MIN_STREAM_WINDOW_LOG`] window (at most the grant),
+/// else framed (whole frames from the shared pool).
 fn zstd_context<U, S>(ctx: &ForwardContext<U, S>, granted: u8) -> Option<StreamCompressor> {
     if granted == 0 || ctx.wan.zstd_level == 0 || ctx.wan.compression == Compression::Off {
         return None;
     }
     let level = ctx.wan.zstd_level;
     let streams = ctx.streams.load(Ordering::Relaxed);
-    let reservation = ctx
-        .codec_memory
-        .reserve(streams, granted, |w| compressor_cost(w, level))?;
+    let Some(reservation) =
+        ctx.codec_memory
+            .reserve_fair(streams, MIN_STREAM_WINDOW_LOG, granted, |w| {
+                compressor_cost(w, level)
+            })
+    else {
+        return Some(StreamCompressor::framed(ctx.frame_pool.clone()));
+    };
     match StreamCompressor::new(level, granted, reservation) {
         Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!("no zstd context for the session: {e}");
-            None
+            tracing::warn!("no zstd context of its own for the session (framed instead): {e}");
+            Some(StreamCompressor::framed(ctx.frame_pool.clone()))
         }
     }
 }

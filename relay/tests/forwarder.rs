@@ -244,6 +244,14 @@ fn forwarders(
     mt: &Arc<PipeMasterTarget>,
     records: Vec<Record>,
 ) -> (TestForwarders, Arc<MemSource>) {
+    forwarders_with(mt, records, WanConfig::default())
+}
+
+fn forwarders_with(
+    mt: &Arc<PipeMasterTarget>,
+    records: Vec<Record>,
+    wan: WanConfig,
+) -> (TestForwarders, Arc<MemSource>) {
     let source = Arc::new(MemSource::default());
     for r in records {
         source.append(&stream(), r, 0);
@@ -258,7 +266,7 @@ fn forwarders(
         Arc::new(Pipe(mt.clone())),
         source.clone(),
         egress,
-        WanConfig::default(),
+        wan,
         1 << 16,
         ForwardMetrics::detached(),
     );
@@ -342,6 +350,39 @@ async fn zstd_sessions_start_fresh_contexts_through_broken_sessions() {
         mt.lock().batches
     );
     assert!(mt.lock().batches >= 6, "sessions broke along the way");
+}
+
+/// A relay whose share of its codec memory buys no context of its own (as with a
+/// thousand streams) sends framed zstd: every piece a whole frame from the shared pool,
+/// which the master target's per-stream decoder reads as it reads a continued stream,
+/// through broken sessions too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_zstd_sessions_deliver_exactly_from_a_shared_pool() {
+    let records = source_records(600);
+    let mt = PipeMasterTarget::with_zstd(3);
+    let wan = WanConfig {
+        // Room for one frame context (level 3: about 2.1 MiB), not for a stream's own.
+        codec_memory: 5 << 19,
+        ..WanConfig::default()
+    };
+    let (fw, source) = forwarders_with(&mt, records.clone(), wan);
+    let state = fw.ensure(&stream(), DISK);
+    drained_and_exact(&mt, &source, &records).await;
+    assert_eq!(mt.refusals.load(Ordering::SeqCst), 0);
+    assert!(state.failed.borrow().is_none());
+    let zstd = mt.zstd_batches.load(Ordering::SeqCst);
+    assert!(
+        zstd >= mt.lock().batches / 2,
+        "{zstd} zstd batches of {}",
+        mt.lock().batches
+    );
+    let ctx = fw.context();
+    assert_eq!(ctx.frame_pool.contexts(), 1, "one shared context served");
+    assert_eq!(
+        ctx.codec_memory.reserved(),
+        fbr_protocol::codec::compressor_cost(fbr_protocol::codec::FRAME_WINDOW_LOG, 3),
+        "only the shared context is reserved"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,7 +266,9 @@ async fn every_codec_stays_exact_through_a_reconnect() {
 }
 
 /// Many streams against small codec pools: the contexts never take more than either
-/// cap, the streams that found a pool spent go with LZ4, and every point is exact.
+/// cap (the relay's shares buy no context of their own: its streams are framed, from a
+/// shared pool), the streams that found the master target's pool spent go with LZ4, and
+/// every point is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codec_memory_stays_under_its_cap_with_many_streams() {
     let site = site(

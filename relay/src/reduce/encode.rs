@@ -253,6 +253,13 @@ impl Reducer {
                     &mut payload,
                 ) {
                     Ok(enc) => enc,
+                    Err(e) if zstd.is_framed() => {
+                        // No frame context to be had just now (or zstd failed on this
+                        // body): this batch goes with LZ4; the next is a new frame.
+                        tracing::debug!("zstd frame failed, this batch goes with LZ4: {e}");
+                        payload.clear();
+                        self.encode_plain(&batch, compress, &mut payload)
+                    }
                     Err(e) => {
                         // The context may hold part of a body the master target never
                         // sees: it is dropped, and the session goes on without zstd
