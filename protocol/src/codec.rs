@@ -358,9 +358,15 @@ impl StreamCompressor {
 pub struct FramePool {
     level: i32,
     memory: Arc<CodecMemory>,
-    idle: Mutex<Vec<(CCtx<'static>, Reservation)>>,
+    contexts: Mutex<FrameContexts>,
+}
+
+/// The pool's contexts, under one lock: those not lent, and how many exist in all.
+#[derive(Default)]
+struct FrameContexts {
+    idle: Vec<(CCtx<'static>, Reservation)>,
     /// Contexts that exist (idle or lent).
-    created: Mutex<usize>,
+    created: usize,
 }
 
 impl std::fmt::Debug for FramePool {
@@ -377,14 +383,17 @@ impl FramePool {
         Arc::new(FramePool {
             level,
             memory,
-            idle: Mutex::new(Vec::new()),
-            created: Mutex::new(0),
+            contexts: Mutex::new(FrameContexts::default()),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FrameContexts> {
+        self.contexts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Contexts that exist now.
     pub fn contexts(&self) -> usize {
-        *self.created.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().created
     }
 
     /// `body` as one whole frame, appended to `out`. Fails when no context can be had
@@ -392,32 +401,28 @@ impl FramePool {
     /// caller then sends the batch another way.
     fn compress(&self, body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
         use zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end;
-        let lent = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let (mut cctx, memory) = match lent {
-            Some(c) => c,
-            None => self.create()?,
-        };
+        let (mut cctx, memory) = self.lend()?;
         let start = out.len();
-        match compress_into(&mut cctx, body, out, ZSTD_e_end) {
-            Ok(()) => {
-                self.idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((cctx, memory));
-                Ok(())
-            }
-            Err(e) => {
+        let result = compress_into(&mut cctx, body, out, ZSTD_e_end);
+        let mut contexts = self.lock();
+        match result {
+            Ok(()) => contexts.idle.push((cctx, memory)),
+            Err(_) => {
                 // A context that failed mid-frame is not lent again.
                 out.truncate(start);
-                *self.created.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-                Err(e)
+                contexts.created -= 1;
             }
         }
+        result
     }
 
-    fn create(&self) -> Result<(CCtx<'static>, Reservation), CodecError> {
-        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
-        if *created >= MAX_FRAME_CONTEXTS {
+    /// An idle context, or a new one while the limit and the memory cap allow.
+    fn lend(&self) -> Result<(CCtx<'static>, Reservation), CodecError> {
+        let mut contexts = self.lock();
+        if let Some(c) = contexts.idle.pop() {
+            return Ok(c);
+        }
+        if contexts.created >= MAX_FRAME_CONTEXTS {
             return Err(CodecError("every frame context is in use".into()));
         }
         let level = self.level;
@@ -428,7 +433,7 @@ impl FramePool {
             })
             .ok_or_else(|| CodecError("the codec memory cap is spent".into()))?;
         let cctx = compression_context(level, FRAME_WINDOW_LOG)?;
-        *created += 1;
+        contexts.created += 1;
         Ok((cctx, memory))
     }
 }

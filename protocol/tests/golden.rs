@@ -421,6 +421,33 @@ fn golden_batch() -> fbr_protocol::wan::Batch {
         ],
     }
 }
+/// The header of a version-2 batch of [`golden_batch`].
+const ZSTD_GOLDEN_HEADER: [u8; 28] = [
+    2, 2, 0, 0, // version 2 (zstd), flags: bit 1 (zstd), reserved
+    3, 0, 0, 0, 0, 0, 0, 0, // first_seq 3
+    5, 0, 0, 0, 0, 0, 0, 0, // last_seq 5
+    2, 0, 0, 0, // 2 items
+    80, 2, 0, 0, // body_len 592 (before compression)
+];
+
+/// [`golden_batch`] encoded twice through `c`: the two payloads.
+fn two_zstd_pieces(c: &mut fbr_protocol::codec::StreamCompressor) -> Vec<Vec<u8>> {
+    use fbr_protocol::wan::{encode_batch, Compressor};
+    (0..2)
+        .map(|_| {
+            let mut out = BytesMut::new();
+            encode_batch(
+                &golden_batch(),
+                Compressor::Zstd(c),
+                &mut Vec::new(),
+                &mut out,
+            )
+            .unwrap();
+            out.to_vec()
+        })
+        .collect()
+}
+
 /// Two batches through one zstd context (window 2^17, level 3): version 2, flag bit 1,
 /// and pieces that decode only in order, through the stream's context. The pieces are
 /// what libzstd 1.5.7 produced; their decoding is pinned whatever a later libzstd
@@ -430,7 +457,7 @@ fn zstd_batches() {
     use fbr_protocol::codec::{
         compressor_cost, decompressor_cost, CodecMemory, StreamCompressor, StreamDecompressor,
     };
-    use fbr_protocol::wan::{decode_batch_with, encode_batch, Compressor};
+    use fbr_protocol::wan::decode_batch_with;
     let pool = CodecMemory::new(1 << 30);
     let mut c = StreamCompressor::new(
         3,
@@ -438,25 +465,8 @@ fn zstd_batches() {
         pool.reserve(1, 17, |w| compressor_cost(w, 3)).unwrap(),
     )
     .unwrap();
-    let mut pieces = Vec::new();
-    for _ in 0..2 {
-        let mut out = BytesMut::new();
-        encode_batch(
-            &golden_batch(),
-            Compressor::Zstd(&mut c),
-            &mut Vec::new(),
-            &mut out,
-        )
-        .unwrap();
-        pieces.push(out.to_vec());
-    }
-    let header = [
-        2, 2, 0, 0, // version 2 (zstd), flags: bit 1 (zstd), reserved
-        3, 0, 0, 0, 0, 0, 0, 0, // first_seq 3
-        5, 0, 0, 0, 0, 0, 0, 0, // last_seq 5
-        2, 0, 0, 0, // 2 items
-        80, 2, 0, 0, // body_len 592 (before compression)
-    ];
+    let pieces = two_zstd_pieces(&mut c);
+    let header = ZSTD_GOLDEN_HEADER;
     // The first piece opens the endless zstd frame (magic 28 b5 2f fd, window
     // descriptor 0x38: 2^17); the second is a repeat of the first body: a 3-byte block
     // header and one match into the history.
@@ -494,28 +504,11 @@ fn zstd_framed_batches() {
     use fbr_protocol::codec::{
         decompressor_cost, CodecMemory, FramePool, StreamCompressor, StreamDecompressor,
     };
-    use fbr_protocol::wan::{decode_batch_with, encode_batch, Compressor};
+    use fbr_protocol::wan::decode_batch_with;
     let pool = CodecMemory::new(1 << 30);
     let mut c = StreamCompressor::framed(FramePool::new(pool.clone(), 3));
-    let mut pieces = Vec::new();
-    for _ in 0..2 {
-        let mut out = BytesMut::new();
-        encode_batch(
-            &golden_batch(),
-            Compressor::Zstd(&mut c),
-            &mut Vec::new(),
-            &mut out,
-        )
-        .unwrap();
-        pieces.push(out.to_vec());
-    }
-    let header = [
-        2, 2, 0, 0, // version 2 (zstd), flags: bit 1 (zstd), reserved
-        3, 0, 0, 0, 0, 0, 0, 0, // first_seq 3
-        5, 0, 0, 0, 0, 0, 0, 0, // last_seq 5
-        2, 0, 0, 0, // 2 items
-        80, 2, 0, 0, // body_len 592 (before compression)
-    ];
+    let pieces = two_zstd_pieces(&mut c);
+    let header = ZSTD_GOLDEN_HEADER;
     // A whole frame: magic 28 b5 2f fd, window descriptor 0x00 (2^10: zstd sizes the
     // window to the 592-byte body), one compressed block flagged last (header 3d 01 00);
     // the second piece is the very same frame.

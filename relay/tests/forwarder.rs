@@ -336,35 +336,16 @@ async fn a_backlog_drains_exactly_once_through_broken_sessions() {
 /// decodes (a continued history would be refused as malformed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zstd_sessions_start_fresh_contexts_through_broken_sessions() {
-    let records = source_records(600);
-    let mt = PipeMasterTarget::with_zstd(3);
-    let (fw, source) = forwarders(&mt, records.clone());
-    let state = fw.ensure(&stream(), DISK);
-    drained_and_exact(&mt, &source, &records).await;
-    assert_eq!(mt.refusals.load(Ordering::SeqCst), 0);
-    assert!(state.failed.borrow().is_none());
-    let zstd = mt.zstd_batches.load(Ordering::SeqCst);
-    assert!(
-        zstd >= mt.lock().batches / 2,
-        "{zstd} zstd batches of {}",
-        mt.lock().batches
-    );
+    let (_, mt) = drained_through_zstd_sessions(WanConfig::default()).await;
     assert!(mt.lock().batches >= 6, "sessions broke along the way");
 }
 
-/// A relay whose share of its codec memory buys no context of its own (as with a
-/// thousand streams) sends framed zstd: every piece a whole frame from the shared pool,
-/// which the master target's per-stream decoder reads as it reads a continued stream,
-/// through broken sessions too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn framed_zstd_sessions_deliver_exactly_from_a_shared_pool() {
+/// Drains 600 records through a master target granting zstd whose sessions break every
+/// 3 batches: the replica is exact, nothing was refused, and at least half the batches
+/// were zstd.
+async fn drained_through_zstd_sessions(wan: WanConfig) -> (TestForwarders, Arc<PipeMasterTarget>) {
     let records = source_records(600);
     let mt = PipeMasterTarget::with_zstd(3);
-    let wan = WanConfig {
-        // Room for one frame context (level 3: about 2.1 MiB), not for a stream's own.
-        codec_memory: 5 << 19,
-        ..WanConfig::default()
-    };
     let (fw, source) = forwarders_with(&mt, records.clone(), wan);
     let state = fw.ensure(&stream(), DISK);
     drained_and_exact(&mt, &source, &records).await;
@@ -376,6 +357,21 @@ async fn framed_zstd_sessions_deliver_exactly_from_a_shared_pool() {
         "{zstd} zstd batches of {}",
         mt.lock().batches
     );
+    (fw, mt)
+}
+
+/// A relay whose share of its codec memory buys no context of its own (as with a
+/// thousand streams) sends framed zstd: every piece a whole frame from the shared pool,
+/// which the master target's per-stream decoder reads as it reads a continued stream,
+/// through broken sessions too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_zstd_sessions_deliver_exactly_from_a_shared_pool() {
+    let wan = WanConfig {
+        // Room for one frame context (level 3: about 2.1 MiB), not for a stream's own.
+        codec_memory: 5 << 19,
+        ..WanConfig::default()
+    };
+    let (fw, _) = drained_through_zstd_sessions(wan).await;
     let ctx = fw.context();
     assert_eq!(ctx.frame_pool.contexts(), 1, "one shared context served");
     assert_eq!(
