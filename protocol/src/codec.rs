@@ -39,7 +39,11 @@
 //! Relay (compressors): a new stream reserves the largest window (a power of two,
 //! from [`MIN_STREAM_WINDOW_LOG`] to [`MAX_WINDOW_LOG`]) whose context costs no more
 //! than the **fair share** `cap / streams` (the streams the process serves at that
-//! moment) *and* what remains unreserved; when none fits, the stream is framed. The
+//! moment) *and* what remains unreserved; when none fits, the stream is framed. When
+//! streams join and a stream's context costs more than the new fair share
+//! ([`StreamCompressor::exceeds_fair_share`]), the relay [ends](StreamCompressor::end)
+//! its frame, gives the context back and reserves anew (or frames the stream); the
+//! successor's first piece closes the old frame before it opens its own. The
 //! [`FramePool`]'s contexts (at most [`MAX_FRAME_CONTEXTS`], created as compressions
 //! run at once) are reserved from the same cap. With the default 1 GiB: 8 streams get
 //! 128 MiB windows, 100 get 4 MiB each, and from 342 streams on every new stream is
@@ -49,8 +53,8 @@
 //! the fair share is below the smallest context, streams get that smallest one while
 //! the pool lasts (a grant costs little until the relay uses it), and a stream that
 //! finds the pool spent is granted no window, so its batches use LZ4 or nothing. The
-//! relay uses the smaller of the grant and its own reservation. A reservation lasts as
-//! long as its stream: a stream reconnecting after others joined gets the then-fair,
+//! relay uses the smaller of the grant and its own reservation. A grant lasts as long
+//! as its stream: a stream reconnecting after others joined gets the then-fair,
 //! smaller, share.
 
 use std::sync::{Arc, Mutex};
@@ -137,6 +141,12 @@ impl Reservation {
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Whether this reservation holds more than one of `streams` streams' fair share of
+    /// its pool (streams joined since it was made).
+    pub fn exceeds_fair_share(&self, streams: usize) -> bool {
+        self.bytes > self.pool.cap / streams.max(1) as u64
     }
 }
 
@@ -234,12 +244,15 @@ pub struct StreamCompressor {
     mode: Mode,
     window_log: u8,
     level: i32,
+    /// The end of the frame of the context this one succeeded ([`Self::succeed`]),
+    /// sent at the head of this one's first piece.
+    preamble: Vec<u8>,
 }
 
 enum Mode {
     Continued {
         cctx: CCtx<'static>,
-        _memory: Reservation,
+        memory: Reservation,
     },
     Framed(Arc<FramePool>),
 }
@@ -302,12 +315,10 @@ impl StreamCompressor {
         let window_log = window_log.min(memory.window_log());
         let cctx = compression_context(level, window_log)?;
         Ok(StreamCompressor {
-            mode: Mode::Continued {
-                cctx,
-                _memory: memory,
-            },
+            mode: Mode::Continued { cctx, memory },
             window_log,
             level,
+            preamble: Vec::new(),
         })
     }
 
@@ -317,7 +328,45 @@ impl StreamCompressor {
             window_log: FRAME_WINDOW_LOG,
             level: pool.level,
             mode: Mode::Framed(pool),
+            preamble: Vec::new(),
         }
+    }
+
+    /// Whether this stream's own context costs more than one of `streams` streams'
+    /// fair share (see the module docs: it should then make way with [`Self::end`]).
+    /// Never for a framed stream, which holds nothing of its own.
+    pub fn exceeds_fair_share(&self, streams: usize) -> bool {
+        match &self.mode {
+            Mode::Continued { memory, .. } => memory.exceeds_fair_share(streams),
+            Mode::Framed(_) => false,
+        }
+    }
+
+    /// Ends the stream's current frame and gives its context and memory back: the
+    /// bytes returned close the frame (empty for a framed stream, whose frames are
+    /// always closed). Hand them to the successor with [`Self::succeed`], so that its
+    /// first piece closes the old frame before it opens a new one: the receiver reads
+    /// one frame after another, as it does framed pieces.
+    pub fn end(self) -> Result<Vec<u8>, CodecError> {
+        use zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end;
+        let mut tail = self.preamble;
+        match self.mode {
+            Mode::Continued {
+                mut cctx,
+                memory: _,
+            } => {
+                compress_into(&mut cctx, &[], &mut tail, ZSTD_e_end)?;
+                Ok(tail)
+            }
+            Mode::Framed(_) => Ok(tail),
+        }
+    }
+
+    /// This compressor, taking over from one that [ended](Self::end) with `tail`.
+    pub fn succeed(mut self, mut tail: Vec<u8>) -> Self {
+        tail.append(&mut self.preamble);
+        self.preamble = tail;
+        self
     }
 
     pub fn window_log(&self) -> u8 {
@@ -335,10 +384,18 @@ impl StreamCompressor {
     /// a new frame either way).
     pub fn compress(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
         use zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_flush;
-        match &mut self.mode {
+        let start = out.len();
+        out.extend_from_slice(&self.preamble);
+        let result = match &mut self.mode {
             Mode::Continued { cctx, .. } => compress_into(cctx, body, out, ZSTD_e_flush),
             Mode::Framed(pool) => pool.compress(body, out),
+        };
+        match result {
+            Ok(()) => self.preamble.clear(),
+            // The preamble goes with the next piece that succeeds.
+            Err(_) => out.truncate(start),
         }
+        result
     }
 
     /// Bytes the context holds now (zstd's own count; 0 for a framed stream, whose
@@ -729,6 +786,60 @@ mod tests {
         a.compress(&body, &mut first).unwrap();
         a.compress(&body, &mut second).unwrap();
         assert!(second.len() > 60 << 10);
+    }
+
+    #[test]
+    fn a_stream_over_its_share_ends_its_frame_and_hands_over() {
+        // The master target granted 2^22; the relay's pool is 64 MiB.
+        let (_, mut d) = pair(22);
+        let relay = CodecMemory::new(64 << 20);
+        let cost = |w| compressor_cost(w, 3);
+        let own = relay
+            .reserve_fair(1, MIN_STREAM_WINDOW_LOG, 22, cost)
+            .unwrap();
+        let mut c = StreamCompressor::new(3, 22, own).unwrap();
+        let body = text(256 << 10, 7);
+        let mut piece = Vec::new();
+        c.compress(&body, &mut piece).unwrap();
+        assert_eq!(d.decompress(&piece, body.len()).unwrap(), body);
+        // Alone it fits; among a hundred streams it holds more than its share.
+        assert!(!c.exceeds_fair_share(1));
+        assert!(c.exceeds_fair_share(100));
+        let tail = c.end().unwrap();
+        assert!(!tail.is_empty(), "the open frame is closed");
+        assert_eq!(relay.reserved(), 0, "the context's memory is given back");
+        // The successor (framed, as a hundred streams' share buys no window of its
+        // own) opens its first piece with the old frame's end; the same decoder reads
+        // on, and the repeat of the old history is no longer found.
+        let frames = FramePool::new(relay.clone(), 3);
+        let mut next = StreamCompressor::framed(frames).succeed(tail.clone());
+        assert!(!next.exceeds_fair_share(100));
+        let mut piece = Vec::new();
+        next.compress(&body, &mut piece).unwrap();
+        assert_eq!(&piece[..tail.len()], &tail[..]);
+        assert_eq!(
+            &piece[tail.len()..tail.len() + 4],
+            &[0x28, 0xb5, 0x2f, 0xfd]
+        );
+        assert_eq!(d.decompress(&piece, body.len()).unwrap(), body);
+        // Only the first piece carries it.
+        let mut piece = Vec::new();
+        next.compress(&body, &mut piece).unwrap();
+        assert_eq!(&piece[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+        assert_eq!(d.decompress(&piece, body.len()).unwrap(), body);
+        // A continued successor (a smaller window of its own) hands over the same way.
+        let smaller = relay
+            .reserve_fair(8, MIN_STREAM_WINDOW_LOG, 22, cost)
+            .unwrap();
+        let mut own = StreamCompressor::new(3, 22, smaller)
+            .unwrap()
+            .succeed(next.end().unwrap());
+        for i in 0..3 {
+            let body = text(64 << 10, 20 + i);
+            let mut piece = Vec::new();
+            own.compress(&body, &mut piece).unwrap();
+            assert_eq!(d.decompress(&piece, body.len()).unwrap(), body);
+        }
     }
 
     #[test]

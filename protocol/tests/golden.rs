@@ -430,6 +430,14 @@ const ZSTD_GOLDEN_HEADER: [u8; 28] = [
     80, 2, 0, 0, // body_len 592 (before compression)
 ];
 
+/// [`golden_batch`] as one whole zstd frame (framed, level 3), as libzstd 1.5.7 makes it:
+/// magic 28 b5 2f fd, window descriptor 0x00 (2^10: zstd sizes the window to the
+/// 592-byte body), one compressed block flagged last (header 3d 01 00).
+const ZSTD_FRAMED_GOLDEN: [u8; 48] = [
+    40, 181, 47, 253, 0, 0, 61, 1, 0, 200, 1, 3, 0, 16, 0, 34, 0, 0, 1, 2, 170, 0, 90, 3, 5, 0, 9,
+    0, 1, 1, 0, 0, 0, 1, 103, 6, 16, 0, 3, 15, 131, 95, 197, 173, 12, 156, 13, 1,
+];
+
 /// [`golden_batch`] encoded twice through `c`: the two payloads.
 fn two_zstd_pieces(c: &mut fbr_protocol::codec::StreamCompressor) -> Vec<Vec<u8>> {
     use fbr_protocol::wan::{encode_batch, Compressor};
@@ -509,13 +517,8 @@ fn zstd_framed_batches() {
     let mut c = StreamCompressor::framed(FramePool::new(pool.clone(), 3));
     let pieces = two_zstd_pieces(&mut c);
     let header = ZSTD_GOLDEN_HEADER;
-    // A whole frame: magic 28 b5 2f fd, window descriptor 0x00 (2^10: zstd sizes the
-    // window to the 592-byte body), one compressed block flagged last (header 3d 01 00);
-    // the second piece is the very same frame.
-    let golden: &[u8] = &[
-        40, 181, 47, 253, 0, 0, 61, 1, 0, 200, 1, 3, 0, 16, 0, 34, 0, 0, 1, 2, 170, 0, 90, 3, 5, 0,
-        9, 0, 1, 1, 0, 0, 0, 1, 103, 6, 16, 0, 3, 15, 131, 95, 197, 173, 12, 156, 13, 1,
-    ];
+    // The second piece is the very same frame.
+    let golden: &[u8] = &ZSTD_FRAMED_GOLDEN;
     for piece in &pieces {
         assert_eq!(&piece[..28], &header[..]);
         assert_eq!(&piece[28..], golden, "libzstd 1.5.7 encodes as pinned");
@@ -534,4 +537,49 @@ fn zstd_framed_batches() {
         decode_batch_with(Bytes::from(pieces[1].clone()), Some(&mut fresh)).unwrap(),
         golden_batch()
     );
+}
+
+/// A continued stream that outgrew its share hands over to a framed successor: the
+/// successor's first piece closes the open frame (an empty last block, `01 00 00`),
+/// then is a whole frame of its own; the stream's decoder reads across the change.
+#[test]
+fn zstd_handover_batch() {
+    use fbr_protocol::codec::{
+        compressor_cost, decompressor_cost, CodecMemory, FramePool, StreamCompressor,
+        StreamDecompressor,
+    };
+    use fbr_protocol::wan::decode_batch_with;
+    let pool = CodecMemory::new(1 << 30);
+    let mut own = StreamCompressor::new(
+        3,
+        17,
+        pool.reserve_fair(1, 17, 17, |w| compressor_cost(w, 3))
+            .unwrap(),
+    )
+    .unwrap();
+    let first = two_zstd_pieces(&mut own).remove(0);
+    let tail = own.end().unwrap();
+    let mut framed = StreamCompressor::framed(FramePool::new(pool.clone(), 3)).succeed(tail);
+    let pieces = two_zstd_pieces(&mut framed);
+    let header = ZSTD_GOLDEN_HEADER;
+    let framed_golden: &[u8] = &ZSTD_FRAMED_GOLDEN;
+    let handover = [&[1u8, 0, 0][..], framed_golden].concat();
+    assert_eq!(&pieces[0][..28], &header[..]);
+    assert_eq!(
+        &pieces[0][28..],
+        &handover[..],
+        "libzstd 1.5.7 encodes as pinned"
+    );
+    assert_eq!(
+        &pieces[1][28..],
+        framed_golden,
+        "only the first piece closes the frame"
+    );
+    let mut d = StreamDecompressor::new(pool.reserve(1, 17, decompressor_cost).unwrap()).unwrap();
+    for piece in [first, [&header[..], &handover].concat(), pieces[1].clone()] {
+        assert_eq!(
+            decode_batch_with(Bytes::from(piece), Some(&mut d)).unwrap(),
+            golden_batch()
+        );
+    }
 }

@@ -538,8 +538,8 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
     acks: &mut tokio::task::JoinHandle<RelayError>,
 ) -> RelayError {
     let mut durable_rx = ctx.source.durable(id);
-    let zstd = zstd_context(ctx, lock(sender).zstd_window_log());
-    let mut reducer = Some(Reducer::with_zstd(ctx.wan, zstd));
+    let granted = lock(sender).zstd_window_log();
+    let mut reducer = Some(Reducer::with_zstd(ctx.wan, zstd_context(ctx, granted)));
     // Time this session's rounds spent waiting on the link (credit, egress) since the
     // codec chooser last heard.
     let mut link_wait = Duration::ZERO;
@@ -569,6 +569,10 @@ async fn send_batches<U: Upstream, S: ForwardSource>(
         let round = Instant::now();
         let budget = (credit as usize).clamp(1, READ_WINDOW_BYTES);
         let mut r = reducer.take().expect("reducer present between reads");
+        // Streams that joined since this session's context was reserved shrink its share.
+        r.make_way(ctx.streams.load(Ordering::Relaxed), || {
+            zstd_context(ctx, granted)
+        });
         let mut p = plan.take();
         let read = if p.is_none() && ctx.source.backlog_bytes(id) <= INLINE_REDUCE_BYTES {
             // A small read: here, without a thread hop.

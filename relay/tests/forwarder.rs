@@ -381,6 +381,49 @@ async fn framed_zstd_sessions_deliver_exactly_from_a_shared_pool() {
     );
 }
 
+/// A session that reserved a context of its own while alone gives it back once a
+/// thousand streams share the relay's codec memory: it goes framed mid-session, the
+/// master target's decoder reads on across the change, and the replica is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_makes_way_when_streams_join_and_stays_exact() {
+    use fbr_protocol::codec::{compressor_cost, FRAME_WINDOW_LOG};
+    let records = source_records(600);
+    let (before, after) = records.split_at(300);
+    let mt = PipeMasterTarget::with_zstd(0);
+    let (fw, source) = forwarders_with(&mt, before.to_vec(), WanConfig::default());
+    let ctx = fw.context();
+    let state = fw.ensure(&stream(), DISK);
+    let started = Instant::now();
+    while mt.lock().hwm < 300 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "first half not sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Alone: the master target's grant (2^20) at level 3, a context of its own.
+    assert_eq!(ctx.codec_memory.reserved(), compressor_cost(20, 3));
+    assert_eq!(ctx.frame_pool.contexts(), 0);
+    let zstd_before = mt.zstd_batches.load(Ordering::SeqCst);
+    // A thousand streams now: the share (1 MiB) buys no context of its own.
+    ctx.streams.store(1000, Ordering::Relaxed);
+    for r in after {
+        source.append(&stream(), r.clone(), 0);
+    }
+    drained_and_exact(&mt, &source, &records).await;
+    assert!(state.failed.borrow().is_none());
+    assert_eq!(mt.refusals.load(Ordering::SeqCst), 0);
+    assert!(
+        mt.zstd_batches.load(Ordering::SeqCst) > zstd_before,
+        "zstd went on, framed"
+    );
+    assert_eq!(
+        ctx.codec_memory.reserved(),
+        compressor_cost(FRAME_WINDOW_LOG, 3),
+        "only the shared frame context is left"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_target_that_lost_its_content_gets_the_blocks_again() {
     let records = source_records(600);

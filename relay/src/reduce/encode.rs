@@ -45,12 +45,28 @@ pub struct ReducedBatch {
     pub records: Vec<(u64, bool)>,
 }
 
+thread_local! {
+    /// The uncompressed body of the batch being encoded on this thread. Per thread, not
+    /// per session: encoding runs on the few threads that reduce (the async workers and
+    /// at most `REDUCE_SLOTS` blocking threads), so a thousand sessions do not each keep
+    /// a body of up to [`BATCH_RECORD_BYTES`] they are not encoding.
+    static BODY_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `wan::encode_batch` with this thread's body scratch.
+fn encode_batch(
+    batch: &wan::Batch,
+    compressor: Compressor<'_>,
+    payload: &mut BytesMut,
+) -> Result<wan::Encoded, fbr_protocol::codec::CodecError> {
+    BODY_SCRATCH.with_borrow_mut(|body| wan::encode_batch(batch, compressor, body, payload))
+}
+
 /// Per-session reducer state.
 #[derive(Debug)]
 pub struct Reducer {
     config: WanConfig,
     skip_compression: u32,
-    body: Vec<u8>,
     /// The session's zstd context (none when the master target granted no window, the
     /// relay's pool was spent, or zstd is off).
     zstd: Option<StreamCompressor>,
@@ -68,10 +84,39 @@ impl Reducer {
         Reducer {
             config,
             skip_compression: 0,
-            body: Vec::new(),
             zstd,
             chooser: CodecChooser::default(),
         }
+    }
+
+    /// Gives the session's own zstd context back when it holds more than one of
+    /// `streams` streams' fair share of the relay's codec memory (streams joined since
+    /// it was reserved): its frame ends, and `successor` (reserved at today's share, or
+    /// framed) takes over, its first piece closing the old frame. Without this the
+    /// first streams of a thousand would keep the windows they got while alone.
+    /// Returns whether it handed over.
+    pub fn make_way(
+        &mut self,
+        streams: usize,
+        successor: impl FnOnce() -> Option<StreamCompressor>,
+    ) -> bool {
+        if !self
+            .zstd
+            .as_ref()
+            .is_some_and(|z| z.exceeds_fair_share(streams))
+        {
+            return false;
+        }
+        let Some(old) = self.zstd.take() else {
+            return false;
+        };
+        match old.end() {
+            Ok(tail) => self.zstd = successor().map(|next| next.succeed(tail)),
+            // The frame cannot be closed: no new one may open in this session (it
+            // goes on with LZ4, as after any failure of its context).
+            Err(e) => tracing::warn!("zstd failed, the session continues with LZ4: {e}"),
+        }
+        true
     }
 
     /// What the last round cost on each side (see [`CodecChooser::observe`]).
@@ -246,12 +291,7 @@ impl Reducer {
         let started = Instant::now();
         let enc = match self.zstd.as_mut().filter(|_| use_zstd) {
             Some(zstd) => {
-                match wan::encode_batch(
-                    &batch,
-                    Compressor::Zstd(zstd),
-                    &mut self.body,
-                    &mut payload,
-                ) {
+                match encode_batch(&batch, Compressor::Zstd(zstd), &mut payload) {
                     Ok(enc) => enc,
                     Err(e) if zstd.is_framed() => {
                         // No frame context to be had just now (or zstd failed on this
@@ -324,7 +364,7 @@ impl Reducer {
         } else {
             Compressor::None
         };
-        match wan::encode_batch(batch, compressor, &mut self.body, payload) {
+        match encode_batch(batch, compressor, payload) {
             Ok(enc) => enc,
             Err(e) => unreachable!("LZ4 and plain encoding do not fail: {e}"),
         }
