@@ -801,7 +801,12 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     }
     let server_creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
     let client_creds = Credentials::load(&settings.pki_dir, &settings.cert_name)?;
-    let agents = server_endpoint(settings.listen, server_creds, &tuning)?;
+    // One agent is one VM: a stream per disk and one per resync at most.
+    let agent_tuning = QuicTuning {
+        max_peer_streams: fbr_relay::server::AGENT_STREAMS_PER_CONNECTION,
+        ..tuning.clone()
+    };
+    let agents = server_endpoint(settings.listen, server_creds, &agent_tuning)?;
     let upstream_endpoint =
         client_endpoint(any_addr_for(master_target), client_creds, &upstream_tuning)?;
     let link = PeerLink::new(

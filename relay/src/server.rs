@@ -22,6 +22,13 @@ use crate::health::{HealthReport, HealthThresholds};
 use crate::ingest::{IngestContext, RelayForwarders};
 use crate::reduce::WanConfig;
 
+/// Streams one agent connection may have open at once. An agent is one VM: an Azure VM
+/// has at most 64 data disks and its OS disk, each with a replication stream and at
+/// most one resync stream. An agent asking for more waits for one to close (QUIC flow
+/// control), and a thousand agent connections cost quinn about 20 MiB of stream state,
+/// not the 300 MiB a limit of 4,096 per connection would.
+pub const AGENT_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// Settings of a running relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {

@@ -212,3 +212,23 @@ async fn peers_without_a_valid_certificate_are_refused() {
         "the relay logs the wrong role"
     );
 }
+
+/// One agent connection may hold at most `AGENT_STREAMS_PER_CONNECTION` streams at once
+/// (the stream state quinn keeps per connection is bounded by it): the next waits,
+/// while the streams it already has keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_connection_holds_a_bounded_number_of_streams() {
+    use fbr_relay::server::AGENT_STREAMS_PER_CONNECTION;
+    let site = start_site(&["vm1"]);
+    let agent = RawAgent::connect(&site).await;
+    let (mut good, next) = agent.open_disk("vm1", 0, DISK).await;
+    let mut good_seq = next - 1;
+    let mut idle = Vec::new();
+    for _ in 1..AGENT_STREAMS_PER_CONNECTION {
+        let opened = tokio::time::timeout(Duration::from_secs(5), agent.conn.open_bi()).await;
+        idle.push(opened.expect("within the limit").unwrap());
+    }
+    let beyond = tokio::time::timeout(Duration::from_secs(2), agent.conn.open_bi()).await;
+    assert!(beyond.is_err(), "stream {} beyond the limit opened", idle.len() + 2);
+    keep_flowing(&mut good, &mut good_seq).await;
+}

@@ -39,6 +39,10 @@ pub enum TransportError {
     },
 }
 
+/// Streams a peer may open at once by default: a relay's thousand disks on one
+/// connection to its master target, with room for their resyncs.
+pub const DEFAULT_MAX_PEER_STREAMS: u32 = 4096;
+
 /// Flow-control and socket sizes. See the module docs for the reasoning.
 #[derive(Debug, Clone)]
 pub struct QuicTuning {
@@ -51,6 +55,10 @@ pub struct QuicTuning {
     /// Largest UDP payload MTU discovery may probe up to. 1452 suits Ethernet paths
     /// through a VPN; loopback and jumbo-frame links can go higher.
     pub max_udp_payload: u16,
+    /// Streams the peer may have open at once on one connection. quinn keeps the
+    /// state of every stream the peer may open from the start (about 75 bytes each), so
+    /// a listener for many small peers keeps this near what one peer needs.
+    pub max_peer_streams: u32,
     /// Close the connection after this long without hearing from the peer.
     pub idle_timeout: Duration,
     /// How the sender paces itself against the path (what it sends; the receiver's
@@ -95,6 +103,7 @@ impl Default for QuicTuning {
             connection_window: 128 << 20,
             socket_buffer: 16 << 20,
             max_udp_payload: 1452,
+            max_peer_streams: DEFAULT_MAX_PEER_STREAMS,
             idle_timeout: Duration::from_secs(30),
             congestion: Congestion::default(),
         }
@@ -107,7 +116,7 @@ impl QuicTuning {
         t.stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX));
         t.receive_window(VarInt::from_u64(self.connection_window).unwrap_or(VarInt::MAX));
         t.send_window(self.connection_window);
-        t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
+        t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_peer_streams));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         t.keep_alive_interval(Some(self.idle_timeout / 4));
         t.max_idle_timeout(self.idle_timeout.try_into().ok());
