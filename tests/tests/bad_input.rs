@@ -229,6 +229,10 @@ async fn an_agent_connection_holds_a_bounded_number_of_streams() {
         idle.push(opened.expect("within the limit").unwrap());
     }
     let beyond = tokio::time::timeout(Duration::from_secs(2), agent.conn.open_bi()).await;
-    assert!(beyond.is_err(), "stream {} beyond the limit opened", idle.len() + 2);
+    assert!(
+        beyond.is_err(),
+        "stream {} beyond the limit opened",
+        idle.len() + 2
+    );
     keep_flowing(&mut good, &mut good_seq).await;
 }

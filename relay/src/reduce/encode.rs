@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use fbr_cache::CacheError;
 use fbr_protocol::wan::{self, block_hash, is_zero, Block, Item, BLOCK_SIZE};
 use fbr_protocol::{Record, StreamId};
@@ -45,21 +45,35 @@ pub struct ReducedBatch {
     pub records: Vec<(u64, bool)>,
 }
 
-thread_local! {
-    /// The uncompressed body of the batch being encoded on this thread. Per thread, not
-    /// per session: encoding runs on the few threads that reduce (the async workers and
-    /// at most `REDUCE_SLOTS` blocking threads), so a thousand sessions do not each keep
-    /// a body of up to [`BATCH_RECORD_BYTES`] they are not encoding.
-    static BODY_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Scratch space for encoding one batch: its uncompressed body and its payload as
+/// encoded (sized for the worst case: LZ4's bound over the body).
+#[derive(Default)]
+struct EncodeScratch {
+    body: Vec<u8>,
+    payload: BytesMut,
 }
 
-/// `wan::encode_batch` with this thread's body scratch.
+thread_local! {
+    /// Per thread, not per session: encoding runs on the few threads that reduce (the
+    /// async workers and at most `REDUCE_SLOTS` blocking threads), so a thousand
+    /// sessions do not each keep a body of up to [`BATCH_RECORD_BYTES`] they are not
+    /// encoding, and the pages of the worst-case payload are not faulted in anew for
+    /// every batch.
+    static SCRATCH: std::cell::RefCell<EncodeScratch> = std::cell::RefCell::new(EncodeScratch::default());
+}
+
+/// `wan::encode_batch` through this thread's scratch. The payload is copied out at its
+/// own size: it waits in the QUIC send buffer until the master target acknowledges it,
+/// and the worst-case buffer it was encoded in would wait with it.
 fn encode_batch(
     batch: &wan::Batch,
     compressor: Compressor<'_>,
-    payload: &mut BytesMut,
-) -> Result<wan::Encoded, fbr_protocol::codec::CodecError> {
-    BODY_SCRATCH.with_borrow_mut(|body| wan::encode_batch(batch, compressor, body, payload))
+) -> Result<(wan::Encoded, Bytes), fbr_protocol::codec::CodecError> {
+    SCRATCH.with_borrow_mut(|s| {
+        s.payload.clear();
+        let enc = wan::encode_batch(batch, compressor, &mut s.body, &mut s.payload)?;
+        Ok((enc, Bytes::copy_from_slice(&s.payload)))
+    })
 }
 
 /// Per-session reducer state.
@@ -287,31 +301,26 @@ impl Reducer {
         let use_zstd = compress
             && self.zstd.is_some()
             && (self.config.compression == Compression::Always || self.chooser.next_is_zstd());
-        let mut payload = BytesMut::new();
         let started = Instant::now();
-        let enc = match self.zstd.as_mut().filter(|_| use_zstd) {
-            Some(zstd) => {
-                match encode_batch(&batch, Compressor::Zstd(zstd), &mut payload) {
-                    Ok(enc) => enc,
-                    Err(e) if zstd.is_framed() => {
-                        // No frame context to be had just now (or zstd failed on this
-                        // body): this batch goes with LZ4; the next is a new frame.
-                        tracing::debug!("zstd frame failed, this batch goes with LZ4: {e}");
-                        payload.clear();
-                        self.encode_plain(&batch, compress, &mut payload)
-                    }
-                    Err(e) => {
-                        // The context may hold part of a body the master target never
-                        // sees: it is dropped, and the session goes on without zstd
-                        // (the master target's context simply receives nothing more).
-                        tracing::warn!("zstd failed, the session continues with LZ4: {e}");
-                        self.zstd = None;
-                        payload.clear();
-                        self.encode_plain(&batch, compress, &mut payload)
-                    }
+        let (enc, payload) = match self.zstd.as_mut().filter(|_| use_zstd) {
+            Some(zstd) => match encode_batch(&batch, Compressor::Zstd(zstd)) {
+                Ok(encoded) => encoded,
+                Err(e) if zstd.is_framed() => {
+                    // No frame context to be had just now (or zstd failed on this
+                    // body): this batch goes with LZ4; the next is a new frame.
+                    tracing::debug!("zstd frame failed, this batch goes with LZ4: {e}");
+                    self.encode_plain(&batch, compress)
                 }
-            }
-            None => self.encode_plain(&batch, compress, &mut payload),
+                Err(e) => {
+                    // The context may hold part of a body the master target never
+                    // sees: it is dropped, and the session goes on without zstd
+                    // (the master target's context simply receives nothing more).
+                    tracing::warn!("zstd failed, the session continues with LZ4: {e}");
+                    self.zstd = None;
+                    self.encode_plain(&batch, compress)
+                }
+            },
+            None => self.encode_plain(&batch, compress),
         };
         let compression = if compress {
             // Judged on bodies of a block or more: a tag alone never shrinks, and
@@ -342,7 +351,7 @@ impl Reducer {
         };
         stats.add_batch(enc.payload_len as u64, enc.body_len as u64, compression);
         ReducedBatch {
-            payload: payload.freeze(),
+            payload,
             first_seq,
             last_seq,
             literal_hashes,
@@ -353,19 +362,14 @@ impl Reducer {
 
 impl Reducer {
     /// LZ4 (when `compress`) or nothing: cannot fail.
-    fn encode_plain(
-        &mut self,
-        batch: &wan::Batch,
-        compress: bool,
-        payload: &mut BytesMut,
-    ) -> wan::Encoded {
+    fn encode_plain(&mut self, batch: &wan::Batch, compress: bool) -> (wan::Encoded, Bytes) {
         let compressor = if compress {
             Compressor::Lz4
         } else {
             Compressor::None
         };
-        match encode_batch(batch, compressor, payload) {
-            Ok(enc) => enc,
+        match encode_batch(batch, compressor) {
+            Ok(encoded) => encoded,
             Err(e) => unreachable!("LZ4 and plain encoding do not fail: {e}"),
         }
     }
