@@ -631,13 +631,11 @@ fn put_short_str(out: &mut impl BufMut, s: &str) {
     out.put_slice(s.as_bytes());
 }
 
-/// Decodes the frame at the front of `buf`, removing its bytes.
-///
-/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call
-/// again), and an error as soon as the bytes cannot become a valid frame: the header is
-/// checked (magic, version, type, length limit) before the payload is waited for.
-/// `Write` data is a zero-copy slice of `buf`'s allocation.
-pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+/// The length (header included) of the frame at the front of `buf`, once its header
+/// is in: `Ok(None)` while it is not. The header is checked (magic, version, type,
+/// length limit) as soon as its bytes are there, so a reader refuses a bad frame before
+/// it waits for, or makes room for, its payload. What [`decode_frame`] checks first.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     if buf.len() < FRAME_HEADER_LEN {
         // Even a partial header can be refused early when its first bytes are wrong.
         if !buf.is_empty() && buf[0] != MAGIC[0] || buf.len() >= 2 && buf[1] != MAGIC[1] {
@@ -663,11 +661,24 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
             max: max as u32,
         });
     }
-    let total = FRAME_HEADER_LEN + len as usize;
+    Ok(Some(FRAME_HEADER_LEN + len as usize))
+}
+
+/// Decodes the frame at the front of `buf`, removing its bytes.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call
+/// again), and an error as soon as the bytes cannot become a valid frame: the header is
+/// checked ([`frame_len`]) before the payload is waited for. `Write` data is a
+/// zero-copy slice of `buf`'s allocation.
+pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+    let Some(total) = frame_len(buf)? else {
+        return Ok(None);
+    };
     if buf.len() < total {
         buf.reserve(total - buf.len());
         return Ok(None);
     }
+    let ty = FrameType::from_u8(buf[3]).ok_or(DecodeError::UnknownType(buf[3]))?;
     let mut frame_bytes = buf.split_to(total).freeze();
     frame_bytes.advance(FRAME_HEADER_LEN);
     decode_payload(ty, frame_bytes).map(Some)

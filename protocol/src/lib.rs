@@ -43,7 +43,7 @@ pub mod wan;
 
 pub use error::{DecodeError, ErrorCode, Recovery};
 pub use frame::{
-    decode_frame, encode_frame, encode_to_bytes, Frame, FrameType, Record, ReplicaState,
+    decode_frame, encode_frame, encode_to_bytes, frame_len, Frame, FrameType, Record, ReplicaState,
     ResyncMark, ResyncMode, ResyncPhase, StreamId, TagKind, FRAME_HEADER_LEN, MAGIC,
     MAX_FRAME_PAYLOAD, MAX_HASH_NODES, MAX_WRITE_BYTES, NODE_HASH_LEN, PROTOCOL_VERSION,
     SECTOR_SIZE,

@@ -1,14 +1,22 @@
 //! Frames over a byte stream: the async shell around the sans-IO codec.
 //!
 //! [`FrameReader`] reads from any `AsyncRead` (a `quinn::RecvStream` in the daemons, an
-//! in-memory pipe in tests) into a buffer and decodes whole frames; it never holds more
-//! than one frame beyond what it has returned plus one read chunk, so a peer cannot make
-//! it buffer more than [`fbr_protocol::MAX_FRAME_PAYLOAD`]. Its buffer starts at
-//! [`MIN_READ`] and grows only while reads come back full, so a stream that sends a byte and
-//! stops holds 4 KiB, not a full read chunk (a thousand such streams are 4 MiB). With a
-//! frame timeout ([`FrameReader::with_frame_timeout`]) a frame begun must be complete
-//! within it, or the read fails as [`ErrorCode::TooSlow`]: a peer trickling a frame at a
-//! byte a second does not hold a stream forever. [`FrameReader::receive`]
+//! in-memory pipe in tests) and decodes whole frames. What a stream holds is bounded by
+//! what it is receiving, so that a thousand streams on one relay hold little:
+//! - Small frames arrive through a read buffer that starts at [`MIN_READ`], doubles
+//!   while reads come back full (up to [`READ_CHUNK`]) and halves while they come back
+//!   nearly empty; a stream that sends a byte and stops holds 4 KiB. Each small frame
+//!   is copied out of it at its own size, so the buffer is never shared with frames
+//!   the relay still holds (a 4 KiB record kept for the cache does not pin a 64 KiB
+//!   read buffer) and its room is reused.
+//! - A frame larger than the read buffer gets a buffer of exactly its size, read into
+//!   directly, and is returned without a copy: a reader never holds more than one frame
+//!   beyond what it returned, plus one small read, so a peer cannot make it buffer
+//!   more than [`fbr_protocol::MAX_FRAME_PAYLOAD`].
+//!
+//! With a frame timeout ([`FrameReader::with_frame_timeout`]) a frame begun must be
+//! complete within it, or the read fails as [`ErrorCode::TooSlow`]: a peer trickling a
+//! frame at a byte a second does not hold a stream forever. [`FrameReader::receive`]
 //! hands the stream machines ([`fbr_protocol::stream`]) what they take: an
 //! [`Incoming`]. [`FrameWriter`] encodes and writes through [`ChunkWrite`], which QUIC
 //! implements without copying.
@@ -18,11 +26,14 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use fbr_protocol::stream::{Incoming, Opening, Refusal, StreamReceiver};
-use fbr_protocol::{decode_frame, encode_frame, DecodeError, ErrorCode, Frame, StreamId};
+use fbr_protocol::{
+    decode_frame, encode_frame, frame_len, DecodeError, ErrorCode, Frame, StreamId,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The most a busy stream asks for in one read.
-const READ_CHUNK: usize = 256 * 1024;
+/// The most a busy stream asks for in one read into its read buffer (frames larger than
+/// the buffer are read into their own).
+pub const READ_CHUNK: usize = 64 * 1024;
 /// What a new (or quiet) stream asks for in one read; doubled each time a read brings at
 /// least half of what was asked.
 pub const MIN_READ: usize = 4 * 1024;
@@ -56,13 +67,18 @@ impl ReadError {
 #[derive(Debug)]
 pub struct FrameReader<R = quinn::RecvStream> {
     recv: R,
+    /// Bytes read and not yet returned: the beginning of the next frame or frames.
+    /// Never shared: small frames are copied out of it.
     buf: BytesMut,
-    /// How much the next read asks for: [`MIN_READ`], doubling up to [`READ_CHUNK`]
-    /// while reads fill what they asked for.
+    /// The frame being read when it is larger than `buf`: a buffer for exactly its
+    /// length (header included, the second field), filled directly by reads.
+    large: Option<(BytesMut, usize)>,
+    /// How much a read into `buf` asks for: [`MIN_READ`] to [`READ_CHUNK`], following
+    /// what reads bring.
     read_size: usize,
     /// How long a frame may take to arrive once begun; `None`: unlimited.
     frame_timeout: Option<std::time::Duration>,
-    /// When the bytes of the incomplete frame in `buf` began to arrive.
+    /// When the bytes of the incomplete frame began to arrive.
     frame_began: Option<Instant>,
 }
 
@@ -71,6 +87,7 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
         FrameReader {
             recv,
             buf: BytesMut::new(),
+            large: None,
             read_size: MIN_READ,
             frame_timeout: None,
             frame_began: None,
@@ -90,25 +107,35 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
     /// frames. Cancel-safe: dropping the future loses no bytes.
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
-            if let Some(frame) = decode_frame(&mut self.buf)? {
+            if let Some(frame) = self.take_frame()? {
                 // What is left over is the next frame's beginning, arrived by now.
                 self.frame_began = (!self.buf.is_empty()).then(Instant::now);
                 return Ok(Some(frame));
             }
-            if !self.buf.is_empty() && self.frame_began.is_none() {
+            let partial = self.large.is_some() || !self.buf.is_empty();
+            if partial && self.frame_began.is_none() {
                 self.frame_began = Some(Instant::now());
             }
-            if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+            let into_buf = self.large.is_none();
+            if into_buf && self.buf.capacity() - self.buf.len() < self.read_size / 4 {
                 self.buf.reserve(self.read_size);
             }
-            let read = self.recv.read_buf(&mut self.buf);
+            // A large frame's reads stop at its end: what follows it is the next frame's.
+            let mut target = match self.large.as_mut() {
+                Some((large, total)) => {
+                    let rest = *total - large.len();
+                    bytes::BufMut::limit(large, rest)
+                }
+                None => bytes::BufMut::limit(&mut self.buf, usize::MAX),
+            };
+            let read = self.recv.read_buf(&mut target);
             let n = match (self.frame_timeout, self.frame_began) {
                 (Some(limit), Some(began)) => {
                     match tokio::time::timeout_at((began + limit).into(), read).await {
                         Ok(n) => n?,
                         Err(_) => {
                             return Err(ReadError::TooSlow {
-                                have: self.buf.len(),
+                                have: self.buffered(),
                                 seconds: limit.as_secs(),
                             })
                         }
@@ -116,15 +143,64 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
                 }
                 _ => read.await?,
             };
-            if n >= self.read_size / 2 && self.read_size < READ_CHUNK {
-                self.read_size *= 2;
-            }
             if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ReadError::Truncated(self.buf.len()))
+                return match self.buffered() {
+                    0 => Ok(None),
+                    left => Err(ReadError::Truncated(left)),
                 };
+            }
+            if into_buf {
+                self.follow_read(n);
+            }
+        }
+    }
+
+    /// Bytes of frames not yet returned.
+    fn buffered(&self) -> usize {
+        self.buf.len() + self.large.as_ref().map_or(0, |(large, _)| large.len())
+    }
+
+    /// A whole frame, if one is in: the large frame once complete (as read, no copy),
+    /// or a small one copied out of the read buffer. Moves a frame that outgrows the
+    /// read buffer into a buffer of its own.
+    fn take_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if let Some((large, total)) = &self.large {
+            if large.len() < *total {
+                return Ok(None);
+            }
+            let (mut whole, _) = self.large.take().unwrap_or_default();
+            return decode_frame(&mut whole);
+        }
+        let Some(total) = frame_len(&self.buf)? else {
+            return Ok(None);
+        };
+        if self.buf.len() >= total {
+            let mut one = BytesMut::with_capacity(total);
+            one.extend_from_slice(&self.buf[..total]);
+            bytes::Buf::advance(&mut self.buf, total);
+            return decode_frame(&mut one);
+        }
+        if total > self.buf.capacity().max(self.read_size) {
+            // All of `buf` is this frame's beginning (it holds less than the frame).
+            let mut large = BytesMut::with_capacity(total);
+            large.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.large = Some((large, total));
+        }
+        Ok(None)
+    }
+
+    /// Adapts the read size to a read into the buffer that brought `n` bytes, and lets
+    /// a buffer grown for a busy spell go once the stream is quiet.
+    fn follow_read(&mut self, n: usize) {
+        if n >= self.read_size / 2 && self.read_size < READ_CHUNK {
+            self.read_size *= 2;
+        } else if n < self.read_size / 8 && self.read_size > MIN_READ {
+            self.read_size /= 2;
+            if self.buf.capacity() > 2 * self.read_size && self.buf.len() <= self.read_size {
+                let mut smaller = BytesMut::with_capacity(self.read_size);
+                smaller.extend_from_slice(&self.buf);
+                self.buf = smaller;
             }
         }
     }
@@ -353,27 +429,85 @@ mod tests {
         drop(trickle.await.unwrap());
     }
 
+    /// What a busy stream holds follows what it receives: small frames come out at
+    /// their own size (not pinning the read buffer), large ones are read into a buffer
+    /// of exactly their size, and a read buffer grown for small frames shrinks back
+    /// once they stop.
     #[tokio::test]
-    async fn a_busy_stream_reads_in_large_chunks() {
+    async fn frames_hold_only_their_own_bytes() {
         let (a, b) = tokio::io::duplex(1 << 20);
         let mut reader = FrameReader::new(b);
         let mut writer = FrameWriter::new(IoWriter(a));
-        let record = Frame::Record(Record::Write {
-            seq: 1,
-            offset: 0,
-            data: Bytes::from(vec![7; 512 * 1024]),
-        });
-        let sent = record.clone();
+        let write = |seq: u64, len: usize| {
+            Frame::Record(Record::Write {
+                seq,
+                offset: 0,
+                data: Bytes::from(vec![seq as u8; len]),
+            })
+        };
         let task = tokio::spawn(async move {
-            for _ in 0..4 {
-                writer.send(&sent).await.unwrap();
+            for seq in 1..=200 {
+                writer.send(&write(seq, 1024)).await.unwrap();
             }
-            writer.finish().await;
+            for seq in 201..=204 {
+                writer.send(&write(seq, 512 * 1024)).await.unwrap();
+            }
+            writer
+                .send(&Frame::Credit { credit_bytes: 1 })
+                .await
+                .unwrap();
+            writer
         });
-        for _ in 0..4 {
-            assert_eq!(reader.receive().await, Incoming::Frame(record.clone()));
+        let mut kept = Vec::new();
+        for seq in 1..=204u64 {
+            let frame = reader.receive().await;
+            let len = if seq <= 200 { 1024 } else { 512 * 1024 };
+            assert_eq!(frame, Incoming::Frame(write(seq, len)));
+            kept.push(frame);
         }
-        assert!(reader.read_size >= 16 * MIN_READ, "{}", reader.read_size);
-        task.await.unwrap();
+        assert!(
+            reader.read_size > MIN_READ,
+            "small frames were read in bulk"
+        );
+        for frame in &kept {
+            let Incoming::Frame(Frame::Record(Record::Write { data, .. })) = frame else {
+                unreachable!()
+            };
+            // The only reference to its allocation: neither the read buffer nor other
+            // frames share it.
+            assert!(data.is_unique());
+        }
+        assert!(reader.large.is_none());
+        assert!(
+            reader.buf.capacity() <= 2 * READ_CHUNK,
+            "{}",
+            reader.buf.capacity()
+        );
+        // Quiet again: small frames one at a time, and the buffer shrinks back.
+        let mut writer = task.await.unwrap();
+        assert_eq!(
+            reader.receive().await,
+            Incoming::Frame(Frame::Credit { credit_bytes: 1 })
+        );
+        for credit in 0..8 {
+            writer
+                .send(&Frame::Credit {
+                    credit_bytes: credit,
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                reader.receive().await,
+                Incoming::Frame(Frame::Credit {
+                    credit_bytes: credit
+                })
+            );
+        }
+        assert_eq!(reader.read_size, MIN_READ);
+        assert!(
+            reader.buf.capacity() <= 2 * MIN_READ,
+            "{}",
+            reader.buf.capacity()
+        );
     }
 }
