@@ -64,6 +64,8 @@ pub struct RelayMetrics {
     /// Time from a record's durable append in the cache to the master target's ack.
     pub replication_lag_seconds: Histogram,
     pub agent_streams: IntGauge,
+    /// The credit each open agent stream is granted now (its share of `ingest.memory`).
+    pub agent_credit_bytes: IntGauge,
     pub upstream_connected: IntGauge,
     /// Age of the newest recovery point (tag) of a VM durable at the master target.
     pub rpo_seconds: GaugeVec,
@@ -259,6 +261,10 @@ impl RelayMetrics {
             agent_streams: gauge(
                 "fbr_relay_agent_streams",
                 "Disk streams with an agent session open now.",
+            ),
+            agent_credit_bytes: gauge(
+                "fbr_relay_agent_credit_bytes",
+                "Credit granted to each open agent stream now: its fair share of ingest.memory (a power of two, from 256 KiB to ingest.credit).",
             ),
             upstream_connected: gauge(
                 "fbr_relay_upstream_connected",

@@ -58,8 +58,8 @@ pub struct IngestContext {
     /// Streams whose ingest is paused (cache pressure or quota); see [`crate::health`].
     pub throttled: watch::Sender<Arc<BTreeSet<StreamId>>>,
     pub metrics: RelayMetrics,
-    /// Credit granted to each agent stream: bytes of records it may have unacknowledged.
-    pub agent_credit_bytes: u64,
+    /// Credit granted to agent streams: each open stream's share of one budget.
+    pub credit: Arc<crate::credit::CreditShare>,
     /// How long an agent's frame may take to arrive once begun (a trickling peer is
     /// refused with `too_slow`); `None`: unlimited.
     pub frame_timeout: Option<Duration>,
@@ -76,7 +76,7 @@ impl IngestContext {
         cache: Arc<RelayCache>,
         forwarders: Arc<RelayForwarders>,
         metrics: RelayMetrics,
-        agent_credit_bytes: u64,
+        credit: Arc<crate::credit::CreditShare>,
         frame_timeout: Option<Duration>,
     ) -> Self {
         IngestContext {
@@ -84,7 +84,7 @@ impl IngestContext {
             forwarders,
             throttled: watch::channel(Arc::new(BTreeSet::new())).0,
             metrics,
-            agent_credit_bytes,
+            credit,
             frame_timeout,
             resync_progress: crate::resync::ResyncProgress::default(),
             generations: Mutex::new(HashMap::new()),
@@ -260,7 +260,8 @@ async fn open_and_ingest(
             return;
         }
     }
-    let accept = receiver.accept(next_seq, ctx.agent_credit_bytes);
+    let mut credit = ctx.credit.join();
+    let accept = receiver.accept(next_seq, *credit.share.borrow_and_update());
     if writer.send(&accept).await.is_err() {
         return;
     }
@@ -272,7 +273,7 @@ async fn open_and_ingest(
     let mut broken_rx = watch.broken.subscribe();
     broken_rx.borrow_and_update();
     let mut acker =
-        tokio::spawn(send_acks(ctx.clone(), id.clone(), writer.clone()).in_current_span());
+        tokio::spawn(send_acks(ctx.clone(), id.clone(), writer.clone(), credit).in_current_span());
     let ingest = ingest(&ctx, &id, disk_size, &forwarder, receiver, reader);
     tokio::pin!(ingest);
 
@@ -469,11 +470,13 @@ impl Drop for OpenStreamGauge<'_> {
 }
 
 /// Tells the agent what is durable in the cache (`Ack`) and at the master target
-/// (`Applied`), as it happens.
+/// (`Applied`), as it happens, and its new credit when the streams' share changes.
+/// Holds the stream's place in the credit share for as long as the session.
 async fn send_acks(
     ctx: Arc<IngestContext>,
     id: StreamId,
     agent: Arc<tokio::sync::Mutex<FrameWriter>>,
+    mut credit: crate::credit::CreditHolder,
 ) {
     let watch = ctx.cache.watch(&id);
     let mut durable_rx = watch.durable.subscribe();
@@ -503,6 +506,11 @@ async fn send_acks(
                 if r.is_err() { return; }
                 let seq = *applied_rx.borrow_and_update();
                 if agent.lock().await.send(&Frame::Applied { seq }).await.is_err() { return; }
+            }
+            r = credit.share.changed() => {
+                if r.is_err() { return; }
+                let credit_bytes = *credit.share.borrow_and_update();
+                if agent.lock().await.send(&Frame::Credit { credit_bytes }).await.is_err() { return; }
             }
         }
     }

@@ -43,6 +43,7 @@ pub mod api;
 pub mod bench;
 pub mod cache;
 pub mod control;
+pub mod credit;
 pub mod ctl;
 pub mod egress;
 pub mod error;

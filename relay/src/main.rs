@@ -824,6 +824,7 @@ async fn run(settings: RelaySettings) -> anyhow::Result<()> {
     let relay = Relay::new(
         RelayConfig {
             agent_credit_bytes: settings.ingest.credit.0,
+            agent_memory_bytes: settings.ingest.memory.0,
             health: settings.health_thresholds(),
             health_interval: settings.health_interval(),
             wan: settings.wan_config(),

@@ -35,6 +35,9 @@ pub struct RelayConfig {
     /// Credit granted to each agent stream: bytes of records it may have
     /// unacknowledged. Acks come at cache-commit speed, so a few MiB suffice.
     pub agent_credit_bytes: u64,
+    /// Credit of all agent streams together: each open stream gets its fair share, at
+    /// most `agent_credit_bytes` ([`crate::credit`]).
+    pub agent_memory_bytes: u64,
     /// Health conditions and ingest throttling.
     pub health: HealthThresholds,
     /// How often health is evaluated (and throttling decided).
@@ -140,11 +143,16 @@ impl Relay {
             },
         );
         let forwarders = Arc::new(Forwarders::new(Arc::new(forward)));
+        let credit = crate::credit::CreditShare::new(
+            config.agent_memory_bytes,
+            config.agent_credit_bytes,
+            metrics.agent_credit_bytes.clone(),
+        );
         let ingest = Arc::new(IngestContext::new(
             cache.clone(),
             forwarders.clone(),
             metrics,
-            config.agent_credit_bytes,
+            credit,
             config.peer_limits.frame_timeout,
         ));
         for (id, disk_size) in cache.streams() {

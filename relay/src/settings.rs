@@ -167,8 +167,11 @@ pub struct CacheSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct IngestSettings {
-    /// Bytes each agent stream may have unacknowledged.
+    /// Bytes each agent stream may have unacknowledged, at most.
     pub credit: ByteSize,
+    /// Bytes all agent streams together may have unacknowledged: each open stream is
+    /// granted its fair share (a power of two, from 256 KiB up to `credit`).
+    pub memory: ByteSize,
     /// Agent connections at once (one agent holds one for all its disks).
     pub max_connections: usize,
     /// Handshakes in progress at once.
@@ -263,6 +266,7 @@ impl Default for IngestSettings {
     fn default() -> Self {
         IngestSettings {
             credit: ByteSize::mib(16),
+            memory: ByteSize::mib(256),
             max_connections: 1024,
             max_handshakes: 256,
             idle_connection_seconds: 60,
@@ -413,6 +417,12 @@ impl DaemonSettings for RelaySettings {
             return Err(ConfigError::new(
                 "ingest.credit",
                 format!("{} is out of range 1MiB..=4GiB", self.ingest.credit),
+            ));
+        }
+        if !(16 << 20..=64 << 30).contains(&self.ingest.memory.0) {
+            return Err(ConfigError::new(
+                "ingest.memory",
+                format!("{} is out of range 16MiB..=64GiB", self.ingest.memory),
             ));
         }
         if !(1..=65536).contains(&self.ingest.max_connections) {
@@ -602,6 +612,10 @@ mod tests {
                 Box::new(|s| s.cache.segment_size = ByteSize(1)),
             ),
             ("ingest.credit", Box::new(|s| s.ingest.credit = ByteSize(0))),
+            (
+                "ingest.memory",
+                Box::new(|s| s.ingest.memory = ByteSize(1 << 20)),
+            ),
             (
                 "ingest.max_connections",
                 Box::new(|s| s.ingest.max_connections = 0),

@@ -137,6 +137,8 @@ pub struct RawStream {
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
     buf: BytesMut,
+    /// The credit the relay granted in `Accept` (0 before it).
+    pub accepted_credit: u64,
 }
 
 impl RawAgent {
@@ -163,6 +165,7 @@ impl RawAgent {
             send,
             recv,
             buf: BytesMut::new(),
+            accepted_credit: 0,
         }
     }
 
@@ -179,7 +182,14 @@ impl RawAgent {
         })
         .await;
         match s.next_frame().await {
-            Some(Frame::Accept { next_seq, .. }) => (s, next_seq),
+            Some(Frame::Accept {
+                next_seq,
+                credit_bytes,
+                ..
+            }) => {
+                s.accepted_credit = credit_bytes;
+                (s, next_seq)
+            }
             other => panic!("expected Accept for {vm}/{disk}, got {other:?}"),
         }
     }

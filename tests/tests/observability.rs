@@ -360,3 +360,52 @@ async fn a_cache_disk_smaller_than_the_capacity_is_what_health_measures() {
     );
     tokio::task::block_in_place(|| stop_and_verify(&mut site, &report.manifest));
 }
+
+/// The next `Credit` frame on `s`, skipping acknowledgements.
+async fn next_credit(s: &mut fbr_tests::RawStream) -> u64 {
+    loop {
+        match s.next_frame().await {
+            Some(fbr_protocol::Frame::Credit { credit_bytes }) => return credit_bytes,
+            Some(_) => {}
+            None => panic!("stream ended before a Credit frame"),
+        }
+    }
+}
+
+/// Agent streams share one credit budget (`ingest.memory`): each new stream is granted
+/// the fair share, streams already open hear of a change in a `Credit` frame, and the
+/// share is in `/metrics`; a stream that leaves gives its share back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_streams_share_one_credit_budget() {
+    const DISK: u64 = 4 << 20;
+    let mut site = Site::create(None, site_options(&["vm1"])).unwrap();
+    std::fs::write(
+        site.root.join("relay.toml"),
+        "[ingest]\ncredit = \"16MiB\"\nmemory = \"32MiB\"\n",
+    )
+    .unwrap();
+    site.start_master_target().unwrap();
+    site.start_relay().unwrap();
+    let credit_metric = |site: &Site| {
+        let (_, text) = http_get(site.relay_metrics_addr().unwrap(), "/metrics");
+        sample(&text, "fbr_relay_agent_credit_bytes").unwrap() as u64
+    };
+    let agent = fbr_tests::RawAgent::connect(&site).await;
+    // One and two streams: 32 MiB / n is at least the 16 MiB maximum.
+    let (mut first, _) = agent.open_disk("vm1", 0, DISK).await;
+    assert_eq!(first.accepted_credit, 16 << 20);
+    let (second, _) = agent.open_disk("vm1", 1, DISK).await;
+    assert_eq!(second.accepted_credit, 16 << 20);
+    assert_eq!(credit_metric(&site), 16 << 20);
+    // A third: 10.7 MiB each, rounded down to 8 MiB, for it and for those open.
+    let (mut third, _) = agent.open_disk("vm1", 2, DISK).await;
+    assert_eq!(third.accepted_credit, 8 << 20);
+    assert_eq!(next_credit(&mut first).await, 8 << 20);
+    assert_eq!(credit_metric(&site), 8 << 20);
+    // The third leaves: the others get their 16 MiB back.
+    third.send.finish().unwrap();
+    let _ = third.until_error().await;
+    assert_eq!(next_credit(&mut first).await, 16 << 20);
+    assert_eq!(credit_metric(&site), 16 << 20);
+    drop(second);
+}
