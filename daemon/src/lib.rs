@@ -37,6 +37,8 @@ pub mod run;
 pub mod settings;
 pub mod systemd;
 
-pub use process::{init_logging, parse_size, shutdown_signal, write_port_file};
+pub use process::{
+    bound_malloc_arenas, init_logging, parse_size, shutdown_signal, write_port_file, MALLOC_ARENAS,
+};
 pub use run::{report, report_check, run_daemon};
 pub use settings::{ByteSize, ConfigError, DaemonSettings, EX_USAGE};

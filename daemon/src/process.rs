@@ -1,8 +1,47 @@
 //! Process plumbing shared by the daemons and tools: logging, shutdown signals, the
-//! port file, and byte sizes on the command line.
+//! port file, byte sizes on the command line, and the malloc arena limit.
 
 use std::net::SocketAddr;
 use std::path::Path;
+
+/// The number of glibc malloc arenas a daemon runs with (`MALLOC_ARENA_MAX`).
+pub const MALLOC_ARENAS: &str = "2";
+
+/// Makes sure the daemon runs with at most [`MALLOC_ARENAS`] glibc malloc arenas. By
+/// default glibc gives threads that contend for the allocator arenas of their own (up
+/// to 8 per core), and memory freed into one arena serves only that arena, so a relay
+/// whose buffers are allocated on one thread and freed on another keeps far more than
+/// it uses: with a thousand streams its peak RSS was 269-345 MiB with the default and
+/// 248 MiB with two arenas, at the same CPU per byte (`churn bench-scale`). glibc reads
+/// the limit from the environment before the first allocation, so a daemon started
+/// without `MALLOC_ARENA_MAX` executes itself again at once with it set: same process
+/// id (systemd keeps following it), same arguments and descriptors. An operator's own
+/// `MALLOC_ARENA_MAX` is left alone. Call before any thread is started.
+#[cfg(target_os = "linux")]
+pub fn bound_malloc_arenas(program: &str) {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let error = std::process::Command::new(&exe)
+        .arg0(arg0)
+        .args(args)
+        .env("MALLOC_ARENA_MAX", MALLOC_ARENAS)
+        .exec();
+    eprintln!(
+        "{program}: warning: cannot restart with MALLOC_ARENA_MAX={MALLOC_ARENAS} ({error}); \
+         running with glibc's default arenas"
+    );
+}
+
+/// Elsewhere glibc's arenas do not apply.
+#[cfg(not(target_os = "linux"))]
+pub fn bound_malloc_arenas(_program: &str) {}
 
 /// Logs to stderr through `tracing`: human-readable by default, JSON lines with `json`.
 /// `RUST_LOG` overrides `default_level`.

@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::settings::{ConfigError, EX_USAGE};
 
 /// `<program> run`: refuses invalid settings with exit code 64 naming the key, then
-/// starts logging (JSON when the flag or the settings ask for it), a multi-threaded
+/// bounds the malloc arenas ([`crate::bound_malloc_arenas`], which may restart the
+/// process once), starts logging (JSON when the flag or the settings ask for it), a multi-threaded
 /// runtime, and the daemon's `body` until it returns; its error is printed with its
 /// causes and the exit status is 1.
 pub fn run_daemon<S, F>(
@@ -29,6 +30,7 @@ where
             return ExitCode::from(EX_USAGE);
         }
     };
+    crate::process::bound_malloc_arenas(program);
     crate::process::init_logging(log_json_flag || log_json_setting(&settings), "info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -409,3 +409,23 @@ async fn agent_streams_share_one_credit_budget() {
     assert_eq!(credit_metric(&site), 16 << 20);
     drop(second);
 }
+
+/// Both daemons run with a bounded number of malloc arenas (they restart themselves
+/// once with `MALLOC_ARENA_MAX` set), keeping their process id and arguments.
+#[test]
+fn daemons_run_with_bounded_malloc_arenas() {
+    let site = fbr_tests::start_site(&["vm1"]);
+    for (name, pid) in [
+        ("relay", site.relay_pid().unwrap()),
+        ("master-target", site.master_target_pid().unwrap()),
+    ] {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let want = format!("MALLOC_ARENA_MAX={}", fbr_daemon::MALLOC_ARENAS);
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == want.as_bytes()),
+            "{name} runs without {want}"
+        );
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(cmdline.contains("\0run\0"), "{name}: {cmdline:?}");
+    }
+}
