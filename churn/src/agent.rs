@@ -192,6 +192,13 @@ pub struct RunStats {
     pub resync_hash_bytes: AtomicU64,
     /// Source-write to acknowledgement, microseconds.
     pub lag_us: Mutex<Option<Histogram<u64>>>,
+    /// The same, for writes drawn once every disk was onboarded (had a first
+    /// acknowledgement): the steady state, without the start-up burst.
+    pub steady_lag_us: Mutex<Option<Histogram<u64>>>,
+    /// Disks in the run; when all have been acknowledged once, [`Self::onboarded`] is set.
+    pub disks: AtomicU64,
+    /// When the last disk had its first acknowledgement.
+    pub onboarded: std::sync::OnceLock<Instant>,
     /// When the run's counters were made (the agents start right after).
     pub started: std::sync::OnceLock<Instant>,
     /// Disks that have had at least one record acknowledged.
@@ -205,7 +212,8 @@ impl RunStats {
     fn new() -> Arc<Self> {
         let h = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
         let stats = RunStats {
-            lag_us: Mutex::new(Some(h)),
+            lag_us: Mutex::new(Some(h.clone())),
+            steady_lag_us: Mutex::new(Some(h)),
             ..Default::default()
         };
         stats.started.get_or_init(Instant::now);
@@ -217,7 +225,21 @@ impl RunStats {
         let started = *self.started.get_or_init(Instant::now);
         let ms = started.elapsed().as_millis() as u64;
         self.last_first_ack_ms.fetch_max(ms, Ordering::Relaxed);
-        self.disks_first_acked.fetch_add(1, Ordering::Relaxed);
+        let acked = self.disks_first_acked.fetch_add(1, Ordering::Relaxed) + 1;
+        if acked == self.disks.load(Ordering::Relaxed) {
+            self.onboarded.get_or_init(Instant::now);
+        }
+    }
+
+    /// `(p50, p99)` lag in milliseconds of writes drawn after onboarding, if any.
+    pub fn steady_lag_ms(&self) -> Option<(f64, f64)> {
+        let g = self.steady_lag_us.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().filter(|h| !h.is_empty()).map(|h| {
+            (
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+            )
+        })
     }
 
     /// `(p50, p99, max)` lag in milliseconds so far.
@@ -577,19 +599,28 @@ impl DiskRuntime {
     fn applied(&self, seq: u64, stats: &RunStats) {
         self.resync_applied(seq);
         let now = Instant::now();
+        let onboarded = stats.onboarded.get().copied();
         let mut lags = Vec::new();
         {
             let mut pending = self.lag_pending.lock().unwrap_or_else(|p| p.into_inner());
             while pending.front().is_some_and(|(s, _, _)| *s <= seq) {
                 let (_, drawn_at, bytes) = pending.pop_front().expect("front checked");
-                lags.push(now.duration_since(drawn_at).as_micros() as u64);
+                let steady = onboarded.is_some_and(|t| drawn_at >= t);
+                lags.push((now.duration_since(drawn_at).as_micros() as u64, steady));
                 self.applied_frame_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
         }
         if !lags.is_empty() {
-            let mut h = stats.lag_us.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(h) = h.as_mut() {
-                for l in lags {
+            let mut all = stats.lag_us.lock().unwrap_or_else(|p| p.into_inner());
+            let mut steady = stats
+                .steady_lag_us
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (l, is_steady) in lags {
+                if let Some(h) = all.as_mut() {
+                    h.saturating_record(l.max(1));
+                }
+                if let (true, Some(h)) = (is_steady, steady.as_mut()) {
                     h.saturating_record(l.max(1));
                 }
             }
@@ -767,6 +798,7 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
         .map_err(|e| e.to_string())?;
     let pools = ContentPools::new(seed);
     let stats = RunStats::new();
+    stats.disks.store(disks.len() as u64, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
 
     let tasks = Arc::new(Mutex::new(Vec::new()));

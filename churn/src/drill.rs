@@ -152,6 +152,10 @@ pub struct LagMs {
     pub p50: f64,
     pub p99: f64,
     pub max: f64,
+    /// p50 and p99 of the writes drawn after every disk was onboarded (none: the run
+    /// ended first).
+    pub steady_p50: Option<f64>,
+    pub steady_p99: Option<f64>,
 }
 
 /// What a drill or bench found.
@@ -344,6 +348,7 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         .load(std::sync::atomic::Ordering::Relaxed);
     let elapsed_s = report.elapsed.as_secs_f64();
     let (p50, p99, max) = stats.lag_ms();
+    let steady = stats.steady_lag_ms();
     let site_dir = if opts.keep.is_some() || !errors.is_empty() {
         Some(site.keep())
     } else {
@@ -361,7 +366,13 @@ pub async fn run_drill(opts: DrillOptions) -> anyhow::Result<DrillSummary> {
         logical_mb_per_s: logical_bytes as f64 / 1e6 / elapsed_s,
         data_mb_per_s: data_bytes as f64 / 1e6 / elapsed_s,
         records_per_s: records as f64 / elapsed_s,
-        lag_ms: LagMs { p50, p99, max },
+        lag_ms: LagMs {
+            p50,
+            p99,
+            max,
+            steady_p50: steady.map(|s| s.0),
+            steady_p99: steady.map(|s| s.1),
+        },
         relay_cpu_s,
         master_target_cpu_s,
         relay_peak_rss_bytes,

@@ -80,6 +80,8 @@ fn case_figures(s: &DrillSummary, opts: &ScaleBenchOptions, groups: u32) -> Valu
         "master_target_cpu_s": s.master_target_cpu_s,
         "lag_p50_ms": s.lag_ms.p50,
         "lag_p99_ms": s.lag_ms.p99,
+        "steady_lag_p50_ms": s.lag_ms.steady_p50,
+        "steady_lag_p99_ms": s.lag_ms.steady_p99,
         "lag_max_ms": s.lag_ms.max,
         "disks_acked": s.disks_acked,
         "all_disks_acked_s": s.all_disks_acked_s,
