@@ -810,7 +810,7 @@ mod tests {
         assert_eq!(relay.reserved(), 0, "the context's memory is given back");
         // The successor (framed, as a hundred streams' share buys no window of its
         // own) opens its first piece with the old frame's end; the same decoder reads
-        // on, and the repeat of the old history is no longer found.
+        // on.
         let frames = FramePool::new(relay.clone(), 3);
         let mut next = StreamCompressor::framed(frames).succeed(tail.clone());
         assert!(!next.exceeds_fair_share(100));

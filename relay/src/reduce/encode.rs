@@ -108,7 +108,7 @@ impl Reducer {
     /// it was reserved): its frame ends, and `successor` (reserved at today's share, or
     /// framed) takes over, its first piece closing the old frame. Without this the
     /// first streams of a thousand would keep the windows they got while alone.
-    /// Returns whether it handed over.
+    /// Returns whether the context was given up.
     pub fn make_way(
         &mut self,
         streams: usize,
