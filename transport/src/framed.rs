@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// the buffer are read into their own).
 pub const READ_CHUNK: usize = 64 * 1024;
 /// What a new (or quiet) stream asks for in one read; doubled each time a read brings at
-/// least half of what was asked.
+/// least half of what was asked, halved each time one brings less than an eighth.
 pub const MIN_READ: usize = 4 * 1024;
 
 /// Why no frame could be read.
