@@ -74,7 +74,7 @@ impl ReplicaFiles for DataDir {
 
     fn open(&self, id: &StreamId, name: &str) -> io::Result<File> {
         let dir = disk_dir(&self.root, id);
-        std::fs::create_dir_all(&dir)?;
+        create_dir_durably(&dir)?;
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -89,6 +89,31 @@ impl ReplicaFiles for DataDir {
 
     fn describe(&self, id: &StreamId, name: &str) -> String {
         disk_dir(&self.root, id).join(name).display().to_string()
+    }
+}
+
+/// Creates `dir` and any missing ancestors, making each new directory's entry durable in
+/// its parent before going deeper: otherwise a power cut could lose a new disk's
+/// `<vm>/disk<N>` entry while its checkpoint, already in the index, says the journal
+/// holds acknowledged records. [`ReplicaFiles::sync_dir`] then covers the files inside.
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        create_dir_durably(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        // Made just now, or by another disk of the same VM meanwhile (whose sync may not
+        // have happened yet): either way the entry is synced before anything counts on it.
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(e),
+    }
+    match parent {
+        Some(parent) => File::open(parent)?.sync_all(),
+        None => Ok(()),
     }
 }
 
@@ -149,5 +174,38 @@ impl ReplicaFiles for MemFiles {
 
     fn describe(&self, id: &StreamId, name: &str) -> String {
         format!("mem:{id}/{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Disks of one VM opened at once each get their directory, however the creations
+    /// interleave, and their files land under `<data>/disks/<vm>/disk<N>`.
+    #[test]
+    fn disks_of_one_vm_opened_together_all_get_their_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(tmp.path());
+        std::thread::scope(|s| {
+            for disk in 0..8 {
+                let data = &data;
+                s.spawn(move || {
+                    let id = StreamId {
+                        vm: "vm-a".into(),
+                        disk,
+                    };
+                    data.open(&id, JOURNAL_FILE).unwrap();
+                    data.sync_dir(&id).unwrap();
+                });
+            }
+        });
+        for disk in 0..8 {
+            let id = StreamId {
+                vm: "vm-a".into(),
+                disk,
+            };
+            assert!(journal_path(tmp.path(), &id).is_file());
+        }
     }
 }

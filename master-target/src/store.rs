@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use fbr_protocol::{StreamId, TagKind};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -193,26 +193,60 @@ pub struct Store {
     db: Database,
     /// Commits of checkpoints and tags waiting for one shared transaction.
     group: Mutex<GroupCommit>,
-    /// Signalled when a group's transaction is done.
-    group_done: std::sync::Condvar,
 }
+
+/// One queued [`ReplicaIndex::commit`]: a disk's checkpoint and tag landings.
+type QueuedRows = (StreamId, Option<DiskCheckpoint>, Vec<TagLanding>);
 
 /// Group commit of [`ReplicaIndex::commit`]: every disk that lands a tag needs a durable
 /// index commit before its batch is acknowledged, and with hundreds of disks tagged
 /// together that was hundreds of `fsync`ed transactions per recovery point. A caller
-/// queues its rows; whoever finds no commit running writes everything queued in one
-/// transaction (one `fsync`) and wakes the others. Different disks write different keys,
-/// and a disk has one batch in flight at a time, so merging them changes nothing but
-/// the cost.
-#[derive(Debug, Default)]
+/// queues its rows in the open [`CommitGroup`]; whoever finds no commit running writes
+/// everything queued in one transaction (one `fsync`). When it is done it wakes only
+/// that group's callers, and hands the lead to one caller of the group queued
+/// meanwhile: each caller is woken about once, whatever the number of disks (one
+/// condition variable for all, woken in full at every commit, had cost in proportion
+/// to the disks waiting, at every commit). Different disks write different keys, and a
+/// disk has one batch in flight at a time, so merging them changes nothing but the cost.
+#[derive(Debug)]
 struct GroupCommit {
-    queued: Vec<(u64, StreamId, Option<DiskCheckpoint>, Vec<TagLanding>)>,
-    next_ticket: u64,
-    /// Every ticket below this is done (committed, or failed in `failed`).
-    done_below: u64,
+    /// Rows of the open group, not yet taken by a leader.
+    queued: Vec<QueuedRows>,
+    /// The group `queued` belongs to: its callers wait on it.
+    open: Arc<CommitGroup>,
+    /// A leader is writing a transaction.
     running: bool,
-    /// Tickets whose transaction failed, with the error (taken by their callers).
-    failed: BTreeMap<u64, String>,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        GroupCommit {
+            queued: Vec::new(),
+            open: Arc::new(CommitGroup::default()),
+            running: false,
+        }
+    }
+}
+
+/// The callers whose rows go into one transaction, waiting for its outcome.
+#[derive(Debug, Default)]
+struct CommitGroup {
+    state: Mutex<CommitGroupState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct CommitGroupState {
+    /// The transaction's outcome, once written (the error as text: every caller gets it).
+    outcome: Option<Result<(), String>>,
+    /// The previous leader finished and this group's rows wait: one caller leads.
+    lead: bool,
+}
+
+impl CommitGroup {
+    fn lock(&self) -> MutexGuard<'_, CommitGroupState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Store {
@@ -238,7 +272,6 @@ impl Store {
         Ok(Store {
             db,
             group: Mutex::new(GroupCommit::default()),
-            group_done: std::sync::Condvar::new(),
         })
     }
 
@@ -246,11 +279,41 @@ impl Store {
         self.group.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// As the leader of `group` (the open one: no other leader runs, so nothing took
+    /// its rows): writes its rows in one transaction, gives every caller of the group
+    /// the outcome, and hands the lead to the group queued meanwhile, if any.
+    fn lead_group(&self, group: &Arc<CommitGroup>) -> Result<(), StoreError> {
+        let queued = {
+            let mut g = self.lock_group();
+            debug_assert!(
+                Arc::ptr_eq(&g.open, group),
+                "the leader's group is the open one"
+            );
+            g.open = Arc::new(CommitGroup::default());
+            std::mem::take(&mut g.queued)
+        };
+        let outcome = self.commit_group(&queued).map_err(|err| err.0);
+        group.lock().outcome = Some(outcome.clone());
+        group.changed.notify_all();
+        let next = {
+            let mut g = self.lock_group();
+            if g.queued.is_empty() {
+                g.running = false;
+                None
+            } else {
+                Some(g.open.clone())
+            }
+        };
+        if let Some(next) = next {
+            next.lock().lead = true;
+            // Every waiter on `next` is one of its callers: any one of them can lead.
+            next.changed.notify_one();
+        }
+        outcome.map_err(StoreError)
+    }
+
     /// Writes queued checkpoints and tags in one durable transaction.
-    fn commit_group(
-        &self,
-        queued: &[(u64, StreamId, Option<DiskCheckpoint>, Vec<TagLanding>)],
-    ) -> Result<(), StoreError> {
+    fn commit_group(&self, queued: &[QueuedRows]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
         {
             let mut disks = tx.open_table(DISKS).map_err(e)?;
@@ -258,7 +321,7 @@ impl Store {
             let mut t = tx.open_table(TAGS).map_err(e)?;
             let mut inconsistent = tx.open_table(INCONSISTENT_TAGS).map_err(e)?;
             let mut times = tx.open_table(TAG_TIMES).map_err(e)?;
-            for (_, id, checkpoint, tags) in queued {
+            for (id, checkpoint, tags) in queued {
                 if let Some(c) = checkpoint {
                     let key = stream_key(id);
                     disks
@@ -498,37 +561,28 @@ impl ReplicaIndex for Store {
         checkpoint: Option<DiskCheckpoint>,
         tags: &[TagLanding],
     ) -> Result<(), StoreError> {
-        let mut g = self.lock_group();
-        let ticket = g.next_ticket;
-        g.next_ticket += 1;
-        g.queued
-            .push((ticket, id.clone(), checkpoint, tags.to_vec()));
+        let group = {
+            let mut g = self.lock_group();
+            g.queued.push((id.clone(), checkpoint, tags.to_vec()));
+            let group = g.open.clone();
+            if !g.running {
+                g.running = true;
+                drop(g);
+                return self.lead_group(&group);
+            }
+            group
+        };
+        let mut state = group.lock();
         loop {
-            if g.done_below > ticket {
-                return match g.failed.remove(&ticket) {
-                    Some(err) => Err(StoreError(err)),
-                    None => Ok(()),
-                };
+            if let Some(outcome) = &state.outcome {
+                return outcome.clone().map_err(StoreError);
             }
-            if g.running {
-                g = self.group_done.wait(g).unwrap_or_else(|p| p.into_inner());
-                continue;
+            if state.lead {
+                state.lead = false;
+                drop(state);
+                return self.lead_group(&group);
             }
-            // Lead: commit everything queued (ours included) in one transaction.
-            g.running = true;
-            let queued = std::mem::take(&mut g.queued);
-            drop(g);
-            let result = self.commit_group(&queued);
-            g = self.lock_group();
-            let last = queued.last().map_or(ticket, |q| q.0);
-            if let Err(err) = &result {
-                for (t, ..) in &queued {
-                    g.failed.insert(*t, err.to_string());
-                }
-            }
-            g.done_below = g.done_below.max(last + 1);
-            g.running = false;
-            self.group_done.notify_all();
+            state = group.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -745,8 +799,9 @@ mod tests {
         assert_eq!(times, vec![Some(1_000), Some(1_250)]);
     }
 
-    /// Many disks landing a tag at once share transactions, and each caller returns only
-    /// once its own rows are committed: every landing and checkpoint is there after.
+    /// Many disks landing tags at once share transactions, the lead passing from group to
+    /// group, and each caller returns only once its own rows are committed: every landing
+    /// and checkpoint is there after, and no caller is left waiting.
     #[test]
     fn concurrent_commits_all_land() {
         let dir = tempfile::tempdir().unwrap();
@@ -756,18 +811,20 @@ mod tests {
             for disk in 0..disks {
                 let store = &store;
                 scope.spawn(move || {
-                    let t = landing(disk, disks, 1_000 + u64::from(disk));
-                    let checkpoint = DiskCheckpoint {
-                        disk_size: 1 << 20,
-                        journal_offset: 100,
-                        seq: 10,
-                        sync: SyncState::Consistent,
-                    };
-                    store
-                        .commit(&t.stream, Some(checkpoint), std::slice::from_ref(&t))
-                        .unwrap();
-                    // Ours is durable when commit returns, whoever wrote the group.
-                    assert_eq!(store.checkpoint(&t.stream).unwrap(), Some(checkpoint));
+                    for round in 1..=20u64 {
+                        let t = landing(disk, disks, 1_000 + u64::from(disk));
+                        let checkpoint = DiskCheckpoint {
+                            disk_size: 1 << 20,
+                            journal_offset: 100 * round,
+                            seq: 10 * round,
+                            sync: SyncState::Consistent,
+                        };
+                        store
+                            .commit(&t.stream, Some(checkpoint), std::slice::from_ref(&t))
+                            .unwrap();
+                        // Ours is durable when commit returns, whoever wrote the group.
+                        assert_eq!(store.checkpoint(&t.stream).unwrap(), Some(checkpoint));
+                    }
                 });
             }
         });
@@ -776,7 +833,6 @@ mod tests {
         assert!(points[0].complete);
         assert_eq!(points[0].landed.len(), disks as usize);
         let g = store.lock_group();
-        assert!(g.queued.is_empty() && !g.running && g.failed.is_empty());
-        assert_eq!(g.done_below, u64::from(disks));
+        assert!(g.queued.is_empty() && !g.running);
     }
 }
