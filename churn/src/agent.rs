@@ -346,11 +346,36 @@ struct Pace {
     bytes_per_s: f64,
     started: Instant,
     drawn: AtomicU64,
+    /// Bytes the disk counts as drawn before the start: its phase, between 0 and
+    /// [`PACE_PHASE_BYTES`]. Without it every disk drew its first write at once (nothing
+    /// drawn is below any allowance), so 1,000 disks at 2 KB/s each began with a burst of
+    /// a thousand writes, tens of MB, where a fleet of VMs writes at random phases.
+    phase: f64,
 }
 
+/// The span of disks' phases: about the largest common write (the profiles draw 4-64
+/// KiB), so each disk's first write comes at a random point of its first write interval.
+const PACE_PHASE_BYTES: f64 = 64.0 * 1024.0;
+
 impl Pace {
+    /// Disk number `index` of a run with `seed`, drawing its share `bytes_per_s`.
+    fn new(bytes_per_s: f64, seed: u64, index: usize) -> Pace {
+        // A deterministic phase per disk (splitmix64 of seed and index).
+        let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
+        Pace {
+            bytes_per_s,
+            started: Instant::now(),
+            drawn: AtomicU64::new(0),
+            phase: fraction * PACE_PHASE_BYTES,
+        }
+    }
+
     fn allows_more(&self) -> bool {
-        (self.drawn.load(Ordering::Relaxed) as f64)
+        (self.drawn.load(Ordering::Relaxed) as f64) + self.phase
             < self.bytes_per_s * self.started.elapsed().as_secs_f64()
     }
 }
@@ -869,11 +894,9 @@ pub fn start(opts: AgentOptions, disks: Vec<DiskPlan>, seed: u64) -> Result<RunH
             window_changed: watch::channel(0).0,
             lag_pending: Mutex::new(VecDeque::new()),
             applied_frame_bytes: AtomicU64::new(0),
-            pace: opts.rate_bytes_per_s.map(|r| Pace {
-                bytes_per_s: r as f64 / disk_count as f64,
-                started: Instant::now(),
-                drawn: AtomicU64::new(0),
-            }),
+            pace: opts
+                .rate_bytes_per_s
+                .map(|r| Pace::new(r as f64 / disk_count as f64, seed, runtimes.len())),
         }));
     }
     let disks = runtimes.clone();
@@ -1659,5 +1682,34 @@ async fn write_failed(
     match tokio::time::timeout(REFUSAL_GRACE, acks).await {
         Ok(Ok(end)) if end.is_refusal() => end,
         _ => SessionEnd::retry(format!("sending: {error}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Disks of a paced run start at phases spread over one typical write, the same
+    /// for the same seed: a thousand disks do not all draw their first write at once.
+    #[test]
+    fn paced_disks_start_at_spread_phases() {
+        let phases: Vec<f64> = (0..1000).map(|i| Pace::new(2_000.0, 7, i).phase).collect();
+        assert!(phases.iter().all(|p| (0.0..PACE_PHASE_BYTES).contains(p)));
+        let early = phases
+            .iter()
+            .filter(|p| **p < PACE_PHASE_BYTES / 10.0)
+            .count();
+        assert!(
+            (50..=150).contains(&early),
+            "{early} of 1000 phases in the first tenth"
+        );
+        let again: Vec<f64> = (0..1000).map(|i| Pace::new(2_000.0, 7, i).phase).collect();
+        assert_eq!(phases, again);
+        // At 2 KB/s, a disk whose phase is half a write draws nothing for 16 s.
+        let pace = Pace {
+            phase: PACE_PHASE_BYTES / 2.0,
+            ..Pace::new(2_000.0, 7, 0)
+        };
+        assert!(!pace.allows_more());
     }
 }
