@@ -27,7 +27,8 @@ pub trait ReplicaFiles: Send + Sync + 'static {
     /// Opens file `name` of disk `id` for reading and writing, creating it (empty, with
     /// its directory) if it does not exist.
     fn open(&self, id: &StreamId, name: &str) -> io::Result<Self::File>;
-    /// Makes the creation of disk `id`'s files durable (its directory entries).
+    /// Makes the creation of disk `id`'s files durable (their directory entries, and
+    /// those of the directories holding them).
     fn sync_dir(&self, id: &StreamId) -> io::Result<()>;
     /// A name for messages (a path, or `mem:` and the disk).
     fn describe(&self, id: &StreamId, name: &str) -> String;
@@ -74,7 +75,7 @@ impl ReplicaFiles for DataDir {
 
     fn open(&self, id: &StreamId, name: &str) -> io::Result<File> {
         let dir = disk_dir(&self.root, id);
-        create_dir_durably(&dir)?;
+        std::fs::create_dir_all(&dir)?;
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -83,37 +84,20 @@ impl ReplicaFiles for DataDir {
             .open(dir.join(name))
     }
 
+    /// Syncs the disk's directory and each one above it up to the data directory:
+    /// `create_dir_all` may have made `<vm>` and `disk<N>` just now (or another disk of
+    /// the VM may have, without having synced yet), and a power cut must not lose their
+    /// entries while the index holds the disk's checkpoint.
     fn sync_dir(&self, id: &StreamId) -> io::Result<()> {
-        File::open(disk_dir(&self.root, id))?.sync_all()
+        // `disk<N>`, `<vm>`, `disks` and the data directory (see `disk_dir`).
+        for dir in disk_dir(&self.root, id).ancestors().take(4) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     fn describe(&self, id: &StreamId, name: &str) -> String {
         disk_dir(&self.root, id).join(name).display().to_string()
-    }
-}
-
-/// Creates `dir` and any missing ancestors, making each new directory's entry durable in
-/// its parent before going deeper: otherwise a power cut could lose a new disk's
-/// `<vm>/disk<N>` entry while its checkpoint, already in the index, says the journal
-/// holds acknowledged records. [`ReplicaFiles::sync_dir`] then covers the files inside.
-fn create_dir_durably(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(parent) = parent {
-        create_dir_durably(parent)?;
-    }
-    match std::fs::create_dir(dir) {
-        // Made just now, or by another disk of the same VM meanwhile (whose sync may not
-        // have happened yet): either way the entry is synced before anything counts on it.
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
-        Err(e) => return Err(e),
-    }
-    match parent {
-        Some(parent) => File::open(parent)?.sync_all(),
-        None => Ok(()),
     }
 }
 

@@ -152,6 +152,11 @@ impl<F: DurableFile> DiskReplica<F> {
             journal_len = JOURNAL_HEADER_LEN;
         } else {
             upgrade_header(&journal, &journal_name)?;
+            if existing.is_none() {
+                // Files the index does not know yet: a process killed after creating
+                // them may not have synced their directories.
+                files.sync_dir(id).map_err(io_err(&journal_name))?;
+            }
         }
         let checkpoint = existing.unwrap_or(DiskCheckpoint {
             disk_size,
