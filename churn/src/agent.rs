@@ -360,12 +360,8 @@ const PACE_PHASE_BYTES: f64 = 64.0 * 1024.0;
 impl Pace {
     /// Disk number `index` of a run with `seed`, drawing its share `bytes_per_s`.
     fn new(bytes_per_s: f64, seed: u64, index: usize) -> Pace {
-        // A deterministic phase per disk (splitmix64 of seed and index).
-        let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
+        // A deterministic phase per disk.
+        let fraction = (crate::image::mix(seed, index as u64) >> 11) as f64 / (1u64 << 53) as f64;
         Pace {
             bytes_per_s,
             started: Instant::now(),

@@ -56,7 +56,8 @@ fn chosen(seed: u64, block: u64, ppm: u32) -> bool {
     (mix(seed, block) % 1_000_000) < ppm as u64
 }
 
-fn mix(seed: u64, block: u64) -> u64 {
+/// splitmix64 of `seed` and `block`: a well-spread 64-bit value per pair.
+pub(crate) fn mix(seed: u64, block: u64) -> u64 {
     let mut x = seed ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -132,12 +132,7 @@ pub struct DiskGenerator {
 
 /// Mixes the run seed with the disk's position into the disk's own seed.
 fn disk_seed(seed: u64, vm_index: u32, disk_index: u32) -> u64 {
-    let mut x =
-        seed ^ ((vm_index as u64) << 32 | disk_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    // splitmix64 finaliser
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    crate::image::mix(seed, (vm_index as u64) << 32 | disk_index as u64)
 }
 
 impl DiskGenerator {

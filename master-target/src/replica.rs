@@ -141,22 +141,22 @@ impl<F: DurableFile> DiskReplica<F> {
             .open(id, JOURNAL_FILE)
             .map_err(io_err(&journal_name))?;
         let mut journal_len = journal.size().map_err(io_err(&journal_name))?;
-        if journal_len < JOURNAL_HEADER_LEN {
+        let new_journal = journal_len < JOURNAL_HEADER_LEN;
+        if new_journal {
             // New (or torn before its header was complete, which means empty).
             journal.truncate(0).map_err(io_err(&journal_name))?;
             journal
                 .write_at(&journal::encode_header(), 0)
                 .map_err(io_err(&journal_name))?;
             journal.sync().map_err(io_err(&journal_name))?;
-            files.sync_dir(id).map_err(io_err(&journal_name))?;
             journal_len = JOURNAL_HEADER_LEN;
         } else {
             upgrade_header(&journal, &journal_name)?;
-            if existing.is_none() {
-                // Files the index does not know yet: a process killed after creating
-                // them may not have synced their directories.
-                files.sync_dir(id).map_err(io_err(&journal_name))?;
-            }
+        }
+        // A journal made just now, or files the index does not know yet (a process
+        // killed after creating them may not have synced their directories).
+        if new_journal || existing.is_none() {
+            files.sync_dir(id).map_err(io_err(&journal_name))?;
         }
         let checkpoint = existing.unwrap_or(DiskCheckpoint {
             disk_size,
