@@ -158,7 +158,16 @@ impl MasterTarget {
             hwm: replica.hwm(),
             sync: replica.sync_state(),
         };
-        *slot.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+        let previous = slot
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(status);
+        // The gauges change only with the sync state (a label lookup per batch of each
+        // of a thousand disks is a cost per record).
+        if previous.is_some_and(|p| p.sync == status.sync) {
+            return;
+        }
         let labels = [replica.id.vm.as_str(), &replica.id.disk.to_string()];
         let m = &self.metrics;
         m.disk_sync_state

@@ -6,12 +6,17 @@
 //! fail writes or syncs on request.
 //!
 //! On disk: `<data>/disks/<vm>/disk<N>/<name>` ([`JOURNAL_FILE`], [`IMAGE_FILE`]).
+//!
+//! A new disk's directories are synced before its first acknowledgement. Disks come in
+//! hundreds at once (a VM's four disks share `<vm>`, every disk shares `disks` and the
+//! data directory), so the syncs are grouped per directory ([`DirSyncs`]): one `fsync`
+//! that starts after a request covers every request made before it started.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use fbr_protocol::StreamId;
 use fbr_storage::{Crash, DurableFile, Faults, MemFile};
@@ -56,12 +61,14 @@ pub fn journal_path(data_dir: &Path, id: &StreamId) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    dir_syncs: Arc<DirSyncs>,
 }
 
 impl DataDir {
     pub fn new(root: &Path) -> Self {
         DataDir {
             root: root.to_owned(),
+            dir_syncs: Arc::default(),
         }
     }
 
@@ -91,13 +98,100 @@ impl ReplicaFiles for DataDir {
     fn sync_dir(&self, id: &StreamId) -> io::Result<()> {
         // `disk<N>`, `<vm>`, `disks` and the data directory (see `disk_dir`).
         for dir in disk_dir(&self.root, id).ancestors().take(4) {
-            File::open(dir)?.sync_all()?;
+            self.dir_syncs
+                .sync_with(dir, |d| File::open(d).and_then(|f| f.sync_all()))?;
         }
         Ok(())
     }
 
     fn describe(&self, id: &StreamId, name: &str) -> String {
         disk_dir(&self.root, id).join(name).display().to_string()
+    }
+}
+
+/// Group syncs of directories: [`DirSyncs::sync_with`] returns once a sync of the
+/// directory that *started after the call* has completed, so it covers every entry
+/// the caller made in it; callers that arrive while a sync runs share the next one.
+///
+/// Invariants: at most one sync per directory runs at a time; a directory's entry in
+/// the map lives only while someone waits on it (the map stays as small as the number
+/// of directories being synced right now).
+#[derive(Debug, Default)]
+pub struct DirSyncs {
+    dirs: Mutex<HashMap<PathBuf, Arc<DirSync>>>,
+}
+
+#[derive(Debug, Default)]
+struct DirSync {
+    state: Mutex<DirSyncState>,
+    finished: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct DirSyncState {
+    /// Requests made so far (each caller's ticket is the count after its own).
+    requested: u64,
+    /// Every ticket up to this one is covered by a completed sync.
+    synced: u64,
+    /// A sync is running (its caller is the leader).
+    running: bool,
+}
+
+impl DirSyncs {
+    /// Syncs `dir` with `sync` (`fsync` of the directory), grouped with concurrent
+    /// callers. An error is returned to the caller whose sync failed; the others
+    /// waiting on it try again themselves.
+    pub fn sync_with(&self, dir: &Path, sync: impl Fn(&Path) -> io::Result<()>) -> io::Result<()> {
+        let entry = {
+            let mut dirs = self.dirs.lock().unwrap_or_else(PoisonError::into_inner);
+            dirs.entry(dir.to_owned()).or_default().clone()
+        };
+        let result = entry.sync(dir, sync);
+        let mut dirs = self.dirs.lock().unwrap_or_else(PoisonError::into_inner);
+        // Clones are taken under the map's lock, so the count is stable here: two is
+        // the map's and ours.
+        if Arc::strong_count(&entry) == 2 {
+            dirs.remove(dir);
+        }
+        result
+    }
+
+    /// Directories with a sync requested or running (tests).
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.dirs.lock().unwrap().len()
+    }
+}
+
+impl DirSync {
+    fn sync(&self, dir: &Path, sync: impl Fn(&Path) -> io::Result<()>) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.requested += 1;
+        let ticket = st.requested;
+        loop {
+            if st.synced >= ticket {
+                return Ok(());
+            }
+            if st.running {
+                st = self
+                    .finished
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Lead: this sync covers every request made until now.
+            st.running = true;
+            let covers = st.requested;
+            drop(st);
+            let result = sync(dir);
+            st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            st.running = false;
+            if result.is_ok() {
+                st.synced = st.synced.max(covers);
+            }
+            self.finished.notify_all();
+            result?;
+        }
     }
 }
 
@@ -164,6 +258,63 @@ impl ReplicaFiles for MemFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sync that was already running when a caller arrived does not count for it: the
+    /// caller waits for the next one, which also serves everyone who came meanwhile.
+    #[test]
+    fn a_dir_sync_counts_only_if_it_started_after_the_request() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::mpsc;
+        let syncs = DirSyncs::default();
+        let dir = Path::new("/d");
+        let runs = AtomicU32::new(0);
+        let (started_tx, started_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let gated = |_: &Path| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            started_tx.send(()).unwrap();
+            release_rx.lock().unwrap().recv().unwrap();
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            let first = s.spawn(|| syncs.sync_with(dir, gated));
+            started_rx.recv().unwrap(); // the first sync runs
+            let late: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| syncs.sync_with(dir, gated)))
+                .collect();
+            // Let the latecomers queue behind the running sync.
+            while syncs.dirs.lock().unwrap()[dir]
+                .state
+                .lock()
+                .unwrap()
+                .requested
+                < 5
+            {
+                std::thread::yield_now();
+            }
+            release_tx.send(()).unwrap();
+            first.join().unwrap().unwrap();
+            started_rx.recv().unwrap(); // one more sync, for all four latecomers
+            release_tx.send(()).unwrap();
+            for l in late {
+                l.join().unwrap().unwrap();
+            }
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(syncs.pending(), 0, "idle directories leave the map");
+    }
+
+    /// A failed sync fails its caller; a caller that waited on it syncs again itself.
+    #[test]
+    fn a_failed_dir_sync_is_retried_by_the_next_caller() {
+        let syncs = DirSyncs::default();
+        let dir = Path::new("/d");
+        let err = syncs.sync_with(dir, |_| Err(io::Error::other("EIO")));
+        assert_eq!(err.unwrap_err().to_string(), "EIO");
+        syncs.sync_with(dir, |_| Ok(())).unwrap();
+        assert_eq!(syncs.pending(), 0);
+    }
 
     /// Disks of one VM opened at once each get their directory, however the creations
     /// interleave, and their files land under `<data>/disks/<vm>/disk<N>`.

@@ -100,6 +100,15 @@ async fn resolve(
     mt: &Arc<MasterTarget>,
     batch: ReceivedBatch,
 ) -> Result<Vec<(Record, Option<Vec<bool>>)>, Refusal> {
+    if !batch.has_references() {
+        // Nothing to read back: no thread hop (with a thousand slow disks nearly every
+        // batch is a few small literal writes and a tag).
+        let resolved = batch.resolve(|_, _| None)?;
+        return Ok(resolved
+            .into_iter()
+            .map(|r| (r.record, Some(r.literal_blocks)))
+            .collect());
+    }
     let content = mt.content.clone();
     let (resolved, hits, misses, stale) = tokio::task::spawn_blocking(move || {
         let (mut hits, mut misses, mut stale) = (0u64, 0u64, 0u64);

@@ -692,6 +692,21 @@ impl ReceivedBatch {
         (self.batch.first_seq, self.batch.last_seq)
     }
 
+    /// Whether any new item references a block (resolving then reads the receiver's
+    /// content index; without references it is pure CPU work on the batch).
+    pub fn has_references(&self) -> bool {
+        self.batch
+            .items
+            .iter()
+            .filter(|i| i.seq() >= self.from)
+            .any(|i| match i {
+                wan::Item::Write { blocks, .. } => {
+                    blocks.iter().any(|b| matches!(b, wan::Block::Ref(_)))
+                }
+                wan::Item::Plain(_) => false,
+            })
+    }
+
     /// Resolves every new item's references with `lookup(hash, len)` (the block's bytes,
     /// re-verified, or `None`), and checks each record against the disk. A block that
     /// cannot be resolved refuses the stream with `UnknownReference`: the sender resends
@@ -1706,6 +1721,7 @@ mod tests {
             panic!("expected a batch")
         };
         assert_eq!(rx.expected(), 7);
+        assert!(b.has_references());
         let resolved = b
             .clone()
             .resolve(|hash, len| (*hash == h).then(|| Bytes::from(vec![1; len])))
@@ -1717,8 +1733,27 @@ mod tests {
         assert_eq!(resolved[0].literal_blocks, vec![false]);
         let r = b.resolve(|_, _| None).unwrap_err();
         assert_eq!((r.code, r.last_valid), (ErrorCode::UnknownReference, 3));
+        // Only new items count: a reference in a record already held needs no lookup.
+        let held = batch(
+            6,
+            8,
+            vec![
+                wan::Item::Write {
+                    seq: 6,
+                    offset: 0,
+                    len: 4096,
+                    blocks: vec![wan::Block::Ref(h)],
+                },
+                wan::Item::Plain(write(8, 0)),
+            ],
+        );
+        let Ok(Delivery::Batch(b)) = rx.handle(Incoming::Frame(held)) else {
+            panic!("expected a batch overlapping what is held")
+        };
+        assert!(!b.has_references());
+        assert_eq!(rx.expected(), 9);
         // A batch starting after the expected record is a gap.
-        let gap = batch(9, 9, vec![wan::Item::Plain(write(9, 0))]);
+        let gap = batch(11, 11, vec![wan::Item::Plain(write(11, 0))]);
         assert_eq!(
             rx.handle(Incoming::Frame(gap)).unwrap_err().code,
             ErrorCode::SequenceGap
