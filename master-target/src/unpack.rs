@@ -95,41 +95,40 @@ pub async fn read_records(
     }
 }
 
-/// Resolves a batch's references from the content index, off the async threads.
+/// Resolves a batch's references from the content index (off the async threads, when it
+/// has any).
 async fn resolve(
     mt: &Arc<MasterTarget>,
     batch: ReceivedBatch,
 ) -> Result<Vec<(Record, Option<Vec<bool>>)>, Refusal> {
-    if !batch.has_references() {
+    let resolved = if !batch.has_references() {
         // Nothing to read back: no thread hop (with a thousand slow disks nearly every
         // batch is a few small literal writes and a tag).
-        let resolved = batch.resolve(|_, _| None)?;
-        return Ok(resolved
-            .into_iter()
-            .map(|r| (r.record, Some(r.literal_blocks)))
-            .collect());
-    }
-    let content = mt.content.clone();
-    let (resolved, hits, misses, stale) = tokio::task::spawn_blocking(move || {
-        let (mut hits, mut misses, mut stale) = (0u64, 0u64, 0u64);
-        let resolved = batch.resolve(|hash, len| match content.lookup_block(hash, len) {
-            Ok(block) => {
-                hits += 1;
-                Some(block)
-            }
-            Err(miss) => {
-                misses += 1;
-                stale += u64::from(miss == crate::content::LookupMiss::Stale);
-                None
-            }
-        });
-        (resolved, hits, misses, stale)
-    })
-    .await
-    .map_err(|e| Refusal::new(ErrorCode::Internal, format!("resolving a batch: {e}")))?;
-    mt.metrics.dedup_references_resolved_total.inc_by(hits);
-    mt.metrics.dedup_references_missing_total.inc_by(misses);
-    mt.metrics.dedup_references_stale_total.inc_by(stale);
+        batch.resolve(|_, _| None)
+    } else {
+        let content = mt.content.clone();
+        let (resolved, hits, misses, stale) = tokio::task::spawn_blocking(move || {
+            let (mut hits, mut misses, mut stale) = (0u64, 0u64, 0u64);
+            let resolved = batch.resolve(|hash, len| match content.lookup_block(hash, len) {
+                Ok(block) => {
+                    hits += 1;
+                    Some(block)
+                }
+                Err(miss) => {
+                    misses += 1;
+                    stale += u64::from(miss == crate::content::LookupMiss::Stale);
+                    None
+                }
+            });
+            (resolved, hits, misses, stale)
+        })
+        .await
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("resolving a batch: {e}")))?;
+        mt.metrics.dedup_references_resolved_total.inc_by(hits);
+        mt.metrics.dedup_references_missing_total.inc_by(misses);
+        mt.metrics.dedup_references_stale_total.inc_by(stale);
+        resolved
+    };
     Ok(resolved?
         .into_iter()
         .map(|r| (r.record, Some(r.literal_blocks)))
