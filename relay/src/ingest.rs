@@ -488,30 +488,57 @@ async fn send_acks(
     );
     {
         let mut w = agent.lock().await;
-        if durable > 0 && w.send(&Frame::Ack { seq: durable }).await.is_err() {
-            return;
+        if durable > 0 {
+            w.push(&Frame::Ack { seq: durable });
         }
-        if applied > 0 && w.send(&Frame::Applied { seq: applied }).await.is_err() {
+        if applied > 0 {
+            w.push(&Frame::Applied { seq: applied });
+        }
+        if w.flush().await.is_err() {
             return;
         }
     }
     loop {
-        tokio::select! {
-            r = durable_rx.changed() => {
-                if r.is_err() { return; }
-                let seq = *durable_rx.borrow_and_update();
-                if agent.lock().await.send(&Frame::Ack { seq }).await.is_err() { return; }
-            }
-            r = applied_rx.changed() => {
-                if r.is_err() { return; }
-                let seq = *applied_rx.borrow_and_update();
-                if agent.lock().await.send(&Frame::Applied { seq }).await.is_err() { return; }
-            }
-            r = credit.share.changed() => {
-                if r.is_err() { return; }
-                let credit_bytes = *credit.share.borrow_and_update();
-                if agent.lock().await.send(&Frame::Credit { credit_bytes }).await.is_err() { return; }
-            }
+        // Wait for any change; the one that woke us is marked seen by `changed`.
+        let woke = tokio::select! {
+            r = durable_rx.changed() => r.map(|_| Watched::Durable),
+            r = applied_rx.changed() => r.map(|_| Watched::Applied),
+            r = credit.share.changed() => r.map(|_| Watched::Credit),
+        };
+        let Ok(woke) = woke else { return };
+        // Everything that changed by now goes out in one write: the cache's group
+        // commit and the master target's acknowledgements move many streams at once,
+        // and one write per frame was a wake-up of the connection per frame.
+        let changed =
+            |w: Watched, rx: &watch::Receiver<u64>| woke == w || rx.has_changed().unwrap_or(false);
+        let (durable_changed, applied_changed, credit_changed) = (
+            changed(Watched::Durable, &durable_rx),
+            changed(Watched::Applied, &applied_rx),
+            changed(Watched::Credit, &credit.share),
+        );
+        let mut w = agent.lock().await;
+        if durable_changed {
+            let seq = *durable_rx.borrow_and_update();
+            w.push(&Frame::Ack { seq });
+        }
+        if applied_changed {
+            let seq = *applied_rx.borrow_and_update();
+            w.push(&Frame::Applied { seq });
+        }
+        if credit_changed {
+            let credit_bytes = *credit.share.borrow_and_update();
+            w.push(&Frame::Credit { credit_bytes });
+        }
+        if w.flush().await.is_err() {
+            return;
         }
     }
+}
+
+/// Which of `send_acks`'s watched values changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    Durable,
+    Applied,
+    Credit,
 }
