@@ -410,18 +410,19 @@ async fn bad_streams(
                 }),
                 &mut frame,
             );
-            let trickle = async {
+            // The trickle runs on its own task: when the relay cuts the stream off, a
+            // write can fail before the read sees the end, and the refusal must still
+            // be awaited (and counted) on the receiving side.
+            let trickle = tokio::spawn(async move {
                 for byte in frame.iter() {
                     if send.write_all(&[*byte]).await.is_err() {
                         return;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-            };
-            tokio::select! {
-                () = trickle => {}
-                () = await_refusal(recv, &seen, until) => {}
-            }
+            });
+            await_refusal(recv, &seen, until).await;
+            trickle.abort();
         });
     }
     for _ in 0..abuse.oversized_frames {
