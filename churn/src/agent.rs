@@ -273,7 +273,8 @@ struct GenState {
     /// The first sequence number this agent assigned (after a resume, where the relay
     /// stood).
     first_seq: u64,
-    /// Tags and resync records numbered but not yet sent, in sequence order.
+    /// Records numbered but not yet sent, in sequence order: tags, resync records, and
+    /// a change drawn that did not fit in the credit left.
     pending: VecDeque<Record>,
     /// Encoded bytes of `pending` (a resync waits while it is large).
     pending_bytes: usize,
@@ -1621,6 +1622,14 @@ async fn send_records(
                 }
             };
             let Some(record) = next else { break };
+            // A record goes only if it fits in the credit left (or goes alone): what
+            // the relay holds for this disk stays within its credit.
+            if !disk.lock_sender().may_send(record.encoded_len() as u64) {
+                let mut g = disk.lock_gen();
+                g.pending_bytes += record.encoded_len();
+                g.pending.push_front(record);
+                break;
+            }
             if let Some(p) = &disk.pace {
                 p.drawn.fetch_add(record.logical_bytes(), Ordering::Relaxed);
             }

@@ -24,6 +24,7 @@ use fbr_protocol::codec::{self, CodecMemory, StreamDecompressor};
 use fbr_protocol::placement::Admission;
 use fbr_protocol::stream::{Opening, ReceiverConfig, Refusal, StreamReceiver};
 use fbr_protocol::{ErrorCode, StreamId};
+use fbr_transport::credit::CreditShare;
 use fbr_transport::{require_role, FrameReader, FrameWriter, PeerIdentity, Role};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
@@ -41,8 +42,9 @@ pub struct MasterTarget {
     /// The replicas' files, under the data directory.
     pub files: DataDir,
     pub store: Arc<Store>,
-    /// Credit granted to each stream (bytes of records that may be unacknowledged).
-    pub credit_bytes: u64,
+    /// Credit granted to relay streams (bytes of records that may be unacknowledged):
+    /// each open stream's share of one budget.
+    pub credit: Arc<CreditShare>,
     pub metrics: MasterTargetMetrics,
     /// Blocks held, for resolving the relay's dedup references.
     pub content: Arc<ContentIndex>,
@@ -55,6 +57,19 @@ pub struct MasterTarget {
     /// Memory of the streams' zstd decompression contexts ([`fbr_protocol::codec`]).
     pub codec_memory: Arc<CodecMemory>,
     slots: Mutex<HashMap<StreamId, Arc<DiskSlot>>>,
+}
+
+/// The least credit a relay stream is granted, however many share the budget: a disk's
+/// batches keep flowing at 64 KiB per round trip and apply (over half a MB/s per disk
+/// at 100 ms), and a thousand disks hold 64 MiB in flight.
+pub const MIN_STREAM_CREDIT: u64 = 64 << 10;
+
+/// How much relay streams may have in flight: `memory` for all together, at most
+/// `per_stream` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditBudget {
+    pub memory: u64,
+    pub per_stream: u64,
 }
 
 /// The one-owner-at-a-time cell of a disk.
@@ -107,17 +122,25 @@ impl MasterTarget {
     pub fn new(
         files: DataDir,
         store: Store,
-        credit_bytes: u64,
+        credit: CreditBudget,
         content_index_entries: usize,
         codec_memory: u64,
         placements: fbr_daemon::placements::PlacementStore,
         retention: crate::retention::Retention,
     ) -> Arc<Self> {
+        let metrics = MasterTargetMetrics::new();
+        let credit_gauge = metrics.stream_credit_bytes.clone();
+        let credit = CreditShare::new(
+            credit.memory,
+            MIN_STREAM_CREDIT,
+            credit.per_stream,
+            Box::new(move |share| credit_gauge.set(share as i64)),
+        );
         Arc::new(MasterTarget {
             files,
             store: Arc::new(store),
-            credit_bytes,
-            metrics: MasterTargetMetrics::new(),
+            credit,
+            metrics,
             content: Arc::new(ContentIndex::new(content_index_entries)),
             placements,
             retention: std::sync::RwLock::new(retention),
@@ -534,8 +557,10 @@ impl MasterTarget {
         };
         self.publish(&slot, &replica);
         receiver.track_resync(replica.sync_state().resync().map(|m| m.id));
-        let accept =
-            receiver.accept_with(replica.hwm() + 1, self.credit_bytes, self.zstd_context());
+        // The stream's place in the credit share, held for the session.
+        let mut credit = self.credit.join();
+        let granted = *credit.share.borrow_and_update();
+        let accept = receiver.accept_with(replica.hwm() + 1, granted, self.zstd_context());
         tracing::info!(next_seq = replica.hwm() + 1, "stream accepted");
         if writer.send(&accept).await.is_err() {
             *owned = Some(replica);
@@ -558,6 +583,7 @@ impl MasterTarget {
             queue,
             &mut generation_rx,
             &mut writer,
+            &mut credit,
         )
         .await;
         reader_task.abort();

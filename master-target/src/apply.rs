@@ -4,11 +4,13 @@
 //! [`MAX_APPLY_BYTES`]), appended to the journal with one `fdatasync` and applied by
 //! [`DiskReplica::apply_batch`] off the async threads; then the written blocks enter the
 //! content index (they are durable: the relay may reference them from now on), and the
-//! batch's last sequence number is acknowledged. An apply failure drops the replica (the
+//! batch's last sequence number is acknowledged. When the stream's share of the credit
+//! budget changes (streams joined or left), the relay hears it in a `Credit` frame. An apply failure drops the replica (the
 //! next session recovers it from disk) and ends the stream with `Internal`.
 
 use fbr_protocol::stream::Refusal;
 use fbr_protocol::{ErrorCode, Frame, Record};
+use fbr_transport::credit::CreditHolder;
 use fbr_transport::FrameWriter;
 use tokio::sync::{mpsc, watch};
 
@@ -26,6 +28,7 @@ pub(crate) async fn run(
     mut queue: mpsc::UnboundedReceiver<Item>,
     generation_rx: &mut watch::Receiver<u64>,
     writer: &mut FrameWriter,
+    credit: &mut CreditHolder,
 ) -> (Option<DiskReplica>, Option<Refusal>) {
     let mut replica = Some(replica);
     loop {
@@ -34,6 +37,15 @@ pub(crate) async fn run(
             _ = generation_rx.changed() => {
                 tracing::info!("superseded by a newer session");
                 return (replica, None);
+            }
+            // Streams joined or left: the share changed. A smaller share only slows
+            // the relay down (what it already sent is queued and applied).
+            Ok(()) = credit.share.changed() => {
+                let credit_bytes = *credit.share.borrow_and_update();
+                if writer.send(&Frame::Credit { credit_bytes }).await.is_err() {
+                    return (replica, None);
+                }
+                continue;
             }
             // A test failover's snapshot, between two batches.
             _ = slot.snapshot_wake.notified() => {

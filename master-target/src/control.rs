@@ -383,7 +383,10 @@ mod tests {
             MasterTarget::new(
                 crate::files::DataDir::new(dir.path()),
                 crate::store::Store::open(dir.path()).unwrap(),
-                1 << 20,
+                crate::accept::CreditBudget {
+                    memory: 16 << 20,
+                    per_stream: 1 << 20,
+                },
                 1024,
                 0,
                 fbr_daemon::placements::PlacementStore::open(dir.path()).unwrap(),

@@ -289,7 +289,10 @@ async fn run(settings: MasterTargetSettings) -> anyhow::Result<()> {
     let mt = MasterTarget::new(
         DataDir::new(data),
         store,
-        settings.credit.0,
+        fbr_master_target::accept::CreditBudget {
+            memory: settings.memory.0,
+            per_stream: settings.credit.0,
+        },
         settings.content_index_entries as usize,
         settings.codec_memory.0,
         fbr_daemon::placements::PlacementStore::open(data)?,

@@ -37,6 +37,12 @@ pub struct MasterTargetSettings {
     /// bandwidth-delay product (16 MiB: 1 Gbit/s at 80 ms, with margin); more only adds
     /// queueing delay.
     pub credit: ByteSize,
+    /// Bytes all relay streams together may have unacknowledged: each open stream is
+    /// granted its fair share (a power of two, from 64 KiB up to `credit`), so a
+    /// thousand disks do not put a thousand credits in flight (in this master
+    /// target's queues and in the relays' send buffers). Must cover the link's
+    /// bandwidth-delay product (64 MiB: 1 Gbit/s at 500 ms).
+    pub memory: ByteSize,
     pub max_udp_payload: u16,
     /// Most 4 KiB blocks in the dedup content index (about 100 bytes each); 0 disables
     /// dedup (the relay then resends every referenced block).
@@ -81,6 +87,7 @@ impl Default for MasterTargetSettings {
             metrics_listen: "0.0.0.0:9465".into(),
             metrics_port_file: None,
             credit: ByteSize::mib(16),
+            memory: ByteSize::mib(64),
             max_udp_payload: 1452,
             content_index_entries: 1 << 20,
             codec_memory: ByteSize(fbr_protocol::codec::DEFAULT_CODEC_MEMORY),
@@ -106,6 +113,12 @@ impl DaemonSettings for MasterTargetSettings {
             return Err(ConfigError::new(
                 "credit",
                 format!("{} is out of range 1MiB..=4GiB", self.credit),
+            ));
+        }
+        if !(16 << 20..=64 << 30).contains(&self.memory.0) {
+            return Err(ConfigError::new(
+                "memory",
+                format!("{} is out of range 16MiB..=64GiB", self.memory),
             ));
         }
         if self.max_udp_payload < 1200 {

@@ -29,6 +29,8 @@ pub struct MasterTargetMetrics {
     pub content_index_blocks: IntGauge,
     /// Bytes reserved by the streams' zstd decompression contexts.
     pub codec_memory_bytes: IntGauge,
+    /// Credit granted to each relay stream now (its share of `memory`).
+    pub stream_credit_bytes: IntGauge,
     /// Per disk: 0 consistent, 1 resynced (waiting for a tag), 2 resyncing, 3 stale.
     pub disk_sync_state: IntGaugeVec,
     /// Per disk: regions (1 MiB) of the resync in progress done, and in all.
@@ -112,6 +114,10 @@ impl MasterTargetMetrics {
             codec_memory_bytes: gauge(
                 "fbr_master_target_codec_memory_bytes",
                 "Bytes reserved by the relay streams' zstd decompression contexts (capped by codec_memory).",
+            ),
+            stream_credit_bytes: gauge(
+                "fbr_master_target_stream_credit_bytes",
+                "Credit granted to each open relay stream now: its fair share of memory, from 64 KiB to credit.",
             ),
             disks: gauge(
                 "fbr_master_target_disks",

@@ -1181,17 +1181,30 @@ impl<T> StreamSender<T> {
         }
     }
 
-    /// Bytes that may still be sent before the credit is used up (0 outside a session).
     /// The largest zstd window (log2) the receiver decodes in the current session; 0
     /// when it granted none (batches then use LZ4 or nothing).
     pub fn zstd_window_log(&self) -> u8 {
         self.zstd_window_log
     }
 
+    /// Bytes that may still be sent before the credit is used up (0 outside a session).
     pub fn credit_available(&self) -> u64 {
         match self.state {
             SenderState::Open => self.credit.saturating_sub(self.in_flight_bytes),
             _ => 0,
+        }
+    }
+
+    /// Whether a frame of `bytes` may be sent now: it fits in the credit left, or
+    /// nothing is in flight (a frame larger than the whole credit goes alone). So a
+    /// stream never has more than `max(credit, one frame)` in flight, and the receiver's
+    /// memory for many streams is bounded by their credits.
+    pub fn may_send(&self, bytes: u64) -> bool {
+        match self.state {
+            SenderState::Open => {
+                self.in_flight_bytes == 0 || self.in_flight_bytes + bytes <= self.credit
+            }
+            _ => false,
         }
     }
 
@@ -1827,6 +1840,22 @@ mod tests {
         assert_eq!(s.unacked().copied().collect::<Vec<_>>(), vec![4], "resent");
         assert_eq!(s.next_seq(), 5);
         assert_eq!(s.acked(), 3);
+    }
+
+    #[test]
+    fn a_frame_goes_when_it_fits_in_the_credit_left_or_goes_alone() {
+        let mut s = sender(Resend::Retained);
+        assert!(!s.may_send(1), "nothing before Accept");
+        accept(&mut s, 1, produced(0)).unwrap();
+        // Credit 100: a frame larger than the whole credit may go, but only alone.
+        assert!(s.may_send(150));
+        s.on_send(1, 1, 150, 1);
+        assert!(!s.may_send(1), "over the credit: nothing more until an ack");
+        s.handle(Incoming::Frame(Frame::Ack { seq: 1 })).unwrap();
+        s.on_send(2, 2, 60, 2);
+        assert!(s.may_send(40), "fits exactly");
+        assert!(!s.may_send(41), "would overrun the credit");
+        assert_eq!(s.credit_available(), 40);
     }
 
     #[test]

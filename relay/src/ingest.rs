@@ -48,6 +48,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The relay's forwarders: to the master target over QUIC, from the disk cache.
 pub type RelayForwarders = Forwarders<PeerLink, RelayCache>;
 
+/// The least credit an agent stream is granted, however many share `ingest.memory`:
+/// enough for a disk's writes to flow while it waits for the cache's group commit
+/// (64 KiB per few milliseconds is tens of MB/s per disk), small enough that a
+/// thousand disks hold 64 MiB in flight.
+pub const MIN_AGENT_CREDIT: u64 = 64 << 10;
+
 /// Everything agent sessions share: the ingest side of the relay.
 #[derive(Debug)]
 pub struct IngestContext {
@@ -59,7 +65,7 @@ pub struct IngestContext {
     pub throttled: watch::Sender<Arc<BTreeSet<StreamId>>>,
     pub metrics: RelayMetrics,
     /// Credit granted to agent streams: each open stream's share of one budget.
-    pub credit: Arc<crate::credit::CreditShare>,
+    pub credit: Arc<fbr_transport::credit::CreditShare>,
     /// How long an agent's frame may take to arrive once begun (a trickling peer is
     /// refused with `too_slow`); `None`: unlimited.
     pub frame_timeout: Option<Duration>,
@@ -76,7 +82,7 @@ impl IngestContext {
         cache: Arc<RelayCache>,
         forwarders: Arc<RelayForwarders>,
         metrics: RelayMetrics,
-        credit: Arc<crate::credit::CreditShare>,
+        credit: Arc<fbr_transport::credit::CreditShare>,
         frame_timeout: Option<Duration>,
     ) -> Self {
         IngestContext {
@@ -476,7 +482,7 @@ async fn send_acks(
     ctx: Arc<IngestContext>,
     id: StreamId,
     agent: Arc<tokio::sync::Mutex<FrameWriter>>,
-    mut credit: crate::credit::CreditHolder,
+    mut credit: fbr_transport::credit::CreditHolder,
 ) {
     let watch = ctx.cache.watch(&id);
     let mut durable_rx = watch.durable.subscribe();

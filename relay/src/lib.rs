@@ -35,15 +35,16 @@
 //! - Per stream, records leave in the order they arrived, with no gaps; an invalid record
 //!   ends only its own stream, after the valid records before it.
 //! - Payloads live on disk, not in memory: memory is bounded by the append budget
-//!   (32 MiB), the QUIC windows and the master target's credit per stream in flight,
-//!   plus the cache index (16 bytes per cached record).
+//!   (32 MiB), the agents' credit (`ingest.memory`, shared by all agent streams), the
+//!   master target's credit (its `memory`, shared by all WAN streams) and the read
+//!   windows of the forwarders reducing at once, plus the cache index (16 bytes per
+//!   cached record).
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod bench;
 pub mod cache;
 pub mod control;
-pub mod credit;
 pub mod ctl;
 pub mod egress;
 pub mod error;

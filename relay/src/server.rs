@@ -36,7 +36,7 @@ pub struct RelayConfig {
     /// unacknowledged. Acks come at cache-commit speed, so a few MiB suffice.
     pub agent_credit_bytes: u64,
     /// Credit of all agent streams together: each open stream gets its fair share, at
-    /// most `agent_credit_bytes` ([`crate::credit`]).
+    /// most `agent_credit_bytes` ([`fbr_transport::credit`]).
     pub agent_memory_bytes: u64,
     /// Health conditions and ingest throttling.
     pub health: HealthThresholds,
@@ -143,10 +143,12 @@ impl Relay {
             },
         );
         let forwarders = Arc::new(Forwarders::new(Arc::new(forward)));
-        let credit = crate::credit::CreditShare::new(
+        let credit_gauge = metrics.agent_credit_bytes.clone();
+        let credit = fbr_transport::credit::CreditShare::new(
             config.agent_memory_bytes,
+            crate::ingest::MIN_AGENT_CREDIT,
             config.agent_credit_bytes,
-            metrics.agent_credit_bytes.clone(),
+            Box::new(move |share| credit_gauge.set(share as i64)),
         );
         let ingest = Arc::new(IngestContext::new(
             cache.clone(),

@@ -170,7 +170,7 @@ pub struct IngestSettings {
     /// Bytes each agent stream may have unacknowledged, at most.
     pub credit: ByteSize,
     /// Bytes all agent streams together may have unacknowledged: each open stream is
-    /// granted its fair share (a power of two, from 256 KiB up to `credit`).
+    /// granted its fair share (a power of two, from 64 KiB up to `credit`).
     pub memory: ByteSize,
     /// Agent connections at once (one agent holds one for all its disks).
     pub max_connections: usize,
@@ -266,7 +266,7 @@ impl Default for IngestSettings {
     fn default() -> Self {
         IngestSettings {
             credit: ByteSize::mib(16),
-            memory: ByteSize::mib(256),
+            memory: ByteSize::mib(64),
             max_connections: 1024,
             max_handshakes: 256,
             idle_connection_seconds: 60,

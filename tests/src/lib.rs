@@ -153,6 +153,24 @@ impl RawAgent {
         })
     }
 
+    /// Connects to the site's master target as its relay does (with the relay's
+    /// certificate): the streams opened then speak the WAN leg.
+    pub async fn connect_as_relay(site: &Site) -> RawAgent {
+        let addr = site.master_target_addr().expect("master target running");
+        let creds = Credentials::load(&site.pki_dir, "relay").expect("relay credentials");
+        let endpoint = client_endpoint(any_addr_for(addr), creds, &QuicTuning::default())
+            .expect("client endpoint");
+        let conn = endpoint
+            .connect(addr, "master-target")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        RawAgent {
+            conn,
+            _endpoint: endpoint,
+        }
+    }
+
     /// Connects with the site's agent certificate.
     pub async fn connect(site: &Site) -> RawAgent {
         let creds = Credentials::load(&site.pki_dir, "agent").expect("agent credentials");

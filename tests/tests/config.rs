@@ -249,6 +249,8 @@ fn master_target_config_is_checked_the_same_way() {
     assert_usage_error(&master_target(&file, &[]), "data_directory", "unknown key");
     std::fs::write(&file, "credit = 12\n").unwrap();
     assert_usage_error(&master_target(&file, &[]), "credit", "out of range");
+    std::fs::write(&file, "memory = \"1MiB\"\n").unwrap();
+    assert_usage_error(&master_target(&file, &[]), "memory", "out of range 16MiB");
     std::fs::write(&file, "").unwrap();
     assert_usage_error(
         &master_target(&file, &[("MASTER_TARGET_MAX_UDP_PAYLOAD", "100")]),

@@ -410,6 +410,39 @@ async fn agent_streams_share_one_credit_budget() {
     drop(second);
 }
 
+/// The master target shares its credit budget (`memory`) among relay streams the same
+/// way: what a thousand disks may have in flight on the WAN leg (in the relay's send
+/// buffers and the master target's queues) is bounded by one budget, not by a thousand
+/// per-stream credits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_streams_share_the_master_targets_credit_budget() {
+    const DISK: u64 = 4 << 20;
+    let mut site = Site::create(None, site_options(&["vm1"])).unwrap();
+    // The harness grants at most 8 MiB per stream (`--credit-mib 8`).
+    std::fs::write(site.root.join("master-target.toml"), "memory = \"16MiB\"\n").unwrap();
+    site.start_master_target().unwrap();
+    let credit_metric = |site: &Site| {
+        let (_, text) = http_get(site.master_target_metrics_addr().unwrap(), "/metrics");
+        sample(&text, "fbr_master_target_stream_credit_bytes").unwrap() as u64
+    };
+    let relay = fbr_tests::RawAgent::connect_as_relay(&site).await;
+    let (mut first, _) = relay.open_disk("vm1", 0, DISK).await;
+    assert_eq!(first.accepted_credit, 8 << 20);
+    let (second, _) = relay.open_disk("vm1", 1, DISK).await;
+    assert_eq!(second.accepted_credit, 8 << 20);
+    // A third: 5.3 MiB each, rounded down to 4 MiB, for it and for those open.
+    let (mut third, _) = relay.open_disk("vm1", 2, DISK).await;
+    assert_eq!(third.accepted_credit, 4 << 20);
+    assert_eq!(next_credit(&mut first).await, 4 << 20);
+    assert_eq!(credit_metric(&site), 4 << 20);
+    // The third leaves: the others get their 8 MiB back.
+    third.send.finish().unwrap();
+    let _ = third.until_error().await;
+    assert_eq!(next_credit(&mut first).await, 8 << 20);
+    assert_eq!(credit_metric(&site), 8 << 20);
+    drop(second);
+}
+
 /// Both daemons run with a bounded number of malloc arenas (they restart themselves
 /// once with `MALLOC_ARENA_MAX` set), keeping their process id and arguments.
 #[test]

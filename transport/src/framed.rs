@@ -312,7 +312,11 @@ impl<W: ChunkWrite> FrameWriter<W> {
     /// Writes everything pushed so far.
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            let chunk = self.buf.split().freeze();
+            // The whole buffer goes with the chunk: a chunk split off would share its
+            // allocation with the buffer's spare room, so an idle stream would pin its
+            // last batch's allocation after QUIC released the batch (a thousand
+            // streams: a thousand batches' worth of memory held for nothing).
+            let chunk = std::mem::take(&mut self.buf).freeze();
             self.send.write_chunk(chunk).await?;
         }
         Ok(())
@@ -433,6 +437,41 @@ mod tests {
     /// their own size (not pinning the read buffer), large ones are read into a buffer
     /// of exactly their size, and a read buffer grown for small frames shrinks back
     /// once they stop.
+    /// Keeps the chunks written, as QUIC keeps them until acknowledged.
+    struct KeptChunks(Vec<Bytes>);
+
+    impl ChunkWrite for KeptChunks {
+        async fn write_chunk(&mut self, chunk: Bytes) -> std::io::Result<()> {
+            self.0.push(chunk);
+            Ok(())
+        }
+        async fn finish(&mut self) {}
+    }
+
+    /// A chunk handed to QUIC owns its allocation alone: once QUIC lets it go, the
+    /// memory is freed, not pinned by the writer's spare room for the next frames.
+    #[tokio::test]
+    async fn a_written_chunk_shares_its_allocation_with_nothing() {
+        let mut writer = FrameWriter::new(KeptChunks(Vec::new()));
+        for seq in 1..=3 {
+            writer.push(&Frame::Record(Record::Write {
+                seq,
+                offset: 0,
+                data: Bytes::from(vec![1; 100_000]),
+            }));
+            writer.push(&Frame::Ack { seq });
+            writer.flush().await.unwrap();
+        }
+        let chunks = std::mem::take(&mut writer.send.0);
+        assert_eq!(chunks.len(), 3);
+        for chunk in chunks {
+            assert!(
+                chunk.is_unique(),
+                "the writer still shares the chunk's allocation"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn frames_hold_only_their_own_bytes() {
         let (a, b) = tokio::io::duplex(1 << 20);

@@ -9,6 +9,8 @@
 //! - [`quic`]: `quinn` endpoints over `rustls` TLS 1.3, client certificates required,
 //!   flow-control windows and UDP buffers sized for a high bandwidth-delay product.
 //! - [`link`]: a self-healing client connection to a peer of a given role.
+//! - [`credit`]: a fair share of one memory budget as each stream's credit, so that
+//!   what many streams hold in flight stays bounded.
 //! - [`framed`]: reading and writing [`fbr_protocol::Frame`]s on a QUIC stream (or any
 //!   byte pipe), and the [`fbr_protocol::stream::Incoming`] the stream machines take.
 //!
@@ -16,6 +18,7 @@
 //! the site CA; role and entitlement checks happen in the daemons with [`identity`].
 #![forbid(unsafe_code)]
 
+pub mod credit;
 pub mod framed;
 pub mod identity;
 pub mod link;

@@ -1,38 +1,52 @@
-//! The credit granted to agent streams: a fair share of one budget for all of them.
+//! Credit for many streams: a fair share of one memory budget for all of them.
 //!
-//! Credit is what an agent stream may have sent and not yet had acknowledged. Those
-//! bytes are somewhere in the relay (QUIC receive buffers, a record read and waiting
-//! for the cache's append budget, the cache writer's queue) until they are durable, so
-//! their sum is memory. A fixed credit per stream (16 MiB) makes that sum grow with
-//! the number of streams: a thousand disks starting at once could put 16 GiB in
-//! flight. Instead every open stream is granted the same share of `ingest.memory`:
-//! `memory / open streams`, rounded down to a power of two (so that the share changes
-//! only when the number of streams doubles or halves, not with each stream that
-//! joins), at most `ingest.credit` and at least [`MIN_CREDIT`]. Streams already open
-//! hear the new share in a `Credit` frame.
+//! Credit is what a sending peer may have sent and not yet had acknowledged. Those
+//! bytes are somewhere in the receiver (QUIC receive buffers, a record read and waiting
+//! its turn, a queue to the disk) until they are durable, so their sum is memory, and on
+//! the sending side they are held for resending, so it is memory there too. A fixed
+//! credit per stream (16 MiB) makes that sum grow with the number of streams: a
+//! thousand disks starting at once could put 16 GiB in flight. Instead every open
+//! stream is granted the same share of one budget: `memory / open streams`, rounded
+//! down to a power of two (so that the share changes only when the number of streams
+//! doubles or halves, not with each stream that joins), at most a per-stream maximum
+//! and at least a per-stream minimum (enough for one stream's writes to flow while it
+//! waits a round trip for acknowledgements). Streams already open hear the new share
+//! (their driver sends it in a `Credit` frame).
+//!
+//! Used twice: the relay shares `ingest.memory` among agent streams, the master target
+//! shares `wan.memory` among the relays' streams.
 //!
 //! Invariant: the credit of every open stream is the current share, so at most
-//! `max(memory, streams × MIN_CREDIT)` bytes are granted at once, plus up to one record
-//! per stream (an agent may send a record while any credit remains).
+//! `max(memory, streams × minimum)` bytes are granted at once. A sender keeps within
+//! its credit ([`fbr_protocol::stream::StreamSender::may_send`]; a relay's forwarder
+//! may overshoot by one record).
 
 use std::sync::{Arc, Mutex};
 
-use prometheus::IntGauge;
 use tokio::sync::watch;
 
-/// The least credit a stream is granted, however many share the budget: enough for a
-/// stream's writes to flow while it waits one round trip for acknowledgements.
-pub const MIN_CREDIT: u64 = 256 << 10;
+/// Told each new share (a daemon shows it in a gauge).
+pub type ShareObserver = Box<dyn Fn(u64) + Send + Sync>;
 
-/// The budget for all agent streams' credit, and its current share.
-#[derive(Debug)]
+/// The budget for all streams' credit, and its current share.
 pub struct CreditShare {
     memory: u64,
+    min_credit: u64,
     max_credit: u64,
     streams: Mutex<usize>,
     share: watch::Sender<u64>,
-    /// `fbr_relay_agent_credit_bytes`.
-    gauge: IntGauge,
+    observer: ShareObserver,
+}
+
+impl std::fmt::Debug for CreditShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreditShare")
+            .field("memory", &self.memory)
+            .field("min_credit", &self.min_credit)
+            .field("max_credit", &self.max_credit)
+            .field("share", &*self.share.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 /// An open stream's place in the share; leaving (dropped) gives it back.
@@ -44,15 +58,21 @@ pub struct CreditHolder {
 }
 
 impl CreditShare {
-    /// `memory` for all streams together, at most `max_credit` per stream; the share
-    /// is shown in `gauge`.
-    pub fn new(memory: u64, max_credit: u64, gauge: IntGauge) -> Arc<Self> {
+    /// `memory` for all streams together, `min_credit..=max_credit` per stream (the
+    /// maximum wins if they cross); every new share is told to `observer`.
+    pub fn new(
+        memory: u64,
+        min_credit: u64,
+        max_credit: u64,
+        observer: ShareObserver,
+    ) -> Arc<Self> {
         let pool = CreditShare {
             memory,
+            min_credit,
             max_credit,
             streams: Mutex::new(0),
             share: watch::channel(0).0,
-            gauge,
+            observer,
         };
         pool.update(|_| {});
         Arc::new(pool)
@@ -64,7 +84,7 @@ impl CreditShare {
         let rounded = if fair == 0 { 0 } else { 1u64 << fair.ilog2() };
         rounded
             .min(self.max_credit)
-            .max(MIN_CREDIT.min(self.max_credit))
+            .max(self.min_credit.min(self.max_credit))
     }
 
     /// The credit granted to each open stream now.
@@ -86,7 +106,7 @@ impl CreditShare {
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut streams);
         let share = self.share_for(*streams);
-        self.gauge.set(share as i64);
+        (self.observer)(share);
         self.share
             .send_if_modified(|s| std::mem::replace(s, share) != share);
     }
@@ -103,14 +123,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn gauge() -> IntGauge {
-        IntGauge::new("credit", "test").unwrap()
+    const MIN: u64 = 256 << 10;
+
+    fn shown() -> (Arc<std::sync::atomic::AtomicU64>, ShareObserver) {
+        let shown = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = shown.clone();
+        let observer: ShareObserver =
+            Box::new(move |share| seen.store(share, std::sync::atomic::Ordering::Relaxed));
+        (shown, observer)
     }
 
     #[test]
     fn the_share_follows_the_streams_in_powers_of_two_within_bounds() {
-        let shown = gauge();
-        let pool = CreditShare::new(256 << 20, 16 << 20, shown.clone());
+        let (shown, observer) = shown();
+        let pool = CreditShare::new(256 << 20, MIN, 16 << 20, observer);
         assert_eq!(pool.current(), 16 << 20, "alone: the per-stream maximum");
         let holders: Vec<_> = (0..16).map(|_| pool.join()).collect();
         assert_eq!(pool.current(), 16 << 20);
@@ -121,8 +147,8 @@ mod tests {
         // 1,000 streams: 262 KiB each, rounded down to 256 KiB.
         assert_eq!(pool.current(), 256 << 10);
         let crowd: Vec<_> = (0..9000).map(|_| pool.join()).collect();
-        assert_eq!(pool.current(), MIN_CREDIT, "never below the minimum");
-        assert_eq!(shown.get() as u64, MIN_CREDIT);
+        assert_eq!(pool.current(), MIN, "never below the minimum");
+        assert_eq!(shown.load(std::sync::atomic::Ordering::Relaxed), MIN);
         drop((crowd, many, more));
         assert_eq!(
             pool.current(),
@@ -135,7 +161,7 @@ mod tests {
 
     #[test]
     fn open_streams_hear_only_real_changes() {
-        let pool = CreditShare::new(64 << 20, 16 << 20, gauge());
+        let pool = CreditShare::new(64 << 20, MIN, 16 << 20, shown().1);
         let mut first = pool.join();
         first.share.borrow_and_update();
         let _second = pool.join();
