@@ -9,10 +9,14 @@
 //!   is copied out of it at its own size, so the buffer is never shared with frames
 //!   the relay still holds (a 4 KiB record kept for the cache does not pin a 64 KiB
 //!   read buffer) and its room is reused.
-//! - A frame larger than the read buffer gets a buffer of exactly its size, read into
-//!   directly, and is returned without a copy: a reader never holds more than one frame
-//!   beyond what it returned, plus one small read, so a peer cannot make it buffer
-//!   more than [`fbr_protocol::MAX_FRAME_PAYLOAD`].
+//! - A frame larger than the read buffer gets a buffer of its own, read into directly,
+//!   and is returned without a copy. The buffer grows with what arrived (doubling, at
+//!   least by [`READ_CHUNK`], and exactly to the frame's size at the end), not to the
+//!   size the header announces: a thousand streams each in the middle of a 256 KiB
+//!   record held 170 MiB of buffers the data had not reached yet. A reader never holds
+//!   more than one frame beyond what it returned, plus one small read, so a peer
+//!   cannot make it buffer more than [`fbr_protocol::MAX_FRAME_PAYLOAD`], and a header
+//!   alone costs it nothing.
 //!
 //! With a frame timeout ([`FrameReader::with_frame_timeout`]) a frame begun must be
 //! complete within it, or the read fails as [`ErrorCode::TooSlow`]: a peer trickling a
@@ -70,8 +74,9 @@ pub struct FrameReader<R = quinn::RecvStream> {
     /// Bytes read and not yet returned: the beginning of the next frame or frames.
     /// Never shared: small frames are copied out of it.
     buf: BytesMut,
-    /// The frame being read when it is larger than `buf`: a buffer for exactly its
-    /// length (header included, the second field), filled directly by reads.
+    /// The frame being read when it is larger than `buf`: its bytes so far, in a
+    /// buffer that grows towards its length (header included, the second field) as
+    /// reads fill it.
     large: Option<(BytesMut, usize)>,
     /// How much a read into `buf` asks for: [`MIN_READ`] to [`READ_CHUNK`], following
     /// what reads bring.
@@ -124,6 +129,7 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
             let mut target = match self.large.as_mut() {
                 Some((large, total)) => {
                     let rest = *total - large.len();
+                    grow_towards(large, *total);
                     bytes::BufMut::limit(large, rest)
                 }
                 None => bytes::BufMut::limit(&mut self.buf, usize::MAX),
@@ -182,7 +188,7 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
         }
         if total > self.buf.capacity().max(self.read_size) {
             // All of `buf` is this frame's beginning (it holds less than the frame).
-            let mut large = BytesMut::with_capacity(total);
+            let mut large = BytesMut::with_capacity(self.buf.len().max(READ_CHUNK).min(total));
             large.extend_from_slice(&self.buf);
             self.buf.clear();
             self.large = Some((large, total));
@@ -247,6 +253,26 @@ impl<R: AsyncRead + Unpin + Send> FrameReader<R> {
             }
         }
     }
+}
+
+/// Makes room in `large` (a frame's beginning) for the next read: when it is full, a
+/// buffer twice as large (at least [`READ_CHUNK`] more, at most `total`), so a frame
+/// costs what arrived of it, and growing copies it less than once in all.
+fn grow_towards(large: &mut BytesMut, total: usize) {
+    if large.capacity() > large.len() || large.len() >= total {
+        return;
+    }
+    let len = large.len();
+    let doubled = len + len.max(READ_CHUNK);
+    // Within a read of the end: straight to the frame's size (no copy for a last sliver).
+    let capacity = if doubled + READ_CHUNK >= total {
+        total
+    } else {
+        doubled
+    };
+    let mut grown = BytesMut::with_capacity(capacity);
+    grown.extend_from_slice(large);
+    *large = grown;
 }
 
 /// Where a [`FrameWriter`] puts its bytes: whole chunks, then an end.
@@ -433,10 +459,6 @@ mod tests {
         drop(trickle.await.unwrap());
     }
 
-    /// What a busy stream holds follows what it receives: small frames come out at
-    /// their own size (not pinning the read buffer), large ones are read into a buffer
-    /// of exactly their size, and a read buffer grown for small frames shrinks back
-    /// once they stop.
     /// Keeps the chunks written, as QUIC keeps them until acknowledged.
     struct KeptChunks(Vec<Bytes>);
 
@@ -446,6 +468,41 @@ mod tests {
             Ok(())
         }
         async fn finish(&mut self) {}
+    }
+
+    /// A large frame's buffer holds what arrived of it, not what its header announces:
+    /// a stream in the middle of a big record (or a peer that sends a header and
+    /// stops) costs the bytes received.
+    #[tokio::test]
+    async fn a_large_frame_begun_costs_what_arrived_of_it() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(b);
+        let mut encoded = BytesMut::new();
+        encode_frame(
+            &Frame::Record(Record::Write {
+                seq: 1,
+                offset: 0,
+                data: Bytes::from(vec![9; 1 << 20]),
+            }),
+            &mut encoded,
+        );
+        a.write_all(&encoded[..10_000]).await.unwrap();
+        let read = tokio::time::timeout(std::time::Duration::from_millis(100), reader.next());
+        assert!(read.await.is_err(), "the frame is incomplete");
+        let (large, total) = reader.large.as_ref().unwrap();
+        assert_eq!(*total, encoded.len());
+        assert!(
+            large.capacity() <= READ_CHUNK,
+            "{} bytes held for 10,000 received",
+            large.capacity()
+        );
+        // The rest arrives: the frame is whole, in a buffer of exactly its size.
+        a.write_all(&encoded[10_000..]).await.unwrap();
+        let Some(Frame::Record(Record::Write { data, .. })) = reader.next().await.unwrap() else {
+            panic!("expected the record");
+        };
+        assert_eq!(data.len(), 1 << 20);
+        assert!(data.iter().all(|&b| b == 9));
     }
 
     /// A chunk handed to QUIC owns its allocation alone: once QUIC lets it go, the
@@ -472,6 +529,10 @@ mod tests {
         }
     }
 
+    /// What a busy stream holds follows what it receives: small frames come out at
+    /// their own size (not pinning the read buffer), large ones are read into a buffer
+    /// that grows to exactly their size, and a read buffer grown for small frames
+    /// shrinks back once they stop.
     #[tokio::test]
     async fn frames_hold_only_their_own_bytes() {
         let (a, b) = tokio::io::duplex(1 << 20);
