@@ -5,8 +5,9 @@
 //! [`DiskReplica::apply_batch`] off the async threads; then the written blocks enter the
 //! content index (they are durable: the relay may reference them from now on), and the
 //! batch's last sequence number is acknowledged. When the stream's share of the credit
-//! budget changes (streams joined or left), the relay hears it in a `Credit` frame. An apply failure drops the replica (the
-//! next session recovers it from disk) and ends the stream with `Internal`.
+//! budget changes (streams joined or left), the relay hears it in a `Credit` frame. An
+//! apply failure drops the replica (the next session recovers it from disk) and ends the
+//! stream with `Internal`.
 
 use fbr_protocol::stream::Refusal;
 use fbr_protocol::{ErrorCode, Frame, Record};

@@ -1196,13 +1196,15 @@ impl<T> StreamSender<T> {
     }
 
     /// Whether a frame of `bytes` may be sent now: it fits in the credit left, or
-    /// nothing is in flight (a frame larger than the whole credit goes alone). So a
-    /// stream never has more than `max(credit, one frame)` in flight, and the receiver's
-    /// memory for many streams is bounded by their credits.
+    /// nothing is in flight (a frame larger than the whole credit goes alone); never
+    /// while the credit is 0 (withheld). So a stream never has more than
+    /// `max(credit, one frame)` in flight, and the receiver's memory for many streams
+    /// is bounded by their credits.
     pub fn may_send(&self, bytes: u64) -> bool {
         match self.state {
             SenderState::Open => {
-                self.in_flight_bytes == 0 || self.in_flight_bytes + bytes <= self.credit
+                self.credit > 0
+                    && (self.in_flight_bytes == 0 || self.in_flight_bytes + bytes <= self.credit)
             }
             _ => false,
         }
@@ -1856,6 +1858,10 @@ mod tests {
         assert!(s.may_send(40), "fits exactly");
         assert!(!s.may_send(41), "would overrun the credit");
         assert_eq!(s.credit_available(), 40);
+        s.handle(Incoming::Frame(Frame::Ack { seq: 2 })).unwrap();
+        s.handle(Incoming::Frame(Frame::Credit { credit_bytes: 0 }))
+            .unwrap();
+        assert!(!s.may_send(1), "credit withheld: nothing goes, even alone");
     }
 
     #[test]

@@ -372,12 +372,43 @@ async fn next_credit(s: &mut fbr_tests::RawStream) -> u64 {
     }
 }
 
+/// Three streams opened on `peer` against a budget of twice `max` (the per-stream
+/// maximum): the first two are granted `max`, the third half of it, and so is the
+/// first (in a `Credit` frame); once the third leaves, the first gets `max` back.
+/// `shown` reads the share from the daemon's `/metrics` each time.
+async fn streams_share_a_budget_of_twice(
+    max: u64,
+    peer: &fbr_tests::RawAgent,
+    shown: impl Fn() -> u64,
+) {
+    const DISK: u64 = 4 << 20;
+    let (mut first, _) = peer.open_disk("vm1", 0, DISK).await;
+    assert_eq!(first.accepted_credit, max);
+    let (second, _) = peer.open_disk("vm1", 1, DISK).await;
+    assert_eq!(
+        second.accepted_credit, max,
+        "two streams: budget / 2 is the maximum"
+    );
+    assert_eq!(shown(), max);
+    // A third: two thirds of the maximum each, rounded down to a half, for it and for
+    // those open.
+    let (mut third, _) = peer.open_disk("vm1", 2, DISK).await;
+    assert_eq!(third.accepted_credit, max / 2);
+    assert_eq!(next_credit(&mut first).await, max / 2);
+    assert_eq!(shown(), max / 2);
+    // The third leaves: the others get their maximum back.
+    third.send.finish().unwrap();
+    let _ = third.until_error().await;
+    assert_eq!(next_credit(&mut first).await, max);
+    assert_eq!(shown(), max);
+    drop(second);
+}
+
 /// Agent streams share one credit budget (`ingest.memory`): each new stream is granted
 /// the fair share, streams already open hear of a change in a `Credit` frame, and the
 /// share is in `/metrics`; a stream that leaves gives its share back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_streams_share_one_credit_budget() {
-    const DISK: u64 = 4 << 20;
     let mut site = Site::create(None, site_options(&["vm1"])).unwrap();
     std::fs::write(
         site.root.join("relay.toml"),
@@ -386,28 +417,12 @@ async fn agent_streams_share_one_credit_budget() {
     .unwrap();
     site.start_master_target().unwrap();
     site.start_relay().unwrap();
-    let credit_metric = |site: &Site| {
+    let agent = fbr_tests::RawAgent::connect(&site).await;
+    streams_share_a_budget_of_twice(16 << 20, &agent, || {
         let (_, text) = http_get(site.relay_metrics_addr().unwrap(), "/metrics");
         sample(&text, "fbr_relay_agent_credit_bytes").unwrap() as u64
-    };
-    let agent = fbr_tests::RawAgent::connect(&site).await;
-    // One and two streams: 32 MiB / n is at least the 16 MiB maximum.
-    let (mut first, _) = agent.open_disk("vm1", 0, DISK).await;
-    assert_eq!(first.accepted_credit, 16 << 20);
-    let (second, _) = agent.open_disk("vm1", 1, DISK).await;
-    assert_eq!(second.accepted_credit, 16 << 20);
-    assert_eq!(credit_metric(&site), 16 << 20);
-    // A third: 10.7 MiB each, rounded down to 8 MiB, for it and for those open.
-    let (mut third, _) = agent.open_disk("vm1", 2, DISK).await;
-    assert_eq!(third.accepted_credit, 8 << 20);
-    assert_eq!(next_credit(&mut first).await, 8 << 20);
-    assert_eq!(credit_metric(&site), 8 << 20);
-    // The third leaves: the others get their 16 MiB back.
-    third.send.finish().unwrap();
-    let _ = third.until_error().await;
-    assert_eq!(next_credit(&mut first).await, 16 << 20);
-    assert_eq!(credit_metric(&site), 16 << 20);
-    drop(second);
+    })
+    .await;
 }
 
 /// The master target shares its credit budget (`memory`) among relay streams the same
@@ -416,31 +431,16 @@ async fn agent_streams_share_one_credit_budget() {
 /// per-stream credits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_streams_share_the_master_targets_credit_budget() {
-    const DISK: u64 = 4 << 20;
     let mut site = Site::create(None, site_options(&["vm1"])).unwrap();
     // The harness grants at most 8 MiB per stream (`--credit-mib 8`).
     std::fs::write(site.root.join("master-target.toml"), "memory = \"16MiB\"\n").unwrap();
     site.start_master_target().unwrap();
-    let credit_metric = |site: &Site| {
+    let relay = fbr_tests::RawAgent::connect_as_relay(&site).await;
+    streams_share_a_budget_of_twice(8 << 20, &relay, || {
         let (_, text) = http_get(site.master_target_metrics_addr().unwrap(), "/metrics");
         sample(&text, "fbr_master_target_stream_credit_bytes").unwrap() as u64
-    };
-    let relay = fbr_tests::RawAgent::connect_as_relay(&site).await;
-    let (mut first, _) = relay.open_disk("vm1", 0, DISK).await;
-    assert_eq!(first.accepted_credit, 8 << 20);
-    let (second, _) = relay.open_disk("vm1", 1, DISK).await;
-    assert_eq!(second.accepted_credit, 8 << 20);
-    // A third: 5.3 MiB each, rounded down to 4 MiB, for it and for those open.
-    let (mut third, _) = relay.open_disk("vm1", 2, DISK).await;
-    assert_eq!(third.accepted_credit, 4 << 20);
-    assert_eq!(next_credit(&mut first).await, 4 << 20);
-    assert_eq!(credit_metric(&site), 4 << 20);
-    // The third leaves: the others get their 8 MiB back.
-    third.send.finish().unwrap();
-    let _ = third.until_error().await;
-    assert_eq!(next_credit(&mut first).await, 8 << 20);
-    assert_eq!(credit_metric(&site), 8 << 20);
-    drop(second);
+    })
+    .await;
 }
 
 /// Both daemons run with a bounded number of malloc arenas (they restart themselves
