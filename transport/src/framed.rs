@@ -12,11 +12,12 @@
 //! - A frame larger than the read buffer gets a buffer of its own, read into directly,
 //!   and is returned without a copy. The buffer grows with what arrived (doubling, at
 //!   least by [`READ_CHUNK`], and exactly to the frame's size at the end), not to the
-//!   size the header announces: a thousand streams each in the middle of a 256 KiB
-//!   record held 170 MiB of buffers the data had not reached yet. A reader never holds
-//!   more than one frame beyond what it returned, plus one small read, so a peer
-//!   cannot make it buffer more than [`fbr_protocol::MAX_FRAME_PAYLOAD`], and a header
-//!   alone costs it nothing.
+//!   size the header announces (a thousand streams each in the middle of a record
+//!   held 170 MiB of such buffers, about 30 MiB of it not reached by the data yet,
+//!   and a peer could make a stream allocate a whole frame by sending its header). A
+//!   reader never holds more than one frame beyond what it returned, plus one small
+//!   read, so a peer cannot make it buffer more than
+//!   [`fbr_protocol::MAX_FRAME_PAYLOAD`], and a header alone costs it nothing.
 //!
 //! With a frame timeout ([`FrameReader::with_frame_timeout`]) a frame begun must be
 //! complete within it, or the read fails as [`ErrorCode::TooSlow`]: a peer trickling a
