@@ -375,13 +375,18 @@ async fn next_credit(s: &mut fbr_tests::RawStream) -> u64 {
 /// Three streams opened on `peer` against a budget of twice `max` (the per-stream
 /// maximum): the first two are granted `max`, the third half of it, and so is the
 /// first (in a `Credit` frame); once the third leaves, the first gets `max` back.
-/// `shown` reads the share from the daemon's `/metrics` each time.
+/// The daemon shows the share in `gauge`, read from its `/metrics` at `metrics`.
 async fn streams_share_a_budget_of_twice(
     max: u64,
     peer: &fbr_tests::RawAgent,
-    shown: impl Fn() -> u64,
+    metrics: std::net::SocketAddr,
+    gauge: &str,
 ) {
     const DISK: u64 = 4 << 20;
+    let shown = || {
+        let (_, text) = http_get(metrics, "/metrics");
+        sample(&text, gauge).unwrap() as u64
+    };
     let (mut first, _) = peer.open_disk("vm1", 0, DISK).await;
     assert_eq!(first.accepted_credit, max);
     let (second, _) = peer.open_disk("vm1", 1, DISK).await;
@@ -418,11 +423,9 @@ async fn agent_streams_share_one_credit_budget() {
     site.start_master_target().unwrap();
     site.start_relay().unwrap();
     let agent = fbr_tests::RawAgent::connect(&site).await;
-    streams_share_a_budget_of_twice(16 << 20, &agent, || {
-        let (_, text) = http_get(site.relay_metrics_addr().unwrap(), "/metrics");
-        sample(&text, "fbr_relay_agent_credit_bytes").unwrap() as u64
-    })
-    .await;
+    let metrics = site.relay_metrics_addr().unwrap();
+    streams_share_a_budget_of_twice(16 << 20, &agent, metrics, "fbr_relay_agent_credit_bytes")
+        .await;
 }
 
 /// The master target shares its credit budget (`memory`) among relay streams the same
@@ -436,11 +439,9 @@ async fn relay_streams_share_the_master_targets_credit_budget() {
     std::fs::write(site.root.join("master-target.toml"), "memory = \"16MiB\"\n").unwrap();
     site.start_master_target().unwrap();
     let relay = fbr_tests::RawAgent::connect_as_relay(&site).await;
-    streams_share_a_budget_of_twice(8 << 20, &relay, || {
-        let (_, text) = http_get(site.master_target_metrics_addr().unwrap(), "/metrics");
-        sample(&text, "fbr_master_target_stream_credit_bytes").unwrap() as u64
-    })
-    .await;
+    let metrics = site.master_target_metrics_addr().unwrap();
+    let gauge = "fbr_master_target_stream_credit_bytes";
+    streams_share_a_budget_of_twice(8 << 20, &relay, metrics, gauge).await;
 }
 
 /// Both daemons run with a bounded number of malloc arenas (they restart themselves

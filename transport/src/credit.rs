@@ -14,7 +14,7 @@
 //! (their driver sends it in a `Credit` frame).
 //!
 //! Used twice: the relay shares `ingest.memory` among agent streams, the master target
-//! shares `wan.memory` among the relays' streams.
+//! shares its `memory` among the relays' streams.
 //!
 //! Invariant: the credit of every open stream is the current share, so at most
 //! `max(memory, streams × minimum)` bytes are granted at once. A sender keeps within
@@ -53,7 +53,7 @@ impl std::fmt::Debug for CreditShare {
 #[derive(Debug)]
 pub struct CreditHolder {
     pool: Arc<CreditShare>,
-    /// The share as it changes: send each new value to the agent.
+    /// The share as it changes: send each new value to the peer.
     pub share: watch::Receiver<u64>,
 }
 
